@@ -1,0 +1,76 @@
+-- rotator's state. Times are integer Unix seconds. Rows are never deleted:
+-- users are marked removed and credentials keep their history.
+
+CREATE TABLE users (
+    name        TEXT PRIMARY KEY NOT NULL,
+    groups      TEXT NOT NULL,              -- JSON array of group names (without generation groups)
+    namespaces  TEXT NOT NULL,              -- JSON array of namespaces, one RoleBinding each
+    role        TEXT NOT NULL,              -- ClusterRole bound in each namespace
+    key_type    TEXT NOT NULL,
+    ttl_seconds INTEGER NOT NULL CHECK (ttl_seconds >= 600),
+    state       TEXT NOT NULL CHECK (state IN ('active', 'disabled', 'removed')),
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+) STRICT;
+
+-- The issuance saga's journal: one row per attempt, written before each external
+-- step so any process can resume or abandon it. Its id is the credential id.
+-- Generations come from here (max + 1), so an abandoned attempt's generation
+-- group, which a signer may have put in a certificate we never stored, is never reused.
+CREATE TABLE issuances (
+    id          TEXT PRIMARY KEY NOT NULL,
+    user_name   TEXT NOT NULL,
+    generation  INTEGER NOT NULL CHECK (generation >= 1),
+    kind        TEXT NOT NULL CHECK (kind IN ('add-user', 'rotate', 'renew')),
+    spec        TEXT NOT NULL,              -- JSON snapshot of the UserSpec
+    step        TEXT NOT NULL CHECK (step IN ('planned', 'csr_submitted', 'approved', 'issued', 'stored', 'delivered', 'failed', 'abandoned')),
+    signer      TEXT NOT NULL,
+    csr_name    TEXT,
+    error       TEXT,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    UNIQUE (user_name, generation)
+) STRICT;
+CREATE INDEX issuances_open ON issuances (user_name) WHERE step NOT IN ('delivered', 'failed', 'abandoned');
+
+CREATE TABLE credentials (
+    id           TEXT PRIMARY KEY NOT NULL REFERENCES issuances (id),
+    user_name    TEXT NOT NULL REFERENCES users (name),
+    generation   INTEGER NOT NULL,
+    serial       TEXT NOT NULL,
+    fingerprint  TEXT NOT NULL UNIQUE,      -- SHA-256 of the DER certificate
+    not_before   INTEGER NOT NULL,
+    not_after    INTEGER NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'current', 'superseded', 'revoked', 'expired', 'failed')),
+    signer       TEXT NOT NULL,
+    csr_name     TEXT,
+    key_type     TEXT NOT NULL,
+    certificate  TEXT NOT NULL,             -- PEM; never the key
+    state_reason TEXT,
+    state_at     INTEGER NOT NULL,          -- when state last changed
+    created_at   INTEGER NOT NULL,
+    UNIQUE (user_name, generation)
+) STRICT;
+-- The scheduler's "what is due" query.
+CREATE INDEX credentials_due ON credentials (state, not_after);
+-- At most one current credential per user, whatever a bug or a race attempts.
+CREATE UNIQUE INDEX credentials_one_current ON credentials (user_name) WHERE state = 'current';
+
+-- Hash-chained: hash = SHA-256 over (seq, time, actor, action, subject, detail, prev_hash).
+CREATE TABLE audit_events (
+    seq       INTEGER PRIMARY KEY NOT NULL,
+    time      INTEGER NOT NULL,
+    actor     TEXT NOT NULL,
+    action    TEXT NOT NULL,
+    subject   TEXT NOT NULL,
+    detail    TEXT NOT NULL,                -- JSON object
+    prev_hash TEXT NOT NULL,
+    hash      TEXT NOT NULL
+) STRICT;
+CREATE INDEX audit_events_subject ON audit_events (subject);
+
+-- Audit events are append-only, in the database as well as in the code.
+CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END;
+CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit events are append-only'); END;

@@ -1,0 +1,212 @@
+//! add-user, rotate, revoke, remove-user, list-users, show.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use clap::Args;
+use serde_json::json;
+
+use super::output::{self, OutputFormat, time};
+use super::{CliResult, Failure};
+use crate::app::App;
+use crate::exit::Exit;
+use crate::issuer::Issued;
+use crate::lifecycle;
+use crate::pki::KeyType;
+use crate::policy::UserSpec;
+use crate::sink::{FileSink, Sink, WriterSink};
+use crate::store::{credentials, users};
+
+#[derive(Debug, Args)]
+pub struct AddUserArgs {
+    /// The user name (certificate CN; Kubernetes username).
+    pub name: String,
+    /// A group (certificate O). Repeat for several.
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
+    /// A namespace to bind the role in. Repeat for several.
+    #[arg(long = "namespace", short = 'n', value_name = "NS", required = true)]
+    pub namespaces: Vec<String>,
+    /// The ClusterRole to bind in each namespace (policy.allowed_roles).
+    #[arg(long)]
+    pub role: String,
+    /// Certificate lifetime, such as 30m, 8h, 24h (default policy.default_ttl).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Key algorithm (default policy.default_key_type).
+    #[arg(long, value_parser = parse_key_type)]
+    pub key_type: Option<KeyType>,
+    /// Where to write the kubeconfig (mode 0600); "-" for stdout. Default ./NAME.kubeconfig.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+fn parse_key_type(s: &str) -> Result<KeyType, String> {
+    s.parse::<KeyType>().map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    pub name: String,
+    /// Where to write the new kubeconfig (mode 0600); "-" for stdout. Default ./NAME.kubeconfig.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+fn sink_for(name: &str, out: &Option<PathBuf>) -> Box<dyn Sink> {
+    match out {
+        Some(p) if p.as_os_str() == "-" => Box::new(WriterSink { name: "stdout", writer: std::io::stdout() }),
+        Some(p) => Box::new(FileSink { path: p.clone() }),
+        None => Box::new(FileSink { path: PathBuf::from(format!("{name}.kubeconfig")) }),
+    }
+}
+
+fn report_issued(out: OutputFormat, issued: &Issued, to_stdout_taken: bool) {
+    let c = &issued.credential;
+    let v = json!({
+        "user": c.user_name, "generation": c.generation, "serial": c.serial, "fingerprint": c.fingerprint,
+        "not_after": time(c.not_after), "kubeconfig": issued.delivered_to, "superseded": issued.superseded,
+        "lifetime_note": issued.lifetime_note,
+    });
+    let text = match out {
+        OutputFormat::Json => serde_json::to_string_pretty(&v).expect("json"),
+        OutputFormat::Table => {
+            let mut s = format!(
+                "issued {} generation {} serial {}\n  valid until {}\n  kubeconfig  {}",
+                c.user_name,
+                c.generation,
+                c.serial,
+                time(c.not_after),
+                issued.delivered_to
+            );
+            if !issued.superseded.is_empty() {
+                s.push_str(&format!("\n  superseded  {}", issued.superseded.join(", ")));
+            }
+            if let Some(n) = &issued.lifetime_note {
+                s.push_str(&format!("\n  note        {n}"));
+            }
+            s
+        }
+    };
+    // With --out - the kubeconfig owns stdout; the report goes to stderr.
+    if to_stdout_taken { eprintln!("{text}") } else { println!("{text}") }
+}
+
+pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
+    let policy = &app.settings.policy;
+    let spec = UserSpec {
+        name: a.name.clone(),
+        groups: a.groups.clone(),
+        namespaces: a.namespaces.clone(),
+        role: a.role.clone(),
+        key_type: a.key_type.unwrap_or(policy.default_key_type),
+        ttl_seconds: a.ttl.unwrap_or(policy.default_ttl).as_secs(),
+    };
+    let mut sink = sink_for(&a.name, &a.out);
+    let issued = app.issuer().add_user(spec, sink.as_mut(), &app.actor).await?;
+    report_issued(out, &issued, sink.describe() == "stdout");
+    Ok(())
+}
+
+pub async fn rotate(app: &App, a: &RotateArgs, out: OutputFormat) -> CliResult {
+    let mut sink = sink_for(&a.name, &a.out);
+    let issued = app.issuer().rotate(&a.name, sink.as_mut(), &app.actor).await?;
+    report_issued(out, &issued, sink.describe() == "stdout");
+    Ok(())
+}
+
+fn revoked_report(out: OutputFormat, verb: &str, user: &str, revoked: &[credentials::Credential], signer: &str) {
+    match out {
+        OutputFormat::Json => output::json(&json!({
+            "user": user, "action": verb,
+            "revoked": revoked.iter().map(|c| json!({"serial": c.serial, "generation": c.generation})).collect::<Vec<_>>(),
+        })),
+        OutputFormat::Table => {
+            println!("{verb} {user}: {} credential(s) revoked", revoked.len());
+            for c in revoked {
+                println!("  generation {} serial {}", c.generation, c.serial);
+            }
+            if signer == "local-ca" && !revoked.is_empty() {
+                println!(
+                    "  note: the local-ca signer manages no RBAC bindings, so a revoked certificate keeps whatever \
+                     the cluster grants its subject until it expires; rotator itself will no longer renew it"
+                );
+            }
+        }
+    }
+}
+
+pub async fn revoke(app: &App, name: &str, serial: Option<&str>, out: OutputFormat) -> CliResult {
+    let revoked = lifecycle::revoke(app, name, serial).await?;
+    revoked_report(out, "revoke", name, &revoked, app.signer.kind());
+    Ok(())
+}
+
+pub async fn remove_user(app: &App, name: &str, out: OutputFormat) -> CliResult {
+    let revoked = lifecycle::remove_user(app, name).await?;
+    revoked_report(out, "remove-user", name, &revoked, app.signer.kind());
+    Ok(())
+}
+
+pub async fn list_users(app: &App, all: bool, out: OutputFormat) -> CliResult {
+    let users = users::list(&app.store, all).await?;
+    let mut rows = Vec::new();
+    let mut json_rows = Vec::new();
+    for u in &users {
+        let creds = credentials::list_for_user(&app.store, &u.spec.name).await?;
+        let current = creds.iter().find(|c| c.state == "current");
+        rows.push(vec![
+            u.spec.name.clone(),
+            u.state.clone(),
+            u.spec.role.clone(),
+            u.spec.namespaces.join(","),
+            u.spec.groups.join(","),
+            current.map(|c| c.serial.clone()).unwrap_or_else(|| "-".into()),
+            current.map(|c| time(c.not_after)).unwrap_or_else(|| "-".into()),
+        ]);
+        json_rows.push(json!({"user": u, "current": current}));
+    }
+    match out {
+        OutputFormat::Json => output::json(&json_rows),
+        OutputFormat::Table => {
+            output::table(&["NAME", "STATE", "ROLE", "NAMESPACES", "GROUPS", "CURRENT SERIAL", "NOT AFTER"], &rows)
+        }
+    }
+    Ok(())
+}
+
+pub async fn show(app: &App, name: &str, out: OutputFormat) -> CliResult {
+    let Some(u) = users::find(&app.store, name).await? else {
+        return Err(Failure::new(
+            Exit::NotFound,
+            anyhow!("no user {name:?}\nfix: `rotator list-users --all` shows every user rotator knows"),
+        ));
+    };
+    let creds = credentials::list_for_user(&app.store, name).await?;
+    match out {
+        OutputFormat::Json => output::json(&json!({"user": u, "credentials": creds})),
+        OutputFormat::Table => {
+            println!("user        {}", u.spec.name);
+            println!("state       {}", u.state);
+            println!("role        {} in {}", u.spec.role, u.spec.namespaces.join(", "));
+            println!("groups      {}", if u.spec.groups.is_empty() { "-".into() } else { u.spec.groups.join(", ") });
+            println!("key type    {}   ttl {}s", u.spec.key_type, u.spec.ttl_seconds);
+            println!();
+            let rows: Vec<Vec<String>> = creds
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.generation.to_string(),
+                        c.serial.clone(),
+                        c.fingerprint.clone(),
+                        time(c.not_after),
+                        c.state.clone(),
+                        c.state_reason.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(&["GEN", "SERIAL", "SHA-256 FINGERPRINT", "NOT AFTER", "STATE", "REASON"], &rows);
+        }
+    }
+    Ok(())
+}

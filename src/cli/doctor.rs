@@ -1,0 +1,113 @@
+//! `rotator doctor`: every check, each with what is wrong and how to fix it.
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use serde_json::json;
+
+use super::output::{self, OutputFormat, time};
+use super::{Cli, CliResult, Failure, actor, faults_from_env};
+use crate::app::App;
+use crate::clock::SystemClock;
+use crate::config::{self, Overrides};
+use crate::exit::{Exit, ExitStatus};
+use crate::store::{audit, issuances};
+
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    exit: Exit,
+}
+
+fn mode_of(p: &std::path::Path) -> Option<u32> {
+    std::fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o777)
+}
+
+pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
+    let mut checks = Vec::new();
+    let mut push = |name, ok, detail: String, exit| checks.push(Check { name, ok, detail, exit });
+    let settings = match config::load(cli.config.as_deref(), &Overrides { data_dir: cli.data_dir.clone(), metrics_addr: None }) {
+        Ok(s) => s,
+        Err(e) => return Err(e.into()),
+    };
+    push("config", true, settings.origin.clone(), Exit::Config);
+    match App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await {
+        Err(e) => push("open", false, e.to_string(), e.exit()),
+        Ok((app, _)) => {
+            let s = &app.settings;
+            match mode_of(&s.data_dir) {
+                Some(m) if m & 0o022 != 0 => push(
+                    "data directory",
+                    false,
+                    format!("{} has mode {m:o}: others may write; fix: chmod 700 {}", s.data_dir.display(), s.data_dir.display()),
+                    Exit::Config,
+                ),
+                m => push("data directory", true, format!("{} (mode {:o})", s.data_dir.display(), m.unwrap_or(0)), Exit::Config),
+            }
+            push("database", true, format!("{} (integrity ok)", s.database_path().display()), Exit::Database);
+            let now = app.clock.now();
+            match crate::pki::parse_cert_pem(app.signer.ca_bundle_pem(), "signer CA") {
+                Ok(ca) => {
+                    let days = (ca.not_after - now) / 86_400;
+                    push(
+                        "signer CA",
+                        days >= 30,
+                        format!("{} CN={} expires {} ({days} days){}", app.signer.kind(), ca.common_name, time(ca.not_after),
+                            if days < 30 { "; fix: plan a CA rotation now" } else { "" }),
+                        Exit::Signer,
+                    );
+                }
+                Err(e) => push("signer CA", false, e.to_string(), Exit::Signer),
+            }
+            if app.signer.kind() == "local-ca" {
+                let k = &s.local_ca.key_file;
+                match mode_of(k) {
+                    Some(0o600) | Some(0o400) => push("CA key file", true, format!("{} (mode 600)", k.display()), Exit::Config),
+                    m => push(
+                        "CA key file",
+                        false,
+                        format!("{} has mode {:o}; fix: chmod 600 {}", k.display(), m.unwrap_or(0), k.display()),
+                        Exit::Config,
+                    ),
+                }
+            }
+            push("cluster", true, format!("kubeconfigs point at {} (cluster {:?})", s.cluster.server, s.cluster.name), Exit::Config);
+            match audit::verify(&app.store).await {
+                Ok(r) => match r.first_break {
+                    None => push("audit chain", true, format!("{} events intact", r.events), Exit::AuditBroken),
+                    Some(b) => push("audit chain", false, format!("broken at event {}: {}", b.seq, b.reason), Exit::AuditBroken),
+                },
+                Err(e) => push("audit chain", false, e.to_string(), e.exit()),
+            }
+            let mut conn = app.store.conn().await?;
+            let open = issuances::open_for_user(&mut conn, None).await?;
+            push(
+                "interrupted issuances",
+                true,
+                if open.is_empty() {
+                    "none".into()
+                } else {
+                    format!("{} (they are abandoned and redone by the next rotate or add-user of that user)", open.len())
+                },
+                Exit::Internal,
+            );
+        }
+    }
+    match out {
+        OutputFormat::Json => output::json(
+            &checks.iter().map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
+        ),
+        OutputFormat::Table => {
+            let rows: Vec<Vec<String>> = checks
+                .iter()
+                .map(|c| vec![c.name.to_string(), if c.ok { "ok".into() } else { "FAIL".into() }, c.detail.clone()])
+                .collect();
+            output::table(&["CHECK", "STATUS", "DETAIL"], &rows);
+        }
+    }
+    match checks.iter().find(|c| !c.ok) {
+        None => Ok(()),
+        Some(c) => Err(Failure::new(c.exit, anyhow!("doctor: check {:?} failed: {}", c.name, c.detail))),
+    }
+}

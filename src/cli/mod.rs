@@ -1,0 +1,211 @@
+//! The command line: argument parsing, output, exit codes. `anyhow` lives here
+//! and nowhere else; every library error carries its own exit code.
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::app::App;
+use crate::clock::SystemClock;
+use crate::config::{self, Overrides};
+use crate::exit::{Exit, ExitStatus};
+use crate::issuer::{FaultPoint, Faults, IssueError, NoFaults};
+
+mod admin;
+mod audit;
+mod doctor;
+mod output;
+mod serve;
+
+pub use output::OutputFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "rotator", version, about = "Short-lived, least-privilege, revocable Kubernetes client credentials")]
+pub struct Cli {
+    /// Config file (default: $ROTATOR_CONFIG, then config/rotator.toml, then built-in defaults).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the database and the local CA (overrides data_dir and ROTATOR_DATA_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Output format for reports.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the data directory, database and (for local-ca) the CA. Idempotent.
+    Init,
+    /// Run the daemon: scheduled expiry (and, as they land, rotation and the HTTPS API).
+    Serve {
+        /// Address for health and metrics (overrides metrics_addr).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
+    },
+    /// Issue a first credential for a new user and write their kubeconfig.
+    AddUser(admin::AddUserArgs),
+    /// Remove a user and revoke every credential they hold.
+    RemoveUser { name: String },
+    /// List users and their current credential.
+    ListUsers {
+        /// Include removed users.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one user and all their credentials.
+    Show { name: String },
+    /// Issue a new credential for a user; the old one is superseded once the new one is delivered.
+    Rotate(admin::RotateArgs),
+    /// Revoke a user's credentials (all live ones, or one by serial).
+    Revoke {
+        name: String,
+        /// Revoke only the credential with this serial (hex, as `show` prints it).
+        #[arg(long)]
+        serial: Option<String>,
+    },
+    /// Read or verify the hash-chained audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Check configuration, database, CA and audit chain; report what is wrong.
+    Doctor,
+}
+
+/// A failure on its way out of the process: a message chain and an exit code.
+pub struct Failure {
+    pub exit: Exit,
+    pub error: anyhow::Error,
+}
+
+impl<E: ExitStatus + std::error::Error + Send + Sync + 'static> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { exit: e.exit(), error: anyhow::Error::new(e) }
+    }
+}
+
+impl Failure {
+    pub fn new(exit: Exit, error: anyhow::Error) -> Self {
+        Failure { exit, error }
+    }
+}
+
+pub type CliResult<T = ()> = Result<T, Failure>;
+
+/// `ROTATOR_FAULT=<point>:<error|abort>` makes an issuance fail at that point.
+/// For rotator's own crash tests; it can only make a command fail, never succeed.
+struct EnvFaults {
+    point: FaultPoint,
+    abort: bool,
+}
+
+impl Faults for EnvFaults {
+    fn hit(&self, point: FaultPoint) -> Result<(), IssueError> {
+        if point != self.point {
+            return Ok(());
+        }
+        if self.abort {
+            std::process::abort();
+        }
+        Err(IssueError::Injected(point))
+    }
+}
+
+fn faults_from_env() -> Arc<dyn Faults> {
+    let Ok(v) = std::env::var("ROTATOR_FAULT") else { return Arc::new(NoFaults) };
+    let (p, mode) = v.split_once(':').unwrap_or((v.as_str(), "error"));
+    match FaultPoint::parse(p) {
+        Some(point) => Arc::new(EnvFaults { point, abort: mode == "abort" }),
+        None => Arc::new(NoFaults),
+    }
+}
+
+fn actor() -> String {
+    use std::os::unix::fs::MetadataExt;
+    // The environment can lie about USER; record the real uid beside it.
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
+    match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
+        Ok(who) => format!("cli:{who}(uid {uid})"),
+        Err(_) => format!("cli:uid {uid}"),
+    }
+}
+
+fn init_tracing(format: LogFormat, default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ROTATOR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).try_init(),
+    };
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => Exit::Usage.into(),
+            };
+        }
+    };
+    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    init_tracing(cli.log_format, default_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return Exit::Internal.into();
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {:#}", f.error);
+            f.exit.into()
+        }
+    }
+}
+
+async fn open_app(cli: &Cli, metrics_addr: Option<String>) -> CliResult<(App, crate::app::InitReport)> {
+    let settings =
+        config::load(cli.config.as_deref(), &Overrides { data_dir: cli.data_dir.clone(), metrics_addr })?;
+    Ok(App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?)
+}
+
+pub async fn run(cli: Cli) -> CliResult {
+    let out = cli.output;
+    match &cli.command {
+        Command::Init => {
+            let (app, report) = open_app(&cli, None).await?;
+            output::init_report(out, &report);
+            app.store.close().await;
+            Ok(())
+        }
+        Command::Serve { metrics_addr } => {
+            let (app, _) = open_app(&cli, metrics_addr.clone()).await?;
+            serve::serve(app).await
+        }
+        Command::AddUser(args) => admin::add_user(&open_app(&cli, None).await?.0, args, out).await,
+        Command::RemoveUser { name } => admin::remove_user(&open_app(&cli, None).await?.0, name, out).await,
+        Command::ListUsers { all } => admin::list_users(&open_app(&cli, None).await?.0, *all, out).await,
+        Command::Show { name } => admin::show(&open_app(&cli, None).await?.0, name, out).await,
+        Command::Rotate(args) => admin::rotate(&open_app(&cli, None).await?.0, args, out).await,
+        Command::Revoke { name, serial } => admin::revoke(&open_app(&cli, None).await?.0, name, serial.as_deref(), out).await,
+        Command::Audit(cmd) => audit::run(&open_app(&cli, None).await?.0, cmd, out).await,
+        Command::Doctor => doctor::run(&cli, out).await,
+    }
+}

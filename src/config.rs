@@ -1,0 +1,589 @@
+//! Typed configuration: loaded once (defaults, then the file, then `ROTATOR_*`
+//! environment variables, then CLI flags), validated into [`Settings`], passed down.
+//! Nothing reads configuration from globals.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::exit::{Exit, ExitStatus};
+use crate::pki::KeyType;
+use crate::policy::{Pattern, Policy};
+
+/// Environment variables that are not configuration keys.
+const RESERVED_ENV: &[&str] = &["ROTATOR_CONFIG", "ROTATOR_LOG", "ROTATOR_FAULT"];
+pub const DEFAULT_CONFIG_PATH: &str = "config/rotator.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}\nfix: check the path given by --config or ROTATOR_CONFIG")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {message}\nfix: see config/rotator.toml for every key, its type and its default")]
+    Parse { origin: String, message: String },
+    #[error("{origin}: key `{key}` = {value:?}: {problem}\nfix: {fix}")]
+    Invalid { origin: String, key: String, value: String, problem: String, fix: String },
+}
+
+impl ExitStatus for ConfigError {
+    fn exit(&self) -> Exit {
+        Exit::Config
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignerKind {
+    /// Sign with a CA key rotator holds: the zero-setup default.
+    #[default]
+    LocalCa,
+}
+
+impl SignerKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SignerKind::LocalCa => "local-ca",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    signer: SignerKind,
+    metrics_addr: String,
+    cluster: ClusterSection,
+    local_ca: LocalCaSection,
+    policy: PolicySection,
+    rotation: RotationSection,
+    schedule: ScheduleSection,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            signer: SignerKind::LocalCa,
+            metrics_addr: "127.0.0.1:9464".into(),
+            cluster: ClusterSection::default(),
+            local_ca: LocalCaSection::default(),
+            policy: PolicySection::default(),
+            rotation: RotationSection::default(),
+            schedule: ScheduleSection::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ClusterSection {
+    name: String,
+    server: String,
+    ca_file: Option<PathBuf>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self { name: "kubernetes".into(), server: "https://127.0.0.1:6443".into(), ca_file: None }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LocalCaSection {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    common_name: String,
+    validity: String,
+}
+
+impl Default for LocalCaSection {
+    fn default() -> Self {
+        Self { cert_file: None, key_file: None, common_name: "rotator local CA".into(), validity: "3650d".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PolicySection {
+    allowed_roles: Vec<String>,
+    allowed_namespaces: Vec<String>,
+    allowed_groups: Vec<String>,
+    default_ttl: String,
+    min_ttl: String,
+    max_ttl: String,
+    default_key_type: String,
+    allow_cluster_role_bindings: bool,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self {
+            allowed_roles: vec!["view".into(), "edit".into(), "admin".into()],
+            allowed_namespaces: vec!["*".into()],
+            allowed_groups: vec!["*".into()],
+            default_ttl: "24h".into(),
+            min_ttl: "10m".into(),
+            max_ttl: "7d".into(),
+            default_key_type: "ecdsa-p256".into(),
+            allow_cluster_role_bindings: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RotationSection {
+    renew_fraction: f64,
+    renew_before: Option<String>,
+    jitter: f64,
+    grace_period: String,
+}
+
+impl Default for RotationSection {
+    fn default() -> Self {
+        Self { renew_fraction: 1.0 / 3.0, renew_before: None, jitter: 0.1, grace_period: "10m".into() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ScheduleSection {
+    rotate: String,
+    expire: String,
+    reconcile: String,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self { rotate: "0 * * * * *".into(), expire: "30 * * * * *".into(), reconcile: "0 */10 * * * *".into() }
+    }
+}
+
+/// When a credential enters its renewal window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RenewWindow {
+    /// The last `f` of the certificate's real lifetime (0 < f < 1).
+    Fraction(f64),
+    /// A fixed time before `notAfter`.
+    Before(Duration),
+}
+
+#[derive(Debug, Clone)]
+pub struct CronSchedule {
+    pub expression: String,
+    pub schedule: cron::Schedule,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// The name used for the cluster entry in rendered kubeconfigs.
+    pub name: String,
+    /// The API server URL written into rendered kubeconfigs.
+    pub server: String,
+    /// CA bundle that verifies the API server; `None` means the signer's CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalCaSettings {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// True when the paths were configured: rotator then never creates them.
+    pub configured: bool,
+    pub common_name: String,
+    pub validity: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RotationSettings {
+    pub window: RenewWindow,
+    pub jitter: f64,
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScheduleSettings {
+    pub rotate: CronSchedule,
+    pub expire: CronSchedule,
+    pub reconcile: CronSchedule,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the configuration came from, for `doctor` and error messages.
+    pub origin: String,
+    pub data_dir: PathBuf,
+    pub signer: SignerKind,
+    pub metrics_addr: SocketAddr,
+    pub cluster: ClusterSettings,
+    pub local_ca: LocalCaSettings,
+    pub policy: Policy,
+    pub rotation: RotationSettings,
+    pub schedule: ScheduleSettings,
+}
+
+impl Settings {
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("rotator.db")
+    }
+}
+
+/// Overrides that come from CLI flags; they win over everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub metrics_addr: Option<String>,
+}
+
+/// Finds the config file: `--config`, then `ROTATOR_CONFIG`, then
+/// `config/rotator.toml` if it exists, else built-in defaults.
+pub fn locate(explicit: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(p) = env("ROTATOR_CONFIG").filter(|s| !s.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+    default.exists().then_some(default)
+}
+
+/// Loads from the process environment.
+pub fn load(explicit: Option<&Path>, overrides: &Overrides) -> Result<Settings, ConfigError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let vars: Vec<(String, String)> = std::env::vars().collect();
+    load_with(locate(explicit, &env).as_deref(), &vars, overrides)
+}
+
+/// Loads with an explicit environment, so tests never touch the process's.
+pub fn load_with(
+    path: Option<&Path>,
+    env: &[(String, String)],
+    overrides: &Overrides,
+) -> Result<Settings, ConfigError> {
+    let (mut table, origin) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+            let origin = format!("config file {}", p.display());
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+            // Deserialize the file alone first so its errors name the file, not an env var.
+            table
+                .clone()
+                .try_into::<FileConfig>()
+                .map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+            (table, origin)
+        }
+        None => (toml::Table::new(), "built-in defaults".to_string()),
+    };
+    let mut env_sorted: Vec<&(String, String)> =
+        env.iter().filter(|(k, _)| k.starts_with("ROTATOR_") && !RESERVED_ENV.contains(&k.as_str())).collect();
+    env_sorted.sort();
+    for (key, raw) in env_sorted {
+        let origin = format!("environment variable {key}");
+        let path: Vec<String> =
+            key["ROTATOR_".len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Parse {
+                origin,
+                message: "empty key segment (sections are separated by a double underscore: ROTATOR_POLICY__MAX_TTL)".into(),
+            });
+        }
+        set_path(&mut table, &path, parse_env_value(raw));
+        table
+            .clone()
+            .try_into::<FileConfig>()
+            .map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+    }
+    let file: FileConfig =
+        table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+    validate(file, origin, overrides)
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // `ROTATOR_POLICY__ALLOWED_ROLES=["view"]` is TOML; `ROTATOR_DATA_DIR=/x` is a plain string.
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let (last, sections) = path.split_last().expect("non-empty path");
+    let mut cur = table;
+    for s in sections {
+        let entry = cur.entry(s.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        cur = entry.as_table_mut().expect("just made a table");
+    }
+    cur.insert(last.clone(), value);
+}
+
+struct Ctx<'a> {
+    origin: &'a str,
+}
+
+impl Ctx<'_> {
+    fn invalid(&self, key: &str, value: impl ToString, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            key: key.into(),
+            value: value.to_string(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(value)
+            .map_err(|e| self.invalid(key, value, e.to_string(), "write a duration such as \"90s\", \"10m\", \"24h\" or \"7d\""))
+    }
+
+    fn cron(&self, key: &str, value: &str) -> Result<CronSchedule, ConfigError> {
+        parse_cron(value)
+            .map(|schedule| CronSchedule { expression: value.to_string(), schedule })
+            .map_err(|e| {
+                self.invalid(
+                    key,
+                    value,
+                    format!("not a cron expression: {e}"),
+                    "use five fields (\"*/5 * * * *\") or six with seconds first (\"0 */5 * * * *\")",
+                )
+            })
+    }
+}
+
+/// Accepts the five-field form people type as well as the `cron` crate's six or seven.
+pub fn parse_cron(expr: &str) -> Result<cron::Schedule, cron::error::Error> {
+    let fields = expr.split_whitespace().count();
+    if fields == 5 { cron::Schedule::from_str(&format!("0 {expr}")) } else { cron::Schedule::from_str(expr) }
+}
+
+fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, ConfigError> {
+    let cx = Ctx { origin: &origin };
+    let data_dir = ov.data_dir.clone().or(f.data_dir).unwrap_or_else(|| PathBuf::from("./rotator-data"));
+    if data_dir.as_os_str().is_empty() {
+        return Err(cx.invalid("data_dir", "", "empty path", "name a directory, for example \"/var/lib/rotator\""));
+    }
+    let metrics_raw = ov.metrics_addr.clone().unwrap_or(f.metrics_addr);
+    let metrics_addr = metrics_raw.parse::<SocketAddr>().map_err(|e| {
+        cx.invalid("metrics_addr", &metrics_raw, e.to_string(), "write an address and port, such as \"127.0.0.1:9464\"")
+    })?;
+
+    if !f.cluster.server.starts_with("https://") || f.cluster.server.len() <= "https://".len() {
+        return Err(cx.invalid(
+            "cluster.server",
+            &f.cluster.server,
+            "the API server URL must use https",
+            "write the URL kubectl should use, such as \"https://10.0.0.1:6443\"",
+        ));
+    }
+    crate::policy::validate_dns_label(&f.cluster.name).map_err(|p| {
+        cx.invalid("cluster.name", &f.cluster.name, p, "use lowercase letters, digits and '-' (it names the kubeconfig cluster)")
+    })?;
+
+    let ca_dir = data_dir.join("ca");
+    let configured = f.local_ca.cert_file.is_some() || f.local_ca.key_file.is_some();
+    if configured && (f.local_ca.cert_file.is_none() || f.local_ca.key_file.is_none()) {
+        return Err(cx.invalid(
+            "local_ca",
+            "",
+            "cert_file and key_file must be set together",
+            "set both local_ca.cert_file and local_ca.key_file, or neither to let rotator create a CA",
+        ));
+    }
+    let local_ca = LocalCaSettings {
+        cert_file: f.local_ca.cert_file.unwrap_or_else(|| ca_dir.join("ca.crt")),
+        key_file: f.local_ca.key_file.unwrap_or_else(|| ca_dir.join("ca.key")),
+        configured,
+        common_name: f.local_ca.common_name,
+        validity: cx.duration("local_ca.validity", &f.local_ca.validity)?,
+    };
+    if local_ca.validity < Duration::from_secs(86_400) {
+        return Err(cx.invalid("local_ca.validity", &f.local_ca.validity, "shorter than a day", "use at least \"1d\"; \"3650d\" is the default"));
+    }
+
+    let p = &f.policy;
+    let min_ttl = cx.duration("policy.min_ttl", &p.min_ttl)?;
+    let max_ttl = cx.duration("policy.max_ttl", &p.max_ttl)?;
+    let default_ttl = cx.duration("policy.default_ttl", &p.default_ttl)?;
+    if min_ttl < crate::policy::ABSOLUTE_MIN_TTL {
+        return Err(cx.invalid(
+            "policy.min_ttl",
+            &p.min_ttl,
+            "Kubernetes refuses certificate lifetimes under 10 minutes",
+            "use \"10m\" or more",
+        ));
+    }
+    if max_ttl < min_ttl {
+        return Err(cx.invalid("policy.max_ttl", &p.max_ttl, format!("smaller than policy.min_ttl ({})", p.min_ttl), "raise max_ttl or lower min_ttl"));
+    }
+    if default_ttl < min_ttl || default_ttl > max_ttl {
+        return Err(cx.invalid(
+            "policy.default_ttl",
+            &p.default_ttl,
+            format!("outside [{}, {}]", p.min_ttl, p.max_ttl),
+            "pick a default between policy.min_ttl and policy.max_ttl",
+        ));
+    }
+    let default_key_type = KeyType::from_str(&p.default_key_type).map_err(|e| {
+        cx.invalid("policy.default_key_type", &p.default_key_type, e.to_string(), "use one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096")
+    })?;
+    if p.allowed_roles.is_empty() {
+        return Err(cx.invalid("policy.allowed_roles", "[]", "no role could ever be granted", "list at least one ClusterRole, such as [\"view\"]"));
+    }
+    for r in &p.allowed_roles {
+        crate::policy::validate_role_name(r)
+            .map_err(|e| cx.invalid("policy.allowed_roles", r, e, "list ClusterRole names such as \"view\" or \"edit\""))?;
+    }
+    let allowed_namespaces = patterns(&cx, "policy.allowed_namespaces", &p.allowed_namespaces)?;
+    let allowed_groups = patterns(&cx, "policy.allowed_groups", &p.allowed_groups)?;
+    let policy = Policy {
+        allowed_roles: p.allowed_roles.clone(),
+        allowed_namespaces,
+        allowed_groups,
+        default_ttl,
+        min_ttl,
+        max_ttl,
+        default_key_type,
+        allow_cluster_role_bindings: p.allow_cluster_role_bindings,
+    };
+
+    let r = &f.rotation;
+    let window = match &r.renew_before {
+        Some(s) => RenewWindow::Before(cx.duration("rotation.renew_before", s)?),
+        None => {
+            if !(r.renew_fraction > 0.0 && r.renew_fraction < 1.0) {
+                return Err(cx.invalid(
+                    "rotation.renew_fraction",
+                    r.renew_fraction,
+                    "must be strictly between 0 and 1",
+                    "0.333 renews in the last third of a certificate's lifetime",
+                ));
+            }
+            RenewWindow::Fraction(r.renew_fraction)
+        }
+    };
+    if !(0.0..=0.5).contains(&r.jitter) {
+        return Err(cx.invalid("rotation.jitter", r.jitter, "must be between 0 and 0.5", "0.1 spreads renewals over a tenth of the window"));
+    }
+    let rotation = RotationSettings { window, jitter: r.jitter, grace_period: cx.duration("rotation.grace_period", &r.grace_period)? };
+
+    let schedule = ScheduleSettings {
+        rotate: cx.cron("schedule.rotate", &f.schedule.rotate)?,
+        expire: cx.cron("schedule.expire", &f.schedule.expire)?,
+        reconcile: cx.cron("schedule.reconcile", &f.schedule.reconcile)?,
+    };
+
+    Ok(Settings {
+        origin,
+        data_dir,
+        signer: f.signer,
+        metrics_addr,
+        cluster: ClusterSettings { name: f.cluster.name, server: f.cluster.server, ca_file: f.cluster.ca_file },
+        local_ca,
+        policy,
+        rotation,
+        schedule,
+    })
+}
+
+fn patterns(cx: &Ctx<'_>, key: &str, values: &[String]) -> Result<Vec<Pattern>, ConfigError> {
+    values
+        .iter()
+        .map(|v| {
+            Pattern::parse(v).map_err(|e| cx.invalid(key, v, e, "write \"*\", an exact name, or a prefix ending in '*' such as \"team-*\""))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("rotator.toml");
+        std::fs::write(&p, text).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = load_with(None, &[], &Overrides::default()).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("./rotator-data"));
+        assert_eq!(s.local_ca.cert_file, PathBuf::from("./rotator-data/ca/ca.crt"));
+        assert!(!s.local_ca.configured);
+        assert_eq!(s.policy.min_ttl, Duration::from_secs(600));
+        assert_eq!(s.metrics_addr.port(), 9464);
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid_and_matches_defaults() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_PATH);
+        let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
+        let d = load_with(None, &[], &Overrides::default()).unwrap();
+        assert_eq!(s.policy.allowed_roles, d.policy.allowed_roles);
+        assert_eq!(s.schedule.rotate.expression, d.schedule.rotate.expression);
+        assert_eq!(s.rotation.grace_period, d.rotation.grace_period);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let (_d, p) = write("[policy]\nmax_tll = \"1d\"\n");
+        let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("rotator.toml"), "{e}");
+        assert!(e.contains("max_tll"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_impossible_values_are_errors() {
+        let (_d, p) = write("[rotation]\njitter = \"lots\"\n");
+        let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("jitter"), "{e}");
+        let (_d, p) = write("[policy]\nmin_ttl = \"1m\"\n");
+        let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid { ref key, .. } if key == "policy.min_ttl"), "{e}");
+        let (_d, p) = write("[schedule]\nrotate = \"every minute\"\n");
+        let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("schedule.rotate") && e.contains("every minute"), "{e}");
+    }
+
+    #[test]
+    fn env_and_flags_override_the_file_in_order() {
+        let (_d, p) = write("data_dir = \"/from/file\"\n[policy]\nmax_ttl = \"2d\"\n");
+        let env = vec![
+            ("ROTATOR_DATA_DIR".to_string(), "/from/env".to_string()),
+            ("ROTATOR_POLICY__MAX_TTL".to_string(), "3d".to_string()),
+            ("ROTATOR_POLICY__ALLOWED_ROLES".to_string(), "[\"view\"]".to_string()),
+            ("ROTATOR_CONFIG".to_string(), "ignored".to_string()),
+        ];
+        let s = load_with(Some(&p), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/from/env"));
+        assert_eq!(s.policy.max_ttl, Duration::from_secs(3 * 86400));
+        assert_eq!(s.policy.allowed_roles, vec!["view".to_string()]);
+        let ov = Overrides { data_dir: Some("/from/flag".into()), ..Default::default() };
+        assert_eq!(load_with(Some(&p), &env, &ov).unwrap().data_dir, PathBuf::from("/from/flag"));
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let env = vec![("ROTATOR_POLICY__NOPE".to_string(), "1".to_string())];
+        let e = load_with(None, &env, &Overrides::default()).unwrap_err().to_string();
+        assert!(e.contains("ROTATOR_POLICY__NOPE") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn five_field_cron_is_accepted() {
+        assert!(parse_cron("*/5 * * * *").is_ok());
+        assert!(parse_cron("0 */5 * * * *").is_ok());
+        assert!(parse_cron("61 * * * *").is_err());
+    }
+}

@@ -1,0 +1,403 @@
+//! The issuance saga: one state machine for add-user, rotate and renewals.
+//!
+//! `planned → (csr_submitted → approved →) issued → stored → delivered`, or
+//! `failed` / `abandoned`. The journal row is written before each external step.
+//! A private key made here lives only in memory; an attempt that dies before
+//! `delivered` can never be finished (its key is gone), so the next attempt for
+//! the same user abandons it (deleting its CSR object, failing its stored
+//! credential) and starts over with a fresh key and a fresh generation. A
+//! credential becomes current only once delivered; the previous one is
+//! superseded in that same transaction.
+use std::time::Duration;
+
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::clock::Clock;
+use crate::config::Settings;
+use crate::exit::{Exit, ExitStatus};
+use crate::kubeconfig::ClientKubeconfig;
+use crate::pki::{self, Expected, PrivateKey};
+use crate::policy::{PolicyError, UserSpec, generation_group};
+use crate::signer::{SignError, SignRequest, Signer};
+use crate::sink::{Sink, SinkError};
+use crate::store::credentials::{self, Credential, NewCredential};
+use crate::store::issuances::{self, Step};
+use crate::store::{Store, StoreError, audit, users};
+
+/// Places where tests (and `ROTATOR_FAULT` in process-level tests) make an issuance fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    AfterPlan,
+    AfterSign,
+    BeforeStore,
+    AfterStore,
+    AfterDeliver,
+}
+
+impl FaultPoint {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "after-plan" => FaultPoint::AfterPlan,
+            "after-sign" => FaultPoint::AfterSign,
+            "before-store" => FaultPoint::BeforeStore,
+            "after-store" => FaultPoint::AfterStore,
+            "after-deliver" => FaultPoint::AfterDeliver,
+            _ => return None,
+        })
+    }
+}
+
+pub trait Faults: Send + Sync {
+    fn hit(&self, point: FaultPoint) -> Result<(), IssueError>;
+}
+
+#[derive(Debug, Default)]
+pub struct NoFaults;
+
+impl Faults for NoFaults {
+    fn hit(&self, _: FaultPoint) -> Result<(), IssueError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("user {0:?} already exists with a current credential\nfix: use `rotator rotate {0}` for a new credential, or `rotator remove-user {0}` first")]
+    UserExists(String),
+    #[error("user {user:?} already exists with a different specification ({differs})\nfix: remove the user first, or repeat the original command to finish an interrupted add-user")]
+    SpecMismatch { user: String, differs: String },
+    #[error("no active user {0:?}\nfix: `rotator list-users` shows who exists; `rotator add-user` creates one")]
+    NoSuchUser(String),
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error("the signer issued a certificate valid for {got}s, more than policy allows ({max}s)\nfix: lower the signer's maximum lifetime; the certificate was discarded")]
+    LifetimeTooLong { got: i64, max: i64 },
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("injected fault at {0:?}")]
+    Injected(FaultPoint),
+}
+
+impl ExitStatus for IssueError {
+    fn exit(&self) -> Exit {
+        match self {
+            IssueError::Policy(e) => e.exit(),
+            IssueError::UserExists(_) | IssueError::SpecMismatch { .. } => Exit::Conflict,
+            IssueError::NoSuchUser(_) => Exit::NotFound,
+            IssueError::Sign(e) => e.exit(),
+            IssueError::Pki(e) => e.exit(),
+            IssueError::LifetimeTooLong { .. } => Exit::Verification,
+            IssueError::Sink(e) => e.exit(),
+            IssueError::Store(e) => e.exit(),
+            IssueError::Injected(_) => Exit::Internal,
+        }
+    }
+}
+
+/// The result of a delivered issuance.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Issued {
+    pub credential: Credential,
+    /// Serials this issuance superseded.
+    pub superseded: Vec<String>,
+    pub delivered_to: String,
+    /// Set when the signer granted less than was asked (Kubernetes may cap lifetimes).
+    pub lifetime_note: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    AddUser,
+    Rotate,
+}
+
+impl Kind {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Kind::AddUser => "add-user",
+            Kind::Rotate => "rotate",
+        }
+    }
+}
+
+pub struct Issuer<'a> {
+    pub store: &'a Store,
+    pub signer: &'a dyn Signer,
+    pub settings: &'a Settings,
+    pub clock: &'a dyn Clock,
+    pub faults: &'a dyn Faults,
+    /// CA bundle written into kubeconfigs: what verifies the API server.
+    pub cluster_ca_pem: &'a str,
+}
+
+fn new_id() -> String {
+    pki::hex(&pki::random_bytes::<16>())
+}
+
+impl Issuer<'_> {
+    pub async fn add_user(&self, spec: UserSpec, sink: &mut dyn Sink, actor: &str) -> Result<Issued, IssueError> {
+        self.settings.policy.check(&spec)?;
+        let mut conn = self.store.conn().await?;
+        if let Some(existing) = users::get(&mut conn, &spec.name).await? {
+            if existing.state == "active" {
+                if credentials::current(&mut conn, &spec.name).await?.is_some() {
+                    return Err(IssueError::UserExists(spec.name));
+                }
+                // An add-user that died before delivering: the same command finishes it.
+                if existing.spec != spec {
+                    return Err(IssueError::SpecMismatch { user: spec.name.clone(), differs: describe_diff(&existing.spec, &spec) });
+                }
+            }
+        }
+        drop(conn);
+        self.issue(spec, Kind::AddUser, sink, actor).await
+    }
+
+    pub async fn rotate(&self, user: &str, sink: &mut dyn Sink, actor: &str) -> Result<Issued, IssueError> {
+        let u = users::find(self.store, user).await?.filter(|u| u.state == "active");
+        let Some(u) = u else { return Err(IssueError::NoSuchUser(user.to_string())) };
+        // Policy may have tightened since the user was added: re-check.
+        self.settings.policy.check(&u.spec)?;
+        self.issue(u.spec, Kind::Rotate, sink, actor).await
+    }
+
+    async fn issue(&self, spec: UserSpec, kind: Kind, sink: &mut dyn Sink, actor: &str) -> Result<Issued, IssueError> {
+        sink.prepare()?;
+        self.abandon_open(Some(&spec.name), actor).await?;
+        let id = new_id();
+        let now = self.clock.now();
+        let mut tx = self.store.begin().await?;
+        let generation = issuances::plan(&mut tx, &id, &spec, kind.as_str(), self.signer.kind(), now).await?;
+        audit::append(
+            &mut tx,
+            now,
+            actor,
+            "issuance.plan",
+            &spec.name,
+            json!({"credential": id, "generation": generation, "kind": kind.as_str(), "signer": self.signer.kind()}),
+        )
+        .await?;
+        crate::store::commit(tx).await?;
+
+        let span = info_span!("issuance", user = %spec.name, credential = %id, generation);
+        let result = self.run(&id, generation, &spec, kind, sink, actor).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            let _g = span.enter();
+            warn!(error = %e, "issuance failed");
+        }
+        result
+    }
+
+    async fn run(
+        &self,
+        id: &str,
+        generation: i64,
+        spec: &UserSpec,
+        kind: Kind,
+        sink: &mut dyn Sink,
+        actor: &str,
+    ) -> Result<Issued, IssueError> {
+        self.faults.hit(FaultPoint::AfterPlan)?;
+        let mut organizations = spec.groups.clone();
+        organizations.push(generation_group(&spec.name, generation));
+        let key = PrivateKey::generate(spec.key_type)?;
+        let csr = pki::build_csr(&key, &pki::subject_name(&spec.name, &organizations)?)?;
+        let ttl = Duration::from_secs(spec.ttl_seconds);
+        let started = std::time::Instant::now();
+        let req = SignRequest { credential_id: id, user: &spec.name, organizations: &organizations, csr_der: &csr, ttl };
+        let signed = match self.signer.sign(req).await {
+            Ok(s) => s,
+            Err(e) => return Err(self.fail(id, &spec.name, actor, e.into()).await),
+        };
+        self.faults.hit(FaultPoint::AfterSign)?;
+
+        let now = self.clock.now();
+        let expected = Expected { spki_der: &key.spki_der(), common_name: &spec.name, organizations: &organizations };
+        let cert = match pki::verify_issued(&signed.certificate_pem, &expected, self.signer.ca_bundle_pem(), now) {
+            Ok(c) => c,
+            Err(e) => return Err(self.fail(id, &spec.name, actor, e.into()).await),
+        };
+        // The signer backdates notBefore for clock skew; that is not extra lifetime.
+        let usable = cert.not_after - now;
+        let max = self.settings.policy.max_ttl.as_secs() as i64;
+        if usable > max + 60 {
+            return Err(self.fail(id, &spec.name, actor, IssueError::LifetimeTooLong { got: usable, max }).await);
+        }
+        let lifetime_note = (usable + 60 < spec.ttl_seconds as i64).then(|| {
+            format!("the signer granted {}s of the {}s asked for (notAfter {})", usable, spec.ttl_seconds, cert.not_after)
+        });
+        self.faults.hit(FaultPoint::BeforeStore)?;
+
+        let mut tx = self.store.begin().await?;
+        if kind == Kind::AddUser {
+            let existed = users::get(&mut tx, &spec.name).await?.is_some();
+            users::upsert_active(&mut tx, spec, now).await?;
+            audit::append(
+                &mut tx,
+                now,
+                actor,
+                "user.add",
+                &spec.name,
+                json!({"groups": spec.groups, "namespaces": spec.namespaces, "role": spec.role, "readded": existed}),
+            )
+            .await?;
+        }
+        let new = NewCredential {
+            id,
+            user_name: &spec.name,
+            generation,
+            serial: &cert.serial,
+            fingerprint: &cert.fingerprint,
+            not_before: cert.not_before,
+            not_after: cert.not_after,
+            signer: self.signer.kind(),
+            csr_name: None,
+            key_type: spec.key_type.as_str(),
+            certificate: &signed.certificate_pem,
+        };
+        credentials::insert_pending(&mut tx, &new, now).await?;
+        issuances::set_step(&mut tx, id, Step::Stored, None, now).await?;
+        audit::append(
+            &mut tx,
+            now,
+            actor,
+            "credential.issue",
+            &spec.name,
+            json!({
+                "credential": id, "generation": generation, "serial": cert.serial, "fingerprint": cert.fingerprint,
+                "not_before": cert.not_before, "not_after": cert.not_after, "signer": self.signer.kind(),
+                "signing_ms": started.elapsed().as_millis() as u64, "lifetime_note": lifetime_note,
+            }),
+        )
+        .await?;
+        crate::store::commit(tx).await?;
+        info!(serial = %cert.serial, not_after = cert.not_after, "credential stored");
+        self.faults.hit(FaultPoint::AfterStore)?;
+
+        let key_pem = key.to_pem();
+        let kc = ClientKubeconfig {
+            cluster_name: &self.settings.cluster.name,
+            server: &self.settings.cluster.server,
+            ca_bundle_pem: self.cluster_ca_pem,
+            user: &spec.name,
+            namespace: spec.namespaces.first().map(String::as_str),
+            certificate_pem: &signed.certificate_pem,
+            key_pem: &key_pem,
+        };
+        let delivered = kc
+            .render()
+            .map_err(|e| SinkError { target: sink.describe(), reason: e.to_string(), fix: "report this bug" })
+            .and_then(|yaml| sink.deliver(&yaml));
+        if let Err(e) = delivered {
+            return Err(self.fail(id, &spec.name, actor, e.into()).await);
+        }
+        self.faults.hit(FaultPoint::AfterDeliver)?;
+
+        let now = self.clock.now();
+        let mut tx = self.store.begin().await?;
+        let previous = credentials::current(&mut tx, &spec.name).await?;
+        let mut superseded = Vec::new();
+        if let Some(prev) = previous {
+            credentials::set_state(&mut tx, &prev.id, "superseded", Some(&format!("superseded by {}", cert.serial)), now).await?;
+            superseded.push(prev.serial);
+        }
+        credentials::set_state(&mut tx, id, "current", None, now).await?;
+        issuances::set_step(&mut tx, id, Step::Delivered, None, now).await?;
+        audit::append(
+            &mut tx,
+            now,
+            actor,
+            "credential.activate",
+            &spec.name,
+            json!({"credential": id, "serial": cert.serial, "delivered_to": sink.describe(), "superseded": superseded}),
+        )
+        .await?;
+        let credential = credentials::get(&mut tx, id).await?.ok_or_else(|| StoreError::Invalid("credential vanished".into()))?;
+        crate::store::commit(tx).await?;
+        info!(serial = %cert.serial, to = %sink.describe(), "credential delivered and current");
+        Ok(Issued { credential, superseded, delivered_to: sink.describe(), lifetime_note })
+    }
+
+    /// Records a failed attempt (journal, credential if stored, audit) and gives the error back.
+    async fn fail(&self, id: &str, user: &str, actor: &str, err: IssueError) -> IssueError {
+        let reason = err.to_string();
+        let reason = reason.lines().next().unwrap_or_default();
+        if let Err(e) = self.signer.abandon(id).await {
+            warn!(credential = %id, error = %e, "could not clean up the signer's objects; the next attempt retries");
+        }
+        let res: Result<(), StoreError> = async {
+            let now = self.clock.now();
+            let mut tx = self.store.begin().await?;
+            issuances::set_step(&mut tx, id, Step::Failed, Some(reason), now).await?;
+            if credentials::get(&mut tx, id).await?.is_some() {
+                credentials::set_state(&mut tx, id, "failed", Some(reason), now).await?;
+            }
+            audit::append(&mut tx, now, actor, "issuance.fail", user, json!({"credential": id, "reason": reason})).await?;
+            crate::store::commit(tx).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            warn!(credential = %id, error = %e, "could not record the failure; the next attempt will abandon it");
+        }
+        err
+    }
+
+    /// Abandons every unfinished attempt (for one user, or all): their keys are
+    /// gone, so they can only be cleaned up. Returns how many were abandoned.
+    pub async fn abandon_open(&self, user: Option<&str>, actor: &str) -> Result<usize, IssueError> {
+        let open = {
+            let mut conn = self.store.conn().await?;
+            issuances::open_for_user(&mut conn, user).await?
+        };
+        for i in &open {
+            // Outside objects first: if this fails, the journal still says open and a later run retries.
+            self.signer.abandon(&i.id).await?;
+            let now = self.clock.now();
+            let mut tx = self.store.begin().await?;
+            issuances::set_step(&mut tx, &i.id, Step::Abandoned, Some(&format!("abandoned at step {}", i.step)), now).await?;
+            if credentials::get(&mut tx, &i.id).await?.is_some() {
+                credentials::set_state(&mut tx, &i.id, "failed", Some("abandoned before delivery; its key was lost"), now).await?;
+            }
+            audit::append(
+                &mut tx,
+                now,
+                actor,
+                "issuance.abandon",
+                &i.user_name,
+                json!({"credential": i.id, "generation": i.generation, "step": i.step}),
+            )
+            .await?;
+            crate::store::commit(tx).await?;
+            warn!(user = %i.user_name, credential = %i.id, step = %i.step, "abandoned an interrupted issuance");
+        }
+        Ok(open.len())
+    }
+}
+
+fn describe_diff(a: &UserSpec, b: &UserSpec) -> String {
+    let mut d = Vec::new();
+    if a.groups != b.groups {
+        d.push(format!("groups {:?} vs {:?}", a.groups, b.groups));
+    }
+    if a.namespaces != b.namespaces {
+        d.push(format!("namespaces {:?} vs {:?}", a.namespaces, b.namespaces));
+    }
+    if a.role != b.role {
+        d.push(format!("role {:?} vs {:?}", a.role, b.role));
+    }
+    if a.key_type != b.key_type {
+        d.push(format!("key type {} vs {}", a.key_type, b.key_type));
+    }
+    if a.ttl_seconds != b.ttl_seconds {
+        d.push(format!("ttl {}s vs {}s", a.ttl_seconds, b.ttl_seconds));
+    }
+    d.join("; ")
+}

@@ -1,0 +1,19 @@
+//! rotator: short-lived, least-privilege, revocable X.509 client credentials for
+//! Kubernetes users. The binary is thin; everything lives here.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod exit;
+pub mod fsutil;
+pub mod issuer;
+pub mod kubeconfig;
+pub mod lifecycle;
+pub mod pki;
+pub mod policy;
+pub mod scheduler;
+pub mod signer;
+pub mod sink;
+pub mod store;

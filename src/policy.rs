@@ -1,0 +1,336 @@
+//! What may be issued. Names are validated, never escaped: a value that is not
+//! plainly safe is refused with the reason, before any key or CSR exists.
+use std::time::Duration;
+
+use crate::exit::{Exit, ExitStatus};
+use crate::pki::KeyType;
+
+/// Kubernetes refuses `expirationSeconds` under 600.
+pub const ABSOLUTE_MIN_TTL: Duration = Duration::from_secs(600);
+/// Prefix of the per-credential generation groups rotator puts in O; nobody may ask for it.
+pub const GENERATION_GROUP_PREFIX: &str = "rotator:";
+const MAX_NAME_BYTES: usize = 253;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    #[error("invalid {what} {value:?}: {problem}\nfix: {fix}")]
+    InvalidName { what: &'static str, value: String, problem: String, fix: &'static str },
+    #[error("{what} {value:?} is reserved: {why}\nfix: pick a name that does not start with {prefix:?}")]
+    Reserved { what: &'static str, value: String, prefix: &'static str, why: &'static str },
+    #[error("role {role:?} is not allowed by policy (allowed: {allowed})\nfix: use one of the allowed roles, or add it to policy.allowed_roles")]
+    UnknownRole { role: String, allowed: String },
+    #[error("{what} {value:?} is not allowed by policy (allowed: {allowed})\nfix: use an allowed {what}, or extend policy.allowed_{what}s")]
+    NotAllowed { what: &'static str, value: String, allowed: String },
+    #[error("TTL {ttl} is outside policy bounds [{min}, {max}]\nfix: ask for a lifetime between {min} and {max}")]
+    Ttl { ttl: String, min: String, max: String },
+    #[error("at least one namespace is required\nfix: add --namespace NAME (one RoleBinding is made per namespace)")]
+    NoNamespace,
+}
+
+impl ExitStatus for PolicyError {
+    fn exit(&self) -> Exit {
+        Exit::Refused
+    }
+}
+
+/// `*`, an exact value, or a prefix ending in `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    Any,
+    Exact(String),
+    Prefix(String),
+}
+
+impl Pattern {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "*" {
+            return Ok(Pattern::Any);
+        }
+        let (body, prefix) = match s.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        if body.is_empty() || body.contains('*') {
+            return Err("'*' may appear only alone or at the end".into());
+        }
+        Ok(if prefix { Pattern::Prefix(body.into()) } else { Pattern::Exact(body.into()) })
+    }
+
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            Pattern::Any => true,
+            Pattern::Exact(e) => e == v,
+            Pattern::Prefix(p) => v.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Any => f.write_str("*"),
+            Pattern::Exact(e) => f.write_str(e),
+            Pattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+/// What a user asks for; validated by [`Policy::check`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UserSpec {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub role: String,
+    pub key_type: KeyType,
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub allowed_roles: Vec<String>,
+    pub allowed_namespaces: Vec<Pattern>,
+    pub allowed_groups: Vec<Pattern>,
+    pub default_ttl: Duration,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    pub default_key_type: KeyType,
+    pub allow_cluster_role_bindings: bool,
+}
+
+impl Policy {
+    /// The one gate every issuance passes. Refuses rather than repairs.
+    pub fn check(&self, spec: &UserSpec) -> Result<(), PolicyError> {
+        validate_user_name(&spec.name)?;
+        for g in &spec.groups {
+            validate_group_name(g)?;
+            if !self.allowed_groups.iter().any(|p| p.matches(g)) {
+                return Err(PolicyError::NotAllowed { what: "group", value: g.clone(), allowed: join(&self.allowed_groups) });
+            }
+        }
+        if spec.namespaces.is_empty() {
+            return Err(PolicyError::NoNamespace);
+        }
+        for ns in &spec.namespaces {
+            validate_dns_label(ns).map_err(|problem| PolicyError::InvalidName {
+                what: "namespace",
+                value: ns.clone(),
+                problem,
+                fix: "namespaces are DNS labels: lowercase letters, digits and '-', at most 63 characters",
+            })?;
+            if !self.allowed_namespaces.iter().any(|p| p.matches(ns)) {
+                return Err(PolicyError::NotAllowed {
+                    what: "namespace",
+                    value: ns.clone(),
+                    allowed: join(&self.allowed_namespaces),
+                });
+            }
+        }
+        if !self.allowed_roles.iter().any(|r| r == &spec.role) {
+            return Err(PolicyError::UnknownRole { role: spec.role.clone(), allowed: self.allowed_roles.join(", ") });
+        }
+        self.check_ttl(Duration::from_secs(spec.ttl_seconds))
+    }
+
+    pub fn check_ttl(&self, ttl: Duration) -> Result<(), PolicyError> {
+        if ttl < self.min_ttl.max(ABSOLUTE_MIN_TTL) || ttl > self.max_ttl {
+            return Err(PolicyError::Ttl {
+                ttl: humantime::format_duration(ttl).to_string(),
+                min: humantime::format_duration(self.min_ttl.max(ABSOLUTE_MIN_TTL)).to_string(),
+                max: humantime::format_duration(self.max_ttl).to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn join(p: &[Pattern]) -> String {
+    p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The generation group a credential carries in O; RBAC bindings name it, so
+/// revoking a credential is removing its group from the bindings.
+pub fn generation_group(user: &str, generation: i64) -> String {
+    format!("{GENERATION_GROUP_PREFIX}{user}:{generation}")
+}
+
+fn validate_subject_value(what: &'static str, value: &str) -> Result<(), PolicyError> {
+    let bad = |problem: String| PolicyError::InvalidName {
+        what,
+        value: value.to_string(),
+        problem,
+        fix: "use letters, digits and . _ @ + - : (starting with a letter or digit), at most 253 bytes",
+    };
+    if value.is_empty() {
+        return Err(bad("empty".into()));
+    }
+    if value.len() > MAX_NAME_BYTES {
+        return Err(bad(format!("{} bytes, more than {MAX_NAME_BYTES}", value.len())));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad(format!("contains whitespace or a control character ({:?})", c)));
+    }
+    if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || "._@+-:".contains(*c))) {
+        return Err(bad(format!("contains {c:?}")));
+    }
+    if !value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+        return Err(bad("must start with a letter or digit".into()));
+    }
+    // Case-insensitive on purpose: "System:masters" is not special to Kubernetes,
+    // but nobody should be handed a name that reads like it is.
+    if value.to_ascii_lowercase().starts_with("system:") {
+        return Err(PolicyError::Reserved {
+            what,
+            value: value.to_string(),
+            prefix: "system:",
+            why: "names under system: belong to Kubernetes itself (system:masters bypasses RBAC, system:node:* impersonates a node)",
+        });
+    }
+    Ok(())
+}
+
+pub fn validate_user_name(name: &str) -> Result<(), PolicyError> {
+    validate_subject_value("user name", name)
+}
+
+pub fn validate_group_name(group: &str) -> Result<(), PolicyError> {
+    validate_subject_value("group", group)?;
+    if group.to_ascii_lowercase().starts_with(GENERATION_GROUP_PREFIX) {
+        return Err(PolicyError::Reserved {
+            what: "group",
+            value: group.to_string(),
+            prefix: GENERATION_GROUP_PREFIX,
+            why: "rotator: groups are the per-credential generation groups revocation depends on",
+        });
+    }
+    Ok(())
+}
+
+/// RFC 1123 label, as Kubernetes requires for namespaces.
+pub fn validate_dns_label(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 63 {
+        return Err(format!("must be 1 to 63 characters, got {}", s.len()));
+    }
+    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err("only lowercase letters, digits and '-' are allowed".into());
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Err("must start and end with a letter or digit".into());
+    }
+    Ok(())
+}
+
+/// ClusterRole names are path segments: no '/', no '%', not "." or "..".
+pub fn validate_role_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_NAME_BYTES || s == "." || s == ".." || s.contains(['/', '%']) || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("not a valid ClusterRole name".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            allowed_roles: vec!["view".into(), "edit".into()],
+            allowed_namespaces: vec![Pattern::parse("team-*").unwrap()],
+            allowed_groups: vec![Pattern::Any],
+            default_ttl: Duration::from_secs(3600),
+            min_ttl: Duration::from_secs(600),
+            max_ttl: Duration::from_secs(86400),
+            default_key_type: KeyType::EcdsaP256,
+            allow_cluster_role_bindings: false,
+        }
+    }
+
+    fn spec() -> UserSpec {
+        UserSpec {
+            name: "alice".into(),
+            groups: vec!["dev".into()],
+            namespaces: vec!["team-a".into()],
+            role: "edit".into(),
+            key_type: KeyType::EcdsaP256,
+            ttl_seconds: 3600,
+        }
+    }
+
+    #[test]
+    fn accepts_a_plain_request() {
+        policy().check(&spec()).unwrap();
+        let mut s = spec();
+        s.name = "alice.smith@example.com".into();
+        policy().check(&s).unwrap();
+    }
+
+    #[test]
+    fn refuses_system_users_and_groups_in_any_case() {
+        for name in ["system:admin", "system:node:worker-1", "SYSTEM:kube-proxy", "System:masters"] {
+            let mut s = spec();
+            s.name = name.into();
+            assert!(matches!(policy().check(&s), Err(PolicyError::Reserved { .. })), "{name}");
+        }
+        for g in ["system:masters", "system:nodes", "System:Masters"] {
+            let mut s = spec();
+            s.groups = vec![g.into()];
+            assert!(matches!(policy().check(&s), Err(PolicyError::Reserved { .. })), "{g}");
+        }
+    }
+
+    #[test]
+    fn refuses_forged_generation_groups() {
+        let mut s = spec();
+        s.groups = vec!["rotator:bob:7".into()];
+        let e = policy().check(&s).unwrap_err();
+        assert!(matches!(e, PolicyError::Reserved { prefix: "rotator:", .. }), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_names_with_the_value_in_the_message() {
+        let long = "a".repeat(254);
+        for (name, needle) in [
+            ("", "empty"),
+            ("al ice", "whitespace"),
+            ("al\u{7}ice", "control"),
+            (long.as_str(), "254 bytes"),
+            ("alice,O=system:masters", "','"),
+            ("CN=x/O=y", "'='"),
+            ("-alice", "start"),
+        ] {
+            let mut s = spec();
+            s.name = name.into();
+            let e = policy().check(&s).unwrap_err().to_string();
+            assert!(e.contains(needle), "{name:?}: {e}");
+            assert!(e.contains("fix:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn roles_namespaces_and_ttl_follow_policy() {
+        let mut s = spec();
+        s.role = "cluster-admin".into();
+        let e = policy().check(&s).unwrap_err().to_string();
+        assert!(e.contains("cluster-admin") && e.contains("view, edit"), "{e}");
+        let mut s = spec();
+        s.namespaces = vec!["kube-system".into()];
+        assert!(matches!(policy().check(&s), Err(PolicyError::NotAllowed { what: "namespace", .. })));
+        let mut s = spec();
+        s.namespaces = vec!["Team-A".into()];
+        assert!(matches!(policy().check(&s), Err(PolicyError::InvalidName { what: "namespace", .. })));
+        let mut s = spec();
+        s.namespaces.clear();
+        assert_eq!(policy().check(&s), Err(PolicyError::NoNamespace));
+        for ttl in [599, 86401] {
+            let mut s = spec();
+            s.ttl_seconds = ttl;
+            assert!(matches!(policy().check(&s), Err(PolicyError::Ttl { .. })), "{ttl}");
+        }
+    }
+
+    #[test]
+    fn generation_groups_are_distinct_per_generation() {
+        assert_eq!(generation_group("alice", 3), "rotator:alice:3");
+        assert_ne!(generation_group("alice", 1), generation_group("alice", 11));
+    }
+}

@@ -1,0 +1,113 @@
+use sqlx::SqliteConnection;
+
+use super::{Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Serialize)]
+pub struct Credential {
+    pub id: String,
+    pub user_name: String,
+    pub generation: i64,
+    pub serial: String,
+    pub fingerprint: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub state: String,
+    pub signer: String,
+    pub csr_name: Option<String>,
+    pub key_type: String,
+    #[serde(skip)]
+    pub certificate: String,
+    pub state_reason: Option<String>,
+    pub state_at: i64,
+    pub created_at: i64,
+}
+
+/// States in which a credential may still authenticate somewhere.
+pub const LIVE_STATES: &[&str] = &["pending", "current", "superseded"];
+
+pub struct NewCredential<'a> {
+    pub id: &'a str,
+    pub user_name: &'a str,
+    pub generation: i64,
+    pub serial: &'a str,
+    pub fingerprint: &'a str,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub signer: &'a str,
+    pub csr_name: Option<&'a str>,
+    pub key_type: &'a str,
+    pub certificate: &'a str,
+}
+
+pub async fn insert_pending(conn: &mut SqliteConnection, c: &NewCredential<'_>, now: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO credentials (id, user_name, generation, serial, fingerprint, not_before, not_after, state, signer,
+           csr_name, key_type, certificate, state_at, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(c.id)
+    .bind(c.user_name)
+    .bind(c.generation)
+    .bind(c.serial)
+    .bind(c.fingerprint)
+    .bind(c.not_before)
+    .bind(c.not_after)
+    .bind(c.signer)
+    .bind(c.csr_name)
+    .bind(c.key_type)
+    .bind(c.certificate)
+    .bind(now)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Credential>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM credentials WHERE id = ?").bind(id).fetch_optional(conn).await?)
+}
+
+pub async fn for_user(conn: &mut SqliteConnection, user: &str) -> Result<Vec<Credential>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? ORDER BY generation").bind(user).fetch_all(conn).await?)
+}
+
+pub async fn list_for_user(store: &Store, user: &str) -> Result<Vec<Credential>, StoreError> {
+    let mut conn = store.conn().await?;
+    for_user(&mut conn, user).await
+}
+
+pub async fn current(conn: &mut SqliteConnection, user: &str) -> Result<Option<Credential>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? AND state = 'current'").bind(user).fetch_optional(conn).await?)
+}
+
+pub async fn set_state(
+    conn: &mut SqliteConnection,
+    id: &str,
+    state: &str,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE credentials SET state = ?, state_reason = ?, state_at = ? WHERE id = ?")
+        .bind(state)
+        .bind(reason)
+        .bind(now)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Live credentials whose `notAfter` has passed: the expiry job's work list.
+pub async fn expired_live(conn: &mut SqliteConnection, now: i64, limit: i64) -> Result<Vec<Credential>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM credentials WHERE state IN ('pending', 'current', 'superseded') AND not_after <= ? ORDER BY not_after LIMIT ?",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+pub async fn count_by_state(store: &Store) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(sqlx::query_as("SELECT state, COUNT(*) FROM credentials GROUP BY state ORDER BY state").fetch_all(store.pool()).await?)
+}

@@ -1,0 +1,121 @@
+//! The issuance saga's journal.
+use sqlx::SqliteConnection;
+
+use super::StoreError;
+use crate::policy::UserSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Planned,
+    CsrSubmitted,
+    Approved,
+    Issued,
+    Stored,
+    Delivered,
+    Failed,
+    Abandoned,
+}
+
+impl Step {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Step::Planned => "planned",
+            Step::CsrSubmitted => "csr_submitted",
+            Step::Approved => "approved",
+            Step::Issued => "issued",
+            Step::Stored => "stored",
+            Step::Delivered => "delivered",
+            Step::Failed => "failed",
+            Step::Abandoned => "abandoned",
+        }
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct Issuance {
+    pub id: String,
+    pub user_name: String,
+    pub generation: i64,
+    pub kind: String,
+    pub spec: String,
+    pub step: String,
+    pub signer: String,
+    pub csr_name: Option<String>,
+    pub error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Issuance {
+    pub fn user_spec(&self) -> Result<UserSpec, StoreError> {
+        serde_json::from_str(&self.spec).map_err(|e| StoreError::Invalid(format!("issuance {}: {e}", self.id)))
+    }
+}
+
+/// Records a new attempt with the next generation for the user. Generations are
+/// never reused, even for abandoned attempts.
+pub async fn plan(
+    conn: &mut SqliteConnection,
+    id: &str,
+    spec: &UserSpec,
+    kind: &str,
+    signer: &str,
+    now: i64,
+) -> Result<i64, StoreError> {
+    let (generation,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = ?")
+        .bind(&spec.name)
+        .fetch_one(&mut *conn)
+        .await?;
+    sqlx::query(
+        "INSERT INTO issuances (id, user_name, generation, kind, spec, step, signer, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, 'planned', ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(&spec.name)
+    .bind(generation)
+    .bind(kind)
+    .bind(serde_json::to_string(spec).expect("json"))
+    .bind(signer)
+    .bind(now)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(generation)
+}
+
+pub async fn set_step(
+    conn: &mut SqliteConnection,
+    id: &str,
+    step: Step,
+    error: Option<&str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE issuances SET step = ?, error = COALESCE(?, error), updated_at = ? WHERE id = ?")
+        .bind(step.as_str())
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn set_csr_name(conn: &mut SqliteConnection, id: &str, csr_name: &str, now: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE issuances SET csr_name = ?, updated_at = ? WHERE id = ?").bind(csr_name).bind(now).bind(id).execute(conn).await?;
+    Ok(())
+}
+
+/// Attempts that have not reached a terminal step, oldest first.
+pub async fn open_for_user(conn: &mut SqliteConnection, user: Option<&str>) -> Result<Vec<Issuance>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM issuances WHERE step NOT IN ('delivered', 'failed', 'abandoned') AND (? IS NULL OR user_name = ?) ORDER BY created_at, id",
+    )
+    .bind(user)
+    .bind(user)
+    .fetch_all(conn)
+    .await?)
+}
+
+pub async fn for_user(conn: &mut SqliteConnection, user: &str) -> Result<Vec<Issuance>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM issuances WHERE user_name = ? ORDER BY generation").bind(user).fetch_all(conn).await?)
+}

@@ -1,0 +1,90 @@
+use sqlx::SqliteConnection;
+
+use super::{Store, StoreError, json_vec};
+use crate::pki::KeyType;
+use crate::policy::UserSpec;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Row {
+    name: String,
+    groups: String,
+    namespaces: String,
+    role: String,
+    key_type: String,
+    ttl_seconds: i64,
+    state: String,
+    created_at: i64,
+    updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct User {
+    pub spec: UserSpec,
+    pub state: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl TryFrom<Row> for User {
+    type Error = StoreError;
+    fn try_from(r: Row) -> Result<Self, StoreError> {
+        Ok(User {
+            spec: UserSpec {
+                name: r.name,
+                groups: json_vec(&r.groups)?,
+                namespaces: json_vec(&r.namespaces)?,
+                role: r.role,
+                key_type: r.key_type.parse::<KeyType>().map_err(|e| StoreError::Invalid(e.to_string()))?,
+                ttl_seconds: r.ttl_seconds as u64,
+            },
+            state: r.state,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+pub async fn get(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, StoreError> {
+    let row: Option<Row> = sqlx::query_as("SELECT * FROM users WHERE name = ?").bind(name).fetch_optional(conn).await?;
+    row.map(User::try_from).transpose()
+}
+
+pub async fn find(store: &Store, name: &str) -> Result<Option<User>, StoreError> {
+    let mut conn = store.conn().await?;
+    get(&mut conn, name).await
+}
+
+pub async fn list(store: &Store, include_removed: bool) -> Result<Vec<User>, StoreError> {
+    let rows: Vec<Row> = sqlx::query_as("SELECT * FROM users WHERE state != 'removed' OR ? ORDER BY name")
+        .bind(include_removed)
+        .fetch_all(store.pool())
+        .await?;
+    rows.into_iter().map(User::try_from).collect()
+}
+
+/// Inserts the user, or reactivates a removed one with the new spec.
+pub async fn upsert_active(conn: &mut SqliteConnection, spec: &UserSpec, now: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO users (name, groups, namespaces, role, key_type, ttl_seconds, state, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)
+         ON CONFLICT (name) DO UPDATE SET groups = excluded.groups, namespaces = excluded.namespaces,
+           role = excluded.role, key_type = excluded.key_type, ttl_seconds = excluded.ttl_seconds,
+           state = 'active', updated_at = excluded.updated_at",
+    )
+    .bind(&spec.name)
+    .bind(serde_json::to_string(&spec.groups).expect("json"))
+    .bind(serde_json::to_string(&spec.namespaces).expect("json"))
+    .bind(&spec.role)
+    .bind(spec.key_type.as_str())
+    .bind(spec.ttl_seconds as i64)
+    .bind(now)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_state(conn: &mut SqliteConnection, name: &str, state: &str, now: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE users SET state = ?, updated_at = ? WHERE name = ?").bind(state).bind(now).bind(name).execute(conn).await?;
+    Ok(())
+}
