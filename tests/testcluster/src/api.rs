@@ -225,6 +225,8 @@ fn discovery(path: &str) -> Option<Option<Value>> {
         ["apis", g] => resources::api_group(g),
         ["apis", g, v] => resources::resource_list(g, v),
         ["healthz"] | ["livez"] | ["readyz"] => Some(Value::String("ok".into())),
+        ["openapi", "v3"] => Some(resources::openapi_v3_index()),
+        ["openapi", "v3", rest @ ..] => resources::openapi_v3_doc(&rest.join("/")),
         ["openapi", ..] => None,
         _ => return None,
     })

@@ -101,3 +101,47 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
     Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}))
 }
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") }
+}
+
+/// `/openapi/v3`: one entry per group-version. kubectl reads it to learn that
+/// the server validates fields itself (`fieldValidation`), instead of
+/// downloading schemas to validate client-side.
+pub fn openapi_v3_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut seen = Vec::new();
+    for r in RESOURCES {
+        if seen.contains(&(r.group, r.version)) {
+            continue;
+        }
+        seen.push((r.group, r.version));
+        let p = gv_path(r.group, r.version);
+        paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=testcluster")}));
+    }
+    json!({"paths": paths})
+}
+
+/// A group-version's OpenAPI v3 document: for each resource, the PATCH operation
+/// with its group-version-kind and the `fieldValidation` query parameter.
+pub fn openapi_v3_doc(gv: &str) -> Option<Value> {
+    let rs: Vec<&Resource> = RESOURCES.iter().filter(|r| gv_path(r.group, r.version) == gv).collect();
+    if rs.is_empty() {
+        return None;
+    }
+    let mut paths = serde_json::Map::new();
+    for r in rs {
+        let base = format!("/{}", gv_path(r.group, r.version));
+        let item = if r.namespaced { format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural) } else { format!("{base}/{}/{{name}}", r.plural) };
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let params = json!([
+            {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+            {"name": "fieldManager", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
+            {"name": "dryRun", "in": "query", "schema": {"type": "string", "uniqueItems": true}}
+        ]);
+        let op = |verb: &str| json!({"operationId": format!("{verb}{}", r.kind), "x-kubernetes-action": verb, "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {"200": {"description": "OK"}}});
+        paths.insert(item, json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}));
+    }
+    Some(json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": paths, "components": {"schemas": {}}}))
+}
