@@ -27,6 +27,7 @@ CREATE TABLE issuances (
     signer      TEXT NOT NULL,
     csr_name    TEXT,
     error       TEXT,
+    owner       TEXT NOT NULL,              -- "pid@boot-id" of the process running it
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL,
     UNIQUE (user_name, generation)

@@ -7,7 +7,7 @@ use serde_json::json;
 use crate::clock::Clock;
 use crate::config::{Settings, SignerKind};
 use crate::exit::{Exit, ExitStatus};
-use crate::issuer::{Faults, Issuer};
+use crate::issuer::{Faults, Inflight, Issuer, ProcessIdentity};
 use crate::signer::{LocalCa, SignError, Signer};
 use crate::store::{Store, StoreError, audit};
 
@@ -52,6 +52,8 @@ pub struct App {
     pub cluster_ca_pem: String,
     /// Who the audit log names for this process's changes.
     pub actor: String,
+    pub identity: ProcessIdentity,
+    pub inflight: Arc<Inflight>,
 }
 
 impl App {
@@ -107,12 +109,15 @@ impl App {
             ca_certificate: settings.local_ca.cert_file.clone(),
             created_ca,
         };
-        Ok((Self { settings, store, signer, clock, faults, cluster_ca_pem, actor }, report))
+        let (identity, inflight) = (ProcessIdentity::current(), Arc::new(Inflight::default()));
+        Ok((Self { settings, store, signer, clock, faults, cluster_ca_pem, actor, identity, inflight }, report))
     }
 
     pub fn issuer(&self) -> Issuer<'_> {
         Issuer {
             store: &self.store,
+            identity: &self.identity,
+            inflight: &self.inflight,
             signer: self.signer.as_ref(),
             settings: &self.settings,
             clock: self.clock.as_ref(),

@@ -83,6 +83,8 @@ pub enum IssueError {
     Store(#[from] StoreError),
     #[error("injected fault at {0:?}")]
     Injected(FaultPoint),
+    #[error("issuance {0} was abandoned by another rotator process while it ran (it looked stale)\nfix: run the command again")]
+    Preempted(String),
 }
 
 impl ExitStatus for IssueError {
@@ -97,6 +99,7 @@ impl ExitStatus for IssueError {
             IssueError::Sink(e) => e.exit(),
             IssueError::Store(e) => e.exit(),
             IssueError::Injected(_) => Exit::Internal,
+            IssueError::Preempted(_) => Exit::Conflict,
         }
     }
 }
@@ -127,8 +130,63 @@ impl Kind {
     }
 }
 
+/// An attempt untouched this long is abandoned even if its process seems alive
+/// (a pid can be reused). Longer than any signer's timeout.
+pub const STALE_AFTER_SECONDS: i64 = 15 * 60;
+
+/// This process, as the journal's `owner` column names it: `pid@boot-id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    pub boot_id: String,
+}
+
+impl ProcessIdentity {
+    pub fn current() -> Self {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
+        Self { pid: std::process::id(), boot_id }
+    }
+
+    pub fn owner(&self) -> String {
+        format!("{}@{}", self.pid, self.boot_id)
+    }
+
+    /// Whether the process that owns `owner` may still be running its attempt.
+    fn may_be_running(&self, owner: &str) -> bool {
+        let Some((pid, boot)) = owner.split_once('@') else { return false };
+        if boot != self.boot_id || boot.is_empty() {
+            return false; // another boot: that process is gone
+        }
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
+}
+
+/// Attempts this process is running right now; never abandoned by it.
+#[derive(Debug, Default)]
+pub struct Inflight(std::sync::Mutex<std::collections::HashSet<String>>);
+
+struct InflightGuard<'a>(&'a Inflight, String);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+    }
+}
+
+impl Inflight {
+    fn enter(&self, id: &str) -> InflightGuard<'_> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
+        InflightGuard(self, id.to_string())
+    }
+    fn contains(&self, id: &str) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+    }
+}
+
 pub struct Issuer<'a> {
     pub store: &'a Store,
+    pub identity: &'a ProcessIdentity,
+    pub inflight: &'a Inflight,
     pub signer: &'a dyn Signer,
     pub settings: &'a Settings,
     pub clock: &'a dyn Clock,
@@ -172,9 +230,11 @@ impl Issuer<'_> {
         sink.prepare()?;
         self.abandon_open(Some(&spec.name), actor).await?;
         let id = new_id();
+        let _running = self.inflight.enter(&id);
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
-        let generation = issuances::plan(&mut tx, &id, &spec, kind.as_str(), self.signer.kind(), now).await?;
+        let generation =
+            issuances::plan(&mut tx, &id, &spec, kind.as_str(), self.signer.kind(), &self.identity.owner(), now).await?;
         audit::append(
             &mut tx,
             now,
@@ -263,7 +323,9 @@ impl Issuer<'_> {
             certificate: &signed.certificate_pem,
         };
         credentials::insert_pending(&mut tx, &new, now).await?;
-        issuances::set_step(&mut tx, id, Step::Stored, None, now).await?;
+        if !issuances::set_step(&mut tx, id, Step::Stored, None, now).await? {
+            return Err(IssueError::Preempted(id.to_string()));
+        }
         audit::append(
             &mut tx,
             now,
@@ -309,7 +371,9 @@ impl Issuer<'_> {
             superseded.push(prev.serial);
         }
         credentials::set_state(&mut tx, id, "current", None, now).await?;
-        issuances::set_step(&mut tx, id, Step::Delivered, None, now).await?;
+        if !issuances::set_step(&mut tx, id, Step::Delivered, None, now).await? {
+            return Err(IssueError::Preempted(id.to_string()));
+        }
         audit::append(
             &mut tx,
             now,
@@ -350,19 +414,36 @@ impl Issuer<'_> {
         err
     }
 
-    /// Abandons every unfinished attempt (for one user, or all): their keys are
-    /// gone, so they can only be cleaned up. Returns how many were abandoned.
+    /// Abandons every unfinished attempt (for one user, or all) that no process is
+    /// still running: their keys are gone, so they can only be cleaned up.
+    /// Returns how many were abandoned.
     pub async fn abandon_open(&self, user: Option<&str>, actor: &str) -> Result<usize, IssueError> {
         let open = {
             let mut conn = self.store.conn().await?;
             issuances::open_for_user(&mut conn, user).await?
         };
+        let now = self.clock.now();
+        let me = self.identity.owner();
+        let open: Vec<_> = open
+            .into_iter()
+            .filter(|i| {
+                if i.owner == me {
+                    !self.inflight.contains(&i.id)
+                } else {
+                    !self.identity.may_be_running(&i.owner) || i.updated_at < now - STALE_AFTER_SECONDS
+                }
+            })
+            .collect();
+        let mut abandoned = 0;
         for i in &open {
             // Outside objects first: if this fails, the journal still says open and a later run retries.
             self.signer.abandon(&i.id).await?;
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
-            issuances::set_step(&mut tx, &i.id, Step::Abandoned, Some(&format!("abandoned at step {}", i.step)), now).await?;
+            if !issuances::set_step(&mut tx, &i.id, Step::Abandoned, Some(&format!("abandoned at step {}", i.step)), now).await? {
+                continue; // it finished or failed meanwhile
+            }
+            abandoned += 1;
             if credentials::get(&mut tx, &i.id).await?.is_some() {
                 credentials::set_state(&mut tx, &i.id, "failed", Some("abandoned before delivery; its key was lost"), now).await?;
             }
@@ -378,7 +459,7 @@ impl Issuer<'_> {
             crate::store::commit(tx).await?;
             warn!(user = %i.user_name, credential = %i.id, step = %i.step, "abandoned an interrupted issuance");
         }
-        Ok(open.len())
+        Ok(abandoned)
     }
 }
 

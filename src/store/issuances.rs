@@ -42,6 +42,7 @@ pub struct Issuance {
     pub signer: String,
     pub csr_name: Option<String>,
     pub error: Option<String>,
+    pub owner: String,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -60,6 +61,7 @@ pub async fn plan(
     spec: &UserSpec,
     kind: &str,
     signer: &str,
+    owner: &str,
     now: i64,
 ) -> Result<i64, StoreError> {
     let (generation,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = ?")
@@ -67,8 +69,8 @@ pub async fn plan(
         .fetch_one(&mut *conn)
         .await?;
     sqlx::query(
-        "INSERT INTO issuances (id, user_name, generation, kind, spec, step, signer, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, 'planned', ?, ?, ?)",
+        "INSERT INTO issuances (id, user_name, generation, kind, spec, step, signer, owner, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, 'planned', ?, ?, ?, ?)",
     )
     .bind(id)
     .bind(&spec.name)
@@ -76,6 +78,7 @@ pub async fn plan(
     .bind(kind)
     .bind(serde_json::to_string(spec).expect("json"))
     .bind(signer)
+    .bind(owner)
     .bind(now)
     .bind(now)
     .execute(conn)
@@ -83,21 +86,26 @@ pub async fn plan(
     Ok(generation)
 }
 
+/// Moves an attempt to `step` unless it already ended (another process may have
+/// abandoned it as stale). Returns false when it had ended: the caller must stop.
 pub async fn set_step(
     conn: &mut SqliteConnection,
     id: &str,
     step: Step,
     error: Option<&str>,
     now: i64,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE issuances SET step = ?, error = COALESCE(?, error), updated_at = ? WHERE id = ?")
-        .bind(step.as_str())
-        .bind(error)
-        .bind(now)
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(())
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE issuances SET step = ?, error = COALESCE(?, error), updated_at = ?
+         WHERE id = ? AND step NOT IN ('delivered', 'failed', 'abandoned')",
+    )
+    .bind(step.as_str())
+    .bind(error)
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 pub async fn set_csr_name(conn: &mut SqliteConnection, id: &str, csr_name: &str, now: i64) -> Result<(), StoreError> {

@@ -1,1 +1,7 @@
-fn main(){}
+//! rotator's integration tests: one binary, so linking stays cheap.
+mod ca_formats;
+mod cli;
+mod common;
+mod crash;
+mod security;
+mod with_cluster;
