@@ -13,9 +13,16 @@ use crate::store::{Store, StoreError, audit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot create data directory {path}: {source}\nfix: create it, or point --data-dir / ROTATOR_DATA_DIR somewhere rotator may write")]
-    DataDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot read the cluster CA bundle {path}: {reason}\nfix: set cluster.ca_file to the PEM file that verifies the API server")]
+    #[error(
+        "cannot create data directory {path}: {source}\nfix: create it, or point --data-dir / ROTATOR_DATA_DIR somewhere rotator may write"
+    )]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot read the cluster CA bundle {path}: {reason}\nfix: set cluster.ca_file to the PEM file that verifies the API server"
+    )]
     ClusterCa { path: PathBuf, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -65,14 +72,24 @@ impl App {
         faults: Arc<dyn Faults>,
         actor: String,
     ) -> Result<(Self, InitReport), AppError> {
-        crate::fsutil::ensure_private_dir(&settings.data_dir)
-            .map_err(|source| AppError::DataDir { path: settings.data_dir.clone(), source })?;
+        crate::fsutil::ensure_private_dir(&settings.data_dir).map_err(|source| {
+            AppError::DataDir {
+                path: settings.data_dir.clone(),
+                source,
+            }
+        })?;
         let store = Store::open(&settings.database_path()).await?;
         let (signer, created_ca): (Arc<dyn Signer>, bool) = match settings.signer {
             SignerKind::LocalCa => {
                 if !settings.local_ca.configured {
-                    let dir = settings.local_ca.key_file.parent().unwrap_or(&settings.data_dir).to_path_buf();
-                    crate::fsutil::ensure_private_dir(&dir).map_err(|source| AppError::DataDir { path: dir, source })?;
+                    let dir = settings
+                        .local_ca
+                        .key_file
+                        .parent()
+                        .unwrap_or(&settings.data_dir)
+                        .to_path_buf();
+                    crate::fsutil::ensure_private_dir(&dir)
+                        .map_err(|source| AppError::DataDir { path: dir, source })?;
                 }
                 let (ca, created) = LocalCa::ensure(&settings.local_ca, clock.clone())?;
                 (Arc::new(ca), created)
@@ -81,7 +98,8 @@ impl App {
         if created_ca {
             let now = clock.now();
             let mut tx = store.begin().await?;
-            let info = crate::pki::parse_cert_pem(signer.ca_bundle_pem(), "local CA").map_err(SignError::from)?;
+            let info = crate::pki::parse_cert_pem(signer.ca_bundle_pem(), "local CA")
+                .map_err(SignError::from)?;
             audit::append(
                 &mut tx,
                 now,
@@ -95,9 +113,16 @@ impl App {
         }
         let cluster_ca_pem = match &settings.cluster.ca_file {
             Some(p) => {
-                let pem = std::fs::read_to_string(p).map_err(|e| AppError::ClusterCa { path: p.clone(), reason: e.to_string() })?;
-                crate::pki::pem_to_der_certs(&pem, &p.display().to_string())
-                    .map_err(|e| AppError::ClusterCa { path: p.clone(), reason: e.to_string() })?;
+                let pem = std::fs::read_to_string(p).map_err(|e| AppError::ClusterCa {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?;
+                crate::pki::pem_to_der_certs(&pem, &p.display().to_string()).map_err(|e| {
+                    AppError::ClusterCa {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
                 pem
             }
             None => signer.ca_bundle_pem().to_string(),
@@ -110,7 +135,20 @@ impl App {
             created_ca,
         };
         let (identity, inflight) = (ProcessIdentity::current(), Arc::new(Inflight::default()));
-        Ok((Self { settings, store, signer, clock, faults, cluster_ca_pem, actor, identity, inflight }, report))
+        Ok((
+            Self {
+                settings,
+                store,
+                signer,
+                clock,
+                faults,
+                cluster_ca_pem,
+                actor,
+                identity,
+                inflight,
+            },
+            report,
+        ))
     }
 
     pub fn issuer(&self) -> Issuer<'_> {

@@ -18,12 +18,25 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/rotator.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}\nfix: check the path given by --config or ROTATOR_CONFIG")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{origin}: {message}\nfix: see config/rotator.toml for every key, its type and its default")]
+    #[error(
+        "cannot read config file {path}: {source}\nfix: check the path given by --config or ROTATOR_CONFIG"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{origin}: {message}\nfix: see config/rotator.toml for every key, its type and its default"
+    )]
     Parse { origin: String, message: String },
     #[error("{origin}: key `{key}` = {value:?}: {problem}\nfix: {fix}")]
-    Invalid { origin: String, key: String, value: String, problem: String, fix: String },
+    Invalid {
+        origin: String,
+        key: String,
+        value: String,
+        problem: String,
+        fix: String,
+    },
 }
 
 impl ExitStatus for ConfigError {
@@ -86,7 +99,11 @@ struct ClusterSection {
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self { name: "kubernetes".into(), server: "https://127.0.0.1:6443".into(), ca_file: None }
+        Self {
+            name: "kubernetes".into(),
+            server: "https://127.0.0.1:6443".into(),
+            ca_file: None,
+        }
     }
 }
 
@@ -101,7 +118,12 @@ struct LocalCaSection {
 
 impl Default for LocalCaSection {
     fn default() -> Self {
-        Self { cert_file: None, key_file: None, common_name: "rotator local CA".into(), validity: "3650d".into() }
+        Self {
+            cert_file: None,
+            key_file: None,
+            common_name: "rotator local CA".into(),
+            validity: "3650d".into(),
+        }
     }
 }
 
@@ -144,7 +166,12 @@ struct RotationSection {
 
 impl Default for RotationSection {
     fn default() -> Self {
-        Self { renew_fraction: 1.0 / 3.0, renew_before: None, jitter: 0.1, grace_period: "10m".into() }
+        Self {
+            renew_fraction: 1.0 / 3.0,
+            renew_before: None,
+            jitter: 0.1,
+            grace_period: "10m".into(),
+        }
     }
 }
 
@@ -158,7 +185,11 @@ struct ScheduleSection {
 
 impl Default for ScheduleSection {
     fn default() -> Self {
-        Self { rotate: "0 * * * * *".into(), expire: "30 * * * * *".into(), reconcile: "0 */10 * * * *".into() }
+        Self {
+            rotate: "0 * * * * *".into(),
+            expire: "30 * * * * *".into(),
+            reconcile: "0 */10 * * * *".into(),
+        }
     }
 }
 
@@ -267,26 +298,38 @@ pub fn load_with(
 ) -> Result<Settings, ConfigError> {
     let (mut table, origin) = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+            let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.into(),
+                source,
+            })?;
             let origin = format!("config file {}", p.display());
-            let table: toml::Table =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
             // Deserialize the file alone first so its errors name the file, not an env var.
             table
                 .clone()
                 .try_into::<FileConfig>()
-                .map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+                .map_err(|e| ConfigError::Parse {
+                    origin: origin.clone(),
+                    message: e.to_string(),
+                })?;
             (table, origin)
         }
         None => (toml::Table::new(), "built-in defaults".to_string()),
     };
-    let mut env_sorted: Vec<&(String, String)> =
-        env.iter().filter(|(k, _)| k.starts_with("ROTATOR_") && !RESERVED_ENV.contains(&k.as_str())).collect();
+    let mut env_sorted: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with("ROTATOR_") && !RESERVED_ENV.contains(&k.as_str()))
+        .collect();
     env_sorted.sort();
     for (key, raw) in env_sorted {
         let origin = format!("environment variable {key}");
-        let path: Vec<String> =
-            key["ROTATOR_".len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+        let path: Vec<String> = key["ROTATOR_".len()..]
+            .split("__")
+            .map(|s| s.to_ascii_lowercase())
+            .collect();
         if path.iter().any(|p| p.is_empty()) {
             return Err(ConfigError::Parse {
                 origin,
@@ -297,10 +340,17 @@ pub fn load_with(
         table
             .clone()
             .try_into::<FileConfig>()
-            .map_err(|e| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+            .map_err(|e| ConfigError::Parse {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
     }
-    let file: FileConfig =
-        table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse { origin: origin.clone(), message: e.to_string() })?;
+    let file: FileConfig = table
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin: origin.clone(),
+            message: e.to_string(),
+        })?;
     validate(file, origin, overrides)
 }
 
@@ -317,7 +367,9 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     let (last, sections) = path.split_last().expect("non-empty path");
     let mut cur = table;
     for s in sections {
-        let entry = cur.entry(s.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = cur
+            .entry(s.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if !entry.is_table() {
             *entry = toml::Value::Table(toml::Table::new());
         }
@@ -331,7 +383,13 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn invalid(&self, key: &str, value: impl ToString, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    fn invalid(
+        &self,
+        key: &str,
+        value: impl ToString,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             origin: self.origin.to_string(),
             key: key.into(),
@@ -342,8 +400,14 @@ impl Ctx<'_> {
     }
 
     fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(value)
-            .map_err(|e| self.invalid(key, value, e.to_string(), "write a duration such as \"90s\", \"10m\", \"24h\" or \"7d\""))
+        humantime::parse_duration(value).map_err(|e| {
+            self.invalid(
+                key,
+                value,
+                e.to_string(),
+                "write a duration such as \"90s\", \"10m\", \"24h\" or \"7d\"",
+            )
+        })
     }
 
     fn cron(&self, key: &str, value: &str) -> Result<CronSchedule, ConfigError> {
@@ -363,18 +427,36 @@ impl Ctx<'_> {
 /// Accepts the five-field form people type as well as the `cron` crate's six or seven.
 pub fn parse_cron(expr: &str) -> Result<cron::Schedule, cron::error::Error> {
     let fields = expr.split_whitespace().count();
-    if fields == 5 { cron::Schedule::from_str(&format!("0 {expr}")) } else { cron::Schedule::from_str(expr) }
+    if fields == 5 {
+        cron::Schedule::from_str(&format!("0 {expr}"))
+    } else {
+        cron::Schedule::from_str(expr)
+    }
 }
 
 fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, ConfigError> {
     let cx = Ctx { origin: &origin };
-    let data_dir = ov.data_dir.clone().or(f.data_dir).unwrap_or_else(|| PathBuf::from("./rotator-data"));
+    let data_dir = ov
+        .data_dir
+        .clone()
+        .or(f.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./rotator-data"));
     if data_dir.as_os_str().is_empty() {
-        return Err(cx.invalid("data_dir", "", "empty path", "name a directory, for example \"/var/lib/rotator\""));
+        return Err(cx.invalid(
+            "data_dir",
+            "",
+            "empty path",
+            "name a directory, for example \"/var/lib/rotator\"",
+        ));
     }
     let metrics_raw = ov.metrics_addr.clone().unwrap_or(f.metrics_addr);
     let metrics_addr = metrics_raw.parse::<SocketAddr>().map_err(|e| {
-        cx.invalid("metrics_addr", &metrics_raw, e.to_string(), "write an address and port, such as \"127.0.0.1:9464\"")
+        cx.invalid(
+            "metrics_addr",
+            &metrics_raw,
+            e.to_string(),
+            "write an address and port, such as \"127.0.0.1:9464\"",
+        )
     })?;
 
     if !f.cluster.server.starts_with("https://") || f.cluster.server.len() <= "https://".len() {
@@ -386,7 +468,12 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         ));
     }
     crate::policy::validate_dns_label(&f.cluster.name).map_err(|p| {
-        cx.invalid("cluster.name", &f.cluster.name, p, "use lowercase letters, digits and '-' (it names the kubeconfig cluster)")
+        cx.invalid(
+            "cluster.name",
+            &f.cluster.name,
+            p,
+            "use lowercase letters, digits and '-' (it names the kubeconfig cluster)",
+        )
     })?;
 
     let ca_dir = data_dir.join("ca");
@@ -400,14 +487,22 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         ));
     }
     let local_ca = LocalCaSettings {
-        cert_file: f.local_ca.cert_file.unwrap_or_else(|| ca_dir.join("ca.crt")),
+        cert_file: f
+            .local_ca
+            .cert_file
+            .unwrap_or_else(|| ca_dir.join("ca.crt")),
         key_file: f.local_ca.key_file.unwrap_or_else(|| ca_dir.join("ca.key")),
         configured,
         common_name: f.local_ca.common_name,
         validity: cx.duration("local_ca.validity", &f.local_ca.validity)?,
     };
     if local_ca.validity < Duration::from_secs(86_400) {
-        return Err(cx.invalid("local_ca.validity", &f.local_ca.validity, "shorter than a day", "use at least \"1d\"; \"3650d\" is the default"));
+        return Err(cx.invalid(
+            "local_ca.validity",
+            &f.local_ca.validity,
+            "shorter than a day",
+            "use at least \"1d\"; \"3650d\" is the default",
+        ));
     }
 
     let p = &f.policy;
@@ -423,7 +518,12 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         ));
     }
     if max_ttl < min_ttl {
-        return Err(cx.invalid("policy.max_ttl", &p.max_ttl, format!("smaller than policy.min_ttl ({})", p.min_ttl), "raise max_ttl or lower min_ttl"));
+        return Err(cx.invalid(
+            "policy.max_ttl",
+            &p.max_ttl,
+            format!("smaller than policy.min_ttl ({})", p.min_ttl),
+            "raise max_ttl or lower min_ttl",
+        ));
     }
     if default_ttl < min_ttl || default_ttl > max_ttl {
         return Err(cx.invalid(
@@ -434,14 +534,30 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         ));
     }
     let default_key_type = KeyType::from_str(&p.default_key_type).map_err(|e| {
-        cx.invalid("policy.default_key_type", &p.default_key_type, e.to_string(), "use one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096")
+        cx.invalid(
+            "policy.default_key_type",
+            &p.default_key_type,
+            e.to_string(),
+            "use one of ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096",
+        )
     })?;
     if p.allowed_roles.is_empty() {
-        return Err(cx.invalid("policy.allowed_roles", "[]", "no role could ever be granted", "list at least one ClusterRole, such as [\"view\"]"));
+        return Err(cx.invalid(
+            "policy.allowed_roles",
+            "[]",
+            "no role could ever be granted",
+            "list at least one ClusterRole, such as [\"view\"]",
+        ));
     }
     for r in &p.allowed_roles {
-        crate::policy::validate_role_name(r)
-            .map_err(|e| cx.invalid("policy.allowed_roles", r, e, "list ClusterRole names such as \"view\" or \"edit\""))?;
+        crate::policy::validate_role_name(r).map_err(|e| {
+            cx.invalid(
+                "policy.allowed_roles",
+                r,
+                e,
+                "list ClusterRole names such as \"view\" or \"edit\"",
+            )
+        })?;
     }
     let allowed_namespaces = patterns(&cx, "policy.allowed_namespaces", &p.allowed_namespaces)?;
     let allowed_groups = patterns(&cx, "policy.allowed_groups", &p.allowed_groups)?;
@@ -472,9 +588,18 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         }
     };
     if !(0.0..=0.5).contains(&r.jitter) {
-        return Err(cx.invalid("rotation.jitter", r.jitter, "must be between 0 and 0.5", "0.1 spreads renewals over a tenth of the window"));
+        return Err(cx.invalid(
+            "rotation.jitter",
+            r.jitter,
+            "must be between 0 and 0.5",
+            "0.1 spreads renewals over a tenth of the window",
+        ));
     }
-    let rotation = RotationSettings { window, jitter: r.jitter, grace_period: cx.duration("rotation.grace_period", &r.grace_period)? };
+    let rotation = RotationSettings {
+        window,
+        jitter: r.jitter,
+        grace_period: cx.duration("rotation.grace_period", &r.grace_period)?,
+    };
 
     let schedule = ScheduleSettings {
         rotate: cx.cron("schedule.rotate", &f.schedule.rotate)?,
@@ -487,7 +612,11 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         data_dir,
         signer: f.signer,
         metrics_addr,
-        cluster: ClusterSettings { name: f.cluster.name, server: f.cluster.server, ca_file: f.cluster.ca_file },
+        cluster: ClusterSettings {
+            name: f.cluster.name,
+            server: f.cluster.server,
+            ca_file: f.cluster.ca_file,
+        },
         local_ca,
         policy,
         rotation,
@@ -499,7 +628,14 @@ fn patterns(cx: &Ctx<'_>, key: &str, values: &[String]) -> Result<Vec<Pattern>, 
     values
         .iter()
         .map(|v| {
-            Pattern::parse(v).map_err(|e| cx.invalid(key, v, e, "write \"*\", an exact name, or a prefix ending in '*' such as \"team-*\""))
+            Pattern::parse(v).map_err(|e| {
+                cx.invalid(
+                    key,
+                    v,
+                    e,
+                    "write \"*\", an exact name, or a prefix ending in '*' such as \"team-*\"",
+                )
+            })
         })
         .collect()
 }
@@ -519,7 +655,10 @@ mod tests {
     fn defaults_are_valid() {
         let s = load_with(None, &[], &Overrides::default()).unwrap();
         assert_eq!(s.data_dir, PathBuf::from("./rotator-data"));
-        assert_eq!(s.local_ca.cert_file, PathBuf::from("./rotator-data/ca/ca.crt"));
+        assert_eq!(
+            s.local_ca.cert_file,
+            PathBuf::from("./rotator-data/ca/ca.crt")
+        );
         assert!(!s.local_ca.configured);
         assert_eq!(s.policy.min_ttl, Duration::from_secs(600));
         assert_eq!(s.metrics_addr.port(), 9464);
@@ -538,7 +677,9 @@ mod tests {
     #[test]
     fn unknown_key_names_file_and_key() {
         let (_d, p) = write("[policy]\nmax_tll = \"1d\"\n");
-        let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err().to_string();
+        let e = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rotator.toml"), "{e}");
         assert!(e.contains("max_tll"), "{e}");
     }
@@ -546,14 +687,24 @@ mod tests {
     #[test]
     fn wrong_type_and_impossible_values_are_errors() {
         let (_d, p) = write("[rotation]\njitter = \"lots\"\n");
-        let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err().to_string();
+        let e = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("jitter"), "{e}");
         let (_d, p) = write("[policy]\nmin_ttl = \"1m\"\n");
         let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err();
-        assert!(matches!(e, ConfigError::Invalid { ref key, .. } if key == "policy.min_ttl"), "{e}");
+        assert!(
+            matches!(e, ConfigError::Invalid { ref key, .. } if key == "policy.min_ttl"),
+            "{e}"
+        );
         let (_d, p) = write("[schedule]\nrotate = \"every minute\"\n");
-        let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err().to_string();
-        assert!(e.contains("schedule.rotate") && e.contains("every minute"), "{e}");
+        let e = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("schedule.rotate") && e.contains("every minute"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -562,22 +713,36 @@ mod tests {
         let env = vec![
             ("ROTATOR_DATA_DIR".to_string(), "/from/env".to_string()),
             ("ROTATOR_POLICY__MAX_TTL".to_string(), "3d".to_string()),
-            ("ROTATOR_POLICY__ALLOWED_ROLES".to_string(), "[\"view\"]".to_string()),
+            (
+                "ROTATOR_POLICY__ALLOWED_ROLES".to_string(),
+                "[\"view\"]".to_string(),
+            ),
             ("ROTATOR_CONFIG".to_string(), "ignored".to_string()),
         ];
         let s = load_with(Some(&p), &env, &Overrides::default()).unwrap();
         assert_eq!(s.data_dir, PathBuf::from("/from/env"));
         assert_eq!(s.policy.max_ttl, Duration::from_secs(3 * 86400));
         assert_eq!(s.policy.allowed_roles, vec!["view".to_string()]);
-        let ov = Overrides { data_dir: Some("/from/flag".into()), ..Default::default() };
-        assert_eq!(load_with(Some(&p), &env, &ov).unwrap().data_dir, PathBuf::from("/from/flag"));
+        let ov = Overrides {
+            data_dir: Some("/from/flag".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_with(Some(&p), &env, &ov).unwrap().data_dir,
+            PathBuf::from("/from/flag")
+        );
     }
 
     #[test]
     fn unknown_env_key_is_named() {
         let env = vec![("ROTATOR_POLICY__NOPE".to_string(), "1".to_string())];
-        let e = load_with(None, &env, &Overrides::default()).unwrap_err().to_string();
-        assert!(e.contains("ROTATOR_POLICY__NOPE") && e.contains("nope"), "{e}");
+        let e = load_with(None, &env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ROTATOR_POLICY__NOPE") && e.contains("nope"),
+            "{e}"
+        );
     }
 
     #[test]

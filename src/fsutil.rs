@@ -26,17 +26,25 @@ fn parent_of(path: &Path) -> &Path {
 
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     if path.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::IsADirectory, format!("{} is a directory", path.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            format!("{} is a directory", path.display()),
+        ));
     }
     let dir = parent_of(path);
     // tempfile creates with O_EXCL and mode 0600; the mode is set again explicitly
     // so a permissive umask or a future tempfile default cannot widen it.
-    let mut tmp = tempfile::Builder::new().prefix(".rotator-").suffix(".tmp").tempfile_in(dir)?;
-    tmp.as_file().set_permissions(Permissions::from_mode(PRIVATE_MODE))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".rotator-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.as_file()
+        .set_permissions(Permissions::from_mode(PRIVATE_MODE))?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     if mode != PRIVATE_MODE {
-        tmp.as_file().set_permissions(Permissions::from_mode(mode))?;
+        tmp.as_file()
+            .set_permissions(Permissions::from_mode(mode))?;
     }
     tmp.persist(path).map_err(|e| e.error)?;
     // The rename is durable only once the directory entry is.
@@ -50,10 +58,15 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// its directory is missing or not writable, or it names a directory.
 pub fn check_writable_target(path: &Path) -> io::Result<()> {
     if path.is_dir() {
-        return Err(io::Error::new(io::ErrorKind::IsADirectory, format!("{} is a directory", path.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            format!("{} is a directory", path.display()),
+        ));
     }
     let dir = parent_of(path);
-    let probe = tempfile::Builder::new().prefix(".rotator-probe-").tempfile_in(dir)?;
+    let probe = tempfile::Builder::new()
+        .prefix(".rotator-probe-")
+        .tempfile_in(dir)?;
     drop(probe);
     if path.exists() {
         OpenOptions::new().append(true).open(path)?;
@@ -66,7 +79,10 @@ pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
 }
 
 #[cfg(test)]
@@ -78,12 +94,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("k");
         write_private_atomic(&p, b"one").unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         write_private_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-        let leftovers: Vec<_> = fs::read_dir(d.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "k").collect();
-        assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let leftovers: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != "k")
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temporary files left behind: {leftovers:?}"
+        );
     }
 
     #[test]
@@ -93,7 +121,10 @@ mod tests {
         fs::write(&p, b"old").unwrap();
         fs::set_permissions(&p, Permissions::from_mode(0o644)).unwrap();
         write_private_atomic(&p, b"new").unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[test]
@@ -102,6 +133,9 @@ mod tests {
         assert!(check_writable_target(&d.path().join("missing-dir/k")).is_err());
         assert!(check_writable_target(d.path()).is_err());
         assert!(check_writable_target(&d.path().join("ok")).is_ok());
-        assert!(!d.path().join("ok").exists(), "the preflight must not create the file");
+        assert!(
+            !d.path().join("ok").exists(),
+            "the preflight must not create the file"
+        );
     }
 }

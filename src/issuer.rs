@@ -65,17 +65,25 @@ impl Faults for NoFaults {
 pub enum IssueError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
-    #[error("user {0:?} already exists with a current credential\nfix: use `rotator rotate {0}` for a new credential, or `rotator remove-user {0}` first")]
+    #[error(
+        "user {0:?} already exists with a current credential\nfix: use `rotator rotate {0}` for a new credential, or `rotator remove-user {0}` first"
+    )]
     UserExists(String),
-    #[error("user {user:?} already exists with a different specification ({differs})\nfix: remove the user first, or repeat the original command to finish an interrupted add-user")]
+    #[error(
+        "user {user:?} already exists with a different specification ({differs})\nfix: remove the user first, or repeat the original command to finish an interrupted add-user"
+    )]
     SpecMismatch { user: String, differs: String },
-    #[error("no active user {0:?}\nfix: `rotator list-users` shows who exists; `rotator add-user` creates one")]
+    #[error(
+        "no active user {0:?}\nfix: `rotator list-users` shows who exists; `rotator add-user` creates one"
+    )]
     NoSuchUser(String),
     #[error(transparent)]
     Sign(#[from] SignError),
     #[error(transparent)]
     Pki(#[from] pki::PkiError),
-    #[error("the signer issued a certificate valid for {got}s, more than policy allows ({max}s)\nfix: lower the signer's maximum lifetime; the certificate was discarded")]
+    #[error(
+        "the signer issued a certificate valid for {got}s, more than policy allows ({max}s)\nfix: lower the signer's maximum lifetime; the certificate was discarded"
+    )]
     LifetimeTooLong { got: i64, max: i64 },
     #[error(transparent)]
     Sink(#[from] SinkError),
@@ -83,7 +91,9 @@ pub enum IssueError {
     Store(#[from] StoreError),
     #[error("injected fault at {0:?}")]
     Injected(FaultPoint),
-    #[error("issuance {0} was abandoned by another rotator process while it ran (it looked stale)\nfix: run the command again")]
+    #[error(
+        "issuance {0} was abandoned by another rotator process while it ran (it looked stale)\nfix: run the command again"
+    )]
     Preempted(String),
 }
 
@@ -143,8 +153,13 @@ pub struct ProcessIdentity {
 
 impl ProcessIdentity {
     pub fn current() -> Self {
-        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
-        Self { pid: std::process::id(), boot_id }
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        Self {
+            pid: std::process::id(),
+            boot_id,
+        }
     }
 
     pub fn owner(&self) -> String {
@@ -153,7 +168,9 @@ impl ProcessIdentity {
 
     /// Whether the process that owns `owner` may still be running its attempt.
     fn may_be_running(&self, owner: &str) -> bool {
-        let Some((pid, boot)) = owner.split_once('@') else { return false };
+        let Some((pid, boot)) = owner.split_once('@') else {
+            return false;
+        };
         if boot != self.boot_id || boot.is_empty() {
             return false; // another boot: that process is gone
         }
@@ -169,17 +186,27 @@ struct InflightGuard<'a>(&'a Inflight, String);
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        self.0.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+        self.0
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
     }
 }
 
 impl Inflight {
     fn enter(&self, id: &str) -> InflightGuard<'_> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string());
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string());
         InflightGuard(self, id.to_string())
     }
     fn contains(&self, id: &str) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(id)
     }
 }
 
@@ -200,7 +227,12 @@ fn new_id() -> String {
 }
 
 impl Issuer<'_> {
-    pub async fn add_user(&self, spec: UserSpec, sink: &mut dyn Sink, actor: &str) -> Result<Issued, IssueError> {
+    pub async fn add_user(
+        &self,
+        spec: UserSpec,
+        sink: &mut dyn Sink,
+        actor: &str,
+    ) -> Result<Issued, IssueError> {
         self.settings.policy.check(&spec)?;
         let mut conn = self.store.conn().await?;
         if let Some(existing) = users::get(&mut conn, &spec.name).await? {
@@ -210,7 +242,10 @@ impl Issuer<'_> {
                 }
                 // An add-user that died before delivering: the same command finishes it.
                 if existing.spec != spec {
-                    return Err(IssueError::SpecMismatch { user: spec.name.clone(), differs: describe_diff(&existing.spec, &spec) });
+                    return Err(IssueError::SpecMismatch {
+                        user: spec.name.clone(),
+                        differs: describe_diff(&existing.spec, &spec),
+                    });
                 }
             }
         }
@@ -218,23 +253,46 @@ impl Issuer<'_> {
         self.issue(spec, Kind::AddUser, sink, actor).await
     }
 
-    pub async fn rotate(&self, user: &str, sink: &mut dyn Sink, actor: &str) -> Result<Issued, IssueError> {
-        let u = users::find(self.store, user).await?.filter(|u| u.state == "active");
-        let Some(u) = u else { return Err(IssueError::NoSuchUser(user.to_string())) };
+    pub async fn rotate(
+        &self,
+        user: &str,
+        sink: &mut dyn Sink,
+        actor: &str,
+    ) -> Result<Issued, IssueError> {
+        let u = users::find(self.store, user)
+            .await?
+            .filter(|u| u.state == "active");
+        let Some(u) = u else {
+            return Err(IssueError::NoSuchUser(user.to_string()));
+        };
         // Policy may have tightened since the user was added: re-check.
         self.settings.policy.check(&u.spec)?;
         self.issue(u.spec, Kind::Rotate, sink, actor).await
     }
 
-    async fn issue(&self, spec: UserSpec, kind: Kind, sink: &mut dyn Sink, actor: &str) -> Result<Issued, IssueError> {
+    async fn issue(
+        &self,
+        spec: UserSpec,
+        kind: Kind,
+        sink: &mut dyn Sink,
+        actor: &str,
+    ) -> Result<Issued, IssueError> {
         sink.prepare()?;
         self.abandon_open(Some(&spec.name), actor).await?;
         let id = new_id();
         let _running = self.inflight.enter(&id);
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
-        let generation =
-            issuances::plan(&mut tx, &id, &spec, kind.as_str(), self.signer.kind(), &self.identity.owner(), now).await?;
+        let generation = issuances::plan(
+            &mut tx,
+            &id,
+            &spec,
+            kind.as_str(),
+            self.signer.kind(),
+            &self.identity.owner(),
+            now,
+        )
+        .await?;
         audit::append(
             &mut tx,
             now,
@@ -247,7 +305,10 @@ impl Issuer<'_> {
         crate::store::commit(tx).await?;
 
         let span = info_span!("issuance", user = %spec.name, credential = %id, generation);
-        let result = self.run(&id, generation, &spec, kind, sink, actor).instrument(span.clone()).await;
+        let result = self
+            .run(&id, generation, &spec, kind, sink, actor)
+            .instrument(span.clone())
+            .await;
         if let Err(e) = &result {
             let _g = span.enter();
             warn!(error = %e, "issuance failed");
@@ -271,7 +332,13 @@ impl Issuer<'_> {
         let csr = pki::build_csr(&key, &pki::subject_name(&spec.name, &organizations)?)?;
         let ttl = Duration::from_secs(spec.ttl_seconds);
         let started = std::time::Instant::now();
-        let req = SignRequest { credential_id: id, user: &spec.name, organizations: &organizations, csr_der: &csr, ttl };
+        let req = SignRequest {
+            credential_id: id,
+            user: &spec.name,
+            organizations: &organizations,
+            csr_der: &csr,
+            ttl,
+        };
         let signed = match self.signer.sign(req).await {
             Ok(s) => s,
             Err(e) => return Err(self.fail(id, &spec.name, actor, e.into()).await),
@@ -279,8 +346,17 @@ impl Issuer<'_> {
         self.faults.hit(FaultPoint::AfterSign)?;
 
         let now = self.clock.now();
-        let expected = Expected { spki_der: &key.spki_der(), common_name: &spec.name, organizations: &organizations };
-        let cert = match pki::verify_issued(&signed.certificate_pem, &expected, self.signer.ca_bundle_pem(), now) {
+        let expected = Expected {
+            spki_der: &key.spki_der(),
+            common_name: &spec.name,
+            organizations: &organizations,
+        };
+        let cert = match pki::verify_issued(
+            &signed.certificate_pem,
+            &expected,
+            self.signer.ca_bundle_pem(),
+            now,
+        ) {
             Ok(c) => c,
             Err(e) => return Err(self.fail(id, &spec.name, actor, e.into()).await),
         };
@@ -288,10 +364,20 @@ impl Issuer<'_> {
         let usable = cert.not_after - now;
         let max = self.settings.policy.max_ttl.as_secs() as i64;
         if usable > max + 60 {
-            return Err(self.fail(id, &spec.name, actor, IssueError::LifetimeTooLong { got: usable, max }).await);
+            return Err(self
+                .fail(
+                    id,
+                    &spec.name,
+                    actor,
+                    IssueError::LifetimeTooLong { got: usable, max },
+                )
+                .await);
         }
         let lifetime_note = (usable + 60 < spec.ttl_seconds as i64).then(|| {
-            format!("the signer granted {}s of the {}s asked for (notAfter {})", usable, spec.ttl_seconds, cert.not_after)
+            format!(
+                "the signer granted {}s of the {}s asked for (notAfter {})",
+                usable, spec.ttl_seconds, cert.not_after
+            )
         });
         self.faults.hit(FaultPoint::BeforeStore)?;
 
@@ -355,7 +441,11 @@ impl Issuer<'_> {
         };
         let delivered = kc
             .render()
-            .map_err(|e| SinkError { target: sink.describe(), reason: e.to_string(), fix: "report this bug" })
+            .map_err(|e| SinkError {
+                target: sink.describe(),
+                reason: e.to_string(),
+                fix: "report this bug",
+            })
             .and_then(|yaml| sink.deliver(&yaml));
         if let Err(e) = delivered {
             return Err(self.fail(id, &spec.name, actor, e.into()).await);
@@ -367,7 +457,14 @@ impl Issuer<'_> {
         let previous = credentials::current(&mut tx, &spec.name).await?;
         let mut superseded = Vec::new();
         if let Some(prev) = previous {
-            credentials::set_state(&mut tx, &prev.id, "superseded", Some(&format!("superseded by {}", cert.serial)), now).await?;
+            credentials::set_state(
+                &mut tx,
+                &prev.id,
+                "superseded",
+                Some(&format!("superseded by {}", cert.serial)),
+                now,
+            )
+            .await?;
             superseded.push(prev.serial);
         }
         credentials::set_state(&mut tx, id, "current", None, now).await?;
@@ -383,10 +480,17 @@ impl Issuer<'_> {
             json!({"credential": id, "serial": cert.serial, "delivered_to": sink.describe(), "superseded": superseded}),
         )
         .await?;
-        let credential = credentials::get(&mut tx, id).await?.ok_or_else(|| StoreError::Invalid("credential vanished".into()))?;
+        let credential = credentials::get(&mut tx, id)
+            .await?
+            .ok_or_else(|| StoreError::Invalid("credential vanished".into()))?;
         crate::store::commit(tx).await?;
         info!(serial = %cert.serial, to = %sink.describe(), "credential delivered and current");
-        Ok(Issued { credential, superseded, delivered_to: sink.describe(), lifetime_note })
+        Ok(Issued {
+            credential,
+            superseded,
+            delivered_to: sink.describe(),
+            lifetime_note,
+        })
     }
 
     /// Records a failed attempt (journal, credential if stored, audit) and gives the error back.
@@ -403,7 +507,15 @@ impl Issuer<'_> {
             if credentials::get(&mut tx, id).await?.is_some() {
                 credentials::set_state(&mut tx, id, "failed", Some(reason), now).await?;
             }
-            audit::append(&mut tx, now, actor, "issuance.fail", user, json!({"credential": id, "reason": reason})).await?;
+            audit::append(
+                &mut tx,
+                now,
+                actor,
+                "issuance.fail",
+                user,
+                json!({"credential": id, "reason": reason}),
+            )
+            .await?;
             crate::store::commit(tx).await?;
             Ok(())
         }
@@ -430,7 +542,8 @@ impl Issuer<'_> {
                 if i.owner == me {
                     !self.inflight.contains(&i.id)
                 } else {
-                    !self.identity.may_be_running(&i.owner) || i.updated_at < now - STALE_AFTER_SECONDS
+                    !self.identity.may_be_running(&i.owner)
+                        || i.updated_at < now - STALE_AFTER_SECONDS
                 }
             })
             .collect();
@@ -440,12 +553,27 @@ impl Issuer<'_> {
             self.signer.abandon(&i.id).await?;
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
-            if !issuances::set_step(&mut tx, &i.id, Step::Abandoned, Some(&format!("abandoned at step {}", i.step)), now).await? {
+            if !issuances::set_step(
+                &mut tx,
+                &i.id,
+                Step::Abandoned,
+                Some(&format!("abandoned at step {}", i.step)),
+                now,
+            )
+            .await?
+            {
                 continue; // it finished or failed meanwhile
             }
             abandoned += 1;
             if credentials::get(&mut tx, &i.id).await?.is_some() {
-                credentials::set_state(&mut tx, &i.id, "failed", Some("abandoned before delivery; its key was lost"), now).await?;
+                credentials::set_state(
+                    &mut tx,
+                    &i.id,
+                    "failed",
+                    Some("abandoned before delivery; its key was lost"),
+                    now,
+                )
+                .await?;
             }
             audit::append(
                 &mut tx,
@@ -469,7 +597,10 @@ fn describe_diff(a: &UserSpec, b: &UserSpec) -> String {
         d.push(format!("groups {:?} vs {:?}", a.groups, b.groups));
     }
     if a.namespaces != b.namespaces {
-        d.push(format!("namespaces {:?} vs {:?}", a.namespaces, b.namespaces));
+        d.push(format!(
+            "namespaces {:?} vs {:?}",
+            a.namespaces, b.namespaces
+        ));
     }
     if a.role != b.role {
         d.push(format!("role {:?} vs {:?}", a.role, b.role));

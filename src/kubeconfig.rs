@@ -1,6 +1,8 @@
 //! Rendering kubeconfigs with kube's own `Kubeconfig` type.
 use base64::Engine;
-use kube::config::{AuthInfo, Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext};
+use kube::config::{
+    AuthInfo, Cluster, Context, Kubeconfig, NamedAuthInfo, NamedCluster, NamedContext,
+};
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -98,10 +100,27 @@ mod tests {
         let back = Kubeconfig::from_yaml(&yaml).unwrap();
         assert_eq!(back.current_context.as_deref(), Some("alice@prod"));
         let auth = back.auth_infos[0].auth_info.as_ref().unwrap();
-        assert_eq!(auth.client_certificate_data.as_deref(), Some(b64("CERT").as_str()));
+        assert_eq!(
+            auth.client_certificate_data.as_deref(),
+            Some(b64("CERT").as_str())
+        );
         use secrecy::ExposeSecret;
-        assert_eq!(auth.client_key_data.as_ref().unwrap().expose_secret(), b64("KEY"));
-        assert_eq!(back.contexts[0].context.as_ref().unwrap().namespace.as_deref(), Some("team-a"));
-        assert!(!format!("{k:?}").contains("KEY\""), "Debug must not print the key");
+        assert_eq!(
+            auth.client_key_data.as_ref().unwrap().expose_secret(),
+            b64("KEY")
+        );
+        assert_eq!(
+            back.contexts[0]
+                .context
+                .as_ref()
+                .unwrap()
+                .namespace
+                .as_deref(),
+            Some("team-a")
+        );
+        assert!(
+            !format!("{k:?}").contains("KEY\""),
+            "Debug must not print the key"
+        );
     }
 }

@@ -12,7 +12,9 @@ use crate::store::{StoreError, audit, users};
 pub enum LifecycleError {
     #[error("no user {0:?}\nfix: `rotator list-users` shows who exists")]
     NoSuchUser(String),
-    #[error("user {user:?} has no live credential with serial {serial:?}\nfix: `rotator show {user}` lists serials and states")]
+    #[error(
+        "user {user:?} has no live credential with serial {serial:?}\nfix: `rotator show {user}` lists serials and states"
+    )]
     NoSuchSerial { user: String, serial: String },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -28,7 +30,11 @@ impl ExitStatus for LifecycleError {
 }
 
 /// Revokes one live credential (by serial) or all of a user's. Returns what was revoked.
-pub async fn revoke(app: &App, user: &str, serial: Option<&str>) -> Result<Vec<Credential>, LifecycleError> {
+pub async fn revoke(
+    app: &App,
+    user: &str,
+    serial: Option<&str>,
+) -> Result<Vec<Credential>, LifecycleError> {
     let now = app.clock.now();
     let mut tx = app.store.begin().await?;
     if users::get(&mut tx, user).await?.is_none() {
@@ -38,13 +44,25 @@ pub async fn revoke(app: &App, user: &str, serial: Option<&str>) -> Result<Vec<C
         .await?
         .into_iter()
         .filter(|c| LIVE_STATES.contains(&c.state.as_str()))
-        .filter(|c| serial.is_none_or(|s| c.serial.eq_ignore_ascii_case(s.trim_start_matches("0x"))))
+        .filter(|c| {
+            serial.is_none_or(|s| c.serial.eq_ignore_ascii_case(s.trim_start_matches("0x")))
+        })
         .collect();
     if let (Some(s), true) = (serial, live.is_empty()) {
-        return Err(LifecycleError::NoSuchSerial { user: user.into(), serial: s.into() });
+        return Err(LifecycleError::NoSuchSerial {
+            user: user.into(),
+            serial: s.into(),
+        });
     }
     for c in &live {
-        credentials::set_state(&mut tx, &c.id, "revoked", Some("revoked by an administrator"), now).await?;
+        credentials::set_state(
+            &mut tx,
+            &c.id,
+            "revoked",
+            Some("revoked by an administrator"),
+            now,
+        )
+        .await?;
         audit::append(
             &mut tx,
             now,
@@ -68,14 +86,25 @@ pub async fn remove_user(app: &App, user: &str) -> Result<Vec<Credential>, Lifec
         Some(u) if u.state != "removed" => {}
         _ => return Err(LifecycleError::NoSuchUser(user.into())),
     }
-    let live: Vec<Credential> =
-        credentials::for_user(&mut tx, user).await?.into_iter().filter(|c| LIVE_STATES.contains(&c.state.as_str())).collect();
+    let live: Vec<Credential> = credentials::for_user(&mut tx, user)
+        .await?
+        .into_iter()
+        .filter(|c| LIVE_STATES.contains(&c.state.as_str()))
+        .collect();
     for c in &live {
         credentials::set_state(&mut tx, &c.id, "revoked", Some("user removed"), now).await?;
     }
     users::set_state(&mut tx, user, "removed", now).await?;
     let serials: Vec<&str> = live.iter().map(|c| c.serial.as_str()).collect();
-    audit::append(&mut tx, now, &app.actor, "user.remove", user, json!({"revoked": serials})).await?;
+    audit::append(
+        &mut tx,
+        now,
+        &app.actor,
+        "user.remove",
+        user,
+        json!({"revoked": serials}),
+    )
+    .await?;
     crate::store::commit(tx).await?;
     info!(user, revoked = live.len(), "user removed");
     Ok(live)

@@ -14,16 +14,44 @@ const MAX_NAME_BYTES: usize = 253;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
     #[error("invalid {what} {value:?}: {problem}\nfix: {fix}")]
-    InvalidName { what: &'static str, value: String, problem: String, fix: &'static str },
-    #[error("{what} {value:?} is reserved: {why}\nfix: pick a name that does not start with {prefix:?}")]
-    Reserved { what: &'static str, value: String, prefix: &'static str, why: &'static str },
-    #[error("role {role:?} is not allowed by policy (allowed: {allowed})\nfix: use one of the allowed roles, or add it to policy.allowed_roles")]
+    InvalidName {
+        what: &'static str,
+        value: String,
+        problem: String,
+        fix: &'static str,
+    },
+    #[error(
+        "{what} {value:?} is reserved: {why}\nfix: pick a name that does not start with {prefix:?}"
+    )]
+    Reserved {
+        what: &'static str,
+        value: String,
+        prefix: &'static str,
+        why: &'static str,
+    },
+    #[error(
+        "role {role:?} is not allowed by policy (allowed: {allowed})\nfix: use one of the allowed roles, or add it to policy.allowed_roles"
+    )]
     UnknownRole { role: String, allowed: String },
-    #[error("{what} {value:?} is not allowed by policy (allowed: {allowed})\nfix: use an allowed {what}, or extend policy.allowed_{what}s")]
-    NotAllowed { what: &'static str, value: String, allowed: String },
-    #[error("TTL {ttl} is outside policy bounds [{min}, {max}]\nfix: ask for a lifetime between {min} and {max}")]
-    Ttl { ttl: String, min: String, max: String },
-    #[error("at least one namespace is required\nfix: add --namespace NAME (one RoleBinding is made per namespace)")]
+    #[error(
+        "{what} {value:?} is not allowed by policy (allowed: {allowed})\nfix: use an allowed {what}, or extend policy.allowed_{what}s"
+    )]
+    NotAllowed {
+        what: &'static str,
+        value: String,
+        allowed: String,
+    },
+    #[error(
+        "TTL {ttl} is outside policy bounds [{min}, {max}]\nfix: ask for a lifetime between {min} and {max}"
+    )]
+    Ttl {
+        ttl: String,
+        min: String,
+        max: String,
+    },
+    #[error(
+        "at least one namespace is required\nfix: add --namespace NAME (one RoleBinding is made per namespace)"
+    )]
     NoNamespace,
 }
 
@@ -53,7 +81,11 @@ impl Pattern {
         if body.is_empty() || body.contains('*') {
             return Err("'*' may appear only alone or at the end".into());
         }
-        Ok(if prefix { Pattern::Prefix(body.into()) } else { Pattern::Exact(body.into()) })
+        Ok(if prefix {
+            Pattern::Prefix(body.into())
+        } else {
+            Pattern::Exact(body.into())
+        })
     }
 
     pub fn matches(&self, v: &str) -> bool {
@@ -105,7 +137,11 @@ impl Policy {
         for g in &spec.groups {
             validate_group_name(g)?;
             if !self.allowed_groups.iter().any(|p| p.matches(g)) {
-                return Err(PolicyError::NotAllowed { what: "group", value: g.clone(), allowed: join(&self.allowed_groups) });
+                return Err(PolicyError::NotAllowed {
+                    what: "group",
+                    value: g.clone(),
+                    allowed: join(&self.allowed_groups),
+                });
             }
         }
         if spec.namespaces.is_empty() {
@@ -127,7 +163,10 @@ impl Policy {
             }
         }
         if !self.allowed_roles.iter().any(|r| r == &spec.role) {
-            return Err(PolicyError::UnknownRole { role: spec.role.clone(), allowed: self.allowed_roles.join(", ") });
+            return Err(PolicyError::UnknownRole {
+                role: spec.role.clone(),
+                allowed: self.allowed_roles.join(", "),
+            });
         }
         self.check_ttl(Duration::from_secs(spec.ttl_seconds))
     }
@@ -145,7 +184,10 @@ impl Policy {
 }
 
 fn join(p: &[Pattern]) -> String {
-    p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+    p.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The generation group a credential carries in O; RBAC bindings name it, so
@@ -165,15 +207,28 @@ fn validate_subject_value(what: &'static str, value: &str) -> Result<(), PolicyE
         return Err(bad("empty".into()));
     }
     if value.len() > MAX_NAME_BYTES {
-        return Err(bad(format!("{} bytes, more than {MAX_NAME_BYTES}", value.len())));
+        return Err(bad(format!(
+            "{} bytes, more than {MAX_NAME_BYTES}",
+            value.len()
+        )));
     }
     if let Some(c) = value.chars().find(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad(format!("contains whitespace or a control character ({:?})", c)));
+        return Err(bad(format!(
+            "contains whitespace or a control character ({:?})",
+            c
+        )));
     }
-    if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || "._@+-:".contains(*c))) {
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "._@+-:".contains(*c)))
+    {
         return Err(bad(format!("contains {c:?}")));
     }
-    if !value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric()) {
+    if !value
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
         return Err(bad("must start with a letter or digit".into()));
     }
     // Case-insensitive on purpose: "System:masters" is not special to Kubernetes,
@@ -195,7 +250,10 @@ pub fn validate_user_name(name: &str) -> Result<(), PolicyError> {
 
 pub fn validate_group_name(group: &str) -> Result<(), PolicyError> {
     validate_subject_value("group", group)?;
-    if group.to_ascii_lowercase().starts_with(GENERATION_GROUP_PREFIX) {
+    if group
+        .to_ascii_lowercase()
+        .starts_with(GENERATION_GROUP_PREFIX)
+    {
         return Err(PolicyError::Reserved {
             what: "group",
             value: group.to_string(),
@@ -211,7 +269,10 @@ pub fn validate_dns_label(s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > 63 {
         return Err(format!("must be 1 to 63 characters, got {}", s.len()));
     }
-    if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return Err("only lowercase letters, digits and '-' are allowed".into());
     }
     if s.starts_with('-') || s.ends_with('-') {
@@ -222,7 +283,13 @@ pub fn validate_dns_label(s: &str) -> Result<(), String> {
 
 /// ClusterRole names are path segments: no '/', no '%', not "." or "..".
 pub fn validate_role_name(s: &str) -> Result<(), String> {
-    if s.is_empty() || s.len() > MAX_NAME_BYTES || s == "." || s == ".." || s.contains(['/', '%']) || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if s.is_empty()
+        || s.len() > MAX_NAME_BYTES
+        || s == "."
+        || s == ".."
+        || s.contains(['/', '%'])
+        || s.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err("not a valid ClusterRole name".into());
     }
     Ok(())
@@ -266,15 +333,26 @@ mod tests {
 
     #[test]
     fn refuses_system_users_and_groups_in_any_case() {
-        for name in ["system:admin", "system:node:worker-1", "SYSTEM:kube-proxy", "System:masters"] {
+        for name in [
+            "system:admin",
+            "system:node:worker-1",
+            "SYSTEM:kube-proxy",
+            "System:masters",
+        ] {
             let mut s = spec();
             s.name = name.into();
-            assert!(matches!(policy().check(&s), Err(PolicyError::Reserved { .. })), "{name}");
+            assert!(
+                matches!(policy().check(&s), Err(PolicyError::Reserved { .. })),
+                "{name}"
+            );
         }
         for g in ["system:masters", "system:nodes", "System:Masters"] {
             let mut s = spec();
             s.groups = vec![g.into()];
-            assert!(matches!(policy().check(&s), Err(PolicyError::Reserved { .. })), "{g}");
+            assert!(
+                matches!(policy().check(&s), Err(PolicyError::Reserved { .. })),
+                "{g}"
+            );
         }
     }
 
@@ -283,7 +361,16 @@ mod tests {
         let mut s = spec();
         s.groups = vec!["rotator:bob:7".into()];
         let e = policy().check(&s).unwrap_err();
-        assert!(matches!(e, PolicyError::Reserved { prefix: "rotator:", .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                PolicyError::Reserved {
+                    prefix: "rotator:",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -311,20 +398,38 @@ mod tests {
         let mut s = spec();
         s.role = "cluster-admin".into();
         let e = policy().check(&s).unwrap_err().to_string();
-        assert!(e.contains("cluster-admin") && e.contains("view, edit"), "{e}");
+        assert!(
+            e.contains("cluster-admin") && e.contains("view, edit"),
+            "{e}"
+        );
         let mut s = spec();
         s.namespaces = vec!["kube-system".into()];
-        assert!(matches!(policy().check(&s), Err(PolicyError::NotAllowed { what: "namespace", .. })));
+        assert!(matches!(
+            policy().check(&s),
+            Err(PolicyError::NotAllowed {
+                what: "namespace",
+                ..
+            })
+        ));
         let mut s = spec();
         s.namespaces = vec!["Team-A".into()];
-        assert!(matches!(policy().check(&s), Err(PolicyError::InvalidName { what: "namespace", .. })));
+        assert!(matches!(
+            policy().check(&s),
+            Err(PolicyError::InvalidName {
+                what: "namespace",
+                ..
+            })
+        ));
         let mut s = spec();
         s.namespaces.clear();
         assert_eq!(policy().check(&s), Err(PolicyError::NoNamespace));
         for ttl in [599, 86401] {
             let mut s = spec();
             s.ttl_seconds = ttl;
-            assert!(matches!(policy().check(&s), Err(PolicyError::Ttl { .. })), "{ttl}");
+            assert!(
+                matches!(policy().check(&s), Err(PolicyError::Ttl { .. })),
+                "{ttl}"
+            );
         }
     }
 

@@ -45,7 +45,10 @@ pub async fn run(app: &App, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let now = Utc::now();
-        let Some((job, at)) = jobs.iter().filter_map(|(j, s)| next_after(s, now).map(|t| (*j, t))).min_by_key(|(_, t)| *t)
+        let Some((job, at)) = jobs
+            .iter()
+            .filter_map(|(j, s)| next_after(s, now).map(|t| (*j, t)))
+            .min_by_key(|(_, t)| *t)
         else {
             info!("no job has a future tick; scheduler idle");
             shutdown.await;
@@ -58,7 +61,12 @@ pub async fn run(app: &App, shutdown: impl Future<Output = ()>) {
         }
         let started = std::time::Instant::now();
         match run_job(app, job).await {
-            Ok(n) => info!(job = job.name(), changed = n, ms = started.elapsed().as_millis() as u64, "job done"),
+            Ok(n) => info!(
+                job = job.name(),
+                changed = n,
+                ms = started.elapsed().as_millis() as u64,
+                "job done"
+            ),
             Err(e) => error!(job = job.name(), error = %e, "job failed"),
         }
     }

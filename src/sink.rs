@@ -49,7 +49,8 @@ impl Sink for FileSink {
         crate::fsutil::check_writable_target(&self.path).map_err(|e| self.err(e))
     }
     fn deliver(&mut self, kubeconfig: &str) -> Result<(), SinkError> {
-        crate::fsutil::write_private_atomic(&self.path, kubeconfig.as_bytes()).map_err(|e| self.err(e))
+        crate::fsutil::write_private_atomic(&self.path, kubeconfig.as_bytes())
+            .map_err(|e| self.err(e))
     }
 }
 
@@ -67,10 +68,13 @@ impl<W: Write + Send> Sink for WriterSink<W> {
         Ok(())
     }
     fn deliver(&mut self, kubeconfig: &str) -> Result<(), SinkError> {
-        self.writer.write_all(kubeconfig.as_bytes()).and_then(|_| self.writer.flush()).map_err(|e| SinkError {
-            target: self.name.to_string(),
-            reason: e.to_string(),
-            fix: "check that the output stream is open",
-        })
+        self.writer
+            .write_all(kubeconfig.as_bytes())
+            .and_then(|_| self.writer.flush())
+            .map_err(|e| SinkError {
+                target: self.name.to_string(),
+                reason: e.to_string(),
+                fix: "check that the output stream is open",
+            })
     }
 }

@@ -55,9 +55,14 @@ pub struct RotateArgs {
 
 fn sink_for(name: &str, out: &Option<PathBuf>) -> Box<dyn Sink> {
     match out {
-        Some(p) if p.as_os_str() == "-" => Box::new(WriterSink { name: "stdout", writer: std::io::stdout() }),
+        Some(p) if p.as_os_str() == "-" => Box::new(WriterSink {
+            name: "stdout",
+            writer: std::io::stdout(),
+        }),
         Some(p) => Box::new(FileSink { path: p.clone() }),
-        None => Box::new(FileSink { path: PathBuf::from(format!("{name}.kubeconfig")) }),
+        None => Box::new(FileSink {
+            path: PathBuf::from(format!("{name}.kubeconfig")),
+        }),
     }
 }
 
@@ -89,7 +94,11 @@ fn report_issued(out: OutputFormat, issued: &Issued, to_stdout_taken: bool) {
         }
     };
     // With --out - the kubeconfig owns stdout; the report goes to stderr.
-    if to_stdout_taken { eprintln!("{text}") } else { println!("{text}") }
+    if to_stdout_taken {
+        eprintln!("{text}")
+    } else {
+        println!("{text}")
+    }
 }
 
 pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
@@ -103,19 +112,31 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
         ttl_seconds: a.ttl.unwrap_or(policy.default_ttl).as_secs(),
     };
     let mut sink = sink_for(&a.name, &a.out);
-    let issued = app.issuer().add_user(spec, sink.as_mut(), &app.actor).await?;
+    let issued = app
+        .issuer()
+        .add_user(spec, sink.as_mut(), &app.actor)
+        .await?;
     report_issued(out, &issued, sink.describe() == "stdout");
     Ok(())
 }
 
 pub async fn rotate(app: &App, a: &RotateArgs, out: OutputFormat) -> CliResult {
     let mut sink = sink_for(&a.name, &a.out);
-    let issued = app.issuer().rotate(&a.name, sink.as_mut(), &app.actor).await?;
+    let issued = app
+        .issuer()
+        .rotate(&a.name, sink.as_mut(), &app.actor)
+        .await?;
     report_issued(out, &issued, sink.describe() == "stdout");
     Ok(())
 }
 
-fn revoked_report(out: OutputFormat, verb: &str, user: &str, revoked: &[credentials::Credential], signer: &str) {
+fn revoked_report(
+    out: OutputFormat,
+    verb: &str,
+    user: &str,
+    revoked: &[credentials::Credential],
+    signer: &str,
+) {
     match out {
         OutputFormat::Json => output::json(&json!({
             "user": user, "action": verb,
@@ -161,16 +182,29 @@ pub async fn list_users(app: &App, all: bool, out: OutputFormat) -> CliResult {
             u.spec.role.clone(),
             u.spec.namespaces.join(","),
             u.spec.groups.join(","),
-            current.map(|c| c.serial.clone()).unwrap_or_else(|| "-".into()),
-            current.map(|c| time(c.not_after)).unwrap_or_else(|| "-".into()),
+            current
+                .map(|c| c.serial.clone())
+                .unwrap_or_else(|| "-".into()),
+            current
+                .map(|c| time(c.not_after))
+                .unwrap_or_else(|| "-".into()),
         ]);
         json_rows.push(json!({"user": u, "current": current}));
     }
     match out {
         OutputFormat::Json => output::json(&json_rows),
-        OutputFormat::Table => {
-            output::table(&["NAME", "STATE", "ROLE", "NAMESPACES", "GROUPS", "CURRENT SERIAL", "NOT AFTER"], &rows)
-        }
+        OutputFormat::Table => output::table(
+            &[
+                "NAME",
+                "STATE",
+                "ROLE",
+                "NAMESPACES",
+                "GROUPS",
+                "CURRENT SERIAL",
+                "NOT AFTER",
+            ],
+            &rows,
+        ),
     }
     Ok(())
 }
@@ -179,7 +213,9 @@ pub async fn show(app: &App, name: &str, out: OutputFormat) -> CliResult {
     let Some(u) = users::find(&app.store, name).await? else {
         return Err(Failure::new(
             Exit::NotFound,
-            anyhow!("no user {name:?}\nfix: `rotator list-users --all` shows every user rotator knows"),
+            anyhow!(
+                "no user {name:?}\nfix: `rotator list-users --all` shows every user rotator knows"
+            ),
         ));
     };
     let creds = credentials::list_for_user(&app.store, name).await?;
@@ -188,9 +224,23 @@ pub async fn show(app: &App, name: &str, out: OutputFormat) -> CliResult {
         OutputFormat::Table => {
             println!("user        {}", u.spec.name);
             println!("state       {}", u.state);
-            println!("role        {} in {}", u.spec.role, u.spec.namespaces.join(", "));
-            println!("groups      {}", if u.spec.groups.is_empty() { "-".into() } else { u.spec.groups.join(", ") });
-            println!("key type    {}   ttl {}s", u.spec.key_type, u.spec.ttl_seconds);
+            println!(
+                "role        {} in {}",
+                u.spec.role,
+                u.spec.namespaces.join(", ")
+            );
+            println!(
+                "groups      {}",
+                if u.spec.groups.is_empty() {
+                    "-".into()
+                } else {
+                    u.spec.groups.join(", ")
+                }
+            );
+            println!(
+                "key type    {}   ttl {}s",
+                u.spec.key_type, u.spec.ttl_seconds
+            );
             println!();
             let rows: Vec<Vec<String>> = creds
                 .iter()
@@ -205,7 +255,17 @@ pub async fn show(app: &App, name: &str, out: OutputFormat) -> CliResult {
                     ]
                 })
                 .collect();
-            output::table(&["GEN", "SERIAL", "SHA-256 FINGERPRINT", "NOT AFTER", "STATE", "REASON"], &rows);
+            output::table(
+                &[
+                    "GEN",
+                    "SERIAL",
+                    "SHA-256 FINGERPRINT",
+                    "NOT AFTER",
+                    "STATE",
+                    "REASON",
+                ],
+                &rows,
+            );
         }
     }
     Ok(())

@@ -32,10 +32,20 @@ pub async fn run(app: &App, cmd: &AuditCommand, out: OutputFormat) -> CliResult 
                     let rows: Vec<Vec<String>> = events
                         .iter()
                         .map(|e| {
-                            vec![e.seq.to_string(), time(e.time), e.actor.clone(), e.action.clone(), e.subject.clone(), e.detail.clone()]
+                            vec![
+                                e.seq.to_string(),
+                                time(e.time),
+                                e.actor.clone(),
+                                e.action.clone(),
+                                e.subject.clone(),
+                                e.detail.clone(),
+                            ]
                         })
                         .collect();
-                    output::table(&["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DETAIL"], &rows);
+                    output::table(
+                        &["SEQ", "TIME", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
+                        &rows,
+                    );
                 }
             }
             Ok(())

@@ -21,13 +21,28 @@ struct Check {
 }
 
 fn mode_of(p: &std::path::Path) -> Option<u32> {
-    std::fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o777)
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o777)
 }
 
 pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     let mut checks = Vec::new();
-    let mut push = |name, ok, detail: String, exit| checks.push(Check { name, ok, detail, exit });
-    let settings = match config::load(cli.config.as_deref(), &Overrides { data_dir: cli.data_dir.clone(), metrics_addr: None }) {
+    let mut push = |name, ok, detail: String, exit| {
+        checks.push(Check {
+            name,
+            ok,
+            detail,
+            exit,
+        })
+    };
+    let settings = match config::load(
+        cli.config.as_deref(),
+        &Overrides {
+            data_dir: cli.data_dir.clone(),
+            metrics_addr: None,
+        },
+    ) {
         Ok(s) => s,
         Err(e) => return Err(e.into()),
     };
@@ -40,12 +55,26 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 Some(m) if m & 0o022 != 0 => push(
                     "data directory",
                     false,
-                    format!("{} has mode {m:o}: others may write; fix: chmod 700 {}", s.data_dir.display(), s.data_dir.display()),
+                    format!(
+                        "{} has mode {m:o}: others may write; fix: chmod 700 {}",
+                        s.data_dir.display(),
+                        s.data_dir.display()
+                    ),
                     Exit::Config,
                 ),
-                m => push("data directory", true, format!("{} (mode {:o})", s.data_dir.display(), m.unwrap_or(0)), Exit::Config),
+                m => push(
+                    "data directory",
+                    true,
+                    format!("{} (mode {:o})", s.data_dir.display(), m.unwrap_or(0)),
+                    Exit::Config,
+                ),
             }
-            push("database", true, format!("{} (integrity ok)", s.database_path().display()), Exit::Database);
+            push(
+                "database",
+                true,
+                format!("{} (integrity ok)", s.database_path().display()),
+                Exit::Database,
+            );
             let now = app.clock.now();
             match crate::pki::parse_cert_pem(app.signer.ca_bundle_pem(), "signer CA") {
                 Ok(ca) => {
@@ -53,8 +82,17 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     push(
                         "signer CA",
                         days >= 30,
-                        format!("{} CN={} expires {} ({days} days){}", app.signer.kind(), ca.common_name, time(ca.not_after),
-                            if days < 30 { "; fix: plan a CA rotation now" } else { "" }),
+                        format!(
+                            "{} CN={} expires {} ({days} days){}",
+                            app.signer.kind(),
+                            ca.common_name,
+                            time(ca.not_after),
+                            if days < 30 {
+                                "; fix: plan a CA rotation now"
+                            } else {
+                                ""
+                            }
+                        ),
                         Exit::Signer,
                     );
                 }
@@ -63,20 +101,48 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
             if app.signer.kind() == "local-ca" {
                 let k = &s.local_ca.key_file;
                 match mode_of(k) {
-                    Some(0o600) | Some(0o400) => push("CA key file", true, format!("{} (mode 600)", k.display()), Exit::Config),
+                    Some(0o600) | Some(0o400) => push(
+                        "CA key file",
+                        true,
+                        format!("{} (mode 600)", k.display()),
+                        Exit::Config,
+                    ),
                     m => push(
                         "CA key file",
                         false,
-                        format!("{} has mode {:o}; fix: chmod 600 {}", k.display(), m.unwrap_or(0), k.display()),
+                        format!(
+                            "{} has mode {:o}; fix: chmod 600 {}",
+                            k.display(),
+                            m.unwrap_or(0),
+                            k.display()
+                        ),
                         Exit::Config,
                     ),
                 }
             }
-            push("cluster", true, format!("kubeconfigs point at {} (cluster {:?})", s.cluster.server, s.cluster.name), Exit::Config);
+            push(
+                "cluster",
+                true,
+                format!(
+                    "kubeconfigs point at {} (cluster {:?})",
+                    s.cluster.server, s.cluster.name
+                ),
+                Exit::Config,
+            );
             match audit::verify(&app.store).await {
                 Ok(r) => match r.first_break {
-                    None => push("audit chain", true, format!("{} events intact", r.events), Exit::AuditBroken),
-                    Some(b) => push("audit chain", false, format!("broken at event {}: {}", b.seq, b.reason), Exit::AuditBroken),
+                    None => push(
+                        "audit chain",
+                        true,
+                        format!("{} events intact", r.events),
+                        Exit::AuditBroken,
+                    ),
+                    Some(b) => push(
+                        "audit chain",
+                        false,
+                        format!("broken at event {}: {}", b.seq, b.reason),
+                        Exit::AuditBroken,
+                    ),
                 },
                 Err(e) => push("audit chain", false, e.to_string(), e.exit()),
             }
@@ -88,7 +154,10 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 if open.is_empty() {
                     "none".into()
                 } else {
-                    format!("{} (they are abandoned and redone by the next rotate or add-user of that user)", open.len())
+                    format!(
+                        "{} (they are abandoned and redone by the next rotate or add-user of that user)",
+                        open.len()
+                    )
                 },
                 Exit::Internal,
             );
@@ -96,18 +165,30 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     }
     match out {
         OutputFormat::Json => output::json(
-            &checks.iter().map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail})).collect::<Vec<_>>(),
+            &checks
+                .iter()
+                .map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail}))
+                .collect::<Vec<_>>(),
         ),
         OutputFormat::Table => {
             let rows: Vec<Vec<String>> = checks
                 .iter()
-                .map(|c| vec![c.name.to_string(), if c.ok { "ok".into() } else { "FAIL".into() }, c.detail.clone()])
+                .map(|c| {
+                    vec![
+                        c.name.to_string(),
+                        if c.ok { "ok".into() } else { "FAIL".into() },
+                        c.detail.clone(),
+                    ]
+                })
                 .collect();
             output::table(&["CHECK", "STATUS", "DETAIL"], &rows);
         }
     }
     match checks.iter().find(|c| !c.ok) {
         None => Ok(()),
-        Some(c) => Err(Failure::new(c.exit, anyhow!("doctor: check {:?} failed: {}", c.name, c.detail))),
+        Some(c) => Err(Failure::new(
+            c.exit,
+            anyhow!("doctor: check {:?} failed: {}", c.name, c.detail),
+        )),
     }
 }

@@ -21,7 +21,11 @@ mod serve;
 pub use output::OutputFormat;
 
 #[derive(Debug, Parser)]
-#[command(name = "rotator", version, about = "Short-lived, least-privilege, revocable Kubernetes client credentials")]
+#[command(
+    name = "rotator",
+    version,
+    about = "Short-lived, least-privilege, revocable Kubernetes client credentials"
+)]
 pub struct Cli {
     /// Config file (default: $ROTATOR_CONFIG, then config/rotator.toml, then built-in defaults).
     #[arg(long, global = true, value_name = "FILE")]
@@ -91,7 +95,10 @@ pub struct Failure {
 
 impl<E: ExitStatus + std::error::Error + Send + Sync + 'static> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { exit: e.exit(), error: anyhow::Error::new(e) }
+        Failure {
+            exit: e.exit(),
+            error: anyhow::Error::new(e),
+        }
     }
 }
 
@@ -123,10 +130,15 @@ impl Faults for EnvFaults {
 }
 
 fn faults_from_env() -> Arc<dyn Faults> {
-    let Ok(v) = std::env::var("ROTATOR_FAULT") else { return Arc::new(NoFaults) };
+    let Ok(v) = std::env::var("ROTATOR_FAULT") else {
+        return Arc::new(NoFaults);
+    };
     let (p, mode) = v.split_once(':').unwrap_or((v.as_str(), "error"));
     match FaultPoint::parse(p) {
-        Some(point) => Arc::new(EnvFaults { point, abort: mode == "abort" }),
+        Some(point) => Arc::new(EnvFaults {
+            point,
+            abort: mode == "abort",
+        }),
         None => Arc::new(NoFaults),
     }
 }
@@ -134,7 +146,9 @@ fn faults_from_env() -> Arc<dyn Faults> {
 fn actor() -> String {
     use std::os::unix::fs::MetadataExt;
     // The environment can lie about USER; record the real uid beside it.
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid().to_string())
+        .unwrap_or_else(|_| "?".into());
     match std::env::var("USER").or_else(|_| std::env::var("LOGNAME")) {
         Ok(who) => format!("cli:{who}(uid {uid})"),
         Err(_) => format!("cli:uid {uid}"),
@@ -144,10 +158,16 @@ fn actor() -> String {
 fn init_tracing(format: LogFormat, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("ROTATOR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
     };
 }
 
@@ -157,14 +177,23 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 _ => Exit::Usage.into(),
             };
         }
     };
-    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     init_tracing(cli.log_format, default_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -180,9 +209,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn open_app(cli: &Cli, metrics_addr: Option<String>) -> CliResult<(App, crate::app::InitReport)> {
-    let settings =
-        config::load(cli.config.as_deref(), &Overrides { data_dir: cli.data_dir.clone(), metrics_addr })?;
+async fn open_app(
+    cli: &Cli,
+    metrics_addr: Option<String>,
+) -> CliResult<(App, crate::app::InitReport)> {
+    let settings = config::load(
+        cli.config.as_deref(),
+        &Overrides {
+            data_dir: cli.data_dir.clone(),
+            metrics_addr,
+        },
+    )?;
     Ok(App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?)
 }
 
@@ -200,11 +237,17 @@ pub async fn run(cli: Cli) -> CliResult {
             serve::serve(app).await
         }
         Command::AddUser(args) => admin::add_user(&open_app(&cli, None).await?.0, args, out).await,
-        Command::RemoveUser { name } => admin::remove_user(&open_app(&cli, None).await?.0, name, out).await,
-        Command::ListUsers { all } => admin::list_users(&open_app(&cli, None).await?.0, *all, out).await,
+        Command::RemoveUser { name } => {
+            admin::remove_user(&open_app(&cli, None).await?.0, name, out).await
+        }
+        Command::ListUsers { all } => {
+            admin::list_users(&open_app(&cli, None).await?.0, *all, out).await
+        }
         Command::Show { name } => admin::show(&open_app(&cli, None).await?.0, name, out).await,
         Command::Rotate(args) => admin::rotate(&open_app(&cli, None).await?.0, args, out).await,
-        Command::Revoke { name, serial } => admin::revoke(&open_app(&cli, None).await?.0, name, serial.as_deref(), out).await,
+        Command::Revoke { name, serial } => {
+            admin::revoke(&open_app(&cli, None).await?.0, name, serial.as_deref(), out).await
+        }
         Command::Audit(cmd) => audit::run(&open_app(&cli, None).await?.0, cmd, out).await,
         Command::Doctor => doctor::run(&cli, out).await,
     }

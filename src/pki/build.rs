@@ -4,12 +4,15 @@ use std::time::Duration;
 
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{Certificate, TbsCertificate, Version};
-use x509_cert::der::asn1::{BitString, ObjectIdentifier, OctetString, SetOfVec, UtcTime, Utf8StringRef};
+use x509_cert::der::asn1::{
+    BitString, ObjectIdentifier, OctetString, SetOfVec, UtcTime, Utf8StringRef,
+};
 use x509_cert::der::oid::AssociatedOid;
 use x509_cert::der::{Any, Decode, Encode};
 use x509_cert::ext::Extension;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+    SubjectKeyIdentifier,
 };
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
 use x509_cert::request::{CertReq, CertReqInfo};
@@ -30,7 +33,9 @@ fn enc<T>(r: Result<T, x509_cert::der::Error>) -> Result<T, PkiError> {
 
 fn rdn(oid: ObjectIdentifier, value: &str) -> Result<RelativeDistinguishedName, PkiError> {
     let value = enc(Any::encode_from(&enc(Utf8StringRef::new(value))?))?;
-    Ok(RelativeDistinguishedName(enc(SetOfVec::try_from(vec![AttributeTypeAndValue { oid, value }]))?))
+    Ok(RelativeDistinguishedName(enc(SetOfVec::try_from(vec![
+        AttributeTypeAndValue { oid, value },
+    ]))?))
 }
 
 /// `O=<each group>, CN=<user>`, one RDN per value, in the order Go's
@@ -55,7 +60,11 @@ pub fn build_csr(key: &PrivateKey, subject: &Name) -> Result<Vec<u8>, PkiError> 
     };
     let tbs = enc(info.to_der())?;
     let signature = key.sign(&tbs)?;
-    let req = CertReq { info, algorithm: key.signature_algorithm(), signature: enc(BitString::from_bytes(&signature))? };
+    let req = CertReq {
+        info,
+        algorithm: key.signature_algorithm(),
+        signature: enc(BitString::from_bytes(&signature))?,
+    };
     enc(req.to_der())
 }
 
@@ -74,12 +83,18 @@ pub fn x509_time(unix: i64) -> Result<Time, PkiError> {
     if unix < 2_524_608_000 {
         Ok(Time::UtcTime(enc(UtcTime::from_unix_duration(d))?))
     } else {
-        Ok(Time::GeneralTime(enc(x509_cert::der::asn1::GeneralizedTime::from_unix_duration(d))?))
+        Ok(Time::GeneralTime(enc(
+            x509_cert::der::asn1::GeneralizedTime::from_unix_duration(d),
+        )?))
     }
 }
 
 fn ext<T: Encode + AssociatedOid>(critical: bool, v: &T) -> Result<Extension, PkiError> {
-    Ok(Extension { extn_id: T::OID, critical, extn_value: enc(OctetString::new(enc(v.to_der())?))? })
+    Ok(Extension {
+        extn_id: T::OID,
+        critical,
+        extn_value: enc(OctetString::new(enc(v.to_der())?))?,
+    })
 }
 
 /// Key identifier as RFC 7093 method 1: the leftmost 160 bits of SHA-256 of the key bits.
@@ -113,8 +128,17 @@ pub fn sign_certificate(
     let mut extensions = vec![
         ext(true, &KeyUsage(usages))?,
         ext(false, &ExtendedKeyUsage(vec![eku]))?,
-        ext(true, &BasicConstraints { ca: false, path_len_constraint: None })?,
-        ext(false, &SubjectKeyIdentifier(enc(OctetString::new(key_identifier(&subject_key)))?))?,
+        ext(
+            true,
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+        )?,
+        ext(
+            false,
+            &SubjectKeyIdentifier(enc(OctetString::new(key_identifier(&subject_key)))?),
+        )?,
     ];
     // The AKI must repeat the CA's own SKI byte for byte (openssl matches on it),
     // whatever method the CA's maker used; without one, leave it out.
@@ -133,7 +157,10 @@ pub fn sign_certificate(
         serial_number: enc(SerialNumber::new(serial))?,
         signature: ca_key.signature_algorithm(),
         issuer: ca_subject.clone(),
-        validity: Validity { not_before: x509_time(not_before)?, not_after: x509_time(not_after)? },
+        validity: Validity {
+            not_before: x509_time(not_before)?,
+            not_after: x509_time(not_after)?,
+        },
         subject,
         subject_public_key_info: subject_key,
         issuer_unique_id: None,
@@ -162,10 +189,17 @@ pub fn random_serial() -> [u8; 16] {
 pub fn certificate_subject(cert_der: &[u8]) -> Result<Name, PkiError> {
     Certificate::from_der(cert_der)
         .map(|c| c.tbs_certificate.subject)
-        .map_err(|e| PkiError::CertParse { origin: "CA certificate".into(), reason: e.to_string() })
+        .map_err(|e| PkiError::CertParse {
+            origin: "CA certificate".into(),
+            reason: e.to_string(),
+        })
 }
 
 /// The SPKI of a DER CSR (signature already checked by [`super::parse_csr`]).
 pub fn csr_public_key(csr_der: &[u8]) -> Result<SubjectPublicKeyInfoOwned, PkiError> {
-    CertReq::from_der(csr_der).map(|r| r.info.public_key).map_err(|e| PkiError::CsrParse { reason: e.to_string() })
+    CertReq::from_der(csr_der)
+        .map(|r| r.info.public_key)
+        .map_err(|e| PkiError::CsrParse {
+            reason: e.to_string(),
+        })
 }

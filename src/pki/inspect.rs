@@ -44,7 +44,10 @@ pub struct CsrInfo {
 impl CsrInfo {
     /// The request's key, if it is one rotator issues for.
     pub fn key_type(&self) -> Result<KeyType, PkiError> {
-        self.key.clone().map_err(|reason| PkiError::UnsupportedKey { what: "certificate signing request", reason })
+        self.key.clone().map_err(|reason| PkiError::UnsupportedKey {
+            what: "certificate signing request",
+            reason,
+        })
     }
 }
 
@@ -68,9 +71,15 @@ fn key_type_of(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyType, String> {
 
 pub fn pem_to_der_certs(pem: &str, origin: &str) -> Result<Vec<Vec<u8>>, PkiError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
-    let certs = certs.map_err(|e| PkiError::CertParse { origin: origin.into(), reason: e.to_string() })?;
+    let certs = certs.map_err(|e| PkiError::CertParse {
+        origin: origin.into(),
+        reason: e.to_string(),
+    })?;
     if certs.is_empty() {
-        return Err(PkiError::CertParse { origin: origin.into(), reason: "no CERTIFICATE block found".into() });
+        return Err(PkiError::CertParse {
+            origin: origin.into(),
+            reason: "no CERTIFICATE block found".into(),
+        });
     }
     Ok(certs.into_iter().map(|c| c.to_vec()).collect())
 }
@@ -78,25 +87,38 @@ pub fn pem_to_der_certs(pem: &str, origin: &str) -> Result<Vec<Vec<u8>>, PkiErro
 fn names(name: &X509Name<'_>) -> Result<(String, Vec<String>), String> {
     let mut cns = name.iter_common_name();
     let cn = match (cns.next(), cns.next()) {
-        (Some(a), None) => a.as_str().map_err(|e| format!("common name is not a string: {e}"))?.to_string(),
+        (Some(a), None) => a
+            .as_str()
+            .map_err(|e| format!("common name is not a string: {e}"))?
+            .to_string(),
         (None, _) => return Err("no common name".into()),
         (Some(_), Some(_)) => return Err("more than one common name".into()),
     };
     let orgs = name
         .iter_organization()
-        .map(|o| o.as_str().map(str::to_string).map_err(|e| format!("organization is not a string: {e}")))
+        .map(|o| {
+            o.as_str()
+                .map(str::to_string)
+                .map_err(|e| format!("organization is not a string: {e}"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((cn, orgs))
 }
 
 pub fn parse_cert_der(der: &[u8], origin: &str) -> Result<CertInfo, PkiError> {
-    let bad = |reason: String| PkiError::CertParse { origin: origin.into(), reason };
+    let bad = |reason: String| PkiError::CertParse {
+        origin: origin.into(),
+        reason,
+    };
     let (rest, cert) = X509Certificate::from_der(der).map_err(|e| bad(e.to_string()))?;
     if !rest.is_empty() {
         return Err(bad("trailing bytes after the certificate".into()));
     }
     let (common_name, organizations) = names(cert.subject()).map_err(bad)?;
-    let is_ca = cert.basic_constraints().map_err(|e| bad(e.to_string()))?.is_some_and(|b| b.value.ca);
+    let is_ca = cert
+        .basic_constraints()
+        .map_err(|e| bad(e.to_string()))?
+        .is_some_and(|b| b.value.ca);
     Ok(CertInfo {
         serial: hex(cert.tbs_certificate.raw_serial()),
         fingerprint: hex(&sha256(der)),
@@ -130,7 +152,11 @@ pub fn parse_csr(input: &[u8]) -> Result<CsrInfo, PkiError> {
     if !rest.is_empty() {
         return Err(bad("trailing bytes after the request".into()));
     }
-    csr.verify_signature().map_err(|e| bad(format!("signature does not verify with the request's own key: {e}")))?;
+    csr.verify_signature().map_err(|e| {
+        bad(format!(
+            "signature does not verify with the request's own key: {e}"
+        ))
+    })?;
     let info = &csr.certification_request_info;
     let (common_name, organizations) = names(&info.subject).map_err(bad)?;
     let requests_ca = csr
@@ -139,7 +165,14 @@ pub fn parse_csr(input: &[u8]) -> Result<CsrInfo, PkiError> {
         .flatten()
         .any(|e| matches!(e, ParsedExtension::BasicConstraints(b) if b.ca));
     let key = key_type_of(&info.subject_pki);
-    Ok(CsrInfo { common_name, organizations, spki_der: info.subject_pki.raw.to_vec(), der, requests_ca, key })
+    Ok(CsrInfo {
+        common_name,
+        organizations,
+        spki_der: info.subject_pki.raw.to_vec(),
+        der,
+        requests_ca,
+        key,
+    })
 }
 
 /// What the issued certificate must be.
@@ -153,7 +186,12 @@ pub struct Expected<'a> {
 /// Checks an issued certificate before anything is stored: it parses, carries our
 /// public key and the subject we asked for, is valid now, is not a CA, and chains
 /// to one of the CAs in `ca_bundle_pem` for client authentication.
-pub fn verify_issued(cert_pem: &str, expected: &Expected<'_>, ca_bundle_pem: &str, now: i64) -> Result<CertInfo, PkiError> {
+pub fn verify_issued(
+    cert_pem: &str,
+    expected: &Expected<'_>,
+    ca_bundle_pem: &str,
+    now: i64,
+) -> Result<CertInfo, PkiError> {
     let v = |m: String| PkiError::Verify(m);
     let ders = pem_to_der_certs(cert_pem, "issued certificate").map_err(|e| v(e.to_string()))?;
     let info = parse_cert_der(&ders[0], "issued certificate").map_err(|e| v(e.to_string()))?;
@@ -161,7 +199,10 @@ pub fn verify_issued(cert_pem: &str, expected: &Expected<'_>, ca_bundle_pem: &st
         return Err(v("its public key is not the one we generated".into()));
     }
     if info.common_name != expected.common_name {
-        return Err(v(format!("its CN is {:?}, expected {:?}", info.common_name, expected.common_name)));
+        return Err(v(format!(
+            "its CN is {:?}, expected {:?}",
+            info.common_name, expected.common_name
+        )));
     }
     let (mut got, mut want) = (info.organizations.clone(), expected.organizations.to_vec());
     got.sort();
@@ -176,7 +217,10 @@ pub fn verify_issued(cert_pem: &str, expected: &Expected<'_>, ca_bundle_pem: &st
         return Err(v(format!("it expired at {} (now {now})", info.not_after)));
     }
     if info.not_before > now {
-        return Err(v(format!("it is not valid until {} (now {now}); check clocks", info.not_before)));
+        return Err(v(format!(
+            "it is not valid until {} (now {now}); check clocks",
+            info.not_before
+        )));
     }
     let anchors_der = pem_to_der_certs(ca_bundle_pem, "CA bundle").map_err(|e| v(e.to_string()))?;
     let anchors = anchors_der
@@ -189,9 +233,14 @@ pub fn verify_issued(cert_pem: &str, expected: &Expected<'_>, ca_bundle_pem: &st
         .collect::<Result<Vec<_>, _>>()?;
     let leaf = CertificateDer::from(ders[0].as_slice());
     let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| v(format!("{e:?}")))?;
-    let intermediates: Vec<CertificateDer<'_>> = ders[1..].iter().map(|d| CertificateDer::from(d.as_slice())).collect();
+    let intermediates: Vec<CertificateDer<'_>> = ders[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
     ee.verify_for_usage(
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.all,
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .all,
         &anchors,
         &intermediates,
         UnixTime::since_unix_epoch(Duration::from_secs(now.max(0) as u64)),
@@ -199,6 +248,10 @@ pub fn verify_issued(cert_pem: &str, expected: &Expected<'_>, ca_bundle_pem: &st
         None,
         None,
     )
-    .map_err(|e| v(format!("it does not chain to the signer's CA for client auth: {e:?}")))?;
+    .map_err(|e| {
+        v(format!(
+            "it does not chain to the signer's CA for client auth: {e:?}"
+        ))
+    })?;
     Ok(info)
 }

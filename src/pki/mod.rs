@@ -5,8 +5,14 @@ mod build;
 mod inspect;
 mod keys;
 
-pub use build::{CertProfile, build_csr, certificate_subject, csr_public_key, random_serial, sign_certificate, subject_name, x509_time};
-pub use inspect::{CertInfo, CsrInfo, Expected, parse_cert_der, parse_cert_pem, parse_csr, pem_to_der_certs, verify_issued};
+pub use build::{
+    CertProfile, build_csr, certificate_subject, csr_public_key, random_serial, sign_certificate,
+    subject_name, x509_time,
+};
+pub use inspect::{
+    CertInfo, CsrInfo, Expected, parse_cert_der, parse_cert_pem, parse_csr, pem_to_der_certs,
+    verify_issued,
+};
 pub use keys::{KeyType, PrivateKey};
 
 use crate::exit::{Exit, ExitStatus};
@@ -15,19 +21,29 @@ use crate::exit::{Exit, ExitStatus};
 pub enum PkiError {
     #[error("key generation failed for {key_type}: {reason}")]
     KeyGeneration { key_type: KeyType, reason: String },
-    #[error("cannot read private key from {origin}: {reason}\nfix: give a PEM file with a PKCS#8 (BEGIN PRIVATE KEY), PKCS#1 RSA (BEGIN RSA PRIVATE KEY) or SEC1 EC (BEGIN EC PRIVATE KEY) key on P-256 or P-384")]
+    #[error(
+        "cannot read private key from {origin}: {reason}\nfix: give a PEM file with a PKCS#8 (BEGIN PRIVATE KEY), PKCS#1 RSA (BEGIN RSA PRIVATE KEY) or SEC1 EC (BEGIN EC PRIVATE KEY) key on P-256 or P-384"
+    )]
     KeyParse { origin: String, reason: String },
-    #[error("cannot read certificate from {origin}: {reason}\nfix: give a PEM file that starts with -----BEGIN CERTIFICATE-----")]
+    #[error(
+        "cannot read certificate from {origin}: {reason}\nfix: give a PEM file that starts with -----BEGIN CERTIFICATE-----"
+    )]
     CertParse { origin: String, reason: String },
-    #[error("malformed certificate signing request: {reason}\nfix: send a PEM or DER PKCS#10 request signed by its own key")]
+    #[error(
+        "malformed certificate signing request: {reason}\nfix: send a PEM or DER PKCS#10 request signed by its own key"
+    )]
     CsrParse { reason: String },
-    #[error("unsupported key in {what}: {reason}\nfix: use ECDSA P-256 or P-384, or RSA of 2048, 3072 or 4096 bits")]
+    #[error(
+        "unsupported key in {what}: {reason}\nfix: use ECDSA P-256 or P-384, or RSA of 2048, 3072 or 4096 bits"
+    )]
     UnsupportedKey { what: &'static str, reason: String },
     #[error("encoding failed: {0}")]
     Encode(String),
     #[error("signing failed: {0}")]
     Sign(String),
-    #[error("issued certificate rejected: {0}\nfix: check the signer's CA and configuration; nothing was stored")]
+    #[error(
+        "issued certificate rejected: {0}\nfix: check the signer's CA and configuration; nothing was stored"
+    )]
     Verify(String),
 }
 

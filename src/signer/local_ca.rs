@@ -24,18 +24,28 @@ pub struct LocalCa {
 
 impl std::fmt::Debug for LocalCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalCa").field("key", &self.key).field("not_after", &self.not_after).finish_non_exhaustive()
+        f.debug_struct("LocalCa")
+            .field("key", &self.key)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
     }
 }
 
 fn unavailable(path: &Path, reason: impl ToString, fix: &str) -> SignError {
-    SignError::CaUnavailable { path: path.display().to_string(), reason: reason.to_string(), fix: fix.to_string() }
+    SignError::CaUnavailable {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+        fix: fix.to_string(),
+    }
 }
 
 impl LocalCa {
     /// Loads the CA; creates it first when the paths are rotator's defaults and no
     /// CA exists yet. Returns whether it was created. A configured CA is never created.
-    pub fn ensure(settings: &LocalCaSettings, clock: Arc<dyn Clock>) -> Result<(Self, bool), SignError> {
+    pub fn ensure(
+        settings: &LocalCaSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, bool), SignError> {
         let cert_exists = settings.cert_file.exists();
         let key_exists = settings.key_file.exists();
         match (cert_exists, key_exists) {
@@ -46,39 +56,80 @@ impl LocalCa {
                 "the configured CA certificate and key do not exist",
                 "point local_ca.cert_file and local_ca.key_file at your CA (kubeadm: /etc/kubernetes/pki/ca.crt and ca.key), or remove both to let rotator create one",
             )),
-            (true, false) => Err(unavailable(&settings.key_file, "the CA key is missing but its certificate exists", "restore the key file; rotator will not replace a CA whose certificate is still trusted")),
-            (false, true) => Err(unavailable(&settings.cert_file, "the CA certificate is missing but its key exists", "restore the certificate file")),
+            (true, false) => Err(unavailable(
+                &settings.key_file,
+                "the CA key is missing but its certificate exists",
+                "restore the key file; rotator will not replace a CA whose certificate is still trusted",
+            )),
+            (false, true) => Err(unavailable(
+                &settings.cert_file,
+                "the CA certificate is missing but its key exists",
+                "restore the certificate file",
+            )),
         }
     }
 
     pub fn load(settings: &LocalCaSettings, clock: Arc<dyn Clock>) -> Result<Self, SignError> {
-        let cert_pem = std::fs::read_to_string(&settings.cert_file)
-            .map_err(|e| unavailable(&settings.cert_file, e, "check the path and that rotator may read it"))?;
-        let key_pem = zeroize::Zeroizing::new(
-            std::fs::read_to_string(&settings.key_file)
-                .map_err(|e| unavailable(&settings.key_file, e, "check the path and that rotator may read it"))?,
-        );
+        let cert_pem = std::fs::read_to_string(&settings.cert_file).map_err(|e| {
+            unavailable(
+                &settings.cert_file,
+                e,
+                "check the path and that rotator may read it",
+            )
+        })?;
+        let key_pem =
+            zeroize::Zeroizing::new(std::fs::read_to_string(&settings.key_file).map_err(|e| {
+                unavailable(
+                    &settings.key_file,
+                    e,
+                    "check the path and that rotator may read it",
+                )
+            })?);
         let key = PrivateKey::from_pem(&key_pem, &settings.key_file.display().to_string())?;
         Self::from_parts(key, cert_pem, &settings.cert_file, clock)
     }
 
-    fn from_parts(key: PrivateKey, cert_pem: String, cert_path: &Path, clock: Arc<dyn Clock>) -> Result<Self, SignError> {
+    fn from_parts(
+        key: PrivateKey,
+        cert_pem: String,
+        cert_path: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, SignError> {
         let origin = cert_path.display().to_string();
         let ders = pki::pem_to_der_certs(&cert_pem, &origin)?;
         let info = pki::parse_cert_der(&ders[0], &origin)?;
         if info.spki_der != key.spki_der() {
-            return Err(unavailable(cert_path, "the CA key does not belong to this certificate", "pair the certificate with its own key"));
+            return Err(unavailable(
+                cert_path,
+                "the CA key does not belong to this certificate",
+                "pair the certificate with its own key",
+            ));
         }
         if !info.is_ca {
-            return Err(unavailable(cert_path, "the certificate is not a CA (basicConstraints cA is not TRUE)", "use the cluster's client CA"));
+            return Err(unavailable(
+                cert_path,
+                "the certificate is not a CA (basicConstraints cA is not TRUE)",
+                "use the cluster's client CA",
+            ));
         }
-        let (_, x509) = X509Certificate::from_der(&ders[0]).map_err(|e| unavailable(cert_path, e, "give a DER/PEM X.509 certificate"))?;
-        let key_id = x509.extensions().iter().find_map(|e| match e.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
-            _ => None,
-        });
+        let (_, x509) = X509Certificate::from_der(&ders[0])
+            .map_err(|e| unavailable(cert_path, e, "give a DER/PEM X.509 certificate"))?;
+        let key_id = x509
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                _ => None,
+            });
         let subject = pki::certificate_subject(&ders[0])?;
-        Ok(Self { key, cert_pem, subject, key_id, not_after: info.not_after, clock })
+        Ok(Self {
+            key,
+            cert_pem,
+            subject,
+            key_id,
+            not_after: info.not_after,
+            clock,
+        })
     }
 
     /// Makes an ECDSA P-256 CA, writes the key (0600) and certificate atomically.
@@ -87,15 +138,24 @@ impl LocalCa {
         let now = clock.now();
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(rcgen::DnType::CommonName, settings.common_name.as_str());
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, settings.common_name.as_str());
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&pki::random_serial()));
-        params.not_before = time::OffsetDateTime::from_unix_timestamp(now - BACKDATE_SECONDS).expect("valid time");
+        params.not_before =
+            time::OffsetDateTime::from_unix_timestamp(now - BACKDATE_SECONDS).expect("valid time");
         params.not_after =
-            time::OffsetDateTime::from_unix_timestamp(now + settings.validity.as_secs() as i64).expect("valid time");
-        let cert = params.self_signed(key.rcgen()).map_err(|e| SignError::Pki(pki::PkiError::Sign(e.to_string())))?;
+            time::OffsetDateTime::from_unix_timestamp(now + settings.validity.as_secs() as i64)
+                .expect("valid time");
+        let cert = params
+            .self_signed(key.rcgen())
+            .map_err(|e| SignError::Pki(pki::PkiError::Sign(e.to_string())))?;
         let cert_pem = cert.pem();
         let dir_fix = "make the data directory writable by rotator";
         crate::fsutil::write_private_atomic(&settings.key_file, key.to_pem().as_bytes())
@@ -114,19 +174,26 @@ impl LocalCa {
     pub fn issue(&self, req: &SignRequest<'_>, profile: CertProfile) -> Result<String, SignError> {
         let csr = pki::parse_csr(req.csr_der)?;
         if csr.common_name != req.user {
-            return Err(SignError::Refused(format!("CSR common name {:?} is not the user {:?}", csr.common_name, req.user)));
+            return Err(SignError::Refused(format!(
+                "CSR common name {:?} is not the user {:?}",
+                csr.common_name, req.user
+            )));
         }
         let (mut got, mut want) = (csr.organizations.clone(), req.organizations.to_vec());
         got.sort();
         want.sort();
         if got != want {
-            return Err(SignError::Refused(format!("CSR groups {got:?} are not the allowed groups {want:?}")));
+            return Err(SignError::Refused(format!(
+                "CSR groups {got:?} are not the allowed groups {want:?}"
+            )));
         }
         csr.key_type()?;
         let now = self.clock.now();
         let not_after = (now + req.ttl.as_secs() as i64).min(self.not_after);
         if not_after <= now {
-            return Err(SignError::Refused("the local CA has expired; create or configure a new one".into()));
+            return Err(SignError::Refused(
+                "the local CA has expired; create or configure a new one".into(),
+            ));
         }
         let der = pki::sign_certificate(
             &self.key,
@@ -153,7 +220,11 @@ impl Signer for LocalCa {
     }
 
     fn sign<'a>(&'a self, req: SignRequest<'a>) -> BoxFuture<'a, Result<Signed, SignError>> {
-        Box::pin(async move { Ok(Signed { certificate_pem: self.issue(&req, CertProfile::Client)? }) })
+        Box::pin(async move {
+            Ok(Signed {
+                certificate_pem: self.issue(&req, CertProfile::Client)?,
+            })
+        })
     }
 
     fn abandon<'a>(&'a self, _credential_id: &'a str) -> BoxFuture<'a, Result<(), SignError>> {

@@ -15,7 +15,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
     #[error("local CA unavailable ({path}): {reason}\nfix: {fix}")]
-    CaUnavailable { path: String, reason: String, fix: String },
+    CaUnavailable {
+        path: String,
+        reason: String,
+        fix: String,
+    },
     #[error("the signer refused the request: {0}")]
     Refused(String),
     #[error(transparent)]

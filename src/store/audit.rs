@@ -20,9 +20,18 @@ pub struct AuditEvent {
     pub hash: String,
 }
 
-fn event_hash(seq: i64, time: i64, actor: &str, action: &str, subject: &str, detail: &str, prev_hash: &str) -> String {
+fn event_hash(
+    seq: i64,
+    time: i64,
+    actor: &str,
+    action: &str,
+    subject: &str,
+    detail: &str,
+    prev_hash: &str,
+) -> String {
     // A JSON array of scalars has exactly one serialization: unambiguous framing.
-    let canonical = serde_json::to_vec(&(seq, time, actor, action, subject, detail, prev_hash)).expect("serializable");
+    let canonical = serde_json::to_vec(&(seq, time, actor, action, subject, detail, prev_hash))
+        .expect("serializable");
     hex(&sha256(&canonical))
 }
 
@@ -36,7 +45,9 @@ pub async fn append(
     detail: Value,
 ) -> Result<i64, StoreError> {
     let last: Option<(i64, String)> =
-        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1").fetch_optional(&mut *conn).await?;
+        sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
     let (seq, prev_hash) = match last {
         Some((s, h)) => (s + 1, h),
         None => (1, GENESIS.to_string()),
@@ -57,10 +68,18 @@ pub async fn append(
     Ok(seq)
 }
 
-pub async fn list(store: &Store, subject: Option<&str>, limit: i64) -> Result<Vec<AuditEvent>, StoreError> {
+pub async fn list(
+    store: &Store,
+    subject: Option<&str>,
+    limit: i64,
+) -> Result<Vec<AuditEvent>, StoreError> {
     // Newest `limit` events, returned oldest first.
     let mut rows: Vec<AuditEvent> = match subject {
-        Some(s) => sqlx::query_as("SELECT * FROM audit_events WHERE subject = ? ORDER BY seq DESC LIMIT ?").bind(s).bind(limit),
+        Some(s) => {
+            sqlx::query_as("SELECT * FROM audit_events WHERE subject = ? ORDER BY seq DESC LIMIT ?")
+                .bind(s)
+                .bind(limit)
+        }
         None => sqlx::query_as("SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?").bind(limit),
     }
     .fetch_all(store.pool())
@@ -83,7 +102,9 @@ pub struct VerifyReport {
 }
 
 pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
-    let rows: Vec<AuditEvent> = sqlx::query_as("SELECT * FROM audit_events ORDER BY seq").fetch_all(store.pool()).await?;
+    let rows: Vec<AuditEvent> = sqlx::query_as("SELECT * FROM audit_events ORDER BY seq")
+        .fetch_all(store.pool())
+        .await?;
     let mut prev = GENESIS.to_string();
     let mut expected_seq = 1;
     for e in &rows {
@@ -93,17 +114,37 @@ pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
             first_break: Some(Break { seq: e.seq, reason }),
         };
         if e.seq != expected_seq {
-            return Ok(broken(format!("sequence jumps from {} to {}: events are missing", expected_seq - 1, e.seq)));
+            return Ok(broken(format!(
+                "sequence jumps from {} to {}: events are missing",
+                expected_seq - 1,
+                e.seq
+            )));
         }
         if e.prev_hash != prev {
-            return Ok(broken("prev_hash does not match the previous event's hash".into()));
+            return Ok(broken(
+                "prev_hash does not match the previous event's hash".into(),
+            ));
         }
-        let recomputed = event_hash(e.seq, e.time, &e.actor, &e.action, &e.subject, &e.detail, &e.prev_hash);
+        let recomputed = event_hash(
+            e.seq,
+            e.time,
+            &e.actor,
+            &e.action,
+            &e.subject,
+            &e.detail,
+            &e.prev_hash,
+        );
         if recomputed != e.hash {
-            return Ok(broken("the event's content does not match its hash: it was altered".into()));
+            return Ok(broken(
+                "the event's content does not match its hash: it was altered".into(),
+            ));
         }
         prev = e.hash.clone();
         expected_seq += 1;
     }
-    Ok(VerifyReport { events: rows.len() as i64, head: prev, first_break: None })
+    Ok(VerifyReport {
+        events: rows.len() as i64,
+        head: prev,
+        first_break: None,
+    })
 }

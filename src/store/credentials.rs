@@ -39,7 +39,11 @@ pub struct NewCredential<'a> {
     pub certificate: &'a str,
 }
 
-pub async fn insert_pending(conn: &mut SqliteConnection, c: &NewCredential<'_>, now: i64) -> Result<(), StoreError> {
+pub async fn insert_pending(
+    conn: &mut SqliteConnection,
+    c: &NewCredential<'_>,
+    now: i64,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO credentials (id, user_name, generation, serial, fingerprint, not_before, not_after, state, signer,
            csr_name, key_type, certificate, state_at, created_at)
@@ -64,11 +68,22 @@ pub async fn insert_pending(conn: &mut SqliteConnection, c: &NewCredential<'_>, 
 }
 
 pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Credential>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM credentials WHERE id = ?").bind(id).fetch_optional(conn).await?)
+    Ok(sqlx::query_as("SELECT * FROM credentials WHERE id = ?")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
 }
 
-pub async fn for_user(conn: &mut SqliteConnection, user: &str) -> Result<Vec<Credential>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? ORDER BY generation").bind(user).fetch_all(conn).await?)
+pub async fn for_user(
+    conn: &mut SqliteConnection,
+    user: &str,
+) -> Result<Vec<Credential>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? ORDER BY generation")
+            .bind(user)
+            .fetch_all(conn)
+            .await?,
+    )
 }
 
 pub async fn list_for_user(store: &Store, user: &str) -> Result<Vec<Credential>, StoreError> {
@@ -76,8 +91,16 @@ pub async fn list_for_user(store: &Store, user: &str) -> Result<Vec<Credential>,
     for_user(&mut conn, user).await
 }
 
-pub async fn current(conn: &mut SqliteConnection, user: &str) -> Result<Option<Credential>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? AND state = 'current'").bind(user).fetch_optional(conn).await?)
+pub async fn current(
+    conn: &mut SqliteConnection,
+    user: &str,
+) -> Result<Option<Credential>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? AND state = 'current'")
+            .bind(user)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 pub async fn set_state(
@@ -98,7 +121,11 @@ pub async fn set_state(
 }
 
 /// Live credentials whose `notAfter` has passed: the expiry job's work list.
-pub async fn expired_live(conn: &mut SqliteConnection, now: i64, limit: i64) -> Result<Vec<Credential>, StoreError> {
+pub async fn expired_live(
+    conn: &mut SqliteConnection,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<Credential>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT * FROM credentials WHERE state IN ('pending', 'current', 'superseded') AND not_after <= ? ORDER BY not_after LIMIT ?",
     )
@@ -109,5 +136,9 @@ pub async fn expired_live(conn: &mut SqliteConnection, now: i64, limit: i64) -> 
 }
 
 pub async fn count_by_state(store: &Store) -> Result<Vec<(String, i64)>, StoreError> {
-    Ok(sqlx::query_as("SELECT state, COUNT(*) FROM credentials GROUP BY state ORDER BY state").fetch_all(store.pool()).await?)
+    Ok(
+        sqlx::query_as("SELECT state, COUNT(*) FROM credentials GROUP BY state ORDER BY state")
+            .fetch_all(store.pool())
+            .await?,
+    )
 }

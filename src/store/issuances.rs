@@ -49,7 +49,8 @@ pub struct Issuance {
 
 impl Issuance {
     pub fn user_spec(&self) -> Result<UserSpec, StoreError> {
-        serde_json::from_str(&self.spec).map_err(|e| StoreError::Invalid(format!("issuance {}: {e}", self.id)))
+        serde_json::from_str(&self.spec)
+            .map_err(|e| StoreError::Invalid(format!("issuance {}: {e}", self.id)))
     }
 }
 
@@ -64,10 +65,12 @@ pub async fn plan(
     owner: &str,
     now: i64,
 ) -> Result<i64, StoreError> {
-    let (generation,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = ?")
-        .bind(&spec.name)
-        .fetch_one(&mut *conn)
-        .await?;
+    let (generation,): (i64,) = sqlx::query_as(
+        "SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = ?",
+    )
+    .bind(&spec.name)
+    .fetch_one(&mut *conn)
+    .await?;
     sqlx::query(
         "INSERT INTO issuances (id, user_name, generation, kind, spec, step, signer, owner, created_at, updated_at)
          VALUES (?, ?, ?, ?, ?, 'planned', ?, ?, ?, ?)",
@@ -108,13 +111,26 @@ pub async fn set_step(
     Ok(r.rows_affected() == 1)
 }
 
-pub async fn set_csr_name(conn: &mut SqliteConnection, id: &str, csr_name: &str, now: i64) -> Result<(), StoreError> {
-    sqlx::query("UPDATE issuances SET csr_name = ?, updated_at = ? WHERE id = ?").bind(csr_name).bind(now).bind(id).execute(conn).await?;
+pub async fn set_csr_name(
+    conn: &mut SqliteConnection,
+    id: &str,
+    csr_name: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE issuances SET csr_name = ?, updated_at = ? WHERE id = ?")
+        .bind(csr_name)
+        .bind(now)
+        .bind(id)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Attempts that have not reached a terminal step, oldest first.
-pub async fn open_for_user(conn: &mut SqliteConnection, user: Option<&str>) -> Result<Vec<Issuance>, StoreError> {
+pub async fn open_for_user(
+    conn: &mut SqliteConnection,
+    user: Option<&str>,
+) -> Result<Vec<Issuance>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT * FROM issuances WHERE step NOT IN ('delivered', 'failed', 'abandoned') AND (? IS NULL OR user_name = ?) ORDER BY created_at, id",
     )
@@ -124,6 +140,14 @@ pub async fn open_for_user(conn: &mut SqliteConnection, user: Option<&str>) -> R
     .await?)
 }
 
-pub async fn for_user(conn: &mut SqliteConnection, user: &str) -> Result<Vec<Issuance>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM issuances WHERE user_name = ? ORDER BY generation").bind(user).fetch_all(conn).await?)
+pub async fn for_user(
+    conn: &mut SqliteConnection,
+    user: &str,
+) -> Result<Vec<Issuance>, StoreError> {
+    Ok(
+        sqlx::query_as("SELECT * FROM issuances WHERE user_name = ? ORDER BY generation")
+            .bind(user)
+            .fetch_all(conn)
+            .await?,
+    )
 }

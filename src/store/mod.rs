@@ -20,12 +20,22 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open database {path}: {reason}\nfix: {fix}")]
-    Open { path: String, reason: String, fix: &'static str },
-    #[error("database is locked by another process (waited {waited:?})\nfix: wait for the other rotator command to finish; two daemons must not share one database")]
+    Open {
+        path: String,
+        reason: String,
+        fix: &'static str,
+    },
+    #[error(
+        "database is locked by another process (waited {waited:?})\nfix: wait for the other rotator command to finish; two daemons must not share one database"
+    )]
     Locked { waited: Duration },
-    #[error("database file is corrupt or not a rotator database: {0}\nfix: restore it from a backup; rotator will not write to it")]
+    #[error(
+        "database file is corrupt or not a rotator database: {0}\nfix: restore it from a backup; rotator will not write to it"
+    )]
     Corrupt(String),
-    #[error("database schema migration failed: {0}\nfix: the database may be from a newer rotator; use that version or restore a backup")]
+    #[error(
+        "database schema migration failed: {0}\nfix: the database may be from a newer rotator; use that version or restore a backup"
+    )]
     Migrate(String),
     #[error("database error: {0}")]
     Query(String),
@@ -47,7 +57,11 @@ impl From<sqlx::Error> for StoreError {
             let code = db.code().unwrap_or_default();
             // SQLite primary result codes: 5 BUSY, 6 LOCKED, 11 CORRUPT, 26 NOTADB.
             match code.parse::<i32>().map(|c| c & 0xff) {
-                Ok(5) | Ok(6) => return StoreError::Locked { waited: BUSY_TIMEOUT },
+                Ok(5) | Ok(6) => {
+                    return StoreError::Locked {
+                        waited: BUSY_TIMEOUT,
+                    };
+                }
                 Ok(11) | Ok(26) => return StoreError::Corrupt(db.message().to_string()),
                 _ => {}
             }
@@ -67,20 +81,28 @@ impl Store {
     /// Opens (creating if needed) and migrates the database at `path`.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(|e| StoreError::Open { path: path.display().to_string(), reason: e.to_string(), fix: "check data_dir" })?
+            .map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+                fix: "check data_dir",
+            })?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await.map_err(|e| match StoreError::from(e) {
-            StoreError::Query(reason) => StoreError::Open {
-                path: path.display().to_string(),
-                reason,
-                fix: "check that the data directory exists and rotator may write to it",
-            },
-            other => other,
-        })?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|e| match StoreError::from(e) {
+                StoreError::Query(reason) => StoreError::Open {
+                    path: path.display().to_string(),
+                    reason,
+                    fix: "check that the data directory exists and rotator may write to it",
+                },
+                other => other,
+            })?;
         MIGRATOR.run(&pool).await.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(inner) => match StoreError::from(inner) {
                 StoreError::Query(m) => StoreError::Migrate(m),
@@ -89,7 +111,9 @@ impl Store {
             other => StoreError::Migrate(other.to_string()),
         })?;
         // A corrupt file can still open and migrate lazily; ask SQLite outright.
-        let (check,): (String,) = sqlx::query_as("PRAGMA quick_check").fetch_one(&pool).await?;
+        let (check,): (String,) = sqlx::query_as("PRAGMA quick_check")
+            .fetch_one(&pool)
+            .await?;
         if check != "ok" {
             return Err(StoreError::Corrupt(check));
         }

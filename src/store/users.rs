@@ -34,7 +34,10 @@ impl TryFrom<Row> for User {
                 groups: json_vec(&r.groups)?,
                 namespaces: json_vec(&r.namespaces)?,
                 role: r.role,
-                key_type: r.key_type.parse::<KeyType>().map_err(|e| StoreError::Invalid(e.to_string()))?,
+                key_type: r
+                    .key_type
+                    .parse::<KeyType>()
+                    .map_err(|e| StoreError::Invalid(e.to_string()))?,
                 ttl_seconds: r.ttl_seconds as u64,
             },
             state: r.state,
@@ -45,7 +48,10 @@ impl TryFrom<Row> for User {
 }
 
 pub async fn get(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, StoreError> {
-    let row: Option<Row> = sqlx::query_as("SELECT * FROM users WHERE name = ?").bind(name).fetch_optional(conn).await?;
+    let row: Option<Row> = sqlx::query_as("SELECT * FROM users WHERE name = ?")
+        .bind(name)
+        .fetch_optional(conn)
+        .await?;
     row.map(User::try_from).transpose()
 }
 
@@ -55,15 +61,20 @@ pub async fn find(store: &Store, name: &str) -> Result<Option<User>, StoreError>
 }
 
 pub async fn list(store: &Store, include_removed: bool) -> Result<Vec<User>, StoreError> {
-    let rows: Vec<Row> = sqlx::query_as("SELECT * FROM users WHERE state != 'removed' OR ? ORDER BY name")
-        .bind(include_removed)
-        .fetch_all(store.pool())
-        .await?;
+    let rows: Vec<Row> =
+        sqlx::query_as("SELECT * FROM users WHERE state != 'removed' OR ? ORDER BY name")
+            .bind(include_removed)
+            .fetch_all(store.pool())
+            .await?;
     rows.into_iter().map(User::try_from).collect()
 }
 
 /// Inserts the user, or reactivates a removed one with the new spec.
-pub async fn upsert_active(conn: &mut SqliteConnection, spec: &UserSpec, now: i64) -> Result<(), StoreError> {
+pub async fn upsert_active(
+    conn: &mut SqliteConnection,
+    spec: &UserSpec,
+    now: i64,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO users (name, groups, namespaces, role, key_type, ttl_seconds, state, created_at, updated_at)
          VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)
@@ -84,7 +95,17 @@ pub async fn upsert_active(conn: &mut SqliteConnection, spec: &UserSpec, now: i6
     Ok(())
 }
 
-pub async fn set_state(conn: &mut SqliteConnection, name: &str, state: &str, now: i64) -> Result<(), StoreError> {
-    sqlx::query("UPDATE users SET state = ?, updated_at = ? WHERE name = ?").bind(state).bind(now).bind(name).execute(conn).await?;
+pub async fn set_state(
+    conn: &mut SqliteConnection,
+    name: &str,
+    state: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE users SET state = ?, updated_at = ? WHERE name = ?")
+        .bind(state)
+        .bind(now)
+        .bind(name)
+        .execute(conn)
+        .await?;
     Ok(())
 }

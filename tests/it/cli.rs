@@ -5,21 +5,40 @@ use crate::common::*;
 fn quick_start_issues_a_kubeconfig_that_kubectl_and_openssl_accept() {
     let s = Scratch::new();
     ok(&s.rotator(&["init"]));
-    let out = ok(&s.rotator(&["add-user", "alice", "--group", "dev", "-n", "team-a", "--role", "edit", "--ttl", "1h"]));
+    let out = ok(&s.rotator(&[
+        "add-user", "alice", "--group", "dev", "-n", "team-a", "--role", "edit", "--ttl", "1h",
+    ]));
     assert!(out.contains("issued alice generation 1"), "{out}");
     let kc = s.path("alice.kubeconfig");
     assert_eq!(mode(&kc), 0o600);
 
     // kubectl reads it back: server, CA, certificate and key round-trip.
-    let view = run("kubectl", &["config", "view", "--kubeconfig", kc.to_str().unwrap(), "--raw", "-o", "json"]);
+    let view = run(
+        "kubectl",
+        &[
+            "config",
+            "view",
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--raw",
+            "-o",
+            "json",
+        ],
+    );
     let v: serde_json::Value = serde_json::from_slice(&ok(&view).into_bytes()).unwrap();
     let (server, ca, cert, key) = kubeconfig_parts(&kc);
     use base64::Engine;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     assert_eq!(v["clusters"][0]["cluster"]["server"], server.as_str());
     assert_eq!(server, "https://127.0.0.1:6443");
-    assert_eq!(v["clusters"][0]["cluster"]["certificate-authority-data"], b64(&ca).as_str());
-    assert_eq!(v["users"][0]["user"]["client-certificate-data"], b64(&cert).as_str());
+    assert_eq!(
+        v["clusters"][0]["cluster"]["certificate-authority-data"],
+        b64(&ca).as_str()
+    );
+    assert_eq!(
+        v["users"][0]["user"]["client-certificate-data"],
+        b64(&cert).as_str()
+    );
     assert_eq!(v["users"][0]["user"]["client-key-data"], b64(&key).as_str());
     assert_eq!(v["current-context"], "alice@kubernetes");
     assert_eq!(v["contexts"][0]["context"]["namespace"], "team-a");
@@ -28,14 +47,56 @@ fn quick_start_issues_a_kubeconfig_that_kubectl_and_openssl_accept() {
     // openssl, independently: the certificate chains to the CA and says what we asked.
     std::fs::write(s.path("alice.crt"), &cert).unwrap();
     let ca_path = s.path("rotator-data/ca/ca.crt");
-    ok(&run("openssl", &["verify", "-CAfile", ca_path.to_str().unwrap(), s.path("alice.crt").to_str().unwrap()]));
-    let text = ok(&run("openssl", &["x509", "-in", s.path("alice.crt").to_str().unwrap(), "-noout", "-subject", "-ext", "basicConstraints,extendedKeyUsage"]));
-    assert!(text.contains("O = dev, O = rotator:alice:1, CN = alice"), "{text}");
-    assert!(text.contains("CA:FALSE") && text.contains("TLS Web Client Authentication"), "{text}");
+    ok(&run(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            ca_path.to_str().unwrap(),
+            s.path("alice.crt").to_str().unwrap(),
+        ],
+    ));
+    let text = ok(&run(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            s.path("alice.crt").to_str().unwrap(),
+            "-noout",
+            "-subject",
+            "-ext",
+            "basicConstraints,extendedKeyUsage",
+        ],
+    ));
+    assert!(
+        text.contains("O = dev, O = rotator:alice:1, CN = alice"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CA:FALSE") && text.contains("TLS Web Client Authentication"),
+        "{text}"
+    );
     // And the private key matches the certificate.
     std::fs::write(s.path("alice.key"), &key).unwrap();
-    let pk_cert = ok(&run("openssl", &["x509", "-in", s.path("alice.crt").to_str().unwrap(), "-noout", "-pubkey"]));
-    let pk_key = ok(&run("openssl", &["pkey", "-in", s.path("alice.key").to_str().unwrap(), "-pubout"]));
+    let pk_cert = ok(&run(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            s.path("alice.crt").to_str().unwrap(),
+            "-noout",
+            "-pubkey",
+        ],
+    ));
+    let pk_key = ok(&run(
+        "openssl",
+        &[
+            "pkey",
+            "-in",
+            s.path("alice.key").to_str().unwrap(),
+            "-pubout",
+        ],
+    ));
     assert_eq!(pk_cert, pk_key);
 }
 
@@ -50,7 +111,10 @@ async fn init_twice_changes_nothing() {
     let second = ok(&s.rotator(&["init"]));
     assert!(!second.contains("created now"));
     assert_eq!(std::fs::read(s.path("rotator-data/ca/ca.crt")).unwrap(), ca);
-    assert_eq!(std::fs::read(s.path("rotator-data/ca/ca.key")).unwrap(), key);
+    assert_eq!(
+        std::fs::read(s.path("rotator-data/ca/ca.key")).unwrap(),
+        key
+    );
     assert_eq!(s.count("SELECT COUNT(*) FROM audit_events").await, events);
     assert_eq!(mode(&s.path("rotator-data")), 0o700);
     assert_eq!(mode(&s.path("rotator-data/ca/ca.key")), 0o600);
@@ -63,10 +127,18 @@ async fn show_list_rotate_revoke_remove_and_audit() {
     ok(&s.rotator(&["rotate", "alice", "--out", "new.kubeconfig"]));
     let show = ok(&s.rotator(&["show", "alice", "--output", "json"]));
     let v: serde_json::Value = serde_json::from_str(&show).unwrap();
-    let states: Vec<&str> = v["credentials"].as_array().unwrap().iter().map(|c| c["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> = v["credentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["state"].as_str().unwrap())
+        .collect();
     assert_eq!(states, ["superseded", "current"]);
     let serial = v["credentials"][1]["serial"].as_str().unwrap().to_string();
-    assert_eq!(v["credentials"][1]["fingerprint"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        v["credentials"][1]["fingerprint"].as_str().unwrap().len(),
+        64
+    );
     // The new kubeconfig carries the current credential.
     let (_, _, cert, _) = kubeconfig_parts(&s.path("new.kubeconfig"));
     let info = rotator::pki::parse_cert_pem(&cert, "test").unwrap();
@@ -74,16 +146,36 @@ async fn show_list_rotate_revoke_remove_and_audit() {
     assert!(info.organizations.contains(&"rotator:alice:2".to_string()));
 
     let table = ok(&s.rotator(&["list-users"]));
-    assert!(table.starts_with("NAME") && table.contains(&serial), "{table}");
+    assert!(
+        table.starts_with("NAME") && table.contains(&serial),
+        "{table}"
+    );
 
     ok(&s.rotator(&["revoke", "alice", "--serial", &serial]));
-    assert_eq!(s.count("SELECT COUNT(*) FROM credentials WHERE state = 'revoked'").await, 1);
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM credentials WHERE state = 'revoked'")
+            .await,
+        1
+    );
     let e = fails_with(&s.rotator(&["revoke", "alice", "--serial", "00ff"]), 5);
     assert!(e.contains("00ff"), "{e}");
     ok(&s.rotator(&["remove-user", "alice"]));
-    assert_eq!(s.count("SELECT COUNT(*) FROM credentials WHERE state IN ('current','superseded','pending')").await, 0);
+    assert_eq!(
+        s.count(
+            "SELECT COUNT(*) FROM credentials WHERE state IN ('current','superseded','pending')"
+        )
+        .await,
+        0
+    );
     let listed = ok(&s.rotator(&["list-users", "--output", "json"]));
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&listed).unwrap().as_array().unwrap().len(), 0);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&listed)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 
     let log = ok(&s.rotator(&["audit", "log", "--user", "alice", "--output", "json"]));
     let actions: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&log)
@@ -91,8 +183,17 @@ async fn show_list_rotate_revoke_remove_and_audit() {
         .iter()
         .map(|e| e["action"].as_str().unwrap().to_string())
         .collect();
-    for a in ["user.add", "credential.issue", "credential.activate", "credential.revoke", "user.remove"] {
-        assert!(actions.iter().any(|x| x == a), "{a} missing from {actions:?}");
+    for a in [
+        "user.add",
+        "credential.issue",
+        "credential.activate",
+        "credential.revoke",
+        "user.remove",
+    ] {
+        assert!(
+            actions.iter().any(|x| x == a),
+            "{a} missing from {actions:?}"
+        );
     }
     let verify = ok(&s.rotator(&["audit", "verify"]));
     assert!(verify.contains("audit chain intact"), "{verify}");
@@ -107,9 +208,17 @@ async fn audit_verify_names_the_first_altered_event() {
     // a guard against mistakes, not against the file's owner).
     let db = s.path("rotator-data/rotator.db");
     let url = format!("sqlite://{}", db.display());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
-    sqlx::query("DROP TRIGGER audit_events_no_update").execute(&mut conn).await.unwrap();
-    sqlx::query("UPDATE audit_events SET subject = 'mallory' WHERE seq = 3").execute(&mut conn).await.unwrap();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("DROP TRIGGER audit_events_no_update")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_events SET subject = 'mallory' WHERE seq = 3")
+        .execute(&mut conn)
+        .await
+        .unwrap();
     drop(conn);
     let e = fails_with(&s.rotator(&["audit", "verify"]), 11);
     assert!(e.contains("broken at event 3"), "{e}");
@@ -121,10 +230,20 @@ async fn audit_events_cannot_be_updated_or_deleted_through_sql() {
     let s = Scratch::new();
     ok(&s.rotator(&["init"]));
     let url = format!("sqlite://{}", s.path("rotator-data/rotator.db").display());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.unwrap();
-    let e = sqlx::query("DELETE FROM audit_events").execute(&mut conn).await.unwrap_err().to_string();
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let e = sqlx::query("DELETE FROM audit_events")
+        .execute(&mut conn)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("append-only"), "{e}");
-    let e = sqlx::query("UPDATE audit_events SET actor = 'x'").execute(&mut conn).await.unwrap_err().to_string();
+    let e = sqlx::query("UPDATE audit_events SET actor = 'x'")
+        .execute(&mut conn)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("append-only"), "{e}");
 }
 
@@ -134,15 +253,82 @@ async fn bad_input_gets_a_clear_message_a_distinct_code_and_changes_nothing() {
     ok(&s.rotator(&["init"]));
     let before = s.count("SELECT COUNT(*) FROM audit_events").await;
     let cases: &[(&[&str], i32, &str)] = &[
-        (&["add-user", "system:admin", "-n", "a", "--role", "view"], 4, "system:admin"),
-        (&["add-user", "alice", "--group", "system:masters", "-n", "a", "--role", "view"], 4, "system:masters"),
-        (&["add-user", "alice", "-n", "a", "--role", "cluster-admin"], 4, "cluster-admin"),
-        (&["add-user", "al ice", "-n", "a", "--role", "view"], 4, "whitespace"),
-        (&["add-user", "alice", "-n", "Team_A", "--role", "view"], 4, "Team_A"),
-        (&["add-user", "alice", "-n", "a", "--role", "view", "--ttl", "5m"], 4, "5m"),
-        (&["add-user", "alice", "-n", "a", "--role", "view", "--ttl", "30d"], 4, "30days"),
-        (&["add-user", "alice", "-n", "a", "--role", "view", "--out", "no/such/dir/k"], 10, "no/such/dir/k"),
-        (&["add-user", "alice", "-n", "a", "--role", "view", "--key-type", "dsa"], 2, "dsa"),
+        (
+            &["add-user", "system:admin", "-n", "a", "--role", "view"],
+            4,
+            "system:admin",
+        ),
+        (
+            &[
+                "add-user",
+                "alice",
+                "--group",
+                "system:masters",
+                "-n",
+                "a",
+                "--role",
+                "view",
+            ],
+            4,
+            "system:masters",
+        ),
+        (
+            &["add-user", "alice", "-n", "a", "--role", "cluster-admin"],
+            4,
+            "cluster-admin",
+        ),
+        (
+            &["add-user", "al ice", "-n", "a", "--role", "view"],
+            4,
+            "whitespace",
+        ),
+        (
+            &["add-user", "alice", "-n", "Team_A", "--role", "view"],
+            4,
+            "Team_A",
+        ),
+        (
+            &[
+                "add-user", "alice", "-n", "a", "--role", "view", "--ttl", "5m",
+            ],
+            4,
+            "5m",
+        ),
+        (
+            &[
+                "add-user", "alice", "-n", "a", "--role", "view", "--ttl", "30d",
+            ],
+            4,
+            "30days",
+        ),
+        (
+            &[
+                "add-user",
+                "alice",
+                "-n",
+                "a",
+                "--role",
+                "view",
+                "--out",
+                "no/such/dir/k",
+            ],
+            10,
+            "no/such/dir/k",
+        ),
+        (
+            &[
+                "add-user",
+                "alice",
+                "-n",
+                "a",
+                "--role",
+                "view",
+                "--key-type",
+                "dsa",
+            ],
+            2,
+            "dsa",
+        ),
         (&["rotate", "nobody"], 5, "nobody"),
         (&["show", "nobody"], 5, "nobody"),
         (&["remove-user", "nobody"], 5, "nobody"),
@@ -153,11 +339,18 @@ async fn bad_input_gets_a_clear_message_a_distinct_code_and_changes_nothing() {
     }
     assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
     assert_eq!(s.count("SELECT COUNT(*) FROM users").await, 0);
-    assert_eq!(s.count("SELECT COUNT(*) FROM audit_events").await, before, "refused requests change no state");
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM audit_events").await,
+        before,
+        "refused requests change no state"
+    );
     assert!(!s.path("alice.kubeconfig").exists());
 
     ok(&s.rotator(&["add-user", "alice", "-n", "a", "--role", "view"]));
-    let e = fails_with(&s.rotator(&["add-user", "alice", "-n", "a", "--role", "view"]), 6);
+    let e = fails_with(
+        &s.rotator(&["add-user", "alice", "-n", "a", "--role", "view"]),
+        6,
+    );
     assert!(e.contains("rotator rotate alice"), "{e}");
 }
 
@@ -166,15 +359,27 @@ fn a_broken_config_names_the_file_the_key_and_the_fix() {
     let s = Scratch::new();
     s.write("bad.toml", "[policy]\nmax_ttl = 7\n");
     let e = fails_with(&s.rotator(&["--config", "bad.toml", "list-users"]), 3);
-    assert!(e.contains("bad.toml") && e.contains("max_ttl") && e.contains("fix:"), "{e}");
+    assert!(
+        e.contains("bad.toml") && e.contains("max_ttl") && e.contains("fix:"),
+        "{e}"
+    );
     s.write("typo.toml", "[polciy]\n");
     let e = fails_with(&s.rotator(&["--config", "typo.toml", "init"]), 3);
     assert!(e.contains("polciy"), "{e}");
-    let e = fails_with(&s.rotator_env(&["init"], &[("ROTATOR_SCHEDULE__ROTATE", "every day")]), 3);
-    assert!(e.contains("ROTATOR_SCHEDULE__ROTATE") || e.contains("schedule.rotate"), "{e}");
+    let e = fails_with(
+        &s.rotator_env(&["init"], &[("ROTATOR_SCHEDULE__ROTATE", "every day")]),
+        3,
+    );
+    assert!(
+        e.contains("ROTATOR_SCHEDULE__ROTATE") || e.contains("schedule.rotate"),
+        "{e}"
+    );
     let e = fails_with(&s.rotator(&["--config", "missing.toml", "init"]), 3);
     assert!(e.contains("missing.toml"), "{e}");
-    assert!(!s.path("rotator-data").exists(), "nothing is created when the config is broken");
+    assert!(
+        !s.path("rotator-data").exists(),
+        "nothing is created when the config is broken"
+    );
 }
 
 #[test]
@@ -186,7 +391,10 @@ fn config_file_and_env_choose_the_data_dir() {
     assert!(s.path("from-file/rotator.db").exists());
     ok(&s.rotator_env(&["init"], &[("ROTATOR_DATA_DIR", "from-env")]));
     assert!(s.path("from-env/rotator.db").exists());
-    ok(&s.rotator_env(&["--data-dir", "from-flag", "init"], &[("ROTATOR_DATA_DIR", "from-env")]));
+    ok(&s.rotator_env(
+        &["--data-dir", "from-flag", "init"],
+        &[("ROTATOR_DATA_DIR", "from-env")],
+    ));
     assert!(s.path("from-flag/rotator.db").exists());
 }
 
@@ -198,13 +406,18 @@ fn a_corrupt_database_is_refused_without_being_written() {
     std::fs::write(s.path("rotator-data/rotator.db"), &junk).unwrap();
     let e = fails_with(&s.rotator(&["list-users"]), 7);
     assert!(e.contains("corrupt") || e.contains("not a database"), "{e}");
-    assert_eq!(std::fs::read(s.path("rotator-data/rotator.db")).unwrap(), junk);
+    assert_eq!(
+        std::fs::read(s.path("rotator-data/rotator.db")).unwrap(),
+        junk
+    );
 }
 
 #[test]
 fn stdout_delivery_keeps_stdout_for_the_kubeconfig() {
     let s = Scratch::new();
-    let o = s.rotator(&["add-user", "bob", "-n", "team-a", "--role", "view", "--out", "-"]);
+    let o = s.rotator(&[
+        "add-user", "bob", "-n", "team-a", "--role", "view", "--out", "-",
+    ]);
     let stdout = ok(&o);
     let kc = kube::config::Kubeconfig::from_yaml(&stdout).expect("stdout is exactly a kubeconfig");
     assert_eq!(kc.current_context.as_deref(), Some("bob@kubernetes"));
@@ -217,7 +430,11 @@ fn doctor_reports_a_world_readable_ca_key() {
     ok(&s.rotator(&["init"]));
     ok(&s.rotator(&["doctor"]));
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(s.path("rotator-data/ca/ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        s.path("rotator-data/ca/ca.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     let o = s.rotator(&["doctor"]);
     let e = fails_with(&o, 3);
     assert!(e.contains("chmod 600"), "{e}");

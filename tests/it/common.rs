@@ -15,7 +15,9 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().expect("tempdir") }
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
     }
 
     pub fn path(&self, p: &str) -> PathBuf {
@@ -46,9 +48,17 @@ impl Scratch {
 
     /// A database connection for assertions that the CLI does not expose.
     pub async fn count(&self, sql: &'static str) -> i64 {
-        let url = format!("sqlite://{}?mode=ro", self.path("rotator-data/rotator.db").display());
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.expect("open db");
-        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(&mut conn).await.expect("query");
+        let url = format!(
+            "sqlite://{}?mode=ro",
+            self.path("rotator-data/rotator.db").display()
+        );
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .expect("open db");
+        let (n,): (i64,) = sqlx::query_as(sql)
+            .fetch_one(&mut conn)
+            .await
+            .expect("query");
         n
     }
 }
@@ -66,16 +76,28 @@ pub fn ok(o: &Output) -> String {
 
 pub fn fails_with(o: &Output, code: i32) -> String {
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(code), "expected exit {code}\nstdout: {}\nstderr: {stderr}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "expected exit {code}\nstdout: {}\nstderr: {stderr}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     stderr
 }
 
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"))
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"))
 }
 
 pub async fn run_async(cmd: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new(cmd).args(args).output().await.unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"))
+    tokio::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{cmd} must be installed: {e}"))
 }
 
 pub fn mode(p: &Path) -> u32 {
@@ -88,7 +110,14 @@ pub fn kubeconfig_parts(path: &Path) -> (String, String, String, String) {
     use base64::Engine;
     use secrecy::ExposeSecret;
     let kc = kube::config::Kubeconfig::read_from(path).expect("kubeconfig parses");
-    let d = |s: &str| String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).expect("base64")).expect("utf8");
+    let d = |s: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .expect("base64"),
+        )
+        .expect("utf8")
+    };
     let auth = kc.auth_infos[0].auth_info.as_ref().expect("user");
     let cluster = kc.clusters[0].cluster.as_ref().expect("cluster");
     (
@@ -102,9 +131,16 @@ pub fn kubeconfig_parts(path: &Path) -> (String, String, String, String) {
 /// An in-process App over a scratch data directory.
 pub async fn app(dir: &Path, toml: &str, faults: Arc<dyn Faults>) -> App {
     let cfg = dir.join("rotator.toml");
-    std::fs::write(&cfg, format!("data_dir = {:?}\n{toml}", dir.join("rotator-data"))).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("data_dir = {:?}\n{toml}", dir.join("rotator-data")),
+    )
+    .unwrap();
     let settings = config::load_with(Some(&cfg), &[], &Overrides::default()).expect("config");
-    App::open(settings, Arc::new(SystemClock), faults, "test".into()).await.expect("app").0
+    App::open(settings, Arc::new(SystemClock), faults, "test".into())
+        .await
+        .expect("app")
+        .0
 }
 
 pub async fn plain_app(dir: &Path) -> App {

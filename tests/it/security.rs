@@ -21,7 +21,10 @@ impl Write for Captured {
 
 /// Lines of base64 in a PEM body, long enough to be unmistakable.
 fn pem_body_lines(pem: &str) -> Vec<String> {
-    pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 40).map(str::to_string).collect()
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 40)
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test]
@@ -42,21 +45,51 @@ async fn no_private_key_reaches_a_log_line_an_error_or_the_database() {
     for round in 0..2 {
         let mut buf = Vec::new();
         let r = if round == 0 {
-            app.issuer().add_user(spec("alice"), &mut WriterSink { name: "buffer", writer: &mut buf }, "test").await
+            app.issuer()
+                .add_user(
+                    spec("alice"),
+                    &mut WriterSink {
+                        name: "buffer",
+                        writer: &mut buf,
+                    },
+                    "test",
+                )
+                .await
         } else {
-            app.issuer().rotate("alice", &mut WriterSink { name: "buffer", writer: &mut buf }, "test").await
+            app.issuer()
+                .rotate(
+                    "alice",
+                    &mut WriterSink {
+                        name: "buffer",
+                        writer: &mut buf,
+                    },
+                    "test",
+                )
+                .await
         };
         r.unwrap();
         delivered.push(String::from_utf8(buf).unwrap());
     }
     // A failing delivery produces an error after the key exists.
-    let mut bad = FileSink { path: dir.path().join("missing/dir/k") };
-    errors.push(format!("{:?} {}", app.issuer().rotate("alice", &mut bad, "test").await.unwrap_err(), "x"));
+    let mut bad = FileSink {
+        path: dir.path().join("missing/dir/k"),
+    };
+    errors.push(format!(
+        "{:?} {}",
+        app.issuer()
+            .rotate("alice", &mut bad, "test")
+            .await
+            .unwrap_err(),
+        "x"
+    ));
     // The CA key is a secret too.
     let ca_key = std::fs::read_to_string(dir.path().join("rotator-data/ca/ca.key")).unwrap();
 
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("credential stored"), "TRACE logging was captured: {logs}");
+    assert!(
+        logs.contains("credential stored"),
+        "TRACE logging was captured: {logs}"
+    );
     let db = std::fs::read(dir.path().join("rotator-data/rotator.db")).unwrap();
     let wal = std::fs::read(dir.path().join("rotator-data/rotator.db-wal")).unwrap_or_default();
     let db_text = String::from_utf8_lossy(&db).to_string() + &String::from_utf8_lossy(&wal);
@@ -64,16 +97,35 @@ async fn no_private_key_reaches_a_log_line_an_error_or_the_database() {
     for kc in &delivered {
         let kc = kube::config::Kubeconfig::from_yaml(kc).unwrap();
         use secrecy::ExposeSecret;
-        let key_b64 = kc.auth_infos[0].auth_info.as_ref().unwrap().client_key_data.as_ref().unwrap().expose_secret().to_string();
+        let key_b64 = kc.auth_infos[0]
+            .auth_info
+            .as_ref()
+            .unwrap()
+            .client_key_data
+            .as_ref()
+            .unwrap()
+            .expose_secret()
+            .to_string();
         use base64::Engine;
-        let key_pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(&key_b64).unwrap()).unwrap();
+        let key_pem = String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(&key_b64)
+                .unwrap(),
+        )
+        .unwrap();
         secrets.extend(pem_body_lines(&key_pem));
         secrets.push(key_b64[..60].to_string());
     }
     assert!(secrets.len() >= 6);
     for s in &secrets {
-        assert!(!logs.contains(s.as_str()), "a private key appears in the logs");
-        assert!(!db_text.contains(s.as_str()), "a private key appears in the database");
+        assert!(
+            !logs.contains(s.as_str()),
+            "a private key appears in the logs"
+        );
+        assert!(
+            !db_text.contains(s.as_str()),
+            "a private key appears in the database"
+        );
         for e in &errors {
             assert!(!e.contains(s.as_str()), "a private key appears in an error");
         }
@@ -90,9 +142,15 @@ async fn debug_output_of_key_holding_types_is_redacted() {
     let dir = tempfile::tempdir().unwrap();
     let app = plain_app(dir.path()).await;
     let ca_key = std::fs::read_to_string(dir.path().join("rotator-data/ca/ca.key")).unwrap();
-    let signer_dbg = format!("{:?}", rotator::signer::LocalCa::load(&app.settings.local_ca, app.clock.clone()).unwrap());
+    let signer_dbg = format!(
+        "{:?}",
+        rotator::signer::LocalCa::load(&app.settings.local_ca, app.clock.clone()).unwrap()
+    );
     for l in pem_body_lines(&ca_key) {
-        assert!(!signer_dbg.contains(&l), "LocalCa Debug leaks its key: {signer_dbg}");
+        assert!(
+            !signer_dbg.contains(&l),
+            "LocalCa Debug leaks its key: {signer_dbg}"
+        );
     }
     let kc = rotator::kubeconfig::ClientKubeconfig {
         cluster_name: "c",
@@ -112,7 +170,13 @@ fn key_files_are_0600_and_nothing_else_is_left_readable() {
     // A permissive umask must not widen what rotator writes.
     let o = std::process::Command::new("sh")
         .current_dir(s.dir.path())
-        .args(["-c", &format!("umask 000 && {} add-user alice -n team-a --role view", env!("CARGO_BIN_EXE_rotator"))])
+        .args([
+            "-c",
+            &format!(
+                "umask 000 && {} add-user alice -n team-a --role view",
+                env!("CARGO_BIN_EXE_rotator")
+            ),
+        ])
         .output()
         .unwrap();
     ok(&o);
@@ -121,7 +185,11 @@ fn key_files_are_0600_and_nothing_else_is_left_readable() {
     assert_eq!(mode(&s.path("rotator-data")), 0o700);
     // Rewriting over an existing, world-readable file tightens it.
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(s.path("alice.kubeconfig"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        s.path("alice.kubeconfig"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     ok(&s.rotator(&["rotate", "alice"]));
     assert_eq!(mode(&s.path("alice.kubeconfig")), 0o600);
     let stray: Vec<_> = std::fs::read_dir(s.dir.path())
@@ -138,8 +206,10 @@ async fn the_issuing_profile_ignores_what_the_csr_asks_for() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name.push(rcgen::DnType::OrganizationName, "dev");
-    p.distinguished_name.push(rcgen::DnType::CommonName, "alice");
+    p.distinguished_name
+        .push(rcgen::DnType::OrganizationName, "dev");
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "alice");
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
     let csr = p.serialize_request(&key).unwrap();
@@ -159,18 +229,40 @@ async fn the_issuing_profile_ignores_what_the_csr_asks_for() {
     };
     let pem = ca.issue(&req, rotator::pki::CertProfile::Client).unwrap();
     let cert = rotator::pki::parse_cert_pem(&pem, "t").unwrap();
-    assert!(!cert.is_ca, "CA:TRUE was requested and must come out CA:FALSE");
+    assert!(
+        !cert.is_ca,
+        "CA:TRUE was requested and must come out CA:FALSE"
+    );
     assert_eq!(cert.not_after - cert.not_before, 3600 + 300);
     // Checked by openssl too.
     let f = dir.path().join("c.pem");
     std::fs::write(&f, &pem).unwrap();
-    let text = ok(&run("openssl", &["x509", "-in", f.to_str().unwrap(), "-noout", "-ext", "basicConstraints,keyUsage"]));
-    assert!(text.contains("CA:FALSE") && !text.contains("Certificate Sign"), "{text}");
+    let text = ok(&run(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            f.to_str().unwrap(),
+            "-noout",
+            "-ext",
+            "basicConstraints,keyUsage",
+        ],
+    ));
+    assert!(
+        text.contains("CA:FALSE") && !text.contains("Certificate Sign"),
+        "{text}"
+    );
 
     // A CSR for another subject is refused, whatever it asks.
     let other = vec!["system:masters".to_string()];
-    let req = rotator::signer::SignRequest { organizations: &other, ..req };
-    let e = ca.issue(&req, rotator::pki::CertProfile::Client).unwrap_err().to_string();
+    let req = rotator::signer::SignRequest {
+        organizations: &other,
+        ..req
+    };
+    let e = ca
+        .issue(&req, rotator::pki::CertProfile::Client)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("groups"), "{e}");
 }
 
@@ -178,14 +270,18 @@ async fn the_issuing_profile_ignores_what_the_csr_asks_for() {
 fn malformed_csrs_are_refused_with_a_reason() {
     for (input, needle) in [
         (&b"not a csr"[..], "malformed"),
-        (&b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"[..], "malformed"),
+        (
+            &b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"[..],
+            "malformed",
+        ),
     ] {
         let e = rotator::pki::parse_csr(input).unwrap_err().to_string();
         assert!(e.contains(needle), "{e}");
     }
     // A valid CSR with one flipped signature byte.
     let key = rotator::pki::PrivateKey::generate(rotator::pki::KeyType::EcdsaP256).unwrap();
-    let mut der = rotator::pki::build_csr(&key, &rotator::pki::subject_name("alice", &[]).unwrap()).unwrap();
+    let mut der =
+        rotator::pki::build_csr(&key, &rotator::pki::subject_name("alice", &[]).unwrap()).unwrap();
     let n = der.len();
     der[n - 5] ^= 0xff;
     let e = rotator::pki::parse_csr(&der).unwrap_err().to_string();

@@ -33,7 +33,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { code, reason, message: message.into(), details: None }
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
     }
     fn with_details(mut self, d: Value) -> Self {
         self.details = Some(d);
@@ -54,12 +59,20 @@ impl ApiError {
         Self::new(400, "BadRequest", m)
     }
     pub fn not_found(r: &Resource, name: &str) -> Self {
-        Self::new(404, "NotFound", format!("{} \"{name}\" not found", r.qualified()))
-            .with_details(json!({"name": name, "group": r.group, "kind": r.plural}))
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} \"{name}\" not found", r.qualified()),
+        )
+        .with_details(json!({"name": name, "group": r.group, "kind": r.plural}))
     }
     pub fn already_exists(r: &Resource, name: &str) -> Self {
-        Self::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", r.qualified()))
-            .with_details(json!({"name": name, "group": r.group, "kind": r.plural}))
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{} \"{name}\" already exists", r.qualified()),
+        )
+        .with_details(json!({"name": name, "group": r.group, "kind": r.plural}))
     }
     pub fn conflict(r: &Resource, name: &str) -> Self {
         Self::new(
@@ -72,7 +85,14 @@ impl ApiError {
         )
         .with_details(json!({"name": name, "group": r.group, "kind": r.plural}))
     }
-    pub fn invalid(kind: &str, group: &str, name: &str, field: &str, value: &str, detail: &str) -> Self {
+    pub fn invalid(
+        kind: &str,
+        group: &str,
+        name: &str,
+        field: &str,
+        value: &str,
+        detail: &str,
+    ) -> Self {
         let cause = if detail == "Required value" {
             format!("{field}: Required value")
         } else if detail.starts_with("updates may not") {
@@ -80,20 +100,34 @@ impl ApiError {
         } else {
             format!("{field}: Invalid value: {value}: {detail}")
         };
-        let qualified = if group.is_empty() { kind.to_string() } else { format!("{kind}.{group}") };
+        let qualified = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
         Self::new(422, "Invalid", format!("{qualified} \"{name}\" is invalid: {cause}")).with_details(json!({
             "name": name, "group": group, "kind": kind,
             "causes": [{"reason": "FieldValueInvalid", "message": cause.split_once(": ").map(|x| x.1).unwrap_or(&cause), "field": field}]
         }))
     }
     pub fn forbidden_named(qualified: &str, name: &str, why: &str) -> Self {
-        Self::new(403, "Forbidden", format!("{qualified} \"{name}\" is forbidden: {why}"))
+        Self::new(
+            403,
+            "Forbidden",
+            format!("{qualified} \"{name}\" is forbidden: {why}"),
+        )
     }
 }
 
 fn respond(code: u16, v: &Value) -> Response<Body> {
-    let body = Full::new(Bytes::from(serde_json::to_vec(v).expect("json"))).map_err(|e| match e {}).boxed();
-    Response::builder().status(code).header("content-type", "application/json").body(body).expect("response")
+    let body = Full::new(Bytes::from(serde_json::to_vec(v).expect("json")))
+        .map_err(|e| match e {})
+        .boxed();
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(body)
+        .expect("response")
 }
 
 fn error(e: &ApiError) -> Response<Body> {
@@ -104,10 +138,18 @@ type Query = HashMap<String, String>;
 
 /// Entry point for every request on a connection. `peer` is the client
 /// certificate the TLS handshake saw, if any.
-pub async fn handle(sh: Arc<Shared>, req: Request<Incoming>, peer: Option<Arc<Vec<u8>>>) -> Result<Response<Body>, std::io::Error> {
+pub async fn handle(
+    sh: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: Option<Arc<Vec<u8>>>,
+) -> Result<Response<Body>, std::io::Error> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let query: Query = req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default();
+    let query: Query = req
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
     let latency = sh.faults.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -115,39 +157,82 @@ pub async fn handle(sh: Arc<Shared>, req: Request<Incoming>, peer: Option<Arc<Ve
     if let Some(action) = sh.faults.check(method.as_str(), &path) {
         match action {
             FaultAction::Status(code) => {
-                return Ok(error(&ApiError::new(code, "InternalError", format!("Internal error occurred: injected fault ({code})"))));
+                return Ok(error(&ApiError::new(
+                    code,
+                    "InternalError",
+                    format!("Internal error occurred: injected fault ({code})"),
+                )));
             }
             FaultAction::TooManyRequests { retry_after } => {
-                let mut r = error(&ApiError::new(429, "TooManyRequests", "the server has received too many requests and has asked us to try again later"));
-                r.headers_mut().insert("retry-after", retry_after.to_string().parse().expect("header"));
+                let mut r = error(&ApiError::new(
+                    429,
+                    "TooManyRequests",
+                    "the server has received too many requests and has asked us to try again later",
+                ));
+                r.headers_mut().insert(
+                    "retry-after",
+                    retry_after.to_string().parse().expect("header"),
+                );
                 return Ok(r);
             }
             FaultAction::Hang => {
                 std::future::pending::<()>().await;
             }
-            FaultAction::Drop => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "injected connection drop")),
+            FaultAction::Drop => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "injected connection drop",
+                ));
+            }
             FaultAction::Delay(d) => tokio::time::sleep(d).await,
         }
     }
     let headers = req.headers().clone();
-    let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let accept = header("accept").unwrap_or_default();
     let content_type = header("content-type").unwrap_or_default();
-    let user = authenticate(&sh, peer.as_deref().map(|v| v.as_slice()), header("authorization").as_deref());
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY).collect().await {
+    let user = authenticate(
+        &sh,
+        peer.as_deref().map(|v| v.as_slice()),
+        header("authorization").as_deref(),
+    );
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
-        Err(_) => return Ok(error(&ApiError::new(413, "RequestEntityTooLarge", "request entity too large"))),
-    };
-    let Some(user) = user else { return Ok(error(&ApiError::unauthorized())) };
-    let body = if content_type.starts_with("application/vnd.kubernetes.protobuf") && !body.is_empty() {
-        match crate::protobuf::to_json(&body) {
-            Ok(v) => Bytes::from(serde_json::to_vec(&v).expect("json")),
-            Err(m) => return Ok(error(&ApiError::new(415, "UnsupportedMediaType", m))),
+        Err(_) => {
+            return Ok(error(&ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                "request entity too large",
+            )));
         }
-    } else {
-        body
     };
-    let ctx = Ctx { sh: &sh, user: &user, query: &query, accept: &accept, content_type: &content_type };
+    let Some(user) = user else {
+        return Ok(error(&ApiError::unauthorized()));
+    };
+    let body =
+        if content_type.starts_with("application/vnd.kubernetes.protobuf") && !body.is_empty() {
+            match crate::protobuf::to_json(&body) {
+                Ok(v) => Bytes::from(serde_json::to_vec(&v).expect("json")),
+                Err(m) => return Ok(error(&ApiError::new(415, "UnsupportedMediaType", m))),
+            }
+        } else {
+            body
+        };
+    let ctx = Ctx {
+        sh: &sh,
+        user: &user,
+        query: &query,
+        accept: &accept,
+        content_type: &content_type,
+    };
     Ok(match route(&ctx, &method, &path, &body).await {
         Ok(r) => r,
         Err(e) => error(&e),
@@ -167,7 +252,11 @@ impl Ctx<'_> {
         if rbac::authorize(&self.sh.store, self.user, a) {
             return Ok(());
         }
-        let mut e = ApiError::new(403, "Forbidden", rbac::forbidden_message(self.user, a, qualified));
+        let mut e = ApiError::new(
+            403,
+            "Forbidden",
+            rbac::forbidden_message(self.user, a, qualified),
+        );
         if a.path.is_none() {
             e = e.with_details(json!({"name": a.name, "group": a.group, "kind": a.resource}));
         }
@@ -211,8 +300,17 @@ fn parse_resource_path(path: &str) -> Option<ResReq> {
     }
     let name = rest.get(1).unwrap_or(&"").to_string();
     // A namespace's own attributes carry its name as the namespace.
-    let ns = if r.plural == "namespaces" { name.clone() } else { String::new() };
-    Some(ResReq { res: r, ns, name, sub: rest.get(2).unwrap_or(&"").to_string() })
+    let ns = if r.plural == "namespaces" {
+        name.clone()
+    } else {
+        String::new()
+    };
+    Some(ResReq {
+        res: r,
+        ns,
+        name,
+        sub: rest.get(2).unwrap_or(&"").to_string(),
+    })
 }
 
 fn discovery(path: &str) -> Option<Option<Value>> {
@@ -232,9 +330,18 @@ fn discovery(path: &str) -> Option<Option<Value>> {
     })
 }
 
-async fn route(cx: &Ctx<'_>, method: &Method, path: &str, body: &Bytes) -> Result<Response<Body>, ApiError> {
+async fn route(
+    cx: &Ctx<'_>,
+    method: &Method,
+    path: &str,
+    body: &Bytes,
+) -> Result<Response<Body>, ApiError> {
     if let Some(doc) = discovery(path) {
-        let a = Attrs { verb: method.as_str().to_ascii_lowercase(), path: Some(path.to_string()), ..Default::default() };
+        let a = Attrs {
+            verb: method.as_str().to_ascii_lowercase(),
+            path: Some(path.to_string()),
+            ..Default::default()
+        };
         cx.authorize(&a, "")?;
         return match doc {
             Some(Value::String(s)) => Ok(Response::builder()
@@ -243,18 +350,37 @@ async fn route(cx: &Ctx<'_>, method: &Method, path: &str, body: &Bytes) -> Resul
                 .body(Full::new(Bytes::from(s)).map_err(|e| match e {}).boxed())
                 .expect("response")),
             Some(v) => Ok(respond(200, &v)),
-            None => Err(ApiError::new(404, "NotFound", "the server could not find the requested resource")),
+            None => Err(ApiError::new(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            )),
         };
     }
     let Some(rq) = parse_resource_path(path) else {
-        let a = Attrs { verb: method.as_str().to_ascii_lowercase(), path: Some(path.to_string()), ..Default::default() };
+        let a = Attrs {
+            verb: method.as_str().to_ascii_lowercase(),
+            path: Some(path.to_string()),
+            ..Default::default()
+        };
         cx.authorize(&a, "")?;
-        return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     };
     if !rq.sub.is_empty() && !rq.res.subresources.contains(&rq.sub.as_str()) {
-        return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     }
-    let watching = matches!(cx.query.get("watch").map(String::as_str), Some("true" | "1"));
+    let watching = matches!(
+        cx.query.get("watch").map(String::as_str),
+        Some("true" | "1")
+    );
     let verb = match (method, rq.name.is_empty()) {
         (&Method::GET, true) if watching => "watch",
         (&Method::GET, true) => "list",
@@ -264,10 +390,20 @@ async fn route(cx: &Ctx<'_>, method: &Method, path: &str, body: &Bytes) -> Resul
         (&Method::PATCH, false) => "patch",
         (&Method::DELETE, false) => "delete",
         (&Method::DELETE, true) => "deletecollection",
-        _ => return Err(ApiError::new(405, "MethodNotAllowed", format!("the server does not allow this method on the requested resource"))),
+        _ => {
+            return Err(ApiError::new(
+                405,
+                "MethodNotAllowed",
+                format!("the server does not allow this method on the requested resource"),
+            ));
+        }
     };
     if !rq.res.verbs.contains(&verb) {
-        return Err(ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource"));
+        return Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        ));
     }
     let attrs = Attrs {
         verb: verb.into(),
@@ -279,15 +415,30 @@ async fn route(cx: &Ctx<'_>, method: &Method, path: &str, body: &Bytes) -> Resul
         path: None,
     };
     cx.authorize(&attrs, &rq.res.qualified())?;
-    let store_ns = if rq.res.namespaced { rq.ns.as_str() } else { "" };
+    let store_ns = if rq.res.namespaced {
+        rq.ns.as_str()
+    } else {
+        ""
+    };
     if rq.res.namespaced && rq.ns.is_empty() && !rq.name.is_empty() {
-        return Err(ApiError::new(404, "NotFound", "the server could not find the requested resource"));
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ));
     }
     match verb {
         "get" => {
-            let obj = cx.sh.store.get(rq.res.key(), store_ns, &rq.name).ok_or_else(|| ApiError::not_found(rq.res, &rq.name))?;
+            let obj = cx
+                .sh
+                .store
+                .get(rq.res.key(), store_ns, &rq.name)
+                .ok_or_else(|| ApiError::not_found(rq.res, &rq.name))?;
             if wants_table(cx.accept) {
-                return Ok(respond(200, &crate::table::table(rq.res, &[obj], cx.sh.store.current_rv())));
+                return Ok(respond(
+                    200,
+                    &crate::table::table(rq.res, &[obj], cx.sh.store.current_rv()),
+                ));
             }
             Ok(respond(200, &obj))
         }
@@ -308,7 +459,11 @@ async fn route(cx: &Ctx<'_>, method: &Method, path: &str, body: &Bytes) -> Resul
         }
         "patch" => patch(cx, &rq, body).map(|(code, v)| respond(code, &v)),
         "delete" => {
-            let obj = cx.sh.store.delete(rq.res.key(), store_ns, &rq.name).ok_or_else(|| ApiError::not_found(rq.res, &rq.name))?;
+            let obj = cx
+                .sh
+                .store
+                .delete(rq.res.key(), store_ns, &rq.name)
+                .ok_or_else(|| ApiError::not_found(rq.res, &rq.name))?;
             if rq.res.plural == "namespaces" {
                 delete_namespace_contents(cx.sh, &rq.name);
             }
@@ -320,8 +475,15 @@ async fn route(cx: &Ctx<'_>, method: &Method, path: &str, body: &Bytes) -> Resul
             let items = filter(items, cx.query)?;
             let mut gone = Vec::new();
             for i in items {
-                let n = i["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
-                if let Some(g) = cx.sh.store.delete(rq.res.key(), &n, i["metadata"]["name"].as_str().unwrap_or_default()) {
+                let n = i["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(g) = cx.sh.store.delete(
+                    rq.res.key(),
+                    &n,
+                    i["metadata"]["name"].as_str().unwrap_or_default(),
+                ) {
                     gone.push(g);
                 }
             }
@@ -333,14 +495,20 @@ async fn route(cx: &Ctx<'_>, method: &Method, path: &str, body: &Bytes) -> Resul
 }
 
 fn wants_table(accept: &str) -> bool {
-    accept.split(',').next().is_some_and(|first| first.contains("as=Table"))
+    accept
+        .split(',')
+        .next()
+        .is_some_and(|first| first.contains("as=Table"))
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
+    })?;
     if !v.is_object() {
-        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
+        return Err(ApiError::bad_request(
+            "the body of the request must be a JSON object",
+        ));
     }
     Ok(v)
 }
@@ -398,7 +566,11 @@ fn parse_selector(s: &str) -> Result<Vec<Req>, ApiError> {
     for part in split_top(s) {
         let p = part.trim();
         let set = |rest: &str| -> Result<Vec<String>, ApiError> {
-            let inner = rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(|| bad(p))?;
+            let inner = rest
+                .trim()
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(|| bad(p))?;
             Ok(inner.split(',').map(|x| x.trim().to_string()).collect())
         };
         if let Some(k) = p.strip_prefix('!') {
@@ -438,23 +610,32 @@ struct Selectors {
 
 impl Selectors {
     fn from(q: &Query) -> Result<Self, ApiError> {
-        let labels = q.get("labelSelector").map(|s| parse_selector(s)).transpose()?.unwrap_or_default();
-        let fields = q.get("fieldSelector").map(|s| parse_selector(s)).transpose()?.unwrap_or_default();
+        let labels = q
+            .get("labelSelector")
+            .map(|s| parse_selector(s))
+            .transpose()?
+            .unwrap_or_default();
+        let fields = q
+            .get("fieldSelector")
+            .map(|s| parse_selector(s))
+            .transpose()?
+            .unwrap_or_default();
         Ok(Self { labels, fields })
     }
     fn accept(&self, obj: &Value) -> bool {
-        matches(&self.labels, |k| obj["metadata"]["labels"][k].as_str().map(str::to_string))
-            && matches(&self.fields, |path| {
-                let mut v = obj;
-                for seg in path.split('.') {
-                    v = &v[seg];
-                }
-                match v {
-                    Value::String(s) => Some(s.clone()),
-                    Value::Null => None,
-                    other => Some(other.to_string()),
-                }
-            })
+        matches(&self.labels, |k| {
+            obj["metadata"]["labels"][k].as_str().map(str::to_string)
+        }) && matches(&self.fields, |path| {
+            let mut v = obj;
+            for seg in path.split('.') {
+                v = &v[seg];
+            }
+            match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Null => None,
+                other => Some(other.to_string()),
+            }
+        })
     }
 }
 
@@ -465,12 +646,27 @@ fn filter(items: Vec<Value>, q: &Query) -> Result<Vec<Value>, ApiError> {
 
 // ---- watch ----
 
-fn watch(cx: &Ctx<'_>, r: &'static Resource, ns: Option<String>) -> Result<Response<Body>, ApiError> {
+fn watch(
+    cx: &Ctx<'_>,
+    r: &'static Resource,
+    ns: Option<String>,
+) -> Result<Response<Body>, ApiError> {
     let sel = Selectors::from(cx.query)?;
     let store = cx.sh.store.clone();
-    let timeout = cx.query.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1800);
-    let send_initial = cx.query.get("sendInitialEvents").is_some_and(|v| v == "true");
-    let start_rv: Option<u64> = cx.query.get("resourceVersion").and_then(|v| v.parse().ok()).filter(|v| *v > 0);
+    let timeout = cx
+        .query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(1800);
+    let send_initial = cx
+        .query
+        .get("sendInitialEvents")
+        .is_some_and(|v| v == "true");
+    let start_rv: Option<u64> = cx
+        .query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0);
     let mut shutdown = cx.sh.shutdown.subscribe();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(64);
     let line = |t: &str, o: &Value| {
@@ -502,7 +698,8 @@ fn watch(cx: &Ctx<'_>, r: &'static Resource, ns: Option<String>) -> Result<Respo
         loop {
             match store.events_since(r.key(), ns.as_deref(), last) {
                 None => {
-                    let e = ApiError::new(410, "Expired", format!("too old resource version: {last}"));
+                    let e =
+                        ApiError::new(410, "Expired", format!("too old resource version: {last}"));
                     let _ = tx.send(line("ERROR", &e.status_body())).await;
                     return;
                 }
@@ -524,7 +721,8 @@ fn watch(cx: &Ctx<'_>, r: &'static Resource, ns: Option<String>) -> Result<Respo
             }
         }
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     Ok(Response::builder()
         .status(200)
         .header("content-type", "application/json")
@@ -537,17 +735,37 @@ fn watch(cx: &Ctx<'_>, r: &'static Resource, ns: Option<String>) -> Result<Respo
 
 fn validate_name(r: &Resource, name: &str) -> Result<(), ApiError> {
     let kind = r.kind;
-    let bad = |msg: &str| ApiError::invalid(kind, r.group, name, "metadata.name", &format!("\"{name}\""), msg);
+    let bad = |msg: &str| {
+        ApiError::invalid(
+            kind,
+            r.group,
+            name,
+            "metadata.name",
+            &format!("\"{name}\""),
+            msg,
+        )
+    };
     if r.group == "rbac.authorization.k8s.io" {
         if name == "." || name == ".." || name.contains('/') || name.contains('%') {
-            return Err(bad("may not contain '/' or '%', and may not be '.' or '..'"));
+            return Err(bad(
+                "may not contain '/' or '%', and may not be '.' or '..'",
+            ));
         }
         return Ok(());
     }
     let label_only = r.plural == "namespaces";
     let max = if label_only { 63 } else { 253 };
-    let ok_chars = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (!label_only && b == b'.'));
-    let ends_ok = name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric()) && name.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    let ok_chars = name.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (!label_only && b == b'.')
+    });
+    let ends_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
     if name.len() > max || !ok_chars || !ends_ok {
         return Err(bad(&format!(
             "a lowercase RFC 1123 {} must consist of lower case alphanumeric characters, '-'{}, and must start and end with an alphanumeric character",
@@ -560,7 +778,10 @@ fn validate_name(r: &Resource, name: &str) -> Result<(), ApiError> {
 
 fn generate_suffix() -> String {
     const ALPHA: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    crate::pki::random_bytes::<5>().iter().map(|b| ALPHA[*b as usize % ALPHA.len()] as char).collect()
+    crate::pki::random_bytes::<5>()
+        .iter()
+        .map(|b| ALPHA[*b as usize % ALPHA.len()] as char)
+        .collect()
 }
 
 fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiError> {
@@ -568,8 +789,11 @@ fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiEr
     match rq.res.plural {
         "selfsubjectreviews" => {
             let ui = json!({"username": cx.user.username, "groups": cx.user.groups});
-            return Ok((201, json!({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
-                                   "metadata": {"creationTimestamp": Value::Null}, "status": {"userInfo": ui}})));
+            return Ok((
+                201,
+                json!({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
+                                   "metadata": {"creationTimestamp": Value::Null}, "status": {"userInfo": ui}}),
+            ));
         }
         "selfsubjectaccessreviews" => return Ok((201, access_review(cx, obj))),
         _ => {}
@@ -577,9 +801,14 @@ fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiEr
     if !obj["metadata"].is_object() {
         obj["metadata"] = json!({});
     }
-    let body_ns = obj["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+    let body_ns = obj["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if rq.res.namespaced && !body_ns.is_empty() && body_ns != rq.ns {
-        return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+        return Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ));
     }
     if !rq.res.namespaced {
         if let Some(m) = obj["metadata"].as_object_mut() {
@@ -591,15 +820,26 @@ fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiEr
         None => match obj["metadata"]["generateName"].as_str() {
             Some(p) if !p.is_empty() => format!("{p}{}", generate_suffix()),
             _ => {
-                return Err(ApiError::invalid(rq.res.kind, rq.res.group, "", "metadata.name", "", "Required value"));
+                return Err(ApiError::invalid(
+                    rq.res.kind,
+                    rq.res.group,
+                    "",
+                    "metadata.name",
+                    "",
+                    "Required value",
+                ));
             }
         },
     };
     obj["metadata"]["name"] = json!(name);
     validate_name(rq.res, &name)?;
     if rq.res.namespaced && cx.sh.store.get(("", "namespaces"), "", &rq.ns).is_none() {
-        return Err(ApiError::new(404, "NotFound", format!("namespaces \"{}\" not found", rq.ns))
-            .with_details(json!({"name": rq.ns, "kind": "namespaces"})));
+        return Err(ApiError::new(
+            404,
+            "NotFound",
+            format!("namespaces \"{}\" not found", rq.ns),
+        )
+        .with_details(json!({"name": rq.ns, "kind": "namespaces"})));
     }
     obj["apiVersion"] = json!(rq.res.api_version());
     obj["kind"] = json!(rq.res.kind);
@@ -607,8 +847,16 @@ fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiEr
     if cx.query.contains_key("dryRun") {
         return Ok((201, obj));
     }
-    let store_ns = if rq.res.namespaced { rq.ns.as_str() } else { "" };
-    let created = cx.sh.store.create(rq.res.key(), store_ns, obj).map_err(|_| ApiError::already_exists(rq.res, &name))?;
+    let store_ns = if rq.res.namespaced {
+        rq.ns.as_str()
+    } else {
+        ""
+    };
+    let created = cx
+        .sh
+        .store
+        .create(rq.res.key(), store_ns, obj)
+        .map_err(|_| ApiError::already_exists(rq.res, &name))?;
     if rq.res.plural == "namespaces" {
         crate::bootstrap::publish_root_ca(&cx.sh.store, &name, &cx.sh.serving_ca.cert_pem);
     }
@@ -625,13 +873,21 @@ fn admit(cx: &Ctx<'_>, rq: &ResReq, old: Option<&Value>, obj: &mut Value) -> Res
             }
             if let Some(old) = old {
                 if old["type"] != obj["type"] {
-                    return Err(ApiError::invalid("Secret", "", &rq.name, "type", &obj["type"].to_string(), "field is immutable"));
+                    return Err(ApiError::invalid(
+                        "Secret",
+                        "",
+                        &rq.name,
+                        "type",
+                        &obj["type"].to_string(),
+                        "field is immutable",
+                    ));
                 }
             }
             if let Some(sd) = obj.as_object_mut().and_then(|o| o.remove("stringData")) {
                 if let Some(m) = sd.as_object() {
                     for (k, v) in m {
-                        let enc = base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+                        let enc = base64::engine::general_purpose::STANDARD
+                            .encode(v.as_str().unwrap_or_default());
                         obj["data"][k] = json!(enc);
                     }
                 }
@@ -639,16 +895,40 @@ fn admit(cx: &Ctx<'_>, rq: &ResReq, old: Option<&Value>, obj: &mut Value) -> Res
         }
         "rolebindings" | "clusterrolebindings" => {
             let rr = &obj["roleRef"];
-            let (kind, name) = (rr["kind"].as_str().unwrap_or_default(), rr["name"].as_str().unwrap_or_default());
-            if name.is_empty() || !matches!(kind, "Role" | "ClusterRole") || (rq.res.plural == "clusterrolebindings" && kind != "ClusterRole") {
-                return Err(ApiError::invalid(rq.res.kind, rq.res.group, obj["metadata"]["name"].as_str().unwrap_or_default(), "roleRef.kind", &format!("\"{kind}\""), "supported values: \"Role\", \"ClusterRole\""));
+            let (kind, name) = (
+                rr["kind"].as_str().unwrap_or_default(),
+                rr["name"].as_str().unwrap_or_default(),
+            );
+            if name.is_empty()
+                || !matches!(kind, "Role" | "ClusterRole")
+                || (rq.res.plural == "clusterrolebindings" && kind != "ClusterRole")
+            {
+                return Err(ApiError::invalid(
+                    rq.res.kind,
+                    rq.res.group,
+                    obj["metadata"]["name"].as_str().unwrap_or_default(),
+                    "roleRef.kind",
+                    &format!("\"{kind}\""),
+                    "supported values: \"Role\", \"ClusterRole\"",
+                ));
             }
             if let Some(old) = old {
                 if old["roleRef"] != obj["roleRef"] {
-                    return Err(ApiError::invalid(rq.res.kind, rq.res.group, &rq.name, "roleRef", &obj["roleRef"].to_string(), "cannot change roleRef"));
+                    return Err(ApiError::invalid(
+                        rq.res.kind,
+                        rq.res.group,
+                        &rq.name,
+                        "roleRef",
+                        &obj["roleRef"].to_string(),
+                        "cannot change roleRef",
+                    ));
                 }
             }
-            let ns = if rq.res.plural == "rolebindings" { rq.ns.as_str() } else { "" };
+            let ns = if rq.res.plural == "rolebindings" {
+                rq.ns.as_str()
+            } else {
+                ""
+            };
             if !rbac::may_bind(&cx.sh.store, cx.user, ns, kind, name) {
                 return Err(ApiError::forbidden_named(
                     &rq.res.qualified(),
@@ -666,7 +946,10 @@ fn admit(cx: &Ctx<'_>, rq: &ResReq, old: Option<&Value>, obj: &mut Value) -> Res
 }
 
 fn update(cx: &Ctx<'_>, rq: &ResReq, mut new: Value) -> Result<Value, ApiError> {
-    let body_name = new["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let body_name = new["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     if body_name != rq.name {
         return Err(ApiError::bad_request(format!(
             "the name of the object ({body_name}) does not match the name on the URL ({})",
@@ -675,8 +958,14 @@ fn update(cx: &Ctx<'_>, rq: &ResReq, mut new: Value) -> Result<Value, ApiError> 
     }
     new["apiVersion"] = json!(rq.res.api_version());
     new["kind"] = json!(rq.res.kind);
-    let expect = new["metadata"]["resourceVersion"].as_str().map(str::to_string);
-    let store_ns = if rq.res.namespaced { rq.ns.as_str() } else { "" };
+    let expect = new["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_string);
+    let store_ns = if rq.res.namespaced {
+        rq.ns.as_str()
+    } else {
+        ""
+    };
     let r = cx.sh.store.update(rq.res.key(), store_ns, &rq.name, expect.as_deref(), |old| {
         if rq.res.plural == "certificatesigningrequests" {
             return match rq.sub.as_str() {
@@ -732,12 +1021,18 @@ fn merge_patch(target: &mut Value, patch: &Value) {
 }
 
 fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
-    let ops = ops.as_array().ok_or_else(|| ApiError::bad_request("json patch must be an array"))?;
+    let ops = ops
+        .as_array()
+        .ok_or_else(|| ApiError::bad_request("json patch must be an array"))?;
     for op in ops {
         let path = op["path"].as_str().unwrap_or_default();
-        let (parent, last) = path.rsplit_once('/').ok_or_else(|| ApiError::bad_request(format!("bad patch path {path:?}")))?;
+        let (parent, last) = path
+            .rsplit_once('/')
+            .ok_or_else(|| ApiError::bad_request(format!("bad patch path {path:?}")))?;
         let last = last.replace("~1", "/").replace("~0", "~");
-        let p = target.pointer_mut(parent).ok_or_else(|| ApiError::new(422, "Invalid", format!("doc is missing path: {parent}")))?;
+        let p = target.pointer_mut(parent).ok_or_else(|| {
+            ApiError::new(422, "Invalid", format!("doc is missing path: {parent}"))
+        })?;
         match op["op"].as_str() {
             Some("add") | Some("replace") => match p {
                 Value::Object(m) => {
@@ -745,8 +1040,14 @@ fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
                 }
                 Value::Array(a) if last == "-" => a.push(op["value"].clone()),
                 Value::Array(a) => {
-                    let i: usize = last.parse().map_err(|_| ApiError::bad_request("bad array index"))?;
-                    if op["op"] == "add" { a.insert(i.min(a.len()), op["value"].clone()) } else if i < a.len() { a[i] = op["value"].clone() }
+                    let i: usize = last
+                        .parse()
+                        .map_err(|_| ApiError::bad_request("bad array index"))?;
+                    if op["op"] == "add" {
+                        a.insert(i.min(a.len()), op["value"].clone())
+                    } else if i < a.len() {
+                        a[i] = op["value"].clone()
+                    }
                 }
                 _ => return Err(ApiError::bad_request("patch target is not a container")),
             },
@@ -755,7 +1056,9 @@ fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
                     m.remove(&last);
                 }
                 Value::Array(a) => {
-                    let i: usize = last.parse().map_err(|_| ApiError::bad_request("bad array index"))?;
+                    let i: usize = last
+                        .parse()
+                        .map_err(|_| ApiError::bad_request("bad array index"))?;
                     if i < a.len() {
                         a.remove(i);
                     }
@@ -764,10 +1067,18 @@ fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
             },
             Some("test") => {
                 if target.pointer(path) != Some(&op["value"]) {
-                    return Err(ApiError::new(422, "Invalid", format!("testing value {path} failed")));
+                    return Err(ApiError::new(
+                        422,
+                        "Invalid",
+                        format!("testing value {path} failed"),
+                    ));
                 }
             }
-            other => return Err(ApiError::bad_request(format!("unsupported patch op {other:?}"))),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported patch op {other:?}"
+                )));
+            }
         }
     }
     Ok(())
@@ -775,23 +1086,47 @@ fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
 
 fn patch(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiError> {
     let ct = cx.content_type.split(';').next().unwrap_or_default().trim();
-    let store_ns = if rq.res.namespaced { rq.ns.as_str() } else { "" };
+    let store_ns = if rq.res.namespaced {
+        rq.ns.as_str()
+    } else {
+        ""
+    };
     let current = cx.sh.store.get(rq.res.key(), store_ns, &rq.name);
-    let p: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+    let p: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
     let Some(mut cur) = current else {
         if ct == "application/apply-patch+yaml" {
             // Server-side apply creates what does not exist.
-            return create(cx, &ResReq { res: rq.res, ns: rq.ns.clone(), name: String::new(), sub: String::new() }, body);
+            return create(
+                cx,
+                &ResReq {
+                    res: rq.res,
+                    ns: rq.ns.clone(),
+                    name: String::new(),
+                    sub: String::new(),
+                },
+                body,
+            );
         }
         return Err(ApiError::not_found(rq.res, &rq.name));
     };
-    let explicit_rv = p["metadata"]["resourceVersion"].as_str().map(str::to_string);
+    let explicit_rv = p["metadata"]["resourceVersion"]
+        .as_str()
+        .map(str::to_string);
     match ct {
         "application/json-patch+json" => json_patch(&mut cur, &p)?,
-        "application/merge-patch+json" | "application/strategic-merge-patch+json" | "application/apply-patch+yaml" => {
-            merge_patch(&mut cur, &p)
+        "application/merge-patch+json"
+        | "application/strategic-merge-patch+json"
+        | "application/apply-patch+yaml" => merge_patch(&mut cur, &p),
+        other => {
+            return Err(ApiError::new(
+                415,
+                "UnsupportedMediaType",
+                format!(
+                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"
+                ),
+            ));
         }
-        other => return Err(ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"))),
     }
     // A patch applies to the latest version unless it names one itself.
     match explicit_rv {
@@ -809,28 +1144,40 @@ fn access_review(cx: &Ctx<'_>, mut req: Value) -> Value {
     let spec = &req["spec"];
     let allowed = if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
         let s = |k: &str| ra[k].as_str().unwrap_or_default().to_string();
-        rbac::authorize(&cx.sh.store, cx.user, &Attrs {
-            verb: s("verb"),
-            group: s("group"),
-            resource: s("resource"),
-            subresource: s("subresource"),
-            namespace: s("namespace"),
-            name: s("name"),
-            path: None,
-        })
+        rbac::authorize(
+            &cx.sh.store,
+            cx.user,
+            &Attrs {
+                verb: s("verb"),
+                group: s("group"),
+                resource: s("resource"),
+                subresource: s("subresource"),
+                namespace: s("namespace"),
+                name: s("name"),
+                path: None,
+            },
+        )
     } else if let Some(nr) = spec.get("nonResourceAttributes").filter(|v| v.is_object()) {
-        rbac::authorize(&cx.sh.store, cx.user, &Attrs {
-            verb: nr["verb"].as_str().unwrap_or_default().into(),
-            path: Some(nr["path"].as_str().unwrap_or_default().into()),
-            ..Default::default()
-        })
+        rbac::authorize(
+            &cx.sh.store,
+            cx.user,
+            &Attrs {
+                verb: nr["verb"].as_str().unwrap_or_default().into(),
+                path: Some(nr["path"].as_str().unwrap_or_default().into()),
+                ..Default::default()
+            },
+        )
     } else {
         false
     };
     req["apiVersion"] = json!("authorization.k8s.io/v1");
     req["kind"] = json!("SelfSubjectAccessReview");
     req["metadata"] = json!({"creationTimestamp": Value::Null});
-    req["status"] = if allowed { json!({"allowed": true, "reason": "RBAC: allowed"}) } else { json!({"allowed": false}) };
+    req["status"] = if allowed {
+        json!({"allowed": true, "reason": "RBAC: allowed"})
+    } else {
+        json!({"allowed": false})
+    };
     req
 }
 
@@ -838,7 +1185,11 @@ fn delete_namespace_contents(sh: &Shared, ns: &str) {
     for r in resources::RESOURCES.iter().filter(|r| r.namespaced) {
         let (items, _) = sh.store.list(r.key(), Some(ns));
         for i in items {
-            sh.store.delete(r.key(), ns, i["metadata"]["name"].as_str().unwrap_or_default());
+            sh.store.delete(
+                r.key(),
+                ns,
+                i["metadata"]["name"].as_str().unwrap_or_default(),
+            );
         }
     }
 }

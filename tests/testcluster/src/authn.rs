@@ -27,7 +27,11 @@ fn b64(v: &Value) -> Option<String> {
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(s).ok()?).ok()
 }
 
-pub fn authenticate(sh: &Shared, peer: Option<&[u8]>, authorization: Option<&str>) -> Option<UserInfo> {
+pub fn authenticate(
+    sh: &Shared,
+    peer: Option<&[u8]>,
+    authorization: Option<&str>,
+) -> Option<UserInfo> {
     // A client certificate wins over a bearer token in the same request.
     if let Some(der) = peer {
         return cert_user(sh, der);
@@ -50,7 +54,9 @@ fn cert_user(sh: &Shared, der: &[u8]) -> Option<UserInfo> {
     let ee = webpki::EndEntityCert::try_from(&leaf).ok()?;
     let now = UnixTime::since_unix_epoch(Duration::from_secs(crate::pki::now() as u64));
     ee.verify_for_usage(
-        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms.all,
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .all,
         &[anchor],
         &[],
         now,
@@ -60,16 +66,33 @@ fn cert_user(sh: &Shared, der: &[u8]) -> Option<UserInfo> {
     )
     .ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let username = cert.subject().iter_common_name().next()?.as_str().ok()?.to_string();
-    let mut groups: Vec<String> =
-        cert.subject().iter_organization().filter_map(|o| o.as_str().ok().map(str::to_string)).collect();
+    let username = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    let mut groups: Vec<String> = cert
+        .subject()
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(str::to_string))
+        .collect();
     groups.push("system:authenticated".into());
-    Some(UserInfo { username, uid: String::new(), groups })
+    Some(UserInfo {
+        username,
+        uid: String::new(),
+        groups,
+    })
 }
 
 fn bootstrap_token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
     let (id, secret) = token.split_once('.')?;
-    let ok = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let ok = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
     if !ok(id, 6) || !ok(secret, 16) {
         return None;
     }
@@ -79,12 +102,18 @@ fn bootstrap_token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
             return Some(user);
         }
     }
-    let s = sh.store.get(("", "secrets"), "kube-system", &format!("bootstrap-token-{id}"))?;
+    let s = sh.store.get(
+        ("", "secrets"),
+        "kube-system",
+        &format!("bootstrap-token-{id}"),
+    )?;
     if s["type"] != "bootstrap.kubernetes.io/token" {
         return None;
     }
     let d = &s["data"];
-    if b64(&d["token-id"])? != id || !constant_time_eq(b64(&d["token-secret"])?.as_bytes(), secret.as_bytes()) {
+    if b64(&d["token-id"])? != id
+        || !constant_time_eq(b64(&d["token-secret"])?.as_bytes(), secret.as_bytes())
+    {
         return None;
     }
     if b64(&d["usage-bootstrap-authentication"]).as_deref() != Some("true") {
@@ -97,13 +126,26 @@ fn bootstrap_token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
     }
     let mut groups = vec!["system:bootstrappers".to_string()];
     if let Some(extra) = b64(&d["auth-extra-groups"]) {
-        groups.extend(extra.split(',').map(str::trim).filter(|g| g.starts_with("system:bootstrappers:")).map(str::to_string));
+        groups.extend(
+            extra
+                .split(',')
+                .map(str::trim)
+                .filter(|g| g.starts_with("system:bootstrappers:"))
+                .map(str::to_string),
+        );
     }
     groups.push("system:authenticated".into());
-    let user = UserInfo { username: format!("system:bootstrap:{id}"), uid: String::new(), groups };
+    let user = UserInfo {
+        username: format!("system:bootstrap:{id}"),
+        uid: String::new(),
+        groups,
+    };
     let ttl = sh.opts.token_cache_ttl.as_secs() as i64;
     if ttl > 0 {
-        sh.token_cache.lock().unwrap().insert(token.to_string(), (user.clone(), now + ttl));
+        sh.token_cache
+            .lock()
+            .unwrap()
+            .insert(token.to_string(), (user.clone(), now + ttl));
     }
     Some(user)
 }

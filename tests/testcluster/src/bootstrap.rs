@@ -29,37 +29,84 @@ fn cluster_binding(name: &str, role: &str, groups: &[&str]) -> Value {
 
 pub fn default_cluster_roles() -> Vec<Value> {
     let view_core = ["pods", "configmaps", "serviceaccounts"];
-    let view = vec![rule(&[""], &view_core, RO), rule(&[""], &["namespaces"], RO), rule(&["coordination.k8s.io"], &["leases"], RO)];
+    let view = vec![
+        rule(&[""], &view_core, RO),
+        rule(&[""], &["namespaces"], RO),
+        rule(&["coordination.k8s.io"], &["leases"], RO),
+    ];
     let mut edit = view.clone();
-    edit.push(rule(&[""], &["pods", "configmaps", "secrets", "serviceaccounts"], RW));
+    edit.push(rule(
+        &[""],
+        &["pods", "configmaps", "secrets", "serviceaccounts"],
+        RW,
+    ));
     edit.push(rule(&[""], &["secrets"], RO));
     edit.push(rule(&["coordination.k8s.io"], &["leases"], RW));
     let mut admin = edit.clone();
-    admin.push(rule(&[RBAC], &["roles", "rolebindings"], &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]));
-    admin.push(rule(&["authorization.k8s.io"], &["localsubjectaccessreviews"], &["create"]));
+    admin.push(rule(
+        &[RBAC],
+        &["roles", "rolebindings"],
+        &[
+            "create",
+            "delete",
+            "deletecollection",
+            "get",
+            "list",
+            "patch",
+            "update",
+            "watch",
+        ],
+    ));
+    admin.push(rule(
+        &["authorization.k8s.io"],
+        &["localsubjectaccessreviews"],
+        &["create"],
+    ));
     vec![
-        cluster_role("cluster-admin", vec![rule(&["*"], &["*"], &["*"]), json!({"nonResourceURLs": ["*"], "verbs": ["*"]})]),
+        cluster_role(
+            "cluster-admin",
+            vec![
+                rule(&["*"], &["*"], &["*"]),
+                json!({"nonResourceURLs": ["*"], "verbs": ["*"]}),
+            ],
+        ),
         cluster_role("admin", admin),
         cluster_role("edit", edit),
         cluster_role("view", view),
         cluster_role(
             "system:basic-user",
             vec![
-                rule(&["authorization.k8s.io"], &["selfsubjectaccessreviews", "selfsubjectrulesreviews"], &["create"]),
-                rule(&["authentication.k8s.io"], &["selfsubjectreviews"], &["create"]),
+                rule(
+                    &["authorization.k8s.io"],
+                    &["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+                    &["create"],
+                ),
+                rule(
+                    &["authentication.k8s.io"],
+                    &["selfsubjectreviews"],
+                    &["create"],
+                ),
             ],
         ),
         cluster_role(
             "system:discovery",
-            vec![json!({"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/healthz", "/livez", "/openapi", "/openapi/*", "/readyz", "/version", "/version/"], "verbs": ["get"]})],
+            vec![
+                json!({"nonResourceURLs": ["/api", "/api/*", "/apis", "/apis/*", "/healthz", "/livez", "/openapi", "/openapi/*", "/readyz", "/version", "/version/"], "verbs": ["get"]}),
+            ],
         ),
         cluster_role(
             "system:public-info-viewer",
-            vec![json!({"nonResourceURLs": ["/healthz", "/livez", "/readyz", "/version", "/version/"], "verbs": ["get"]})],
+            vec![
+                json!({"nonResourceURLs": ["/healthz", "/livez", "/readyz", "/version", "/version/"], "verbs": ["get"]}),
+            ],
         ),
         cluster_role(
             "system:certificates.k8s.io:certificatesigningrequests:nodeclient",
-            vec![rule(&["certificates.k8s.io"], &["certificatesigningrequests/nodeclient"], &["create"])],
+            vec![rule(
+                &["certificates.k8s.io"],
+                &["certificatesigningrequests/nodeclient"],
+                &["create"],
+            )],
         ),
     ]
 }
@@ -73,9 +120,21 @@ pub fn seed(store: &Store, server_url: &str, ca_pem: &str) {
     }
     for b in [
         cluster_binding("cluster-admin", "cluster-admin", &["system:masters"]),
-        cluster_binding("system:basic-user", "system:basic-user", &["system:authenticated"]),
-        cluster_binding("system:discovery", "system:discovery", &["system:authenticated"]),
-        cluster_binding("system:public-info-viewer", "system:public-info-viewer", &["system:authenticated", "system:unauthenticated"]),
+        cluster_binding(
+            "system:basic-user",
+            "system:basic-user",
+            &["system:authenticated"],
+        ),
+        cluster_binding(
+            "system:discovery",
+            "system:discovery",
+            &["system:authenticated"],
+        ),
+        cluster_binding(
+            "system:public-info-viewer",
+            "system:public-info-viewer",
+            &["system:authenticated", "system:unauthenticated"],
+        ),
     ] {
         let _ = store.create((RBAC, "clusterrolebindings"), "", b);
     }

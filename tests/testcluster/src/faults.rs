@@ -85,19 +85,28 @@ impl Faults {
 
     pub(crate) fn check(&self, method: &str, path: &str) -> Option<FaultAction> {
         let mut rules = self.rules.lock().unwrap();
+        let mut action = None;
+        // Every matching rule counts the request, whichever fires, so each
+        // rule's `nth` refers to its own sequence of matches.
         for r in rules.iter_mut() {
-            if r.method.as_deref().is_some_and(|m| !m.eq_ignore_ascii_case(method)) {
+            if r.method
+                .as_deref()
+                .is_some_and(|m| !m.eq_ignore_ascii_case(method))
+            {
                 continue;
             }
-            if r.path_contains.as_deref().is_some_and(|p| !path.contains(p)) {
+            if r.path_contains
+                .as_deref()
+                .is_some_and(|p| !path.contains(p))
+            {
                 continue;
             }
             r.seen += 1;
-            if r.seen >= r.nth && r.seen < r.nth.saturating_add(r.times) {
+            if action.is_none() && r.seen >= r.nth && r.seen < r.nth.saturating_add(r.times) {
                 r.fired += 1;
-                return Some(r.action.clone());
+                action = Some(r.action.clone());
             }
         }
-        None
+        action
     }
 }

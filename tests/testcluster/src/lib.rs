@@ -110,7 +110,9 @@ impl Shared {
     }
 
     fn take_signing_token(&self) -> bool {
-        let Some(rate) = self.opts.signing_rate else { return true };
+        let Some(rate) = self.opts.signing_rate else {
+            return true;
+        };
         let mut b = self.bucket.lock().unwrap();
         let elapsed = b.1.elapsed().as_secs_f64();
         b.0 = (b.0 + elapsed * rate).min(rate.max(1.0));
@@ -156,14 +158,29 @@ impl ClientCertVerifier for AnyClientCert {
     }
     // The chain is checked by the authenticator so that a bad certificate is a 401
     // with a Status body, as kube-apiserver answers, rather than a TLS alert.
-    fn verify_client_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         Ok(ClientCertVerified::assertion())
     }
     // Possession of the key is still proven in the handshake.
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.algs)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.algs)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -174,10 +191,12 @@ impl ClientCertVerifier for AnyClientCert {
 fn tls_config(serving_ca: &Ca, client_ca: &Ca) -> std::io::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let (cert_pem, key_pem) = serving_ca.serving_cert();
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<_, _>>().map_err(std::io::Error::other)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(std::io::Error::other)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(std::io::Error::other)?;
-    let (_, ca) = x509_parser::parse_x509_certificate(&client_ca.cert_der).map_err(std::io::Error::other)?;
+    let (_, ca) =
+        x509_parser::parse_x509_certificate(&client_ca.cert_der).map_err(std::io::Error::other)?;
     let verifier = AnyClientCert {
         hints: vec![DistinguishedName::from(ca.subject().as_raw().to_vec())],
         algs: provider.signature_verification_algorithms,
@@ -210,14 +229,18 @@ impl TestCluster {
 
     async fn start_from(snap: Snapshot, seed: bool) -> std::io::Result<Self> {
         let load = |(key, der): (String, Vec<u8>)| -> std::io::Result<Ca> {
-            Ok(Ca::from_parts(rcgen::KeyPair::from_pem(&key).map_err(std::io::Error::other)?, der))
+            Ok(Ca::from_parts(
+                rcgen::KeyPair::from_pem(&key).map_err(std::io::Error::other)?,
+                der,
+            ))
         };
         let serving_ca = load(snap.serving)?;
         let client_ca = load(snap.client)?;
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", snap.opts.port)).await?;
         let addr = listener.local_addr()?;
         let url = format!("https://127.0.0.1:{}", addr.port());
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&serving_ca, &client_ca)?));
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&serving_ca, &client_ca)?));
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let mut opts = snap.opts;
         opts.port = addr.port();
@@ -237,7 +260,10 @@ impl TestCluster {
         if seed {
             bootstrap::seed(&sh.store, &sh.url, &sh.serving_ca.cert_pem);
         }
-        let tasks = vec![tokio::spawn(serve(listener, acceptor, sh.clone())), tokio::spawn(controllers(sh.clone()))];
+        let tasks = vec![
+            tokio::spawn(serve(listener, acceptor, sh.clone())),
+            tokio::spawn(controllers(sh.clone())),
+        ];
         Ok(Self { sh, addr, tasks })
     }
 
@@ -248,7 +274,12 @@ impl TestCluster {
             let _ = t.await;
         }
         let data = std::mem::take(&mut *self.sh.store.lock());
-        Snapshot { data, serving: ca_parts(&self.sh.serving_ca), client: ca_parts(&self.sh.client_ca), opts: self.sh.opts.clone() }
+        Snapshot {
+            data,
+            serving: ca_parts(&self.sh.serving_ca),
+            client: ca_parts(&self.sh.client_ca),
+            opts: self.sh.opts.clone(),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -308,7 +339,9 @@ impl TestCluster {
     /// A kubeconfig (JSON, which kubectl reads as YAML) with a client certificate.
     pub fn kubeconfig_for_cert(&self, cert_pem: &str, key_pem: &str) -> String {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        self.kubeconfig(json!({"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}))
+        self.kubeconfig(
+            json!({"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)}),
+        )
     }
     pub fn kubeconfig_for_token(&self, token: &str) -> String {
         self.kubeconfig(json!({"token": token}))
@@ -337,7 +370,11 @@ fn ca_parts(ca: &Ca) -> (String, Vec<u8>) {
     (ca.key.serialize_pem(), ca.cert_der.clone())
 }
 
-async fn serve(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor, sh: Arc<Shared>) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    sh: Arc<Shared>,
+) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let mut stop = sh.shutdown.subscribe();
     let mut conns = tokio::task::JoinSet::new();
@@ -374,7 +411,11 @@ async fn controllers(sh: Arc<Shared>) {
             last_clean = Instant::now();
         }
         // With a signing rate limit, throttled CSRs are retried promptly.
-        let tick = if sh.opts.signing_rate.is_some() { Duration::from_millis(5) } else { Duration::from_millis(250) };
+        let tick = if sh.opts.signing_rate.is_some() {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_millis(250)
+        };
         tokio::select! {
             _ = changes.changed() => {}
             _ = tokio::time::sleep(tick) => {}

@@ -22,7 +22,10 @@ async fn main() -> std::io::Result<()> {
         match a.as_str() {
             "--dir" => dir = Some(std::path::PathBuf::from(val())),
             "--port" => opts.port = val().parse().unwrap_or_else(|_| usage()),
-            "--max-signing-duration" => opts.max_signing_duration = Duration::from_secs(val().parse().unwrap_or_else(|_| usage())),
+            "--max-signing-duration" => {
+                opts.max_signing_duration =
+                    Duration::from_secs(val().parse().unwrap_or_else(|_| usage()))
+            }
             "--signing-rate" => opts.signing_rate = Some(val().parse().unwrap_or_else(|_| usage())),
             "--no-token-cleaner" => opts.token_cleaner = false,
             "--signer-mode" => {

@@ -1,21 +1,26 @@
 //! The cluster's CAs and the certificates it signs. Independent of rotator's own
 //! PKI code on purpose: this server is the oracle rotator is tested against.
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use x509_cert::certificate::{Certificate, TbsCertificate, Version};
 use x509_cert::der::asn1::{BitString, GeneralizedTime, ObjectIdentifier, OctetString, UtcTime};
 use x509_cert::der::oid::AssociatedOid;
 use x509_cert::der::{Decode, Encode};
 use x509_cert::ext::Extension;
-use x509_cert::ext::pkix::{AuthorityKeyIdentifier, BasicConstraints as XBasic, ExtendedKeyUsage, KeyUsage, KeyUsages};
+use x509_cert::ext::pkix::{
+    AuthorityKeyIdentifier, BasicConstraints as XBasic, ExtendedKeyUsage, KeyUsage, KeyUsages,
+};
 use x509_cert::request::CertReq;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::time::{Time, Validity};
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -52,7 +57,11 @@ impl Ca {
         p.distinguished_name = DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, cn);
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign];
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::CrlSign,
+        ];
         let now = now();
         p.not_before = time::OffsetDateTime::from_unix_timestamp(now - 3600).unwrap();
         p.not_after = time::OffsetDateTime::from_unix_timestamp(now + 10 * 365 * 86400).unwrap();
@@ -64,17 +73,31 @@ impl Ca {
     pub fn from_parts(key: KeyPair, cert_der: Vec<u8>) -> Self {
         let c = Certificate::from_der(&cert_der).expect("CA certificate");
         let subject_der = c.tbs_certificate.subject.to_der().unwrap();
-        let not_after = c.tbs_certificate.validity.not_after.to_unix_duration().as_secs() as i64;
+        let not_after = c
+            .tbs_certificate
+            .validity
+            .not_after
+            .to_unix_duration()
+            .as_secs() as i64;
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der).expect("CA certificate");
         let key_id = parsed
             .extensions()
             .iter()
             .find_map(|e| match e.parsed_extension() {
-                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => {
+                    Some(k.0.to_vec())
+                }
                 _ => None,
             })
             .unwrap_or_default();
-        Self { cert_pem: pem("CERTIFICATE", &cert_der), key, cert_der, not_after, subject_der, key_id }
+        Self {
+            cert_pem: pem("CERTIFICATE", &cert_der),
+            key,
+            cert_der,
+            not_after,
+            subject_der,
+            key_id,
+        }
     }
 
     /// A TLS serving certificate for 127.0.0.1 / localhost.
@@ -82,7 +105,8 @@ impl Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        p.distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
         p.subject_alt_names = vec![
             SanType::IpAddress("127.0.0.1".parse().unwrap()),
             SanType::DnsName("localhost".try_into().unwrap()),
@@ -102,7 +126,13 @@ impl Ca {
     /// Signs a client certificate for a CSR the way kube-controller-manager's
     /// csrsigning controller does: subject and key from the request, everything
     /// else (usages, validity, no CA bit) from the signer.
-    pub fn sign_client(&self, csr_der: &[u8], usages: &[String], not_before: i64, not_after: i64) -> Result<String, String> {
+    pub fn sign_client(
+        &self,
+        csr_der: &[u8],
+        usages: &[String],
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<String, String> {
         let req = CertReq::from_der(csr_der).map_err(|e| e.to_string())?;
         let mut ku = KeyUsages::DigitalSignature.into();
         if usages.iter().any(|u| u == "key encipherment") {
@@ -121,9 +151,20 @@ impl Ca {
             ext(
                 false,
                 ExtendedKeyUsage::OID,
-                ExtendedKeyUsage(vec![ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.2")]).to_der().unwrap(),
+                ExtendedKeyUsage(vec![ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.2")])
+                    .to_der()
+                    .unwrap(),
             ),
-            ext(true, XBasic::OID, XBasic { ca: false, path_len_constraint: None }.to_der().unwrap()),
+            ext(
+                true,
+                XBasic::OID,
+                XBasic {
+                    ca: false,
+                    path_len_constraint: None,
+                }
+                .to_der()
+                .unwrap(),
+            ),
         ];
         if !self.key_id.is_empty() {
             let aki = AuthorityKeyIdentifier {
@@ -131,7 +172,11 @@ impl Ca {
                 authority_cert_issuer: None,
                 authority_cert_serial_number: None,
             };
-            extensions.push(ext(false, AuthorityKeyIdentifier::OID, aki.to_der().unwrap()));
+            extensions.push(ext(
+                false,
+                AuthorityKeyIdentifier::OID,
+                aki.to_der().unwrap(),
+            ));
         }
         let alg = x509_cert::spki::AlgorithmIdentifierOwned {
             oid: ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2"),
@@ -142,7 +187,10 @@ impl Ca {
             serial_number: SerialNumber::new(&serial).unwrap(),
             signature: alg.clone(),
             issuer: x509_cert::name::Name::from_der(&self.subject_der).unwrap(),
-            validity: Validity { not_before: x509_time(not_before), not_after: x509_time(not_after) },
+            validity: Validity {
+                not_before: x509_time(not_before),
+                not_after: x509_time(not_after),
+            },
             subject: req.info.subject,
             subject_public_key_info: req.info.public_key,
             issuer_unique_id: None,
@@ -152,8 +200,15 @@ impl Ca {
         let tbs_der = tbs.to_der().map_err(|e| e.to_string())?;
         use rcgen::SigningKey;
         let sig = self.key.sign(&tbs_der).map_err(|e| e.to_string())?;
-        let cert = Certificate { tbs_certificate: tbs, signature_algorithm: alg, signature: BitString::from_bytes(&sig).unwrap() };
-        Ok(pem("CERTIFICATE", &cert.to_der().map_err(|e| e.to_string())?))
+        let cert = Certificate {
+            tbs_certificate: tbs,
+            signature_algorithm: alg,
+            signature: BitString::from_bytes(&sig).unwrap(),
+        };
+        Ok(pem(
+            "CERTIFICATE",
+            &cert.to_der().map_err(|e| e.to_string())?,
+        ))
     }
 
     /// A client certificate made directly (for the admin kubeconfig and tests).
@@ -161,7 +216,9 @@ impl Ca {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let csr = csr_der(&key, cn, orgs);
         let now = now();
-        let cert = self.sign_client(&csr, &["client auth".into()], now - 300, now + lifetime).unwrap();
+        let cert = self
+            .sign_client(&csr, &["client auth".into()], now - 300, now + lifetime)
+            .unwrap();
         (cert, key.serialize_pem())
     }
 }
@@ -195,7 +252,10 @@ pub fn csr_der(key: &KeyPair, cn: &str, orgs: &[&str]) -> Vec<u8> {
     let info = x509_cert::request::CertReqInfo {
         version: x509_cert::request::Version::V1,
         subject: RdnSequence(rdns),
-        public_key: x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(&key.subject_public_key_info()).unwrap(),
+        public_key: x509_cert::spki::SubjectPublicKeyInfoOwned::from_der(
+            &key.subject_public_key_info(),
+        )
+        .unwrap(),
         attributes: SetOfVec::new(),
     };
     use rcgen::SigningKey;

@@ -23,37 +23,131 @@ struct F(u32, &'static str, Ty, bool);
 
 use Ty::*;
 
-const OWNER_REF: &[F] = &[F(5, "apiVersion", Str, false), F(1, "kind", Str, false), F(3, "name", Str, false), F(4, "uid", Str, false), F(6, "controller", Bool, false), F(7, "blockOwnerDeletion", Bool, false)];
+const OWNER_REF: &[F] = &[
+    F(5, "apiVersion", Str, false),
+    F(1, "kind", Str, false),
+    F(3, "name", Str, false),
+    F(4, "uid", Str, false),
+    F(6, "controller", Bool, false),
+    F(7, "blockOwnerDeletion", Bool, false),
+];
 const META: &[F] = &[
-    F(1, "name", Str, false), F(2, "generateName", Str, false), F(3, "namespace", Str, false), F(5, "uid", Str, false),
-    F(6, "resourceVersion", Str, false), F(7, "generation", Int, false), F(8, "creationTimestamp", Time, false),
-    F(9, "deletionTimestamp", Time, false), F(11, "labels", MapStr, false), F(12, "annotations", MapStr, false),
-    F(13, "ownerReferences", Msg(OWNER_REF), true), F(14, "finalizers", Str, true),
+    F(1, "name", Str, false),
+    F(2, "generateName", Str, false),
+    F(3, "namespace", Str, false),
+    F(5, "uid", Str, false),
+    F(6, "resourceVersion", Str, false),
+    F(7, "generation", Int, false),
+    F(8, "creationTimestamp", Time, false),
+    F(9, "deletionTimestamp", Time, false),
+    F(11, "labels", MapStr, false),
+    F(12, "annotations", MapStr, false),
+    F(13, "ownerReferences", Msg(OWNER_REF), true),
+    F(14, "finalizers", Str, true),
 ];
 const NS_SPEC: &[F] = &[F(1, "finalizers", Str, true)];
 const NS_STATUS: &[F] = &[F(1, "phase", Str, false)];
-const NAMESPACE: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "spec", Msg(NS_SPEC), false), F(3, "status", Msg(NS_STATUS), false)];
-const SUBJECT: &[F] = &[F(1, "kind", Str, false), F(2, "apiGroup", Str, false), F(3, "name", Str, false), F(4, "namespace", Str, false)];
-const ROLE_REF: &[F] = &[F(1, "apiGroup", Str, false), F(2, "kind", Str, false), F(3, "name", Str, false)];
-const BINDING: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "subjects", Msg(SUBJECT), true), F(3, "roleRef", Msg(ROLE_REF), false)];
-const RULE: &[F] = &[F(1, "verbs", Str, true), F(2, "apiGroups", Str, true), F(3, "resources", Str, true), F(4, "resourceNames", Str, true), F(5, "nonResourceURLs", Str, true)];
-const ROLE: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "rules", Msg(RULE), true)];
-const USER_INFO: &[F] = &[F(1, "username", Str, false), F(2, "uid", Str, false), F(3, "groups", Str, true), F(4, "extra", MapExtra, false)];
-const SSR_STATUS: &[F] = &[F(1, "userInfo", Msg(USER_INFO), false)];
-const SSR: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "status", Msg(SSR_STATUS), false)];
-const RES_ATTRS: &[F] = &[F(1, "namespace", Str, false), F(2, "verb", Str, false), F(3, "group", Str, false), F(4, "version", Str, false), F(5, "resource", Str, false), F(6, "subresource", Str, false), F(7, "name", Str, false)];
-const NONRES_ATTRS: &[F] = &[F(1, "path", Str, false), F(2, "verb", Str, false)];
-const SSAR_SPEC: &[F] = &[F(1, "resourceAttributes", Msg(RES_ATTRS), false), F(2, "nonResourceAttributes", Msg(NONRES_ATTRS), false)];
-const SSAR: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "spec", Msg(SSAR_SPEC), false)];
-const CSR_SPEC: &[F] = &[
-    F(1, "request", Bytes, false), F(7, "signerName", Str, false), F(8, "expirationSeconds", Int, false), F(5, "usages", Str, true),
-    F(2, "username", Str, false), F(3, "uid", Str, false), F(4, "groups", Str, true), F(6, "extra", MapExtra, false),
+const NAMESPACE: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "spec", Msg(NS_SPEC), false),
+    F(3, "status", Msg(NS_STATUS), false),
 ];
-const CSR_COND: &[F] = &[F(1, "type", Str, false), F(6, "status", Str, false), F(2, "reason", Str, false), F(3, "message", Str, false), F(4, "lastUpdateTime", Time, false), F(5, "lastTransitionTime", Time, false)];
-const CSR_STATUS: &[F] = &[F(1, "conditions", Msg(CSR_COND), true), F(2, "certificate", Bytes, false)];
-const CSR: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "spec", Msg(CSR_SPEC), false), F(3, "status", Msg(CSR_STATUS), false)];
-const SECRET: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "data", MapBytes, false), F(3, "type", Str, false), F(4, "stringData", MapStr, false), F(5, "immutable", Bool, false)];
-const CONFIGMAP: &[F] = &[F(1, "metadata", Msg(META), false), F(2, "data", MapStr, false), F(3, "binaryData", MapBytes, false), F(4, "immutable", Bool, false)];
+const SUBJECT: &[F] = &[
+    F(1, "kind", Str, false),
+    F(2, "apiGroup", Str, false),
+    F(3, "name", Str, false),
+    F(4, "namespace", Str, false),
+];
+const ROLE_REF: &[F] = &[
+    F(1, "apiGroup", Str, false),
+    F(2, "kind", Str, false),
+    F(3, "name", Str, false),
+];
+const BINDING: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "subjects", Msg(SUBJECT), true),
+    F(3, "roleRef", Msg(ROLE_REF), false),
+];
+const RULE: &[F] = &[
+    F(1, "verbs", Str, true),
+    F(2, "apiGroups", Str, true),
+    F(3, "resources", Str, true),
+    F(4, "resourceNames", Str, true),
+    F(5, "nonResourceURLs", Str, true),
+];
+const ROLE: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "rules", Msg(RULE), true),
+];
+const USER_INFO: &[F] = &[
+    F(1, "username", Str, false),
+    F(2, "uid", Str, false),
+    F(3, "groups", Str, true),
+    F(4, "extra", MapExtra, false),
+];
+const SSR_STATUS: &[F] = &[F(1, "userInfo", Msg(USER_INFO), false)];
+const SSR: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "status", Msg(SSR_STATUS), false),
+];
+const RES_ATTRS: &[F] = &[
+    F(1, "namespace", Str, false),
+    F(2, "verb", Str, false),
+    F(3, "group", Str, false),
+    F(4, "version", Str, false),
+    F(5, "resource", Str, false),
+    F(6, "subresource", Str, false),
+    F(7, "name", Str, false),
+];
+const NONRES_ATTRS: &[F] = &[F(1, "path", Str, false), F(2, "verb", Str, false)];
+const SSAR_SPEC: &[F] = &[
+    F(1, "resourceAttributes", Msg(RES_ATTRS), false),
+    F(2, "nonResourceAttributes", Msg(NONRES_ATTRS), false),
+];
+const SSAR: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "spec", Msg(SSAR_SPEC), false),
+];
+const CSR_SPEC: &[F] = &[
+    F(1, "request", Bytes, false),
+    F(7, "signerName", Str, false),
+    F(8, "expirationSeconds", Int, false),
+    F(5, "usages", Str, true),
+    F(2, "username", Str, false),
+    F(3, "uid", Str, false),
+    F(4, "groups", Str, true),
+    F(6, "extra", MapExtra, false),
+];
+const CSR_COND: &[F] = &[
+    F(1, "type", Str, false),
+    F(6, "status", Str, false),
+    F(2, "reason", Str, false),
+    F(3, "message", Str, false),
+    F(4, "lastUpdateTime", Time, false),
+    F(5, "lastTransitionTime", Time, false),
+];
+const CSR_STATUS: &[F] = &[
+    F(1, "conditions", Msg(CSR_COND), true),
+    F(2, "certificate", Bytes, false),
+];
+const CSR: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "spec", Msg(CSR_SPEC), false),
+    F(3, "status", Msg(CSR_STATUS), false),
+];
+const SECRET: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "data", MapBytes, false),
+    F(3, "type", Str, false),
+    F(4, "stringData", MapStr, false),
+    F(5, "immutable", Bool, false),
+];
+const CONFIGMAP: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "data", MapStr, false),
+    F(3, "binaryData", MapBytes, false),
+    F(4, "immutable", Bool, false),
+];
 
 fn schema(kind: &str) -> Option<&'static [F]> {
     Some(match kind {
@@ -117,7 +211,9 @@ fn decode_msg(buf: &[u8], fields: &[F]) -> Option<Value> {
     let mut out = Map::new();
     let mut r = Reader(buf);
     while let Some((num, v)) = r.field()? {
-        let Some(f) = fields.iter().find(|f| f.0 == num) else { continue };
+        let Some(f) = fields.iter().find(|f| f.0 == num) else {
+            continue;
+        };
         let val = match (f.2, v) {
             (Str, Err(b)) => Value::String(String::from_utf8(b.to_vec()).ok()?),
             (Bytes, Err(b)) => Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
@@ -147,11 +243,17 @@ fn decode_msg(buf: &[u8], fields: &[F]) -> Option<Value> {
             _ => return None,
         };
         // Go's JSON omits empty scalars (omitempty); protobuf carries them explicitly.
-        if !f.3 && matches!(&val, Value::String(s) if s.is_empty()) || val == json!(0) || val == json!(false) {
+        if !f.3 && matches!(&val, Value::String(s) if s.is_empty())
+            || val == json!(0)
+            || val == json!(false)
+        {
             continue;
         }
         if f.3 {
-            out.entry(f.1).or_insert_with(|| json!([])).as_array_mut()?.push(val);
+            out.entry(f.1)
+                .or_insert_with(|| json!([]))
+                .as_array_mut()?
+                .push(val);
         } else {
             out.insert(f.1.to_string(), val);
         }
@@ -161,13 +263,36 @@ fn decode_msg(buf: &[u8], fields: &[F]) -> Option<Value> {
 
 /// Decodes a protobuf request body into JSON; `Err` explains what was not understood.
 pub fn to_json(body: &[u8]) -> Result<Value, String> {
-    let inner = body.strip_prefix(b"k8s\0").ok_or("missing the k8s protobuf magic prefix")?;
-    let env = decode_msg(inner, &[F(1, "typeMeta", Msg(&[F(1, "apiVersion", Str, false), F(2, "kind", Str, false)]), false), F(2, "raw", Bytes, false)])
-        .ok_or("malformed runtime.Unknown envelope")?;
-    let kind = env["typeMeta"]["kind"].as_str().unwrap_or_default().to_string();
-    let api_version = env["typeMeta"]["apiVersion"].as_str().unwrap_or_default().to_string();
-    let s = schema(&kind).ok_or_else(|| format!("protobuf bodies of kind {kind:?} are not supported by this test server"))?;
-    let raw = base64::engine::general_purpose::STANDARD.decode(env["raw"].as_str().unwrap_or_default()).map_err(|e| e.to_string())?;
+    let inner = body
+        .strip_prefix(b"k8s\0")
+        .ok_or("missing the k8s protobuf magic prefix")?;
+    let env = decode_msg(
+        inner,
+        &[
+            F(
+                1,
+                "typeMeta",
+                Msg(&[F(1, "apiVersion", Str, false), F(2, "kind", Str, false)]),
+                false,
+            ),
+            F(2, "raw", Bytes, false),
+        ],
+    )
+    .ok_or("malformed runtime.Unknown envelope")?;
+    let kind = env["typeMeta"]["kind"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let api_version = env["typeMeta"]["apiVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let s = schema(&kind).ok_or_else(|| {
+        format!("protobuf bodies of kind {kind:?} are not supported by this test server")
+    })?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(env["raw"].as_str().unwrap_or_default())
+        .map_err(|e| e.to_string())?;
     let mut v = decode_msg(&raw, s).ok_or_else(|| format!("malformed {kind} protobuf"))?;
     v["kind"] = json!(kind);
     v["apiVersion"] = json!(api_version);

@@ -13,35 +13,186 @@ pub struct Resource {
     pub subresources: &'static [&'static str],
 }
 
-const CRUD: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const CRUD: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 pub static RESOURCES: &[Resource] = &[
-    Resource { group: "", version: "v1", kind: "Namespace", plural: "namespaces", singular: "namespace", namespaced: false, verbs: &["create", "delete", "get", "list", "patch", "update", "watch"], short_names: &["ns"], subresources: &[] },
-    Resource { group: "", version: "v1", kind: "Secret", plural: "secrets", singular: "secret", namespaced: true, verbs: CRUD, short_names: &[], subresources: &[] },
-    Resource { group: "", version: "v1", kind: "ConfigMap", plural: "configmaps", singular: "configmap", namespaced: true, verbs: CRUD, short_names: &["cm"], subresources: &[] },
-    Resource { group: "", version: "v1", kind: "Pod", plural: "pods", singular: "pod", namespaced: true, verbs: CRUD, short_names: &["po"], subresources: &[] },
-    Resource { group: "", version: "v1", kind: "ServiceAccount", plural: "serviceaccounts", singular: "serviceaccount", namespaced: true, verbs: CRUD, short_names: &["sa"], subresources: &[] },
-    Resource { group: "rbac.authorization.k8s.io", version: "v1", kind: "Role", plural: "roles", singular: "role", namespaced: true, verbs: CRUD, short_names: &[], subresources: &[] },
-    Resource { group: "rbac.authorization.k8s.io", version: "v1", kind: "RoleBinding", plural: "rolebindings", singular: "rolebinding", namespaced: true, verbs: CRUD, short_names: &[], subresources: &[] },
-    Resource { group: "rbac.authorization.k8s.io", version: "v1", kind: "ClusterRole", plural: "clusterroles", singular: "clusterrole", namespaced: false, verbs: CRUD, short_names: &[], subresources: &[] },
-    Resource { group: "rbac.authorization.k8s.io", version: "v1", kind: "ClusterRoleBinding", plural: "clusterrolebindings", singular: "clusterrolebinding", namespaced: false, verbs: CRUD, short_names: &[], subresources: &[] },
-    Resource { group: "certificates.k8s.io", version: "v1", kind: "CertificateSigningRequest", plural: "certificatesigningrequests", singular: "certificatesigningrequest", namespaced: false, verbs: CRUD, short_names: &["csr"], subresources: &["approval", "status"] },
-    Resource { group: "coordination.k8s.io", version: "v1", kind: "Lease", plural: "leases", singular: "lease", namespaced: true, verbs: CRUD, short_names: &[], subresources: &[] },
-    Resource { group: "authentication.k8s.io", version: "v1", kind: "SelfSubjectReview", plural: "selfsubjectreviews", singular: "selfsubjectreview", namespaced: false, verbs: &["create"], short_names: &[], subresources: &[] },
-    Resource { group: "authorization.k8s.io", version: "v1", kind: "SelfSubjectAccessReview", plural: "selfsubjectaccessreviews", singular: "selfsubjectaccessreview", namespaced: false, verbs: &["create"], short_names: &[], subresources: &[] },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        singular: "namespace",
+        namespaced: false,
+        verbs: &[
+            "create", "delete", "get", "list", "patch", "update", "watch",
+        ],
+        short_names: &["ns"],
+        subresources: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "Secret",
+        plural: "secrets",
+        singular: "secret",
+        namespaced: true,
+        verbs: CRUD,
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+        singular: "configmap",
+        namespaced: true,
+        verbs: CRUD,
+        short_names: &["cm"],
+        subresources: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        singular: "pod",
+        namespaced: true,
+        verbs: CRUD,
+        short_names: &["po"],
+        subresources: &[],
+    },
+    Resource {
+        group: "",
+        version: "v1",
+        kind: "ServiceAccount",
+        plural: "serviceaccounts",
+        singular: "serviceaccount",
+        namespaced: true,
+        verbs: CRUD,
+        short_names: &["sa"],
+        subresources: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "Role",
+        plural: "roles",
+        singular: "role",
+        namespaced: true,
+        verbs: CRUD,
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "RoleBinding",
+        plural: "rolebindings",
+        singular: "rolebinding",
+        namespaced: true,
+        verbs: CRUD,
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRole",
+        plural: "clusterroles",
+        singular: "clusterrole",
+        namespaced: false,
+        verbs: CRUD,
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        kind: "ClusterRoleBinding",
+        plural: "clusterrolebindings",
+        singular: "clusterrolebinding",
+        namespaced: false,
+        verbs: CRUD,
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "certificates.k8s.io",
+        version: "v1",
+        kind: "CertificateSigningRequest",
+        plural: "certificatesigningrequests",
+        singular: "certificatesigningrequest",
+        namespaced: false,
+        verbs: CRUD,
+        short_names: &["csr"],
+        subresources: &["approval", "status"],
+    },
+    Resource {
+        group: "coordination.k8s.io",
+        version: "v1",
+        kind: "Lease",
+        plural: "leases",
+        singular: "lease",
+        namespaced: true,
+        verbs: CRUD,
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "authentication.k8s.io",
+        version: "v1",
+        kind: "SelfSubjectReview",
+        plural: "selfsubjectreviews",
+        singular: "selfsubjectreview",
+        namespaced: false,
+        verbs: &["create"],
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "authorization.k8s.io",
+        version: "v1",
+        kind: "SelfSubjectAccessReview",
+        plural: "selfsubjectaccessreviews",
+        singular: "selfsubjectaccessreview",
+        namespaced: false,
+        verbs: &["create"],
+        short_names: &[],
+        subresources: &[],
+    },
 ];
 
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
-    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
 impl Resource {
     pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.to_string() } else { format!("{}/{}", self.group, self.version) }
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
     }
     /// `certificatesigningrequests.certificates.k8s.io`, as error messages name it.
     pub fn qualified(&self) -> String {
-        if self.group.is_empty() { self.plural.to_string() } else { format!("{}.{}", self.plural, self.group) }
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
     }
     pub fn key(&self) -> crate::store::ResKey {
         (self.group, self.plural)
@@ -49,7 +200,11 @@ impl Resource {
 }
 
 fn groups() -> Vec<&'static str> {
-    let mut g: Vec<&str> = RESOURCES.iter().map(|r| r.group).filter(|g| !g.is_empty()).collect();
+    let mut g: Vec<&str> = RESOURCES
+        .iter()
+        .map(|r| r.group)
+        .filter(|g| !g.is_empty())
+        .collect();
     g.dedup();
     g.sort();
     g.dedup();
@@ -85,7 +240,10 @@ pub fn api_group(g: &str) -> Option<Value> {
 }
 
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let rs: Vec<&Resource> = RESOURCES.iter().filter(|r| r.group == group && r.version == version).collect();
+    let rs: Vec<&Resource> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
     if rs.is_empty() {
         return None;
     }
@@ -98,12 +256,22 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                             "kind": r.kind, "verbs": ["get", "patch", "update"]}));
         }
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}))
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}),
+    )
 }
 
 fn gv_path(group: &str, version: &str) -> String {
-    if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") }
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
 }
 
 /// `/openapi/v3`: one entry per group-version. kubectl reads it to learn that
@@ -118,7 +286,10 @@ pub fn openapi_v3_index() -> Value {
         }
         seen.push((r.group, r.version));
         let p = gv_path(r.group, r.version);
-        paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=testcluster")}));
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=testcluster")}),
+        );
     }
     json!({"paths": paths})
 }
@@ -126,14 +297,21 @@ pub fn openapi_v3_index() -> Value {
 /// A group-version's OpenAPI v3 document: for each resource, the PATCH operation
 /// with its group-version-kind and the `fieldValidation` query parameter.
 pub fn openapi_v3_doc(gv: &str) -> Option<Value> {
-    let rs: Vec<&Resource> = RESOURCES.iter().filter(|r| gv_path(r.group, r.version) == gv).collect();
+    let rs: Vec<&Resource> = RESOURCES
+        .iter()
+        .filter(|r| gv_path(r.group, r.version) == gv)
+        .collect();
     if rs.is_empty() {
         return None;
     }
     let mut paths = serde_json::Map::new();
     for r in rs {
         let base = format!("/{}", gv_path(r.group, r.version));
-        let item = if r.namespaced { format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural) } else { format!("{base}/{}/{{name}}", r.plural) };
+        let item = if r.namespaced {
+            format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural)
+        } else {
+            format!("{base}/{}/{{name}}", r.plural)
+        };
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
         let params = json!([
             {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}},
@@ -143,5 +321,7 @@ pub fn openapi_v3_doc(gv: &str) -> Option<Value> {
         let op = |verb: &str| json!({"operationId": format!("{verb}{}", r.kind), "x-kubernetes-action": verb, "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {"200": {"description": "OK"}}});
         paths.insert(item, json!({"get": op("get"), "put": op("put"), "patch": op("patch"), "delete": op("delete")}));
     }
-    Some(json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": paths, "components": {"schemas": {}}}))
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": paths, "components": {"schemas": {}}}),
+    )
 }

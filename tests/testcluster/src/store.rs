@@ -34,18 +34,35 @@ pub struct Store {
 
 pub fn rfc3339(unix: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp(unix).unwrap();
-    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second())
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 pub fn parse_rfc3339(s: &str) -> Option<i64> {
     let fmt = time::format_description::well_known::Rfc3339;
-    time::OffsetDateTime::parse(s, &fmt).ok().map(|t| t.unix_timestamp())
+    time::OffsetDateTime::parse(s, &fmt)
+        .ok()
+        .map(|t| t.unix_timestamp())
 }
 
 fn uid() -> String {
     let b = crate::pki::random_bytes::<16>();
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 impl Default for Store {
@@ -58,7 +75,10 @@ impl Store {
     pub fn new(data: Data) -> Self {
         let rv = data.rv;
         let (tx, _) = tokio::sync::watch::channel(rv);
-        Self { data: Arc::new(Mutex::new(data)), notify: Arc::new(tx) }
+        Self {
+            data: Arc::new(Mutex::new(data)),
+            notify: Arc::new(tx),
+        }
     }
 
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -70,7 +90,10 @@ impl Store {
     }
 
     pub fn get(&self, res: ResKey, ns: &str, name: &str) -> Option<Value> {
-        self.lock().objects.get(&(res, ns.to_string(), name.to_string())).cloned()
+        self.lock()
+            .objects
+            .get(&(res, ns.to_string(), name.to_string()))
+            .cloned()
     }
 
     pub fn list(&self, res: ResKey, ns: Option<&str>) -> (Vec<Value>, u64) {
@@ -85,7 +108,13 @@ impl Store {
     }
 
     fn record(&self, d: &mut Data, kind: &'static str, res: ResKey, ns: &str, object: Value) {
-        d.history.push_back(Event { rv: d.rv, kind, res, namespace: ns.to_string(), object });
+        d.history.push_back(Event {
+            rv: d.rv,
+            kind,
+            res,
+            namespace: ns.to_string(),
+            object,
+        });
         while d.history.len() > HISTORY {
             d.history.pop_front();
         }
@@ -96,7 +125,10 @@ impl Store {
     /// `Err(existing)` when the name is taken.
     pub fn create(&self, res: ResKey, ns: &str, mut obj: Value) -> Result<Value, Value> {
         let mut d = self.lock();
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let key = (res, ns.to_string(), name);
         if let Some(existing) = d.objects.get(&key) {
             return Err(existing.clone());
@@ -105,7 +137,10 @@ impl Store {
         let m = obj["metadata"].as_object_mut().expect("metadata object");
         m.insert("uid".into(), json!(uid()));
         m.insert("resourceVersion".into(), json!(d.rv.to_string()));
-        m.insert("creationTimestamp".into(), json!(rfc3339(crate::pki::now())));
+        m.insert(
+            "creationTimestamp".into(),
+            json!(rfc3339(crate::pki::now())),
+        );
         m.remove("deletionTimestamp");
         if !ns.is_empty() {
             m.insert("namespace".into(), json!(ns));
@@ -116,37 +151,57 @@ impl Store {
     }
 
     /// Replaces an object with `f(current)`. `expect_rv`: optimistic concurrency.
+    /// `f` runs without the store lock held (admission may read the store, as RBAC
+    /// checks do); the write then happens only if nothing changed meanwhile, and
+    /// otherwise an unconditional update is retried, a conditional one is a conflict,
+    /// as kube-apiserver's GuaranteedUpdate does.
     pub fn update(
         &self,
         res: ResKey,
         ns: &str,
         name: &str,
         expect_rv: Option<&str>,
-        f: impl FnOnce(&Value) -> Result<Value, crate::api::ApiError>,
+        f: impl Fn(&Value) -> Result<Value, crate::api::ApiError>,
     ) -> Result<Value, UpdateError> {
-        let mut d = self.lock();
         let key = (res, ns.to_string(), name.to_string());
-        let Some(cur) = d.objects.get(&key).cloned() else { return Err(UpdateError::NotFound) };
-        if let Some(rv) = expect_rv.filter(|r| !r.is_empty()) {
-            if cur["metadata"]["resourceVersion"].as_str() != Some(rv) {
-                return Err(UpdateError::Conflict);
+        loop {
+            let Some(cur) = self.lock().objects.get(&key).cloned() else {
+                return Err(UpdateError::NotFound);
+            };
+            let cur_rv = cur["metadata"]["resourceVersion"].clone();
+            if let Some(rv) = expect_rv.filter(|r| !r.is_empty()) {
+                if cur_rv.as_str() != Some(rv) {
+                    return Err(UpdateError::Conflict);
+                }
             }
-        }
-        let mut new = f(&cur).map_err(UpdateError::Invalid)?;
-        // Server-owned metadata survives any update.
-        for k in ["uid", "creationTimestamp", "name", "namespace"] {
-            if let Some(v) = cur["metadata"].get(k) {
-                new["metadata"][k] = v.clone();
+            let mut new = f(&cur).map_err(UpdateError::Invalid)?;
+            // Server-owned metadata survives any update.
+            for k in ["uid", "creationTimestamp", "name", "namespace"] {
+                if let Some(v) = cur["metadata"].get(k) {
+                    new["metadata"][k] = v.clone();
+                }
             }
+            new["metadata"]["resourceVersion"] = cur_rv.clone();
+            if new == cur {
+                return Ok(cur); // a no-op update does not bump the resourceVersion
+            }
+            let mut d = self.lock();
+            match d.objects.get(&key) {
+                None => return Err(UpdateError::NotFound),
+                Some(now) if now["metadata"]["resourceVersion"] != cur_rv => {
+                    if expect_rv.is_some_and(|r| !r.is_empty()) {
+                        return Err(UpdateError::Conflict);
+                    }
+                    continue;
+                }
+                Some(_) => {}
+            }
+            d.rv += 1;
+            new["metadata"]["resourceVersion"] = json!(d.rv.to_string());
+            d.objects.insert(key, new.clone());
+            self.record(&mut d, "MODIFIED", res, ns, new.clone());
+            return Ok(new);
         }
-        if new == cur {
-            return Ok(cur); // a no-op update does not bump the resourceVersion
-        }
-        d.rv += 1;
-        new["metadata"]["resourceVersion"] = json!(d.rv.to_string());
-        d.objects.insert(key, new.clone());
-        self.record(&mut d, "MODIFIED", res, ns, new.clone());
-        Ok(new)
     }
 
     pub fn delete(&self, res: ResKey, ns: &str, name: &str) -> Option<Value> {
@@ -160,7 +215,12 @@ impl Store {
     }
 
     /// Events after `rv` for a resource, or `None` if history no longer reaches back that far.
-    pub fn events_since(&self, res: ResKey, ns: Option<&str>, rv: u64) -> Option<(Vec<Event>, u64)> {
+    pub fn events_since(
+        &self,
+        res: ResKey,
+        ns: Option<&str>,
+        rv: u64,
+    ) -> Option<(Vec<Event>, u64)> {
         let d = self.lock();
         if let Some(first) = d.history.front() {
             if rv + 1 < first.rv {
