@@ -235,18 +235,18 @@ impl Issuer<'_> {
     ) -> Result<Issued, IssueError> {
         self.settings.policy.check(&spec)?;
         let mut conn = self.store.conn().await?;
-        if let Some(existing) = users::get(&mut conn, &spec.name).await? {
-            if existing.state == "active" {
-                if credentials::current(&mut conn, &spec.name).await?.is_some() {
-                    return Err(IssueError::UserExists(spec.name));
-                }
-                // An add-user that died before delivering: the same command finishes it.
-                if existing.spec != spec {
-                    return Err(IssueError::SpecMismatch {
-                        user: spec.name.clone(),
-                        differs: describe_diff(&existing.spec, &spec),
-                    });
-                }
+        if let Some(existing) = users::get(&mut conn, &spec.name).await?
+            && existing.state == "active"
+        {
+            if credentials::current(&mut conn, &spec.name).await?.is_some() {
+                return Err(IssueError::UserExists(spec.name));
+            }
+            // An add-user that died before delivering: the same command finishes it.
+            if existing.spec != spec {
+                return Err(IssueError::SpecMismatch {
+                    user: spec.name.clone(),
+                    differs: describe_diff(&existing.spec, &spec),
+                });
             }
         }
         drop(conn);

@@ -106,8 +106,7 @@ pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
         .fetch_all(store.pool())
         .await?;
     let mut prev = GENESIS.to_string();
-    let mut expected_seq = 1;
-    for e in &rows {
+    for (expected_seq, e) in (1..).zip(rows.iter()) {
         let broken = |reason: String| VerifyReport {
             events: rows.len() as i64,
             head: prev.clone(),
@@ -140,7 +139,6 @@ pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
             ));
         }
         prev = e.hash.clone();
-        expected_seq += 1;
     }
     Ok(VerifyReport {
         events: rows.len() as i64,

@@ -281,18 +281,19 @@ fn parse_resource_path(path: &str) -> Option<ResReq> {
     if rest.is_empty() {
         return None;
     }
-    if rest[0] == "namespaces" && rest.len() >= 3 {
-        if let Some(r) = resources::find(group, version, rest[2]).filter(|r| r.namespaced) {
-            if rest.len() > 5 {
-                return None;
-            }
-            return Some(ResReq {
-                res: r,
-                ns: rest[1].to_string(),
-                name: rest.get(3).unwrap_or(&"").to_string(),
-                sub: rest.get(4).unwrap_or(&"").to_string(),
-            });
+    if rest[0] == "namespaces"
+        && rest.len() >= 3
+        && let Some(r) = resources::find(group, version, rest[2]).filter(|r| r.namespaced)
+    {
+        if rest.len() > 5 {
+            return None;
         }
+        return Some(ResReq {
+            res: r,
+            ns: rest[1].to_string(),
+            name: rest.get(3).unwrap_or(&"").to_string(),
+            sub: rest.get(4).unwrap_or(&"").to_string(),
+        });
     }
     let r = resources::find(group, version, rest[0])?;
     if rest.len() > 3 {
@@ -394,7 +395,7 @@ async fn route(
             return Err(ApiError::new(
                 405,
                 "MethodNotAllowed",
-                format!("the server does not allow this method on the requested resource"),
+                "the server does not allow this method on the requested resource".to_string(),
             ));
         }
     };
@@ -810,10 +811,10 @@ fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiEr
             "the namespace of the provided object does not match the namespace sent on the request",
         ));
     }
-    if !rq.res.namespaced {
-        if let Some(m) = obj["metadata"].as_object_mut() {
-            m.remove("namespace");
-        }
+    if !rq.res.namespaced
+        && let Some(m) = obj["metadata"].as_object_mut()
+    {
+        m.remove("namespace");
     }
     let name = match obj["metadata"]["name"].as_str().filter(|n| !n.is_empty()) {
         Some(n) => n.to_string(),
@@ -871,25 +872,25 @@ fn admit(cx: &Ctx<'_>, rq: &ResReq, old: Option<&Value>, obj: &mut Value) -> Res
             if obj["type"].is_null() {
                 obj["type"] = json!("Opaque");
             }
-            if let Some(old) = old {
-                if old["type"] != obj["type"] {
-                    return Err(ApiError::invalid(
-                        "Secret",
-                        "",
-                        &rq.name,
-                        "type",
-                        &obj["type"].to_string(),
-                        "field is immutable",
-                    ));
-                }
+            if let Some(old) = old
+                && old["type"] != obj["type"]
+            {
+                return Err(ApiError::invalid(
+                    "Secret",
+                    "",
+                    &rq.name,
+                    "type",
+                    &obj["type"].to_string(),
+                    "field is immutable",
+                ));
             }
-            if let Some(sd) = obj.as_object_mut().and_then(|o| o.remove("stringData")) {
-                if let Some(m) = sd.as_object() {
-                    for (k, v) in m {
-                        let enc = base64::engine::general_purpose::STANDARD
-                            .encode(v.as_str().unwrap_or_default());
-                        obj["data"][k] = json!(enc);
-                    }
+            if let Some(sd) = obj.as_object_mut().and_then(|o| o.remove("stringData"))
+                && let Some(m) = sd.as_object()
+            {
+                for (k, v) in m {
+                    let enc = base64::engine::general_purpose::STANDARD
+                        .encode(v.as_str().unwrap_or_default());
+                    obj["data"][k] = json!(enc);
                 }
             }
         }
@@ -912,17 +913,17 @@ fn admit(cx: &Ctx<'_>, rq: &ResReq, old: Option<&Value>, obj: &mut Value) -> Res
                     "supported values: \"Role\", \"ClusterRole\"",
                 ));
             }
-            if let Some(old) = old {
-                if old["roleRef"] != obj["roleRef"] {
-                    return Err(ApiError::invalid(
-                        rq.res.kind,
-                        rq.res.group,
-                        &rq.name,
-                        "roleRef",
-                        &obj["roleRef"].to_string(),
-                        "cannot change roleRef",
-                    ));
-                }
+            if let Some(old) = old
+                && old["roleRef"] != obj["roleRef"]
+            {
+                return Err(ApiError::invalid(
+                    rq.res.kind,
+                    rq.res.group,
+                    &rq.name,
+                    "roleRef",
+                    &obj["roleRef"].to_string(),
+                    "cannot change roleRef",
+                ));
             }
             let ns = if rq.res.plural == "rolebindings" {
                 rq.ns.as_str()

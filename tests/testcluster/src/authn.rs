@@ -97,10 +97,10 @@ fn bootstrap_token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
         return None;
     }
     let now = sh.now();
-    if let Some((user, until)) = sh.token_cache.lock().unwrap().get(token).cloned() {
-        if until > now {
-            return Some(user);
-        }
+    if let Some((user, until)) = sh.token_cache.lock().unwrap().get(token).cloned()
+        && until > now
+    {
+        return Some(user);
     }
     let s = sh.store.get(
         ("", "secrets"),
@@ -119,10 +119,10 @@ fn bootstrap_token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
     if b64(&d["usage-bootstrap-authentication"]).as_deref() != Some("true") {
         return None;
     }
-    if let Some(exp) = b64(&d["expiration"]) {
-        if crate::store::parse_rfc3339(&exp)? <= now {
-            return None;
-        }
+    if let Some(exp) = b64(&d["expiration"])
+        && crate::store::parse_rfc3339(&exp)? <= now
+    {
+        return None;
     }
     let mut groups = vec!["system:bootstrappers".to_string()];
     if let Some(extra) = b64(&d["auth-extra-groups"]) {

@@ -165,6 +165,9 @@ fn schema(kind: &str) -> Option<&'static [F]> {
 
 struct Reader<'a>(&'a [u8]);
 
+/// A field number with its varint value or its length-delimited bytes.
+type Field<'a> = (u32, Result<u64, &'a [u8]>);
+
 impl<'a> Reader<'a> {
     fn varint(&mut self) -> Option<u64> {
         let mut v = 0u64;
@@ -187,7 +190,7 @@ impl<'a> Reader<'a> {
         Some(a)
     }
     /// Next field: (number, varint value or length-delimited bytes).
-    fn field(&mut self) -> Option<Option<(u32, Result<u64, &'a [u8]>)>> {
+    fn field(&mut self) -> Option<Option<Field<'a>>> {
         if self.0.is_empty() {
             return Some(None);
         }

@@ -84,10 +84,10 @@ pub fn rules_for(store: &Store, user: &UserInfo, namespace: &str) -> Vec<Value> 
             ("rbac.authorization.k8s.io", "roles")
         };
         let ns = if kind == "ClusterRole" { "" } else { role_ns };
-        if let Some(r) = store.get(res, ns, name) {
-            if let Some(rs) = r["rules"].as_array() {
-                rules.extend(rs.iter().cloned());
-            }
+        if let Some(r) = store.get(res, ns, name)
+            && let Some(rs) = r["rules"].as_array()
+        {
+            rules.extend(rs.iter().cloned());
         }
     };
     let (crbs, _) = store.list(("rbac.authorization.k8s.io", "clusterrolebindings"), None);

@@ -169,10 +169,10 @@ impl Store {
                 return Err(UpdateError::NotFound);
             };
             let cur_rv = cur["metadata"]["resourceVersion"].clone();
-            if let Some(rv) = expect_rv.filter(|r| !r.is_empty()) {
-                if cur_rv.as_str() != Some(rv) {
-                    return Err(UpdateError::Conflict);
-                }
+            if let Some(rv) = expect_rv.filter(|r| !r.is_empty())
+                && cur_rv.as_str() != Some(rv)
+            {
+                return Err(UpdateError::Conflict);
             }
             let mut new = f(&cur).map_err(UpdateError::Invalid)?;
             // Server-owned metadata survives any update.
@@ -222,10 +222,10 @@ impl Store {
         rv: u64,
     ) -> Option<(Vec<Event>, u64)> {
         let d = self.lock();
-        if let Some(first) = d.history.front() {
-            if rv + 1 < first.rv {
-                return None;
-            }
+        if let Some(first) = d.history.front()
+            && rv + 1 < first.rv
+        {
+            return None;
         }
         let ev = d
             .history

@@ -71,9 +71,11 @@ fn csr_condition(o: &Value) -> String {
     }
 }
 
+type Cells = Box<dyn Fn(&Value) -> Vec<Value>>;
+
 pub fn table(r: &Resource, items: &[Value], rv: u64) -> Value {
     let name = |o: &Value| json!(o["metadata"]["name"]);
-    let (cols, cells): (Vec<Value>, Box<dyn Fn(&Value) -> Vec<Value>>) = match r.plural {
+    let (cols, cells): (Vec<Value>, Cells) = match r.plural {
         "certificatesigningrequests" => (
             vec![
                 col("Name", "string"),
