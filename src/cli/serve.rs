@@ -1,10 +1,34 @@
 //! `rotator serve`: the daemon. Stops on SIGTERM or Ctrl-C after the job in flight.
+use anyhow::anyhow;
 use tracing::info;
 
-use super::CliResult;
+use super::{CliResult, Failure};
 use crate::app::App;
+use crate::exit::Exit;
 
 pub async fn serve(app: App) -> CliResult {
+    // One daemon per database: the lock lives as long as the process.
+    let lock_path = app.settings.data_dir.join("daemon.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| {
+            Failure::new(
+                Exit::Config,
+                anyhow!("cannot open {}: {e}", lock_path.display()),
+            )
+        })?;
+    if let Err(e) = lock.try_lock() {
+        return Err(Failure::new(
+            Exit::Conflict,
+            anyhow!(
+                "another rotator daemon is already running on {} ({e})\nfix: stop it first; two daemons must never share one database",
+                app.settings.data_dir.display()
+            ),
+        ));
+    }
     info!(
         data_dir = %app.settings.data_dir.display(),
         signer = app.signer.kind(),

@@ -439,3 +439,53 @@ fn doctor_reports_a_world_readable_ca_key() {
     let e = fails_with(&o, 3);
     assert!(e.contains("chmod 600"), "{e}");
 }
+
+#[test]
+fn serve_runs_until_sigterm_and_a_second_daemon_refuses_to_start() {
+    use std::io::BufRead;
+    let s = Scratch::new();
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(s.dir.path())
+        .args(["serve"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The "started" line is logged after the lock is taken.
+    let mut lines = std::io::BufReader::new(daemon.stderr.take().unwrap()).lines();
+    assert!(
+        lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("rotator daemon started"))
+    );
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(s.dir.path())
+        .args(["serve"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let code = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st.code();
+        }
+        if std::time::Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("a second daemon started on the same database");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(6));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("another rotator daemon"), "{err}");
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    let status = daemon.wait().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM ends the daemon cleanly: {status:?}"
+    );
+}
