@@ -489,3 +489,33 @@ fn serve_runs_until_sigterm_and_a_second_daemon_refuses_to_start() {
         "SIGTERM ends the daemon cleanly: {status:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_is_a_clear_error_after_the_busy_timeout() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    let url = format!("sqlite://{}", s.path("rotator-data/rotator.db").display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let dir = s.dir.path().to_path_buf();
+    let o = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+            .current_dir(dir)
+            .args(["add-user", "alice", "-n", "team-a", "--role", "view"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+    let e = fails_with(&o, 7);
+    assert!(e.contains("locked") && e.contains("fix:"), "{e}");
+    assert!(!s.path("alice.kubeconfig").exists());
+    drop(conn);
+    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
+}
