@@ -303,18 +303,16 @@ pub fn load_with(
                 source,
             })?;
             let origin = format!("config file {}", p.display());
+            // Deserialize the text itself first: its errors carry line, column and the
+            // offending snippet, and name the file rather than an env var.
+            toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                origin: origin.clone(),
+                message: e.to_string().trim_end().to_string(),
+            })?;
             let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
                 origin: origin.clone(),
-                message: e.to_string(),
+                message: e.to_string().trim_end().to_string(),
             })?;
-            // Deserialize the file alone first so its errors name the file, not an env var.
-            table
-                .clone()
-                .try_into::<FileConfig>()
-                .map_err(|e| ConfigError::Parse {
-                    origin: origin.clone(),
-                    message: e.to_string(),
-                })?;
             (table, origin)
         }
         None => (toml::Table::new(), "built-in defaults".to_string()),

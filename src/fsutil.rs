@@ -64,9 +64,21 @@ pub fn check_writable_target(path: &Path) -> io::Result<()> {
         ));
     }
     let dir = parent_of(path);
+    if !dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("directory {} does not exist", dir.display()),
+        ));
+    }
     let probe = tempfile::Builder::new()
         .prefix(".rotator-probe-")
-        .tempfile_in(dir)?;
+        .tempfile_in(dir)
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot create files in {}: {}", dir.display(), e.kind()),
+            )
+        })?;
     drop(probe);
     if path.exists() {
         OpenOptions::new().append(true).open(path)?;

@@ -203,7 +203,8 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("error: {:#}", f.error);
+            // Every typed error already says its cause; the chain would repeat it.
+            eprintln!("error: {}", f.error);
             f.exit.into()
         }
     }
