@@ -2,11 +2,15 @@
 //! PKCS#1 RSA key, openssl's SEC1 EC key, or PKCS#8 — all made here by openssl.
 use crate::common::*;
 
-fn make_ca(s: &Scratch, name: &str, keygen: &[&str]) {
+/// An openssl key (`keygen` is the openssl subcommand and its options; genrsa
+/// takes its size last) and a self-signed CA certificate for it.
+fn make_ca(s: &Scratch, name: &str, keygen: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
     let key = s.path(&format!("{name}.key"));
-    let mut args: Vec<&str> = keygen.to_vec();
     let key_s = key.to_str().unwrap().to_string();
+    let mut args: Vec<&str> = keygen.to_vec();
+    let size = (args[0] == "genrsa").then(|| args.pop().unwrap());
     args.extend(["-out", &key_s]);
+    args.extend(size);
     ok(&run("openssl", &args));
     let crt = s.path(&format!("{name}.crt"));
     ok(&run(
@@ -25,6 +29,7 @@ fn make_ca(s: &Scratch, name: &str, keygen: &[&str]) {
             crt.to_str().unwrap(),
         ],
     ));
+    (key, crt)
 }
 
 #[test]
@@ -65,38 +70,11 @@ fn kubeadm_openssl_and_pkcs8_ca_keys_all_sign_verifiable_certificates() {
         ),
     ];
     for (name, keygen, header) in cases {
-        // genrsa takes the size last; the others take -out anywhere.
-        let mut keygen = keygen.to_vec();
-        let size = (keygen[0] == "genrsa").then(|| keygen.pop().unwrap());
-        let key = s.path(&format!("{name}.key"));
-        let key_s = key.to_str().unwrap().to_string();
-        let mut args = keygen.clone();
-        args.extend(["-out", &key_s]);
-        if let Some(sz) = size {
-            args.push(sz);
-        }
-        ok(&run("openssl", &args));
+        let (key, crt) = make_ca(&s, name, keygen);
         assert!(
             std::fs::read_to_string(&key).unwrap().contains(header),
             "{name}: openssl wrote another format"
         );
-        let crt = s.path(&format!("{name}.crt"));
-        ok(&run(
-            "openssl",
-            &[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                &key_s,
-                "-subj",
-                "/CN=kubernetes",
-                "-days",
-                "3650",
-                "-out",
-                crt.to_str().unwrap(),
-            ],
-        ));
         s.write(
             &format!("{name}.toml"),
             &format!(
