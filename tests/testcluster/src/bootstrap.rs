@@ -111,7 +111,7 @@ pub fn default_cluster_roles() -> Vec<Value> {
     ]
 }
 
-pub fn seed(store: &Store, server_url: &str, ca_pem: &str) {
+pub fn seed(store: &Store, server_url: &str, ca_pem: &str, client_ca_pem: &str) {
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         ensure_namespace(store, ns, ca_pem);
     }
@@ -138,6 +138,13 @@ pub fn seed(store: &Store, server_url: &str, ca_pem: &str) {
     ] {
         let _ = store.create((RBAC, "clusterrolebindings"), "", b);
     }
+    // kube-apiserver publishes its client CA here for aggregated API servers.
+    let _ = store.create(
+        ("", "configmaps"),
+        "kube-system",
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "extension-apiserver-authentication"},
+               "data": {"client-ca-file": client_ca_pem}}),
+    );
     use base64::Engine;
     let kubeconfig = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: \"\"\n  cluster:\n    server: {server_url}\n    certificate-authority-data: {}\ncontexts: []\nusers: []\n",

@@ -258,7 +258,12 @@ impl TestCluster {
             url,
         });
         if seed {
-            bootstrap::seed(&sh.store, &sh.url, &sh.serving_ca.cert_pem);
+            bootstrap::seed(
+                &sh.store,
+                &sh.url,
+                &sh.serving_ca.cert_pem,
+                &sh.client_ca.cert_pem,
+            );
         }
         let tasks = vec![
             tokio::spawn(serve(listener, acceptor, sh.clone())),
