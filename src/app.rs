@@ -5,38 +5,36 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::clock::Clock;
-use crate::config::{Settings, SignerKind};
+use crate::cluster::{Cluster, ClusterError, Endpoint};
+use crate::config::{LOCAL_DEFAULT_SERVER, Settings, SignerKind};
 use crate::exit::{Exit, ExitStatus};
 use crate::issuer::{Faults, Inflight, Issuer, ProcessIdentity};
-use crate::signer::{LocalCa, SignError, Signer};
-use crate::store::{Store, StoreError, audit};
+use crate::signer::{KubernetesSigner, LocalCa, SignError, Signer};
+use crate::store::{Store, StoreError, audit, meta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error(
-        "cannot create data directory {path}: {source}\nfix: create it, or point --data-dir / ROTATOR_DATA_DIR somewhere rotator may write"
-    )]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "cannot read the cluster CA bundle {path}: {reason}\nfix: set cluster.ca_file to the PEM file that verifies the API server"
-    )]
-    ClusterCa { path: PathBuf, reason: String },
+    #[error("cannot create data directory {path}: {source}\nfix: create it, or point --data-dir / ROTATOR_DATA_DIR somewhere rotator may write")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {what} {path}: {reason}\nfix: {fix}")]
+    File { what: &'static str, path: PathBuf, reason: String, fix: &'static str },
+    #[error("this data directory was initialized with signer {recorded:?}, but {asked:?} was asked for\nfix: use the signer it was made with, or a new --data-dir for the other signer (credentials from one signer cannot be managed by another)")]
+    SignerMismatch { recorded: String, asked: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Sign(#[from] SignError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 impl ExitStatus for AppError {
     fn exit(&self) -> Exit {
         match self {
-            AppError::DataDir { .. } => Exit::Config,
-            AppError::ClusterCa { .. } => Exit::Config,
+            AppError::DataDir { .. } | AppError::File { .. } | AppError::SignerMismatch { .. } => Exit::Config,
             AppError::Store(e) => e.exit(),
             AppError::Sign(e) => e.exit(),
+            AppError::Cluster(e) => e.exit(),
         }
     }
 }
@@ -46,109 +44,159 @@ pub struct InitReport {
     pub data_dir: PathBuf,
     pub database: PathBuf,
     pub signer: &'static str,
-    pub ca_certificate: PathBuf,
+    /// The local CA certificate, or the cluster's server URL.
+    pub signer_detail: String,
     pub created_ca: bool,
+    pub kubeconfig_server: String,
+    pub kubeconfig_server_source: String,
 }
 
 pub struct App {
     pub settings: Settings,
     pub store: Store,
     pub signer: Arc<dyn Signer>,
+    /// Present with the kubernetes signer: RBAC follows the database there.
+    pub cluster: Option<Cluster>,
+    /// The API server URL and CA that go into the kubeconfigs rotator hands out.
+    pub endpoint: Endpoint,
     pub clock: Arc<dyn Clock>,
     pub faults: Arc<dyn Faults>,
-    pub cluster_ca_pem: String,
     /// Who the audit log names for this process's changes.
     pub actor: String,
     pub identity: ProcessIdentity,
     pub inflight: Arc<Inflight>,
 }
 
+fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<String, AppError> {
+    let pem = std::fs::read_to_string(path).map_err(|e| AppError::File { what, path: path.clone(), reason: e.to_string(), fix })?;
+    crate::pki::pem_to_der_certs(&pem, &path.display().to_string())
+        .map_err(|e| AppError::File { what, path: path.clone(), reason: e.to_string(), fix })?;
+    Ok(pem)
+}
+
 impl App {
     /// Creates what is missing (data directory, database, local CA) and opens the
     /// rest. Running it twice changes nothing the second time.
     pub async fn open(
-        settings: Settings,
+        mut settings: Settings,
         clock: Arc<dyn Clock>,
         faults: Arc<dyn Faults>,
         actor: String,
     ) -> Result<(Self, InitReport), AppError> {
-        crate::fsutil::ensure_private_dir(&settings.data_dir).map_err(|source| {
-            AppError::DataDir {
-                path: settings.data_dir.clone(),
-                source,
-            }
-        })?;
+        crate::fsutil::ensure_private_dir(&settings.data_dir)
+            .map_err(|source| AppError::DataDir { path: settings.data_dir.clone(), source })?;
         let store = Store::open(&settings.database_path()).await?;
-        let (signer, created_ca): (Arc<dyn Signer>, bool) = match settings.signer {
+
+        // The signer a data directory was made with sticks to it (`init --signer`).
+        let (recorded, recorded_kubeconfig) = {
+            let mut conn = store.conn().await?;
+            (meta::get(&mut conn, "signer").await?, meta::get(&mut conn, "kubeconfig").await?)
+        };
+        let kind = match (settings.signer, recorded.as_deref()) {
+            (Some(asked), Some(r)) if asked.as_str() != r => {
+                return Err(AppError::SignerMismatch { recorded: r.into(), asked: asked.as_str().into() });
+            }
+            (Some(asked), _) => asked,
+            (None, Some(r)) => r.parse::<SignerKind>().map_err(|e| StoreError::Invalid(e))?,
+            (None, None) => SignerKind::LocalCa,
+        };
+        if settings.kubernetes.kubeconfig.is_none() {
+            settings.kubernetes.kubeconfig = recorded_kubeconfig.map(PathBuf::from);
+        }
+
+        let mut created_ca = false;
+        let mut cluster = None;
+        let signer: Arc<dyn Signer> = match kind {
             SignerKind::LocalCa => {
                 if !settings.local_ca.configured {
-                    let dir = settings
-                        .local_ca
-                        .key_file
-                        .parent()
-                        .unwrap_or(&settings.data_dir)
-                        .to_path_buf();
-                    crate::fsutil::ensure_private_dir(&dir)
-                        .map_err(|source| AppError::DataDir { path: dir, source })?;
+                    let dir = settings.local_ca.key_file.parent().unwrap_or(&settings.data_dir).to_path_buf();
+                    crate::fsutil::ensure_private_dir(&dir).map_err(|source| AppError::DataDir { path: dir, source })?;
                 }
                 let (ca, created) = LocalCa::ensure(&settings.local_ca, clock.clone())?;
-                (Arc::new(ca), created)
+                created_ca = created;
+                Arc::new(ca)
+            }
+            SignerKind::Kubernetes => {
+                let c = Cluster::connect(&settings.kubernetes).await?;
+                let client_ca = match &settings.kubernetes.client_ca_file {
+                    Some(p) => read_pem("client CA", p, "set kubernetes.client_ca_file to the API server's --client-ca-file")?,
+                    None => c.client_ca_from_cluster().await?,
+                };
+                cluster = Some(c.clone());
+                Arc::new(KubernetesSigner::new(c, client_ca, settings.kubernetes.signing_timeout))
             }
         };
-        if created_ca {
-            let now = clock.now();
+
+        let now = clock.now();
+        if recorded.is_none() || created_ca {
             let mut tx = store.begin().await?;
-            let info = crate::pki::parse_cert_pem(signer.ca_bundle_pem(), "local CA")
-                .map_err(SignError::from)?;
-            audit::append(
-                &mut tx,
-                now,
-                &actor,
-                "ca.create",
-                "local-ca",
-                json!({"certificate": settings.local_ca.cert_file, "fingerprint": info.fingerprint, "not_after": info.not_after}),
-            )
-            .await?;
+            if recorded.is_none() {
+                meta::set(&mut tx, "signer", kind.as_str()).await?;
+                if let Some(k) = &settings.kubernetes.kubeconfig {
+                    meta::set(&mut tx, "kubeconfig", &k.display().to_string()).await?;
+                }
+                audit::append(&mut tx, now, &actor, "store.init", "rotator", json!({"signer": kind.as_str(), "kubeconfig": settings.kubernetes.kubeconfig})).await?;
+            }
+            if created_ca {
+                let info = crate::pki::parse_cert_pem(signer.ca_bundle_pem(), "local CA").map_err(SignError::from)?;
+                audit::append(
+                    &mut tx,
+                    now,
+                    &actor,
+                    "ca.create",
+                    "local-ca",
+                    json!({"certificate": settings.local_ca.cert_file, "fingerprint": info.fingerprint, "not_after": info.not_after}),
+                )
+                .await?;
+            }
             crate::store::commit(tx).await?;
         }
-        let cluster_ca_pem = match &settings.cluster.ca_file {
-            Some(p) => {
-                let pem = std::fs::read_to_string(p).map_err(|e| AppError::ClusterCa {
-                    path: p.clone(),
-                    reason: e.to_string(),
-                })?;
-                crate::pki::pem_to_der_certs(&pem, &p.display().to_string()).map_err(|e| {
-                    AppError::ClusterCa {
-                        path: p.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                pem
-            }
-            None => signer.ca_bundle_pem().to_string(),
-        };
+
+        let endpoint = Self::endpoint(&settings, cluster.as_ref(), signer.as_ref()).await?;
         let report = InitReport {
             data_dir: settings.data_dir.clone(),
             database: settings.database_path(),
             signer: signer.kind(),
-            ca_certificate: settings.local_ca.cert_file.clone(),
+            signer_detail: match &cluster {
+                Some(c) => c.url.clone(),
+                None => settings.local_ca.cert_file.display().to_string(),
+            },
             created_ca,
+            kubeconfig_server: endpoint.server.clone(),
+            kubeconfig_server_source: endpoint.source.clone(),
         };
         let (identity, inflight) = (ProcessIdentity::current(), Arc::new(Inflight::default()));
-        Ok((
-            Self {
-                settings,
-                store,
-                signer,
-                clock,
-                faults,
-                cluster_ca_pem,
-                actor,
-                identity,
-                inflight,
+        Ok((Self { settings, store, signer, cluster, endpoint, clock, faults, actor, identity, inflight }, report))
+    }
+
+    /// Config wins; otherwise the cluster says (kubernetes), or the local CA and
+    /// the conventional local URL (local-ca). Never guessed from anything else.
+    async fn endpoint(settings: &Settings, cluster: Option<&Cluster>, signer: &dyn Signer) -> Result<Endpoint, AppError> {
+        let ca_fix = "set cluster.ca_file to the PEM bundle that verifies the API server";
+        let configured_ca = match &settings.cluster.ca_file {
+            Some(p) => Some(read_pem("cluster CA bundle", p, ca_fix)?),
+            None => None,
+        };
+        if let (Some(server), Some(ca_pem)) = (&settings.cluster.server, &configured_ca) {
+            return Ok(Endpoint { server: server.clone(), ca_pem: ca_pem.clone(), source: "config".into() });
+        }
+        let found = match cluster {
+            Some(c) => c.endpoint_from_cluster().await?,
+            None => Endpoint {
+                server: LOCAL_DEFAULT_SERVER.into(),
+                ca_pem: signer.ca_bundle_pem().into(),
+                source: "local-ca defaults".into(),
             },
-            report,
-        ))
+        };
+        Ok(Endpoint {
+            server: settings.cluster.server.clone().unwrap_or(found.server),
+            ca_pem: configured_ca.unwrap_or(found.ca_pem),
+            source: if settings.cluster.server.is_some() || settings.cluster.ca_file.is_some() {
+                format!("config and {}", found.source)
+            } else {
+                found.source
+            },
+        })
     }
 
     pub fn issuer(&self) -> Issuer<'_> {
@@ -157,10 +205,11 @@ impl App {
             identity: &self.identity,
             inflight: &self.inflight,
             signer: self.signer.as_ref(),
+            cluster: self.cluster.as_ref(),
             settings: &self.settings,
             clock: self.clock.as_ref(),
             faults: self.faults.as_ref(),
-            cluster_ca_pem: &self.cluster_ca_pem,
+            endpoint: &self.endpoint,
         }
     }
 }

@@ -51,12 +51,26 @@ pub enum SignerKind {
     /// Sign with a CA key rotator holds: the zero-setup default.
     #[default]
     LocalCa,
+    /// The cluster's CertificateSigningRequest API: the production choice.
+    Kubernetes,
 }
 
 impl SignerKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             SignerKind::LocalCa => "local-ca",
+            SignerKind::Kubernetes => "kubernetes",
+        }
+    }
+}
+
+impl FromStr for SignerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local-ca" => Ok(SignerKind::LocalCa),
+            "kubernetes" => Ok(SignerKind::Kubernetes),
+            other => Err(format!("unknown signer {other:?} (expected local-ca or kubernetes)")),
         }
     }
 }
@@ -65,9 +79,10 @@ impl SignerKind {
 #[serde(deny_unknown_fields, default)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
-    signer: SignerKind,
+    signer: Option<SignerKind>,
     metrics_addr: String,
     cluster: ClusterSection,
+    kubernetes: KubernetesSection,
     local_ca: LocalCaSection,
     policy: PolicySection,
     rotation: RotationSection,
@@ -78,9 +93,10 @@ impl Default for FileConfig {
     fn default() -> Self {
         Self {
             data_dir: None,
-            signer: SignerKind::LocalCa,
+            signer: None,
             metrics_addr: "127.0.0.1:9464".into(),
             cluster: ClusterSection::default(),
+            kubernetes: KubernetesSection::default(),
             local_ca: LocalCaSection::default(),
             policy: PolicySection::default(),
             rotation: RotationSection::default(),
@@ -93,17 +109,28 @@ impl Default for FileConfig {
 #[serde(deny_unknown_fields, default)]
 struct ClusterSection {
     name: String,
-    server: String,
+    server: Option<String>,
     ca_file: Option<PathBuf>,
 }
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self {
-            name: "kubernetes".into(),
-            server: "https://127.0.0.1:6443".into(),
-            ca_file: None,
-        }
+        Self { name: "kubernetes".into(), server: None, ca_file: None }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct KubernetesSection {
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    client_ca_file: Option<PathBuf>,
+    signing_timeout: String,
+}
+
+impl Default for KubernetesSection {
+    fn default() -> Self {
+        Self { kubeconfig: None, context: None, client_ca_file: None, signing_timeout: "2m".into() }
     }
 }
 
@@ -212,11 +239,25 @@ pub struct CronSchedule {
 pub struct ClusterSettings {
     /// The name used for the cluster entry in rendered kubeconfigs.
     pub name: String,
-    /// The API server URL written into rendered kubeconfigs.
-    pub server: String,
-    /// CA bundle that verifies the API server; `None` means the signer's CA.
+    /// The API server URL written into rendered kubeconfigs; `None`: from the
+    /// cluster (kubernetes signer) or `https://127.0.0.1:6443` (local-ca).
+    pub server: Option<String>,
+    /// CA bundle that verifies the API server; `None`: from the cluster, or the local CA.
     pub ca_file: Option<PathBuf>,
 }
+
+#[derive(Debug, Clone)]
+pub struct KubernetesSettings {
+    /// `None`: `KUBECONFIG`, `~/.kube/config`, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    /// The API server's client CA; `None`: read from kube-system/extension-apiserver-authentication.
+    pub client_ca_file: Option<PathBuf>,
+    /// How long to wait for a CSR to be signed.
+    pub signing_timeout: Duration,
+}
+
+pub const LOCAL_DEFAULT_SERVER: &str = "https://127.0.0.1:6443";
 
 #[derive(Debug, Clone)]
 pub struct LocalCaSettings {
@@ -248,7 +289,10 @@ pub struct Settings {
     /// Where the configuration came from, for `doctor` and error messages.
     pub origin: String,
     pub data_dir: PathBuf,
-    pub signer: SignerKind,
+    /// The signer asked for; `None` when nothing chose one (the database's record,
+    /// or local-ca for a new one, decides).
+    pub signer: Option<SignerKind>,
+    pub kubernetes: KubernetesSettings,
     pub metrics_addr: SocketAddr,
     pub cluster: ClusterSettings,
     pub local_ca: LocalCaSettings,
@@ -268,6 +312,8 @@ impl Settings {
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub metrics_addr: Option<String>,
+    pub signer: Option<SignerKind>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Finds the config file: `--config`, then `ROTATOR_CONFIG`, then
@@ -457,10 +503,10 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         )
     })?;
 
-    if !f.cluster.server.starts_with("https://") || f.cluster.server.len() <= "https://".len() {
+    if let Some(server) = f.cluster.server.as_ref().filter(|s| !s.starts_with("https://") || s.len() <= 8) {
         return Err(cx.invalid(
             "cluster.server",
-            &f.cluster.server,
+            server,
             "the API server URL must use https",
             "write the URL kubectl should use, such as \"https://10.0.0.1:6443\"",
         ));
@@ -605,10 +651,17 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         reconcile: cx.cron("schedule.reconcile", &f.schedule.reconcile)?,
     };
 
+    let kubernetes = KubernetesSettings {
+        kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
+        context: f.kubernetes.context,
+        client_ca_file: f.kubernetes.client_ca_file,
+        signing_timeout: cx.duration("kubernetes.signing_timeout", &f.kubernetes.signing_timeout)?,
+    };
     Ok(Settings {
         origin,
         data_dir,
-        signer: f.signer,
+        signer: ov.signer.or(f.signer),
+        kubernetes,
         metrics_addr,
         cluster: ClusterSettings {
             name: f.cluster.name,

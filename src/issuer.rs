@@ -88,6 +88,8 @@ pub enum IssueError {
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("injected fault at {0:?}")]
     Injected(FaultPoint),
@@ -107,6 +109,7 @@ impl ExitStatus for IssueError {
             IssueError::Pki(e) => e.exit(),
             IssueError::LifetimeTooLong { .. } => Exit::Verification,
             IssueError::Sink(e) => e.exit(),
+            IssueError::Access(e) => e.exit(),
             IssueError::Store(e) => e.exit(),
             IssueError::Injected(_) => Exit::Internal,
             IssueError::Preempted(_) => Exit::Conflict,
@@ -218,8 +221,34 @@ pub struct Issuer<'a> {
     pub settings: &'a Settings,
     pub clock: &'a dyn Clock,
     pub faults: &'a dyn Faults,
-    /// CA bundle written into kubeconfigs: what verifies the API server.
-    pub cluster_ca_pem: &'a str,
+    /// With the kubernetes signer: the RoleBindings follow each issuance.
+    pub cluster: Option<&'a crate::cluster::Cluster>,
+    /// Server URL and CA bundle written into kubeconfigs.
+    pub endpoint: &'a crate::cluster::Endpoint,
+}
+
+/// Records a signer's external steps in the issuance journal.
+struct Journal<'a> {
+    store: &'a Store,
+    clock: &'a dyn Clock,
+    id: &'a str,
+}
+
+impl crate::signer::Progress for Journal<'_> {
+    fn step<'b>(&'b self, step: Step, csr_name: Option<&'b str>) -> crate::signer::BoxFuture<'b, Result<(), SignError>> {
+        Box::pin(async move {
+            let j = |e: StoreError| SignError::Journal(e.to_string());
+            let now = self.clock.now();
+            let mut tx = self.store.begin().await.map_err(j)?;
+            if let Some(n) = csr_name {
+                issuances::set_csr_name(&mut tx, self.id, n, now).await.map_err(j)?;
+            }
+            if !issuances::set_step(&mut tx, self.id, step, None, now).await.map_err(j)? {
+                return Err(SignError::Journal(format!("issuance {} was abandoned by another process", self.id)));
+            }
+            crate::store::commit(tx).await.map_err(j)
+        })
+    }
 }
 
 fn new_id() -> String {
@@ -339,7 +368,8 @@ impl Issuer<'_> {
             csr_der: &csr,
             ttl,
         };
-        let signed = match self.signer.sign(req).await {
+        let journal = Journal { store: self.store, clock: self.clock, id };
+        let signed = match self.signer.sign(req, &journal).await {
             Ok(s) => s,
             Err(e) => return Err(self.fail(id, &spec.name, actor, e.into()).await),
         };
@@ -428,12 +458,23 @@ impl Issuer<'_> {
         crate::store::commit(tx).await?;
         info!(serial = %cert.serial, not_after = cert.not_after, "credential stored");
         self.faults.hit(FaultPoint::AfterStore)?;
+        // The certificate is ours now; the CSR object has done its job.
+        if let Err(e) = self.signer.cleanup(id).await {
+            warn!(error = %e, "could not delete the CSR object; the cluster's csrcleaner or the next reconcile removes it");
+        }
+        // The new generation group must be bound before the kubeconfig is handed out.
+        if let Some(cluster) = self.cluster {
+            let grace = self.settings.rotation.grace_period;
+            if let Err(e) = crate::access::sync_user(self.store, cluster, grace, self.clock.now(), &spec.name, actor).await {
+                return Err(self.fail(id, &spec.name, actor, e.into()).await);
+            }
+        }
 
         let key_pem = key.to_pem();
         let kc = ClientKubeconfig {
             cluster_name: &self.settings.cluster.name,
-            server: &self.settings.cluster.server,
-            ca_bundle_pem: self.cluster_ca_pem,
+            server: &self.endpoint.server,
+            ca_bundle_pem: &self.endpoint.ca_pem,
             user: &spec.name,
             namespace: spec.namespaces.first().map(String::as_str),
             certificate_pem: &signed.certificate_pem,
@@ -497,7 +538,7 @@ impl Issuer<'_> {
     async fn fail(&self, id: &str, user: &str, actor: &str, err: IssueError) -> IssueError {
         let reason = err.to_string();
         let reason = reason.lines().next().unwrap_or_default();
-        if let Err(e) = self.signer.abandon(id).await {
+        if let Err(e) = self.signer.cleanup(id).await {
             warn!(credential = %id, error = %e, "could not clean up the signer's objects; the next attempt retries");
         }
         let res: Result<(), StoreError> = async {
@@ -550,7 +591,7 @@ impl Issuer<'_> {
         let mut abandoned = 0;
         for i in &open {
             // Outside objects first: if this fails, the journal still says open and a later run retries.
-            self.signer.abandon(&i.id).await?;
+            self.signer.cleanup(&i.id).await?;
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
             if !issuances::set_step(

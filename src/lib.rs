@@ -2,9 +2,11 @@
 //! Kubernetes users. The binary is thin; everything lives here.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod app;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod exit;
 pub mod fsutil;

@@ -29,7 +29,10 @@ fn next_after(s: &CronSchedule, now: chrono::DateTime<Utc>) -> Option<chrono::Da
 /// Runs one job now.
 pub async fn run_job(app: &App, job: Job) -> Result<usize, crate::lifecycle::LifecycleError> {
     match job {
-        Job::Expire => crate::lifecycle::expire_pass(app).await,
+        Job::Expire => {
+            let n = crate::lifecycle::expire_pass(app).await?;
+            Ok(n + crate::lifecycle::remove_stale_access(app).await?)
+        }
     }
 }
 

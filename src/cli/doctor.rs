@@ -9,7 +9,7 @@ use super::output::{self, OutputFormat, time};
 use super::{Cli, CliResult, Failure, actor, faults_from_env};
 use crate::app::App;
 use crate::clock::SystemClock;
-use crate::config::{self, Overrides};
+use crate::config;
 use crate::exit::{Exit, ExitStatus};
 use crate::store::{audit, issuances};
 
@@ -38,10 +38,7 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     };
     let settings = match config::load(
         cli.config.as_deref(),
-        &Overrides {
-            data_dir: cli.data_dir.clone(),
-            metrics_addr: None,
-        },
+        &cli.overrides(None),
     ) {
         Ok(s) => s,
         Err(e) => return Err(e.into()),
@@ -125,7 +122,7 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 true,
                 format!(
                     "kubeconfigs point at {} (cluster {:?})",
-                    s.cluster.server, s.cluster.name
+                    app.endpoint.server, s.cluster.name
                 ),
                 Exit::Config,
             );

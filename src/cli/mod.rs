@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::app::App;
 use crate::clock::SystemClock;
-use crate::config::{self, Overrides};
+use crate::config::{self, Overrides, SignerKind};
 use crate::exit::{Exit, ExitStatus};
 use crate::issuer::{FaultPoint, Faults, IssueError, NoFaults};
 
@@ -33,6 +33,14 @@ pub struct Cli {
     /// Directory for the database and the local CA (overrides data_dir and ROTATOR_DATA_DIR).
     #[arg(long, global = true, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Signer for a new data directory: local-ca (default) or kubernetes. Recorded
+    /// by the first command (usually `init`); later commands use the recorded one.
+    #[arg(long, global = true, value_parser = parse_signer)]
+    pub signer: Option<SignerKind>,
+    /// Kubeconfig rotator uses to reach the cluster (kubernetes signer; default
+    /// KUBECONFIG, ~/.kube/config, then the in-cluster service account).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
     /// Output format for reports.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -41,6 +49,16 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+fn parse_signer(s: &str) -> Result<SignerKind, String> {
+    s.parse()
+}
+
+impl Cli {
+    pub fn overrides(&self, metrics_addr: Option<String>) -> Overrides {
+        Overrides { data_dir: self.data_dir.clone(), metrics_addr, signer: self.signer, kubeconfig: self.kubeconfig.clone() }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -216,10 +234,7 @@ async fn open_app(
 ) -> CliResult<(App, crate::app::InitReport)> {
     let settings = config::load(
         cli.config.as_deref(),
-        &Overrides {
-            data_dir: cli.data_dir.clone(),
-            metrics_addr,
-        },
+        &cli.overrides(metrics_addr),
     )?;
     Ok(App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?)
 }

@@ -53,11 +53,13 @@ pub fn init_report(out: OutputFormat, r: &crate::app::InitReport) {
             println!("data directory  {}", r.data_dir.display());
             println!("database        {}", r.database.display());
             println!("signer          {}", r.signer);
+            let what = if r.signer == "kubernetes" { "cluster        " } else { "CA certificate " };
             println!(
-                "CA certificate  {}{}",
-                r.ca_certificate.display(),
+                "{what} {}{}",
+                r.signer_detail,
                 if r.created_ca { " (created now)" } else { "" }
             );
+            println!("kubeconfigs     {} (from {})", r.kubeconfig_server, r.kubeconfig_server_source);
         }
     }
 }

@@ -219,7 +219,7 @@ impl Signer for LocalCa {
         &self.cert_pem
     }
 
-    fn sign<'a>(&'a self, req: SignRequest<'a>) -> BoxFuture<'a, Result<Signed, SignError>> {
+    fn sign<'a>(&'a self, req: SignRequest<'a>, _: &'a dyn super::Progress) -> BoxFuture<'a, Result<Signed, SignError>> {
         Box::pin(async move {
             Ok(Signed {
                 certificate_pem: self.issue(&req, CertProfile::Client)?,
@@ -227,7 +227,7 @@ impl Signer for LocalCa {
         })
     }
 
-    fn abandon<'a>(&'a self, _credential_id: &'a str) -> BoxFuture<'a, Result<(), SignError>> {
+    fn cleanup<'a>(&'a self, _credential_id: &'a str) -> BoxFuture<'a, Result<(), SignError>> {
         // Nothing outside rotator exists for a local signature.
         Box::pin(async { Ok(()) })
     }

@@ -7,8 +7,12 @@ use std::time::Duration;
 use crate::exit::{Exit, ExitStatus};
 use crate::pki::PkiError;
 
+mod kubernetes;
 mod local_ca;
+pub use kubernetes::KubernetesSigner;
 pub use local_ca::LocalCa;
+
+use crate::store::issuances::Step;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -24,6 +28,10 @@ pub enum SignError {
     Refused(String),
     #[error(transparent)]
     Pki(#[from] PkiError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("the issuance could not record its progress: {0}")]
+    Journal(String),
 }
 
 impl ExitStatus for SignError {
@@ -32,6 +40,8 @@ impl ExitStatus for SignError {
             SignError::CaUnavailable { .. } => Exit::Signer,
             SignError::Refused(_) => Exit::Signer,
             SignError::Pki(e) => e.exit(),
+            SignError::Cluster(e) => e.exit(),
+            SignError::Journal(_) => Exit::Database,
         }
     }
 }
@@ -53,13 +63,29 @@ pub struct Signed {
     pub certificate_pem: String,
 }
 
+/// Where a signer records each external step before taking the next, so a
+/// crashed issuance can be found and cleaned up (the issuance journal).
+pub trait Progress: Send + Sync {
+    fn step<'a>(&'a self, step: Step, csr_name: Option<&'a str>) -> BoxFuture<'a, Result<(), SignError>>;
+}
+
+/// For signing outside an issuance (benchmarks, tests).
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn step<'a>(&'a self, _: Step, _: Option<&'a str>) -> BoxFuture<'a, Result<(), SignError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 pub trait Signer: Send + Sync {
     /// `local-ca`, `kubernetes`, ...; recorded with every credential.
     fn kind(&self) -> &'static str;
     /// The CA(s) issued certificates must chain to.
     fn ca_bundle_pem(&self) -> &str;
-    fn sign<'a>(&'a self, req: SignRequest<'a>) -> BoxFuture<'a, Result<Signed, SignError>>;
+    fn sign<'a>(&'a self, req: SignRequest<'a>, progress: &'a dyn Progress) -> BoxFuture<'a, Result<Signed, SignError>>;
     /// Removes whatever `sign` left outside rotator for this credential (a CSR
-    /// object); called when an issuance is abandoned. Idempotent.
-    fn abandon<'a>(&'a self, credential_id: &'a str) -> BoxFuture<'a, Result<(), SignError>>;
+    /// object): once the certificate is stored, and when an issuance fails or is
+    /// abandoned. Idempotent.
+    fn cleanup<'a>(&'a self, credential_id: &'a str) -> BoxFuture<'a, Result<(), SignError>>;
 }

@@ -20,6 +20,8 @@ pub struct Credential {
     pub state_reason: Option<String>,
     pub state_at: i64,
     pub created_at: i64,
+    /// When its generation group was last removed from the cluster's bindings.
+    pub access_removed_at: Option<i64>,
 }
 
 /// States in which a credential may still authenticate somewhere.
@@ -141,4 +143,35 @@ pub async fn count_by_state(store: &Store) -> Result<Vec<(String, i64)>, StoreEr
             .fetch_all(store.pool())
             .await?,
     )
+}
+
+/// Users with a credential whose generation group should no longer be granted
+/// but has not been removed from the cluster yet: revoked, expired, failed, or
+/// superseded longer than `grace` ago.
+pub async fn users_needing_access_removal(conn: &mut SqliteConnection, now: i64, grace: i64) -> Result<Vec<String>, StoreError> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT DISTINCT user_name FROM credentials WHERE access_removed_at IS NULL
+           AND (state IN ('revoked', 'expired', 'failed') OR (state = 'superseded' AND state_at + ? <= ?))",
+    )
+    .bind(grace)
+    .bind(now)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// Marks every credential of `user` that `sync` no longer granted as removed.
+pub async fn mark_access_removed(conn: &mut SqliteConnection, user: &str, granted: &[i64], now: i64) -> Result<(), StoreError> {
+    let granted = serde_json::to_string(granted).expect("json");
+    sqlx::query(
+        "UPDATE credentials SET access_removed_at = ? WHERE user_name = ? AND access_removed_at IS NULL
+           AND state IN ('revoked', 'expired', 'failed', 'superseded')
+           AND generation NOT IN (SELECT value FROM json_each(?))",
+    )
+    .bind(now)
+    .bind(user)
+    .bind(granted)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

@@ -13,6 +13,7 @@ use crate::exit::{Exit, ExitStatus};
 pub mod audit;
 pub mod credentials;
 pub mod issuances;
+pub mod meta;
 pub mod users;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -1,0 +1,17 @@
+use sqlx::SqliteConnection;
+
+use super::StoreError;
+
+pub async fn get(conn: &mut SqliteConnection, key: &str) -> Result<Option<String>, StoreError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = ?").bind(key).fetch_optional(conn).await?;
+    Ok(row.map(|r| r.0))
+}
+
+pub async fn set(conn: &mut SqliteConnection, key: &str, value: &str) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        .bind(key)
+        .bind(value)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
