@@ -55,7 +55,10 @@ pub async fn sync_user(
 ) -> Result<SyncReport, AccessError> {
     let (spec, creds) = {
         let mut conn = store.conn().await?;
-        (users::get(&mut conn, user).await?, credentials::for_user(&mut conn, user).await?)
+        (
+            users::get(&mut conn, user).await?,
+            credentials::for_user(&mut conn, user).await?,
+        )
     };
     let granted = granted_generations(&creds, now, grace);
     let groups: Vec<String> = granted.iter().map(|g| generation_group(user, *g)).collect();
@@ -64,11 +67,21 @@ pub async fn sync_user(
         Some(u) => (Vec::new(), u.spec.role.clone()),
         None => (Vec::new(), String::new()),
     };
-    let report = cluster.sync_user_bindings(user, &namespaces, &role, &groups).await?;
+    let report = cluster
+        .sync_user_bindings(user, &namespaces, &role, &groups)
+        .await?;
     let mut tx = store.begin().await?;
     credentials::mark_access_removed(&mut tx, user, &granted, now).await?;
     if !report.is_empty() {
-        audit::append(&mut tx, now, actor, "rbac.sync", user, json!({"groups": groups, "changes": report})).await?;
+        audit::append(
+            &mut tx,
+            now,
+            actor,
+            "rbac.sync",
+            user,
+            json!({"groups": groups, "changes": report}),
+        )
+        .await?;
     }
     crate::store::commit(tx).await?;
     tracing::info!(user, groups = ?groups, changed = !report.is_empty(), "RoleBindings in sync");
@@ -77,7 +90,13 @@ pub async fn sync_user(
 
 /// Takes away every group the database says must no longer be granted. Safe to
 /// run at any time and repeatedly; a user whose sync fails is retried next time.
-pub async fn remove_stale_access(store: &Store, cluster: &Cluster, grace: Duration, now: i64, actor: &str) -> Result<usize, AccessError> {
+pub async fn remove_stale_access(
+    store: &Store,
+    cluster: &Cluster,
+    grace: Duration,
+    now: i64,
+    actor: &str,
+) -> Result<usize, AccessError> {
     let users = {
         let mut conn = store.conn().await?;
         credentials::users_needing_access_removal(&mut conn, now, grace.as_secs() as i64).await?

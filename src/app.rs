@@ -14,11 +14,23 @@ use crate::store::{Store, StoreError, audit, meta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot create data directory {path}: {source}\nfix: create it, or point --data-dir / ROTATOR_DATA_DIR somewhere rotator may write")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot create data directory {path}: {source}\nfix: create it, or point --data-dir / ROTATOR_DATA_DIR somewhere rotator may write"
+    )]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read {what} {path}: {reason}\nfix: {fix}")]
-    File { what: &'static str, path: PathBuf, reason: String, fix: &'static str },
-    #[error("this data directory was initialized with signer {recorded:?}, but {asked:?} was asked for\nfix: use the signer it was made with, or a new --data-dir for the other signer (credentials from one signer cannot be managed by another)")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+        fix: &'static str,
+    },
+    #[error(
+        "this data directory was initialized with signer {recorded:?}, but {asked:?} was asked for\nfix: use the signer it was made with, or a new --data-dir for the other signer (credentials from one signer cannot be managed by another)"
+    )]
     SignerMismatch { recorded: String, asked: String },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -31,7 +43,9 @@ pub enum AppError {
 impl ExitStatus for AppError {
     fn exit(&self) -> Exit {
         match self {
-            AppError::DataDir { .. } | AppError::File { .. } | AppError::SignerMismatch { .. } => Exit::Config,
+            AppError::DataDir { .. } | AppError::File { .. } | AppError::SignerMismatch { .. } => {
+                Exit::Config
+            }
             AppError::Store(e) => e.exit(),
             AppError::Sign(e) => e.exit(),
             AppError::Cluster(e) => e.exit(),
@@ -68,9 +82,20 @@ pub struct App {
 }
 
 fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<String, AppError> {
-    let pem = std::fs::read_to_string(path).map_err(|e| AppError::File { what, path: path.clone(), reason: e.to_string(), fix })?;
-    crate::pki::pem_to_der_certs(&pem, &path.display().to_string())
-        .map_err(|e| AppError::File { what, path: path.clone(), reason: e.to_string(), fix })?;
+    let pem = std::fs::read_to_string(path).map_err(|e| AppError::File {
+        what,
+        path: path.clone(),
+        reason: e.to_string(),
+        fix,
+    })?;
+    crate::pki::pem_to_der_certs(&pem, &path.display().to_string()).map_err(|e| {
+        AppError::File {
+            what,
+            path: path.clone(),
+            reason: e.to_string(),
+            fix,
+        }
+    })?;
     Ok(pem)
 }
 
@@ -83,21 +108,33 @@ impl App {
         faults: Arc<dyn Faults>,
         actor: String,
     ) -> Result<(Self, InitReport), AppError> {
-        crate::fsutil::ensure_private_dir(&settings.data_dir)
-            .map_err(|source| AppError::DataDir { path: settings.data_dir.clone(), source })?;
+        crate::fsutil::ensure_private_dir(&settings.data_dir).map_err(|source| {
+            AppError::DataDir {
+                path: settings.data_dir.clone(),
+                source,
+            }
+        })?;
         let store = Store::open(&settings.database_path()).await?;
 
         // The signer a data directory was made with sticks to it (`init --signer`).
         let (recorded, recorded_kubeconfig) = {
             let mut conn = store.conn().await?;
-            (meta::get(&mut conn, "signer").await?, meta::get(&mut conn, "kubeconfig").await?)
+            (
+                meta::get(&mut conn, "signer").await?,
+                meta::get(&mut conn, "kubeconfig").await?,
+            )
         };
         let kind = match (settings.signer, recorded.as_deref()) {
             (Some(asked), Some(r)) if asked.as_str() != r => {
-                return Err(AppError::SignerMismatch { recorded: r.into(), asked: asked.as_str().into() });
+                return Err(AppError::SignerMismatch {
+                    recorded: r.into(),
+                    asked: asked.as_str().into(),
+                });
             }
             (Some(asked), _) => asked,
-            (None, Some(r)) => r.parse::<SignerKind>().map_err(|e| StoreError::Invalid(e))?,
+            (None, Some(r)) => r
+                .parse::<SignerKind>()
+                .map_err(|e| StoreError::Invalid(e))?,
             (None, None) => SignerKind::LocalCa,
         };
         if settings.kubernetes.kubeconfig.is_none() {
@@ -109,8 +146,14 @@ impl App {
         let signer: Arc<dyn Signer> = match kind {
             SignerKind::LocalCa => {
                 if !settings.local_ca.configured {
-                    let dir = settings.local_ca.key_file.parent().unwrap_or(&settings.data_dir).to_path_buf();
-                    crate::fsutil::ensure_private_dir(&dir).map_err(|source| AppError::DataDir { path: dir, source })?;
+                    let dir = settings
+                        .local_ca
+                        .key_file
+                        .parent()
+                        .unwrap_or(&settings.data_dir)
+                        .to_path_buf();
+                    crate::fsutil::ensure_private_dir(&dir)
+                        .map_err(|source| AppError::DataDir { path: dir, source })?;
                 }
                 let (ca, created) = LocalCa::ensure(&settings.local_ca, clock.clone())?;
                 created_ca = created;
@@ -119,11 +162,19 @@ impl App {
             SignerKind::Kubernetes => {
                 let c = Cluster::connect(&settings.kubernetes).await?;
                 let client_ca = match &settings.kubernetes.client_ca_file {
-                    Some(p) => read_pem("client CA", p, "set kubernetes.client_ca_file to the API server's --client-ca-file")?,
+                    Some(p) => read_pem(
+                        "client CA",
+                        p,
+                        "set kubernetes.client_ca_file to the API server's --client-ca-file",
+                    )?,
                     None => c.client_ca_from_cluster().await?,
                 };
                 cluster = Some(c.clone());
-                Arc::new(KubernetesSigner::new(c, client_ca, settings.kubernetes.signing_timeout))
+                Arc::new(KubernetesSigner::new(
+                    c,
+                    client_ca,
+                    settings.kubernetes.signing_timeout,
+                ))
             }
         };
 
@@ -135,10 +186,19 @@ impl App {
                 if let Some(k) = &settings.kubernetes.kubeconfig {
                     meta::set(&mut tx, "kubeconfig", &k.display().to_string()).await?;
                 }
-                audit::append(&mut tx, now, &actor, "store.init", "rotator", json!({"signer": kind.as_str(), "kubeconfig": settings.kubernetes.kubeconfig})).await?;
+                audit::append(
+                    &mut tx,
+                    now,
+                    &actor,
+                    "store.init",
+                    "rotator",
+                    json!({"signer": kind.as_str(), "kubeconfig": settings.kubernetes.kubeconfig}),
+                )
+                .await?;
             }
             if created_ca {
-                let info = crate::pki::parse_cert_pem(signer.ca_bundle_pem(), "local CA").map_err(SignError::from)?;
+                let info = crate::pki::parse_cert_pem(signer.ca_bundle_pem(), "local CA")
+                    .map_err(SignError::from)?;
                 audit::append(
                     &mut tx,
                     now,
@@ -166,19 +226,41 @@ impl App {
             kubeconfig_server_source: endpoint.source.clone(),
         };
         let (identity, inflight) = (ProcessIdentity::current(), Arc::new(Inflight::default()));
-        Ok((Self { settings, store, signer, cluster, endpoint, clock, faults, actor, identity, inflight }, report))
+        Ok((
+            Self {
+                settings,
+                store,
+                signer,
+                cluster,
+                endpoint,
+                clock,
+                faults,
+                actor,
+                identity,
+                inflight,
+            },
+            report,
+        ))
     }
 
     /// Config wins; otherwise the cluster says (kubernetes), or the local CA and
     /// the conventional local URL (local-ca). Never guessed from anything else.
-    async fn endpoint(settings: &Settings, cluster: Option<&Cluster>, signer: &dyn Signer) -> Result<Endpoint, AppError> {
+    async fn endpoint(
+        settings: &Settings,
+        cluster: Option<&Cluster>,
+        signer: &dyn Signer,
+    ) -> Result<Endpoint, AppError> {
         let ca_fix = "set cluster.ca_file to the PEM bundle that verifies the API server";
         let configured_ca = match &settings.cluster.ca_file {
             Some(p) => Some(read_pem("cluster CA bundle", p, ca_fix)?),
             None => None,
         };
         if let (Some(server), Some(ca_pem)) = (&settings.cluster.server, &configured_ca) {
-            return Ok(Endpoint { server: server.clone(), ca_pem: ca_pem.clone(), source: "config".into() });
+            return Ok(Endpoint {
+                server: server.clone(),
+                ca_pem: ca_pem.clone(),
+                source: "config".into(),
+            });
         }
         let found = match cluster {
             Some(c) => c.endpoint_from_cluster().await?,

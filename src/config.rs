@@ -70,7 +70,9 @@ impl FromStr for SignerKind {
         match s {
             "local-ca" => Ok(SignerKind::LocalCa),
             "kubernetes" => Ok(SignerKind::Kubernetes),
-            other => Err(format!("unknown signer {other:?} (expected local-ca or kubernetes)")),
+            other => Err(format!(
+                "unknown signer {other:?} (expected local-ca or kubernetes)"
+            )),
         }
     }
 }
@@ -115,7 +117,11 @@ struct ClusterSection {
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self { name: "kubernetes".into(), server: None, ca_file: None }
+        Self {
+            name: "kubernetes".into(),
+            server: None,
+            ca_file: None,
+        }
     }
 }
 
@@ -130,7 +136,12 @@ struct KubernetesSection {
 
 impl Default for KubernetesSection {
     fn default() -> Self {
-        Self { kubeconfig: None, context: None, client_ca_file: None, signing_timeout: "2m".into() }
+        Self {
+            kubeconfig: None,
+            context: None,
+            client_ca_file: None,
+            signing_timeout: "2m".into(),
+        }
     }
 }
 
@@ -503,7 +514,12 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         )
     })?;
 
-    if let Some(server) = f.cluster.server.as_ref().filter(|s| !s.starts_with("https://") || s.len() <= 8) {
+    if let Some(server) = f
+        .cluster
+        .server
+        .as_ref()
+        .filter(|s| !s.starts_with("https://") || s.len() <= 8)
+    {
         return Err(cx.invalid(
             "cluster.server",
             server,
@@ -655,7 +671,8 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
         context: f.kubernetes.context,
         client_ca_file: f.kubernetes.client_ca_file,
-        signing_timeout: cx.duration("kubernetes.signing_timeout", &f.kubernetes.signing_timeout)?,
+        signing_timeout: cx
+            .duration("kubernetes.signing_timeout", &f.kubernetes.signing_timeout)?,
     };
     Ok(Settings {
         origin,

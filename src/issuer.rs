@@ -235,16 +235,28 @@ struct Journal<'a> {
 }
 
 impl crate::signer::Progress for Journal<'_> {
-    fn step<'b>(&'b self, step: Step, csr_name: Option<&'b str>) -> crate::signer::BoxFuture<'b, Result<(), SignError>> {
+    fn step<'b>(
+        &'b self,
+        step: Step,
+        csr_name: Option<&'b str>,
+    ) -> crate::signer::BoxFuture<'b, Result<(), SignError>> {
         Box::pin(async move {
             let j = |e: StoreError| SignError::Journal(e.to_string());
             let now = self.clock.now();
             let mut tx = self.store.begin().await.map_err(j)?;
             if let Some(n) = csr_name {
-                issuances::set_csr_name(&mut tx, self.id, n, now).await.map_err(j)?;
+                issuances::set_csr_name(&mut tx, self.id, n, now)
+                    .await
+                    .map_err(j)?;
             }
-            if !issuances::set_step(&mut tx, self.id, step, None, now).await.map_err(j)? {
-                return Err(SignError::Journal(format!("issuance {} was abandoned by another process", self.id)));
+            if !issuances::set_step(&mut tx, self.id, step, None, now)
+                .await
+                .map_err(j)?
+            {
+                return Err(SignError::Journal(format!(
+                    "issuance {} was abandoned by another process",
+                    self.id
+                )));
             }
             crate::store::commit(tx).await.map_err(j)
         })
@@ -368,7 +380,11 @@ impl Issuer<'_> {
             csr_der: &csr,
             ttl,
         };
-        let journal = Journal { store: self.store, clock: self.clock, id };
+        let journal = Journal {
+            store: self.store,
+            clock: self.clock,
+            id,
+        };
         let signed = match self.signer.sign(req, &journal).await {
             Ok(s) => s,
             Err(e) => return Err(self.fail(id, &spec.name, actor, e.into()).await),
@@ -465,7 +481,16 @@ impl Issuer<'_> {
         // The new generation group must be bound before the kubeconfig is handed out.
         if let Some(cluster) = self.cluster {
             let grace = self.settings.rotation.grace_period;
-            if let Err(e) = crate::access::sync_user(self.store, cluster, grace, self.clock.now(), &spec.name, actor).await {
+            if let Err(e) = crate::access::sync_user(
+                self.store,
+                cluster,
+                grace,
+                self.clock.now(),
+                &spec.name,
+                actor,
+            )
+            .await
+            {
                 return Err(self.fail(id, &spec.name, actor, e.into()).await);
             }
         }

@@ -18,8 +18,13 @@ pub enum LifecycleError {
     NoSuchSerial { user: String, serial: String },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("{what} is recorded, but the cluster's RoleBindings could not be updated yet: {source}\nthe daemon's next pass retries; run `rotator doctor` to see what is still granted")]
-    Access { what: String, source: crate::access::AccessError },
+    #[error(
+        "{what} is recorded, but the cluster's RoleBindings could not be updated yet: {source}\nthe daemon's next pass retries; run `rotator doctor` to see what is still granted"
+    )]
+    Access {
+        what: String,
+        source: crate::access::AccessError,
+    },
 }
 
 impl ExitStatus for LifecycleError {
@@ -117,20 +122,43 @@ pub async fn remove_user(app: &App, user: &str) -> Result<Vec<Credential>, Lifec
 
 /// The database is the authority and has already changed; now the cluster follows.
 async fn take_away(app: &App, user: &str, what: &str) -> Result<(), LifecycleError> {
-    let Some(cluster) = &app.cluster else { return Ok(()) };
-    crate::access::sync_user(&app.store, cluster, app.settings.rotation.grace_period, app.clock.now(), user, &app.actor)
-        .await
-        .map(|_| ())
-        .map_err(|source| LifecycleError::Access { what: what.into(), source })
+    let Some(cluster) = &app.cluster else {
+        return Ok(());
+    };
+    crate::access::sync_user(
+        &app.store,
+        cluster,
+        app.settings.rotation.grace_period,
+        app.clock.now(),
+        user,
+        &app.actor,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| LifecycleError::Access {
+        what: what.into(),
+        source,
+    })
 }
 
 /// Removes from the cluster every generation group that must no longer be
 /// granted (revoked, expired, or superseded past the grace period).
 pub async fn remove_stale_access(app: &App) -> Result<usize, LifecycleError> {
-    let Some(cluster) = &app.cluster else { return Ok(0) };
-    crate::access::remove_stale_access(&app.store, cluster, app.settings.rotation.grace_period, app.clock.now(), &app.actor)
-        .await
-        .map_err(|source| LifecycleError::Access { what: "expiry".into(), source })
+    let Some(cluster) = &app.cluster else {
+        return Ok(0);
+    };
+    crate::access::remove_stale_access(
+        &app.store,
+        cluster,
+        app.settings.rotation.grace_period,
+        app.clock.now(),
+        &app.actor,
+    )
+    .await
+    .map_err(|source| LifecycleError::Access {
+        what: "expiry".into(),
+        source,
+    })
 }
 
 /// Marks live credentials past `notAfter` expired. Safe to run concurrently and

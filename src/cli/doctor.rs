@@ -36,10 +36,7 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
             exit,
         })
     };
-    let settings = match config::load(
-        cli.config.as_deref(),
-        &cli.overrides(None),
-    ) {
+    let settings = match config::load(cli.config.as_deref(), &cli.overrides(None)) {
         Ok(s) => s,
         Err(e) => return Err(e.into()),
     };

@@ -57,7 +57,12 @@ fn parse_signer(s: &str) -> Result<SignerKind, String> {
 
 impl Cli {
     pub fn overrides(&self, metrics_addr: Option<String>) -> Overrides {
-        Overrides { data_dir: self.data_dir.clone(), metrics_addr, signer: self.signer, kubeconfig: self.kubeconfig.clone() }
+        Overrides {
+            data_dir: self.data_dir.clone(),
+            metrics_addr,
+            signer: self.signer,
+            kubeconfig: self.kubeconfig.clone(),
+        }
     }
 }
 
@@ -232,10 +237,7 @@ async fn open_app(
     cli: &Cli,
     metrics_addr: Option<String>,
 ) -> CliResult<(App, crate::app::InitReport)> {
-    let settings = config::load(
-        cli.config.as_deref(),
-        &cli.overrides(metrics_addr),
-    )?;
+    let settings = config::load(cli.config.as_deref(), &cli.overrides(metrics_addr))?;
     Ok(App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?)
 }
 

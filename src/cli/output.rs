@@ -53,13 +53,20 @@ pub fn init_report(out: OutputFormat, r: &crate::app::InitReport) {
             println!("data directory  {}", r.data_dir.display());
             println!("database        {}", r.database.display());
             println!("signer          {}", r.signer);
-            let what = if r.signer == "kubernetes" { "cluster        " } else { "CA certificate " };
+            let what = if r.signer == "kubernetes" {
+                "cluster        "
+            } else {
+                "CA certificate "
+            };
             println!(
                 "{what} {}{}",
                 r.signer_detail,
                 if r.created_ca { " (created now)" } else { "" }
             );
-            println!("kubeconfigs     {} (from {})", r.kubeconfig_server, r.kubeconfig_server_source);
+            println!(
+                "kubeconfigs     {} (from {})",
+                r.kubeconfig_server, r.kubeconfig_server_source
+            );
         }
     }
 }

@@ -9,7 +9,10 @@ use k8s_openapi::api::certificates::v1::{
 };
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 
-use super::{Backoff, Cluster, ClusterError, MANAGED_BY, USER_ANNOTATION, USER_LABEL, is_not_found, retry, user_hash};
+use super::{
+    Backoff, Cluster, ClusterError, MANAGED_BY, USER_ANNOTATION, USER_LABEL, is_not_found, retry,
+    user_hash,
+};
 
 pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
 
@@ -19,11 +22,21 @@ pub fn csr_name(credential_id: &str) -> String {
 }
 
 fn condition(s: &CertificateSigningRequest, t: &str) -> Option<CertificateSigningRequestCondition> {
-    s.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == t && c.status == "True").cloned()
+    s.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == t && c.status == "True")
+        .cloned()
 }
 
 fn certificate(s: &CertificateSigningRequest) -> Option<String> {
-    s.status.as_ref()?.certificate.as_ref().and_then(|b| String::from_utf8(b.0.clone()).ok())
+    s.status
+        .as_ref()?
+        .certificate
+        .as_ref()
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
 impl Cluster {
@@ -32,11 +45,23 @@ impl Cluster {
     }
 
     /// Creates the CSR, or adopts the one already there if it carries the same request.
-    pub async fn create_csr(&self, name: &str, user: &str, csr_pem: &str, ttl: Duration) -> Result<CertificateSigningRequest, ClusterError> {
+    pub async fn create_csr(
+        &self,
+        name: &str,
+        user: &str,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<CertificateSigningRequest, ClusterError> {
         let obj = CertificateSigningRequest {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                labels: Some([(MANAGED_BY.0.into(), MANAGED_BY.1.into()), (USER_LABEL.into(), user_hash(user))].into()),
+                labels: Some(
+                    [
+                        (MANAGED_BY.0.into(), MANAGED_BY.1.into()),
+                        (USER_LABEL.into(), user_hash(user)),
+                    ]
+                    .into(),
+                ),
                 annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
                 ..Default::default()
             },
@@ -51,12 +76,18 @@ impl Cluster {
         };
         let api = self.csrs();
         let pp = PostParams::default();
-        let created = retry(&format!("creating CSR {name}"), Backoff::default(), || async {
-            match api.create(&pp, &obj).await {
-                Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => api.get(name).await,
-                other => other,
-            }
-        })
+        let created = retry(
+            &format!("creating CSR {name}"),
+            Backoff::default(),
+            || async {
+                match api.create(&pp, &obj).await {
+                    Err(kube::Error::Api(s)) if s.code == 409 && s.reason == "AlreadyExists" => {
+                        api.get(name).await
+                    }
+                    other => other,
+                }
+            },
+        )
         .await?;
         if created.spec.request.0 != obj.spec.request.0 {
             return Err(ClusterError::Conflict(format!(
@@ -72,54 +103,90 @@ impl Cluster {
         let api = self.csrs();
         let pp = PostParams::default();
         for _ in 0..5 {
-            let mut cur = retry(&format!("reading CSR {name}"), Backoff::default(), || api.get(name)).await?;
+            let mut cur = retry(&format!("reading CSR {name}"), Backoff::default(), || {
+                api.get(name)
+            })
+            .await?;
             if let Some(d) = condition(&cur, "Denied") {
-                return Err(ClusterError::Denied { name: name.into(), reason: d.reason.unwrap_or_default(), message: d.message.unwrap_or_default() });
+                return Err(ClusterError::Denied {
+                    name: name.into(),
+                    reason: d.reason.unwrap_or_default(),
+                    message: d.message.unwrap_or_default(),
+                });
             }
             if condition(&cur, "Approved").is_some() {
                 return Ok(());
             }
-            let status = cur.status.get_or_insert_with(CertificateSigningRequestStatus::default);
-            status.conditions.get_or_insert_with(Vec::new).push(CertificateSigningRequestCondition {
-                type_: "Approved".into(),
-                status: "True".into(),
-                reason: Some("RotatorPolicyApproved".into()),
-                message: Some(message.into()),
-                ..Default::default()
-            });
+            let status = cur
+                .status
+                .get_or_insert_with(CertificateSigningRequestStatus::default);
+            status.conditions.get_or_insert_with(Vec::new).push(
+                CertificateSigningRequestCondition {
+                    type_: "Approved".into(),
+                    status: "True".into(),
+                    reason: Some("RotatorPolicyApproved".into()),
+                    message: Some(message.into()),
+                    ..Default::default()
+                },
+            );
             let what = format!("approving CSR {name}");
-            let res = retry(&what, Backoff::default(), || api.replace_subresource("approval", name, &pp, &cur)).await;
+            let res = retry(&what, Backoff::default(), || {
+                api.replace_subresource("approval", name, &pp, &cur)
+            })
+            .await;
             match res {
                 Ok(_) => return Ok(()),
                 Err(ClusterError::Api { code: 409, .. }) => continue, // stale read: read again
                 Err(e) => return Err(e),
             }
         }
-        Err(ClusterError::Conflict(format!("CSR {name} kept changing while rotator approved it\nfix: run the command again")))
+        Err(ClusterError::Conflict(format!(
+            "CSR {name} kept changing while rotator approved it\nfix: run the command again"
+        )))
     }
 
     /// Waits with a watch (never a sleep loop) until the certificate appears, or
     /// the CSR is Denied or Failed, or `timeout` passes.
-    pub async fn wait_for_certificate(&self, name: &str, timeout: Duration) -> Result<String, ClusterError> {
+    pub async fn wait_for_certificate(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<String, ClusterError> {
         let api = self.csrs();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let cur = retry(&format!("reading CSR {name}"), Backoff::default(), || api.get(name)).await?;
+            let cur = retry(&format!("reading CSR {name}"), Backoff::default(), || {
+                api.get(name)
+            })
+            .await?;
             if let Some(pem) = certificate(&cur) {
                 return Ok(pem);
             }
             if let Some(d) = condition(&cur, "Denied") {
-                return Err(ClusterError::Denied { name: name.into(), reason: d.reason.unwrap_or_default(), message: d.message.unwrap_or_default() });
+                return Err(ClusterError::Denied {
+                    name: name.into(),
+                    reason: d.reason.unwrap_or_default(),
+                    message: d.message.unwrap_or_default(),
+                });
             }
             if let Some(f) = condition(&cur, "Failed") {
-                return Err(ClusterError::Failed { name: name.into(), reason: f.reason.unwrap_or_default(), message: f.message.unwrap_or_default() });
+                return Err(ClusterError::Failed {
+                    name: name.into(),
+                    reason: f.reason.unwrap_or_default(),
+                    message: f.message.unwrap_or_default(),
+                });
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                return Err(ClusterError::Timeout { name: name.into(), timeout });
+                return Err(ClusterError::Timeout {
+                    name: name.into(),
+                    timeout,
+                });
             }
             let rv = cur.metadata.resource_version.clone().unwrap_or_default();
-            let wp = WatchParams::default().fields(&format!("metadata.name={name}")).timeout(left.as_secs().clamp(1, 290) as u32);
+            let wp = WatchParams::default()
+                .fields(&format!("metadata.name={name}"))
+                .timeout(left.as_secs().clamp(1, 290) as u32);
             let stream = match api.watch(&wp, &rv).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -134,7 +201,9 @@ impl Cluster {
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(WatchEvent::Modified(c)) | Ok(WatchEvent::Added(c))
-                            if certificate(&c).is_some() || condition(&c, "Denied").is_some() || condition(&c, "Failed").is_some() =>
+                            if certificate(&c).is_some()
+                                || condition(&c, "Denied").is_some()
+                                || condition(&c, "Failed").is_some() =>
                         {
                             return;
                         }
@@ -150,22 +219,33 @@ impl Cluster {
     /// Deletes a CSR; a missing one is fine.
     pub async fn delete_csr(&self, name: &str) -> Result<(), ClusterError> {
         let api = self.csrs();
-        retry(&format!("deleting CSR {name}"), Backoff::default(), || async {
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => Ok(()),
-                Err(e) if is_not_found(&e) => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
+        retry(
+            &format!("deleting CSR {name}"),
+            Backoff::default(),
+            || async {
+                match api.delete(name, &DeleteParams::default()).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if is_not_found(&e) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            },
+        )
         .await
     }
 
     /// rotator's CSR objects in the cluster (for cleanup and `doctor`).
     pub async fn managed_csrs(&self) -> Result<Vec<String>, ClusterError> {
         let api = self.csrs();
-        let lp = kube::api::ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-        let list = retry("listing rotator's CSRs", Backoff::default(), || api.list(&lp)).await?;
-        Ok(list.items.into_iter().filter_map(|c| c.metadata.name).collect())
+        let lp =
+            kube::api::ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        let list = retry("listing rotator's CSRs", Backoff::default(), || {
+            api.list(&lp)
+        })
+        .await?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|c| c.metadata.name)
+            .collect())
     }
 }
-

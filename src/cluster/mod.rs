@@ -18,17 +18,45 @@ pub const USER_ANNOTATION: &str = "rotator.io/user";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("cannot load the Kubernetes connection ({source_desc}): {reason}\nfix: pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a service account")]
+    #[error(
+        "cannot load the Kubernetes connection ({source_desc}): {reason}\nfix: pass --kubeconfig FILE, set KUBECONFIG, or run in a pod with a service account"
+    )]
     Config { source_desc: String, reason: String },
     #[error("the Kubernetes API refused {what}: {code} {reason}: {message}{fix}")]
-    Api { what: String, code: u16, reason: String, message: String, fix: String },
-    #[error("cannot reach the Kubernetes API server for {what} after {attempts} attempts: {reason}\nfix: check the server URL and the network; nothing was left half-done")]
-    Unreachable { what: String, attempts: u32, reason: String },
-    #[error("CSR {name} was denied: {reason}: {message}\nfix: a policy in the cluster refused it; ask the cluster admins, or check the request")]
-    Denied { name: String, reason: String, message: String },
-    #[error("CSR {name} failed to be signed: {reason}: {message}\nfix: check kube-controller-manager's csrsigning controller and its logs")]
-    Failed { name: String, reason: String, message: String },
-    #[error("CSR {name} was approved but not signed within {timeout:?}\nfix: is kube-controller-manager running with the csrsigning controller (--cluster-signing-cert-file)? raise kubernetes.signing_timeout if it is slow")]
+    Api {
+        what: String,
+        code: u16,
+        reason: String,
+        message: String,
+        fix: String,
+    },
+    #[error(
+        "cannot reach the Kubernetes API server for {what} after {attempts} attempts: {reason}\nfix: check the server URL and the network; nothing was left half-done"
+    )]
+    Unreachable {
+        what: String,
+        attempts: u32,
+        reason: String,
+    },
+    #[error(
+        "CSR {name} was denied: {reason}: {message}\nfix: a policy in the cluster refused it; ask the cluster admins, or check the request"
+    )]
+    Denied {
+        name: String,
+        reason: String,
+        message: String,
+    },
+    #[error(
+        "CSR {name} failed to be signed: {reason}: {message}\nfix: check kube-controller-manager's csrsigning controller and its logs"
+    )]
+    Failed {
+        name: String,
+        reason: String,
+        message: String,
+    },
+    #[error(
+        "CSR {name} was approved but not signed within {timeout:?}\nfix: is kube-controller-manager running with the csrsigning controller (--cluster-signing-cert-file)? raise kubernetes.signing_timeout if it is slow"
+    )]
     Timeout { name: String, timeout: Duration },
     #[error("{0}")]
     Conflict(String),
@@ -58,7 +86,9 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -66,17 +96,22 @@ impl Cluster {
     /// `--kubeconfig`/`kubernetes.kubeconfig`, else `KUBECONFIG` and `~/.kube/config`,
     /// else the in-cluster service account — kube's own loading in every case.
     pub async fn connect(s: &KubernetesSettings) -> Result<Self, ClusterError> {
-        let opts = KubeConfigOptions { context: s.context.clone(), ..Default::default() };
+        let opts = KubeConfigOptions {
+            context: s.context.clone(),
+            ..Default::default()
+        };
         let (config, desc) = match &s.kubeconfig {
             Some(path) => {
                 let kc = Kubeconfig::read_from(path).map_err(|e| ClusterError::Config {
                     source_desc: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
-                let c = kube::Config::from_custom_kubeconfig(kc, &opts).await.map_err(|e| ClusterError::Config {
-                    source_desc: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                let c = kube::Config::from_custom_kubeconfig(kc, &opts)
+                    .await
+                    .map_err(|e| ClusterError::Config {
+                        source_desc: path.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
                 (c, path.display().to_string())
             }
             None => match kube::Config::from_kubeconfig(&opts).await {
@@ -92,18 +127,34 @@ impl Cluster {
                 },
             },
         };
-        let url = config.cluster_url.to_string().trim_end_matches('/').to_string();
-        let server_ca_pem = config
-            .root_cert
-            .as_ref()
-            .map(|certs| certs.iter().map(|d| crate::pki::pem_encode("CERTIFICATE", d)).collect::<String>());
-        let client = kube::Client::try_from(config)
-            .map_err(|e| ClusterError::Config { source_desc: desc, reason: e.to_string() })?;
-        Ok(Self { client, url, server_ca_pem })
+        let url = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        let server_ca_pem = config.root_cert.as_ref().map(|certs| {
+            certs
+                .iter()
+                .map(|d| crate::pki::pem_encode("CERTIFICATE", d))
+                .collect::<String>()
+        });
+        let client = kube::Client::try_from(config).map_err(|e| ClusterError::Config {
+            source_desc: desc,
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            client,
+            url,
+            server_ca_pem,
+        })
     }
 
     pub fn from_client(client: kube::Client, url: String, server_ca_pem: Option<String>) -> Self {
-        Self { client, url, server_ca_pem }
+        Self {
+            client,
+            url,
+            server_ca_pem,
+        }
     }
 }
 
@@ -117,13 +168,20 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { attempts: 6, base: Duration::from_millis(100), cap: Duration::from_secs(3) }
+        Self {
+            attempts: 6,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(3),
+        }
     }
 }
 
 impl Backoff {
     fn delay(&self, attempt: u32) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << attempt.min(16)).min(self.cap);
+        let exp = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.cap);
         let r = u64::from_le_bytes(crate::pki::random_bytes::<8>());
         Duration::from_nanos(r % (exp.as_nanos() as u64 + 1))
     }
@@ -143,12 +201,24 @@ pub fn describe(what: &str, e: kube::Error) -> ClusterError {
         kube::Error::Api(s) => {
             let fix = match s.code {
                 401 => "\nfix: the credentials in the kubeconfig are not accepted; refresh them",
-                403 => "\nfix: rotator's identity lacks this permission; apply deploy/kubernetes/rbac.yaml",
+                403 => {
+                    "\nfix: rotator's identity lacks this permission; apply deploy/kubernetes/rbac.yaml"
+                }
                 _ => "",
             };
-            ClusterError::Api { what: what.into(), code: s.code, reason: s.reason.clone(), message: s.message.clone(), fix: fix.into() }
+            ClusterError::Api {
+                what: what.into(),
+                code: s.code,
+                reason: s.reason.clone(),
+                message: s.message.clone(),
+                fix: fix.into(),
+            }
         }
-        other => ClusterError::Unreachable { what: what.into(), attempts: 1, reason: other.to_string() },
+        other => ClusterError::Unreachable {
+            what: what.into(),
+            attempts: 1,
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -169,7 +239,11 @@ where
                 attempt += 1;
             }
             Err(e) if retryable(&e) => {
-                return Err(ClusterError::Unreachable { what: what.into(), attempts: attempt + 1, reason: short(&e) });
+                return Err(ClusterError::Unreachable {
+                    what: what.into(),
+                    attempts: attempt + 1,
+                    reason: short(&e),
+                });
             }
             Err(e) => return Err(describe(what, e)),
         }
@@ -207,21 +281,37 @@ pub struct Endpoint {
 }
 
 impl Cluster {
-    async fn configmap(&self, ns: &str, name: &str) -> Result<Option<k8s_openapi::api::core::v1::ConfigMap>, ClusterError> {
-        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> = kube::Api::namespaced(self.client.clone(), ns);
-        retry(&format!("reading ConfigMap {ns}/{name}"), Backoff::default(), || async {
-            match api.get(name).await {
-                Ok(c) => Ok(Some(c)),
-                Err(e) if is_not_found(&e) || matches!(&e, kube::Error::Api(s) if s.code == 403) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
+    async fn configmap(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<k8s_openapi::api::core::v1::ConfigMap>, ClusterError> {
+        let api: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(self.client.clone(), ns);
+        retry(
+            &format!("reading ConfigMap {ns}/{name}"),
+            Backoff::default(),
+            || async {
+                match api.get(name).await {
+                    Ok(c) => Ok(Some(c)),
+                    Err(e)
+                        if is_not_found(&e)
+                            || matches!(&e, kube::Error::Api(s) if s.code == 403) =>
+                    {
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            },
+        )
         .await
     }
 
     /// The API server's client CA, as it publishes it for aggregated servers.
     pub async fn client_ca_from_cluster(&self) -> Result<String, ClusterError> {
-        let cm = self.configmap("kube-system", "extension-apiserver-authentication").await?;
+        let cm = self
+            .configmap("kube-system", "extension-apiserver-authentication")
+            .await?;
         cm.and_then(|c| c.data).and_then(|d| d.get("client-ca-file").cloned()).ok_or_else(|| {
             ClusterError::Invalid(
                 "the cluster's client CA is not readable from kube-system/extension-apiserver-authentication\nfix: set kubernetes.client_ca_file to the API server's --client-ca-file, or grant rotator get on that ConfigMap".into(),
@@ -232,13 +322,25 @@ impl Cluster {
     /// The server URL and CA for kubeconfigs: kubeadm's `cluster-info`, else the
     /// connection rotator itself uses (its URL, and its CA or `kube-root-ca.crt`).
     pub async fn endpoint_from_cluster(&self) -> Result<Endpoint, ClusterError> {
-        if let Some(kc) = self.configmap("kube-public", "cluster-info").await?.and_then(|c| c.data).and_then(|d| d.get("kubeconfig").cloned()) {
+        if let Some(kc) = self
+            .configmap("kube-public", "cluster-info")
+            .await?
+            .and_then(|c| c.data)
+            .and_then(|d| d.get("kubeconfig").cloned())
+        {
             if let Ok(k) = Kubeconfig::from_yaml(&kc) {
                 if let Some(c) = k.clusters.first().and_then(|c| c.cluster.clone()) {
                     use base64::Engine;
-                    let ca = c.certificate_authority_data.and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok()).and_then(|b| String::from_utf8(b).ok());
+                    let ca = c
+                        .certificate_authority_data
+                        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                        .and_then(|b| String::from_utf8(b).ok());
                     if let (Some(server), Some(ca_pem)) = (c.server, ca) {
-                        return Ok(Endpoint { server, ca_pem, source: "kube-public/cluster-info".into() });
+                        return Ok(Endpoint {
+                            server,
+                            ca_pem,
+                            source: "kube-public/cluster-info".into(),
+                        });
                     }
                 }
             }
@@ -250,8 +352,16 @@ impl Cluster {
                 .await?
                 .and_then(|c| c.data)
                 .and_then(|d| d.get("ca.crt").cloned())
-                .ok_or_else(|| ClusterError::Invalid("no CA bundle for the API server\nfix: set cluster.ca_file".into()))?,
+                .ok_or_else(|| {
+                    ClusterError::Invalid(
+                        "no CA bundle for the API server\nfix: set cluster.ca_file".into(),
+                    )
+                })?,
         };
-        Ok(Endpoint { server: self.url.clone(), ca_pem, source: "rotator's own connection".into() })
+        Ok(Endpoint {
+            server: self.url.clone(),
+            ca_pem,
+            source: "rotator's own connection".into(),
+        })
     }
 }

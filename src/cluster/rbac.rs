@@ -5,7 +5,10 @@
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 
-use super::{Backoff, Cluster, ClusterError, MANAGED_BY, USER_ANNOTATION, USER_LABEL, is_not_found, retry, user_hash};
+use super::{
+    Backoff, Cluster, ClusterError, MANAGED_BY, USER_ANNOTATION, USER_LABEL, is_not_found, retry,
+    user_hash,
+};
 
 const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
@@ -28,13 +31,22 @@ impl SyncReport {
 }
 
 fn is_managed(rb: &RoleBinding) -> bool {
-    rb.metadata.labels.as_ref().and_then(|l| l.get(MANAGED_BY.0)).is_some_and(|v| v == MANAGED_BY.1)
+    rb.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY.0))
+        .is_some_and(|v| v == MANAGED_BY.1)
 }
 
 fn subjects(groups: &[String]) -> Vec<Subject> {
     groups
         .iter()
-        .map(|g| Subject { kind: "Group".into(), name: g.clone(), api_group: Some(RBAC_GROUP.into()), namespace: None })
+        .map(|g| Subject {
+            kind: "Group".into(),
+            name: g.clone(),
+            api_group: Some(RBAC_GROUP.into()),
+            namespace: None,
+        })
         .collect()
 }
 
@@ -42,11 +54,21 @@ fn desired(user: &str, role: &str, groups: &[String]) -> RoleBinding {
     RoleBinding {
         metadata: ObjectMeta {
             name: Some(binding_name(user)),
-            labels: Some([(MANAGED_BY.0.into(), MANAGED_BY.1.into()), (USER_LABEL.into(), user_hash(user))].into()),
+            labels: Some(
+                [
+                    (MANAGED_BY.0.into(), MANAGED_BY.1.into()),
+                    (USER_LABEL.into(), user_hash(user)),
+                ]
+                .into(),
+            ),
             annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
             ..Default::default()
         },
-        role_ref: RoleRef { api_group: Some(RBAC_GROUP.into()), kind: "ClusterRole".into(), name: role.into() },
+        role_ref: RoleRef {
+            api_group: Some(RBAC_GROUP.into()),
+            kind: "ClusterRole".into(),
+            name: role.into(),
+        },
         subjects: Some(subjects(groups)),
     }
 }
@@ -84,7 +106,10 @@ impl Cluster {
                 }
                 None if groups.is_empty() => {}
                 None => {
-                    retry(&format!("creating {what}"), Backoff::default(), || api.create(&pp, &want)).await?;
+                    retry(&format!("creating {what}"), Backoff::default(), || {
+                        api.create(&pp, &want)
+                    })
+                    .await?;
                     report.created.push(format!("{ns}/{name}"));
                 }
                 Some(_) if groups.is_empty() => {
@@ -94,17 +119,29 @@ impl Cluster {
                 Some(rb) if rb.role_ref != want.role_ref => {
                     // roleRef is immutable: replace the binding.
                     self.delete_binding(&api, &name, &what).await?;
-                    retry(&format!("creating {what}"), Backoff::default(), || api.create(&pp, &want)).await?;
+                    retry(&format!("creating {what}"), Backoff::default(), || {
+                        api.create(&pp, &want)
+                    })
+                    .await?;
                     report.updated.push(format!("{ns}/{name}"));
                 }
-                Some(rb) if rb.subjects.as_deref().unwrap_or_default() != want.subjects.as_deref().unwrap_or_default() => {
+                Some(rb)
+                    if rb.subjects.as_deref().unwrap_or_default()
+                        != want.subjects.as_deref().unwrap_or_default() =>
+                {
                     let mut next = want.clone();
                     next.metadata.resource_version = rb.metadata.resource_version.clone();
-                    match retry(&format!("updating {what}"), Backoff::default(), || api.replace(&name, &pp, &next)).await {
+                    match retry(&format!("updating {what}"), Backoff::default(), || {
+                        api.replace(&name, &pp, &next)
+                    })
+                    .await
+                    {
                         Ok(_) => {}
                         // Someone changed it since we read it: the next sync (or reconcile) repairs it.
                         Err(ClusterError::Api { code: 409, .. }) => {
-                            return Err(ClusterError::Conflict(format!("{what} changed while rotator updated it\nfix: run the command again")));
+                            return Err(ClusterError::Conflict(format!(
+                                "{what} changed while rotator updated it\nfix: run the command again"
+                            )));
                         }
                         Err(e) => return Err(e),
                     }
@@ -115,8 +152,19 @@ impl Cluster {
         }
         // The user's bindings in namespaces they no longer have.
         let all: Api<RoleBinding> = Api::all(self.client.clone());
-        let lp = ListParams::default().labels(&format!("{}={},{}={}", MANAGED_BY.0, MANAGED_BY.1, USER_LABEL, user_hash(user)));
-        let existing = retry(&format!("listing {user}'s RoleBindings"), Backoff::default(), || all.list(&lp)).await?;
+        let lp = ListParams::default().labels(&format!(
+            "{}={},{}={}",
+            MANAGED_BY.0,
+            MANAGED_BY.1,
+            USER_LABEL,
+            user_hash(user)
+        ));
+        let existing = retry(
+            &format!("listing {user}'s RoleBindings"),
+            Backoff::default(),
+            || all.list(&lp),
+        )
+        .await?;
         for rb in existing.items {
             let ns = rb.metadata.namespace.clone().unwrap_or_default();
             let n = rb.metadata.name.clone().unwrap_or_default();
@@ -124,13 +172,19 @@ impl Cluster {
                 continue;
             }
             let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), &ns);
-            self.delete_binding(&api, &n, &format!("RoleBinding {ns}/{n}")).await?;
+            self.delete_binding(&api, &n, &format!("RoleBinding {ns}/{n}"))
+                .await?;
             report.deleted.push(format!("{ns}/{n}"));
         }
         Ok(report)
     }
 
-    async fn delete_binding(&self, api: &Api<RoleBinding>, name: &str, what: &str) -> Result<(), ClusterError> {
+    async fn delete_binding(
+        &self,
+        api: &Api<RoleBinding>,
+        name: &str,
+        what: &str,
+    ) -> Result<(), ClusterError> {
         retry(&format!("deleting {what}"), Backoff::default(), || async {
             match api.delete(name, &DeleteParams::default()).await {
                 Ok(_) => Ok(()),

@@ -16,13 +16,20 @@ pub struct KubernetesSigner {
 
 impl std::fmt::Debug for KubernetesSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubernetesSigner").field("cluster", &self.cluster).field("timeout", &self.timeout).finish()
+        f.debug_struct("KubernetesSigner")
+            .field("cluster", &self.cluster)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
 impl KubernetesSigner {
     pub fn new(cluster: Cluster, client_ca_pem: String, timeout: Duration) -> Self {
-        Self { cluster, client_ca_pem, timeout }
+        Self {
+            cluster,
+            client_ca_pem,
+            timeout,
+        }
     }
 }
 
@@ -35,18 +42,33 @@ impl Signer for KubernetesSigner {
         &self.client_ca_pem
     }
 
-    fn sign<'a>(&'a self, req: SignRequest<'a>, progress: &'a dyn Progress) -> BoxFuture<'a, Result<Signed, SignError>> {
+    fn sign<'a>(
+        &'a self,
+        req: SignRequest<'a>,
+        progress: &'a dyn Progress,
+    ) -> BoxFuture<'a, Result<Signed, SignError>> {
         Box::pin(async move {
             let name = csr_name(req.credential_id);
             // Recorded before the object exists, so a crash after creating it still finds it.
             progress.step(Step::CsrSubmitted, Some(&name)).await?;
             let pem = crate::pki::pem_encode("CERTIFICATE REQUEST", req.csr_der);
-            self.cluster.create_csr(&name, req.user, &pem, req.ttl).await?;
             self.cluster
-                .approve_csr(&name, &format!("approved by rotator for user {} after its policy check", req.user))
+                .create_csr(&name, req.user, &pem, req.ttl)
+                .await?;
+            self.cluster
+                .approve_csr(
+                    &name,
+                    &format!(
+                        "approved by rotator for user {} after its policy check",
+                        req.user
+                    ),
+                )
                 .await?;
             progress.step(Step::Approved, None).await?;
-            let certificate_pem = self.cluster.wait_for_certificate(&name, self.timeout).await?;
+            let certificate_pem = self
+                .cluster
+                .wait_for_certificate(&name, self.timeout)
+                .await?;
             progress.step(Step::Issued, None).await?;
             Ok(Signed { certificate_pem })
         })

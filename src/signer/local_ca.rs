@@ -219,7 +219,11 @@ impl Signer for LocalCa {
         &self.cert_pem
     }
 
-    fn sign<'a>(&'a self, req: SignRequest<'a>, _: &'a dyn super::Progress) -> BoxFuture<'a, Result<Signed, SignError>> {
+    fn sign<'a>(
+        &'a self,
+        req: SignRequest<'a>,
+        _: &'a dyn super::Progress,
+    ) -> BoxFuture<'a, Result<Signed, SignError>> {
         Box::pin(async move {
             Ok(Signed {
                 certificate_pem: self.issue(&req, CertProfile::Client)?,

@@ -66,7 +66,11 @@ pub struct Signed {
 /// Where a signer records each external step before taking the next, so a
 /// crashed issuance can be found and cleaned up (the issuance journal).
 pub trait Progress: Send + Sync {
-    fn step<'a>(&'a self, step: Step, csr_name: Option<&'a str>) -> BoxFuture<'a, Result<(), SignError>>;
+    fn step<'a>(
+        &'a self,
+        step: Step,
+        csr_name: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), SignError>>;
 }
 
 /// For signing outside an issuance (benchmarks, tests).
@@ -83,7 +87,11 @@ pub trait Signer: Send + Sync {
     fn kind(&self) -> &'static str;
     /// The CA(s) issued certificates must chain to.
     fn ca_bundle_pem(&self) -> &str;
-    fn sign<'a>(&'a self, req: SignRequest<'a>, progress: &'a dyn Progress) -> BoxFuture<'a, Result<Signed, SignError>>;
+    fn sign<'a>(
+        &'a self,
+        req: SignRequest<'a>,
+        progress: &'a dyn Progress,
+    ) -> BoxFuture<'a, Result<Signed, SignError>>;
     /// Removes whatever `sign` left outside rotator for this credential (a CSR
     /// object): once the certificate is stored, and when an issuance fails or is
     /// abandoned. Idempotent.

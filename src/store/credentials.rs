@@ -148,7 +148,11 @@ pub async fn count_by_state(store: &Store) -> Result<Vec<(String, i64)>, StoreEr
 /// Users with a credential whose generation group should no longer be granted
 /// but has not been removed from the cluster yet: revoked, expired, failed, or
 /// superseded longer than `grace` ago.
-pub async fn users_needing_access_removal(conn: &mut SqliteConnection, now: i64, grace: i64) -> Result<Vec<String>, StoreError> {
+pub async fn users_needing_access_removal(
+    conn: &mut SqliteConnection,
+    now: i64,
+    grace: i64,
+) -> Result<Vec<String>, StoreError> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT DISTINCT user_name FROM credentials WHERE access_removed_at IS NULL
            AND (state IN ('revoked', 'expired', 'failed') OR (state = 'superseded' AND state_at + ? <= ?))",
@@ -161,7 +165,12 @@ pub async fn users_needing_access_removal(conn: &mut SqliteConnection, now: i64,
 }
 
 /// Marks every credential of `user` that `sync` no longer granted as removed.
-pub async fn mark_access_removed(conn: &mut SqliteConnection, user: &str, granted: &[i64], now: i64) -> Result<(), StoreError> {
+pub async fn mark_access_removed(
+    conn: &mut SqliteConnection,
+    user: &str,
+    granted: &[i64],
+    now: i64,
+) -> Result<(), StoreError> {
     let granted = serde_json::to_string(granted).expect("json");
     sqlx::query(
         "UPDATE credentials SET access_removed_at = ? WHERE user_name = ? AND access_removed_at IS NULL

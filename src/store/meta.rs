@@ -3,7 +3,10 @@ use sqlx::SqliteConnection;
 use super::StoreError;
 
 pub async fn get(conn: &mut SqliteConnection, key: &str) -> Result<Option<String>, StoreError> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = ?").bind(key).fetch_optional(conn).await?;
+    let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = ?")
+        .bind(key)
+        .fetch_optional(conn)
+        .await?;
     Ok(row.map(|r| r.0))
 }
 

@@ -3,5 +3,6 @@ mod ca_formats;
 mod cli;
 mod common;
 mod crash;
+mod kubernetes;
 mod security;
 mod with_cluster;

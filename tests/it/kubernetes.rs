@@ -1,0 +1,413 @@
+//! The kubernetes signer against the Kubernetes API test server, with rotator
+//! running as the least-privileged identity of deploy/kubernetes/rbac.yaml and
+//! the real kubectl as the user's client.
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Arc;
+
+use testcluster::{FaultAction, FaultRule, Options, SignerMode, TestCluster};
+
+use crate::common::*;
+
+pub struct Kx {
+    pub cluster: TestCluster,
+    pub s: Scratch,
+    pub admin: PathBuf,
+}
+
+impl Kx {
+    pub async fn new(opts: Options, extra_toml: &str) -> Self {
+        let cluster = TestCluster::start(opts).await.unwrap();
+        let s = Scratch::new();
+        let admin = s.write("admin.kubeconfig", &cluster.admin_kubeconfig());
+        let rbac = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes/rbac.yaml");
+        let kx = Self { cluster, s, admin };
+        for ns in ["team-a", "team-b", "rotator"] {
+            ok(&kx.admin_kubectl(&["create", "namespace", ns]).await);
+        }
+        ok(&kx.admin_kubectl(&["create", "-f", rbac]).await);
+        // rotator's identity: the service account the manifests bind, nothing more.
+        let own = kx.cluster.user_kubeconfig(
+            "system:serviceaccount:rotator:rotator",
+            &["system:serviceaccounts"],
+        );
+        let own = kx.s.write("rotator.kubeconfig", &own);
+        kx.s.write(
+            "rotator.toml",
+            &format!(
+                "signer = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"5s\"\n[cluster]\nname = \"test\"\n{extra_toml}",
+                own
+            ),
+        );
+        kx
+    }
+
+    pub fn rotator(&self, args: &[&str]) -> Output {
+        let mut a = vec!["--config", "rotator.toml"];
+        a.extend_from_slice(args);
+        self.s.rotator(&a)
+    }
+
+    pub async fn rotator_async(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+        c.current_dir(self.s.dir.path())
+            .args(["--config", "rotator.toml"])
+            .args(args);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+            c.env_remove(k);
+        }
+        c.envs(env.iter().copied());
+        c.output().await.unwrap()
+    }
+
+    pub async fn admin_kubectl(&self, args: &[&str]) -> Output {
+        let mut a = vec!["--kubeconfig", self.admin.to_str().unwrap()];
+        a.extend_from_slice(args);
+        run_async("kubectl", &a).await
+    }
+
+    pub async fn kubectl_as(&self, kubeconfig: &str, args: &[&str]) -> Output {
+        let p = self.s.path(kubeconfig);
+        let mut a = vec!["--kubeconfig", p.to_str().unwrap()];
+        a.extend_from_slice(args);
+        run_async("kubectl", &a).await
+    }
+
+    /// Whether `kubeconfig` may list pods in `ns`: Ok(true) allowed, Ok(false) Forbidden.
+    pub async fn can_list_pods(&self, kubeconfig: &str, ns: &str) -> bool {
+        let o = self
+            .kubectl_as(kubeconfig, &["get", "pods", "-n", ns])
+            .await;
+        if o.status.success() {
+            return true;
+        }
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            e.contains("Forbidden"),
+            "expected a clean Forbidden, got: {e}"
+        );
+        false
+    }
+
+    pub async fn rotator_objects(&self) -> (String, String) {
+        let rbs = self
+            .admin_kubectl(&[
+                "get",
+                "rolebindings",
+                "-A",
+                "-l",
+                "app.kubernetes.io/managed-by=rotator",
+                "-o",
+                "name",
+            ])
+            .await;
+        let csrs = self.admin_kubectl(&["get", "csr", "-o", "name"]).await;
+        (ok(&rbs).trim().to_string(), ok(&csrs).trim().to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_user_grants_exactly_the_namespace_asked_for() {
+    let kx = Kx::new(Options::default(), "").await;
+    let out = ok(&kx
+        .rotator_async(
+            &[
+                "add-user",
+                "alice",
+                "--group",
+                "dev",
+                "--namespace",
+                "team-a",
+                "--role",
+                "view",
+                "--ttl",
+                "1h",
+            ],
+            &[],
+        )
+        .await);
+    assert!(out.contains("generation 1"), "{out}");
+    let who = ok(&kx
+        .kubectl_as("alice.kubeconfig", &["auth", "whoami", "-o", "json"])
+        .await);
+    let v: serde_json::Value = serde_json::from_str(&who).unwrap();
+    assert_eq!(v["status"]["userInfo"]["username"], "alice");
+    assert_eq!(
+        v["status"]["userInfo"]["groups"],
+        serde_json::json!(["dev", "rotator:alice:1", "system:authenticated"])
+    );
+    assert!(kx.can_list_pods("alice.kubeconfig", "team-a").await);
+    assert!(!kx.can_list_pods("alice.kubeconfig", "team-b").await);
+    // The CSR is gone once the certificate is stored; the binding is labelled as rotator's.
+    let (rbs, csrs) = kx.rotator_objects().await;
+    assert_eq!(rbs, "rolebinding.rbac.authorization.k8s.io/rotator:alice");
+    assert_eq!(csrs, "", "no CSR is left behind");
+    // The certificate's lifetime is what was asked (the signer backdates by five minutes).
+    let (server, _, cert, _) = kubeconfig_parts(&kx.s.path("alice.kubeconfig"));
+    assert_eq!(
+        server,
+        kx.cluster.url(),
+        "the server URL comes from the cluster's cluster-info"
+    );
+    let info = rotator::pki::parse_cert_pem(&cert, "t").unwrap();
+    assert_eq!(info.lifetime_seconds(), 3600 + 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_the_old_credential_for_the_grace_period_only() {
+    let kx = Kx::new(Options::default(), "[rotation]\ngrace_period = \"10m\"\n").await;
+    // In process, with a clock the test moves.
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let cfg = kx.s.path("rotator.toml");
+    let settings = rotator::config::load_with(
+        Some(&cfg),
+        &[(
+            "ROTATOR_DATA_DIR".into(),
+            kx.s.path("rotator-data").display().to_string(),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    let app = rotator::app::App::open(
+        settings,
+        Arc::new(clock.clone()),
+        Arc::new(rotator::issuer::NoFaults),
+        "test".into(),
+    )
+    .await
+    .unwrap()
+    .0;
+    let mut old = rotator::sink::FileSink {
+        path: kx.s.path("old.kubeconfig"),
+    };
+    app.issuer()
+        .add_user(spec("alice"), &mut old, "test")
+        .await
+        .unwrap();
+    clock.advance(60);
+    let mut new = rotator::sink::FileSink {
+        path: kx.s.path("new.kubeconfig"),
+    };
+    let issued = app
+        .issuer()
+        .rotate("alice", &mut new, "test")
+        .await
+        .unwrap();
+    assert_eq!(issued.credential.generation, 2);
+    // spec() binds "edit" in team-a.
+    assert!(kx.can_list_pods("new.kubeconfig", "team-a").await);
+    assert!(
+        kx.can_list_pods("old.kubeconfig", "team-a").await,
+        "inside the grace period the old one still works"
+    );
+    clock.advance(9 * 60);
+    rotator::lifecycle::remove_stale_access(&app).await.unwrap();
+    assert!(
+        kx.can_list_pods("old.kubeconfig", "team-a").await,
+        "still inside the grace period"
+    );
+    clock.advance(2 * 60);
+    assert_eq!(
+        rotator::lifecycle::remove_stale_access(&app).await.unwrap(),
+        1
+    );
+    assert!(
+        !kx.can_list_pods("old.kubeconfig", "team-a").await,
+        "after the grace period the old certificate is Forbidden"
+    );
+    assert!(kx.can_list_pods("new.kubeconfig", "team-a").await);
+    // Nothing left to do on the next pass.
+    assert_eq!(
+        rotator::lifecycle::remove_stale_access(&app).await.unwrap(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_takes_access_away_at_once_and_remove_user_leaves_nothing() {
+    let kx = Kx::new(Options::default(), "").await;
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user", "alice", "-n", "team-a", "-n", "team-b", "--role", "view",
+            ],
+            &[],
+        )
+        .await);
+    assert!(kx.can_list_pods("alice.kubeconfig", "team-a").await);
+    ok(&kx.rotator_async(&["revoke", "alice"], &[]).await);
+    // The certificate is still valid; every permission rotator granted is gone.
+    let (_, _, cert, _) = kubeconfig_parts(&kx.s.path("alice.kubeconfig"));
+    assert!(
+        rotator::pki::parse_cert_pem(&cert, "t").unwrap().not_after
+            > rotator::clock::Clock::now(&rotator::clock::SystemClock)
+    );
+    assert!(!kx.can_list_pods("alice.kubeconfig", "team-a").await);
+    assert!(!kx.can_list_pods("alice.kubeconfig", "team-b").await);
+    ok(&kx.rotator_async(&["rotate", "alice"], &[]).await);
+    assert!(kx.can_list_pods("alice.kubeconfig", "team-b").await);
+    ok(&kx.rotator_async(&["remove-user", "alice"], &[]).await);
+    assert!(!kx.can_list_pods("alice.kubeconfig", "team-a").await);
+    assert_eq!(
+        kx.rotator_objects().await,
+        (String::new(), String::new()),
+        "no rotator object is left in the cluster"
+    );
+    let log = ok(&kx.rotator(&["audit", "log", "--user", "alice", "--output", "json"]));
+    assert!(log.contains("rbac.sync"), "binding changes are audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_api_failures_are_retried_and_a_crash_mid_issuance_leaves_one_credential() {
+    let kx = Kx::new(Options::default(), "").await;
+    let f = kx.cluster.faults();
+    f.add(
+        FaultRule::on(Some("POST"), "/certificatesigningrequests")
+            .times(2)
+            .action(FaultAction::Status(500)),
+    );
+    f.add(
+        FaultRule::on(Some("PUT"), "/approval")
+            .times(1)
+            .action(FaultAction::TooManyRequests { retry_after: 0 }),
+    );
+    f.add(
+        FaultRule::on(Some("PUT"), "/approval")
+            .nth(2)
+            .times(1)
+            .action(FaultAction::Status(409)),
+    );
+    f.add(
+        FaultRule::on(Some("POST"), "/rolebindings")
+            .times(1)
+            .action(FaultAction::Status(503)),
+    );
+    ok(&kx
+        .rotator_async(
+            &["add-user", "alice", "-n", "team-a", "--role", "view"],
+            &[],
+        )
+        .await);
+    assert!(
+        f.fired() >= 4,
+        "every fault was met and survived ({} fired)",
+        f.fired()
+    );
+    assert!(kx.can_list_pods("alice.kubeconfig", "team-a").await);
+    f.clear();
+
+    // The process dies after the cluster signed and before the certificate is stored.
+    let o = kx
+        .rotator_async(
+            &["rotate", "alice", "--out", "bob.kubeconfig"],
+            &[("ROTATOR_FAULT", "after-sign:abort")],
+        )
+        .await;
+    assert!(!o.status.success());
+    let (_, csrs) = kx.rotator_objects().await;
+    assert_ne!(csrs, "", "the interrupted issuance left its CSR behind");
+    ok(&kx.rotator_async(&["rotate", "alice"], &[]).await);
+    let (_, csrs) = kx.rotator_objects().await;
+    assert_eq!(csrs, "", "the rerun removed the stray CSR");
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM credentials WHERE state = 'current'")
+            .await,
+        1
+    );
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM credentials").await,
+        2,
+        "the lost certificate was never recorded as a credential"
+    );
+    assert_eq!(
+        kx.s.count("SELECT MAX(generation) FROM credentials").await,
+        3,
+        "its generation was burnt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denying_or_silent_signer_is_a_clear_error_in_bounded_time() {
+    let kx = Kx::new(
+        Options {
+            signer_mode: SignerMode::Deny,
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let o = kx
+        .rotator_async(
+            &["add-user", "alice", "-n", "team-a", "--role", "view"],
+            &[],
+        )
+        .await;
+    let e = fails_with(&o, 8);
+    assert!(e.contains("denied") && e.contains("fix:"), "{e}");
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM issuances WHERE step = 'failed'")
+            .await,
+        1
+    );
+    assert_eq!(kx.s.count("SELECT COUNT(*) FROM credentials").await, 0);
+    assert_eq!(kx.rotator_objects().await, (String::new(), String::new()));
+
+    kx.cluster.set_signer_mode(SignerMode::Never);
+    let o = kx
+        .rotator_async(&["add-user", "bob", "-n", "team-a", "--role", "view"], &[])
+        .await;
+    let e = fails_with(&o, 8);
+    assert!(e.contains("not signed within 5s"), "{e}");
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM issuances WHERE step = 'failed' AND user_name = 'bob'")
+            .await,
+        1
+    );
+    assert_eq!(
+        kx.rotator_objects().await.1,
+        "",
+        "the unsigned CSR is deleted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bindings_rotator_did_not_make_are_never_changed() {
+    let kx = Kx::new(Options::default(), "").await;
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "rolebinding",
+            "rotator:alice",
+            "--clusterrole=admin",
+            "--user=someone",
+            "-n",
+            "team-a",
+        ])
+        .await);
+    let o = kx
+        .rotator_async(
+            &["add-user", "alice", "-n", "team-a", "--role", "view"],
+            &[],
+        )
+        .await;
+    let e = fails_with(&o, 6);
+    assert!(e.contains("was not made by rotator"), "{e}");
+    let rb = ok(&kx
+        .admin_kubectl(&[
+            "get",
+            "rolebinding",
+            "rotator:alice",
+            "-n",
+            "team-a",
+            "-o",
+            "jsonpath={.roleRef.name} {.subjects[0].name}",
+        ])
+        .await);
+    assert_eq!(rb, "admin someone");
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM credentials WHERE state = 'current'")
+            .await,
+        0
+    );
+}
