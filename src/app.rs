@@ -132,9 +132,7 @@ impl App {
                 });
             }
             (Some(asked), _) => asked,
-            (None, Some(r)) => r
-                .parse::<SignerKind>()
-                .map_err(|e| StoreError::Invalid(e))?,
+            (None, Some(r)) => r.parse::<SignerKind>().map_err(StoreError::Invalid)?,
             (None, None) => SignerKind::LocalCa,
         };
         if settings.kubernetes.kubeconfig.is_none() {

@@ -327,22 +327,20 @@ impl Cluster {
             .await?
             .and_then(|c| c.data)
             .and_then(|d| d.get("kubeconfig").cloned())
+            && let Ok(k) = Kubeconfig::from_yaml(&kc)
+            && let Some(c) = k.clusters.first().and_then(|c| c.cluster.clone())
         {
-            if let Ok(k) = Kubeconfig::from_yaml(&kc) {
-                if let Some(c) = k.clusters.first().and_then(|c| c.cluster.clone()) {
-                    use base64::Engine;
-                    let ca = c
-                        .certificate_authority_data
-                        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-                        .and_then(|b| String::from_utf8(b).ok());
-                    if let (Some(server), Some(ca_pem)) = (c.server, ca) {
-                        return Ok(Endpoint {
-                            server,
-                            ca_pem,
-                            source: "kube-public/cluster-info".into(),
-                        });
-                    }
-                }
+            use base64::Engine;
+            let ca = c
+                .certificate_authority_data
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .and_then(|b| String::from_utf8(b).ok());
+            if let (Some(server), Some(ca_pem)) = (c.server, ca) {
+                return Ok(Endpoint {
+                    server,
+                    ca_pem,
+                    source: "kube-public/cluster-info".into(),
+                });
             }
         }
         let ca_pem = match &self.server_ca_pem {
