@@ -176,6 +176,9 @@ struct PolicySection {
     max_ttl: String,
     default_key_type: String,
     allow_cluster_role_bindings: bool,
+    default_token_ttl: String,
+    max_token_ttl: String,
+    allow_non_expiring_tokens: bool,
 }
 
 impl Default for PolicySection {
@@ -189,6 +192,9 @@ impl Default for PolicySection {
             max_ttl: "7d".into(),
             default_key_type: "ecdsa-p256".into(),
             allow_cluster_role_bindings: false,
+            default_token_ttl: "24h".into(),
+            max_token_ttl: "7d".into(),
+            allow_non_expiring_tokens: false,
         }
     }
 }
@@ -630,7 +636,21 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         max_ttl,
         default_key_type,
         allow_cluster_role_bindings: p.allow_cluster_role_bindings,
+        default_token_ttl: cx.duration("policy.default_token_ttl", &p.default_token_ttl)?,
+        max_token_ttl: cx.duration("policy.max_token_ttl", &p.max_token_ttl)?,
+        allow_non_expiring_tokens: p.allow_non_expiring_tokens,
     };
+    if policy.default_token_ttl > policy.max_token_ttl || policy.default_token_ttl.is_zero() {
+        return Err(cx.invalid(
+            "policy.default_token_ttl",
+            &p.default_token_ttl,
+            format!(
+                "must be above zero and at most policy.max_token_ttl ({})",
+                p.max_token_ttl
+            ),
+            "kubeadm's default is \"24h\"",
+        ));
+    }
 
     let r = &f.rotation;
     let window = match &r.renew_before {

@@ -19,3 +19,4 @@ pub mod scheduler;
 pub mod signer;
 pub mod sink;
 pub mod store;
+pub mod tokens;

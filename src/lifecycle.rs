@@ -18,6 +18,8 @@ pub enum LifecycleError {
     NoSuchSerial { user: String, serial: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("bootstrap token expiry failed: {0}")]
+    Tokens(String),
     #[error(
         "{what} is recorded, but the cluster's RoleBindings could not be updated yet: {source}\nthe daemon's next pass retries; run `rotator doctor` to see what is still granted"
     )]
@@ -33,6 +35,7 @@ impl ExitStatus for LifecycleError {
             LifecycleError::NoSuchUser(_) | LifecycleError::NoSuchSerial { .. } => Exit::NotFound,
             LifecycleError::Store(e) => e.exit(),
             LifecycleError::Access { source, .. } => source.exit(),
+            LifecycleError::Tokens(_) => Exit::Signer,
         }
     }
 }

@@ -128,6 +128,10 @@ pub struct Policy {
     pub max_ttl: Duration,
     pub default_key_type: KeyType,
     pub allow_cluster_role_bindings: bool,
+    pub default_token_ttl: Duration,
+    pub max_token_ttl: Duration,
+    /// A bootstrap token with TTL 0 never expires; refused unless this is set.
+    pub allow_non_expiring_tokens: bool,
 }
 
 impl Policy {
@@ -309,6 +313,9 @@ mod tests {
             max_ttl: Duration::from_secs(86400),
             default_key_type: KeyType::EcdsaP256,
             allow_cluster_role_bindings: false,
+            default_token_ttl: Duration::from_secs(86400),
+            max_token_ttl: Duration::from_secs(7 * 86400),
+            allow_non_expiring_tokens: false,
         }
     }
 

@@ -31,7 +31,11 @@ pub async fn run_job(app: &App, job: Job) -> Result<usize, crate::lifecycle::Lif
     match job {
         Job::Expire => {
             let n = crate::lifecycle::expire_pass(app).await?;
-            Ok(n + crate::lifecycle::remove_stale_access(app).await?)
+            let m = crate::lifecycle::remove_stale_access(app).await?;
+            let t = crate::tokens::expire_pass(app)
+                .await
+                .map_err(|e| crate::lifecycle::LifecycleError::Tokens(e.to_string()))?;
+            Ok(n + m + t)
         }
     }
 }

@@ -17,6 +17,7 @@ mod audit;
 mod doctor;
 mod output;
 mod serve;
+mod token;
 
 pub use output::OutputFormat;
 
@@ -106,6 +107,9 @@ pub enum Command {
     /// Read or verify the hash-chained audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Bootstrap tokens in kube-system (kubernetes signer).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Check configuration, database, CA and audit chain; report what is wrong.
     Doctor,
 }
@@ -267,6 +271,7 @@ pub async fn run(cli: Cli) -> CliResult {
             admin::revoke(&open_app(&cli, None).await?.0, name, serial.as_deref(), out).await
         }
         Command::Audit(cmd) => audit::run(&open_app(&cli, None).await?.0, cmd, out).await,
+        Command::Token(cmd) => token::run(&open_app(&cli, None).await?.0, cmd, out).await,
         Command::Doctor => doctor::run(&cli, out).await,
     }
 }

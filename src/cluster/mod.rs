@@ -9,6 +9,7 @@ use crate::exit::{Exit, ExitStatus};
 
 pub mod csr;
 pub mod rbac;
+pub mod tokens;
 
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "rotator");
 /// Label carrying a hash of the user name (label values cannot hold every user name).

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod credentials;
 pub mod issuances;
 pub mod meta;
+pub mod tokens;
 pub mod users;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -411,3 +411,198 @@ async fn bindings_rotator_did_not_make_are_never_changed() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_tokens_are_created_like_kubeadm_listed_revoked_and_expired() {
+    let kx = Kx::new(Options::default(), "").await;
+    let o = kx
+        .rotator_async(
+            &[
+                "token",
+                "create",
+                "--ttl",
+                "30m",
+                "--description",
+                "node join",
+                "--groups",
+                "system:bootstrappers:workers",
+            ],
+            &[],
+        )
+        .await;
+    let token = ok(&o).trim().to_string();
+    let (id, secret) = token.split_once('.').expect("id.secret");
+    assert!(
+        id.len() == 6
+            && secret.len() == 16
+            && token
+                .bytes()
+                .all(|b| b == b'.' || b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "{token}"
+    );
+    // Only a hash of the secret is stored.
+    let db = std::fs::read(kx.s.path("rotator-data/rotator.db")).unwrap();
+    let wal = std::fs::read(kx.s.path("rotator-data/rotator.db-wal")).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&db).contains(secret)
+            && !String::from_utf8_lossy(&wal).contains(secret)
+    );
+    // The Secret is what kubeadm would write.
+    let data = ok(&kx
+        .admin_kubectl(&[
+            "get",
+            "secret",
+            &format!("bootstrap-token-{id}"),
+            "-n",
+            "kube-system",
+            "-o",
+            "json",
+        ])
+        .await);
+    let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(v["type"], "bootstrap.kubernetes.io/token");
+    use base64::Engine;
+    let d = |k: &str| {
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(v["data"][k].as_str().unwrap_or_default())
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(d("token-id"), id);
+    assert_eq!(
+        (
+            d("usage-bootstrap-authentication"),
+            d("usage-bootstrap-signing")
+        ),
+        ("true".into(), "true".into())
+    );
+    assert_eq!(d("auth-extra-groups"), "system:bootstrappers:workers");
+    assert!(d("expiration").ends_with('Z'));
+
+    // kubectl authenticates with it (a kubeconfig holding only the token).
+    kx.s.write("token.kubeconfig", &kx.cluster.kubeconfig_for_token(&token));
+    let who = ok(&kx
+        .kubectl_as("token.kubeconfig", &["auth", "whoami", "-o", "json"])
+        .await);
+    assert!(
+        who.contains(&format!("system:bootstrap:{id}"))
+            && who.contains("system:bootstrappers:workers"),
+        "{who}"
+    );
+
+    // A token rotator did not make is listed as foreign, with its expiry.
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            "bootstrap-token-abc123",
+            "-n",
+            "kube-system",
+            "--type=bootstrap.kubernetes.io/token",
+            "--from-literal=token-id=abc123",
+            "--from-literal=token-secret=0123456789abcdef",
+            "--from-literal=usage-bootstrap-authentication=true",
+        ])
+        .await);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&ok(&kx
+        .rotator_async(&["token", "list", "--output", "json"], &[])
+        .await))
+    .unwrap();
+    let ours = list.iter().find(|t| t["id"] == id).unwrap();
+    let foreign = list.iter().find(|t| t["id"] == "abc123").unwrap();
+    assert_eq!(
+        (ours["foreign"].as_bool(), foreign["foreign"].as_bool()),
+        (Some(false), Some(true))
+    );
+    assert_eq!(foreign["expires"], "never");
+
+    ok(&kx.rotator_async(&["token", "revoke", id], &[]).await);
+    let who = kx.kubectl_as("token.kubeconfig", &["auth", "whoami"]).await;
+    assert!(!who.status.success() && String::from_utf8_lossy(&who.stderr).contains("Unauthorized"));
+    fails_with(&kx.rotator_async(&["token", "revoke", id], &[]).await, 5);
+    fails_with(
+        &kx.rotator_async(&["token", "revoke", "abc123"], &[]).await,
+        5,
+    );
+
+    // Policy: never-expiring and badly named tokens are refused before anything exists.
+    let e = fails_with(
+        &kx.rotator_async(&["token", "create", "--ttl", "0"], &[])
+            .await,
+        4,
+    );
+    assert!(e.contains("never expires"), "{e}");
+    let e = fails_with(
+        &kx.rotator_async(&["token", "create", "--groups", "system:masters"], &[])
+            .await,
+        4,
+    );
+    assert!(e.contains("system:bootstrappers:"), "{e}");
+    let audit = ok(&kx.rotator(&["audit", "log", "--output", "json"]));
+    assert!(
+        audit.contains("token.create") && audit.contains("token.revoke") && !audit.contains(secret)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokencleaner() {
+    let kx = Kx::new(
+        Options {
+            token_cleaner: false,
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let cfg = kx.s.path("rotator.toml");
+    let settings = rotator::config::load_with(
+        Some(&cfg),
+        &[(
+            "ROTATOR_DATA_DIR".into(),
+            kx.s.path("rotator-data").display().to_string(),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    let app = rotator::app::App::open(
+        settings,
+        Arc::new(clock.clone()),
+        Arc::new(rotator::issuer::NoFaults),
+        "test".into(),
+    )
+    .await
+    .unwrap()
+    .0;
+    let req = rotator::tokens::CreateToken {
+        ttl: Some(std::time::Duration::from_secs(120)),
+        ..Default::default()
+    };
+    let t = rotator::tokens::create(&app, &req).await.unwrap();
+    assert!(
+        !format!("{t:?}").contains(t.token.split_once('.').unwrap().1),
+        "Debug is redacted"
+    );
+    assert_eq!(rotator::tokens::expire_pass(&app).await.unwrap(), 0);
+    clock.advance(180);
+    assert_eq!(rotator::tokens::expire_pass(&app).await.unwrap(), 1);
+    let gone = kx
+        .admin_kubectl(&[
+            "get",
+            "secret",
+            &format!("bootstrap-token-{}", t.id),
+            "-n",
+            "kube-system",
+        ])
+        .await;
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+    assert_eq!(
+        rotator::tokens::expire_pass(&app).await.unwrap(),
+        0,
+        "each token is deleted once"
+    );
+}
