@@ -114,15 +114,71 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     ),
                 }
             }
-            push(
-                "cluster",
-                true,
-                format!(
-                    "kubeconfigs point at {} (cluster {:?})",
-                    app.endpoint.server, s.cluster.name
+            let ep = app.endpoint.clone();
+            let checked = ep.source != "local-ca defaults" || s.cluster.server.is_some();
+            let verdict = if checked {
+                let (server, ca) = (ep.server.clone(), ep.ca_pem.clone());
+                tokio::task::spawn_blocking(move || crate::cluster::check_server_ca(&server, &ca))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+            } else {
+                Ok(())
+            };
+            match verdict {
+                Ok(()) => push(
+                    "kubeconfig endpoint",
+                    true,
+                    format!(
+                        "{} from {}{}",
+                        ep.server,
+                        ep.source,
+                        if checked {
+                            "; its CA verifies the server"
+                        } else {
+                            "; not checked (no cluster configured)"
+                        }
+                    ),
+                    Exit::Config,
                 ),
-                Exit::Config,
-            );
+                Err(e) => push(
+                    "kubeconfig endpoint",
+                    false,
+                    format!(
+                        "{} from {}: {e}; fix: set cluster.server and cluster.ca_file to what users must use",
+                        ep.server, ep.source
+                    ),
+                    Exit::Config,
+                ),
+            }
+            if let Some(cluster) = &app.cluster {
+                let users = crate::store::users::list(&app.store, false).await?;
+                let names: Vec<String> = users.iter().map(|u| u.spec.name.clone()).collect();
+                let mut groups: Vec<String> =
+                    users.iter().flat_map(|u| u.spec.groups.clone()).collect();
+                groups.sort();
+                groups.dedup();
+                match cluster.direct_grants(&names, &groups).await {
+                    Ok(g) if g.is_empty() => push(
+                        "direct grants",
+                        true,
+                        "no binding outside rotator names a user or their groups".into(),
+                        Exit::Conflict,
+                    ),
+                    Ok(g) => push(
+                        "direct grants",
+                        false,
+                        format!(
+                            "these survive a revocation: {}; fix: grant through rotator instead, or remove them",
+                            g.iter()
+                                .map(|d| format!("{} -> {} ({})", d.binding, d.subject, d.role))
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ),
+                        Exit::Conflict,
+                    ),
+                    Err(e) => push("direct grants", false, e.to_string(), e.exit()),
+                }
+            }
             match audit::verify(&app.store).await {
                 Ok(r) => match r.first_break {
                     None => push(

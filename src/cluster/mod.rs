@@ -364,3 +364,61 @@ impl Cluster {
         })
     }
 }
+
+/// Checks that `ca_pem` verifies the TLS server at `server` (an https URL), with
+/// a real handshake: what a user's kubectl will do with the kubeconfig.
+pub fn check_server_ca(server: &str, ca_pem: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::sync::Arc;
+    let rest = server
+        .strip_prefix("https://")
+        .ok_or("the server URL is not https")?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, p) = v6.split_once(']').ok_or("bad IPv6 address")?;
+        (
+            h.to_string(),
+            p.strip_prefix(':').unwrap_or("443").to_string(),
+        )
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p.to_string()),
+            None => (authority.to_string(), "443".to_string()),
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for der in crate::pki::pem_to_der_certs(ca_pem, "CA bundle").map_err(|e| e.to_string())? {
+        roots
+            .add(rustls_pki_types::CertificateDer::from(der))
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+    let mut conn =
+        rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(
+        host.as_str(),
+        port.parse::<u16>().map_err(|e| e.to_string())?,
+    ))
+    .map_err(|e| format!("cannot resolve {host}: {e}"))?
+    .next()
+    .ok_or("no address")?;
+    let mut sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    tls.flush()
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(tls.sock)
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    }
+    Ok(())
+}

@@ -195,3 +195,68 @@ impl Cluster {
         .await
     }
 }
+
+/// A binding rotator did not make that names a user (or one of their groups)
+/// directly: it would survive a revocation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DirectGrant {
+    pub binding: String,
+    pub role: String,
+    pub subject: String,
+}
+
+impl Cluster {
+    /// Bindings outside rotator's that grant any of `names` (kind User) or `groups` (kind Group).
+    pub async fn direct_grants(
+        &self,
+        names: &[String],
+        groups: &[String],
+    ) -> Result<Vec<DirectGrant>, ClusterError> {
+        use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+        let mut out = Vec::new();
+        let hit = |s: &Subject| {
+            (s.kind == "User" && names.contains(&s.name))
+                || (s.kind == "Group" && groups.contains(&s.name))
+        };
+        let rbs: Api<RoleBinding> = Api::all(self.client.clone());
+        let lp = ListParams::default();
+        for rb in retry("listing RoleBindings", Backoff::default(), || rbs.list(&lp))
+            .await?
+            .items
+        {
+            if is_managed(&rb) {
+                continue;
+            }
+            for s in rb.subjects.iter().flatten().filter(|s| hit(s)) {
+                out.push(DirectGrant {
+                    binding: format!(
+                        "rolebinding {}/{}",
+                        rb.metadata.namespace.clone().unwrap_or_default(),
+                        rb.metadata.name.clone().unwrap_or_default()
+                    ),
+                    role: format!("{}/{}", rb.role_ref.kind, rb.role_ref.name),
+                    subject: format!("{} {}", s.kind, s.name),
+                });
+            }
+        }
+        let crbs: Api<ClusterRoleBinding> = Api::all(self.client.clone());
+        for b in retry("listing ClusterRoleBindings", Backoff::default(), || {
+            crbs.list(&lp)
+        })
+        .await?
+        .items
+        {
+            for s in b.subjects.iter().flatten().filter(|s| hit(s)) {
+                out.push(DirectGrant {
+                    binding: format!(
+                        "clusterrolebinding {}",
+                        b.metadata.name.clone().unwrap_or_default()
+                    ),
+                    role: format!("{}/{}", b.role_ref.kind, b.role_ref.name),
+                    subject: format!("{} {}", s.kind, s.name),
+                });
+            }
+        }
+        Ok(out)
+    }
+}

@@ -606,3 +606,72 @@ async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokenclean
         "each token is deleted once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_records_the_kubernetes_signer_and_doctor_checks_the_cluster() {
+    let kx = &Kx::new(
+        Options {
+            max_signing_duration: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let run = |args: &'static [&'static str]| async move {
+        let mut a = vec!["--data-dir", "d2"];
+        a.extend_from_slice(args);
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+        c.current_dir(kx.s.dir.path()).args(&a);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+            c.env_remove(k);
+        }
+        c.output().await.unwrap()
+    };
+    let init = ok(&run(&[
+        "init",
+        "--signer",
+        "kubernetes",
+        "--kubeconfig",
+        "rotator.kubeconfig",
+    ])
+    .await);
+    assert!(
+        init.contains("kubernetes") && init.contains("kube-public/cluster-info"),
+        "{init}"
+    );
+    // Later commands need no flags: the data directory remembers its signer.
+    let out = ok(&run(&[
+        "add-user", "alice", "-n", "team-a", "--role", "view", "--ttl", "2h",
+    ])
+    .await);
+    assert!(
+        out.contains("the signer granted"),
+        "a shorter lifetime than asked is reported: {out}"
+    );
+    let e = fails_with(&run(&["--signer", "local-ca", "list-users"]).await, 3);
+    assert!(e.contains("initialized with signer \"kubernetes\""), "{e}");
+    let doc = ok(&run(&["doctor"]).await);
+    assert!(
+        doc.contains("its CA verifies the server") && doc.contains("no binding outside rotator"),
+        "{doc}"
+    );
+    // A binding made by hand for alice would survive her revocation: doctor says so.
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "rolebinding",
+            "direct",
+            "--clusterrole=edit",
+            "--user=alice",
+            "-n",
+            "team-b",
+        ])
+        .await);
+    let o = run(&["doctor"]).await;
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    fails_with(&o, 6);
+    assert!(
+        stdout.contains("rolebinding team-b/direct -> User alice"),
+        "{stdout}"
+    );
+}
