@@ -1,0 +1,145 @@
+//! Onboarding throughput against the Kubernetes API test server, beside the
+//! hand-run flow a cluster admin scripts today, in the same run:
+//!
+//!   cargo bench --bench onboard
+//!   ONBOARD_USERS=1000 ONBOARD_CONCURRENCY=16 ONBOARD_SIGNING_RATE=20 HAND_USERS=50 cargo bench --bench onboard
+//!
+//! ONBOARD_SIGNING_RATE models kube-controller-manager's client rate limit
+//! (about 20 CSRs/s by default; 0 = unlimited). Prints a table; asserts nothing.
+use std::sync::Arc;
+use std::time::Instant;
+
+use rotator::policy::UserSpec;
+use testcluster::{Options, TestCluster};
+
+fn env(k: &str, d: u64) -> u64 {
+    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run only under bench.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let users = env("ONBOARD_USERS", 1000) as usize;
+    let concurrency = env("ONBOARD_CONCURRENCY", 16) as usize;
+    let rate = env("ONBOARD_SIGNING_RATE", 20);
+    let hand = env("HAND_USERS", 50) as usize;
+    let cluster = TestCluster::start(Options { signing_rate: (rate > 0).then_some(rate as f64), ..Default::default() }).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("admin.kubeconfig");
+    std::fs::write(&admin, cluster.admin_kubeconfig()).unwrap();
+    let k = |args: &[&str]| {
+        let o = std::process::Command::new("kubectl").arg("--kubeconfig").arg(&admin).args(args).output().expect("kubectl");
+        assert!(o.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    k(&["create", "namespace", "team-a"]);
+    let cfg = dir.path().join("rotator.toml");
+    std::fs::write(
+        &cfg,
+        format!("data_dir = {:?}\nsigner = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"10m\"\n", dir.path().join("data"), admin),
+    )
+    .unwrap();
+    let settings = rotator::config::load_with(Some(&cfg), &[], &Default::default()).unwrap();
+    let app = Arc::new(
+        rotator::app::App::open(settings, Arc::new(rotator::clock::SystemClock), Arc::new(rotator::issuer::NoFaults), "bench".into())
+            .await
+            .unwrap()
+            .0,
+    );
+
+    // rotator: bounded concurrency over a queue of users.
+    let queue = Arc::new(std::sync::Mutex::new((0..users).collect::<Vec<_>>()));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (app, queue, dir) = (app.clone(), queue.clone(), dir.path().to_path_buf());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let Some(i) = queue.lock().unwrap().pop() else { break };
+                let spec = UserSpec {
+                    name: format!("u{i}"),
+                    groups: vec![],
+                    namespaces: vec!["team-a".into()],
+                    role: "view".into(),
+                    key_type: rotator::pki::KeyType::EcdsaP256,
+                    ttl_seconds: 3600,
+                };
+                let t = Instant::now();
+                let mut sink = rotator::sink::FileSink { path: dir.join(format!("u{i}.kubeconfig")) };
+                app.issuer().add_user(spec, &mut sink, "bench").await.expect("add-user");
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        }));
+    }
+    let mut total_ms = Vec::new();
+    for t in tasks {
+        total_ms.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    // CSR creation to certificate stored, as the issuer recorded it.
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT detail FROM audit_events WHERE action = 'credential.issue'").fetch_all(app.store.pool()).await.unwrap();
+    let mut signing: Vec<f64> = rows.iter().filter_map(|(d,)| serde_json::from_str::<serde_json::Value>(d).ok()?["signing_ms"].as_f64()).collect();
+    signing.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    total_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rotator_rate = users as f64 / elapsed.as_secs_f64();
+
+    // The hand-run flow, one user after another, as a script would do it.
+    let hand_started = Instant::now();
+    for i in 0..hand {
+        let key = dir.path().join(format!("h{i}.key"));
+        let csr = dir.path().join(format!("h{i}.csr"));
+        let o = std::process::Command::new("openssl")
+            .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &format!("/O=dev/CN=h{i}")])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        use base64::Engine;
+        let req = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&csr).unwrap());
+        let yaml = dir.path().join(format!("h{i}.yaml"));
+        std::fs::write(&yaml, format!("apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: h{i}\nspec:\n  request: {req}\n  signerName: kubernetes.io/kube-apiserver-client\n  expirationSeconds: 3600\n  usages: [client auth]\n")).unwrap();
+        k(&["create", "-f", yaml.to_str().unwrap()]);
+        k(&["certificate", "approve", &format!("h{i}")]);
+        k(&["wait", "--for=jsonpath={.status.certificate}", &format!("csr/h{i}"), "--timeout=60s"]);
+        let cert = k(&["get", "csr", &format!("h{i}"), "-o", "jsonpath={.status.certificate}"]);
+        assert!(!cert.is_empty());
+    }
+    let hand_elapsed = hand_started.elapsed();
+    let hand_rate = hand as f64 / hand_elapsed.as_secs_f64();
+
+    println!("\nonboarding against the test server (signing rate limit: {})", if rate > 0 { format!("{rate}/s") } else { "none".into() });
+    println!("{:<64} {:>10} {:>12} {:>10} {:>10}", "flow", "users", "users/s", "p50 ms", "p99 ms");
+    println!(
+        "{:<64} {:>10} {:>12.1} {:>10.1} {:>10.1}",
+        format!("rotator add-user, {concurrency} in flight: add-user end to end"),
+        users,
+        rotator_rate,
+        pct(&total_ms, 0.5),
+        pct(&total_ms, 0.99)
+    );
+    println!(
+        "{:<64} {:>10} {:>12} {:>10.1} {:>10.1}",
+        "rotator: CSR creation to certificate stored", users, "", pct(&signing, 0.5), pct(&signing, 0.99)
+    );
+    println!("{:<64} {:>10} {:>12.1} {:>10.1} {:>10}", "hand-run: openssl + kubectl create/approve/wait/get, serial", hand, hand_rate, hand_elapsed.as_secs_f64() * 1000.0 / hand as f64, "");
+    println!("{:<64} {:>10} {:>12.1}", "ratio rotator / hand-run (users per second)", "", rotator_rate / hand_rate);
+}
