@@ -675,3 +675,16 @@ async fn init_records_the_kubernetes_signer_and_doctor_checks_the_cluster() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_living_longer_than_policy_allows_is_refused_and_discarded() {
+    // An old API server drops expirationSeconds: the signer's one-year default comes back.
+    let kx = Kx::new(Options { drop_expiration_seconds: true, ..Default::default() }, "").await;
+    let o = kx.rotator_async(&["add-user", "alice", "-n", "team-a", "--role", "view", "--ttl", "1h"], &[]).await;
+    let e = fails_with(&o, 9);
+    assert!(e.contains("more than policy allows"), "{e}");
+    assert_eq!(kx.s.count("SELECT COUNT(*) FROM credentials").await, 0);
+    assert_eq!(kx.s.count("SELECT COUNT(*) FROM issuances WHERE step = 'failed'").await, 1);
+    assert!(!kx.s.path("alice.kubeconfig").exists());
+    assert_eq!(kx.rotator_objects().await, (String::new(), String::new()), "no CSR and no binding is left");
+}

@@ -64,6 +64,9 @@ pub struct Options {
     pub token_cache_ttl: Duration,
     /// How often the cleaners run.
     pub cleaner_interval: Duration,
+    /// Behave like a pre-1.22 API server, which silently drops `expirationSeconds`:
+    /// every certificate gets `max_signing_duration`.
+    pub drop_expiration_seconds: bool,
 }
 
 impl Default for Options {
@@ -79,6 +82,7 @@ impl Default for Options {
             token_cleaner: true,
             token_cache_ttl: Duration::ZERO,
             cleaner_interval: Duration::from_secs(1),
+            drop_expiration_seconds: false,
         }
     }
 }

@@ -227,10 +227,12 @@ impl Store {
         {
             return None;
         }
+        // History is in resourceVersion order: start at the first newer event.
+        let start = d.history.partition_point(|e| e.rv <= rv);
         let ev = d
             .history
-            .iter()
-            .filter(|e| e.rv > rv && e.res == res && ns.is_none_or(|n| n == e.namespace))
+            .range(start..)
+            .filter(|e| e.res == res && ns.is_none_or(|n| n == e.namespace))
             .cloned()
             .collect();
         Some((ev, d.rv))
