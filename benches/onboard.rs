@@ -13,7 +13,10 @@ use rotator::policy::UserSpec;
 use testcluster::{Options, TestCluster};
 
 fn env(k: &str, d: u64) -> u64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -28,7 +31,10 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run());
 }
 
@@ -37,13 +43,27 @@ async fn run() {
     let concurrency = env("ONBOARD_CONCURRENCY", 16) as usize;
     let rate = env("ONBOARD_SIGNING_RATE", 20);
     let hand = env("HAND_USERS", 50) as usize;
-    let cluster = TestCluster::start(Options { signing_rate: (rate > 0).then_some(rate as f64), ..Default::default() }).await.unwrap();
+    let cluster = TestCluster::start(Options {
+        signing_rate: (rate > 0).then_some(rate as f64),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let admin = dir.path().join("admin.kubeconfig");
     std::fs::write(&admin, cluster.admin_kubeconfig()).unwrap();
     let k = |args: &[&str]| {
-        let o = std::process::Command::new("kubectl").arg("--kubeconfig").arg(&admin).args(args).output().expect("kubectl");
-        assert!(o.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = std::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&admin)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(
+            o.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         o.stdout
     };
     k(&["create", "namespace", "team-a"]);
@@ -55,10 +75,15 @@ async fn run() {
     .unwrap();
     let settings = rotator::config::load_with(Some(&cfg), &[], &Default::default()).unwrap();
     let app = Arc::new(
-        rotator::app::App::open(settings, Arc::new(rotator::clock::SystemClock), Arc::new(rotator::issuer::NoFaults), "bench".into())
-            .await
-            .unwrap()
-            .0,
+        rotator::app::App::open(
+            settings,
+            Arc::new(rotator::clock::SystemClock),
+            Arc::new(rotator::issuer::NoFaults),
+            "bench".into(),
+        )
+        .await
+        .unwrap()
+        .0,
     );
 
     // rotator: bounded concurrency over a queue of users.
@@ -70,7 +95,9 @@ async fn run() {
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
-                let Some(i) = queue.lock().unwrap().pop() else { break };
+                let Some(i) = queue.lock().unwrap().pop() else {
+                    break;
+                };
                 let spec = UserSpec {
                     name: format!("u{i}"),
                     groups: vec![],
@@ -80,8 +107,13 @@ async fn run() {
                     ttl_seconds: 3600,
                 };
                 let t = Instant::now();
-                let mut sink = rotator::sink::FileSink { path: dir.join(format!("u{i}.kubeconfig")) };
-                app.issuer().add_user(spec, &mut sink, "bench").await.expect("add-user");
+                let mut sink = rotator::sink::FileSink {
+                    path: dir.join(format!("u{i}.kubeconfig")),
+                };
+                app.issuer()
+                    .add_user(spec, &mut sink, "bench")
+                    .await
+                    .expect("add-user");
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
             }
             lat
@@ -93,8 +125,17 @@ async fn run() {
     }
     let elapsed = started.elapsed();
     // CSR creation to certificate stored, as the issuer recorded it.
-    let rows: Vec<(String,)> = sqlx::query_as("SELECT detail FROM audit_events WHERE action = 'credential.issue'").fetch_all(app.store.pool()).await.unwrap();
-    let mut signing: Vec<f64> = rows.iter().filter_map(|(d,)| serde_json::from_str::<serde_json::Value>(d).ok()?["signing_ms"].as_f64()).collect();
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT detail FROM audit_events WHERE action = 'credential.issue'")
+            .fetch_all(app.store.pool())
+            .await
+            .unwrap();
+    let mut signing: Vec<f64> = rows
+        .iter()
+        .filter_map(|(d,)| {
+            serde_json::from_str::<serde_json::Value>(d).ok()?["signing_ms"].as_f64()
+        })
+        .collect();
     signing.sort_by(|a, b| a.partial_cmp(b).unwrap());
     total_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let rotator_rate = users as f64 / elapsed.as_secs_f64();
@@ -105,7 +146,17 @@ async fn run() {
         let key = dir.path().join(format!("h{i}.key"));
         let csr = dir.path().join(format!("h{i}.csr"));
         let o = std::process::Command::new("openssl")
-            .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &format!("/O=dev/CN=h{i}")])
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/O=dev/CN=h{i}"),
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
@@ -119,15 +170,36 @@ async fn run() {
         std::fs::write(&yaml, format!("apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: h{i}\nspec:\n  request: {req}\n  signerName: kubernetes.io/kube-apiserver-client\n  expirationSeconds: 3600\n  usages: [client auth]\n")).unwrap();
         k(&["create", "-f", yaml.to_str().unwrap()]);
         k(&["certificate", "approve", &format!("h{i}")]);
-        k(&["wait", "--for=jsonpath={.status.certificate}", &format!("csr/h{i}"), "--timeout=60s"]);
-        let cert = k(&["get", "csr", &format!("h{i}"), "-o", "jsonpath={.status.certificate}"]);
+        k(&[
+            "wait",
+            "--for=jsonpath={.status.certificate}",
+            &format!("csr/h{i}"),
+            "--timeout=60s",
+        ]);
+        let cert = k(&[
+            "get",
+            "csr",
+            &format!("h{i}"),
+            "-o",
+            "jsonpath={.status.certificate}",
+        ]);
         assert!(!cert.is_empty());
     }
     let hand_elapsed = hand_started.elapsed();
     let hand_rate = hand as f64 / hand_elapsed.as_secs_f64();
 
-    println!("\nonboarding against the test server (signing rate limit: {})", if rate > 0 { format!("{rate}/s") } else { "none".into() });
-    println!("{:<64} {:>10} {:>12} {:>10} {:>10}", "flow", "users", "users/s", "p50 ms", "p99 ms");
+    println!(
+        "\nonboarding against the test server (signing rate limit: {})",
+        if rate > 0 {
+            format!("{rate}/s")
+        } else {
+            "none".into()
+        }
+    );
+    println!(
+        "{:<64} {:>10} {:>12} {:>10} {:>10}",
+        "flow", "users", "users/s", "p50 ms", "p99 ms"
+    );
     println!(
         "{:<64} {:>10} {:>12.1} {:>10.1} {:>10.1}",
         format!("rotator add-user, {concurrency} in flight: add-user end to end"),
@@ -138,8 +210,24 @@ async fn run() {
     );
     println!(
         "{:<64} {:>10} {:>12} {:>10.1} {:>10.1}",
-        "rotator: CSR creation to certificate stored", users, "", pct(&signing, 0.5), pct(&signing, 0.99)
+        "rotator: CSR creation to certificate stored",
+        users,
+        "",
+        pct(&signing, 0.5),
+        pct(&signing, 0.99)
     );
-    println!("{:<64} {:>10} {:>12.1} {:>10.1} {:>10}", "hand-run: openssl + kubectl create/approve/wait/get, serial", hand, hand_rate, hand_elapsed.as_secs_f64() * 1000.0 / hand as f64, "");
-    println!("{:<64} {:>10} {:>12.1}", "ratio rotator / hand-run (users per second)", "", rotator_rate / hand_rate);
+    println!(
+        "{:<64} {:>10} {:>12.1} {:>10.1} {:>10}",
+        "hand-run: openssl + kubectl create/approve/wait/get, serial",
+        hand,
+        hand_rate,
+        hand_elapsed.as_secs_f64() * 1000.0 / hand as f64,
+        ""
+    );
+    println!(
+        "{:<64} {:>10} {:>12.1}",
+        "ratio rotator / hand-run (users per second)",
+        "",
+        rotator_rate / hand_rate
+    );
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::cluster::rbac::SyncReport;
+use crate::cluster::rbac::{Scope, SyncReport};
 use crate::cluster::{Cluster, ClusterError};
 use crate::policy::generation_group;
 use crate::store::credentials::{self, Credential};
@@ -67,8 +67,16 @@ pub async fn sync_user(
         Some(u) => (Vec::new(), u.spec.role.clone()),
         None => (Vec::new(), String::new()),
     };
+    let scope = if namespaces
+        .iter()
+        .any(|n| n == crate::policy::ALL_NAMESPACES)
+    {
+        Scope::Cluster
+    } else {
+        Scope::Namespaces(namespaces)
+    };
     let report = cluster
-        .sync_user_bindings(user, &namespaces, &role, &groups)
+        .sync_user_bindings(user, &scope, &role, &groups)
         .await?;
     let mut tx = store.begin().await?;
     credentials::mark_access_removed(&mut tx, user, &granted, now).await?;

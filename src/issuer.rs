@@ -501,7 +501,11 @@ impl Issuer<'_> {
             server: &self.endpoint.server,
             ca_bundle_pem: &self.endpoint.ca_pem,
             user: &spec.name,
-            namespace: spec.namespaces.first().map(String::as_str),
+            namespace: spec
+                .namespaces
+                .first()
+                .map(String::as_str)
+                .filter(|n| *n != crate::policy::ALL_NAMESPACES),
             certificate_pem: &signed.certificate_pem,
             key_pem: &key_pem,
         };

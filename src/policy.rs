@@ -10,6 +10,8 @@ pub const ABSOLUTE_MIN_TTL: Duration = Duration::from_secs(600);
 /// Prefix of the per-credential generation groups rotator puts in O; nobody may ask for it.
 pub const GENERATION_GROUP_PREFIX: &str = "rotator:";
 const MAX_NAME_BYTES: usize = 253;
+/// The namespace list of a user bound cluster-wide (a ClusterRoleBinding).
+pub const ALL_NAMESPACES: &str = "*";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PolicyError {
@@ -33,6 +35,10 @@ pub enum PolicyError {
         "role {role:?} is not allowed by policy (allowed: {allowed})\nfix: use one of the allowed roles, or add it to policy.allowed_roles"
     )]
     UnknownRole { role: String, allowed: String },
+    #[error(
+        "cluster-wide access (a ClusterRoleBinding) is not allowed by policy\nfix: bind the role in namespaces with --namespace, or set policy.allow_cluster_role_bindings = true"
+    )]
+    ClusterWideNotAllowed,
     #[error(
         "{what} {value:?} is not allowed by policy (allowed: {allowed})\nfix: use an allowed {what}, or extend policy.allowed_{what}s"
     )]
@@ -151,6 +157,12 @@ impl Policy {
         if spec.namespaces.is_empty() {
             return Err(PolicyError::NoNamespace);
         }
+        if spec.namespaces.iter().any(|n| n == ALL_NAMESPACES) {
+            if !self.allow_cluster_role_bindings || spec.namespaces.len() != 1 {
+                return Err(PolicyError::ClusterWideNotAllowed);
+            }
+            return self.check_role_and_ttl(spec);
+        }
         for ns in &spec.namespaces {
             validate_dns_label(ns).map_err(|problem| PolicyError::InvalidName {
                 what: "namespace",
@@ -166,6 +178,10 @@ impl Policy {
                 });
             }
         }
+        self.check_role_and_ttl(spec)
+    }
+
+    fn check_role_and_ttl(&self, spec: &UserSpec) -> Result<(), PolicyError> {
         if !self.allowed_roles.iter().any(|r| r == &spec.role) {
             return Err(PolicyError::UnknownRole {
                 role: spec.role.clone(),
@@ -438,6 +454,22 @@ mod tests {
                 "{ttl}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_wide_access_needs_policy() {
+        let mut s = spec();
+        s.namespaces = vec![ALL_NAMESPACES.into()];
+        assert_eq!(policy().check(&s), Err(PolicyError::ClusterWideNotAllowed));
+        let mut p = policy();
+        p.allow_cluster_role_bindings = true;
+        p.check(&s).unwrap();
+        s.namespaces.push("team-a".into());
+        assert_eq!(
+            p.check(&s),
+            Err(PolicyError::ClusterWideNotAllowed),
+            "cluster-wide stands alone"
+        );
     }
 
     #[test]

@@ -25,8 +25,17 @@ pub struct AddUserArgs {
     #[arg(long = "group", value_name = "GROUP")]
     pub groups: Vec<String>,
     /// A namespace to bind the role in. Repeat for several.
-    #[arg(long = "namespace", short = 'n', value_name = "NS", required = true)]
+    #[arg(
+        long = "namespace",
+        short = 'n',
+        value_name = "NS",
+        required_unless_present = "cluster_wide",
+        conflicts_with = "cluster_wide"
+    )]
     pub namespaces: Vec<String>,
+    /// Bind the role cluster-wide with a ClusterRoleBinding (only if policy.allow_cluster_role_bindings).
+    #[arg(long)]
+    pub cluster_wide: bool,
     /// The ClusterRole to bind in each namespace (policy.allowed_roles).
     #[arg(long)]
     pub role: String,
@@ -106,7 +115,11 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
     let spec = UserSpec {
         name: a.name.clone(),
         groups: a.groups.clone(),
-        namespaces: a.namespaces.clone(),
+        namespaces: if a.cluster_wide {
+            vec![crate::policy::ALL_NAMESPACES.to_string()]
+        } else {
+            a.namespaces.clone()
+        },
         role: a.role.clone(),
         key_type: a.key_type.unwrap_or(policy.default_key_type),
         ttl_seconds: a.ttl.unwrap_or(policy.default_ttl).as_secs(),

@@ -2,7 +2,7 @@
 //! `rotator:<user>`, labelled as rotator's, whose subjects are the generation
 //! groups of the user's live credentials. rotator never changes a binding it did
 //! not create.
-use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subject};
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 
 use super::{
@@ -30,8 +30,59 @@ impl SyncReport {
     }
 }
 
-fn is_managed(rb: &RoleBinding) -> bool {
-    rb.metadata
+/// RoleBinding and ClusterRoleBinding alike: rotator handles both the same way.
+pub trait Binding:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: &'static str;
+    fn build(meta: ObjectMeta, role_ref: RoleRef, subjects: Vec<Subject>) -> Self;
+    fn role_ref(&self) -> &RoleRef;
+    fn subjects(&self) -> &[Subject];
+}
+
+impl Binding for RoleBinding {
+    const KIND: &'static str = "RoleBinding";
+    fn build(metadata: ObjectMeta, role_ref: RoleRef, subjects: Vec<Subject>) -> Self {
+        RoleBinding {
+            metadata,
+            role_ref,
+            subjects: Some(subjects),
+        }
+    }
+    fn role_ref(&self) -> &RoleRef {
+        &self.role_ref
+    }
+    fn subjects(&self) -> &[Subject] {
+        self.subjects.as_deref().unwrap_or_default()
+    }
+}
+
+impl Binding for ClusterRoleBinding {
+    const KIND: &'static str = "ClusterRoleBinding";
+    fn build(metadata: ObjectMeta, role_ref: RoleRef, subjects: Vec<Subject>) -> Self {
+        ClusterRoleBinding {
+            metadata,
+            role_ref,
+            subjects: Some(subjects),
+        }
+    }
+    fn role_ref(&self) -> &RoleRef {
+        &self.role_ref
+    }
+    fn subjects(&self) -> &[Subject] {
+        self.subjects.as_deref().unwrap_or_default()
+    }
+}
+
+fn is_managed<K: Binding>(b: &K) -> bool {
+    b.meta()
         .labels
         .as_ref()
         .and_then(|l| l.get(MANAGED_BY.0))
@@ -50,9 +101,9 @@ fn subjects(groups: &[String]) -> Vec<Subject> {
         .collect()
 }
 
-fn desired(user: &str, role: &str, groups: &[String]) -> RoleBinding {
-    RoleBinding {
-        metadata: ObjectMeta {
+fn desired<K: Binding>(user: &str, role: &str, groups: &[String]) -> K {
+    K::build(
+        ObjectMeta {
             name: Some(binding_name(user)),
             labels: Some(
                 [
@@ -64,105 +115,176 @@ fn desired(user: &str, role: &str, groups: &[String]) -> RoleBinding {
             annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
             ..Default::default()
         },
-        role_ref: RoleRef {
+        RoleRef {
             api_group: Some(RBAC_GROUP.into()),
             kind: "ClusterRole".into(),
             name: role.into(),
         },
-        subjects: Some(subjects(groups)),
+        subjects(groups),
+    )
+}
+
+/// Where a user's role is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One RoleBinding per namespace.
+    Namespaces(Vec<String>),
+    /// One ClusterRoleBinding (only where policy allows it).
+    Cluster,
+}
+
+async fn delete_one<K: Binding>(api: &Api<K>, name: &str, what: &str) -> Result<(), ClusterError> {
+    retry(&format!("deleting {what}"), Backoff::default(), || async {
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
+/// Makes one binding say `want` (or not exist when `groups` is empty). Returns
+/// what it did: "created", "updated", "deleted", or None.
+async fn sync_one<K: Binding>(
+    api: &Api<K>,
+    want: &K,
+    groups_empty: bool,
+    what: &str,
+) -> Result<Option<&'static str>, ClusterError> {
+    let name = want.meta().name.clone().unwrap_or_default();
+    let pp = PostParams::default();
+    let current = retry(&format!("reading {what}"), Backoff::default(), || async {
+        match api.get(&name).await {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    Ok(match current {
+        Some(b) if !is_managed(&b) => {
+            return Err(ClusterError::Conflict(format!(
+                "{what} exists and was not made by rotator\nfix: rotator never changes a binding it did not create; rename or remove that binding"
+            )));
+        }
+        None if groups_empty => None,
+        None => {
+            retry(&format!("creating {what}"), Backoff::default(), || {
+                api.create(&pp, want)
+            })
+            .await?;
+            Some("created")
+        }
+        Some(_) if groups_empty => {
+            delete_one(api, &name, what).await?;
+            Some("deleted")
+        }
+        Some(b) if b.role_ref() != want.role_ref() => {
+            // roleRef is immutable: replace the binding.
+            delete_one(api, &name, what).await?;
+            retry(&format!("creating {what}"), Backoff::default(), || {
+                api.create(&pp, want)
+            })
+            .await?;
+            Some("updated")
+        }
+        Some(b) if b.subjects() != want.subjects() => {
+            let mut next = want.clone();
+            next.meta_mut().resource_version = b.meta().resource_version.clone();
+            match retry(&format!("updating {what}"), Backoff::default(), || {
+                api.replace(&name, &pp, &next)
+            })
+            .await
+            {
+                Ok(_) => Some("updated"),
+                // Someone changed it since we read it: the next sync (or reconcile) repairs it.
+                Err(ClusterError::Api { code: 409, .. }) => {
+                    return Err(ClusterError::Conflict(format!(
+                        "{what} changed while rotator updated it\nfix: run the command again"
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Some(_) => None,
+    })
+}
+
+fn record(report: &mut SyncReport, done: Option<&'static str>, what: String) {
+    match done {
+        Some("created") => report.created.push(what),
+        Some("updated") => report.updated.push(what),
+        Some("deleted") => report.deleted.push(what),
+        _ => {}
     }
 }
 
 impl Cluster {
-    /// Makes the user's bindings say exactly `groups` in `namespaces` (none when
+    /// Makes the user's bindings say exactly `groups` in `scope` (nothing when
     /// `groups` is empty), and removes rotator's bindings for them elsewhere.
     pub async fn sync_user_bindings(
         &self,
         user: &str,
-        namespaces: &[String],
+        scope: &Scope,
         role: &str,
         groups: &[String],
     ) -> Result<SyncReport, ClusterError> {
         let mut report = SyncReport::default();
         let name = binding_name(user);
-        let want = desired(user, role, groups);
-        let pp = PostParams::default();
-        for ns in namespaces {
-            let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), ns);
-            let what = format!("RoleBinding {ns}/{name}");
-            let current = retry(&format!("reading {what}"), Backoff::default(), || async {
-                match api.get(&name).await {
-                    Ok(rb) => Ok(Some(rb)),
-                    Err(e) if is_not_found(&e) => Ok(None),
-                    Err(e) => Err(e),
-                }
-            })
-            .await?;
-            match current {
-                Some(rb) if !is_managed(&rb) => {
-                    return Err(ClusterError::Conflict(format!(
-                        "{what} exists and was not made by rotator\nfix: rotator never changes a binding it did not create; rename or remove that binding"
-                    )));
-                }
-                None if groups.is_empty() => {}
-                None => {
-                    retry(&format!("creating {what}"), Backoff::default(), || {
-                        api.create(&pp, &want)
-                    })
-                    .await?;
-                    report.created.push(format!("{ns}/{name}"));
-                }
-                Some(_) if groups.is_empty() => {
-                    self.delete_binding(&api, &name, &what).await?;
-                    report.deleted.push(format!("{ns}/{name}"));
-                }
-                Some(rb) if rb.role_ref != want.role_ref => {
-                    // roleRef is immutable: replace the binding.
-                    self.delete_binding(&api, &name, &what).await?;
-                    retry(&format!("creating {what}"), Backoff::default(), || {
-                        api.create(&pp, &want)
-                    })
-                    .await?;
-                    report.updated.push(format!("{ns}/{name}"));
-                }
-                Some(rb)
-                    if rb.subjects.as_deref().unwrap_or_default()
-                        != want.subjects.as_deref().unwrap_or_default() =>
-                {
-                    let mut next = want.clone();
-                    next.metadata.resource_version = rb.metadata.resource_version.clone();
-                    match retry(&format!("updating {what}"), Backoff::default(), || {
-                        api.replace(&name, &pp, &next)
-                    })
-                    .await
-                    {
-                        Ok(_) => {}
-                        // Someone changed it since we read it: the next sync (or reconcile) repairs it.
-                        Err(ClusterError::Api { code: 409, .. }) => {
-                            return Err(ClusterError::Conflict(format!(
-                                "{what} changed while rotator updated it\nfix: run the command again"
-                            )));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    report.updated.push(format!("{ns}/{name}"));
-                }
-                Some(_) => {}
-            }
-        }
-        // The user's bindings in namespaces they no longer have.
-        let all: Api<RoleBinding> = Api::all(self.client.clone());
-        let lp = ListParams::default().labels(&format!(
+        let mine = ListParams::default().labels(&format!(
             "{}={},{}={}",
             MANAGED_BY.0,
             MANAGED_BY.1,
             USER_LABEL,
             user_hash(user)
         ));
+        let namespaces: &[String] = match scope {
+            Scope::Namespaces(ns) => ns,
+            Scope::Cluster => &[],
+        };
+        for ns in namespaces {
+            let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), ns);
+            let done = sync_one(
+                &api,
+                &desired::<RoleBinding>(user, role, groups),
+                groups.is_empty(),
+                &format!("RoleBinding {ns}/{name}"),
+            )
+            .await?;
+            record(&mut report, done, format!("{ns}/{name}"));
+        }
+        let crbs: Api<ClusterRoleBinding> = Api::all(self.client.clone());
+        if *scope == Scope::Cluster {
+            let done = sync_one(
+                &crbs,
+                &desired::<ClusterRoleBinding>(user, role, groups),
+                groups.is_empty(),
+                &format!("ClusterRoleBinding {name}"),
+            )
+            .await?;
+            record(&mut report, done, format!("cluster/{name}"));
+        } else {
+            // Listing is enough to find one rotator made earlier; reading it by name would need `get`.
+            for b in retry(
+                &format!("listing {user}'s ClusterRoleBindings"),
+                Backoff::default(),
+                || crbs.list(&mine),
+            )
+            .await?
+            .items
+            {
+                let n = b.metadata.name.clone().unwrap_or_default();
+                delete_one(&crbs, &n, &format!("ClusterRoleBinding {n}")).await?;
+                report.deleted.push(format!("cluster/{n}"));
+            }
+        }
+        // The user's RoleBindings in namespaces they no longer have.
+        let all: Api<RoleBinding> = Api::all(self.client.clone());
         let existing = retry(
             &format!("listing {user}'s RoleBindings"),
             Backoff::default(),
-            || all.list(&lp),
+            || all.list(&mine),
         )
         .await?;
         for rb in existing.items {
@@ -172,27 +294,10 @@ impl Cluster {
                 continue;
             }
             let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), &ns);
-            self.delete_binding(&api, &n, &format!("RoleBinding {ns}/{n}"))
-                .await?;
+            delete_one(&api, &n, &format!("RoleBinding {ns}/{n}")).await?;
             report.deleted.push(format!("{ns}/{n}"));
         }
         Ok(report)
-    }
-
-    async fn delete_binding(
-        &self,
-        api: &Api<RoleBinding>,
-        name: &str,
-        what: &str,
-    ) -> Result<(), ClusterError> {
-        retry(&format!("deleting {what}"), Backoff::default(), || async {
-            match api.delete(name, &DeleteParams::default()).await {
-                Ok(_) => Ok(()),
-                Err(e) if is_not_found(&e) => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
-        .await
     }
 }
 
@@ -212,7 +317,6 @@ impl Cluster {
         names: &[String],
         groups: &[String],
     ) -> Result<Vec<DirectGrant>, ClusterError> {
-        use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
         let mut out = Vec::new();
         let hit = |s: &Subject| {
             (s.kind == "User" && names.contains(&s.name))

@@ -679,12 +679,102 @@ async fn init_records_the_kubernetes_signer_and_doctor_checks_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_living_longer_than_policy_allows_is_refused_and_discarded() {
     // An old API server drops expirationSeconds: the signer's one-year default comes back.
-    let kx = Kx::new(Options { drop_expiration_seconds: true, ..Default::default() }, "").await;
-    let o = kx.rotator_async(&["add-user", "alice", "-n", "team-a", "--role", "view", "--ttl", "1h"], &[]).await;
+    let kx = Kx::new(
+        Options {
+            drop_expiration_seconds: true,
+            ..Default::default()
+        },
+        "",
+    )
+    .await;
+    let o = kx
+        .rotator_async(
+            &[
+                "add-user", "alice", "-n", "team-a", "--role", "view", "--ttl", "1h",
+            ],
+            &[],
+        )
+        .await;
     let e = fails_with(&o, 9);
     assert!(e.contains("more than policy allows"), "{e}");
     assert_eq!(kx.s.count("SELECT COUNT(*) FROM credentials").await, 0);
-    assert_eq!(kx.s.count("SELECT COUNT(*) FROM issuances WHERE step = 'failed'").await, 1);
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM issuances WHERE step = 'failed'")
+            .await,
+        1
+    );
     assert!(!kx.s.path("alice.kubeconfig").exists());
-    assert_eq!(kx.rotator_objects().await, (String::new(), String::new()), "no CSR and no binding is left");
+    assert_eq!(
+        kx.rotator_objects().await,
+        (String::new(), String::new()),
+        "no CSR and no binding is left"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wide_access_only_where_policy_allows_it() {
+    let kx = Kx::new(Options::default(), "").await;
+    let e = fails_with(
+        &kx.rotator_async(
+            &["add-user", "ops", "--cluster-wide", "--role", "view"],
+            &[],
+        )
+        .await,
+        4,
+    );
+    assert!(e.contains("allow_cluster_role_bindings"), "{e}");
+
+    let kx = Kx::new(
+        Options::default(),
+        "[policy]\nallow_cluster_role_bindings = true\n",
+    )
+    .await;
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "-f",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/deploy/kubernetes/rbac-cluster-wide.yaml"
+            ),
+        ])
+        .await);
+    ok(&kx
+        .rotator_async(
+            &["add-user", "ops", "--cluster-wide", "--role", "view"],
+            &[],
+        )
+        .await);
+    assert!(
+        kx.can_list_pods("ops.kubeconfig", "team-a").await
+            && kx.can_list_pods("ops.kubeconfig", "team-b").await
+    );
+    let crb = ok(&kx
+        .admin_kubectl(&[
+            "get",
+            "clusterrolebindings",
+            "-l",
+            "app.kubernetes.io/managed-by=rotator",
+            "-o",
+            "name",
+        ])
+        .await);
+    assert_eq!(
+        crb.trim(),
+        "clusterrolebinding.rbac.authorization.k8s.io/rotator:ops"
+    );
+    ok(&kx.rotator_async(&["revoke", "ops"], &[]).await);
+    assert!(!kx.can_list_pods("ops.kubeconfig", "team-b").await);
+    ok(&kx.rotator_async(&["remove-user", "ops"], &[]).await);
+    let crb = ok(&kx
+        .admin_kubectl(&[
+            "get",
+            "clusterrolebindings",
+            "-l",
+            "app.kubernetes.io/managed-by=rotator",
+            "-o",
+            "name",
+        ])
+        .await);
+    assert_eq!(crb.trim(), "", "no rotator binding is left");
 }

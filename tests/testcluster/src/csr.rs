@@ -313,7 +313,12 @@ pub fn signing_pass(sh: &Shared) -> usize {
     let res = ("certificates.k8s.io", "certificatesigningrequests");
     let (mut items, _) = sh.store.list(res, None);
     // First come, first served, as the controller's work queue does: oldest change first.
-    items.sort_by_key(|c| c["metadata"]["resourceVersion"].as_str().and_then(|r| r.parse::<u64>().ok()).unwrap_or(0));
+    items.sort_by_key(|c| {
+        c["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(0)
+    });
     let mode = *sh.signer_mode.lock().unwrap();
     let mut changed = 0;
     for csr in items {
@@ -401,7 +406,11 @@ fn sign(sh: &Shared, csr: &Value) -> Result<String, String> {
     }
     let parsed = parse_request(&csr["spec"]).map_err(|e| format!("unable to parse csr: {e}"))?;
     let max = sh.opts.max_signing_duration.as_secs() as i64;
-    let asked = if sh.opts.drop_expiration_seconds { max } else { csr["spec"]["expirationSeconds"].as_i64().unwrap_or(max) };
+    let asked = if sh.opts.drop_expiration_seconds {
+        max
+    } else {
+        csr["spec"]["expirationSeconds"].as_i64().unwrap_or(max)
+    };
     let d = asked.min(max);
     let now = crate::pki::now();
     // Observed on a real controller: under 8h the backdate extends the lifetime;
