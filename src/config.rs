@@ -206,6 +206,8 @@ struct RotationSection {
     renew_before: Option<String>,
     jitter: f64,
     grace_period: String,
+    concurrency: usize,
+    delivery_dir: Option<PathBuf>,
 }
 
 impl Default for RotationSection {
@@ -215,6 +217,8 @@ impl Default for RotationSection {
             renew_before: None,
             jitter: 0.1,
             grace_period: "10m".into(),
+            concurrency: 4,
+            delivery_dir: None,
         }
     }
 }
@@ -291,6 +295,10 @@ pub struct RotationSettings {
     pub window: RenewWindow,
     pub jitter: f64,
     pub grace_period: Duration,
+    /// Reissues the rotate job runs at once.
+    pub concurrency: usize,
+    /// Where the daemon delivers reissued kubeconfigs: one `<user>.kubeconfig` each.
+    pub delivery_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -675,7 +683,20 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
             "0.1 spreads renewals over a tenth of the window",
         ));
     }
+    if !(1..=64).contains(&r.concurrency) {
+        return Err(cx.invalid(
+            "rotation.concurrency",
+            r.concurrency,
+            "must be between 1 and 64",
+            "4 keeps a fleet's renewals flowing without crowding the signer",
+        ));
+    }
     let rotation = RotationSettings {
+        concurrency: r.concurrency,
+        delivery_dir: r
+            .delivery_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("kubeconfigs")),
         window,
         jitter: r.jitter,
         grace_period: cx.duration("rotation.grace_period", &r.grace_period)?,

@@ -15,6 +15,7 @@ pub mod kubeconfig;
 pub mod lifecycle;
 pub mod pki;
 pub mod policy;
+pub mod renewal;
 pub mod scheduler;
 pub mod signer;
 pub mod sink;

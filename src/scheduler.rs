@@ -1,9 +1,12 @@
-//! Cron-scheduled jobs for `rotator serve`. Jobs run one at a time in this loop,
-//! so a job still running at its next tick is never started twice, and the next
-//! tick is computed from "now", so ticks missed while down are caught up once.
+//! Cron-scheduled jobs for `rotator serve`: rotate, expire, reconcile. Jobs run
+//! one at a time in this loop, so a job still running at its next tick is never
+//! started twice, and the next tick is computed from "now", so ticks missed
+//! while the daemon was down are caught up once, not replayed one by one.
 use std::future::Future;
+use std::sync::Arc;
 
 use chrono::Utc;
+use serde_json::json;
 use tracing::{error, info};
 
 use crate::app::App;
@@ -11,13 +14,27 @@ use crate::config::CronSchedule;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Job {
+    Rotate,
     Expire,
+    Reconcile,
 }
 
 impl Job {
+    pub const ALL: [Job; 3] = [Job::Rotate, Job::Expire, Job::Reconcile];
+
     pub fn name(&self) -> &'static str {
         match self {
+            Job::Rotate => "rotate",
             Job::Expire => "expire",
+            Job::Reconcile => "reconcile",
+        }
+    }
+
+    pub fn schedule<'a>(&self, app: &'a App) -> &'a CronSchedule {
+        match self {
+            Job::Rotate => &app.settings.schedule.rotate,
+            Job::Expire => &app.settings.schedule.expire,
+            Job::Reconcile => &app.settings.schedule.reconcile,
         }
     }
 }
@@ -26,35 +43,56 @@ fn next_after(s: &CronSchedule, now: chrono::DateTime<Utc>) -> Option<chrono::Da
     s.schedule.after(&now).next()
 }
 
-/// Runs one job now.
-pub async fn run_job(app: &App, job: Job) -> Result<usize, crate::lifecycle::LifecycleError> {
+/// Runs one job now; the summary says what it did.
+pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, String> {
     match job {
+        Job::Rotate => crate::renewal::rotate_pass(app)
+            .await
+            .map(|r| json!(r))
+            .map_err(|e| e.to_string()),
         Job::Expire => {
-            let n = crate::lifecycle::expire_pass(app).await?;
-            let m = crate::lifecycle::remove_stale_access(app).await?;
-            let t = crate::tokens::expire_pass(app)
+            let expired = crate::lifecycle::expire_pass(app)
                 .await
-                .map_err(|e| crate::lifecycle::LifecycleError::Tokens(e.to_string()))?;
-            Ok(n + m + t)
+                .map_err(|e| e.to_string())?;
+            let access = crate::lifecycle::remove_stale_access(app)
+                .await
+                .map_err(|e| e.to_string())?;
+            let tokens = crate::tokens::expire_pass(app)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(
+                json!({"expired": expired, "access_removed_for_users": access, "tokens_deleted": tokens}),
+            )
         }
+        Job::Reconcile => crate::renewal::reconcile_pass(app)
+            .await
+            .map(|r| json!(r))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+async fn run_logged(app: &Arc<App>, job: Job) {
+    let started = std::time::Instant::now();
+    match run_job(app, job).await {
+        Ok(summary) => {
+            info!(job = job.name(), ms = started.elapsed().as_millis() as u64, %summary, "job done")
+        }
+        Err(e) => error!(job = job.name(), error = %e, "job failed"),
     }
 }
 
 /// Runs the schedules until `shutdown` resolves; a job in flight finishes first.
-pub async fn run(app: &App, shutdown: impl Future<Output = ()>) {
-    let jobs = [(Job::Expire, &app.settings.schedule.expire)];
-    // Catch up once at start: whatever was due while the daemon was down.
-    for (job, _) in &jobs {
-        if let Err(e) = run_job(app, *job).await {
-            error!(job = job.name(), error = %e, "job failed");
-        }
+pub async fn run(app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    // Catch up once at start: whatever fell due while the daemon was down.
+    for job in [Job::Expire, Job::Reconcile, Job::Rotate] {
+        run_logged(&app, job).await;
     }
     tokio::pin!(shutdown);
     loop {
         let now = Utc::now();
-        let Some((job, at)) = jobs
+        let Some((job, at)) = Job::ALL
             .iter()
-            .filter_map(|(j, s)| next_after(s, now).map(|t| (*j, t)))
+            .filter_map(|j| next_after(j.schedule(&app), now).map(|t| (*j, t)))
             .min_by_key(|(_, t)| *t)
         else {
             info!("no job has a future tick; scheduler idle");
@@ -66,15 +104,6 @@ pub async fn run(app: &App, shutdown: impl Future<Output = ()>) {
             _ = &mut shutdown => { info!("scheduler stopping"); return; }
             _ = tokio::time::sleep(wait) => {}
         }
-        let started = std::time::Instant::now();
-        match run_job(app, job).await {
-            Ok(n) => info!(
-                job = job.name(),
-                changed = n,
-                ms = started.elapsed().as_millis() as u64,
-                "job done"
-            ),
-            Err(e) => error!(job = job.name(), error = %e, "job failed"),
-        }
+        run_logged(&app, job).await;
     }
 }

@@ -32,10 +32,13 @@ pub async fn serve(app: App) -> CliResult {
     info!(
         data_dir = %app.settings.data_dir.display(),
         signer = app.signer.kind(),
+        rotate = %app.settings.schedule.rotate.expression,
         expire = %app.settings.schedule.expire.expression,
+        reconcile = %app.settings.schedule.reconcile.expression,
         "rotator daemon started"
     );
-    crate::scheduler::run(&app, shutdown_signal()).await;
+    let app = std::sync::Arc::new(app);
+    crate::scheduler::run(app.clone(), shutdown_signal()).await;
     app.store.close().await;
     info!("rotator daemon stopped");
     Ok(())

@@ -3,6 +3,7 @@ mod ca_formats;
 mod cli;
 mod common;
 mod crash;
-mod kubernetes;
+mod daemon;
+pub mod kubernetes;
 mod security;
 mod with_cluster;

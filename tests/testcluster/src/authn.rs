@@ -52,7 +52,7 @@ fn cert_user(sh: &Shared, der: &[u8]) -> Option<UserInfo> {
     let anchor = webpki::anchor_from_trusted_cert(&ca_der).ok()?;
     let leaf = CertificateDer::from(der);
     let ee = webpki::EndEntityCert::try_from(&leaf).ok()?;
-    let now = UnixTime::since_unix_epoch(Duration::from_secs(crate::pki::now() as u64));
+    let now = UnixTime::since_unix_epoch(Duration::from_secs(sh.now().max(0) as u64));
     ee.verify_for_usage(
         rustls::crypto::aws_lc_rs::default_provider()
             .signature_verification_algorithms

@@ -107,8 +107,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The controllers' clock (token expiry, cleaner ages): wall time plus any
-    /// offset a test added with [`TestCluster::advance_clock`].
+    /// The cluster's clock (token expiry, cleaner ages, certificate validity):
+    /// wall time plus any offset a test added with [`TestCluster::advance_clock`].
     pub fn now(&self) -> i64 {
         pki::now() + self.clock_offset.load(Ordering::SeqCst)
     }
@@ -321,7 +321,8 @@ impl TestCluster {
     pub fn set_signer_mode(&self, m: SignerMode) {
         *self.sh.signer_mode.lock().unwrap() = m;
     }
-    /// Moves the controllers' clock (token expiry, cleaner ages) forward.
+    /// Moves the cluster's clock forward: token expiry, cleaner ages, the validity
+    /// of the certificates the signer issues and of client certificates presented.
     pub fn advance_clock(&self, secs: i64) {
         self.sh.clock_offset.fetch_add(secs, Ordering::SeqCst);
     }

@@ -1,0 +1,227 @@
+//! When a credential is due for renewal, and the daemon's rotate and reconcile
+//! passes.
+use std::sync::Arc;
+
+use futures_util::StreamExt as _;
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::config::RenewWindow;
+use crate::store::credentials::Credential;
+
+/// The instant a credential should be renewed: the start of its renewal window
+/// (the last `fraction` of its real lifetime, read from the certificate, or a
+/// fixed time before notAfter), plus a deterministic per-credential jitter
+/// within the first `jitter` of the window, so a fleet issued together does
+/// not renew in the same second, and a restart does not reshuffle it.
+pub fn renew_at(c: &Credential, window: RenewWindow, jitter: f64) -> i64 {
+    let lifetime = (c.not_after - c.not_before).max(1);
+    let w = match window {
+        RenewWindow::Fraction(f) => (lifetime as f64 * f) as i64,
+        RenewWindow::Before(d) => d.as_secs() as i64,
+    }
+    .clamp(1, lifetime);
+    let h = crate::pki::sha256(c.id.as_bytes());
+    let unit = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64;
+    c.not_after - w + (unit * jitter * w as f64) as i64
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PassReport {
+    pub due: usize,
+    pub renewed: usize,
+    pub failed: usize,
+}
+
+/// Current credentials of active users, for the scheduler's due check.
+async fn current_credentials(app: &App) -> Result<Vec<Credential>, crate::store::StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT c.* FROM credentials c JOIN users u ON u.name = c.user_name
+         WHERE c.state = 'current' AND u.state = 'active' ORDER BY c.not_after",
+    )
+    .fetch_all(app.store.pool())
+    .await?)
+}
+
+/// Reissues every credential inside its renewal window, `rotation.concurrency`
+/// at a time, delivering each new kubeconfig to the delivery directory before
+/// the old credential is superseded. Safe to run twice: a credential renewed by
+/// the first run is no longer due for the second.
+pub async fn rotate_pass(app: &Arc<App>) -> Result<PassReport, crate::store::StoreError> {
+    let now = app.clock.now();
+    let s = &app.settings.rotation;
+    let due: Vec<Credential> = current_credentials(app)
+        .await?
+        .into_iter()
+        .filter(|c| renew_at(c, s.window, s.jitter) <= now)
+        .collect();
+    if due.is_empty() {
+        return Ok(PassReport::default());
+    }
+    if let Err(e) = crate::fsutil::ensure_private_dir(&s.delivery_dir) {
+        warn!(dir = %s.delivery_dir.display(), error = %e, "cannot create the delivery directory");
+    }
+    let results: Vec<bool> = futures_util::stream::iter(due.iter().cloned())
+        .map(|c| {
+            let app = app.clone();
+            async move {
+                let path = app.settings.rotation.delivery_dir.join(format!("{}.kubeconfig", c.user_name));
+                let mut sink = crate::sink::FileSink { path };
+                match app.issuer().rotate(&c.user_name, &mut sink, "daemon").await {
+                    Ok(i) => {
+                        info!(user = %c.user_name, credential = %i.credential.id, serial = %i.credential.serial, "renewed");
+                        true
+                    }
+                    Err(e) => {
+                        warn!(user = %c.user_name, credential = %c.id, error = %e, "renewal failed; retried on the next pass");
+                        false
+                    }
+                }
+            }
+        })
+        .buffer_unordered(s.concurrency)
+        .collect()
+        .await;
+    let renewed = results.iter().filter(|r| **r).count();
+    Ok(PassReport {
+        due: due.len(),
+        renewed,
+        failed: due.len() - renewed,
+    })
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReconcileReport {
+    pub users: usize,
+    /// Users whose bindings had drifted and were repaired.
+    pub repaired: Vec<String>,
+    /// rotator CSR objects with no issuance in flight, deleted.
+    pub stray_csrs: usize,
+    pub failed: usize,
+}
+
+/// Makes the cluster's rotator-managed RoleBindings match the database again
+/// (a binding edited or deleted by hand, a subject added), auditing each repair,
+/// and deletes CSR objects no issuance is waiting for.
+pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::StoreError> {
+    let Some(cluster) = &app.cluster else {
+        return Ok(ReconcileReport::default());
+    };
+    let mut report = ReconcileReport::default();
+    let users = crate::store::users::list(&app.store, true).await?;
+    for u in &users {
+        report.users += 1;
+        let now = app.clock.now();
+        match crate::access::sync_user(
+            &app.store,
+            cluster,
+            app.settings.rotation.grace_period,
+            now,
+            &u.spec.name,
+            "daemon:reconcile",
+        )
+        .await
+        {
+            Ok(r) if !r.is_empty() => {
+                warn!(user = %u.spec.name, changes = ?r, "RoleBinding drift repaired");
+                report.repaired.push(u.spec.name.clone());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(user = %u.spec.name, error = %e, "reconcile failed for this user");
+                report.failed += 1;
+            }
+        }
+    }
+    let open: Vec<String> = {
+        let mut conn = app.store.conn().await?;
+        crate::store::issuances::open_for_user(&mut conn, None)
+            .await?
+            .into_iter()
+            .filter_map(|i| i.csr_name)
+            .collect()
+    };
+    match cluster.managed_csrs().await {
+        Ok(names) => {
+            for n in names.iter().filter(|n| !open.contains(n)) {
+                if cluster.delete_csr(n).await.is_ok() {
+                    report.stray_csrs += 1;
+                }
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot list rotator's CSRs");
+            report.failed += 1;
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred(id: &str, nb: i64, na: i64) -> Credential {
+        Credential {
+            id: id.into(),
+            user_name: "u".into(),
+            generation: 1,
+            serial: String::new(),
+            fingerprint: String::new(),
+            not_before: nb,
+            not_after: na,
+            state: "current".into(),
+            signer: "local-ca".into(),
+            csr_name: None,
+            key_type: "ecdsa-p256".into(),
+            certificate: String::new(),
+            state_reason: None,
+            state_at: 0,
+            created_at: 0,
+            access_removed_at: None,
+        }
+    }
+
+    #[test]
+    fn the_window_is_the_last_third_with_bounded_deterministic_jitter() {
+        let c = cred("a", 0, 3000);
+        assert_eq!(renew_at(&c, RenewWindow::Fraction(1.0 / 3.0), 0.0), 2000);
+        let mut seen = Vec::new();
+        for i in 0..200 {
+            let c = cred(&format!("id{i}"), 0, 3000);
+            let t = renew_at(&c, RenewWindow::Fraction(1.0 / 3.0), 0.1);
+            assert!((2000..=2100).contains(&t), "{t}");
+            assert_eq!(
+                t,
+                renew_at(&c, RenewWindow::Fraction(1.0 / 3.0), 0.1),
+                "deterministic"
+            );
+            seen.push(t);
+        }
+        seen.sort();
+        seen.dedup();
+        assert!(
+            seen.len() > 50,
+            "a fleet issued together spreads out: {} distinct instants",
+            seen.len()
+        );
+        let c = cred("b", 0, 86400);
+        assert_eq!(
+            renew_at(
+                &c,
+                RenewWindow::Before(std::time::Duration::from_secs(3600)),
+                0.0
+            ),
+            82800
+        );
+        // A fixed window longer than the lifetime means "renew at once".
+        assert_eq!(
+            renew_at(
+                &cred("c", 0, 600),
+                RenewWindow::Before(std::time::Duration::from_secs(3600)),
+                0.0
+            ),
+            0
+        );
+    }
+}
