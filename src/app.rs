@@ -79,6 +79,7 @@ pub struct App {
     pub actor: String,
     pub identity: ProcessIdentity,
     pub inflight: Arc<Inflight>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<String, AppError> {
@@ -236,6 +237,7 @@ impl App {
                 actor,
                 identity,
                 inflight,
+                metrics: Arc::new(crate::metrics::Metrics::default()),
             },
             report,
         ))
@@ -290,6 +292,7 @@ impl App {
             clock: self.clock.as_ref(),
             faults: self.faults.as_ref(),
             endpoint: &self.endpoint,
+            metrics: &self.metrics,
         }
     }
 }

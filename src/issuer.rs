@@ -99,6 +99,33 @@ pub enum IssueError {
     Preempted(String),
 }
 
+impl IssueError {
+    /// A short, lowercase reason for metrics labels.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            IssueError::Policy(_) => "policy",
+            IssueError::UserExists(_)
+            | IssueError::SpecMismatch { .. }
+            | IssueError::NoSuchUser(_) => "request",
+            IssueError::Sign(crate::signer::SignError::Cluster(
+                crate::cluster::ClusterError::Denied { .. },
+            )) => "denied",
+            IssueError::Sign(crate::signer::SignError::Cluster(
+                crate::cluster::ClusterError::Timeout { .. },
+            )) => "timeout",
+            IssueError::Sign(crate::signer::SignError::Cluster(
+                crate::cluster::ClusterError::Unreachable { .. },
+            )) => "unreachable",
+            IssueError::Sign(_) => "signer",
+            IssueError::Pki(_) | IssueError::LifetimeTooLong { .. } => "verification",
+            IssueError::Sink(_) => "delivery",
+            IssueError::Access(_) => "rbac",
+            IssueError::Store(_) => "database",
+            IssueError::Injected(_) | IssueError::Preempted(_) => "interrupted",
+        }
+    }
+}
+
 impl ExitStatus for IssueError {
     fn exit(&self) -> Exit {
         match self {
@@ -225,6 +252,7 @@ pub struct Issuer<'a> {
     pub cluster: Option<&'a crate::cluster::Cluster>,
     /// Server URL and CA bundle written into kubeconfigs.
     pub endpoint: &'a crate::cluster::Endpoint,
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 /// Records a signer's external steps in the issuance journal.
@@ -346,13 +374,23 @@ impl Issuer<'_> {
         crate::store::commit(tx).await?;
 
         let span = info_span!("issuance", user = %spec.name, credential = %id, generation);
+        let started = std::time::Instant::now();
         let result = self
             .run(&id, generation, &spec, kind, sink, actor)
             .instrument(span.clone())
             .await;
-        if let Err(e) = &result {
-            let _g = span.enter();
-            warn!(error = %e, "issuance failed");
+        match &result {
+            Ok(_) => {
+                self.metrics
+                    .issuance_duration
+                    .observe(started.elapsed().as_secs_f64());
+                self.metrics.issuance(kind.as_str(), "success");
+            }
+            Err(e) => {
+                self.metrics.issuance(kind.as_str(), e.metric_label());
+                let _g = span.enter();
+                warn!(error = %e, "issuance failed");
+            }
         }
         result
     }

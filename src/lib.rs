@@ -13,6 +13,7 @@ pub mod fsutil;
 pub mod issuer;
 pub mod kubeconfig;
 pub mod lifecycle;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod renewal;

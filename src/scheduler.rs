@@ -71,10 +71,20 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, Stri
     }
 }
 
-async fn run_logged(app: &Arc<App>, job: Job) {
+pub async fn run_logged(app: &Arc<App>, job: Job) {
     let started = std::time::Instant::now();
-    match run_job(app, job).await {
+    let result = run_job(app, job).await;
+    // A pass that had per-item failures (a user it could not renew) is not a success.
+    let ok = result
+        .as_ref()
+        .is_ok_and(|s| s["failed"].as_u64().unwrap_or(0) == 0);
+    app.metrics
+        .job(job.name(), ok, started.elapsed(), app.clock.now());
+    match result {
         Ok(summary) => {
+            if let Some(n) = summary["repaired"].as_array().map(|r| r.len()) {
+                app.metrics.drift_repairs.inc_by(n as u64);
+            }
             info!(job = job.name(), ms = started.elapsed().as_millis() as u64, %summary, "job done")
         }
         Err(e) => error!(job = job.name(), error = %e, "job failed"),

@@ -38,7 +38,19 @@ pub async fn serve(app: App) -> CliResult {
         "rotator daemon started"
     );
     let app = std::sync::Arc::new(app);
+    let addr = app.settings.metrics_addr;
+    let listener = crate::metrics::bind(addr).await.map_err(|e| {
+        Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for health and metrics: {e}\nfix: pick a free address with --metrics-addr or metrics_addr"))
+    })?;
+    info!(%addr, "health and metrics at /healthz, /readyz, /metrics");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics = tokio::spawn(crate::metrics::serve(listener, app.clone(), async move {
+        let mut rx = stop_rx;
+        let _ = rx.changed().await;
+    }));
     crate::scheduler::run(app.clone(), shutdown_signal()).await;
+    let _ = stop_tx.send(true);
+    let _ = metrics.await;
     app.store.close().await;
     info!("rotator daemon stopped");
     Ok(())

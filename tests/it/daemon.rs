@@ -203,3 +203,205 @@ async fn a_real_daemon_renews_what_is_due_and_delivers_it() {
         .unwrap();
     assert!(daemon.wait().await.unwrap().success());
 }
+
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn metric(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    label: Option<(&str, &str)>,
+) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(ref h) => {
+                h.iter().map(|b| b.count).fold(0.0, f64::max)
+            }
+            _ => f64::NAN,
+        })
+}
+
+async fn scrape(port: u16) -> prometheus_parse::Scrape {
+    let (code, body) = http_get(port, "/metrics").await;
+    assert_eq!(code, 200);
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text parses")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_through_an_api_outage() {
+    // Rotation always due and ticking every second, so the outage is felt at once.
+    let kx = Kx::new(
+        Options::default(),
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"* * * * * *\"\n",
+    )
+    .await;
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user", "alice", "-n", "team-a", "--role", "view", "--ttl", "1h",
+            ],
+            &[],
+        )
+        .await);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let until = |what: &'static str| {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+    };
+    // Ready once every job has succeeded.
+    let mut last = (0, String::new());
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            last = http_get(port, "/readyz").await;
+            if last.0 == 200 {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {last:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_get(port, "/healthz").await, (200, "ok\n".to_string()));
+    let m = scrape(port).await;
+    assert_eq!(
+        metric(&m, "rotator_credentials", Some(("state", "current"))),
+        Some(1.0)
+    );
+    assert!(
+        metric(
+            &m,
+            "rotator_credential_expiry_timestamp_seconds",
+            Some(("user", "alice"))
+        )
+        .unwrap()
+            > rotator::clock::Clock::now(&rotator::clock::SystemClock) as f64
+    );
+    assert!(metric(&m, "rotator_issuances_total", Some(("result", "success"))).unwrap() >= 1.0);
+    assert!(metric(&m, "rotator_issuance_duration_seconds", None).is_some());
+    for job in ["rotate", "expire", "reconcile"] {
+        assert!(
+            metric(
+                &m,
+                "rotator_job_last_success_timestamp_seconds",
+                Some(("job", job))
+            )
+            .unwrap()
+                > 0.0,
+            "{job}"
+        );
+    }
+
+    // The API server answers 500 to everything for a while.
+    kx.cluster.faults().add(
+        testcluster::FaultRule::on(None, "/")
+            .times(u64::MAX)
+            .action(testcluster::FaultAction::Status(500)),
+    );
+    let (code, why) = loop {
+        let r = http_get(port, "/readyz").await;
+        if r.0 == 503 {
+            break r;
+        }
+        until("not ready during the outage");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, 503);
+    assert!(why.contains("FAIL cluster reachable"), "{why}");
+    loop {
+        let m = scrape(port).await;
+        if metric(&m, "rotator_job_runs_total", Some(("result", "failure"))).unwrap_or(0.0) >= 1.0 {
+            assert!(
+                metric(
+                    &m,
+                    "rotator_issuances_total",
+                    Some(("result", "unreachable"))
+                )
+                .unwrap_or(0.0)
+                    >= 1.0
+            );
+            break;
+        }
+        until("failures counted");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "the daemon keeps running through the outage"
+    );
+
+    // Recovery: everything catches up.
+    kx.cluster.faults().clear();
+    let before = metric(
+        &scrape(port).await,
+        "rotator_issuances_total",
+        Some(("result", "success")),
+    )
+    .unwrap_or(0.0);
+    loop {
+        let m = scrape(port).await;
+        if metric(&m, "rotator_issuances_total", Some(("result", "success"))).unwrap_or(0.0)
+            > before
+            && http_get(port, "/readyz").await.0 == 200
+        {
+            break;
+        }
+        until("recovery");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(daemon.wait().await.unwrap().success());
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM credentials WHERE state = 'current'")
+            .await,
+        1
+    );
+}
