@@ -215,7 +215,7 @@ pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
         // A job is late when it has not succeeded since two of its ticks ago.
         let sched = &job.schedule(app).schedule;
         let ok = match (sched.upcoming(chrono::Utc).next(), last) {
-            (_, l) if l == 0.0 => Err("has not succeeded yet".to_string()),
+            _ if last == 0.0 => Err("has not succeeded yet".to_string()),
             (Some(next), l) => {
                 let period = sched
                     .after(&next)
