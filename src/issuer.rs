@@ -29,6 +29,10 @@ use crate::store::{Store, StoreError, audit, users};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
     AfterPlan,
+    /// The CSR object's name is journaled (kubernetes signer), before it is created.
+    CsrSubmitted,
+    /// The CSR was approved (kubernetes signer).
+    Approved,
     AfterSign,
     BeforeStore,
     AfterStore,
@@ -39,6 +43,8 @@ impl FaultPoint {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "after-plan" => FaultPoint::AfterPlan,
+            "csr-submitted" => FaultPoint::CsrSubmitted,
+            "approved" => FaultPoint::Approved,
             "after-sign" => FaultPoint::AfterSign,
             "before-store" => FaultPoint::BeforeStore,
             "after-store" => FaultPoint::AfterStore,
@@ -259,6 +265,7 @@ pub struct Issuer<'a> {
 struct Journal<'a> {
     store: &'a Store,
     clock: &'a dyn Clock,
+    faults: &'a dyn Faults,
     id: &'a str,
 }
 
@@ -286,7 +293,16 @@ impl crate::signer::Progress for Journal<'_> {
                     self.id
                 )));
             }
-            crate::store::commit(tx).await.map_err(j)
+            crate::store::commit(tx).await.map_err(j)?;
+            let point = match step {
+                Step::CsrSubmitted => Some(FaultPoint::CsrSubmitted),
+                Step::Approved => Some(FaultPoint::Approved),
+                _ => None,
+            };
+            match point.map(|p| self.faults.hit(p)) {
+                Some(Err(e)) => Err(SignError::Journal(e.to_string())),
+                _ => Ok(()),
+            }
         })
     }
 }
@@ -421,6 +437,7 @@ impl Issuer<'_> {
         let journal = Journal {
             store: self.store,
             clock: self.clock,
+            faults: self.faults,
             id,
         };
         let signed = match self.signer.sign(req, &journal).await {

@@ -137,11 +137,12 @@ impl Failure {
 
 pub type CliResult<T = ()> = Result<T, Failure>;
 
-/// `ROTATOR_FAULT=<point>:<error|abort>` makes an issuance fail at that point.
-/// For rotator's own crash tests; it can only make a command fail, never succeed.
+/// `ROTATOR_FAULT=<point>:<error|abort|kill>` makes an issuance fail at that
+/// point: an error, SIGABRT, or a real SIGKILL of this process. For rotator's own
+/// crash tests; it can only make a command fail, never succeed.
 struct EnvFaults {
     point: FaultPoint,
-    abort: bool,
+    mode: String,
 }
 
 impl Faults for EnvFaults {
@@ -149,8 +150,15 @@ impl Faults for EnvFaults {
         if point != self.point {
             return Ok(());
         }
-        if self.abort {
-            std::process::abort();
+        match self.mode.as_str() {
+            "abort" => std::process::abort(),
+            "kill" => {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &std::process::id().to_string()])
+                    .status();
+                std::process::abort(); // not reached once the signal lands
+            }
+            _ => {}
         }
         Err(IssueError::Injected(point))
     }
@@ -164,7 +172,7 @@ fn faults_from_env() -> Arc<dyn Faults> {
     match FaultPoint::parse(p) {
         Some(point) => Arc::new(EnvFaults {
             point,
-            abort: mode == "abort",
+            mode: mode.to_string(),
         }),
         None => Arc::new(NoFaults),
     }

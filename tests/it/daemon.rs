@@ -405,3 +405,121 @@ async fn health_readiness_and_metrics_through_an_api_outage() {
         1
     );
 }
+
+/// Runs `rotator serve` until it logs `until` (then SIGTERMs it) or dies; returns its exit status.
+async fn serve_once(kx: &Kx, env: &[(&str, &str)], until: &str) -> std::process::ExitStatus {
+    use tokio::io::AsyncBufReadExt;
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+    c.current_dir(kx.s.dir.path()).args([
+        "--config",
+        "rotator.toml",
+        "serve",
+        "--log-format",
+        "json",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    c.envs(env.iter().copied())
+        .stderr(std::process::Stdio::piped());
+    let mut d = c.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if serde_json::from_str::<serde_json::Value>(&l)
+                .is_ok_and(|v| v["fields"]["message"] == until)
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    // Found, or timed out: either way it is stopped (a dead process has no id to signal).
+    let _ = found;
+    if let Some(pid) = d.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    d.wait().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_sigkilled_at_each_step_of_an_issuance_recovers_with_one_credential() {
+    use std::os::unix::process::ExitStatusExt;
+    // Every start renews (renew_before exceeds the lifetime), exactly once (yearly tick).
+    let kx = Kx::new(
+        Options::default(),
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"0 0 0 1 1 *\"\n",
+    )
+    .await;
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user", "alice", "-n", "team-a", "--role", "view", "--ttl", "1h",
+            ],
+            &[],
+        )
+        .await);
+    for step in [
+        "after-plan",
+        "csr-submitted",
+        "approved",
+        "after-sign",
+        "before-store",
+        "after-store",
+        "after-deliver",
+    ] {
+        let st = serve_once(&kx, &[("ROTATOR_FAULT", &format!("{step}:kill"))], "never").await;
+        assert_eq!(
+            st.signal(),
+            Some(9),
+            "{step}: the daemon was SIGKILLed mid-issuance"
+        );
+        let st = serve_once(&kx, &[], "renewed").await;
+        assert!(
+            st.success(),
+            "{step}: the restarted daemon renewed and stopped cleanly"
+        );
+        assert_eq!(
+            kx.s.count("SELECT COUNT(*) FROM credentials WHERE state = 'current'")
+                .await,
+            1,
+            "{step}"
+        );
+        assert_eq!(kx.s.count("SELECT COUNT(*) FROM issuances WHERE step NOT IN ('delivered', 'failed', 'abandoned')").await, 0, "{step}");
+        assert_eq!(kx.rotator_objects().await.1, "", "{step}: no stray CSR");
+        let current =
+            kx.s.count("SELECT generation FROM credentials WHERE state = 'current'")
+                .await;
+        std::fs::copy(
+            kx.s.path("rotator-data/kubeconfigs/alice.kubeconfig"),
+            kx.s.path("delivered.kubeconfig"),
+        )
+        .unwrap();
+        let who = ok(&kx
+            .kubectl_as("delivered.kubeconfig", &["auth", "whoami", "-o", "json"])
+            .await);
+        assert!(
+            who.contains(&format!("rotator:alice:{current}\"")),
+            "{step}: the delivered kubeconfig is the current credential: {who}"
+        );
+        assert!(
+            kx.can_list_pods("delivered.kubeconfig", "team-a").await,
+            "{step}"
+        );
+    }
+    // Seven interrupted attempts, each abandoned once; no generation was reused.
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM issuances WHERE step = 'abandoned'")
+            .await,
+        7
+    );
+    assert_eq!(
+        kx.s.count("SELECT COUNT(DISTINCT generation) FROM issuances")
+            .await,
+        kx.s.count("SELECT COUNT(*) FROM issuances").await
+    );
+    ok(&kx.rotator(&["audit", "verify"]));
+}
