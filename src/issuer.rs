@@ -564,14 +564,14 @@ impl Issuer<'_> {
             certificate_pem: &signed.certificate_pem,
             key_pem: &key_pem,
         };
-        let delivered = kc
-            .render()
-            .map_err(|e| SinkError {
+        let delivered = match kc.render() {
+            Ok(yaml) => sink.deliver(&yaml).await,
+            Err(e) => Err(SinkError {
                 target: sink.describe(),
                 reason: e.to_string(),
                 fix: "report this bug",
-            })
-            .and_then(|yaml| sink.deliver(&yaml));
+            }),
+        };
         if let Err(e) = delivered {
             return Err(self.fail(id, &spec.name, actor, e.into()).await);
         }

@@ -65,9 +65,14 @@ pub async fn rotate_pass(app: &Arc<App>) -> Result<PassReport, crate::store::Sto
         .map(|c| {
             let app = app.clone();
             async move {
-                let path = app.settings.rotation.delivery_dir.join(format!("{}.kubeconfig", c.user_name));
-                let mut sink = crate::sink::FileSink { path };
-                match app.issuer().rotate(&c.user_name, &mut sink, "daemon").await {
+                let mut sink = match sink_for(&app, &c.user_name).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(user = %c.user_name, error = %e, "no usable delivery target");
+                        return false;
+                    }
+                };
+                match app.issuer().rotate(&c.user_name, sink.as_mut(), "daemon").await {
                     Ok(i) => {
                         info!(user = %c.user_name, credential = %i.credential.id, serial = %i.credential.serial, "renewed");
                         true
@@ -87,6 +92,34 @@ pub async fn rotate_pass(app: &Arc<App>) -> Result<PassReport, crate::store::Sto
         due: due.len(),
         renewed,
         failed: due.len() - renewed,
+    })
+}
+
+/// The user's delivery target as a sink.
+async fn sink_for(app: &App, user: &str) -> Result<Box<dyn crate::sink::Sink>, String> {
+    let target = {
+        let mut conn = app.store.conn().await.map_err(|e| e.to_string())?;
+        crate::store::users::delivery(&mut conn, user)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    Ok(match crate::sink::Target::parse(&target)? {
+        crate::sink::Target::Directory => Box::new(crate::sink::FileSink {
+            path: app
+                .settings
+                .rotation
+                .delivery_dir
+                .join(format!("{user}.kubeconfig")),
+        }),
+        crate::sink::Target::Secret { namespace, name } => Box::new(crate::sink::SecretSink {
+            cluster: app
+                .cluster
+                .clone()
+                .ok_or("Secret delivery needs the kubernetes signer")?,
+            namespace,
+            name,
+            user: user.into(),
+        }),
     })
 }
 

@@ -22,8 +22,10 @@ impl ExitStatus for SinkError {
 pub trait Sink: Send {
     fn describe(&self) -> String;
     fn prepare(&self) -> Result<(), SinkError>;
-    fn deliver(&mut self, kubeconfig: &str) -> Result<(), SinkError>;
+    fn deliver<'a>(&'a mut self, kubeconfig: &'a str) -> BoxFuture<'a, Result<(), SinkError>>;
 }
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// A file written atomically with mode 0600.
 #[derive(Debug, Clone)]
@@ -48,9 +50,10 @@ impl Sink for FileSink {
     fn prepare(&self) -> Result<(), SinkError> {
         crate::fsutil::check_writable_target(&self.path).map_err(|e| self.err(e))
     }
-    fn deliver(&mut self, kubeconfig: &str) -> Result<(), SinkError> {
-        crate::fsutil::write_private_atomic(&self.path, kubeconfig.as_bytes())
-            .map_err(|e| self.err(e))
+    fn deliver<'a>(&'a mut self, kubeconfig: &'a str) -> BoxFuture<'a, Result<(), SinkError>> {
+        let r = crate::fsutil::write_private_atomic(&self.path, kubeconfig.as_bytes())
+            .map_err(|e| self.err(e));
+        Box::pin(async move { r })
     }
 }
 
@@ -67,14 +70,87 @@ impl<W: Write + Send> Sink for WriterSink<W> {
     fn prepare(&self) -> Result<(), SinkError> {
         Ok(())
     }
-    fn deliver(&mut self, kubeconfig: &str) -> Result<(), SinkError> {
-        self.writer
+    fn deliver<'a>(&'a mut self, kubeconfig: &'a str) -> BoxFuture<'a, Result<(), SinkError>> {
+        let r = self
+            .writer
             .write_all(kubeconfig.as_bytes())
             .and_then(|_| self.writer.flush())
             .map_err(|e| SinkError {
                 target: self.name.to_string(),
                 reason: e.to_string(),
                 fix: "check that the output stream is open",
+            });
+        Box::pin(async move { r })
+    }
+}
+
+/// A Kubernetes Secret in one of the user's namespaces: type Opaque, key
+/// `kubeconfig`, labelled as rotator's. Written by server-side apply, so rotator
+/// needs only `create` and `patch` on secrets, never `get` or `list`.
+pub struct SecretSink {
+    pub cluster: crate::cluster::Cluster,
+    pub namespace: String,
+    pub name: String,
+    pub user: String,
+}
+
+impl Sink for SecretSink {
+    fn describe(&self) -> String {
+        format!("secret {}/{}", self.namespace, self.name)
+    }
+    fn prepare(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    fn deliver<'a>(&'a mut self, kubeconfig: &'a str) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.cluster.apply_kubeconfig_secret(&self.namespace, &self.name, &self.user, kubeconfig).await.map_err(|e| SinkError {
+                target: self.describe(),
+                reason: e.to_string(),
+                fix: "check that the namespace exists and rotator may create and patch Secrets there",
             })
+        })
+    }
+}
+
+/// Where a user's reissued kubeconfigs go, as recorded with the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `<rotation.delivery_dir>/<user>.kubeconfig`.
+    Directory,
+    /// A Secret `namespace/name`.
+    Secret { namespace: String, name: String },
+}
+
+impl Target {
+    /// `dir` or `secret:NAMESPACE/NAME`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "dir" {
+            return Ok(Target::Directory);
+        }
+        let Some((ns, name)) = s.strip_prefix("secret:").and_then(|r| r.split_once('/')) else {
+            return Err(format!(
+                "{s:?} is not a delivery target (use dir or secret:NAMESPACE/NAME)"
+            ));
+        };
+        crate::policy::validate_dns_label(ns).map_err(|e| format!("namespace {ns:?}: {e}"))?;
+        if name.is_empty()
+            || name.len() > 253
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(format!("secret name {name:?} is not a DNS subdomain"));
+        }
+        Ok(Target::Secret {
+            namespace: ns.into(),
+            name: name.into(),
+        })
+    }
+
+    pub fn as_string(&self) -> String {
+        match self {
+            Target::Directory => "dir".into(),
+            Target::Secret { namespace, name } => format!("secret:{namespace}/{name}"),
+        }
     }
 }

@@ -48,6 +48,10 @@ pub struct AddUserArgs {
     /// Where to write the kubeconfig (mode 0600); "-" for stdout. Default ./NAME.kubeconfig.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Where the daemon delivers this user's reissued kubeconfigs: `dir` (the
+    /// delivery directory, default) or `secret:NAMESPACE/NAME` in one of their namespaces.
+    #[arg(long, value_name = "TARGET", value_parser = crate::sink::Target::parse)]
+    pub deliver: Option<crate::sink::Target>,
 }
 
 fn parse_key_type(s: &str) -> Result<KeyType, String> {
@@ -124,11 +128,36 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
         key_type: a.key_type.unwrap_or(policy.default_key_type),
         ttl_seconds: a.ttl.unwrap_or(policy.default_ttl).as_secs(),
     };
+    if let Some(crate::sink::Target::Secret { namespace, .. }) = &a.deliver {
+        if app.cluster.is_none() || !(spec.namespaces.contains(namespace) || a.cluster_wide) {
+            return Err(Failure::new(
+                Exit::Refused,
+                anyhow!(
+                    "cannot deliver to a Secret in namespace {namespace:?}\nfix: Secret delivery needs the kubernetes signer and one of the user's namespaces"
+                ),
+            ));
+        }
+    }
     let mut sink = sink_for(&a.name, &a.out);
     let issued = app
         .issuer()
         .add_user(spec, sink.as_mut(), &app.actor)
         .await?;
+    if let Some(t) = &a.deliver {
+        let now = app.clock.now();
+        let mut tx = app.store.begin().await?;
+        users::set_delivery(&mut tx, &a.name, &t.as_string(), now).await?;
+        crate::store::audit::append(
+            &mut tx,
+            now,
+            &app.actor,
+            "user.delivery",
+            &a.name,
+            serde_json::json!({"target": t.as_string()}),
+        )
+        .await?;
+        crate::store::commit(tx).await?;
+    }
     report_issued(out, &issued, sink.describe() == "stdout");
     Ok(())
 }

@@ -422,3 +422,50 @@ pub fn check_server_ca(server: &str, ca_pem: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+impl Cluster {
+    /// Creates or replaces the kubeconfig Secret by server-side apply.
+    pub async fn apply_kubeconfig_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        user: &str,
+        kubeconfig: &str,
+    ) -> Result<(), ClusterError> {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), ns);
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                labels: Some(
+                    [
+                        (MANAGED_BY.0.into(), MANAGED_BY.1.into()),
+                        (USER_LABEL.into(), user_hash(user)),
+                    ]
+                    .into(),
+                ),
+                annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(
+                [(
+                    "kubeconfig".to_string(),
+                    k8s_openapi::ByteString(kubeconfig.as_bytes().to_vec()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let pp = kube::api::PatchParams::apply("rotator").force();
+        let patch = kube::api::Patch::Apply(&secret);
+        retry(
+            &format!("writing Secret {ns}/{name}"),
+            Backoff::default(),
+            || api.patch(name, &pp, &patch),
+        )
+        .await
+        .map(|_| ())
+    }
+}

@@ -109,3 +109,26 @@ pub async fn set_state(
         .await?;
     Ok(())
 }
+
+pub async fn delivery(conn: &mut SqliteConnection, name: &str) -> Result<String, StoreError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT delivery FROM users WHERE name = ?")
+        .bind(name)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|r| r.0).unwrap_or_else(|| "dir".into()))
+}
+
+pub async fn set_delivery(
+    conn: &mut SqliteConnection,
+    name: &str,
+    target: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE users SET delivery = ?, updated_at = ? WHERE name = ?")
+        .bind(target)
+        .bind(now)
+        .bind(name)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -523,3 +523,121 @@ async fn a_daemon_sigkilled_at_each_step_of_an_issuance_recovers_with_one_creden
     );
     ok(&kx.rotator(&["audit", "verify"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespace() {
+    let kx = Kx::new(
+        Options::default(),
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n",
+    )
+    .await;
+    let e = fails_with(
+        &kx.rotator_async(
+            &[
+                "add-user",
+                "bob",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--deliver",
+                "secret:team-b/bob",
+            ],
+            &[],
+        )
+        .await,
+        4,
+    );
+    assert!(e.contains("team-b"), "{e}");
+    fails_with(
+        &kx.rotator_async(
+            &[
+                "add-user",
+                "bob",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--deliver",
+                "secret:team-a",
+            ],
+            &[],
+        )
+        .await,
+        2,
+    );
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user",
+                "bob",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--ttl",
+                "1h",
+                "--deliver",
+                "secret:team-a/bob-kubeconfig",
+            ],
+            &[],
+        )
+        .await);
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let app = app_with_clock(&kx, &clock).await;
+    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    assert_eq!((r.renewed, r.failed), (1, 0));
+    let secret = ok(&kx
+        .admin_kubectl(&[
+            "get",
+            "secret",
+            "bob-kubeconfig",
+            "-n",
+            "team-a",
+            "-o",
+            "json",
+        ])
+        .await);
+    let v: serde_json::Value = serde_json::from_str(&secret).unwrap();
+    assert_eq!(v["type"], "Opaque");
+    assert_eq!(
+        v["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "rotator"
+    );
+    use base64::Engine;
+    let kc = base64::engine::general_purpose::STANDARD
+        .decode(v["data"]["kubeconfig"].as_str().unwrap())
+        .unwrap();
+    kx.s.write("from-secret.kubeconfig", &String::from_utf8(kc).unwrap());
+    let who = ok(&kx
+        .kubectl_as("from-secret.kubeconfig", &["auth", "whoami", "-o", "json"])
+        .await);
+    assert!(who.contains("rotator:bob:2"), "{who}");
+    // A second renewal replaces the Secret in place.
+    rotator::renewal::rotate_pass(&app).await.unwrap();
+    let data = ok(&kx
+        .admin_kubectl(&[
+            "get",
+            "secret",
+            "bob-kubeconfig",
+            "-n",
+            "team-a",
+            "-o",
+            "jsonpath={.data.kubeconfig}",
+        ])
+        .await);
+    let kc = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .unwrap(),
+    )
+    .unwrap();
+    kx.s.write("from-secret.kubeconfig", &kc);
+    assert!(
+        ok(&kx
+            .kubectl_as("from-secret.kubeconfig", &["auth", "whoami", "-o", "json"])
+            .await)
+        .contains("rotator:bob:3")
+    );
+}
