@@ -128,15 +128,15 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
         key_type: a.key_type.unwrap_or(policy.default_key_type),
         ttl_seconds: a.ttl.unwrap_or(policy.default_ttl).as_secs(),
     };
-    if let Some(crate::sink::Target::Secret { namespace, .. }) = &a.deliver {
-        if app.cluster.is_none() || !(spec.namespaces.contains(namespace) || a.cluster_wide) {
-            return Err(Failure::new(
-                Exit::Refused,
-                anyhow!(
-                    "cannot deliver to a Secret in namespace {namespace:?}\nfix: Secret delivery needs the kubernetes signer and one of the user's namespaces"
-                ),
-            ));
-        }
+    if let Some(crate::sink::Target::Secret { namespace, .. }) = &a.deliver
+        && (app.cluster.is_none() || !(spec.namespaces.contains(namespace) || a.cluster_wide))
+    {
+        return Err(Failure::new(
+            Exit::Refused,
+            anyhow!(
+                "cannot deliver to a Secret in namespace {namespace:?}\nfix: Secret delivery needs the kubernetes signer and one of the user's namespaces"
+            ),
+        ));
     }
     let mut sink = sink_for(&a.name, &a.out);
     let issued = app
