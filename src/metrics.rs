@@ -281,7 +281,7 @@ async fn route(
 /// Serves health and metrics on `addr` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    app: Arc<App>,
+    apps: tokio::sync::watch::Receiver<Arc<App>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -290,7 +290,8 @@ pub async fn serve(
             _ = &mut shutdown => return,
             r = listener.accept() => {
                 let Ok((tcp, _)) = r else { continue };
-                let app = app.clone();
+                // The current configuration, also after a reload.
+                let app = apps.borrow().clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| route(app.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;

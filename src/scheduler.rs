@@ -92,26 +92,39 @@ pub async fn run_logged(app: &Arc<App>, job: Job) {
 }
 
 /// Runs the schedules until `shutdown` resolves; a job in flight finishes first.
-pub async fn run(app: Arc<App>, shutdown: impl Future<Output = ()>) {
+/// A new `App` on `apps` (SIGHUP) takes effect at once: its schedules decide the next tick.
+pub async fn run(
+    mut apps: tokio::sync::watch::Receiver<Arc<App>>,
+    shutdown: impl Future<Output = ()>,
+) {
     // Catch up once at start: whatever fell due while the daemon was down.
+    let app = apps.borrow_and_update().clone();
     for job in [Job::Expire, Job::Reconcile, Job::Rotate] {
         run_logged(&app, job).await;
     }
     tokio::pin!(shutdown);
     loop {
+        let app = apps.borrow_and_update().clone();
         let now = Utc::now();
-        let Some((job, at)) = Job::ALL
+        let next = Job::ALL
             .iter()
             .filter_map(|j| next_after(j.schedule(&app), now).map(|t| (*j, t)))
-            .min_by_key(|(_, t)| *t)
-        else {
-            info!("no job has a future tick; scheduler idle");
-            shutdown.await;
-            return;
+            .min_by_key(|(_, t)| *t);
+        let Some((job, at)) = next else {
+            info!("no job has a future tick; scheduler idle until a reload or shutdown");
+            tokio::select! {
+                _ = &mut shutdown => return,
+                r = apps.changed() => if r.is_err() { return } else { continue },
+            }
         };
         let wait = (at - now).to_std().unwrap_or_default();
         tokio::select! {
             _ = &mut shutdown => { info!("scheduler stopping"); return; }
+            r = apps.changed() => {
+                if r.is_err() { return; }
+                info!("schedules reloaded");
+                continue;
+            }
             _ = tokio::time::sleep(wait) => {}
         }
         run_logged(&app, job).await;

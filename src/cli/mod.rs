@@ -264,7 +264,10 @@ pub async fn run(cli: Cli) -> CliResult {
         }
         Command::Serve { metrics_addr } => {
             let (app, _) = open_app(&cli, metrics_addr.clone()).await?;
-            serve::serve(app).await
+            serve::serve(app, || async {
+                open_app(&cli, metrics_addr.clone()).await.map(|(a, _)| a)
+            })
+            .await
         }
         Command::AddUser(args) => admin::add_user(&open_app(&cli, None).await?.0, args, out).await,
         Command::RemoveUser { name } => {

@@ -1,14 +1,22 @@
 //! `rotator serve`: the daemon. Stops on SIGTERM or Ctrl-C after the job in flight.
 use anyhow::anyhow;
-use tracing::info;
+use std::sync::Arc;
+
+use tracing::{error, info};
 
 use super::{CliResult, Failure};
 use crate::app::App;
 use crate::exit::Exit;
 
-pub async fn serve(app: App) -> CliResult {
+/// Runs the daemon. `reopen` builds the App again from the configuration (SIGHUP).
+pub async fn serve<F, Fut>(app: App, reopen: F) -> CliResult
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = CliResult<App>>,
+{
     // One daemon per database: the lock lives as long as the process.
-    let lock_path = app.settings.data_dir.join("daemon.lock");
+    let data_dir = app.settings.data_dir.clone();
+    let lock_path = data_dir.join("daemon.lock");
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -25,35 +33,73 @@ pub async fn serve(app: App) -> CliResult {
             Exit::Conflict,
             anyhow!(
                 "another rotator daemon is already running on {} ({e})\nfix: stop it first; two daemons must never share one database",
-                app.settings.data_dir.display()
+                data_dir.display()
             ),
         ));
     }
+    log_started(&app, "rotator daemon started");
+    let app = Arc::new(app);
+    let addr = app.settings.metrics_addr;
+    let listener = crate::metrics::bind(addr).await.map_err(|e| {
+        Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for health and metrics: {e}\nfix: pick a free address with --metrics-addr or metrics_addr"))
+    })?;
+    info!(%addr, "health and metrics at /healthz, /readyz, /metrics");
+    let (apps_tx, apps_rx) = tokio::sync::watch::channel(app.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics = tokio::spawn(crate::metrics::serve(
+        listener,
+        apps_rx.clone(),
+        async move {
+            let mut rx = stop_rx;
+            let _ = rx.changed().await;
+        },
+    ));
+    let reload = async {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return std::future::pending().await;
+        };
+        while hup.recv().await.is_some() {
+            match reopen().await {
+                Ok(mut next) => {
+                    if next.settings.data_dir != data_dir {
+                        error!(from = %data_dir.display(), to = %next.settings.data_dir.display(), "reload refused: the data directory cannot change while running");
+                        continue;
+                    }
+                    let cur = apps_tx.borrow().clone();
+                    // Counters and in-flight issuances belong to the process, not the config.
+                    next.metrics = cur.metrics.clone();
+                    next.inflight = cur.inflight.clone();
+                    log_started(&next, "configuration reloaded");
+                    let _ = apps_tx.send(Arc::new(next));
+                }
+                Err(f) => {
+                    error!(error = %format!("{:#}", f.error), "reload failed; keeping the running configuration")
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = crate::scheduler::run(apps_rx, shutdown_signal()) => {}
+        _ = reload => {}
+    }
+    let _ = stop_tx.send(true);
+    let _ = metrics.await;
+    let app = apps_tx.borrow().clone();
+    app.store.close().await;
+    info!("rotator daemon stopped");
+    Ok(())
+}
+
+fn log_started(app: &App, what: &str) {
     info!(
         data_dir = %app.settings.data_dir.display(),
         signer = app.signer.kind(),
         rotate = %app.settings.schedule.rotate.expression,
         expire = %app.settings.schedule.expire.expression,
         reconcile = %app.settings.schedule.reconcile.expression,
-        "rotator daemon started"
+        "{what}"
     );
-    let app = std::sync::Arc::new(app);
-    let addr = app.settings.metrics_addr;
-    let listener = crate::metrics::bind(addr).await.map_err(|e| {
-        Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for health and metrics: {e}\nfix: pick a free address with --metrics-addr or metrics_addr"))
-    })?;
-    info!(%addr, "health and metrics at /healthz, /readyz, /metrics");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let metrics = tokio::spawn(crate::metrics::serve(listener, app.clone(), async move {
-        let mut rx = stop_rx;
-        let _ = rx.changed().await;
-    }));
-    crate::scheduler::run(app.clone(), shutdown_signal()).await;
-    let _ = stop_tx.send(true);
-    let _ = metrics.await;
-    app.store.close().await;
-    info!("rotator daemon stopped");
-    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -641,3 +641,81 @@ async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespac
         .contains("rotator:bob:3")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_schedules_and_policy_and_a_broken_config_is_refused() {
+    use tokio::io::AsyncBufReadExt;
+    let kx = Kx::new(Options::default(), "[schedule]\nrotate = \"0 0 0 1 1 *\"\n").await;
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user", "alice", "-n", "team-a", "--role", "view", "--ttl", "1h",
+            ],
+            &[],
+        )
+        .await);
+    let base = std::fs::read_to_string(kx.s.path("rotator.toml")).unwrap();
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = d.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    let mut wait_for = async |msg: &str| -> serde_json::Value {
+        tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+                if v["fields"]["message"] == msg {
+                    return v;
+                }
+            }
+            panic!("the daemon ended before logging {msg:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {msg:?}"))
+    };
+    wait_for("rotator daemon started").await;
+    // A broken file is refused and the running configuration kept.
+    std::fs::write(
+        kx.s.path("rotator.toml"),
+        format!("{base}\n[schedule]\nrotate = \"bogus\"\n"),
+    )
+    .unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    let failed = wait_for("reload failed; keeping the running configuration").await;
+    assert!(
+        failed["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("schedule"),
+        "{failed}"
+    );
+    // A good one takes effect: rotation every second, everything due.
+    std::fs::write(kx.s.path("rotator.toml"), base.replace("[schedule]\nrotate = \"0 0 0 1 1 *\"\n", "[schedule]\nrotate = \"* * * * * *\"\n[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n")).unwrap();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    let reloaded = wait_for("configuration reloaded").await;
+    assert_eq!(reloaded["fields"]["rotate"], "* * * * * *");
+    let renewed = wait_for("renewed").await;
+    assert_eq!(renewed["fields"]["user"], "alice");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(d.wait().await.unwrap().success());
+}
