@@ -80,6 +80,8 @@ pub struct App {
     pub identity: ProcessIdentity,
     pub inflight: Arc<Inflight>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Whether this daemon may run the jobs (always, without leader election).
+    pub leader: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<String, AppError> {
@@ -238,6 +240,7 @@ impl App {
                 identity,
                 inflight,
                 metrics: Arc::new(crate::metrics::Metrics::default()),
+                leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             },
             report,
         ))

@@ -85,6 +85,7 @@ struct FileConfig {
     metrics_addr: String,
     cluster: ClusterSection,
     kubernetes: KubernetesSection,
+    leader_election: LeaderSection,
     local_ca: LocalCaSection,
     policy: PolicySection,
     rotation: RotationSection,
@@ -99,6 +100,7 @@ impl Default for FileConfig {
             metrics_addr: "127.0.0.1:9464".into(),
             cluster: ClusterSection::default(),
             kubernetes: KubernetesSection::default(),
+            leader_election: LeaderSection::default(),
             local_ca: LocalCaSection::default(),
             policy: PolicySection::default(),
             rotation: RotationSection::default(),
@@ -123,6 +125,34 @@ impl Default for ClusterSection {
             ca_file: None,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LeaderSection {
+    enabled: bool,
+    namespace: String,
+    name: String,
+    lease_duration: String,
+}
+
+impl Default for LeaderSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            namespace: "rotator".into(),
+            name: "rotator".into(),
+            lease_duration: "15s".into(),
+        }
+    }
+}
+
+/// Several daemons, one leader: only the Lease holder runs the jobs.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    pub namespace: String,
+    pub name: String,
+    pub lease_duration: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -318,6 +348,8 @@ pub struct Settings {
     /// or local-ca for a new one, decides).
     pub signer: Option<SignerKind>,
     pub kubernetes: KubernetesSettings,
+    /// `None`: this daemon runs the jobs alone.
+    pub leader_election: Option<LeaderElection>,
     pub metrics_addr: SocketAddr,
     pub cluster: ClusterSettings,
     pub local_ca: LocalCaSettings,
@@ -708,6 +740,33 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         reconcile: cx.cron("schedule.reconcile", &f.schedule.reconcile)?,
     };
 
+    let le = &f.leader_election;
+    let leader_election = if le.enabled {
+        crate::policy::validate_dns_label(&le.namespace).map_err(|p| {
+            cx.invalid(
+                "leader_election.namespace",
+                &le.namespace,
+                p,
+                "name the namespace rotator runs in",
+            )
+        })?;
+        let lease_duration = cx.duration("leader_election.lease_duration", &le.lease_duration)?;
+        if lease_duration < Duration::from_secs(2) {
+            return Err(cx.invalid(
+                "leader_election.lease_duration",
+                &le.lease_duration,
+                "shorter than 2s",
+                "15s is usual",
+            ));
+        }
+        Some(LeaderElection {
+            namespace: le.namespace.clone(),
+            name: le.name.clone(),
+            lease_duration,
+        })
+    } else {
+        None
+    };
     let kubernetes = KubernetesSettings {
         kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
         context: f.kubernetes.context,
@@ -720,6 +779,7 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         data_dir,
         signer: ov.signer.or(f.signer),
         kubernetes,
+        leader_election,
         metrics_addr,
         cluster: ClusterSettings {
             name: f.cluster.name,

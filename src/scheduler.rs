@@ -39,6 +39,9 @@ impl Job {
     }
 }
 
+/// How long a job in flight may run on after SIGTERM.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn next_after(s: &CronSchedule, now: chrono::DateTime<Utc>) -> Option<chrono::DateTime<Utc>> {
     s.schedule.after(&now).next()
 }
@@ -72,6 +75,10 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, Stri
 }
 
 pub async fn run_logged(app: &Arc<App>, job: Job) {
+    if !app.leader.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::debug!(job = job.name(), "not the leader; skipping");
+        return;
+    }
     let started = std::time::Instant::now();
     let result = run_job(app, job).await;
     // A pass that had per-item failures (a user it could not renew) is not a success.
@@ -127,6 +134,19 @@ pub async fn run(
             }
             _ = tokio::time::sleep(wait) => {}
         }
-        run_logged(&app, job).await;
+        // A job in flight gets STOP_GRACE after a stop signal to finish; past that it
+        // is dropped, which an issuance survives like any crash (its journal says where it was).
+        let mut stopping = false;
+        tokio::select! {
+            _ = run_logged(&app, job) => {}
+            _ = async { (&mut shutdown).await; stopping = true; tokio::time::sleep(STOP_GRACE).await } => {
+                tracing::warn!(job = job.name(), grace = ?STOP_GRACE, "job still running after the stop grace period; stopping anyway");
+                return;
+            }
+        }
+        if stopping {
+            info!("scheduler stopping");
+            return;
+        }
     }
 }

@@ -2,7 +2,9 @@
 use anyhow::anyhow;
 use std::sync::Arc;
 
-use tracing::{error, info};
+use std::sync::atomic::Ordering;
+
+use tracing::{error, info, warn};
 
 use super::{CliResult, Failure};
 use crate::app::App;
@@ -39,6 +41,31 @@ where
     }
     log_started(&app, "rotator daemon started");
     let app = Arc::new(app);
+    let election = match (&app.settings.leader_election, &app.cluster) {
+        (Some(le), Some(cluster)) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let identity = format!("{}-{}", host.trim(), std::process::id());
+            let (le, cluster, app2) = (le.clone(), cluster.clone(), app.clone());
+            app.leader.store(false, Ordering::SeqCst);
+            // The first round before the scheduler starts, so a leader does not skip the catch-up.
+            elect(&cluster, &le, &identity, &app2).await;
+            Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(le.lease_duration / 3).await;
+                    elect(&cluster, &le, &identity, &app2).await;
+                }
+            }))
+        }
+        (Some(_), None) => {
+            return Err(Failure::new(
+                Exit::Config,
+                anyhow!(
+                    "leader election needs the kubernetes signer (a Lease in the cluster)\nfix: set leader_election.enabled = false, or use signer = \"kubernetes\""
+                ),
+            ));
+        }
+        _ => None,
+    };
     let addr = app.settings.metrics_addr;
     let listener = crate::metrics::bind(addr).await.map_err(|e| {
         Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for health and metrics: {e}\nfix: pick a free address with --metrics-addr or metrics_addr"))
@@ -70,6 +97,7 @@ where
                     // Counters and in-flight issuances belong to the process, not the config.
                     next.metrics = cur.metrics.clone();
                     next.inflight = cur.inflight.clone();
+                    next.leader = cur.leader.clone();
                     log_started(&next, "configuration reloaded");
                     let _ = apps_tx.send(Arc::new(next));
                 }
@@ -85,10 +113,39 @@ where
     }
     let _ = stop_tx.send(true);
     let _ = metrics.await;
+    if let Some(e) = election {
+        e.abort();
+    }
     let app = apps_tx.borrow().clone();
     app.store.close().await;
     info!("rotator daemon stopped");
     Ok(())
+}
+
+async fn elect(
+    cluster: &crate::cluster::Cluster,
+    le: &crate::config::LeaderElection,
+    identity: &str,
+    app: &App,
+) {
+    let now = app.clock.now();
+    let lead = match cluster
+        .try_lease(&le.namespace, &le.name, identity, le.lease_duration, now)
+        .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "leader election failed; standing by");
+            false
+        }
+    };
+    if app.leader.swap(lead, Ordering::SeqCst) != lead {
+        if lead {
+            info!(identity, lease = %format!("{}/{}", le.namespace, le.name), "became the leader");
+        } else {
+            warn!(identity, "lost the leadership; standing by");
+        }
+    }
 }
 
 fn log_started(app: &App, what: &str) {
