@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use std::sync::atomic::Ordering;
 
+use tokio::signal::unix::SignalKind;
+
 use tracing::{error, info, warn};
 
 use super::{CliResult, Failure};
@@ -39,6 +41,10 @@ where
             ),
         ));
     }
+    // Signal handlers first: a SIGTERM or SIGHUP during the start-up catch-up must
+    // be handled, not take the default action (ending the process on the spot).
+    let mut term = unix_signal(SignalKind::terminate())?;
+    let mut hup = unix_signal(SignalKind::hangup())?;
     log_started(&app, "rotator daemon started");
     let app = Arc::new(app);
     let election = match (&app.settings.leader_election, &app.cluster) {
@@ -82,10 +88,6 @@ where
         },
     ));
     let reload = async {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return std::future::pending().await;
-        };
         while hup.recv().await.is_some() {
             match reopen().await {
                 Ok(mut next) => {
@@ -108,7 +110,12 @@ where
         }
     };
     tokio::select! {
-        _ = crate::scheduler::run(apps_rx, shutdown_signal()) => {}
+        _ = crate::scheduler::run(apps_rx, async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }) => {}
         _ = reload => {}
     }
     let _ = stop_tx.send(true);
@@ -159,23 +166,7 @@ fn log_started(app: &App, what: &str) {
     );
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+fn unix_signal(kind: SignalKind) -> CliResult<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind)
+        .map_err(|e| Failure::new(Exit::Internal, anyhow!("cannot handle signals: {e}")))
 }

@@ -406,8 +406,13 @@ async fn health_readiness_and_metrics_through_an_api_outage() {
     );
 }
 
-/// Runs `rotator serve` until it logs `until` (then SIGTERMs it) or dies; returns its exit status.
-async fn serve_once(kx: &Kx, env: &[(&str, &str)], until: &str) -> std::process::ExitStatus {
+/// Runs `rotator serve` until it logs `until` (then SIGTERMs it) or dies; returns
+/// its exit status and what it logged.
+async fn serve_once(
+    kx: &Kx,
+    env: &[(&str, &str)],
+    until: &str,
+) -> (std::process::ExitStatus, String) {
     use tokio::io::AsyncBufReadExt;
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
     c.current_dir(kx.s.dir.path()).args([
@@ -423,26 +428,30 @@ async fn serve_once(kx: &Kx, env: &[(&str, &str)], until: &str) -> std::process:
         .stderr(std::process::Stdio::piped());
     let mut d = c.spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
-    let found = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+    let mut log = String::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         while let Ok(Some(l)) = lines.next_line().await {
+            log.push_str(&l);
+            log.push('\n');
             if serde_json::from_str::<serde_json::Value>(&l)
                 .is_ok_and(|v| v["fields"]["message"] == until)
             {
-                return true;
+                return;
             }
         }
-        false
     })
-    .await
-    .unwrap_or(false);
+    .await;
     // Found, or timed out: either way it is stopped (a dead process has no id to signal).
-    let _ = found;
     if let Some(pid) = d.id() {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
     }
-    d.wait().await.unwrap()
+    while let Ok(Some(l)) = lines.next_line().await {
+        log.push_str(&l);
+        log.push('\n');
+    }
+    (d.wait().await.unwrap(), log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,16 +480,16 @@ async fn a_daemon_sigkilled_at_each_step_of_an_issuance_recovers_with_one_creden
         "after-store",
         "after-deliver",
     ] {
-        let st = serve_once(&kx, &[("ROTATOR_FAULT", &format!("{step}:kill"))], "never").await;
+        let (st, _) = serve_once(&kx, &[("ROTATOR_FAULT", &format!("{step}:kill"))], "never").await;
         assert_eq!(
             st.signal(),
             Some(9),
             "{step}: the daemon was SIGKILLed mid-issuance"
         );
-        let st = serve_once(&kx, &[], "renewed").await;
+        let (st, log) = serve_once(&kx, &[], "renewed").await;
         assert!(
-            st.success(),
-            "{step}: the restarted daemon renewed and stopped cleanly"
+            st.success() && log.contains("\"renewed\""),
+            "{step}: the restarted daemon renewed and stopped cleanly ({st:?}):\n{log}"
         );
         assert_eq!(
             kx.s.count("SELECT COUNT(*) FROM credentials WHERE state = 'current'")

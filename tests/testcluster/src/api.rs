@@ -867,7 +867,9 @@ fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiEr
 /// Admission for creates (`old` = None) and updates.
 fn admit(cx: &Ctx<'_>, rq: &ResReq, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
     match rq.res.plural {
-        "certificatesigningrequests" if old.is_none() => crate::csr::admit_create(obj, cx.user)?,
+        "certificatesigningrequests" if old.is_none() => {
+            crate::csr::admit_create(obj, cx.user, *cx.sh.signer_mode.lock().unwrap())?
+        }
         "secrets" => {
             if obj["type"].is_null() {
                 obj["type"] = json!("Opaque");

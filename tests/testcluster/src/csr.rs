@@ -96,7 +96,7 @@ pub fn parse_request(spec: &Value) -> Result<ParsedRequest, String> {
 use x509_parser::prelude::FromDer;
 
 /// Validation and admission for a new CSR; fills the requester fields.
-pub fn admit_create(obj: &mut Value, user: &UserInfo) -> Result<(), ApiError> {
+pub fn admit_create(obj: &mut Value, user: &UserInfo, mode: SignerMode) -> Result<(), ApiError> {
     let name = obj["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
@@ -172,7 +172,12 @@ pub fn admit_create(obj: &mut Value, user: &UserInfo) -> Result<(), ApiError> {
     } else {
         s.insert("uid".into(), json!(user.uid));
     }
-    obj["status"] = json!({});
+    // A denying approver policy decides at once, so the outcome never races rotator's approval.
+    obj["status"] = if mode == SignerMode::Deny && signer == CLIENT_SIGNER {
+        json!({"conditions": [condition("Denied", "PolicyDenied", "denied by the test cluster's approver policy")]})
+    } else {
+        json!({})
+    };
     Ok(())
 }
 
