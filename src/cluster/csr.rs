@@ -7,12 +7,9 @@ use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
     CertificateSigningRequestStatus,
 };
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, DeleteParams, PostParams, WatchEvent, WatchParams};
 
-use super::{
-    Backoff, Cluster, ClusterError, MANAGED_BY, USER_ANNOTATION, USER_LABEL, is_not_found, retry,
-    user_hash,
-};
+use super::{Backoff, Cluster, ClusterError, MANAGED_BY, is_not_found, retry};
 
 pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
 
@@ -53,18 +50,7 @@ impl Cluster {
         ttl: Duration,
     ) -> Result<CertificateSigningRequest, ClusterError> {
         let obj = CertificateSigningRequest {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                labels: Some(
-                    [
-                        (MANAGED_BY.0.into(), MANAGED_BY.1.into()),
-                        (USER_LABEL.into(), user_hash(user)),
-                    ]
-                    .into(),
-                ),
-                annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
-                ..Default::default()
-            },
+            metadata: super::managed_meta(name, user),
             spec: CertificateSigningRequestSpec {
                 request: k8s_openapi::ByteString(csr_pem.as_bytes().to_vec()),
                 signer_name: CLIENT_SIGNER.into(),

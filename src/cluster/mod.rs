@@ -267,6 +267,23 @@ pub fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
+/// Metadata for an object rotator makes for a user: its name, rotator's label,
+/// the user's hash label, and the user name in an annotation.
+pub fn managed_meta(name: &str, user: &str) -> kube::api::ObjectMeta {
+    kube::api::ObjectMeta {
+        name: Some(name.into()),
+        labels: Some(
+            [
+                (MANAGED_BY.0.into(), MANAGED_BY.1.into()),
+                (USER_LABEL.into(), user_hash(user)),
+            ]
+            .into(),
+        ),
+        annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
+        ..Default::default()
+    }
+}
+
 /// Label value for a user: label values are at most 63 of [A-Za-z0-9._-], user
 /// names are not, so it is a hash; the name itself goes in an annotation.
 pub fn user_hash(user: &str) -> String {
@@ -437,17 +454,8 @@ impl Cluster {
         let api: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), ns);
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
-                name: Some(name.into()),
                 namespace: Some(ns.into()),
-                labels: Some(
-                    [
-                        (MANAGED_BY.0.into(), MANAGED_BY.1.into()),
-                        (USER_LABEL.into(), user_hash(user)),
-                    ]
-                    .into(),
-                ),
-                annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
-                ..Default::default()
+                ..managed_meta(name, user)
             },
             type_: Some("Opaque".into()),
             data: Some(

@@ -6,8 +6,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleBinding, RoleRef, Subje
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 
 use super::{
-    Backoff, Cluster, ClusterError, MANAGED_BY, USER_ANNOTATION, USER_LABEL, is_not_found, retry,
-    user_hash,
+    Backoff, Cluster, ClusterError, MANAGED_BY, USER_LABEL, is_not_found, retry, user_hash,
 };
 
 const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
@@ -103,18 +102,7 @@ fn subjects(groups: &[String]) -> Vec<Subject> {
 
 fn desired<K: Binding>(user: &str, role: &str, groups: &[String]) -> K {
     K::build(
-        ObjectMeta {
-            name: Some(binding_name(user)),
-            labels: Some(
-                [
-                    (MANAGED_BY.0.into(), MANAGED_BY.1.into()),
-                    (USER_LABEL.into(), user_hash(user)),
-                ]
-                .into(),
-            ),
-            annotations: Some([(USER_ANNOTATION.into(), user.into())].into()),
-            ..Default::default()
-        },
+        super::managed_meta(&binding_name(user), user),
         RoleRef {
             api_group: Some(RBAC_GROUP.into()),
             kind: "ClusterRole".into(),
