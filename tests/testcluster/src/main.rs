@@ -46,7 +46,18 @@ async fn main() -> std::io::Result<()> {
     std::fs::write(dir.join("admin.kubeconfig"), c.admin_kubeconfig())?;
     std::fs::write(dir.join("ca.crt"), c.ca_pem())?;
     std::fs::write(dir.join("client-ca.crt"), c.client_ca_pem())?;
-    std::fs::write(dir.join("client-ca.key"), c.client_ca_key_pem())?;
+    {
+        // A CA key: readable by its owner only.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(dir.join("client-ca.key"))?;
+        f.write_all(c.client_ca_key_pem().as_bytes())?;
+    }
     std::fs::write(dir.join("token"), c.admin_token())?;
     println!("ready {}", c.url());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
