@@ -610,6 +610,15 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
             "use at least \"1d\"; \"3650d\" is the default",
         ));
     }
+    // Past this, certificate times stop being representable; nobody needs a CA for longer.
+    if local_ca.validity > Duration::from_secs(100 * 365 * 86_400) {
+        return Err(cx.invalid(
+            "local_ca.validity",
+            &f.local_ca.validity,
+            "longer than 100 years",
+            "\"3650d\" (ten years) is the default",
+        ));
+    }
 
     let p = &f.policy;
     let min_ttl = cx.duration("policy.min_ttl", &p.min_ttl)?;
@@ -622,6 +631,21 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
             "Kubernetes refuses certificate lifetimes under 10 minutes",
             "use \"10m\" or more",
         ));
+    }
+    // Short-lived credentials are the point; ten years also keeps every time representable.
+    const TEN_YEARS: Duration = Duration::from_secs(3650 * 86_400);
+    for (key, raw) in [
+        ("policy.max_ttl", &p.max_ttl),
+        ("policy.max_token_ttl", &p.max_token_ttl),
+    ] {
+        if cx.duration(key, raw)? > TEN_YEARS {
+            return Err(cx.invalid(
+                key,
+                raw,
+                "longer than ten years",
+                "short lifetimes are what make revocation bounded; \"7d\" is the default",
+            ));
+        }
     }
     if max_ttl < min_ttl {
         return Err(cx.invalid(
@@ -872,6 +896,26 @@ mod tests {
             .to_string();
         assert!(
             e.contains("schedule.rotate") && e.contains("every minute"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_not_overflowed() {
+        let (_d, p) = write("[local_ca]\nvalidity = \"1000000000d\"\n");
+        let e = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("local_ca.validity") && e.contains("100 years"),
+            "{e}"
+        );
+        let (_d, p) = write("[policy]\nmax_token_ttl = \"1000000000d\"\n");
+        let e = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy.max_token_ttl") && e.contains("ten years"),
             "{e}"
         );
     }
