@@ -1,31 +1,10 @@
 //! The daemon's jobs: renewal inside the window driven by an injectable clock,
 //! drift repair by reconcile, and a real `rotator serve` renewing on its own.
-use std::sync::Arc;
 
 use testcluster::Options;
 
 use crate::common::*;
 use crate::kubernetes::Kx;
-
-async fn app_with_clock(kx: &Kx, clock: &rotator::clock::ManualClock) -> Arc<rotator::app::App> {
-    let cfg = kx.s.path("rotator.toml");
-    let env = [(
-        "ROTATOR_DATA_DIR".to_string(),
-        kx.s.path("rotator-data").display().to_string(),
-    )];
-    let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
-    Arc::new(
-        rotator::app::App::open(
-            settings,
-            Arc::new(clock.clone()),
-            Arc::new(rotator::issuer::NoFaults),
-            "test".into(),
-        )
-        .await
-        .unwrap()
-        .0,
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_are_renewed_inside_their_window_and_the_old_one_loses_access_after_grace() {
@@ -36,7 +15,7 @@ async fn credentials_are_renewed_inside_their_window_and_the_old_one_loses_acces
     .await;
     let clock =
         rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
-    let app = app_with_clock(&kx, &clock).await;
+    let app = kx.app(&clock).await;
     let mut first = rotator::sink::FileSink {
         path: kx.s.path("first.kubeconfig"),
     };
@@ -117,7 +96,7 @@ async fn reconcile_restores_a_hand_deleted_binding_and_audits_the_repair() {
 
     let clock =
         rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
-    let app = app_with_clock(&kx, &clock).await;
+    let app = kx.app(&clock).await;
     let r = rotator::scheduler::run_job(&app, rotator::scheduler::Job::Reconcile)
         .await
         .unwrap();
@@ -594,7 +573,7 @@ async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespac
         .await);
     let clock =
         rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
-    let app = app_with_clock(&kx, &clock).await;
+    let app = kx.app(&clock).await;
     let r = rotator::renewal::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (1, 0));
     let secret = ok(&kx

@@ -42,6 +42,24 @@ impl Kx {
         kx
     }
 
+    /// The App in process, over the same configuration and data directory, with
+    /// a clock the test moves.
+    pub async fn app(&self, clock: &rotator::clock::ManualClock) -> Arc<rotator::app::App> {
+        let cfg = self.s.path("rotator.toml");
+        let env = [(
+            "ROTATOR_DATA_DIR".to_string(),
+            self.s.path("rotator-data").display().to_string(),
+        )];
+        let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
+        let app = rotator::app::App::open(
+            settings,
+            Arc::new(clock.clone()),
+            Arc::new(rotator::issuer::NoFaults),
+            "test".into(),
+        );
+        Arc::new(app.await.unwrap().0)
+    }
+
     pub fn rotator(&self, args: &[&str]) -> Output {
         let mut a = vec!["--config", "rotator.toml"];
         a.extend_from_slice(args);
@@ -159,25 +177,7 @@ async fn rotation_keeps_the_old_credential_for_the_grace_period_only() {
     // In process, with a clock the test moves.
     let clock =
         rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
-    let cfg = kx.s.path("rotator.toml");
-    let settings = rotator::config::load_with(
-        Some(&cfg),
-        &[(
-            "ROTATOR_DATA_DIR".into(),
-            kx.s.path("rotator-data").display().to_string(),
-        )],
-        &Default::default(),
-    )
-    .unwrap();
-    let app = rotator::app::App::open(
-        settings,
-        Arc::new(clock.clone()),
-        Arc::new(rotator::issuer::NoFaults),
-        "test".into(),
-    )
-    .await
-    .unwrap()
-    .0;
+    let app = kx.app(&clock).await;
     let mut old = rotator::sink::FileSink {
         path: kx.s.path("old.kubeconfig"),
     };
@@ -559,25 +559,7 @@ async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokenclean
     .await;
     let clock =
         rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
-    let cfg = kx.s.path("rotator.toml");
-    let settings = rotator::config::load_with(
-        Some(&cfg),
-        &[(
-            "ROTATOR_DATA_DIR".into(),
-            kx.s.path("rotator-data").display().to_string(),
-        )],
-        &Default::default(),
-    )
-    .unwrap();
-    let app = rotator::app::App::open(
-        settings,
-        Arc::new(clock.clone()),
-        Arc::new(rotator::issuer::NoFaults),
-        "test".into(),
-    )
-    .await
-    .unwrap()
-    .0;
+    let app = kx.app(&clock).await;
     let req = rotator::tokens::CreateToken {
         ttl: Some(std::time::Duration::from_secs(120)),
         ..Default::default()
