@@ -90,6 +90,7 @@ struct FileConfig {
     policy: PolicySection,
     rotation: RotationSection,
     schedule: ScheduleSection,
+    server: ServerSection,
 }
 
 impl Default for FileConfig {
@@ -105,6 +106,7 @@ impl Default for FileConfig {
             policy: PolicySection::default(),
             rotation: RotationSection::default(),
             schedule: ScheduleSection::default(),
+            server: ServerSection::default(),
         }
     }
 }
@@ -255,6 +257,52 @@ impl Default for RotationSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct ServerSection {
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    hostnames: Vec<String>,
+    public_url: Option<String>,
+    enroll_token_ttl: String,
+    rate_limit_per_address: u32,
+    rate_limit_per_user: u32,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            hostnames: vec!["localhost".into(), "127.0.0.1".into()],
+            public_url: None,
+            enroll_token_ttl: "1h".into(),
+            rate_limit_per_address: 60,
+            rate_limit_per_user: 12,
+        }
+    }
+}
+
+/// The HTTPS API users fetch their credentials from (flow 2).
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// `None`: `serve` runs no user API.
+    pub listen: Option<SocketAddr>,
+    /// The serving certificate and key; `None`: issued by the local CA.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Names in a serving certificate rotator issues itself.
+    pub hostnames: Vec<String>,
+    /// The URL users reach the API at, printed with enrollment tokens.
+    pub public_url: Option<String>,
+    pub enroll_token_ttl: Duration,
+    /// Requests a minute from one source address (burst: the same number).
+    pub rate_limit_per_address: u32,
+    /// Requests a minute for one user.
+    pub rate_limit_per_user: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct ScheduleSection {
     rotate: String,
     expire: String,
@@ -356,6 +404,7 @@ pub struct Settings {
     pub policy: Policy,
     pub rotation: RotationSettings,
     pub schedule: ScheduleSettings,
+    pub server: ServerSettings,
 }
 
 impl Settings {
@@ -371,6 +420,8 @@ pub struct Overrides {
     pub metrics_addr: Option<String>,
     pub signer: Option<SignerKind>,
     pub kubeconfig: Option<PathBuf>,
+    /// `serve --api-addr`.
+    pub api_addr: Option<String>,
 }
 
 /// Finds the config file: `--config`, then `ROTATOR_CONFIG`, then
@@ -791,6 +842,7 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
     } else {
         None
     };
+    let server = server_settings(&cx, f.server, ov)?;
     let kubernetes = KubernetesSettings {
         kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
         context: f.kubernetes.context,
@@ -814,6 +866,90 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         policy,
         rotation,
         schedule,
+        server,
+    })
+}
+
+fn server_settings(
+    cx: &Ctx<'_>,
+    f: ServerSection,
+    ov: &Overrides,
+) -> Result<ServerSettings, ConfigError> {
+    let listen = match ov.api_addr.clone().or(f.listen) {
+        Some(raw) => Some(raw.parse::<SocketAddr>().map_err(|e| {
+            cx.invalid(
+                "server.listen",
+                &raw,
+                e.to_string(),
+                "write an address and port, such as \"0.0.0.0:8443\"",
+            )
+        })?),
+        None => None,
+    };
+    let tls = match (f.tls_cert, f.tls_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(cx.invalid(
+                "server",
+                "",
+                "tls_cert and tls_key must be set together",
+                "set both server.tls_cert and server.tls_key, or neither to have the local CA issue one",
+            ));
+        }
+    };
+    for h in &f.hostnames {
+        let ok = h.parse::<std::net::IpAddr>().is_ok()
+            || (!h.is_empty()
+                && h.len() <= 253
+                && h.split('.').all(|l| crate::policy::validate_dns_label(l).is_ok()));
+        if !ok {
+            return Err(cx.invalid(
+                "server.hostnames",
+                h,
+                "neither an IP address nor a DNS name",
+                "list the names users reach the API by, such as \"rotator.example.com\"",
+            ));
+        }
+    }
+    if let Some(u) = f.public_url.as_ref().filter(|u| !u.starts_with("https://")) {
+        return Err(cx.invalid(
+            "server.public_url",
+            u,
+            "must be an https URL",
+            "write the URL users pass to `rotator fetch --server`, such as \"https://rotator.example.com:8443\"",
+        ));
+    }
+    let enroll_token_ttl = cx.duration("server.enroll_token_ttl", &f.enroll_token_ttl)?;
+    if enroll_token_ttl < Duration::from_secs(60) || enroll_token_ttl > Duration::from_secs(7 * 86_400) {
+        return Err(cx.invalid(
+            "server.enroll_token_ttl",
+            &f.enroll_token_ttl,
+            "outside [1m, 7d]",
+            "a one-time token should live minutes to hours; \"1h\" is the default",
+        ));
+    }
+    for (key, v) in [
+        ("server.rate_limit_per_address", f.rate_limit_per_address),
+        ("server.rate_limit_per_user", f.rate_limit_per_user),
+    ] {
+        if !(1..=100_000).contains(&v) {
+            return Err(cx.invalid(
+                key,
+                v,
+                "must be between 1 and 100000 requests a minute",
+                "the defaults are 60 per address and 12 per user",
+            ));
+        }
+    }
+    Ok(ServerSettings {
+        listen,
+        tls,
+        hostnames: f.hostnames,
+        public_url: f.public_url,
+        enroll_token_ttl,
+        rate_limit_per_address: f.rate_limit_per_address,
+        rate_limit_per_user: f.rate_limit_per_user,
     })
 }
 

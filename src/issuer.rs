@@ -23,7 +23,7 @@ use crate::signer::{SignError, SignRequest, Signer};
 use crate::sink::{Sink, SinkError};
 use crate::store::credentials::{self, Credential, NewCredential};
 use crate::store::issuances::{self, Step};
-use crate::store::{Store, StoreError, audit, users};
+use crate::store::{Store, StoreError, audit, enrollments, users};
 
 /// Places where tests (and `ROTATOR_FAULT` in process-level tests) make an issuance fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,18 @@ pub enum IssueError {
         "issuance {0} was abandoned by another rotator process while it ran (it looked stale)\nfix: run the command again"
     )]
     Preempted(String),
+    #[error(
+        "the request names generation {asked}, but the user's next generation is {next}\nfix: ask for the subject again and make a new request"
+    )]
+    GenerationStale { asked: i64, next: i64 },
+    #[error(
+        "the enrollment token was used or claimed by another key meanwhile\nfix: ask your administrator for a new token"
+    )]
+    TokenUnavailable,
+    #[error("the certificate signing request is not allowed: {0}\nfix: make the request with the subject /v1/subject returns")]
+    ClientCsr(String),
+    #[error("the request's key is {got}, but this user's credentials use {want}\nfix: generate a {want} key")]
+    ClientKeyType { got: String, want: &'static str },
 }
 
 impl IssueError {
@@ -128,6 +140,10 @@ impl IssueError {
             IssueError::Access(_) => "rbac",
             IssueError::Store(_) => "database",
             IssueError::Injected(_) | IssueError::Preempted(_) => "interrupted",
+            IssueError::GenerationStale { .. }
+            | IssueError::TokenUnavailable
+            | IssueError::ClientCsr(_)
+            | IssueError::ClientKeyType { .. } => "request",
         }
     }
 }
@@ -146,7 +162,77 @@ impl ExitStatus for IssueError {
             IssueError::Store(e) => e.exit(),
             IssueError::Injected(_) => Exit::Internal,
             IssueError::Preempted(_) => Exit::Conflict,
+            IssueError::GenerationStale { .. } | IssueError::TokenUnavailable => Exit::Conflict,
+            IssueError::ClientCsr(_) | IssueError::ClientKeyType { .. } => Exit::Refused,
         }
+    }
+}
+
+/// A certificate signed, verified and stored as `pending`.
+struct Stored {
+    cert: pki::CertInfo,
+    certificate_pem: String,
+    lifetime_note: Option<String>,
+}
+
+/// A request made with a key that never leaves the client (flow 2).
+#[derive(Debug)]
+pub struct ClientRequest<'a> {
+    pub user: &'a str,
+    pub csr: &'a pki::CsrInfo,
+    /// The generation the CSR's subject names: the user's next one.
+    pub generation: i64,
+    /// The credential that authenticated a renewal (mutual TLS).
+    pub renewed_from: Option<&'a str>,
+    /// The enrollment token to claim for the CSR's key and burn.
+    pub token: Option<&'a str>,
+    /// Who asked, for the audit log.
+    pub actor: &'a str,
+    /// Where the certificate goes, for the audit log ("api 10.0.0.5:40112").
+    pub delivered_to: &'a str,
+}
+
+/// What policy lets a client ask for: the user's CN, their groups plus the
+/// generation group, the user's key type, and no CA.
+fn check_client_csr(
+    csr: &pki::CsrInfo,
+    spec: &UserSpec,
+    organizations: &[String],
+) -> Result<(), IssueError> {
+    let refuse = |problem: String| Err(IssueError::ClientCsr(problem));
+    if csr.common_name != spec.name {
+        return refuse(format!(
+            "its CN is {:?}, but the credential is for {:?}",
+            csr.common_name, spec.name
+        ));
+    }
+    for o in &csr.organizations {
+        if o.to_ascii_lowercase().starts_with("system:") {
+            return refuse(format!("it asks for group {o:?}; nothing under system: is ever issued"));
+        }
+    }
+    let (mut got, mut want) = (csr.organizations.clone(), organizations.to_vec());
+    got.sort();
+    want.sort();
+    if got != want {
+        return refuse(format!(
+            "its groups (O) are {got:?}; policy gives {:?} exactly {want:?}",
+            spec.name
+        ));
+    }
+    if csr.requests_ca {
+        return refuse("it asks for a CA certificate".into());
+    }
+    match csr.key_type() {
+        Ok(k) if k == spec.key_type => Ok(()),
+        Ok(k) => Err(IssueError::ClientKeyType {
+            got: k.as_str().into(),
+            want: spec.key_type.as_str(),
+        }),
+        Err(e) => Err(IssueError::ClientKeyType {
+            got: e.to_string(),
+            want: spec.key_type.as_str(),
+        }),
     }
 }
 
@@ -366,44 +452,86 @@ impl Issuer<'_> {
         self.abandon_open(Some(&spec.name), actor).await?;
         let id = new_id();
         let _running = self.inflight.enter(&id);
+        let generation = self
+            .plan(&id, &spec, kind.as_str(), None, None, actor)
+            .await?;
+        let span = info_span!("issuance", user = %spec.name, credential = %id, generation);
+        self.observed(
+            kind.as_str(),
+            span,
+            self.run(&id, generation, &spec, kind, sink, actor),
+        )
+        .await
+    }
+
+    /// Journals a new attempt (and claims an enrollment token for the client's
+    /// key, in the same transaction). With `want`, the attempt must get exactly
+    /// that generation: a client's CSR already names it.
+    async fn plan(
+        &self,
+        id: &str,
+        spec: &UserSpec,
+        kind: &str,
+        want: Option<i64>,
+        claim: Option<(&str, &str)>,
+        actor: &str,
+    ) -> Result<i64, IssueError> {
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
         let generation = issuances::plan(
             &mut tx,
-            &id,
-            &spec,
-            kind.as_str(),
+            id,
+            spec,
+            kind,
             self.signer.kind(),
             &self.identity.owner(),
             now,
         )
         .await?;
+        if let Some(asked) = want
+            && asked != generation
+        {
+            return Err(IssueError::GenerationStale {
+                asked,
+                next: generation,
+            });
+        }
+        if let Some((token, spki)) = claim
+            && !enrollments::claim(&mut tx, token, spki, now).await?
+        {
+            return Err(IssueError::TokenUnavailable);
+        }
         audit::append(
             &mut tx,
             now,
             actor,
             "issuance.plan",
             &spec.name,
-            json!({"credential": id, "generation": generation, "kind": kind.as_str(), "signer": self.signer.kind()}),
+            json!({"credential": id, "generation": generation, "kind": kind, "signer": self.signer.kind()}),
         )
         .await?;
         crate::store::commit(tx).await?;
+        Ok(generation)
+    }
 
-        let span = info_span!("issuance", user = %spec.name, credential = %id, generation);
+    /// Runs an attempt inside its span, counting it in the metrics.
+    async fn observed(
+        &self,
+        kind: &str,
+        span: tracing::Span,
+        attempt: impl std::future::Future<Output = Result<Issued, IssueError>>,
+    ) -> Result<Issued, IssueError> {
         let started = std::time::Instant::now();
-        let result = self
-            .run(&id, generation, &spec, kind, sink, actor)
-            .instrument(span.clone())
-            .await;
+        let result = attempt.instrument(span.clone()).await;
         match &result {
             Ok(_) => {
                 self.metrics
                     .issuance_duration
                     .observe(started.elapsed().as_secs_f64());
-                self.metrics.issuance(kind.as_str(), "success");
+                self.metrics.issuance(kind, "success");
             }
             Err(e) => {
-                self.metrics.issuance(kind.as_str(), e.metric_label());
+                self.metrics.issuance(kind, e.metric_label());
                 let _g = span.enter();
                 warn!(error = %e, "issuance failed");
             }
@@ -425,13 +553,148 @@ impl Issuer<'_> {
         organizations.push(generation_group(&spec.name, generation));
         let key = PrivateKey::generate(spec.key_type)?;
         let csr = pki::build_csr(&key, &pki::subject_name(&spec.name, &organizations)?)?;
+        let stored = self
+            .sign_and_store(
+                id,
+                generation,
+                spec,
+                kind == Kind::AddUser,
+                &csr,
+                &key.spki_der(),
+                &organizations,
+                None,
+                actor,
+            )
+            .await?;
+
+        let key_pem = key.to_pem();
+        let kc = ClientKubeconfig {
+            cluster_name: &self.settings.cluster.name,
+            server: &self.endpoint.server,
+            ca_bundle_pem: &self.endpoint.ca_pem,
+            user: &spec.name,
+            namespace: spec
+                .namespaces
+                .first()
+                .map(String::as_str)
+                .filter(|n| *n != crate::policy::ALL_NAMESPACES),
+            certificate_pem: &stored.certificate_pem,
+            key_pem: &key_pem,
+        };
+        let delivered = match kc.render() {
+            Ok(yaml) => sink.deliver(&yaml).await,
+            Err(e) => Err(SinkError {
+                target: sink.describe(),
+                reason: e.to_string(),
+                fix: "report this bug",
+            }),
+        };
+        if let Err(e) = delivered {
+            return Err(self.fail(id, &spec.name, actor, e.into()).await);
+        }
+        self.faults.hit(FaultPoint::AfterDeliver)?;
+        let (credential, superseded) = self
+            .activate(id, &spec.name, &stored.cert.serial, &sink.describe(), None, actor)
+            .await?;
+        info!(serial = %stored.cert.serial, to = %sink.describe(), "credential delivered and current");
+        Ok(Issued {
+            credential,
+            superseded,
+            delivered_to: sink.describe(),
+            lifetime_note: stored.lifetime_note,
+        })
+    }
+
+    /// Issues a certificate for a key that never leaves the client (flow 2): the
+    /// CSR's subject must be exactly what policy gives the user at the generation
+    /// it names, and the key of the type the user is set up for. The credential is
+    /// current once stored and bound: the API response is its delivery.
+    pub async fn issue_for_client(&self, req: ClientRequest<'_>) -> Result<Issued, IssueError> {
+        let u = users::find(self.store, req.user)
+            .await?
+            .filter(|u| u.state == "active");
+        let Some(u) = u else {
+            return Err(IssueError::NoSuchUser(req.user.to_string()));
+        };
+        let spec = u.spec;
+        self.settings.policy.check(&spec)?;
+        let mut organizations = spec.groups.clone();
+        organizations.push(generation_group(&spec.name, req.generation));
+        check_client_csr(req.csr, &spec, &organizations)?;
+        let spki = pki::hex(&pki::sha256(&req.csr.spki_der));
+        self.abandon_open(Some(&spec.name), req.actor).await?;
+        let id = new_id();
+        let _running = self.inflight.enter(&id);
+        let claim = req.token.map(|t| (t, spki.as_str()));
+        self.plan(
+            &id,
+            &spec,
+            "renew",
+            Some(req.generation),
+            claim,
+            req.actor,
+        )
+        .await?;
+        let span = info_span!("issuance", user = %spec.name, credential = %id, generation = req.generation);
+        let attempt = async {
+            self.faults.hit(FaultPoint::AfterPlan)?;
+            let stored = self
+                .sign_and_store(
+                    &id,
+                    req.generation,
+                    &spec,
+                    false,
+                    &req.csr.der,
+                    &req.csr.spki_der,
+                    &organizations,
+                    req.renewed_from,
+                    req.actor,
+                )
+                .await?;
+            let (credential, superseded) = self
+                .activate(
+                    &id,
+                    &spec.name,
+                    &stored.cert.serial,
+                    req.delivered_to,
+                    req.token,
+                    req.actor,
+                )
+                .await?;
+            info!(serial = %stored.cert.serial, to = %req.delivered_to, "client credential issued and current");
+            Ok(Issued {
+                credential,
+                superseded,
+                delivered_to: req.delivered_to.to_string(),
+                lifetime_note: stored.lifetime_note,
+            })
+        };
+        self.observed("renew", span, attempt).await
+    }
+
+    /// Signs `csr`, checks the certificate, stores it as pending, removes the
+    /// signer's objects and binds the new generation group: everything up to
+    /// delivery.
+    #[allow(clippy::too_many_arguments)]
+    async fn sign_and_store(
+        &self,
+        id: &str,
+        generation: i64,
+        spec: &UserSpec,
+        adds_user: bool,
+        csr: &[u8],
+        spki_der: &[u8],
+        organizations: &[String],
+        renewed_from: Option<&str>,
+        actor: &str,
+    ) -> Result<Stored, IssueError> {
         let ttl = Duration::from_secs(spec.ttl_seconds);
         let started = std::time::Instant::now();
         let req = SignRequest {
             credential_id: id,
             user: &spec.name,
-            organizations: &organizations,
-            csr_der: &csr,
+            organizations,
+            csr_der: csr,
             ttl,
         };
         let journal = Journal {
@@ -448,9 +711,9 @@ impl Issuer<'_> {
 
         let now = self.clock.now();
         let expected = Expected {
-            spki_der: &key.spki_der(),
+            spki_der,
             common_name: &spec.name,
-            organizations: &organizations,
+            organizations,
         };
         let cert = match pki::verify_issued(
             &signed.certificate_pem,
@@ -483,7 +746,7 @@ impl Issuer<'_> {
         self.faults.hit(FaultPoint::BeforeStore)?;
 
         let mut tx = self.store.begin().await?;
-        if kind == Kind::AddUser {
+        if adds_user {
             let existed = users::get(&mut tx, &spec.name).await?.is_some();
             users::upsert_active(&mut tx, spec, now).await?;
             audit::append(
@@ -496,6 +759,7 @@ impl Issuer<'_> {
             )
             .await?;
         }
+        let spki_sha256 = pki::hex(&pki::sha256(spki_der));
         let new = NewCredential {
             id,
             user_name: &spec.name,
@@ -508,6 +772,8 @@ impl Issuer<'_> {
             csr_name: None,
             key_type: spec.key_type.as_str(),
             certificate: &signed.certificate_pem,
+            spki_sha256: &spki_sha256,
+            renewed_from,
         };
         credentials::insert_pending(&mut tx, &new, now).await?;
         if !issuances::set_step(&mut tx, id, Step::Stored, None, now).await? {
@@ -523,6 +789,7 @@ impl Issuer<'_> {
                 "credential": id, "generation": generation, "serial": cert.serial, "fingerprint": cert.fingerprint,
                 "not_before": cert.not_before, "not_after": cert.not_after, "signer": self.signer.kind(),
                 "signing_ms": started.elapsed().as_millis() as u64, "lifetime_note": lifetime_note,
+                "renewed_from": renewed_from,
             }),
         )
         .await?;
@@ -533,7 +800,7 @@ impl Issuer<'_> {
         if let Err(e) = self.signer.cleanup(id).await {
             warn!(error = %e, "could not delete the CSR object; the cluster's csrcleaner or the next reconcile removes it");
         }
-        // The new generation group must be bound before the kubeconfig is handed out.
+        // The new generation group must be bound before the credential is handed out.
         if let Some(cluster) = self.cluster {
             let grace = self.settings.rotation.grace_period;
             if let Err(e) = crate::access::sync_user(
@@ -549,44 +816,34 @@ impl Issuer<'_> {
                 return Err(self.fail(id, &spec.name, actor, e.into()).await);
             }
         }
+        Ok(Stored {
+            cert,
+            certificate_pem: signed.certificate_pem,
+            lifetime_note,
+        })
+    }
 
-        let key_pem = key.to_pem();
-        let kc = ClientKubeconfig {
-            cluster_name: &self.settings.cluster.name,
-            server: &self.endpoint.server,
-            ca_bundle_pem: &self.endpoint.ca_pem,
-            user: &spec.name,
-            namespace: spec
-                .namespaces
-                .first()
-                .map(String::as_str)
-                .filter(|n| *n != crate::policy::ALL_NAMESPACES),
-            certificate_pem: &signed.certificate_pem,
-            key_pem: &key_pem,
-        };
-        let delivered = match kc.render() {
-            Ok(yaml) => sink.deliver(&yaml).await,
-            Err(e) => Err(SinkError {
-                target: sink.describe(),
-                reason: e.to_string(),
-                fix: "report this bug",
-            }),
-        };
-        if let Err(e) = delivered {
-            return Err(self.fail(id, &spec.name, actor, e.into()).await);
-        }
-        self.faults.hit(FaultPoint::AfterDeliver)?;
-
+    /// Makes a delivered credential current, superseding the previous one (and
+    /// burning the enrollment token it came with) in one transaction.
+    async fn activate(
+        &self,
+        id: &str,
+        user: &str,
+        serial: &str,
+        delivered_to: &str,
+        token: Option<&str>,
+        actor: &str,
+    ) -> Result<(Credential, Vec<String>), IssueError> {
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
-        let previous = credentials::current(&mut tx, &spec.name).await?;
+        let previous = credentials::current(&mut tx, user).await?;
         let mut superseded = Vec::new();
         if let Some(prev) = previous {
             credentials::set_state(
                 &mut tx,
                 &prev.id,
                 "superseded",
-                Some(&format!("superseded by {}", cert.serial)),
+                Some(&format!("superseded by {serial}")),
                 now,
             )
             .await?;
@@ -596,26 +853,23 @@ impl Issuer<'_> {
         if !issuances::set_step(&mut tx, id, Step::Delivered, None, now).await? {
             return Err(IssueError::Preempted(id.to_string()));
         }
+        if let Some(t) = token {
+            enrollments::mark_used(&mut tx, t, id, now).await?;
+        }
         audit::append(
             &mut tx,
             now,
             actor,
             "credential.activate",
-            &spec.name,
-            json!({"credential": id, "serial": cert.serial, "delivered_to": sink.describe(), "superseded": superseded}),
+            user,
+            json!({"credential": id, "serial": serial, "delivered_to": delivered_to, "superseded": superseded, "enrollment_token": token}),
         )
         .await?;
         let credential = credentials::get(&mut tx, id)
             .await?
             .ok_or_else(|| StoreError::Invalid("credential vanished".into()))?;
         crate::store::commit(tx).await?;
-        info!(serial = %cert.serial, to = %sink.describe(), "credential delivered and current");
-        Ok(Issued {
-            credential,
-            superseded,
-            delivered_to: sink.describe(),
-            lifetime_note,
-        })
+        Ok((credential, superseded))
     }
 
     /// Records a failed attempt (journal, credential if stored, audit) and gives the error back.

@@ -33,11 +33,12 @@ pub struct PassReport {
     pub failed: usize,
 }
 
-/// Current credentials of active users, for the scheduler's due check.
+/// Current credentials of active users the daemon delivers for (users who
+/// hold their own keys renew themselves), for the scheduler's due check.
 async fn current_credentials(app: &App) -> Result<Vec<Credential>, crate::store::StoreError> {
     Ok(sqlx::query_as(
         "SELECT c.* FROM credentials c JOIN users u ON u.name = c.user_name
-         WHERE c.state = 'current' AND u.state = 'active' ORDER BY c.not_after",
+         WHERE c.state = 'current' AND u.state = 'active' AND u.delivery != 'client' ORDER BY c.not_after",
     )
     .fetch_all(app.store.pool())
     .await?)
@@ -111,6 +112,9 @@ async fn sink_for(app: &App, user: &str) -> Result<Box<dyn crate::sink::Sink>, S
                 .delivery_dir
                 .join(format!("{user}.kubeconfig")),
         }),
+        crate::sink::Target::Client => {
+            return Err("the user holds their own key and renews through the API".into());
+        }
         crate::sink::Target::Secret { namespace, name } => Box::new(crate::sink::SecretSink {
             cluster: app
                 .cluster

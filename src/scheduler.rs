@@ -63,8 +63,11 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, Stri
             let tokens = crate::tokens::expire_pass(app)
                 .await
                 .map_err(|e| e.to_string())?;
+            let enrollments = crate::enrollment::expire_pass(app)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(
-                json!({"expired": expired, "access_removed_for_users": access, "tokens_deleted": tokens}),
+                json!({"expired": expired, "access_removed_for_users": access, "tokens_deleted": tokens, "enrollment_tokens_expired": enrollments}),
             )
         }
         Job::Reconcile => crate::renewal::reconcile_pass(app)

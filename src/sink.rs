@@ -119,17 +119,22 @@ pub enum Target {
     Directory,
     /// A Secret `namespace/name`.
     Secret { namespace: String, name: String },
+    /// The user renews through the HTTPS API with a key only they hold
+    /// (`add-user --enroll`); the daemon never reissues for them.
+    Client,
 }
 
 impl Target {
     /// `dir` or `secret:NAMESPACE/NAME`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        if s == "dir" {
-            return Ok(Target::Directory);
+        match s {
+            "dir" => return Ok(Target::Directory),
+            "client" => return Ok(Target::Client),
+            _ => {}
         }
         let Some((ns, name)) = s.strip_prefix("secret:").and_then(|r| r.split_once('/')) else {
             return Err(format!(
-                "{s:?} is not a delivery target (use dir or secret:NAMESPACE/NAME)"
+                "{s:?} is not a delivery target (use dir, client or secret:NAMESPACE/NAME)"
             ));
         };
         crate::policy::validate_dns_label(ns).map_err(|e| format!("namespace {ns:?}: {e}"))?;
@@ -151,6 +156,7 @@ impl Target {
         match self {
             Target::Directory => "dir".into(),
             Target::Secret { namespace, name } => format!("secret:{namespace}/{name}"),
+            Target::Client => "client".into(),
         }
     }
 }

@@ -60,6 +60,10 @@ impl Cli {
     pub fn overrides(&self, metrics_addr: Option<String>) -> Overrides {
         Overrides {
             data_dir: self.data_dir.clone(),
+            api_addr: match &self.command {
+                Command::Serve { api_addr, .. } => api_addr.clone(),
+                _ => None,
+            },
             metrics_addr,
             signer: self.signer,
             kubeconfig: self.kubeconfig.clone(),
@@ -82,6 +86,9 @@ pub enum Command {
         /// Address for health and metrics (overrides metrics_addr).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<String>,
+        /// Address for the HTTPS user API (overrides server.listen; off when neither is set).
+        #[arg(long, value_name = "ADDR")]
+        api_addr: Option<String>,
     },
     /// Issue a first credential for a new user and write their kubeconfig.
     AddUser(admin::AddUserArgs),
@@ -262,7 +269,7 @@ pub async fn run(cli: Cli) -> CliResult {
             app.store.close().await;
             Ok(())
         }
-        Command::Serve { metrics_addr } => {
+        Command::Serve { metrics_addr, .. } => {
             let (app, _) = open_app(&cli, metrics_addr.clone()).await?;
             serve::serve(app, || async {
                 open_app(&cli, metrics_addr.clone()).await.map(|(a, _)| a)

@@ -79,6 +79,7 @@ where
     info!(%addr, "health and metrics at /healthz, /readyz, /metrics");
     let (apps_tx, apps_rx) = tokio::sync::watch::channel(app.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_rx2 = stop_rx.clone();
     let metrics = tokio::spawn(crate::metrics::serve(
         listener,
         apps_rx.clone(),
@@ -87,6 +88,23 @@ where
             let _ = rx.changed().await;
         },
     ));
+    let api = match app.settings.server.listen {
+        Some(addr) => {
+            let tls = crate::server::server_config(&app)?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for the user API: {e}\nfix: pick a free address with --api-addr or server.listen"))
+            })?;
+            info!(%addr, "user API (HTTPS) at /v1/subject, /v1/enroll, /v1/renew");
+            let mut rx = stop_rx2;
+            Some(tokio::spawn(crate::server::serve(listener, tls, apps_rx.clone(), async move {
+                let _ = rx.changed().await;
+            })))
+        }
+        None => {
+            info!("user API off (set server.listen or --api-addr to serve it)");
+            None
+        }
+    };
     let reload = async {
         while hup.recv().await.is_some() {
             match reopen().await {
@@ -120,6 +138,9 @@ where
     }
     let _ = stop_tx.send(true);
     let _ = metrics.await;
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     if let Some(e) = election {
         e.abort();
     }

@@ -12,8 +12,10 @@ use x509_cert::der::{Any, Decode, Encode};
 use x509_cert::ext::Extension;
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectKeyIdentifier,
+    SubjectAltName, SubjectKeyIdentifier,
 };
+use x509_cert::der::asn1::Ia5String;
+use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
 use x509_cert::request::{CertReq, CertReqInfo};
 use x509_cert::serial_number::SerialNumber;
@@ -115,6 +117,7 @@ pub fn sign_certificate(
     not_before: i64,
     not_after: i64,
     profile: CertProfile,
+    server_names: &[String],
 ) -> Result<Vec<u8>, PkiError> {
     let is_rsa = subject_key.algorithm.oid == ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
     let mut usages = KeyUsages::DigitalSignature.into();
@@ -140,6 +143,18 @@ pub fn sign_certificate(
             &SubjectKeyIdentifier(enc(OctetString::new(key_identifier(&subject_key)))?),
         )?,
     ];
+    if profile == CertProfile::Server {
+        // TLS clients match names against the SAN only, never the CN.
+        let mut names = Vec::with_capacity(server_names.len());
+        for n in server_names {
+            names.push(match n.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) => GeneralName::IpAddress(enc(OctetString::new(ip.octets().to_vec()))?),
+                Ok(std::net::IpAddr::V6(ip)) => GeneralName::IpAddress(enc(OctetString::new(ip.octets().to_vec()))?),
+                Err(_) => GeneralName::DnsName(enc(Ia5String::new(n))?),
+            });
+        }
+        extensions.push(ext(false, &SubjectAltName(names))?);
+    }
     // The AKI must repeat the CA's own SKI byte for byte (openssl matches on it),
     // whatever method the CA's maker used; without one, leave it out.
     if let Some(id) = ca_key_id {

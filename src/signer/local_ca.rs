@@ -205,6 +205,33 @@ impl LocalCa {
             now - BACKDATE_SECONDS,
             not_after,
             profile,
+            &[],
+        )?;
+        Ok(pki::pem_encode("CERTIFICATE", &der))
+    }
+
+    /// A serving certificate for rotator's own HTTPS API, for `names` (DNS names
+    /// or IP addresses), valid for `ttl` or until the CA expires.
+    pub fn issue_server(
+        &self,
+        key: &PrivateKey,
+        names: &[String],
+        ttl: std::time::Duration,
+    ) -> Result<String, SignError> {
+        let now = self.clock.now();
+        let not_after = (now + ttl.as_secs() as i64).min(self.not_after);
+        let cn = names.first().map(String::as_str).unwrap_or("rotator");
+        let der = pki::sign_certificate(
+            &self.key,
+            &self.subject,
+            self.key_id.as_deref(),
+            pki::subject_name(cn, &[])?,
+            key.spki()?,
+            &pki::random_serial(),
+            now - BACKDATE_SECONDS,
+            not_after,
+            CertProfile::Server,
+            names,
         )?;
         Ok(pki::pem_encode("CERTIFICATE", &der))
     }

@@ -22,6 +22,10 @@ pub struct Credential {
     pub created_at: i64,
     /// When its generation group was last removed from the cluster's bindings.
     pub access_removed_at: Option<i64>,
+    /// SHA-256 (hex) of the certificate's SubjectPublicKeyInfo.
+    pub spki_sha256: Option<String>,
+    /// The credential whose holder renewed into this one (self-service).
+    pub renewed_from: Option<String>,
 }
 
 /// States in which a credential may still authenticate somewhere.
@@ -39,6 +43,8 @@ pub struct NewCredential<'a> {
     pub csr_name: Option<&'a str>,
     pub key_type: &'a str,
     pub certificate: &'a str,
+    pub spki_sha256: &'a str,
+    pub renewed_from: Option<&'a str>,
 }
 
 pub async fn insert_pending(
@@ -48,8 +54,8 @@ pub async fn insert_pending(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO credentials (id, user_name, generation, serial, fingerprint, not_before, not_after, state, signer,
-           csr_name, key_type, certificate, state_at, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+           csr_name, key_type, certificate, state_at, created_at, spki_sha256, renewed_from)
+         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(c.id)
     .bind(c.user_name)
@@ -64,9 +70,38 @@ pub async fn insert_pending(
     .bind(c.certificate)
     .bind(now)
     .bind(now)
+    .bind(c.spki_sha256)
+    .bind(c.renewed_from)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The credential whose certificate has this SHA-256 fingerprint.
+pub async fn by_fingerprint(
+    conn: &mut SqliteConnection,
+    fingerprint: &str,
+) -> Result<Option<Credential>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM credentials WHERE fingerprint = ?")
+        .bind(fingerprint)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// The credential a holder of `from` already renewed into with this key, if any:
+/// a retried renewal whose response was lost gets the same certificate again.
+pub async fn renewal_of(
+    conn: &mut SqliteConnection,
+    from: &str,
+    spki_sha256: &str,
+) -> Result<Option<Credential>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM credentials WHERE renewed_from = ? AND spki_sha256 = ? AND state = 'current'",
+    )
+    .bind(from)
+    .bind(spki_sha256)
+    .fetch_optional(conn)
+    .await?)
 }
 
 pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Credential>, StoreError> {

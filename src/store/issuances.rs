@@ -54,8 +54,19 @@ impl Issuance {
     }
 }
 
-/// Records a new attempt with the next generation for the user. Generations are
-/// never reused, even for abandoned attempts.
+/// The generation the user's next attempt gets. Generations are never reused,
+/// even for abandoned attempts.
+pub async fn next_generation(conn: &mut SqliteConnection, user: &str) -> Result<i64, StoreError> {
+    let (generation,): (i64,) = sqlx::query_as(
+        "SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = ?",
+    )
+    .bind(user)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(generation)
+}
+
+/// Records a new attempt with the next generation for the user.
 pub async fn plan(
     conn: &mut SqliteConnection,
     id: &str,
@@ -65,12 +76,7 @@ pub async fn plan(
     owner: &str,
     now: i64,
 ) -> Result<i64, StoreError> {
-    let (generation,): (i64,) = sqlx::query_as(
-        "SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = ?",
-    )
-    .bind(&spec.name)
-    .fetch_one(&mut *conn)
-    .await?;
+    let generation = next_generation(conn, &spec.name).await?;
     sqlx::query(
         "INSERT INTO issuances (id, user_name, generation, kind, spec, step, signer, owner, created_at, updated_at)
          VALUES (?, ?, ?, ?, ?, 'planned', ?, ?, ?, ?)",

@@ -12,6 +12,7 @@ use crate::exit::{Exit, ExitStatus};
 
 pub mod audit;
 pub mod credentials;
+pub mod enrollments;
 pub mod issuances;
 pub mod meta;
 pub mod tokens;

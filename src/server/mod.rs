@@ -1,0 +1,289 @@
+//! The user API (flow 2) over HTTPS: `POST /v1/subject`, `/v1/enroll`,
+//! `/v1/renew`. Bounded everywhere: handshake and header timeouts, a body
+//! limit, a connection cap, and rate limits per source address and per user.
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::app::App;
+use crate::selfservice::{self, ApiError, MAX_BODY_BYTES, Peer};
+use crate::store::{credentials, enrollments};
+
+mod ratelimit;
+mod tls;
+
+pub use ratelimit::RateLimiter;
+pub use tls::{TlsError, server_config};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_CONNECTIONS: usize = 256;
+
+/// Rate limits outlive configuration reloads: they belong to the listener.
+#[derive(Debug)]
+pub struct Limits {
+    pub per_address: RateLimiter<IpAddr>,
+    pub per_user: RateLimiter<String>,
+}
+
+impl Limits {
+    pub fn new(app: &App) -> Self {
+        Self {
+            per_address: RateLimiter::new(app.settings.server.rate_limit_per_address),
+            per_user: RateLimiter::new(app.settings.server.rate_limit_per_user),
+        }
+    }
+}
+
+/// Serves the API until `shutdown` resolves. Each connection uses the
+/// configuration current when it was accepted.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    apps: tokio::sync::watch::Receiver<Arc<App>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let limits = Arc::new(Limits::new(&apps.borrow()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%addr, "connection refused: too many open connections");
+            continue;
+        };
+        let (app, limits, acceptor) = (apps.borrow().clone(), limits.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    // A certificate from another CA ends here, before any handler runs.
+                    info!(%addr, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let certificate_der = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.as_ref().to_vec());
+            let peer = Peer {
+                addr,
+                certificate_der,
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let (app, limits, peer) = (app.clone(), limits.clone(), peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(route(&app, &limits, &peer, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+        });
+    }
+}
+
+fn respond(status: u16, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(body).expect("json"),
+    )));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+fn error_response(e: &ApiError, retry_after: Option<Duration>) -> Response<Full<Bytes>> {
+    let mut r = respond(e.status, &json!({ "error": e }));
+    if let Some(d) = retry_after
+        && let Ok(v) = hyper::header::HeaderValue::from_str(&d.as_secs().max(1).to_string())
+    {
+        r.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+    }
+    r
+}
+
+fn rate_limited(what: &str, wait: Duration) -> Response<Full<Bytes>> {
+    let e = ApiError::new(
+        429,
+        "rate_limited",
+        format!("too many requests {what}"),
+        format!("wait {}s and try again", wait.as_secs().max(1)),
+    );
+    error_response(&e, Some(wait))
+}
+
+/// The user a request claims to be, before anything is verified: for the
+/// per-user rate limit and the audit log's subject.
+async fn claimed_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
+    let mut conn = app.store.conn().await.ok()?;
+    if let Some(t) = token {
+        let id = t.split_once('.').map(|(id, _)| id)?;
+        return enrollments::get(&mut conn, id)
+            .await
+            .ok()
+            .flatten()
+            .map(|t| t.user_name);
+    }
+    let der = peer.certificate_der.as_deref()?;
+    let fp = crate::pki::hex(&crate::pki::sha256(der));
+    credentials::by_fingerprint(&mut conn, &fp)
+        .await
+        .ok()
+        .flatten()
+        .map(|c| c.user_name)
+}
+
+enum Call {
+    Subject(selfservice::SubjectRequest),
+    Enroll(selfservice::EnrollRequest),
+    Renew(selfservice::RenewRequest),
+}
+
+impl Call {
+    fn token(&self) -> Option<&str> {
+        match self {
+            Call::Subject(r) => r.token.as_deref(),
+            Call::Enroll(r) => Some(&r.token),
+            Call::Renew(_) => None,
+        }
+    }
+}
+
+/// Parses a request body for `path`. Never panics, whatever the bytes.
+pub fn parse_call(path: &str, body: &[u8]) -> Result<(), ApiError> {
+    parse(path, body).map(|_| ())
+}
+
+fn parse(path: &str, body: &[u8]) -> Result<Call, ApiError> {
+    Ok(match path {
+        "/v1/subject" => Call::Subject(selfservice::parse_body(body)?),
+        "/v1/enroll" => {
+            let r: selfservice::EnrollRequest = selfservice::parse_body(body)?;
+            selfservice::parse_csr_field(&r.csr)?;
+            crate::enrollment::parse(&r.token).map_err(|why| {
+                ApiError::new(400, "malformed_token", format!("the enrollment token is malformed: {why}"), "paste the whole token `rotator add-user --enroll` printed")
+            })?;
+            Call::Enroll(r)
+        }
+        "/v1/renew" => {
+            let r: selfservice::RenewRequest = selfservice::parse_body(body)?;
+            selfservice::parse_csr_field(&r.csr)?;
+            Call::Renew(r)
+        }
+        other => {
+            return Err(ApiError::new(
+                404,
+                "not_found",
+                format!("no endpoint {other:?}"),
+                "the API has POST /v1/subject, /v1/enroll and /v1/renew",
+            ));
+        }
+    })
+}
+
+async fn route(app: &App, limits: &Limits, peer: &Peer, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        return respond(200, &json!({"status": "ok"}));
+    }
+    if !matches!(path.as_str(), "/v1/subject" | "/v1/enroll" | "/v1/renew") {
+        return error_response(&parse(&path, b"").err().expect("unknown path"), None);
+    }
+    if req.method() != hyper::Method::POST {
+        let e = ApiError::new(405, "method_not_allowed", format!("{} {path} is not served", req.method()), format!("use POST {path}"));
+        return error_response(&e, None);
+    }
+    if let Err(wait) = limits.per_address.check(&peer.addr.ip()) {
+        debug!(peer = %peer.addr, "rate limited (address)");
+        return rate_limited(&format!("from {}", peer.addr.ip()), wait);
+    }
+    let json_body = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+    let parsed = if !json_body {
+        Err(ApiError::new(415, "unsupported_media_type", "the request's Content-Type is not application/json", "send the body as JSON with Content-Type: application/json"))
+    } else {
+        match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+            Ok(b) => parse(&path, &b.to_bytes()),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                Err(selfservice::too_large(MAX_BODY_BYTES + 1))
+            }
+            Err(e) => Err(ApiError::new(400, "bad_request", format!("the request body could not be read: {e}"), "send the whole body")),
+        }
+    };
+    let call = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            let user = claimed_user(app, peer, None).await;
+            audit(app, peer, &path, user.as_deref(), Err(&e)).await;
+            return error_response(&e, None);
+        }
+    };
+    let user = claimed_user(app, peer, call.token()).await;
+    if let Some(u) = &user
+        && let Err(wait) = limits.per_user.check(u)
+    {
+        debug!(user = %u, "rate limited (user)");
+        return rate_limited(&format!("for user {u}"), wait);
+    }
+    let result = match call {
+        Call::Subject(r) => selfservice::subject(app, peer, r)
+            .await
+            .map(|s| (format!("generation {}", s.generation), serde_json::to_value(s).expect("json"))),
+        Call::Enroll(r) => selfservice::enroll(app, peer, r)
+            .await
+            .map(|g| (format!("serial {}", g.serial), serde_json::to_value(g).expect("json"))),
+        Call::Renew(r) => selfservice::renew(app, peer, r)
+            .await
+            .map(|g| (format!("serial {}", g.serial), serde_json::to_value(g).expect("json"))),
+    };
+    match result {
+        Ok((summary, body)) => {
+            audit(app, peer, &path, user.as_deref(), Ok(&summary)).await;
+            respond(200, &body)
+        }
+        Err(e) => {
+            audit(app, peer, &path, user.as_deref(), Err(&e)).await;
+            error_response(&e, None)
+        }
+    }
+}
+
+async fn audit(app: &App, peer: &Peer, path: &str, user: Option<&str>, outcome: Result<&str, &ApiError>) {
+    if let Err(e) = selfservice::audit_call(app, peer, path, user, outcome).await {
+        warn!(error = %e, peer = %peer.addr, "could not audit an API call");
+    }
+}

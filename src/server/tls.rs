@@ -1,0 +1,132 @@
+//! The API's TLS: a serving certificate (configured, or issued by the local CA
+//! and kept in the data directory), TLS 1.3 preferred and 1.2 allowed, and
+//! client certificates verified against the CA rotator's credentials chain to.
+//! A certificate from any other CA fails the handshake; no certificate at all
+//! is allowed (enrollment), and the handlers decide what it may do.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::app::App;
+use crate::exit::{Exit, ExitStatus};
+use crate::pki::{KeyType, PrivateKey};
+
+/// Lifetime of a serving certificate rotator issues itself; reissued at start
+/// when less than a third is left.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(90 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot use {what} {path}: {reason}\nfix: {fix}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+        fix: &'static str,
+    },
+    #[error(
+        "the user API needs a serving certificate, and the kubernetes signer cannot issue one\nfix: set server.tls_cert and server.tls_key"
+    )]
+    NoServingCert,
+    #[error("cannot set up TLS: {0}")]
+    Setup(String),
+}
+
+impl ExitStatus for TlsError {
+    fn exit(&self) -> Exit {
+        Exit::Config
+    }
+}
+
+fn file_err(what: &'static str, path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::File {
+        what,
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+        fix: "check the path and that it holds PEM; rotator needs to read it",
+    }
+}
+
+/// The serving certificate chain and key, as PEM.
+fn serving_pem(app: &App) -> Result<(String, zeroize::Zeroizing<String>), TlsError> {
+    if let Some((cert, key)) = &app.settings.server.tls {
+        let c = std::fs::read_to_string(cert).map_err(|e| file_err("server.tls_cert", cert, e))?;
+        let k = std::fs::read_to_string(key).map_err(|e| file_err("server.tls_key", key, e))?;
+        return Ok((c, zeroize::Zeroizing::new(k)));
+    }
+    if app.signer.kind() != "local-ca" {
+        return Err(TlsError::NoServingCert);
+    }
+    let dir = app.settings.data_dir.join("server");
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let now = app.clock.now();
+    let reusable = std::fs::read_to_string(&cert_path)
+        .ok()
+        .zip(std::fs::read_to_string(&key_path).ok())
+        .filter(|(c, _)| {
+            crate::pki::parse_cert_pem(c, "serving certificate").is_ok_and(|i| {
+                let left = i.not_after - now;
+                left * 3 > i.lifetime_seconds()
+            })
+        });
+    // Names changed in the config: a fresh certificate, so clients can verify them.
+    let names_file = dir.join("tls.names");
+    let names = app.settings.server.hostnames.join(",");
+    let same_names = std::fs::read_to_string(&names_file).is_ok_and(|n| n == names);
+    if let Some((c, k)) = reusable.filter(|_| same_names) {
+        return Ok((c, zeroize::Zeroizing::new(k)));
+    }
+    let ca = crate::signer::LocalCa::load(&app.settings.local_ca, app.clock.clone())
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let key = PrivateKey::generate(KeyType::EcdsaP256).map_err(|e| TlsError::Setup(e.to_string()))?;
+    let cert = ca
+        .issue_server(&key, &app.settings.server.hostnames, SERVING_CERT_TTL)
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    crate::fsutil::ensure_private_dir(&dir).map_err(|e| file_err("directory", &dir, e))?;
+    crate::fsutil::write_private_atomic(&key_path, key.to_pem().as_bytes())
+        .map_err(|e| file_err("serving key", &key_path, e))?;
+    crate::fsutil::write_public_atomic(&cert_path, cert.as_bytes())
+        .map_err(|e| file_err("serving certificate", &cert_path, e))?;
+    crate::fsutil::write_public_atomic(&names_file, names.as_bytes())
+        .map_err(|e| file_err("serving names", &names_file, e))?;
+    tracing::info!(path = %cert_path.display(), names = %names, "issued the API's serving certificate from the local CA");
+    Ok((cert, key.to_pem()))
+}
+
+/// The rustls configuration for the user API.
+pub fn server_config(app: &App) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let (cert_pem, key_pem) = serving_pem(app)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Setup(format!("serving certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError::Setup("the serving certificate file holds no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError::Setup(format!("serving key: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(app.signer.ca_bundle_pem().as_bytes()) {
+        let der = der.map_err(|e| TlsError::Setup(format!("client CA: {e}")))?;
+        roots
+            .add(der)
+            .map_err(|e| TlsError::Setup(format!("client CA: {e}")))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Setup(format!("client verifier: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Setup(format!("serving certificate and key do not fit: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
