@@ -28,6 +28,9 @@ pub enum Exit {
     Output = 10,
     /// `audit verify` found a broken link in the hash chain.
     AuditBroken = 11,
+    /// `fetch` / `credential`: the rotator server could not be reached, its TLS
+    /// identity did not verify, or it failed (5xx). Retrying later may work.
+    Unreachable = 12,
 }
 
 impl From<Exit> for ExitCode {

@@ -52,6 +52,11 @@ pub struct AddUserArgs {
     /// delivery directory, default) or `secret:NAMESPACE/NAME` in one of their namespaces.
     #[arg(long, value_name = "TARGET", value_parser = crate::sink::Target::parse)]
     pub deliver: Option<crate::sink::Target>,
+    /// Issue nothing now: print a one-time enrollment token (valid for
+    /// server.enroll_token_ttl) with which the user's own machine makes its key
+    /// and fetches a certificate (`rotator fetch --token`).
+    #[arg(long, conflicts_with_all = ["out", "deliver"])]
+    pub enroll: bool,
 }
 
 fn parse_key_type(s: &str) -> Result<KeyType, String> {
@@ -138,6 +143,9 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
             ),
         ));
     }
+    if a.enroll {
+        return enroll(app, &spec, out).await;
+    }
     let mut sink = sink_for(&a.name, &a.out);
     let issued = app
         .issuer()
@@ -159,6 +167,35 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
         crate::store::commit(tx).await?;
     }
     report_issued(out, &issued, sink.describe() == "stdout");
+    Ok(())
+}
+
+async fn enroll(app: &App, spec: &UserSpec, out: OutputFormat) -> CliResult {
+    let created = crate::enrollment::add_user(app, spec).await?;
+    let server = app
+        .settings
+        .server
+        .public_url
+        .clone()
+        .unwrap_or_else(|| "https://ROTATOR-SERVER:8443".into());
+    match out {
+        OutputFormat::Json => output::json(&json!({
+            "user": spec.name, "token": created.token.as_str(), "token_id": created.id,
+            "expires_at": time(created.expires_at), "server": server,
+        })),
+        OutputFormat::Table => {
+            println!(
+                "enrolled {}: one-time token (shown once, valid until {}):\n\n  {}\n\non the user's machine:\n\n  rotator fetch --server {server} --token {}\n",
+                spec.name,
+                time(created.expires_at),
+                created.token.as_str(),
+                created.token.as_str(),
+            );
+            if app.settings.server.public_url.is_none() {
+                println!("(set server.public_url to print the real server address here)");
+            }
+        }
+    }
     Ok(())
 }
 

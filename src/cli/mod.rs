@@ -18,6 +18,7 @@ mod doctor;
 mod output;
 mod serve;
 mod token;
+mod user;
 
 pub use output::OutputFormat;
 
@@ -39,7 +40,8 @@ pub struct Cli {
     #[arg(long, global = true, value_parser = parse_signer)]
     pub signer: Option<SignerKind>,
     /// Kubeconfig rotator uses to reach the cluster (kubernetes signer; default
-    /// KUBECONFIG, ~/.kube/config, then the in-cluster service account).
+    /// KUBECONFIG, ~/.kube/config, then the in-cluster service account). For
+    /// `fetch`: the kubeconfig to merge the credential into.
     #[arg(long, global = true, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// Output format for reports.
@@ -119,6 +121,13 @@ pub enum Command {
     Token(token::TokenCommand),
     /// Check configuration, database, CA and audit chain; report what is wrong.
     Doctor,
+    /// (user) Get a fresh credential from a rotator server and merge it into your
+    /// kubeconfig (--kubeconfig, default $KUBECONFIG or ~/.kube/config). The key
+    /// is made on this machine and never leaves it.
+    Fetch(user::FetchArgs),
+    /// (user) kubectl exec plugin: prints a client.authentication.k8s.io
+    /// ExecCredential, renewing the cached credential when it is due.
+    Credential(user::CredentialArgs),
 }
 
 /// A failure on its way out of the process: a message chain and an exit code.
@@ -291,5 +300,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Audit(cmd) => audit::run(&open_app(&cli, None).await?.0, cmd, out).await,
         Command::Token(cmd) => token::run(&open_app(&cli, None).await?.0, cmd, out).await,
         Command::Doctor => doctor::run(&cli, out).await,
+        Command::Fetch(a) => user::fetch(a, cli.kubeconfig.as_ref(), out).await,
+        Command::Credential(a) => user::credential(a).await,
     }
 }

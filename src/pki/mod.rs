@@ -13,7 +13,7 @@ pub use inspect::{
     CertInfo, CsrInfo, Expected, parse_cert_der, parse_cert_pem, parse_csr, pem_to_der_certs,
     verify_issued,
 };
-pub use keys::{KeyType, PrivateKey};
+pub use keys::{KeyType, PrivateKey, UnknownKeyType};
 
 use crate::exit::{Exit, ExitStatus};
 
