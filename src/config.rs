@@ -902,7 +902,8 @@ fn server_settings(
         let ok = h.parse::<std::net::IpAddr>().is_ok()
             || (!h.is_empty()
                 && h.len() <= 253
-                && h.split('.').all(|l| crate::policy::validate_dns_label(l).is_ok()));
+                && h.split('.')
+                    .all(|l| crate::policy::validate_dns_label(l).is_ok()));
         if !ok {
             return Err(cx.invalid(
                 "server.hostnames",
@@ -921,7 +922,9 @@ fn server_settings(
         ));
     }
     let enroll_token_ttl = cx.duration("server.enroll_token_ttl", &f.enroll_token_ttl)?;
-    if enroll_token_ttl < Duration::from_secs(60) || enroll_token_ttl > Duration::from_secs(7 * 86_400) {
+    if enroll_token_ttl < Duration::from_secs(60)
+        || enroll_token_ttl > Duration::from_secs(7 * 86_400)
+    {
         return Err(cx.invalid(
             "server.enroll_token_ttl",
             &f.enroll_token_ttl,

@@ -69,10 +69,18 @@ impl std::fmt::Debug for Presented<'_> {
 /// echoing the secret.
 pub fn parse(token: &str) -> Result<Presented<'_>, String> {
     let Some((id, secret)) = token.split_once('.') else {
-        return Err("a token looks like <12 hex digits>.<43 characters>; this one has no '.'".into());
+        return Err(
+            "a token looks like <12 hex digits>.<43 characters>; this one has no '.'".into(),
+        );
     };
-    if id.len() != ID_LEN || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        return Err(format!("the id part {id:?} is not {ID_LEN} lowercase hex digits"));
+    if id.len() != ID_LEN
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!(
+            "the id part {id:?} is not {ID_LEN} lowercase hex digits"
+        ));
     }
     if secret.len() != 43
         || !secret
@@ -176,7 +184,7 @@ pub enum Accepted {
     Issue(EnrollmentToken),
     /// Already used by this same key: the client lost the response; hand back
     /// the credential it got (if it is still the current one).
-    Replay(EnrollmentToken, credentials::Credential),
+    Replay(EnrollmentToken, Box<credentials::Credential>),
 }
 
 /// Checks a token. `spki_sha256` is the key the request is for; `None` only
@@ -192,7 +200,11 @@ pub async fn check(
         let _ = hash(presented.secret).as_bytes().ct_eq(&[0u8; 64]);
         return Ok(Err(Refusal::Invalid));
     };
-    if !bool::from(hash(presented.secret).as_bytes().ct_eq(t.secret_hash.as_bytes())) {
+    if !bool::from(
+        hash(presented.secret)
+            .as_bytes()
+            .ct_eq(t.secret_hash.as_bytes()),
+    ) {
         return Ok(Err(Refusal::Invalid));
     }
     let now = app.clock.now();
@@ -206,7 +218,7 @@ pub async fn check(
                 None => None,
             };
             return Ok(match current {
-                Some(c) => Ok(Accepted::Replay(t, c)),
+                Some(c) => Ok(Accepted::Replay(t, Box::new(c))),
                 None => Err(Refusal::Used),
             });
         }
@@ -260,7 +272,9 @@ mod tests {
             "0123456789a.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             "0123456789ab.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
         ] {
-            let e = parse(bad).err().unwrap_or_else(|| panic!("{bad:?} accepted"));
+            let e = parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert!(!e.contains("AAAA"), "the secret is echoed: {e}");
         }
     }

@@ -111,9 +111,13 @@ pub enum IssueError {
         "the enrollment token was used or claimed by another key meanwhile\nfix: ask your administrator for a new token"
     )]
     TokenUnavailable,
-    #[error("the certificate signing request is not allowed: {0}\nfix: make the request with the subject /v1/subject returns")]
+    #[error(
+        "the certificate signing request is not allowed: {0}\nfix: make the request with the subject /v1/subject returns"
+    )]
     ClientCsr(String),
-    #[error("the request's key is {got}, but this user's credentials use {want}\nfix: generate a {want} key")]
+    #[error(
+        "the request's key is {got}, but this user's credentials use {want}\nfix: generate a {want} key"
+    )]
     ClientKeyType { got: String, want: &'static str },
 }
 
@@ -208,7 +212,9 @@ fn check_client_csr(
     }
     for o in &csr.organizations {
         if o.to_ascii_lowercase().starts_with("system:") {
-            return refuse(format!("it asks for group {o:?}; nothing under system: is ever issued"));
+            return refuse(format!(
+                "it asks for group {o:?}; nothing under system: is ever issued"
+            ));
         }
     }
     let (mut got, mut want) = (csr.organizations.clone(), organizations.to_vec());
@@ -594,7 +600,14 @@ impl Issuer<'_> {
         }
         self.faults.hit(FaultPoint::AfterDeliver)?;
         let (credential, superseded) = self
-            .activate(id, &spec.name, &stored.cert.serial, &sink.describe(), None, actor)
+            .activate(
+                id,
+                &spec.name,
+                &stored.cert.serial,
+                &sink.describe(),
+                None,
+                actor,
+            )
             .await?;
         info!(serial = %stored.cert.serial, to = %sink.describe(), "credential delivered and current");
         Ok(Issued {
@@ -626,15 +639,8 @@ impl Issuer<'_> {
         let id = new_id();
         let _running = self.inflight.enter(&id);
         let claim = req.token.map(|t| (t, spki.as_str()));
-        self.plan(
-            &id,
-            &spec,
-            "renew",
-            Some(req.generation),
-            claim,
-            req.actor,
-        )
-        .await?;
+        self.plan(&id, &spec, "renew", Some(req.generation), claim, req.actor)
+            .await?;
         let span = info_span!("issuance", user = %spec.name, credential = %id, generation = req.generation);
         let attempt = async {
             self.faults.hit(FaultPoint::AfterPlan)?;

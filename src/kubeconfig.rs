@@ -178,9 +178,13 @@ pub fn merge(existing: Option<Kubeconfig>, e: &Entry<'_>) -> Kubeconfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
-    #[error("cannot read the existing kubeconfig {path}: {why}\nfix: repair or move it away; rotator does not overwrite a kubeconfig it cannot read")]
+    #[error(
+        "cannot read the existing kubeconfig {path}: {why}\nfix: repair or move it away; rotator does not overwrite a kubeconfig it cannot read"
+    )]
     Read { path: String, why: String },
-    #[error("cannot write the kubeconfig {path}: {why}\nfix: choose a --kubeconfig path in a directory you can write to")]
+    #[error(
+        "cannot write the kubeconfig {path}: {why}\nfix: choose a --kubeconfig path in a directory you can write to"
+    )]
     Write { path: String, why: String },
 }
 
@@ -277,19 +281,34 @@ mod tests {
         let names: Vec<_> = k.contexts.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["bob@other", "alice@prod"]);
         assert_eq!(k.current_context.as_deref(), Some("alice@prod"));
-        let alice: Vec<_> = k.auth_infos.iter().filter(|a| a.name == "alice@prod").collect();
+        let alice: Vec<_> = k
+            .auth_infos
+            .iter()
+            .filter(|a| a.name == "alice@prod")
+            .collect();
         assert_eq!(alice.len(), 1, "replaced, not duplicated");
         assert_eq!(
-            alice[0].auth_info.as_ref().unwrap().client_certificate_data.as_deref(),
+            alice[0]
+                .auth_info
+                .as_ref()
+                .unwrap()
+                .client_certificate_data
+                .as_deref(),
             Some(b64("CERT2").as_str())
         );
         use std::os::unix::fs::PermissionsExt;
         for f in [&p, &backup] {
-            assert_eq!(std::fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(f).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         // A kubeconfig rotator cannot read is left alone.
         std::fs::write(&p, "clusters: [ {").unwrap();
-        assert!(matches!(merge_file(&p, &entry("X")), Err(MergeError::Read { .. })));
+        assert!(matches!(
+            merge_file(&p, &entry("X")),
+            Err(MergeError::Read { .. })
+        ));
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "clusters: [ {");
     }
 

@@ -216,6 +216,8 @@ mod tests {
             state_at: 0,
             created_at: 0,
             access_removed_at: None,
+            spki_sha256: None,
+            renewed_from: None,
         }
     }
 

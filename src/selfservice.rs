@@ -31,7 +31,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: u16, code: &str, message: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn new(
+        status: u16,
+        code: &str,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Self {
             status,
             code: code.into(),
@@ -155,7 +160,10 @@ pub fn too_large(n: usize) -> ApiError {
 
 /// Parses a PEM CSR field and checks its self-signature. Never panics.
 pub fn parse_csr_field(pem: &str) -> Result<CsrInfo, ApiError> {
-    if !pem.trim_start().starts_with("-----BEGIN CERTIFICATE REQUEST-----") {
+    if !pem
+        .trim_start()
+        .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+    {
         return Err(ApiError::new(
             400,
             "malformed_csr",
@@ -176,7 +184,12 @@ pub fn parse_csr_field(pem: &str) -> Result<CsrInfo, ApiError> {
 fn refusal(r: Refusal) -> ApiError {
     let ask = "ask your administrator for a new one (`rotator add-user NAME --enroll`)";
     match r {
-        Refusal::Invalid => ApiError::new(401, "token_invalid", "the enrollment token is not valid", ask),
+        Refusal::Invalid => ApiError::new(
+            401,
+            "token_invalid",
+            "the enrollment token is not valid",
+            ask,
+        ),
         Refusal::Expired(at) => ApiError::new(
             401,
             "token_expired",
@@ -187,7 +200,9 @@ fn refusal(r: Refusal) -> ApiError {
             401,
             "token_used",
             "the enrollment token was already used; tokens work once",
-            format!("if you enrolled already, run `rotator fetch` without --token to renew; otherwise {ask}"),
+            format!(
+                "if you enrolled already, run `rotator fetch` without --token to renew; otherwise {ask}"
+            ),
         ),
         Refusal::Revoked => ApiError::new(
             401,
@@ -224,7 +239,10 @@ fn issue_error(e: IssueError) -> ApiError {
         IssueError::Policy(p) => ApiError::new(
             403,
             "policy_refused",
-            format!("policy no longer allows this user's credential: {}", first_line(&p.to_string())),
+            format!(
+                "policy no longer allows this user's credential: {}",
+                first_line(&p.to_string())
+            ),
             "ask your administrator to update your access",
         ),
         IssueError::GenerationStale { asked, next } => ApiError::new(
@@ -322,7 +340,11 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
 
 /// `POST /v1/subject`: what the next CSR must say, for a token holder or the
 /// holder of a current certificate. Changes nothing.
-pub async fn subject(app: &App, peer: &Peer, req: SubjectRequest) -> Result<SubjectResponse, ApiError> {
+pub async fn subject(
+    app: &App,
+    peer: &Peer,
+    req: SubjectRequest,
+) -> Result<SubjectResponse, ApiError> {
     let user = match (&req.token, &peer.certificate_der) {
         (Some(t), _) => {
             let presented = enrollment::parse(t).map_err(malformed_token)?;
@@ -490,6 +512,8 @@ pub async fn audit_call(
     outcome: Result<&str, &ApiError>,
 ) -> Result<(), StoreError> {
     let now = app.clock.now();
+    // The path is the client's to choose: keep the log's entry bounded.
+    let endpoint: String = endpoint.chars().take(128).collect();
     let actor = match user {
         Some(u) => format!("api:{u}@{}", peer.addr.ip()),
         None => format!("api:{}", peer.addr.ip()),

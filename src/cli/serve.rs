@@ -96,9 +96,14 @@ where
             })?;
             info!(%addr, "user API (HTTPS) at /v1/subject, /v1/enroll, /v1/renew");
             let mut rx = stop_rx2;
-            Some(tokio::spawn(crate::server::serve(listener, tls, apps_rx.clone(), async move {
-                let _ = rx.changed().await;
-            })))
+            Some(tokio::spawn(crate::server::serve(
+                listener,
+                tls,
+                apps_rx.clone(),
+                async move {
+                    let _ = rx.changed().await;
+                },
+            )))
         }
         None => {
             info!("user API off (set server.listen or --api-addr to serve it)");

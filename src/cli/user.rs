@@ -90,7 +90,9 @@ fn default_kubeconfig() -> CliResult<PathBuf> {
         Some(h) => Ok(PathBuf::from(h).join(".kube").join("config")),
         None => Err(Failure::new(
             Exit::Usage,
-            anyhow!("HOME is not set, so there is no default kubeconfig\nfix: pass --kubeconfig FILE"),
+            anyhow!(
+                "HOME is not set, so there is no default kubeconfig\nfix: pass --kubeconfig FILE"
+            ),
         )),
     }
 }
@@ -107,11 +109,25 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
     let auth = if a.exec {
         let exe = std::env::current_exe()
             .and_then(|p| p.canonicalize())
-            .map_err(|e| Failure::new(Exit::Internal, anyhow!("cannot find rotator's own path for the exec plugin: {e}")))?;
-        let mut args = vec!["credential".to_string(), "--server".into(), conn.server.clone()];
+            .map_err(|e| {
+                Failure::new(
+                    Exit::Internal,
+                    anyhow!("cannot find rotator's own path for the exec plugin: {e}"),
+                )
+            })?;
+        let mut args = vec![
+            "credential".to_string(),
+            "--server".into(),
+            conn.server.clone(),
+        ];
         if let Some(d) = &a.server.state_dir {
             args.push("--state-dir".into());
-            args.push(std::path::absolute(d).unwrap_or(d.clone()).display().to_string());
+            args.push(
+                std::path::absolute(d)
+                    .unwrap_or(d.clone())
+                    .display()
+                    .to_string(),
+            );
         }
         if let Some(r) = a.server.renew_before {
             args.push("--renew-before".into());
@@ -136,7 +152,8 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
         namespace: c.namespace.as_deref(),
         auth,
     };
-    let backup = crate::kubeconfig::merge_file(&path, &entry).map_err(|e| Failure::new(Exit::Output, anyhow!(e)))?;
+    let backup = crate::kubeconfig::merge_file(&path, &entry)
+        .map_err(|e| Failure::new(Exit::Output, anyhow!(e)))?;
     match out {
         OutputFormat::Json => super::output::json(&json!({
             "user": c.user, "generation": c.generation, "serial": c.serial, "not_after": time(c.not_after),
@@ -161,7 +178,8 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
 }
 
 pub async fn credential(a: &CredentialArgs) -> CliResult {
-    let version = client::exec::requested_version(std::env::var("KUBERNETES_EXEC_INFO").ok().as_deref())?;
+    let version =
+        client::exec::requested_version(std::env::var("KUBERNETES_EXEC_INFO").ok().as_deref())?;
     let conn = connection(&a.server, a.timeout)?;
     let now = crate::clock::Clock::now(&crate::clock::SystemClock);
     let answer = client::exec::run(&conn, a.server.renew_before, now).await?;
@@ -173,6 +191,9 @@ pub async fn credential(a: &CredentialArgs) -> CliResult {
         );
     }
     let v = client::exec::exec_credential(version, &answer.credential, answer.expires);
-    println!("{}", zeroize::Zeroizing::new(serde_json::to_string(&v).expect("json")).as_str());
+    println!(
+        "{}",
+        zeroize::Zeroizing::new(serde_json::to_string(&v).expect("json")).as_str()
+    );
     Ok(())
 }

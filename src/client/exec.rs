@@ -17,13 +17,12 @@ pub fn requested_version(exec_info: Option<&str>) -> Result<&'static str, Client
     let Some(raw) = exec_info.filter(|s| !s.trim().is_empty()) else {
         return Ok(API_V1);
     };
-    let v: serde_json::Value = serde_json::from_str(raw).map_err(|e| {
-        ClientError::Protocol(format!("KUBERNETES_EXEC_INFO is not JSON: {e}"))
-    })?;
+    let v: serde_json::Value = serde_json::from_str(raw)
+        .map_err(|e| ClientError::ExecInfo(format!("KUBERNETES_EXEC_INFO is not JSON: {e}")))?;
     match v.get("apiVersion").and_then(|a| a.as_str()) {
         Some(API_V1) | None => Ok(API_V1),
         Some(API_V1BETA1) => Ok(API_V1BETA1),
-        Some(other) => Err(ClientError::Protocol(format!(
+        Some(other) => Err(ClientError::ExecInfo(format!(
             "kubectl asked for ExecCredential {other:?}; rotator speaks {API_V1} and {API_V1BETA1}"
         ))),
     }
@@ -78,12 +77,22 @@ pub async fn run(
     let next = |c: &Cached| renew_at(c, renew_before).max(now + 30).min(c.not_after);
     if now < renew_at(&cached, renew_before) {
         let expires = next(&cached);
-        return Ok(Answer { credential: cached, expires, renewed: false, warning: None });
+        return Ok(Answer {
+            credential: cached,
+            expires,
+            renewed: false,
+            warning: None,
+        });
     }
     match super::obtain(conn, None).await {
         Ok(fresh) => {
             let expires = next(&fresh);
-            Ok(Answer { credential: fresh, expires, renewed: true, warning: None })
+            Ok(Answer {
+                credential: fresh,
+                expires,
+                renewed: true,
+                warning: None,
+            })
         }
         // Still valid for a while: use it, and ask again soon.
         Err(e) if cached.not_after > now + 10 => {

@@ -47,7 +47,10 @@ pub fn parse_server(server: &str) -> Result<(String, u16), ClientError> {
         return Err(bad("give the server's address only, without a path"));
     }
     let host = uri.host().ok_or_else(|| bad("no host"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     Ok((host, uri.port_u16().unwrap_or(443)))
 }
 
@@ -118,7 +121,8 @@ impl ApiClient {
         let bytes = serde_json::to_vec(body).expect("json");
         let (status, resp) = self.post_raw(path, "application/json", bytes).await?;
         if status == 200 {
-            return serde_json::from_slice(&resp).map_err(|e| ClientError::Protocol(format!("{path}: {e}")));
+            return serde_json::from_slice(&resp)
+                .map_err(|e| ClientError::Protocol(format!("{path}: {e}")));
         }
         #[derive(serde::Deserialize)]
         struct Envelope {

@@ -18,34 +18,56 @@ pub use state::{Cached, Pending, ServerDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid server address {server:?}: {why}\nfix: give the URL your administrator printed, such as https://rotator.example.com:8443")]
+    #[error(
+        "invalid server address {server:?}: {why}\nfix: give the URL your administrator printed, such as https://rotator.example.com:8443"
+    )]
     BadServer { server: String, why: String },
-    #[error("cannot use the server CA: {0}\nfix: give --server-ca a PEM file with the CA that signed the rotator server's certificate")]
+    #[error(
+        "cannot use the server CA: {0}\nfix: give --server-ca a PEM file with the CA that signed the rotator server's certificate"
+    )]
     BadCa(String),
-    #[error("cannot reach the rotator server {server}: {why}\nfix: check the address and your network; your current credential keeps working until it expires")]
+    #[error(
+        "cannot reach the rotator server {server}: {why}\nfix: check the address and your network; your current credential keeps working until it expires"
+    )]
     Unreachable { server: String, why: String },
-    #[error("the TLS handshake with the rotator server failed: {0}\nfix: check --server-ca; if the server refused your certificate, it is not one rotator issued (enroll again with a token)")]
+    #[error(
+        "the TLS handshake with the rotator server failed: {0}\nfix: check --server-ca; if the server refused your certificate, it is not one rotator issued (enroll again with a token)"
+    )]
     Tls(String),
     #[error("the server refused the request: {0}")]
     Refused(ApiError),
-    #[error("the server's answer is not what rotator expects: {0}\nfix: check that --server points at a rotator server of this version")]
+    #[error(
+        "the server's answer is not what rotator expects: {0}\nfix: check that --server points at a rotator server of this version"
+    )]
     Protocol(String),
     #[error("{0}")]
     Cache(String),
-    #[error("no credential for {server} is cached in {dir}\nfix: enroll first: rotator fetch --server {server} --token <token from your administrator>")]
+    #[error("{0}\nfix: use a kubectl that speaks client.authentication.k8s.io/v1 (1.22 or newer)")]
+    ExecInfo(String),
+    #[error(
+        "no credential for {server} is cached in {dir}\nfix: enroll first: rotator fetch --server {server} --token <token from your administrator>"
+    )]
     NoCredential { server: String, dir: PathBuf },
-    #[error("the cached credential for {server} expired at {at}\nfix: ask your administrator for a new enrollment token and run rotator fetch --server {server} --token <token>")]
+    #[error(
+        "the cached credential for {server} expired at {at}\nfix: ask your administrator for a new enrollment token and run rotator fetch --server {server} --token <token>"
+    )]
     Expired { server: String, at: String },
     #[error("cannot make a key: {0}")]
     Key(#[from] pki::PkiError),
     #[error("cannot write the kubeconfig {path}: {why}\nfix: {fix}")]
-    Kubeconfig { path: PathBuf, why: String, fix: &'static str },
+    Kubeconfig {
+        path: PathBuf,
+        why: String,
+        fix: &'static str,
+    },
 }
 
 impl ExitStatus for ClientError {
     fn exit(&self) -> Exit {
         match self {
-            ClientError::BadServer { .. } | ClientError::BadCa(_) => Exit::Usage,
+            ClientError::BadServer { .. } | ClientError::BadCa(_) | ClientError::ExecInfo(_) => {
+                Exit::Usage
+            }
             ClientError::Unreachable { .. } | ClientError::Tls(_) | ClientError::Protocol(_) => {
                 Exit::Unreachable
             }
@@ -81,7 +103,10 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
     let (purpose, client) = match (token, &cached) {
         (Some(t), _) => {
             let id = t.split_once('.').map(|(id, _)| id).unwrap_or(t);
-            (format!("enroll:{id}"), ApiClient::new(&conn.server, ca.as_deref(), None, conn.timeout)?)
+            (
+                format!("enroll:{id}"),
+                ApiClient::new(&conn.server, ca.as_deref(), None, conn.timeout)?,
+            )
         }
         (None, Some(c)) => {
             if c.not_after <= now {
@@ -90,7 +115,12 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
                     at: crate::selfservice::rfc3339(c.not_after),
                 });
             }
-            let client = ApiClient::new(&conn.server, ca.as_deref(), Some((&c.certificate, &c.key)), conn.timeout)?;
+            let client = ApiClient::new(
+                &conn.server,
+                ca.as_deref(),
+                Some((&c.certificate, &c.key)),
+                conn.timeout,
+            )?;
             (format!("renew:{}", c.serial), client)
         }
         (None, None) => {
@@ -106,14 +136,20 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
         let pending = match dir.pending()?.filter(|p| p.purpose == purpose) {
             Some(p) => p,
             None => {
-                let subject: SubjectResponse = client.post("/v1/subject", &json!({ "token": token })).await?;
+                let subject: SubjectResponse = client
+                    .post("/v1/subject", &json!({ "token": token }))
+                    .await?;
                 let p = new_request(&purpose, &subject)?;
                 dir.store_pending(&p)?;
                 p
             }
         };
         let answer: Result<Grant, ClientError> = match token {
-            Some(t) => client.post("/v1/enroll", &json!({"token": t, "csr": pending.csr})).await,
+            Some(t) => {
+                client
+                    .post("/v1/enroll", &json!({"token": t, "csr": pending.csr}))
+                    .await
+            }
             None => client.post("/v1/renew", &json!({"csr": pending.csr})).await,
         };
         match answer {

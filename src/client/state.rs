@@ -77,7 +77,13 @@ impl ServerDir {
         let (host, port) = super::http::parse_server(server)?;
         let name: String = format!("{host}_{port}")
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let path = state_dir.join(name);
         crate::fsutil::ensure_private_dir(&path)
@@ -89,14 +95,23 @@ impl ServerDir {
         self.path.join(name)
     }
 
-    fn read_json<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, ClientError> {
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, ClientError> {
         let p = self.file(name);
         match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| ClientError::Cache(format!("{} is damaged ({e}); delete it and fetch again", p.display()))),
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                ClientError::Cache(format!(
+                    "{} is damaged ({e}); delete it and fetch again",
+                    p.display()
+                ))
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ClientError::Cache(format!("cannot read {}: {e}", p.display()))),
+            Err(e) => Err(ClientError::Cache(format!(
+                "cannot read {}: {e}",
+                p.display()
+            ))),
         }
     }
 

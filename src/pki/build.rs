@@ -4,18 +4,18 @@ use std::time::Duration;
 
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{Certificate, TbsCertificate, Version};
+use x509_cert::der::asn1::Ia5String;
 use x509_cert::der::asn1::{
     BitString, ObjectIdentifier, OctetString, SetOfVec, UtcTime, Utf8StringRef,
 };
 use x509_cert::der::oid::AssociatedOid;
 use x509_cert::der::{Any, Decode, Encode};
 use x509_cert::ext::Extension;
+use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
     SubjectAltName, SubjectKeyIdentifier,
 };
-use x509_cert::der::asn1::Ia5String;
-use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
 use x509_cert::request::{CertReq, CertReqInfo};
 use x509_cert::serial_number::SerialNumber;
@@ -148,8 +148,12 @@ pub fn sign_certificate(
         let mut names = Vec::with_capacity(server_names.len());
         for n in server_names {
             names.push(match n.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(ip)) => GeneralName::IpAddress(enc(OctetString::new(ip.octets().to_vec()))?),
-                Ok(std::net::IpAddr::V6(ip)) => GeneralName::IpAddress(enc(OctetString::new(ip.octets().to_vec()))?),
+                Ok(std::net::IpAddr::V4(ip)) => {
+                    GeneralName::IpAddress(enc(OctetString::new(ip.octets().to_vec()))?)
+                }
+                Ok(std::net::IpAddr::V6(ip)) => {
+                    GeneralName::IpAddress(enc(OctetString::new(ip.octets().to_vec()))?)
+                }
                 Err(_) => GeneralName::DnsName(enc(Ia5String::new(n))?),
             });
         }

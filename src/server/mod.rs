@@ -192,7 +192,12 @@ fn parse(path: &str, body: &[u8]) -> Result<Call, ApiError> {
             let r: selfservice::EnrollRequest = selfservice::parse_body(body)?;
             selfservice::parse_csr_field(&r.csr)?;
             crate::enrollment::parse(&r.token).map_err(|why| {
-                ApiError::new(400, "malformed_token", format!("the enrollment token is malformed: {why}"), "paste the whole token `rotator add-user --enroll` printed")
+                ApiError::new(
+                    400,
+                    "malformed_token",
+                    format!("the enrollment token is malformed: {why}"),
+                    "paste the whole token `rotator add-user --enroll` printed",
+                )
             })?;
             Call::Enroll(r)
         }
@@ -212,36 +217,72 @@ fn parse(path: &str, body: &[u8]) -> Result<Call, ApiError> {
     })
 }
 
-async fn route(app: &App, limits: &Limits, peer: &Peer, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    app: &App,
+    limits: &Limits,
+    peer: &Peer,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         return respond(200, &json!({"status": "ok"}));
-    }
-    if !matches!(path.as_str(), "/v1/subject" | "/v1/enroll" | "/v1/renew") {
-        return error_response(&parse(&path, b"").err().expect("unknown path"), None);
-    }
-    if req.method() != hyper::Method::POST {
-        let e = ApiError::new(405, "method_not_allowed", format!("{} {path} is not served", req.method()), format!("use POST {path}"));
-        return error_response(&e, None);
     }
     if let Err(wait) = limits.per_address.check(&peer.addr.ip()) {
         debug!(peer = %peer.addr, "rate limited (address)");
         return rate_limited(&format!("from {}", peer.addr.ip()), wait);
     }
+    let misdirected = if !matches!(path.as_str(), "/v1/subject" | "/v1/enroll" | "/v1/renew") {
+        parse(&path, b"").err()
+    } else if req.method() != hyper::Method::POST {
+        Some(ApiError::new(
+            405,
+            "method_not_allowed",
+            format!("{} {path} is not served", req.method()),
+            format!("use POST {path}"),
+        ))
+    } else {
+        None
+    };
+    if let Some(e) = misdirected {
+        audit(app, peer, &path, None, Err(&e)).await;
+        return error_response(&e, None);
+    }
     let json_body = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/json"));
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/json")
+        });
     let parsed = if !json_body {
-        Err(ApiError::new(415, "unsupported_media_type", "the request's Content-Type is not application/json", "send the body as JSON with Content-Type: application/json"))
+        Err(ApiError::new(
+            415,
+            "unsupported_media_type",
+            "the request's Content-Type is not application/json",
+            "send the body as JSON with Content-Type: application/json",
+        ))
     } else {
-        match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        match Limited::new(req.into_body(), MAX_BODY_BYTES)
+            .collect()
+            .await
+        {
             Ok(b) => parse(&path, &b.to_bytes()),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
                 Err(selfservice::too_large(MAX_BODY_BYTES + 1))
             }
-            Err(e) => Err(ApiError::new(400, "bad_request", format!("the request body could not be read: {e}"), "send the whole body")),
+            Err(e) => Err(ApiError::new(
+                400,
+                "bad_request",
+                format!("the request body could not be read: {e}"),
+                "send the whole body",
+            )),
         }
     };
     let call = match parsed {
@@ -260,15 +301,24 @@ async fn route(app: &App, limits: &Limits, peer: &Peer, req: Request<Incoming>) 
         return rate_limited(&format!("for user {u}"), wait);
     }
     let result = match call {
-        Call::Subject(r) => selfservice::subject(app, peer, r)
-            .await
-            .map(|s| (format!("generation {}", s.generation), serde_json::to_value(s).expect("json"))),
-        Call::Enroll(r) => selfservice::enroll(app, peer, r)
-            .await
-            .map(|g| (format!("serial {}", g.serial), serde_json::to_value(g).expect("json"))),
-        Call::Renew(r) => selfservice::renew(app, peer, r)
-            .await
-            .map(|g| (format!("serial {}", g.serial), serde_json::to_value(g).expect("json"))),
+        Call::Subject(r) => selfservice::subject(app, peer, r).await.map(|s| {
+            (
+                format!("generation {}", s.generation),
+                serde_json::to_value(s).expect("json"),
+            )
+        }),
+        Call::Enroll(r) => selfservice::enroll(app, peer, r).await.map(|g| {
+            (
+                format!("serial {}", g.serial),
+                serde_json::to_value(g).expect("json"),
+            )
+        }),
+        Call::Renew(r) => selfservice::renew(app, peer, r).await.map(|g| {
+            (
+                format!("serial {}", g.serial),
+                serde_json::to_value(g).expect("json"),
+            )
+        }),
     };
     match result {
         Ok((summary, body)) => {
@@ -282,7 +332,13 @@ async fn route(app: &App, limits: &Limits, peer: &Peer, req: Request<Incoming>) 
     }
 }
 
-async fn audit(app: &App, peer: &Peer, path: &str, user: Option<&str>, outcome: Result<&str, &ApiError>) {
+async fn audit(
+    app: &App,
+    peer: &Peer,
+    path: &str,
+    user: Option<&str>,
+    outcome: Result<&str, &ApiError>,
+) {
     if let Err(e) = selfservice::audit_call(app, peer, path, user, outcome).await {
         warn!(error = %e, peer = %peer.addr, "could not audit an API call");
     }

@@ -83,7 +83,8 @@ fn serving_pem(app: &App) -> Result<(String, zeroize::Zeroizing<String>), TlsErr
     }
     let ca = crate::signer::LocalCa::load(&app.settings.local_ca, app.clock.clone())
         .map_err(|e| TlsError::Setup(e.to_string()))?;
-    let key = PrivateKey::generate(KeyType::EcdsaP256).map_err(|e| TlsError::Setup(e.to_string()))?;
+    let key =
+        PrivateKey::generate(KeyType::EcdsaP256).map_err(|e| TlsError::Setup(e.to_string()))?;
     let cert = ca
         .issue_server(&key, &app.settings.server.hostnames, SERVING_CERT_TTL)
         .map_err(|e| TlsError::Setup(e.to_string()))?;
@@ -106,7 +107,9 @@ pub fn server_config(app: &App) -> Result<Arc<ServerConfig>, TlsError> {
         .collect::<Result<_, _>>()
         .map_err(|e| TlsError::Setup(format!("serving certificate: {e}")))?;
     if chain.is_empty() {
-        return Err(TlsError::Setup("the serving certificate file holds no certificate".into()));
+        return Err(TlsError::Setup(
+            "the serving certificate file holds no certificate".into(),
+        ));
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| TlsError::Setup(format!("serving key: {e}")))?;

@@ -82,10 +82,12 @@ pub async fn by_fingerprint(
     conn: &mut SqliteConnection,
     fingerprint: &str,
 ) -> Result<Option<Credential>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM credentials WHERE fingerprint = ?")
-        .bind(fingerprint)
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT * FROM credentials WHERE fingerprint = ?")
+            .bind(fingerprint)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 /// The credential a holder of `from` already renewed into with this key, if any:

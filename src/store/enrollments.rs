@@ -47,10 +47,12 @@ pub async fn get(
     conn: &mut SqliteConnection,
     id: &str,
 ) -> Result<Option<EnrollmentToken>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM enrollment_tokens WHERE id = ?")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT * FROM enrollment_tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 /// Revokes the user's tokens that were never used; returns their ids.
@@ -112,7 +114,10 @@ pub async fn mark_used(
 }
 
 /// Unused tokens past their expiry: the expire job marks them.
-pub async fn expire_due(conn: &mut SqliteConnection, now: i64) -> Result<Vec<(String, String)>, StoreError> {
+pub async fn expire_due(
+    conn: &mut SqliteConnection,
+    now: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
     Ok(sqlx::query_as(
         "UPDATE enrollment_tokens SET state = 'expired', state_at = ?
          WHERE state IN ('active', 'claimed') AND expires_at <= ? RETURNING id, user_name",

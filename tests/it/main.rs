@@ -6,4 +6,5 @@ mod crash;
 mod daemon;
 pub mod kubernetes;
 mod security;
+mod user_api;
 mod with_cluster;

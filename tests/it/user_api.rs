@@ -1,0 +1,543 @@
+//! Flow 2 end to end: the HTTPS user API in process (over the kubernetes signer
+//! and the test server), the real `rotator fetch` / `rotator credential`
+//! binaries on the user's side, and the real kubectl as the user's client.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rotator::app::App;
+use rotator::client::{ApiClient, ClientError};
+use rotator::clock::{Clock, ManualClock, SystemClock};
+use rotator::pki::{self, KeyType, PrivateKey};
+use testcluster::Options;
+
+use crate::common::*;
+use crate::kubernetes::Kx;
+
+struct Api {
+    kx: Kx,
+    app: Arc<App>,
+    clock: ManualClock,
+    addr: SocketAddr,
+    server_ca: PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+/// A throwaway CA in `dir`, made by rotator's own local-CA code.
+fn make_ca(dir: &std::path::Path, name: &str) -> rotator::signer::LocalCa {
+    let settings = rotator::config::LocalCaSettings {
+        cert_file: dir.join(format!("{name}.crt")),
+        key_file: dir.join(format!("{name}.key")),
+        configured: true,
+        common_name: name.into(),
+        validity: Duration::from_secs(86_400),
+    };
+    rotator::signer::LocalCa::create(&settings, Arc::new(SystemClock)).unwrap()
+}
+
+impl Api {
+    async fn start() -> Self {
+        Self::start_with("rate_limit_per_address = 1000\nrate_limit_per_user = 1000\n").await
+    }
+
+    /// `limits`: the `[server]` rate-limit keys.
+    async fn start_with(limits: &str) -> Self {
+        // The API's serving certificate comes from a CA the user is handed.
+        let pre = Scratch::new();
+        let ca = make_ca(pre.dir.path(), "serving-ca");
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let cert = ca
+            .issue_server(&key, &["127.0.0.1".into()], Duration::from_secs(3600))
+            .unwrap();
+        let kx = Kx::new(
+            Options::default(),
+            &format!(
+                "[server]\ntls_cert = {:?}\ntls_key = {:?}\n{limits}",
+                pre.write("tls.crt", &cert),
+                pre.write("tls.key", &key.to_pem()),
+            ),
+        )
+        .await;
+        let server_ca = kx.s.write("server-ca.pem", ca.certificate_pem());
+        std::mem::forget(pre); // keeps the serving key's directory for the test's life
+        let clock = ManualClock::new(SystemClock.now());
+        let app = kx.app(&clock).await;
+        let tls = rotator::server::server_config(&app).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_apps_tx, apps) = tokio::sync::watch::channel(app.clone());
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let served = tokio::spawn(rotator::server::serve(listener, tls, apps, async move {
+            let _ = stopped.changed().await;
+        }));
+        Api {
+            kx,
+            app,
+            clock,
+            addr,
+            server_ca,
+            stop,
+            served,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// `rotator add-user NAME ... --enroll`, returning the printed token.
+    async fn enroll_user(&self, name: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "--output", "json", "add-user", name, "--group", "dev", "-n", "team-a", "--role",
+            "view", "--enroll",
+        ];
+        args.extend_from_slice(extra);
+        let out = ok(&self.kx.rotator_async(&args, &[]).await);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// The real `rotator fetch` as the user runs it, with its own state dir and kubeconfig.
+    async fn fetch(&self, home: &str, extra: &[&str]) -> std::process::Output {
+        let state = self.kx.s.path(&format!("{home}/state"));
+        let kubeconfig = self.kx.s.path(&format!("{home}/kube/config"));
+        let url = self.url();
+        let mut args = vec![
+            "fetch",
+            "--server",
+            &url,
+            "--server-ca",
+            self.server_ca.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.kx.rotator_async(&args, &[]).await
+    }
+
+    fn client(&self, identity: Option<(&str, &str)>) -> ApiClient {
+        let ca = std::fs::read_to_string(&self.server_ca).unwrap();
+        ApiClient::new(&self.url(), Some(&ca), identity, Duration::from_secs(10)).unwrap()
+    }
+
+    async fn credentials_of(&self, user: &str) -> Vec<rotator::store::credentials::Credential> {
+        rotator::store::credentials::list_for_user(&self.app.store, user)
+            .await
+            .unwrap()
+    }
+
+    async fn audit_count(&self, action: &str, code: &str) -> usize {
+        rotator::store::audit::list(&self.app.store, None, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == action && e.detail.contains(code))
+            .count()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.served.await;
+    }
+}
+
+fn cached(api: &Api, home: &str) -> rotator::client::Cached {
+    let dir = rotator::client::ServerDir::for_server(
+        &api.kx.s.path(&format!("{home}/state")),
+        &api.url(),
+    )
+    .unwrap();
+    dir.credential().unwrap().expect("a cached credential")
+}
+
+/// A CSR with any subject and key, as a hostile or confused client might send.
+fn csr(cn: &str, orgs: &[&str], key_type: KeyType) -> String {
+    let key = PrivateKey::generate(key_type).unwrap();
+    let orgs: Vec<String> = orgs.iter().map(|s| s.to_string()).collect();
+    let der = pki::build_csr(&key, &pki::subject_name(cn, &orgs).unwrap()).unwrap();
+    pki::pem_encode("CERTIFICATE REQUEST", &der)
+}
+
+fn refused(r: Result<serde_json::Value, ClientError>) -> rotator::selfservice::ApiError {
+    match r {
+        Err(ClientError::Refused(e)) => e,
+        other => panic!("expected a refusal from the server, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_with_a_token_then_kubectl_works_and_the_token_is_single_use() {
+    let api = Api::start().await;
+    let token = api.enroll_user("alice", &[]).await;
+    // The user's kubeconfig already has another cluster; it must survive the merge.
+    std::fs::create_dir_all(api.kx.s.path("alice/kube")).unwrap();
+    std::fs::copy(&api.kx.admin, api.kx.s.path("alice/kube/config")).unwrap();
+    let before = std::fs::read_to_string(api.kx.s.path("alice/kube/config")).unwrap();
+
+    let out = ok(&api.fetch("alice", &["--token", &token]).await);
+    assert!(out.contains("fetched alice generation 1"), "{out}");
+    let merged = api.kx.s.path("alice/kube/config");
+    assert_eq!(mode(&merged), 0o600);
+    assert_eq!(
+        std::fs::read_to_string(api.kx.s.path("alice/kube/config.rotator-backup")).unwrap(),
+        before,
+        "the backup is the file as it was"
+    );
+    let kubeconfig = merged.to_str().unwrap();
+    ok(&api
+        .kx
+        .kubectl_as(kubeconfig, &["get", "pods", "-n", "team-a"])
+        .await);
+    assert!(!api.kx.can_list_pods(kubeconfig, "team-b").await);
+    let who = ok(&api
+        .kx
+        .kubectl_as(
+            kubeconfig,
+            &[
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ],
+        )
+        .await);
+    assert_eq!(who, "alice");
+    let contexts = ok(&api
+        .kx
+        .kubectl_as(kubeconfig, &["config", "get-contexts", "-o", "name"])
+        .await);
+    assert!(
+        contexts.lines().count() == 2 && contexts.contains("alice@test"),
+        "{contexts}"
+    );
+    // The key was made on the user's side: the server never stored one.
+    let creds = api.credentials_of("alice").await;
+    assert_eq!(creds.len(), 1);
+    assert_eq!(creds[0].state, "current");
+    let c = cached(&api, "alice");
+    assert_eq!(c.serial, creds[0].serial);
+    assert_eq!(
+        mode(
+            &api.kx
+                .s
+                .path("alice/state")
+                .join(format!("127.0.0.1_{}", api.addr.port()))
+                .join("credential.json")
+        ),
+        0o600
+    );
+    let key_line = c.key.lines().nth(1).unwrap().to_string();
+    let db = std::fs::read(api.kx.s.path("rotator-data/rotator.db")).unwrap();
+    assert!(
+        !db.windows(key_line.len()).any(|w| w == key_line.as_bytes()),
+        "the client's key reached the server's database"
+    );
+
+    // Used once: a second enrollment with it (another machine, another key) is refused.
+    let second = api.fetch("mallory", &["--token", &token]).await;
+    let err = fails_with(&second, 4);
+    assert!(err.contains("token_used"), "{err}");
+    assert!(
+        !api.kx.s.path("mallory/kube/config").exists(),
+        "nothing written on refusal"
+    );
+    assert_eq!(api.credentials_of("alice").await.len(), 1);
+
+    // Expired: bob's token outlives its hour only on paper.
+    let bob = api.enroll_user("bob", &[]).await;
+    api.clock.advance(3601);
+    let late = api.fetch("bob", &["--token", &bob]).await;
+    let err = fails_with(&late, 4);
+    assert!(err.contains("token_expired"), "{err}");
+    assert!(api.credentials_of("bob").await.is_empty());
+    // Every call is audited, refusals included.
+    assert_eq!(api.audit_count("api.refuse", "token_used").await, 1);
+    assert_eq!(api.audit_count("api.refuse", "token_expired").await, 1);
+    assert!(api.audit_count("api.call", "/v1/enroll").await >= 1);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_needs_the_current_certificate_of_an_active_user_from_our_ca() {
+    let api = Api::start().await;
+    let token = api.enroll_user("alice", &[]).await;
+    ok(&api.fetch("alice", &["--token", &token]).await);
+    let first = cached(&api, "alice");
+
+    // Renew with mutual TLS: same command, no token.
+    let out = ok(&api.fetch("alice", &[]).await);
+    assert!(out.contains("generation 2"), "{out}");
+    let second = cached(&api, "alice");
+    assert_ne!(first.serial, second.serial);
+    let kubeconfig = api.kx.s.path("alice/kube/config");
+    ok(&api
+        .kx
+        .kubectl_as(
+            kubeconfig.to_str().unwrap(),
+            &["get", "pods", "-n", "team-a"],
+        )
+        .await);
+    let creds = api.credentials_of("alice").await;
+    let states: Vec<&str> = creds.iter().map(|c| c.state.as_str()).collect();
+    assert_eq!(states, ["superseded", "current"]);
+    assert_eq!(creds[1].renewed_from.as_deref(), Some(creds[0].id.as_str()));
+
+    // The superseded certificate still chains to the CA, but may not renew.
+    let old = api.client(Some((&first.certificate, &first.key)));
+    let e = refused(old.post("/v1/renew", &serde_json::json!({"csr": csr("alice", &["dev", "rotator:alice:3"], KeyType::EcdsaP256)})).await);
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (403, "credential_not_current"),
+        "{e:?}"
+    );
+    assert!(
+        e.message.contains("a newer credential replaced it"),
+        "{}",
+        e.message
+    );
+
+    // A revoked user's current certificate is refused too.
+    ok(&api.kx.rotator_async(&["revoke", "alice"], &[]).await);
+    let cur = api.client(Some((&second.certificate, &second.key)));
+    let e = refused(cur.post("/v1/renew", &serde_json::json!({"csr": csr("alice", &["dev", "rotator:alice:3"], KeyType::EcdsaP256)})).await);
+    assert_eq!((e.status, e.code.as_str()), (403, "credential_not_current"));
+    assert!(e.message.contains("revoked"), "{}", e.message);
+    let err = fails_with(&api.fetch("alice", &[]).await, 4);
+    assert!(err.contains("credential_not_current"), "{err}");
+    assert_eq!(api.credentials_of("alice").await.len(), 2, "nothing issued");
+
+    // A certificate for "alice" from any other CA never gets past the handshake.
+    let scratch = Scratch::new();
+    let foreign = make_ca(scratch.dir.path(), "foreign");
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let orgs = vec!["dev".to_string(), "rotator:alice:2".to_string()];
+    let der = pki::build_csr(&key, &pki::subject_name("alice", &orgs).unwrap()).unwrap();
+    let cert = foreign
+        .issue(
+            &rotator::signer::SignRequest {
+                credential_id: "x",
+                user: "alice",
+                organizations: &orgs,
+                csr_der: &der,
+                ttl: Duration::from_secs(3600),
+            },
+            pki::CertProfile::Client,
+        )
+        .unwrap();
+    let forged = api.client(Some((&cert, &key.to_pem())));
+    match forged
+        .post::<serde_json::Value>("/v1/subject", &serde_json::json!({}))
+        .await
+    {
+        Err(ClientError::Tls(_)) | Err(ClientError::Unreachable { .. }) => {}
+        other => panic!("a foreign certificate got an HTTP answer: {other:?}"),
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
+    let api = Api::start().await;
+    let token = api.enroll_user("carol", &["--ttl", "10m"]).await;
+    // Renewing whenever less than 10 minutes are left means every run renews.
+    ok(&api
+        .fetch(
+            "carol",
+            &["--token", &token, "--exec", "--renew-before", "10m"],
+        )
+        .await);
+    let kubeconfig = api.kx.s.path("carol/kube/config");
+    let text = std::fs::read_to_string(&kubeconfig).unwrap();
+    assert!(
+        text.contains("client.authentication.k8s.io/v1") && !text.contains("client-key-data"),
+        "{text}"
+    );
+    let mut last = 1;
+    for _ in 0..3 {
+        ok(&api
+            .kx
+            .kubectl_as(
+                kubeconfig.to_str().unwrap(),
+                &["get", "pods", "-n", "team-a"],
+            )
+            .await);
+        let creds = api.credentials_of("carol").await;
+        let current = creds.iter().find(|c| c.state == "current").unwrap();
+        assert!(current.generation > last, "kubectl ran without a renewal");
+        last = current.generation;
+        assert_eq!(cached(&api, "carol").serial, current.serial);
+    }
+    // The plugin on its own speaks ExecCredential v1.
+    let state = api.kx.s.path("carol/state");
+    let url = api.url();
+    let plugin = |info: &'static str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+        c.args([
+            "credential",
+            "--server",
+            &url,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
+        .env("KUBERNETES_EXEC_INFO", info);
+        c.output().unwrap()
+    };
+    let o = plugin(
+        r#"{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","spec":{"interactive":false}}"#,
+    );
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["kind"], "ExecCredential");
+    assert!(
+        v["status"]["clientCertificateData"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE")
+    );
+    assert!(
+        v["status"]["clientKeyData"]
+            .as_str()
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    assert!(
+        v["status"]["expirationTimestamp"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    fails_with(
+        &plugin(r#"{"apiVersion":"client.authentication.k8s.io/v9"}"#),
+        2,
+    );
+
+    // The server goes away: kubectl still works on the cached, still-valid credential.
+    let server_gone = api.stop.send(true);
+    assert!(server_gone.is_ok());
+    let o = api
+        .kx
+        .kubectl_as(
+            kubeconfig.to_str().unwrap(),
+            &["get", "pods", "-n", "team-a"],
+        )
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("could not renew"), "the user is told: {err}");
+    let _ = api.served.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_4xx_and_change_nothing() {
+    let api = Api::start().await;
+    let token = api.enroll_user("alice", &[]).await;
+    let anon = api.client(None);
+    let raw = |path: &'static str, ct: &'static str, body: Vec<u8>| {
+        let anon = &anon;
+        async move {
+            let (status, body) = anon.post_raw(path, ct, body).await.unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{path}: not JSON"));
+            (
+                status,
+                v["error"]["code"].as_str().unwrap_or_default().to_string(),
+                v["error"]["fix"].as_str().unwrap_or_default().to_string(),
+            )
+        }
+    };
+    let json = "application/json";
+    let good_csr = |orgs: &[&str], kt| csr("alice", orgs, kt);
+    let cases: Vec<(&str, u16, &str, Vec<u8>)> = vec![
+        ("/v1/enroll", 400, "bad_request", b"garbage{".to_vec()),
+        ("/v1/enroll", 400, "bad_request", br#"{"token": 5}"#.to_vec()),
+        ("/v1/enroll", 413, "body_too_large", vec![b' '; 100_000]),
+        ("/v1/enroll", 400, "malformed_token", serde_json::to_vec(&serde_json::json!({"token": "abc", "csr": good_csr(&["dev", "rotator:alice:1"], KeyType::EcdsaP256)})).unwrap()),
+        ("/v1/enroll", 400, "malformed_csr", serde_json::to_vec(&serde_json::json!({"token": token, "csr": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"})).unwrap()),
+        ("/v1/enroll", 403, "subject_not_allowed", serde_json::to_vec(&serde_json::json!({"token": token, "csr": csr("bob", &["dev", "rotator:bob:1"], KeyType::EcdsaP256)})).unwrap()),
+        ("/v1/enroll", 403, "subject_not_allowed", serde_json::to_vec(&serde_json::json!({"token": token, "csr": good_csr(&["dev", "system:masters", "rotator:alice:1"], KeyType::EcdsaP256)})).unwrap()),
+        ("/v1/enroll", 422, "key_type_not_allowed", serde_json::to_vec(&serde_json::json!({"token": token, "csr": good_csr(&["dev", "rotator:alice:1"], KeyType::Rsa2048)})).unwrap()),
+        ("/v1/enroll", 409, "generation_stale", serde_json::to_vec(&serde_json::json!({"token": token, "csr": good_csr(&["dev", "rotator:alice:7"], KeyType::EcdsaP256)})).unwrap()),
+        ("/v1/renew", 401, "client_certificate_required", serde_json::to_vec(&serde_json::json!({"csr": good_csr(&["dev", "rotator:alice:1"], KeyType::EcdsaP256)})).unwrap()),
+        ("/v1/subject", 401, "token_invalid", serde_json::to_vec(&serde_json::json!({"token": format!("{}.{}", &token[..12], "A".repeat(43))})).unwrap()),
+        ("/v1/nothing", 404, "not_found", b"{}".to_vec()),
+    ];
+    let refusals = cases.len();
+    for (path, status, code, body) in cases {
+        let (got, got_code, fix) = raw(path, json, body).await;
+        assert_eq!((got, got_code.as_str()), (status, code), "{path} {code}");
+        assert!(!fix.is_empty(), "{code}: every refusal says what to do");
+    }
+    let (s, c, _) = raw("/v1/enroll", "text/plain", b"{}".to_vec()).await;
+    assert_eq!((s, c.as_str()), (415, "unsupported_media_type"));
+    // Nothing was issued, no token was burnt, every refusal was audited, and the
+    // server is still there: the real enrollment goes through.
+    assert!(api.credentials_of("alice").await.is_empty());
+    assert_eq!(
+        api.kx
+            .s
+            .count("SELECT COUNT(*) FROM enrollment_tokens WHERE state = 'active'")
+            .await,
+        1
+    );
+    assert_eq!(
+        api.kx
+            .s
+            .count("SELECT COUNT(*) FROM audit_events WHERE action = 'api.refuse'")
+            .await as usize,
+        refusals + 1
+    );
+    ok(&api.fetch("alice", &["--token", &token]).await);
+    assert_eq!(api.credentials_of("alice").await.len(), 1);
+    let (_, csrs) = api.kx.rotator_objects().await;
+    assert!(csrs.is_empty(), "no CSR left in the cluster: {csrs}");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_replayed_and_floods_are_rate_limited() {
+    let api = Api::start().await;
+    let token = api.enroll_user("dave", &[]).await;
+    let anon = api.client(None);
+    let subject: rotator::selfservice::SubjectResponse = anon
+        .post("/v1/subject", &serde_json::json!({"token": token}))
+        .await
+        .unwrap();
+    let orgs: Vec<&str> = subject.organizations.iter().map(String::as_str).collect();
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let orgs_owned: Vec<String> = orgs.iter().map(|s| s.to_string()).collect();
+    let der = pki::build_csr(&key, &pki::subject_name("dave", &orgs_owned).unwrap()).unwrap();
+    let pem = pki::pem_encode("CERTIFICATE REQUEST", &der);
+    let body = serde_json::json!({"token": token, "csr": pem});
+    let first: rotator::selfservice::Grant = anon.post("/v1/enroll", &body).await.unwrap();
+    // The client never saw that answer and retries with the same key: same certificate.
+    let again: rotator::selfservice::Grant = anon.post("/v1/enroll", &body).await.unwrap();
+    assert_eq!(again.serial, first.serial);
+    assert!(again.replayed && !first.replayed);
+    assert_eq!(
+        api.credentials_of("dave").await.len(),
+        1,
+        "no duplicate credential"
+    );
+    api.stop().await;
+
+    // Per-address limit: the burst passes, the next request is told when to come back.
+    let api = Api::start_with("rate_limit_per_address = 3\n").await;
+    let c = api.client(None);
+    for _ in 0..3 {
+        let (s, _) = c
+            .post_raw("/v1/subject", "application/json", b"{}".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(s, 401);
+    }
+    let (s, body) = c
+        .post_raw("/v1/subject", "application/json", b"{}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(s, 429, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("rate_limited"));
+    api.stop().await;
+}
