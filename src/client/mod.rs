@@ -130,16 +130,22 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
             });
         }
     };
-    // At most two rounds: a stale generation (someone renewed meanwhile) asks again.
+    // At most two rounds: a stale generation (an attempt failed, or someone
+    // renewed meanwhile) asks for the subject again but keeps the key, so a
+    // token already claimed for this key stays usable.
     let mut last = None;
+    let mut stale: Option<Pending> = None;
     for _ in 0..2 {
-        let pending = match dir.pending()?.filter(|p| p.purpose == purpose) {
-            Some(p) => p,
-            None => {
+        let pending = match (
+            dir.pending()?.filter(|p| p.purpose == purpose),
+            stale.take(),
+        ) {
+            (Some(p), _) => p,
+            (None, keep) => {
                 let subject: SubjectResponse = client
                     .post("/v1/subject", &json!({ "token": token }))
                     .await?;
-                let p = new_request(&purpose, &subject)?;
+                let p = new_request(&purpose, &subject, keep.map(|k| k.key))?;
                 dir.store_pending(&p)?;
                 p
             }
@@ -162,11 +168,12 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
                 dir.clear_pending();
                 return Ok(c);
             }
-            // The server decided: this key and CSR will never be accepted.
+            // The server decided: this CSR will never be accepted.
             Err(ClientError::Refused(e)) if e.status < 500 && e.status != 429 => {
                 dir.clear_pending();
                 if e.code == "generation_stale" {
                     last = Some(ClientError::Refused(e));
+                    stale = Some(pending);
                     continue;
                 }
                 return Err(ClientError::Refused(e));
@@ -178,12 +185,20 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
     Err(last.expect("a round ran"))
 }
 
-fn new_request(purpose: &str, s: &SubjectResponse) -> Result<Pending, ClientError> {
+/// A CSR for `s`, with a new key or (after a stale generation) the same one.
+fn new_request(
+    purpose: &str,
+    s: &SubjectResponse,
+    keep: Option<zeroize::Zeroizing<String>>,
+) -> Result<Pending, ClientError> {
     let key_type: KeyType = s
         .key_type
         .parse()
         .map_err(|e: pki::UnknownKeyType| ClientError::Protocol(e.to_string()))?;
-    let key = PrivateKey::generate(key_type)?;
+    let key = match keep {
+        Some(pem) => PrivateKey::from_pem(&pem, "pending request")?,
+        None => PrivateKey::generate(key_type)?,
+    };
     let der = pki::build_csr(&key, &pki::subject_name(&s.common_name, &s.organizations)?)?;
     Ok(Pending {
         purpose: purpose.into(),

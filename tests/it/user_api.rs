@@ -415,8 +415,10 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
     );
 
     // The server goes away: kubectl still works on the cached, still-valid credential.
+    let last_cached = cached(&api, "carol").certificate;
     let server_gone = api.stop.send(true);
     assert!(server_gone.is_ok());
+    let _ = api.served.await;
     let o = api
         .kx
         .kubectl_as(
@@ -427,7 +429,92 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     assert!(err.contains("could not renew"), "the user is told: {err}");
-    let _ = api.served.await;
+
+    // Something answers TCP on the server's port and then says nothing: the
+    // plugin gives up at its deadline and still answers.
+    let hole = tokio::net::TcpListener::bind(api.addr).await.unwrap();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            conns.push(c);
+        }
+    });
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+    c.args([
+        "credential",
+        "--server",
+        &url,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--timeout",
+        "2s",
+        "--renew-before",
+        "10m",
+    ]);
+    let o = c.output().await.unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("no answer within 2s"), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["status"]["clientCertificateData"].as_str().unwrap(),
+        last_cached
+    );
+    held.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_enrollment_is_finished_by_a_rerun_with_the_same_key() {
+    let api = Api::start().await;
+    let token = api.enroll_user("erin", &[]).await;
+    let f = api.kx.cluster.faults();
+    // The cluster refuses to create the CSR: the enrollment fails server-side.
+    f.add(
+        testcluster::FaultRule::on(Some("POST"), "/certificatesigningrequests")
+            .times(1)
+            .action(testcluster::FaultAction::Status(403)),
+    );
+    let first = api.fetch("erin", &["--token", &token]).await;
+    let err = fails_with(&first, 12);
+    assert!(err.contains("internal"), "{err}");
+    assert_eq!(f.fired(), 1);
+    let dir =
+        rotator::client::ServerDir::for_server(&api.kx.s.path("erin/state"), &api.url()).unwrap();
+    let pending = dir
+        .pending()
+        .unwrap()
+        .expect("the request is kept for the rerun");
+    assert!(dir.credential().unwrap().is_none());
+    assert!(!api.kx.s.path("erin/kube/config").exists());
+    assert_eq!(
+        api.kx
+            .s
+            .count("SELECT COUNT(*) FROM issuances WHERE user_name = 'erin' AND step = 'failed'")
+            .await,
+        1
+    );
+
+    // The same command again: the token is still good for the same key.
+    ok(&api.fetch("erin", &["--token", &token]).await);
+    let c = cached(&api, "erin");
+    assert_eq!(
+        *c.key, *pending.key,
+        "the rerun finished the same request, with the same key"
+    );
+    assert!(dir.pending().unwrap().is_none());
+    let creds = api.credentials_of("erin").await;
+    assert_eq!(creds.len(), 1);
+    assert_eq!(creds[0].state, "current");
+    let (_, csrs) = api.kx.rotator_objects().await;
+    assert!(csrs.is_empty(), "no stray CSR: {csrs}");
+    ok(&api
+        .kx
+        .kubectl_as(
+            api.kx.s.path("erin/kube/config").to_str().unwrap(),
+            &["get", "pods", "-n", "team-a"],
+        )
+        .await);
+    api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
