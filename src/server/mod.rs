@@ -343,3 +343,83 @@ async fn audit(
         warn!(error = %e, peer = %peer.addr, "could not audit an API call");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Request parsing faces the network: whatever the bytes, it answers Ok or
+    //! a 4xx, and never panics. Bounded by the case count (PROPTEST_CASES).
+    use super::parse_call;
+    use crate::pki::{self, KeyType, PrivateKey};
+    use proptest::prelude::*;
+    use std::sync::LazyLock;
+
+    const PATHS: [&str; 4] = ["/v1/subject", "/v1/enroll", "/v1/renew", "/elsewhere"];
+
+    static CSR: LazyLock<String> = LazyLock::new(|| {
+        let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+        let orgs = vec!["dev".to_string(), "rotator:alice:1".to_string()];
+        let der = pki::build_csr(&key, &pki::subject_name("alice", &orgs).unwrap()).unwrap();
+        pki::pem_encode("CERTIFICATE REQUEST", &der)
+    });
+
+    fn answered(path: &str, body: &[u8]) -> Result<(), TestCaseError> {
+        match parse_call(path, body) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                prop_assert!(
+                    (400..500).contains(&e.status),
+                    "{path}: status {} for {e}",
+                    e.status
+                );
+                prop_assert!(!e.code.is_empty() && !e.fix.is_empty());
+                Ok(())
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_bytes(path in 0..PATHS.len(), body in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            answered(PATHS[path], &body)?;
+        }
+
+        #[test]
+        fn json_shaped(path in 0..3usize, token in ".{0,80}", csr in ".{0,200}", extra in proptest::option::of("[a-z]{1,8}")) {
+            let mut v = serde_json::json!({"token": token, "csr": csr});
+            if let Some(k) = extra {
+                v[k] = serde_json::json!(1);
+            }
+            answered(PATHS[path], &serde_json::to_vec(&v).unwrap())?;
+        }
+
+        #[test]
+        fn damaged_csrs(flips in proptest::collection::vec((0..2000usize, any::<u8>()), 1..8), cut in 0..2000usize) {
+            let mut pem = CSR.as_bytes().to_vec();
+            for (at, b) in flips {
+                let n = pem.len();
+                pem[at % n] = b;
+            }
+            pem.truncate(cut.max(1).min(pem.len()));
+            let csr = String::from_utf8_lossy(&pem).to_string();
+            let token = format!("0123456789ab.{}", "A".repeat(43));
+            for path in ["/v1/enroll", "/v1/renew"] {
+                let body = serde_json::to_vec(&serde_json::json!({"token": token, "csr": csr})).unwrap();
+                let body = if path == "/v1/renew" {
+                    serde_json::to_vec(&serde_json::json!({"csr": csr})).unwrap()
+                } else {
+                    body
+                };
+                answered(path, &body)?;
+            }
+        }
+    }
+
+    #[test]
+    fn the_intact_csr_parses() {
+        let token = format!("0123456789ab.{}", "A".repeat(43));
+        let body = serde_json::to_vec(&serde_json::json!({"token": token, "csr": *CSR})).unwrap();
+        assert!(parse_call("/v1/enroll", &body).is_ok());
+    }
+}
