@@ -1103,4 +1103,28 @@ mod tests {
         assert!(parse_cron("0 */5 * * * *").is_ok());
         assert!(parse_cron("61 * * * *").is_err());
     }
+
+    #[test]
+    fn shipped_config_files_load() {
+        for f in ["config/rotator.toml", "deploy/rotator.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            let s = load_with(Some(&p), &[], &Overrides::default())
+                .unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert_eq!(s.server.enroll_token_ttl, Duration::from_secs(3600), "{f}");
+        }
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rotator.toml");
+        let s = load_with(Some(&deploy), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.server.listen, Some("0.0.0.0:8443".parse().unwrap()));
+        let bad = [(
+            "ROTATOR_SERVER__ENROLL_TOKEN_TTL".to_string(),
+            "30d".to_string(),
+        )];
+        let e = load_with(Some(&deploy), &bad, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.enroll_token_ttl") && e.contains("30d"),
+            "{e}"
+        );
+    }
 }
