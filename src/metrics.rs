@@ -39,6 +39,7 @@ pub struct Metrics {
     pub job_last_success: Family<Labels, Gauge<f64, AtomicU64>>,
     pub job_duration: Family<Labels, Gauge<f64, AtomicU64>>,
     pub drift_repairs: Counter,
+    pub api_requests: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -101,7 +102,14 @@ impl Default for Metrics {
             "RoleBindings repaired by reconcile",
             drift_repairs.clone(),
         );
+        let api_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "User API requests by endpoint and outcome (ok, or the HTTP status)",
+            api_requests.clone(),
+        );
         Self {
+            api_requests,
             registry,
             credentials,
             expiry,
@@ -120,6 +128,17 @@ impl Metrics {
     pub fn issuance(&self, kind: &str, result: &str) {
         self.issuances
             .get_or_create(&l(&[("kind", kind), ("result", result)]))
+            .inc();
+    }
+
+    /// One user API answer; unknown paths count as `other` so labels stay bounded.
+    pub fn api(&self, endpoint: &str, outcome: &str) {
+        let endpoint = match endpoint {
+            "/v1/subject" | "/v1/enroll" | "/v1/renew" => endpoint,
+            _ => "other",
+        };
+        self.api_requests
+            .get_or_create(&l(&[("endpoint", endpoint), ("outcome", outcome)]))
             .inc();
     }
 

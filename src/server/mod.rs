@@ -224,6 +224,23 @@ async fn route(
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
+    let resp = answer(app, limits, peer, req).await;
+    let outcome = if resp.status() == StatusCode::OK {
+        "ok".to_string()
+    } else {
+        format!("{}", resp.status().as_u16())
+    };
+    app.metrics.api(&path, &outcome);
+    resp
+}
+
+async fn answer(
+    app: &App,
+    limits: &Limits,
+    peer: &Peer,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
     if path == "/healthz" {
         return respond(200, &json!({"status": "ok"}));
     }

@@ -231,11 +231,19 @@ async fn enroll_with_a_token_then_kubectl_works_and_the_token_is_single_use() {
         0o600
     );
     let key_line = c.key.lines().nth(1).unwrap().to_string();
-    let db = std::fs::read(api.kx.s.path("rotator-data/rotator.db")).unwrap();
-    assert!(
-        !db.windows(key_line.len()).any(|w| w == key_line.as_bytes()),
-        "the client's key reached the server's database"
-    );
+    let secret = token.split_once('.').unwrap().1.to_string();
+    for f in ["rotator.db", "rotator.db-wal"] {
+        let db = std::fs::read(api.kx.s.path(&format!("rotator-data/{f}"))).unwrap_or_default();
+        let found = |needle: &str| db.windows(needle.len()).any(|w| w == needle.as_bytes());
+        assert!(
+            !found(&key_line),
+            "the client's key reached the server's {f}"
+        );
+        assert!(
+            !found(&secret),
+            "the token's secret is stored in plain text in {f}"
+        );
+    }
 
     // Used once: a second enrollment with it (another machine, another key) is refused.
     let second = api.fetch("mallory", &["--token", &token]).await;
@@ -580,6 +588,14 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
     assert_eq!(api.credentials_of("alice").await.len(), 1);
     let (_, csrs) = api.kx.rotator_objects().await;
     assert!(csrs.is_empty(), "no CSR left in the cluster: {csrs}");
+    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    for series in [
+        r#"rotator_api_requests_total{endpoint="/v1/enroll",outcome="ok"} 1"#,
+        r#"rotator_api_requests_total{endpoint="/v1/enroll",outcome="403"} 2"#,
+        r#"rotator_api_requests_total{endpoint="other",outcome="404"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
     api.stop().await;
 }
 
