@@ -644,3 +644,132 @@ async fn a_lost_answer_is_replayed_and_floods_are_rate_limited() {
     assert!(String::from_utf8_lossy(&body).contains("rate_limited"));
     api.stop().await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
+    let s = Scratch::new();
+    let (api_port, metrics_port) = (free_port(), free_port());
+    let api_addr = format!("127.0.0.1:{api_port}");
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    ok(&s.rotator(&["--data-dir", "data", "init"]));
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(s.dir.path())
+        .args([
+            "--data-dir",
+            "data",
+            "serve",
+            "--log-format",
+            "json",
+            "--api-addr",
+            &api_addr,
+            "--metrics-addr",
+            &metrics_addr,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(daemon.stderr.take().unwrap()).lines();
+    let mut up = false;
+    while let Ok(Ok(Some(l))) =
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+    {
+        if l.contains("user API (HTTPS)") {
+            up = true;
+            break;
+        }
+    }
+    assert!(up, "the daemon announced its user API");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // The serving certificate was issued by the local CA, its key kept private.
+    assert_eq!(mode(&s.path("data/server/tls.key")), 0o600);
+
+    let out = ok(&s.rotator(&[
+        "--data-dir",
+        "data",
+        "--output",
+        "json",
+        "add-user",
+        "frank",
+        "-n",
+        "team-a",
+        "--role",
+        "view",
+        "--enroll",
+    ]));
+    let token = serde_json::from_str::<serde_json::Value>(&out).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("https://{api_addr}");
+    let fetch = |extra: &[&str]| {
+        let mut a = vec![
+            "fetch",
+            "--server",
+            &url,
+            "--server-ca",
+            "data/ca/ca.crt",
+            "--state-dir",
+            "state",
+            "--kubeconfig",
+            "kube/config",
+        ];
+        a.extend_from_slice(extra);
+        s.rotator(&a)
+    };
+    assert!(ok(&fetch(&["--token", &token])).contains("generation 1"));
+    // Renewal over mutual TLS; the server CA was remembered, so it is not needed again.
+    let out = ok(&s.rotator(&[
+        "fetch",
+        "--server",
+        &url,
+        "--state-dir",
+        "state",
+        "--kubeconfig",
+        "kube/config",
+    ]));
+    assert!(out.contains("generation 2"), "{out}");
+    let (server, _ca, cert, key) = kubeconfig_parts(&s.path("kube/config"));
+    assert_eq!(server, "https://127.0.0.1:6443");
+    assert!(cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"));
+    // openssl agrees the certificate chains to the local CA and names generation 2.
+    std::fs::write(s.path("frank.crt"), &cert).unwrap();
+    let v = run(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            s.path("data/ca/ca.crt").to_str().unwrap(),
+            s.path("frank.crt").to_str().unwrap(),
+        ],
+    );
+    ok(&v);
+    let subject = ok(&run(
+        "openssl",
+        &[
+            "x509",
+            "-noout",
+            "-subject",
+            "-in",
+            s.path("frank.crt").to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        subject.contains("rotator:frank:2") && subject.contains("CN = frank"),
+        "{subject}"
+    );
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(daemon.wait().await.unwrap().success());
+}
