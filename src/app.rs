@@ -82,6 +82,8 @@ pub struct App {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Whether this daemon may run the jobs (always, without leader election).
     pub leader: Arc<std::sync::atomic::AtomicBool>,
+    /// Seals the key of a credential stored but not yet delivered.
+    pub sealing: Arc<crate::pki::SealingKey>,
 }
 
 fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<String, AppError> {
@@ -118,6 +120,10 @@ impl App {
             }
         })?;
         let store = Store::open(&settings.database_path()).await?;
+        let sealing = Arc::new(
+            crate::pki::SealingKey::load(&settings.sealing.key_file, !settings.sealing.configured)
+                .map_err(SignError::from)?,
+        );
 
         // The signer a data directory was made with sticks to it (`init --signer`).
         let (recorded, recorded_kubeconfig) = {
@@ -241,6 +247,7 @@ impl App {
                 inflight,
                 metrics: Arc::new(crate::metrics::Metrics::default()),
                 leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                sealing,
             },
             report,
         ))
@@ -296,6 +303,7 @@ impl App {
             faults: self.faults.as_ref(),
             endpoint: &self.endpoint,
             metrics: &self.metrics,
+            sealing: &self.sealing,
         }
     }
 }

@@ -91,6 +91,7 @@ struct FileConfig {
     rotation: RotationSection,
     schedule: ScheduleSection,
     server: ServerSection,
+    sealing: SealingSection,
 }
 
 impl Default for FileConfig {
@@ -107,6 +108,7 @@ impl Default for FileConfig {
             rotation: RotationSection::default(),
             schedule: ScheduleSection::default(),
             server: ServerSection::default(),
+            sealing: SealingSection::default(),
         }
     }
 }
@@ -253,6 +255,20 @@ impl Default for RotationSection {
             delivery_dir: None,
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SealingSection {
+    key_file: Option<PathBuf>,
+}
+
+/// The key that seals private keys of stored-but-undelivered credentials.
+#[derive(Debug, Clone)]
+pub struct SealingSettings {
+    pub key_file: PathBuf,
+    /// True when the path was configured: rotator then never creates it.
+    pub configured: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -405,6 +421,7 @@ pub struct Settings {
     pub rotation: RotationSettings,
     pub schedule: ScheduleSettings,
     pub server: ServerSettings,
+    pub sealing: SealingSettings,
 }
 
 impl Settings {
@@ -843,6 +860,13 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         None
     };
     let server = server_settings(&cx, f.server, ov)?;
+    let sealing = SealingSettings {
+        configured: f.sealing.key_file.is_some(),
+        key_file: f
+            .sealing
+            .key_file
+            .unwrap_or_else(|| data_dir.join("seal.key")),
+    };
     let kubernetes = KubernetesSettings {
         kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
         context: f.kubernetes.context,
@@ -867,6 +891,7 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         rotation,
         schedule,
         server,
+        sealing,
     })
 }
 

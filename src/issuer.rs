@@ -351,6 +351,7 @@ pub struct Issuer<'a> {
     /// Server URL and CA bundle written into kubeconfigs.
     pub endpoint: &'a crate::cluster::Endpoint,
     pub metrics: &'a crate::metrics::Metrics,
+    pub sealing: &'a pki::SealingKey,
 }
 
 /// Records a signer's external steps in the issuance journal.
@@ -455,6 +456,9 @@ impl Issuer<'_> {
         actor: &str,
     ) -> Result<Issued, IssueError> {
         sink.prepare()?;
+        if let Some(done) = self.redeliver(&spec, kind, sink, actor).await? {
+            return Ok(done);
+        }
         self.abandon_open(Some(&spec.name), actor).await?;
         let id = new_id();
         let _running = self.inflight.enter(&id);
@@ -569,10 +573,39 @@ impl Issuer<'_> {
                 &key.spki_der(),
                 &organizations,
                 None,
+                Some(&key),
                 actor,
             )
             .await?;
 
+        self.deliver(
+            id,
+            spec,
+            &stored.certificate_pem,
+            &stored.cert.serial,
+            &key,
+            sink,
+            actor,
+            stored.lifetime_note,
+        )
+        .await
+    }
+
+    /// Renders the kubeconfig, delivers it, and makes the credential current. A
+    /// failed delivery leaves the credential pending with its key sealed: the
+    /// next attempt for the user delivers this same credential.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        &self,
+        id: &str,
+        spec: &UserSpec,
+        certificate_pem: &str,
+        serial: &str,
+        key: &PrivateKey,
+        sink: &mut dyn Sink,
+        actor: &str,
+        lifetime_note: Option<String>,
+    ) -> Result<Issued, IssueError> {
         let key_pem = key.to_pem();
         let kc = ClientKubeconfig {
             cluster_name: &self.settings.cluster.name,
@@ -584,7 +617,7 @@ impl Issuer<'_> {
                 .first()
                 .map(String::as_str)
                 .filter(|n| *n != crate::policy::ALL_NAMESPACES),
-            certificate_pem: &stored.certificate_pem,
+            certificate_pem,
             key_pem: &key_pem,
         };
         let delivered = match kc.render() {
@@ -596,26 +629,121 @@ impl Issuer<'_> {
             }),
         };
         if let Err(e) = delivered {
-            return Err(self.fail(id, &spec.name, actor, e.into()).await);
+            return Err(self.delivery_failed(id, &spec.name, actor, e).await);
         }
         self.faults.hit(FaultPoint::AfterDeliver)?;
         let (credential, superseded) = self
-            .activate(
-                id,
-                &spec.name,
-                &stored.cert.serial,
-                &sink.describe(),
-                None,
-                actor,
-            )
+            .activate(id, &spec.name, serial, &sink.describe(), None, actor)
             .await?;
-        info!(serial = %stored.cert.serial, to = %sink.describe(), "credential delivered and current");
+        info!(serial = %serial, to = %sink.describe(), "credential delivered and current");
         Ok(Issued {
             credential,
             superseded,
             delivered_to: sink.describe(),
-            lifetime_note: stored.lifetime_note,
+            lifetime_note,
         })
+    }
+
+    /// Records a failed delivery; the credential stays pending (key sealed) and
+    /// its issuance at `stored`, for the next attempt to deliver.
+    async fn delivery_failed(
+        &self,
+        id: &str,
+        user: &str,
+        actor: &str,
+        err: SinkError,
+    ) -> IssueError {
+        let reason = err.to_string();
+        let reason = reason.lines().next().unwrap_or_default().to_string();
+        let res: Result<(), StoreError> = async {
+            let now = self.clock.now();
+            let mut tx = self.store.begin().await?;
+            issuances::set_step(&mut tx, id, Step::Stored, Some(&reason), now).await?;
+            audit::append(
+                &mut tx,
+                now,
+                actor,
+                "delivery.fail",
+                user,
+                json!({"credential": id, "reason": reason, "retry": "the next rotation delivers this credential"}),
+            )
+            .await?;
+            crate::store::commit(tx).await
+        }
+        .await;
+        if let Err(e) = res {
+            warn!(credential = %id, error = %e, "could not record the failed delivery");
+        }
+        err.into()
+    }
+
+    /// Delivers a credential an earlier attempt stored but could not deliver
+    /// (its delivery failed, or its process died), if one is still valid for a
+    /// while and no live process is on it. `None`: nothing to resume.
+    async fn redeliver(
+        &self,
+        spec: &UserSpec,
+        kind: Kind,
+        sink: &mut dyn Sink,
+        actor: &str,
+    ) -> Result<Option<Issued>, IssueError> {
+        let now = self.clock.now();
+        let found = {
+            let mut conn = self.store.conn().await?;
+            credentials::redeliverable(&mut conn, &spec.name, now + 60).await?
+        };
+        let Some((cred, sealed, owner)) = found else {
+            return Ok(None);
+        };
+        let me = self.identity.owner();
+        let busy = if owner == me {
+            self.inflight.contains(&cred.id)
+        } else {
+            self.identity.may_be_running(&owner)
+        };
+        if busy {
+            return Ok(None);
+        }
+        let mut tx = self.store.begin().await?;
+        if !issuances::take_over(&mut tx, &cred.id, &owner, &me, now).await? {
+            return Ok(None); // another process took it first
+        }
+        crate::store::commit(tx).await?;
+        let _running = self.inflight.enter(&cred.id);
+        let span = info_span!("issuance", user = %spec.name, credential = %cred.id, generation = cred.generation);
+        let attempt = async {
+            let pem = self.sealing.open(&cred.id, &sealed)?;
+            let pem = std::str::from_utf8(&pem).map_err(|e| pki::PkiError::Seal(e.to_string()))?;
+            let key = PrivateKey::from_pem(pem, "sealed key")?;
+            info!(serial = %cred.serial, "resuming the delivery of a stored credential");
+            // The attempt may have died before these; both are idempotent.
+            if let Err(e) = self.signer.cleanup(&cred.id).await {
+                warn!(error = %e, "could not delete the CSR object; the next reconcile removes it");
+            }
+            if let Some(cluster) = self.cluster {
+                crate::access::sync_user(
+                    self.store,
+                    cluster,
+                    self.settings.rotation.grace_period,
+                    self.clock.now(),
+                    &spec.name,
+                    actor,
+                )
+                .await?;
+            }
+            self.deliver(
+                &cred.id,
+                spec,
+                &cred.certificate,
+                &cred.serial,
+                &key,
+                sink,
+                actor,
+                None,
+            )
+            .await
+        };
+        self.observed(kind.as_str(), span, attempt).await.map(Some)
     }
 
     /// Issues a certificate for a key that never leaves the client (flow 2): the
@@ -654,6 +782,7 @@ impl Issuer<'_> {
                     &req.csr.spki_der,
                     &organizations,
                     req.renewed_from,
+                    None,
                     req.actor,
                 )
                 .await?;
@@ -692,6 +821,7 @@ impl Issuer<'_> {
         spki_der: &[u8],
         organizations: &[String],
         renewed_from: Option<&str>,
+        seal: Option<&PrivateKey>,
         actor: &str,
     ) -> Result<Stored, IssueError> {
         let ttl = Duration::from_secs(spec.ttl_seconds);
@@ -782,6 +912,11 @@ impl Issuer<'_> {
             renewed_from,
         };
         credentials::insert_pending(&mut tx, &new, now).await?;
+        // Kept (sealed) until delivered, so a failed delivery can be retried.
+        if let Some(key) = seal {
+            let sealed = self.sealing.seal(id, key.to_pem().as_bytes())?;
+            credentials::set_sealed_key(&mut tx, id, &sealed).await?;
+        }
         if !issuances::set_step(&mut tx, id, Step::Stored, None, now).await? {
             return Err(IssueError::Preempted(id.to_string()));
         }

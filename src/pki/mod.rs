@@ -4,6 +4,7 @@
 mod build;
 mod inspect;
 mod keys;
+mod seal;
 
 pub use build::{
     CertProfile, build_csr, certificate_subject, csr_public_key, random_serial, sign_certificate,
@@ -14,6 +15,7 @@ pub use inspect::{
     verify_issued,
 };
 pub use keys::{KeyType, PrivateKey, UnknownKeyType};
+pub use seal::SealingKey;
 
 use crate::exit::{Exit, ExitStatus};
 
@@ -45,13 +47,19 @@ pub enum PkiError {
         "issued certificate rejected: {0}\nfix: check the signer's CA and configuration; nothing was stored"
     )]
     Verify(String),
+    #[error(
+        "sealed key storage: {0}\nfix: check sealing.key_file (it must be the 0600 file rotator created, base64 of 32 bytes)"
+    )]
+    Seal(String),
 }
 
 impl ExitStatus for PkiError {
     fn exit(&self) -> Exit {
         match self {
             PkiError::Verify(_) => Exit::Verification,
-            PkiError::KeyParse { .. } | PkiError::CertParse { .. } => Exit::Config,
+            PkiError::KeyParse { .. } | PkiError::CertParse { .. } | PkiError::Seal(_) => {
+                Exit::Config
+            }
             PkiError::CsrParse { .. } | PkiError::UnsupportedKey { .. } => Exit::Refused,
             _ => Exit::Internal,
         }

@@ -106,6 +106,43 @@ pub async fn renewal_of(
     .await?)
 }
 
+/// Stores the sealed key of a pending credential.
+pub async fn set_sealed_key(
+    conn: &mut SqliteConnection,
+    id: &str,
+    sealed: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE credentials SET sealed_key = ? WHERE id = ? AND state = 'pending'")
+        .bind(sealed)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A pending credential of `user` whose delivery can still be retried: its key
+/// is sealed and it is valid past `after`. With its issuance's owner.
+pub async fn redeliverable(
+    conn: &mut SqliteConnection,
+    user: &str,
+    after: i64,
+) -> Result<Option<(Credential, String, String)>, StoreError> {
+    let Some((id, sealed, owner)): Option<(String, String, String)> = sqlx::query_as(
+        "SELECT c.id, c.sealed_key, i.owner FROM credentials c JOIN issuances i ON i.id = c.id
+         WHERE c.user_name = ? AND c.state = 'pending' AND c.sealed_key IS NOT NULL
+           AND c.not_after > ? AND i.step = 'stored'
+         ORDER BY c.generation DESC LIMIT 1",
+    )
+    .bind(user)
+    .bind(after)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    Ok(get(conn, &id).await?.map(|c| (c, sealed, owner)))
+}
+
 pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Credential>, StoreError> {
     Ok(sqlx::query_as("SELECT * FROM credentials WHERE id = ?")
         .bind(id)
@@ -142,6 +179,8 @@ pub async fn current(
     )
 }
 
+/// Changes a credential's state. A sealed key never outlives the pending state:
+/// it goes in the same statement.
 pub async fn set_state(
     conn: &mut SqliteConnection,
     id: &str,
@@ -149,13 +188,17 @@ pub async fn set_state(
     reason: Option<&str>,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE credentials SET state = ?, state_reason = ?, state_at = ? WHERE id = ?")
-        .bind(state)
-        .bind(reason)
-        .bind(now)
-        .bind(id)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE credentials SET state = ?1, state_reason = ?2, state_at = ?3,
+           sealed_key = CASE WHEN ?1 = 'pending' THEN sealed_key END
+         WHERE id = ?4",
+    )
+    .bind(state)
+    .bind(reason)
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -117,6 +117,27 @@ pub async fn set_step(
     Ok(r.rows_affected() == 1)
 }
 
+/// Moves a stored attempt from a process that is gone to this one. False when
+/// it is no longer at `stored` or another process took it first.
+pub async fn take_over(
+    conn: &mut SqliteConnection,
+    id: &str,
+    from: &str,
+    to: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE issuances SET owner = ?, updated_at = ? WHERE id = ? AND owner = ? AND step = 'stored'",
+    )
+    .bind(to)
+    .bind(now)
+    .bind(id)
+    .bind(from)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 pub async fn set_csr_name(
     conn: &mut SqliteConnection,
     id: &str,

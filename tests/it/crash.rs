@@ -113,7 +113,7 @@ async fn a_failure_after_signing_leaves_no_row_and_no_file_and_the_rerun_succeed
 }
 
 #[tokio::test]
-async fn a_crash_between_store_and_delivery_is_failed_and_redone_on_rerun() {
+async fn a_crash_between_store_and_delivery_is_resumed_with_the_same_credential() {
     let dir = tempfile::tempdir().unwrap();
     let app = app(
         dir.path(),
@@ -168,13 +168,26 @@ async fn a_crash_between_store_and_delivery_is_failed_and_redone_on_rerun() {
         1
     );
 
-    // The rerun: the stored-but-undelivered credential's key is gone, so it is failed, and a new one issued.
+    // Its key was kept sealed, never in plain text.
+    let pending_serial: String = {
+        let mut conn = app2.store.conn().await.unwrap();
+        let (serial, sealed): (String, String) =
+            sqlx::query_as("SELECT serial, sealed_key FROM credentials WHERE state = 'pending'")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        assert!(sealed.starts_with("v1.") && !sealed.contains("PRIVATE KEY"));
+        serial
+    };
+
+    // The rerun resumes that attempt: the same credential is delivered, no new one issued.
     let issued = app2
         .issuer()
         .rotate("alice", &mut FileSink { path: out.clone() }, "t")
         .await
         .unwrap();
-    assert_eq!(issued.credential.generation, 3);
+    assert_eq!(issued.credential.generation, 2);
+    assert_eq!(issued.credential.serial, pending_serial);
     assert_eq!(
         count(
             &app2,
@@ -186,10 +199,24 @@ async fn a_crash_between_store_and_delivery_is_failed_and_redone_on_rerun() {
     assert_eq!(
         count(
             &app2,
-            "SELECT COUNT(*) FROM credentials WHERE state = 'failed' AND generation = 2"
+            "SELECT COUNT(*) FROM credentials WHERE state = 'failed'"
         )
         .await,
-        1
+        0
+    );
+    assert_eq!(
+        count(&app2, "SELECT COUNT(*) FROM issuances").await,
+        2,
+        "no third attempt"
+    );
+    assert_eq!(
+        count(
+            &app2,
+            "SELECT COUNT(*) FROM credentials WHERE sealed_key IS NOT NULL"
+        )
+        .await,
+        0,
+        "the sealed key is gone once delivered"
     );
     assert_eq!(
         count(
@@ -199,7 +226,13 @@ async fn a_crash_between_store_and_delivery_is_failed_and_redone_on_rerun() {
         .await,
         1
     );
-    assert_ne!(std::fs::read(&out).unwrap(), first);
+    let (_, _, cert, _) = kubeconfig_parts(&out);
+    assert_eq!(
+        rotator::pki::parse_cert_pem(&cert, "delivered")
+            .unwrap()
+            .serial,
+        pending_serial
+    );
 }
 
 #[tokio::test]
@@ -286,5 +319,147 @@ async fn concurrent_rotations_never_leave_two_current_credentials() {
             .unwrap()
             .first_break
             .is_none()
+    );
+}
+
+/// Fails its first `failures` deliveries, then writes like a FileSink.
+struct FlakySink {
+    inner: FileSink,
+    failures: usize,
+}
+
+impl rotator::sink::Sink for FlakySink {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn prepare(&self) -> Result<(), rotator::sink::SinkError> {
+        Ok(())
+    }
+    fn deliver<'a>(
+        &'a mut self,
+        kubeconfig: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), rotator::sink::SinkError>> + Send + 'a>,
+    > {
+        if self.failures > 0 {
+            self.failures -= 1;
+            return Box::pin(async {
+                Err(rotator::sink::SinkError {
+                    target: "flaky".into(),
+                    reason: "the disk is full".into(),
+                    fix: "free some space",
+                })
+            });
+        }
+        self.inner.deliver(kubeconfig)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_retried_with_the_same_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = plain_app(dir.path()).await;
+    let out = dir.path().join("k");
+    app.issuer()
+        .add_user(spec("alice"), &mut FileSink { path: out.clone() }, "t")
+        .await
+        .unwrap();
+    let mut sink = FlakySink {
+        inner: FileSink { path: out.clone() },
+        failures: 2,
+    };
+    for _ in 0..2 {
+        let e = app
+            .issuer()
+            .rotate("alice", &mut sink, "t")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IssueError::Sink(_)), "{e}");
+    }
+    // Both failures concern one stored credential, still pending; the old one is current.
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM credentials WHERE state = 'pending' AND sealed_key IS NOT NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM credentials WHERE state = 'current' AND generation = 1"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM audit_events WHERE action = 'delivery.fail'"
+        )
+        .await,
+        2
+    );
+    let issued = app.issuer().rotate("alice", &mut sink, "t").await.unwrap();
+    assert_eq!(issued.credential.generation, 2, "delivered, not reissued");
+    assert_eq!(count(&app, "SELECT COUNT(*) FROM credentials").await, 2);
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM credentials WHERE sealed_key IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    let (_, _, cert, key) = kubeconfig_parts(&out);
+    assert_eq!(
+        rotator::pki::parse_cert_pem(&cert, "k").unwrap().serial,
+        issued.credential.serial
+    );
+    let key = rotator::pki::PrivateKey::from_pem(&key, "k").unwrap();
+    assert_eq!(
+        key.spki_der(),
+        rotator::pki::parse_cert_pem(&cert, "k").unwrap().spki_der,
+        "the key that was sealed"
+    );
+    assert!(
+        rotator::store::audit::verify(&app.store)
+            .await
+            .unwrap()
+            .first_break
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = plain_app(dir.path()).await;
+    let out = dir.path().join("k");
+    app.issuer()
+        .add_user(spec("alice"), &mut FileSink { path: out.clone() }, "t")
+        .await
+        .unwrap();
+    let mut sink = FlakySink {
+        inner: FileSink { path: out.clone() },
+        failures: 1,
+    };
+    app.issuer()
+        .rotate("alice", &mut sink, "t")
+        .await
+        .unwrap_err();
+    assert_eq!(mode(&dir.path().join("rotator-data/seal.key")), 0o600);
+    // Revoking the user wipes the sealed key with the pending credential.
+    rotator::lifecycle::revoke(&app, "alice", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        count(
+            &app,
+            "SELECT COUNT(*) FROM credentials WHERE sealed_key IS NOT NULL"
+        )
+        .await,
+        0
     );
 }

@@ -498,11 +498,24 @@ async fn a_daemon_sigkilled_at_each_step_of_an_issuance_recovers_with_one_creden
             "{step}"
         );
     }
-    // Seven interrupted attempts, each abandoned once; no generation was reused.
+    // Seven interrupted attempts. The five that died before the certificate was
+    // stored lost their key and were abandoned; the two that died after it
+    // (after-store, after-deliver) were resumed with their sealed key and the
+    // same credential. No generation was reused.
     assert_eq!(
         kx.s.count("SELECT COUNT(*) FROM issuances WHERE step = 'abandoned'")
             .await,
-        7
+        5
+    );
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM issuances").await,
+        1 + 7 + 5,
+        "a resumed attempt is finished, not replaced"
+    );
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM credentials WHERE sealed_key IS NOT NULL")
+            .await,
+        0
     );
     assert_eq!(
         kx.s.count("SELECT COUNT(DISTINCT generation) FROM issuances")

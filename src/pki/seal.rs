@@ -1,0 +1,161 @@
+//! Sealing (AEAD, AES-256-GCM from aws-lc-rs) for the one private key rotator
+//! ever keeps: a credential stored but not yet delivered, so a failed delivery
+//! can be retried with the same credential instead of losing it. The sealing
+//! key lives in its own file (0600), never in the database; the credential id
+//! is the associated data, so a sealed blob cannot be moved to another row.
+use std::path::Path;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, NONCE_LEN, Nonce, RandomizedNonceKey};
+use base64::Engine;
+use zeroize::Zeroizing;
+
+use super::PkiError;
+
+const VERSION: &str = "v1";
+
+pub struct SealingKey {
+    key: RandomizedNonceKey,
+    /// First bytes of SHA-256 of the key: names which key sealed a blob.
+    id: String,
+}
+
+impl std::fmt::Debug for SealingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealingKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(reason: impl ToString) -> PkiError {
+    PkiError::Seal(reason.to_string())
+}
+
+impl SealingKey {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, PkiError> {
+        if bytes.len() != 32 {
+            return Err(err(format!("the key is {} bytes, not 32", bytes.len())));
+        }
+        let key = RandomizedNonceKey::new(&AES_256_GCM, bytes).map_err(|_| err("bad key"))?;
+        let id = super::hex(&super::sha256(bytes)[..4]);
+        Ok(Self { key, id })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Reads the key file (base64 of 32 bytes); with `create`, makes one (0600)
+    /// when it does not exist.
+    pub fn load(path: &Path, create: bool) -> Result<Self, PkiError> {
+        let shown = path.display();
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes = Zeroizing::new(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(text.trim())
+                        .map_err(|e| err(format!("{shown} is not base64: {e}")))?,
+                );
+                Self::from_bytes(&bytes).map_err(|e| err(format!("{shown}: {e}")))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                let bytes = Zeroizing::new(super::random_bytes::<32>());
+                let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*bytes));
+                crate::fsutil::write_private_atomic(path, text.as_bytes())
+                    .map_err(|e| err(format!("cannot create {shown}: {e}")))?;
+                Self::from_bytes(&*bytes)
+            }
+            Err(e) => Err(err(format!("cannot read {shown}: {e}"))),
+        }
+    }
+
+    /// `v1.<key id>.<base64(nonce | ciphertext | tag)>`.
+    pub fn seal(&self, aad: &str, plaintext: &[u8]) -> Result<String, PkiError> {
+        let mut buf = Zeroizing::new(plaintext.to_vec());
+        let nonce = self
+            .key
+            .seal_in_place_append_tag(Aad::from(aad.as_bytes()), &mut *buf)
+            .map_err(|_| err("sealing failed"))?;
+        let mut out = nonce.as_ref().to_vec();
+        out.extend_from_slice(&buf);
+        Ok(format!(
+            "{VERSION}.{}.{}",
+            self.id,
+            base64::engine::general_purpose::STANDARD.encode(out)
+        ))
+    }
+
+    pub fn open(&self, aad: &str, sealed: &str) -> Result<Zeroizing<Vec<u8>>, PkiError> {
+        let mut parts = sealed.splitn(3, '.');
+        let (Some(VERSION), Some(id), Some(body)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(err("not a sealed value rotator wrote"));
+        };
+        if id != self.id {
+            return Err(err(format!(
+                "sealed with key {id}, but the configured sealing key is {}; restore the key file it was sealed with",
+                self.id
+            )));
+        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map_err(|e| err(format!("damaged sealed value: {e}")))?;
+        if raw.len() < NONCE_LEN {
+            return Err(err("damaged sealed value: too short"));
+        }
+        let (n, ct) = raw.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(n).map_err(|_| err("bad nonce"))?;
+        let mut buf = Zeroizing::new(ct.to_vec());
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut buf)
+            .map_err(|_| err("the sealed value does not open with this key for this credential"))?
+            .to_vec();
+        Ok(Zeroizing::new(plain))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seals_opens_and_refuses_tampering_other_rows_and_other_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("seal.key");
+        let k = SealingKey::load(&p, true).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let again = SealingKey::load(&p, false).unwrap();
+        assert_eq!(k.id(), again.id());
+        let s = k
+            .seal("cred-1", b"-----BEGIN PRIVATE KEY-----secret")
+            .unwrap();
+        assert!(!s.contains("PRIVATE") && !s.contains("secret"));
+        assert_eq!(
+            &*again.open("cred-1", &s).unwrap(),
+            b"-----BEGIN PRIVATE KEY-----secret"
+        );
+        assert!(k.open("cred-2", &s).is_err(), "bound to its row");
+        let mut t = s.clone().into_bytes();
+        let last = t.len() - 3;
+        t[last] = if t[last] == b'A' { b'B' } else { b'A' };
+        assert!(
+            k.open("cred-1", &String::from_utf8(t).unwrap()).is_err(),
+            "tampering is detected"
+        );
+        let other = SealingKey::from_bytes(&[7u8; 32]).unwrap();
+        assert!(
+            other
+                .open("cred-1", &s)
+                .unwrap_err()
+                .to_string()
+                .contains("sealed with key")
+        );
+        assert!(format!("{k:?}").len() < 60, "Debug shows no key material");
+        assert!(SealingKey::load(&d.path().join("missing"), false).is_err());
+    }
+}
