@@ -114,6 +114,26 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     ),
                 }
             }
+            let k = &s.sealing.key_file;
+            match mode_of(k) {
+                Some(0o600) | Some(0o400) => push(
+                    "sealing key file",
+                    true,
+                    format!("{} (mode 600, key {})", k.display(), app.sealing.id()),
+                    Exit::Config,
+                ),
+                m => push(
+                    "sealing key file",
+                    false,
+                    format!(
+                        "{} has mode {:o}; fix: chmod 600 {}",
+                        k.display(),
+                        m.unwrap_or(0),
+                        k.display()
+                    ),
+                    Exit::Config,
+                ),
+            }
             let ep = app.endpoint.clone();
             let checked = ep.source != "local-ca defaults" || s.cluster.server.is_some();
             let verdict = if checked {

@@ -438,6 +438,20 @@ fn doctor_reports_a_world_readable_ca_key() {
     let o = s.rotator(&["doctor"]);
     let e = fails_with(&o, 3);
     assert!(e.contains("chmod 600"), "{e}");
+    // The sealing key is checked the same way.
+    std::fs::set_permissions(
+        s.path("rotator-data/ca/ca.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    ok(&s.rotator(&["doctor"]));
+    std::fs::set_permissions(
+        s.path("rotator-data/seal.key"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let e = fails_with(&s.rotator(&["doctor"]), 3);
+    assert!(e.contains("seal.key has mode 640"), "{e}");
 }
 
 #[test]
