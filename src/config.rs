@@ -407,6 +407,8 @@ pub struct ScheduleSettings {
 pub struct Settings {
     /// Where the configuration came from, for `doctor` and error messages.
     pub origin: String,
+    /// The file the configuration was read from, if any: `serve` reloads when it changes.
+    pub file: Option<PathBuf>,
     pub data_dir: PathBuf,
     /// The signer asked for; `None` when nothing chose one (the database's record,
     /// or local-ca for a new one, decides).
@@ -520,7 +522,9 @@ pub fn load_with(
             origin: origin.clone(),
             message: e.to_string(),
         })?;
-    validate(file, origin, overrides)
+    let mut settings = validate(file, origin, overrides)?;
+    settings.file = path.map(Path::to_path_buf);
+    Ok(settings)
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -876,6 +880,7 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
     };
     Ok(Settings {
         origin,
+        file: None,
         data_dir,
         signer: ov.signer.or(f.signer),
         kubernetes,

@@ -110,8 +110,19 @@ where
             None
         }
     };
+    let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = app
+        .settings
+        .file
+        .clone()
+        .map(|f| tokio::spawn(watch_file(f, changed_tx)));
     let reload = async {
-        while hup.recv().await.is_some() {
+        loop {
+            let trigger = tokio::select! {
+                s = hup.recv() => match s { Some(()) => "SIGHUP", None => break },
+                c = changed.recv() => match c { Some(()) => "file change", None => { std::future::pending::<()>().await; continue } },
+            };
+            info!(trigger, "reloading the configuration");
             match reopen().await {
                 Ok(mut next) => {
                     if next.settings.data_dir != data_dir {
@@ -148,6 +159,9 @@ where
     }
     if let Some(e) = election {
         e.abort();
+    }
+    if let Some(w) = watcher {
+        w.abort();
     }
     let app = apps_tx.borrow().clone();
     app.store.close().await;
@@ -190,6 +204,33 @@ fn log_started(app: &App, what: &str) {
         reconcile = %app.settings.schedule.reconcile.expression,
         "{what}"
     );
+}
+
+/// How often the config file is checked for changes.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What identifies a version of a file without reading it.
+fn file_version(p: &std::path::Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+/// Signals when the config file changes (written in place or replaced by a
+/// rename, as editors and ConfigMap updates do). Polling keeps it portable
+/// and needs no extra dependency; a reload every few seconds at most is plenty.
+async fn watch_file(path: std::path::PathBuf, changed: tokio::sync::mpsc::Sender<()>) {
+    let mut last = file_version(&path);
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let now = file_version(&path);
+        if now != last && now.is_some() {
+            last = now;
+            if changed.send(()).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 fn unix_signal(kind: SignalKind) -> CliResult<tokio::signal::unix::Signal> {

@@ -644,7 +644,7 @@ async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespac
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_schedules_and_policy_and_a_broken_config_is_refused() {
+async fn sighup_or_an_edited_file_reloads_the_config_and_a_broken_one_is_refused() {
     use tokio::io::AsyncBufReadExt;
     let kx = Kx::new(Options::default(), "[schedule]\nrotate = \"0 0 0 1 1 *\"\n").await;
     ok(&kx
@@ -714,6 +714,22 @@ async fn sighup_reloads_schedules_and_policy_and_a_broken_config_is_refused() {
     assert_eq!(reloaded["fields"]["rotate"], "* * * * * *");
     let renewed = wait_for("renewed").await;
     assert_eq!(renewed["fields"]["user"], "alice");
+    // No signal at all: a changed file is picked up by itself.
+    let now = std::fs::read_to_string(kx.s.path("rotator.toml")).unwrap();
+    std::fs::write(
+        kx.s.path("rotator.toml"),
+        now.replace("rotate = \"* * * * * *\"", "rotate = \"0 0 0 1 1 *\""),
+    )
+    .unwrap();
+    let mut picked_up = false;
+    for _ in 0..20 {
+        let r = wait_for("configuration reloaded").await;
+        if r["fields"]["rotate"] == "0 0 0 1 1 *" {
+            picked_up = true;
+            break;
+        }
+    }
+    assert!(picked_up, "the edited file was reloaded without SIGHUP");
     std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
