@@ -643,6 +643,26 @@ async fn a_lost_answer_is_replayed_and_floods_are_rate_limited() {
     assert_eq!(s, 429, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("rate_limited"));
     api.stop().await;
+
+    // Per-user limit: one user's requests run out while the address has plenty.
+    let api = Api::start_with("rate_limit_per_address = 1000\nrate_limit_per_user = 2\n").await;
+    let token = api.enroll_user("gina", &[]).await;
+    let c = api.client(None);
+    let body = serde_json::json!({ "token": token });
+    for _ in 0..2 {
+        c.post::<serde_json::Value>("/v1/subject", &body)
+            .await
+            .unwrap();
+    }
+    let e = refused(c.post("/v1/subject", &body).await);
+    assert_eq!((e.status, e.code.as_str()), (429, "rate_limited"));
+    assert!(e.message.contains("for user gina"), "{}", e.message);
+    // Another user is not held back by gina's bucket.
+    let other = api.enroll_user("hank", &[]).await;
+    c.post::<serde_json::Value>("/v1/subject", &serde_json::json!({ "token": other }))
+        .await
+        .unwrap();
+    api.stop().await;
 }
 
 fn free_port() -> u16 {
