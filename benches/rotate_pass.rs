@@ -10,9 +10,23 @@ use std::time::Instant;
 use testcluster::{Options, TestCluster};
 
 fn rss_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// Starts a new peak-RSS measurement (Linux: "5" resets VmHWM to the current RSS).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The highest resident set size since `reset_peak`.
+fn peak_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+fn status_mib(field: &str) -> f64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|k| k.parse::<f64>().ok())
         .map(|k| k / 1024.0)
@@ -58,8 +72,8 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "\n{:>12} {:>28} {:>12} {:>14} {:>14}",
-        "credentials", "pass", "seconds", "RSS before MiB", "RSS after MiB"
+        "\n{:>12} {:>28} {:>12} {:>14} {:>14} {:>14}",
+        "credentials", "pass", "seconds", "RSS before MiB", "peak MiB", "RSS after MiB"
     );
     for n in sizes {
         rt.block_on(async {
@@ -77,17 +91,19 @@ fn main() {
             // First a database where nothing is due, then the same size with `due` due.
             seed(&app, n, 0, now).await;
             let before = rss_mib();
+            reset_peak();
             let t = Instant::now();
             let r = rotator::renewal::rotate_pass(&app).await.unwrap();
             assert_eq!(r.due, 0);
-            println!("{:>12} {:>28} {:>12.3} {:>14.1} {:>14.1}", n, "nothing due", t.elapsed().as_secs_f64(), before, rss_mib());
+            println!("{:>12} {:>28} {:>12.3} {:>14.1} {:>14.1} {:>14.1}", n, "nothing due", t.elapsed().as_secs_f64(), before, peak_mib(), rss_mib());
             sqlx::query("UPDATE credentials SET not_before = ?, not_after = ? WHERE rowid IN (SELECT rowid FROM credentials ORDER BY id LIMIT ?)")
                 .bind(now - 3000).bind(now + 600).bind(due as i64).execute(app.store.pool()).await.unwrap();
             let before = rss_mib();
+            reset_peak();
             let t = Instant::now();
             let r = rotator::renewal::rotate_pass(&app).await.unwrap();
             assert_eq!((r.due, r.renewed), (due, due));
-            println!("{:>12} {:>28} {:>12.3} {:>14.1} {:>14.1}", n, format!("renews {due} (test server)"), t.elapsed().as_secs_f64(), before, rss_mib());
+            println!("{:>12} {:>28} {:>12.3} {:>14.1} {:>14.1} {:>14.1}", n, format!("renews {due} (test server)"), t.elapsed().as_secs_f64(), before, peak_mib(), rss_mib());
             drop(cluster);
         });
     }
