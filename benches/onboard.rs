@@ -6,6 +6,9 @@
 //!
 //! ONBOARD_SIGNING_RATE models kube-controller-manager's client rate limit
 //! (about 20 CSRs/s by default; 0 = unlimited). Prints a table; asserts nothing.
+#[path = "common/hand_flow.rs"]
+mod hand_flow;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -52,20 +55,7 @@ async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let admin = dir.path().join("admin.kubeconfig");
     std::fs::write(&admin, cluster.admin_kubeconfig()).unwrap();
-    let k = |args: &[&str]| {
-        let o = std::process::Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&admin)
-            .args(args)
-            .output()
-            .expect("kubectl");
-        assert!(
-            o.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        o.stdout
-    };
+    let k = |args: &[&str]| hand_flow::kubectl(&admin, args);
     k(&["create", "namespace", "team-a"]);
     let cfg = dir.path().join("rotator.toml");
     std::fs::write(
@@ -141,51 +131,7 @@ async fn run() {
     let rotator_rate = users as f64 / elapsed.as_secs_f64();
 
     // The hand-run flow, one user after another, as a script would do it.
-    let hand_started = Instant::now();
-    for i in 0..hand {
-        let key = dir.path().join(format!("h{i}.key"));
-        let csr = dir.path().join(format!("h{i}.csr"));
-        let o = std::process::Command::new("openssl")
-            .args([
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                &format!("/O=dev/CN=h{i}"),
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&csr)
-            .output()
-            .unwrap();
-        assert!(o.status.success());
-        use base64::Engine;
-        let req = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&csr).unwrap());
-        let yaml = dir.path().join(format!("h{i}.yaml"));
-        std::fs::write(&yaml, format!("apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: h{i}\nspec:\n  request: {req}\n  signerName: kubernetes.io/kube-apiserver-client\n  expirationSeconds: 3600\n  usages: [client auth]\n")).unwrap();
-        k(&["create", "-f", yaml.to_str().unwrap()]);
-        k(&["certificate", "approve", &format!("h{i}")]);
-        k(&[
-            "wait",
-            "--for=jsonpath={.status.certificate}",
-            &format!("csr/h{i}"),
-            "--timeout=60s",
-        ]);
-        let cert = k(&[
-            "get",
-            "csr",
-            &format!("h{i}"),
-            "-o",
-            "jsonpath={.status.certificate}",
-        ]);
-        assert!(!cert.is_empty());
-    }
-    let hand_elapsed = hand_started.elapsed();
+    let hand_elapsed = hand_flow::run(dir.path(), &admin, hand);
     let hand_rate = hand as f64 / hand_elapsed.as_secs_f64();
 
     println!(

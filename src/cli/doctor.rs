@@ -26,6 +26,22 @@ fn mode_of(p: &std::path::Path) -> Option<u32> {
         .map(|m| m.permissions().mode() & 0o777)
 }
 
+/// Whether a key file is readable by its owner alone, and what to say about it.
+fn private_file(k: &std::path::Path, note: &str) -> (bool, String) {
+    match mode_of(k) {
+        Some(0o600) | Some(0o400) => (true, format!("{} (mode 600{note})", k.display())),
+        m => (
+            false,
+            format!(
+                "{} has mode {:o}; fix: chmod 600 {}",
+                k.display(),
+                m.unwrap_or(0),
+                k.display()
+            ),
+        ),
+    }
+}
+
 pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     let mut checks = Vec::new();
     let mut push = |name, ok, detail: String, exit| {
@@ -93,47 +109,12 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 Err(e) => push("signer CA", false, e.to_string(), Exit::Signer),
             }
             if app.signer.kind() == "local-ca" {
-                let k = &s.local_ca.key_file;
-                match mode_of(k) {
-                    Some(0o600) | Some(0o400) => push(
-                        "CA key file",
-                        true,
-                        format!("{} (mode 600)", k.display()),
-                        Exit::Config,
-                    ),
-                    m => push(
-                        "CA key file",
-                        false,
-                        format!(
-                            "{} has mode {:o}; fix: chmod 600 {}",
-                            k.display(),
-                            m.unwrap_or(0),
-                            k.display()
-                        ),
-                        Exit::Config,
-                    ),
-                }
+                let (ok, detail) = private_file(&s.local_ca.key_file, "");
+                push("CA key file", ok, detail, Exit::Config);
             }
-            let k = &s.sealing.key_file;
-            match mode_of(k) {
-                Some(0o600) | Some(0o400) => push(
-                    "sealing key file",
-                    true,
-                    format!("{} (mode 600, key {})", k.display(), app.sealing.id()),
-                    Exit::Config,
-                ),
-                m => push(
-                    "sealing key file",
-                    false,
-                    format!(
-                        "{} has mode {:o}; fix: chmod 600 {}",
-                        k.display(),
-                        m.unwrap_or(0),
-                        k.display()
-                    ),
-                    Exit::Config,
-                ),
-            }
+            let (ok, detail) =
+                private_file(&s.sealing.key_file, &format!(", key {}", app.sealing.id()));
+            push("sealing key file", ok, detail, Exit::Config);
             let ep = app.endpoint.clone();
             let checked = ep.source != "local-ca defaults" || s.cluster.server.is_some();
             let verdict = if checked {

@@ -1,0 +1,77 @@
+//! The hand-run flow a cluster admin scripts today, for one user's certificate:
+//! `openssl req` for a P-256 key and CSR, then `kubectl create -f csr.yaml`,
+//! `kubectl certificate approve`, `kubectl wait` and `kubectl get csr -o jsonpath`.
+//! Shared by the benchmarks that compare rotator with it in the same run.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Runs kubectl with `admin`; panics with its stderr on failure.
+pub fn kubectl(admin: &Path, args: &[&str]) -> Vec<u8> {
+    let o = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(admin)
+        .args(args)
+        .output()
+        .expect("kubectl");
+    assert!(
+        o.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
+}
+
+/// `users` certificates one after another, named h0, h1, ...; the wall time.
+pub fn run(dir: &Path, admin: &Path, users: usize) -> Duration {
+    let started = Instant::now();
+    for i in 0..users {
+        let key = dir.join(format!("h{i}.key"));
+        let csr = dir.join(format!("h{i}.csr"));
+        let o = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/O=dev/CN=h{i}"),
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&csr)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        use base64::Engine;
+        let req = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&csr).unwrap());
+        let yaml = dir.join(format!("h{i}.yaml"));
+        std::fs::write(&yaml, format!("apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata:\n  name: h{i}\nspec:\n  request: {req}\n  signerName: kubernetes.io/kube-apiserver-client\n  expirationSeconds: 3600\n  usages: [client auth]\n")).unwrap();
+        kubectl(admin, &["create", "-f", yaml.to_str().unwrap()]);
+        kubectl(admin, &["certificate", "approve", &format!("h{i}")]);
+        kubectl(
+            admin,
+            &[
+                "wait",
+                "--for=jsonpath={.status.certificate}",
+                &format!("csr/h{i}"),
+                "--timeout=60s",
+            ],
+        );
+        let cert = kubectl(
+            admin,
+            &[
+                "get",
+                "csr",
+                &format!("h{i}"),
+                "-o",
+                "jsonpath={.status.certificate}",
+            ],
+        );
+        assert!(!cert.is_empty());
+    }
+    started.elapsed()
+}
