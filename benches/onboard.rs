@@ -6,28 +6,16 @@
 //!
 //! ONBOARD_SIGNING_RATE models kube-controller-manager's client rate limit
 //! (about 20 CSRs/s by default; 0 = unlimited). Prints a table; asserts nothing.
-#[path = "common/hand_flow.rs"]
-mod hand_flow;
+#[path = "common/shared.rs"]
+mod shared;
+
+use shared::{env, hand_flow, pct};
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use rotator::policy::UserSpec;
 use testcluster::{Options, TestCluster};
-
-fn env(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run only under bench.

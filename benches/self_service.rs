@@ -7,8 +7,10 @@
 //!   SELF_USERS=500 SELF_CONCURRENCY=16 SELF_SIGNING_RATE=20 HAND_USERS=20 cargo bench --bench self_service
 //!
 //! Prints a table; asserts nothing.
-#[path = "common/hand_flow.rs"]
-mod hand_flow;
+#[path = "common/shared.rs"]
+mod shared;
+
+use shared::{env, hand_flow, pct};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,20 +19,6 @@ use rotator::client::{self, Connection};
 use rotator::pki::{KeyType, PrivateKey};
 use rotator::policy::UserSpec;
 use testcluster::{Options, TestCluster};
-
-fn env(k: &str, d: u64) -> u64 {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
