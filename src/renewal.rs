@@ -33,13 +33,41 @@ pub struct PassReport {
     pub failed: usize,
 }
 
+/// The widest renewal window of any credential whose lifetime is at most
+/// `longest`: nothing is due before `notAfter` minus this.
+fn widest_window(window: RenewWindow, longest: i64) -> i64 {
+    match window {
+        RenewWindow::Before(d) => d.as_secs() as i64,
+        RenewWindow::Fraction(f) => ((longest as f64 * f).ceil() as i64).max(1),
+    }
+}
+
 /// Current credentials of active users the daemon delivers for (users who
-/// hold their own keys renew themselves), for the scheduler's due check.
-async fn current_credentials(app: &App) -> Result<Vec<Credential>, crate::store::StoreError> {
+/// hold their own keys renew themselves) that may be due by `now`. A credential
+/// is due no earlier than `notAfter - window`, and the window is at most
+/// `renew_before`, or `fraction` of the longest current lifetime; so only rows
+/// with `notAfter` under that horizon are read, through the (state, not_after)
+/// index, instead of every credential with its certificate.
+async fn candidates(app: &App, now: i64) -> Result<Vec<Credential>, crate::store::StoreError> {
+    let window = app.settings.rotation.window;
+    let longest = match window {
+        RenewWindow::Before(_) => 0,
+        RenewWindow::Fraction(_) => {
+            let (longest,): (i64,) = sqlx::query_as(
+                "SELECT COALESCE(MAX(not_after - not_before), 0) FROM credentials WHERE state = 'current'",
+            )
+            .fetch_one(app.store.pool())
+            .await?;
+            longest
+        }
+    };
+    let widest = widest_window(window, longest);
     Ok(sqlx::query_as(
         "SELECT c.* FROM credentials c JOIN users u ON u.name = c.user_name
-         WHERE c.state = 'current' AND u.state = 'active' AND u.delivery != 'client' ORDER BY c.not_after",
+         WHERE c.state = 'current' AND c.not_after <= ? AND u.state = 'active' AND u.delivery != 'client'
+         ORDER BY c.not_after",
     )
+    .bind(now.saturating_add(widest))
     .fetch_all(app.store.pool())
     .await?)
 }
@@ -51,7 +79,7 @@ async fn current_credentials(app: &App) -> Result<Vec<Credential>, crate::store:
 pub async fn rotate_pass(app: &Arc<App>) -> Result<PassReport, crate::store::StoreError> {
     let now = app.clock.now();
     let s = &app.settings.rotation;
-    let due: Vec<Credential> = current_credentials(app)
+    let due: Vec<Credential> = candidates(app, now)
         .await?
         .into_iter()
         .filter(|c| renew_at(c, s.window, s.jitter) <= now)
@@ -197,6 +225,38 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nothing_due_lies_beyond_the_horizon_the_query_reads() {
+        // For any credential and window: due now => notAfter <= now + widest window.
+        let now = 1_800_000_000;
+        for (i, lifetime) in [1i64, 59, 600, 3_600, 86_400, 7 * 86_400]
+            .into_iter()
+            .enumerate()
+        {
+            for window in [
+                RenewWindow::Fraction(1.0 / 3.0),
+                RenewWindow::Fraction(0.9),
+                RenewWindow::Fraction(0.01),
+                RenewWindow::Before(std::time::Duration::from_secs(1)),
+                RenewWindow::Before(std::time::Duration::from_secs(7_200)),
+                RenewWindow::Before(std::time::Duration::from_secs(30 * 86_400)),
+            ] {
+                for jitter in [0.0, 0.1, 0.5] {
+                    for left in (-10..=lifetime + 10).step_by((lifetime as usize / 97).max(1)) {
+                        let na = now + left;
+                        let c = cred(&format!("c{i}-{left}"), na - lifetime, na);
+                        if renew_at(&c, window, jitter) <= now {
+                            assert!(
+                                na <= now + widest_window(window, lifetime),
+                                "{window:?} jitter {jitter}: due with {left}s left of {lifetime}s"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     fn cred(id: &str, nb: i64, na: i64) -> Credential {
         Credential {
