@@ -83,7 +83,7 @@ pub enum LogFormat {
 pub enum Command {
     /// Create the data directory, database and (for local-ca) the CA. Idempotent.
     Init,
-    /// Run the daemon: scheduled expiry (and, as they land, rotation and the HTTPS API).
+    /// Run the daemon: scheduled rotation, expiry and reconcile; health and metrics; the HTTPS user API.
     Serve {
         /// Address for health and metrics (overrides metrics_addr).
         #[arg(long, value_name = "ADDR")]
