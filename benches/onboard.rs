@@ -18,15 +18,7 @@ use rotator::policy::UserSpec;
 use testcluster::{Options, TestCluster};
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run only under bench.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    shared::run_bench(run);
 }
 
 async fn run() {

@@ -21,14 +21,7 @@ use rotator::policy::UserSpec;
 use testcluster::{Options, TestCluster};
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    shared::run_bench(run);
 }
 
 /// Runs `work(i)` for every user, `concurrency` at a time; latencies in ms and the wall time.

@@ -6,6 +6,14 @@ use std::sync::atomic::{AtomicI64, Ordering};
 /// Unix seconds. All times in the store are integer Unix seconds.
 pub type UnixTime = i64;
 
+/// RFC 3339 in UTC to the second, as Kubernetes and the audit log write times.
+pub fn rfc3339(t: UnixTime) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
+    )
+    .to_string()
+}
+
 pub trait Clock: Send + Sync {
     fn now(&self) -> UnixTime;
 }

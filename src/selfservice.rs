@@ -9,6 +9,7 @@ use serde_json::json;
 use tracing::warn;
 
 use crate::app::App;
+use crate::clock::rfc3339;
 use crate::enrollment::{self, Accepted, Refusal};
 use crate::issuer::{ClientRequest, IssueError};
 use crate::pki::{self, CsrInfo};
@@ -219,13 +220,6 @@ fn refusal(r: Refusal) -> ApiError {
     }
 }
 
-pub fn rfc3339(t: i64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
-    )
-    .to_string()
-}
-
 fn issue_error(e: IssueError) -> ApiError {
     use crate::cluster::ClusterError;
     use crate::signer::SignError;
@@ -384,7 +378,7 @@ fn no_identity() -> ApiError {
     )
 }
 
-fn malformed_token(why: String) -> ApiError {
+pub fn malformed_token(why: String) -> ApiError {
     ApiError::new(
         400,
         "malformed_token",

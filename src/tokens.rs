@@ -7,6 +7,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::app::App;
+use crate::clock::rfc3339;
 use crate::cluster::tokens::{ClusterToken, TokenSpec};
 use crate::cluster::{Cluster, ClusterError};
 use crate::exit::{Exit, ExitStatus};
@@ -161,11 +162,6 @@ fn validate(app: &App, req: &CreateToken) -> Result<(Option<i64>, Vec<String>), 
     }
     let expires = (!ttl.is_zero()).then(|| app.clock.now() + ttl.as_secs() as i64);
     Ok((expires, usages))
-}
-
-fn rfc3339(t: i64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t.max(0) as u64))
-        .to_string()
 }
 
 pub async fn create(app: &App, req: &CreateToken) -> Result<Created, TokenError> {

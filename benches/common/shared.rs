@@ -4,6 +4,19 @@
 //! `kubectl create -f csr.yaml`, `kubectl certificate approve`, `kubectl wait` and
 //! `kubectl get csr -o jsonpath`.
 
+/// Runs a benchmark's body on a multi-threaded runtime, only under `cargo
+/// bench` (which passes --bench); `cargo test --benches` runs nothing.
+pub fn run_bench<F: std::future::Future<Output = ()>>(body: impl FnOnce() -> F) {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body());
+}
+
 /// A numeric knob from the environment.
 pub fn env(k: &str, d: u64) -> u64 {
     std::env::var(k)

@@ -8,8 +8,7 @@ pub enum OutputFormat {
 }
 
 pub fn time(unix: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    crate::clock::rfc3339(unix)
 }
 
 /// Prints rows under headers, columns padded to the widest cell.

@@ -64,24 +64,14 @@ impl ApiClient {
         timeout: Duration,
     ) -> Result<Self, ClientError> {
         let (host, port) = parse_server(server)?;
-        let mut roots = rustls::RootCertStore::empty();
-        match server_ca_pem {
-            Some(pem) => {
-                for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                    let der = der.map_err(|e| ClientError::BadCa(e.to_string()))?;
-                    roots
-                        .add(der)
-                        .map_err(|e| ClientError::BadCa(e.to_string()))?;
-                }
-                if roots.is_empty() {
-                    return Err(ClientError::BadCa("no certificate in the file".into()));
-                }
-            }
+        let roots = match server_ca_pem {
+            Some(pem) => crate::pki::root_store(pem).map_err(ClientError::BadCa)?,
             None => {
-                let found = rustls_native_certs::load_native_certs();
-                roots.add_parsable_certificates(found.certs);
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                roots
             }
-        }
+        };
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

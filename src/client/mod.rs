@@ -112,7 +112,7 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
             if c.not_after <= now {
                 return Err(ClientError::Expired {
                     server: conn.server.clone(),
-                    at: crate::selfservice::rfc3339(c.not_after),
+                    at: crate::clock::rfc3339(c.not_after),
                 });
             }
             let client = ApiClient::new(

@@ -69,6 +69,21 @@ fn key_type_of(spki: &SubjectPublicKeyInfo<'_>) -> Result<KeyType, String> {
     }
 }
 
+/// A rustls trust store from a PEM bundle; an error names what is wrong, and an
+/// empty bundle is one.
+pub fn root_store(pem: &str) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots
+            .add(der.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    if roots.is_empty() {
+        return Err("no certificate in the bundle".into());
+    }
+    Ok(roots)
+}
+
 pub fn pem_to_der_certs(pem: &str, origin: &str) -> Result<Vec<Vec<u8>>, PkiError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
     let certs = certs.map_err(|e| PkiError::CertParse {

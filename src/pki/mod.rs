@@ -12,7 +12,7 @@ pub use build::{
 };
 pub use inspect::{
     CertInfo, CsrInfo, Expected, parse_cert_der, parse_cert_pem, parse_csr, pem_to_der_certs,
-    verify_issued,
+    root_store, verify_issued,
 };
 pub use keys::{KeyType, PrivateKey, UnknownKeyType};
 pub use seal::SealingKey;

@@ -148,7 +148,7 @@ fn rate_limited(what: &str, wait: Duration) -> Response<Full<Bytes>> {
 async fn claimed_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
     let mut conn = app.store.conn().await.ok()?;
     if let Some(t) = token {
-        let id = t.split_once('.').map(|(id, _)| id)?;
+        let id = crate::enrollment::parse(t).ok()?.id;
         return enrollments::get(&mut conn, id)
             .await
             .ok()
@@ -191,14 +191,7 @@ fn parse(path: &str, body: &[u8]) -> Result<Call, ApiError> {
         "/v1/enroll" => {
             let r: selfservice::EnrollRequest = selfservice::parse_body(body)?;
             selfservice::parse_csr_field(&r.csr)?;
-            crate::enrollment::parse(&r.token).map_err(|why| {
-                ApiError::new(
-                    400,
-                    "malformed_token",
-                    format!("the enrollment token is malformed: {why}"),
-                    "paste the whole token `rotator add-user --enroll` printed",
-                )
-            })?;
+            crate::enrollment::parse(&r.token).map_err(selfservice::malformed_token)?;
             Call::Enroll(r)
         }
         "/v1/renew" => {

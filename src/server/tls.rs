@@ -113,13 +113,8 @@ pub fn server_config(app: &App) -> Result<Arc<ServerConfig>, TlsError> {
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
         .map_err(|e| TlsError::Setup(format!("serving key: {e}")))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for der in CertificateDer::pem_slice_iter(app.signer.ca_bundle_pem().as_bytes()) {
-        let der = der.map_err(|e| TlsError::Setup(format!("client CA: {e}")))?;
-        roots
-            .add(der)
-            .map_err(|e| TlsError::Setup(format!("client CA: {e}")))?;
-    }
+    let roots = crate::pki::root_store(app.signer.ca_bundle_pem())
+        .map_err(|e| TlsError::Setup(format!("client CA: {e}")))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()

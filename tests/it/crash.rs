@@ -355,19 +355,29 @@ impl rotator::sink::Sink for FlakySink {
     }
 }
 
-#[tokio::test]
-async fn a_failed_delivery_is_retried_with_the_same_credential() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = plain_app(dir.path()).await;
-    let out = dir.path().join("k");
+/// alice added with a working sink; then her kubeconfig file behind one that fails `failures` times.
+async fn alice_with_a_flaky_sink(
+    dir: &std::path::Path,
+    failures: usize,
+) -> (rotator::app::App, FlakySink) {
+    let app = plain_app(dir).await;
+    let out = dir.join("k");
     app.issuer()
         .add_user(spec("alice"), &mut FileSink { path: out.clone() }, "t")
         .await
         .unwrap();
-    let mut sink = FlakySink {
-        inner: FileSink { path: out.clone() },
-        failures: 2,
+    let sink = FlakySink {
+        inner: FileSink { path: out },
+        failures,
     };
+    (app, sink)
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_retried_with_the_same_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, mut sink) = alice_with_a_flaky_sink(dir.path(), 2).await;
+    let out = sink.inner.path.clone();
     for _ in 0..2 {
         let e = app
             .issuer()
@@ -435,16 +445,7 @@ async fn a_failed_delivery_is_retried_with_the_same_credential() {
 #[tokio::test]
 async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key() {
     let dir = tempfile::tempdir().unwrap();
-    let app = plain_app(dir.path()).await;
-    let out = dir.path().join("k");
-    app.issuer()
-        .add_user(spec("alice"), &mut FileSink { path: out.clone() }, "t")
-        .await
-        .unwrap();
-    let mut sink = FlakySink {
-        inner: FileSink { path: out.clone() },
-        failures: 1,
-    };
+    let (app, mut sink) = alice_with_a_flaky_sink(dir.path(), 1).await;
     app.issuer()
         .rotate("alice", &mut sink, "t")
         .await
