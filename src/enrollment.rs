@@ -114,7 +114,7 @@ pub async fn add_user(app: &App, spec: &UserSpec) -> Result<Created, EnrollError
         if u.spec != *spec {
             return Err(IssueError::SpecMismatch {
                 user: spec.name.clone(),
-                differs: format!("{:?} vs {:?}", u.spec, spec),
+                differs: crate::issuer::describe_diff(&u.spec, spec),
             }
             .into());
         }

@@ -1111,7 +1111,7 @@ impl Issuer<'_> {
     }
 }
 
-fn describe_diff(a: &UserSpec, b: &UserSpec) -> String {
+pub(crate) fn describe_diff(a: &UserSpec, b: &UserSpec) -> String {
     let mut d = Vec::new();
     if a.groups != b.groups {
         d.push(format!("groups {:?} vs {:?}", a.groups, b.groups));
