@@ -32,6 +32,24 @@ pub enum AppError {
         "this data directory was initialized with signer {recorded:?}, but {asked:?} was asked for\nfix: use the signer it was made with, or a new --data-dir for the other signer (credentials from one signer cannot be managed by another)"
     )]
     SignerMismatch { recorded: String, asked: String },
+    #[error(
+        "the data directory {dir} was initialized (instance {instance}), but its database {db} is {what}\nfix: restore {db} from a backup (`rotator backup` makes one); or, to start over on purpose, `rotator init --new-database` (credentials issued before stay valid until their notAfter; their generation groups are never reused)"
+    )]
+    DatabaseLost {
+        dir: PathBuf,
+        db: PathBuf,
+        instance: String,
+        what: &'static str,
+    },
+    #[error(
+        "the database {db} belongs to rotator instance {found}, but the data directory {dir} was initialized for instance {expected}\nfix: point --data-dir at the directory this database came from, or restore this directory's own database"
+    )]
+    ForeignDatabase {
+        dir: PathBuf,
+        db: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -46,6 +64,7 @@ impl ExitStatus for AppError {
             AppError::DataDir { .. } | AppError::File { .. } | AppError::SignerMismatch { .. } => {
                 Exit::Config
             }
+            AppError::DatabaseLost { .. } | AppError::ForeignDatabase { .. } => Exit::Database,
             AppError::Store(e) => e.exit(),
             AppError::Sign(e) => e.exit(),
             AppError::Cluster(e) => e.exit(),
@@ -61,6 +80,8 @@ pub struct InitReport {
     /// The local CA certificate, or the cluster's server URL.
     pub signer_detail: String,
     pub created_ca: bool,
+    /// The database's instance id (also in `DATA_DIR/instance`).
+    pub instance: String,
     pub kubeconfig_server: String,
     pub kubeconfig_server_source: String,
 }
@@ -84,6 +105,54 @@ pub struct App {
     pub leader: Arc<std::sync::atomic::AtomicBool>,
     /// Seals the key of a credential stored but not yet delivered.
     pub sealing: Arc<crate::pki::SealingKey>,
+    /// This database's identity: what the cluster objects rotator makes are
+    /// annotated with, so one instance never touches another's.
+    pub instance: String,
+}
+
+/// How `App::open` treats the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DatabaseMode {
+    /// Refuse a missing or emptied database in an initialized data directory.
+    #[default]
+    Existing,
+    /// `init --new-database`: start a new, empty database (a new instance) on purpose.
+    New,
+}
+
+/// `DATA_DIR/instance`: written at the first initialization, so a lost or
+/// emptied database is noticed instead of silently recreated.
+fn marker_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("instance")
+}
+
+fn read_marker(data_dir: &std::path::Path) -> Result<Option<String>, AppError> {
+    let path = marker_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(s
+            .lines()
+            .find_map(|l| l.strip_prefix("instance "))
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AppError::File {
+            what: "instance marker",
+            path,
+            reason: e.to_string(),
+            fix: "make the data directory readable by rotator",
+        }),
+    }
+}
+
+fn write_marker(data_dir: &std::path::Path, instance: &str) -> Result<(), AppError> {
+    let path = marker_path(data_dir);
+    let text = format!(
+        "# rotator data directory: the database here belongs to this instance.\n# Do not edit; a database without it is refused.\ninstance {instance}\n"
+    );
+    crate::fsutil::write_public_atomic(&path, text.as_bytes()).map_err(|source| AppError::DataDir {
+        path: path.clone(),
+        source,
+    })
 }
 
 fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<String, AppError> {
@@ -108,10 +177,20 @@ impl App {
     /// Creates what is missing (data directory, database, local CA) and opens the
     /// rest. Running it twice changes nothing the second time.
     pub async fn open(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        faults: Arc<dyn Faults>,
+        actor: String,
+    ) -> Result<(Self, InitReport), AppError> {
+        Self::open_with(settings, clock, faults, actor, DatabaseMode::Existing).await
+    }
+
+    pub async fn open_with(
         mut settings: Settings,
         clock: Arc<dyn Clock>,
         faults: Arc<dyn Faults>,
         actor: String,
+        mode: DatabaseMode,
     ) -> Result<(Self, InitReport), AppError> {
         crate::fsutil::ensure_private_dir(&settings.data_dir).map_err(|source| {
             AppError::DataDir {
@@ -119,7 +198,41 @@ impl App {
                 source,
             }
         })?;
-        let store = Store::open(&settings.database_path()).await?;
+        let db_path = settings.database_path();
+        let marker = read_marker(&settings.data_dir)?;
+        if let (Some(instance), DatabaseMode::Existing) = (&marker, mode) {
+            let what = match std::fs::metadata(&db_path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+                Ok(m) if m.len() == 0 => Some("empty"),
+                _ => None,
+            };
+            if let Some(what) = what {
+                return Err(AppError::DatabaseLost {
+                    dir: settings.data_dir.clone(),
+                    db: db_path,
+                    instance: instance.clone(),
+                    what,
+                });
+            }
+        }
+        if mode == DatabaseMode::New {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = db_path.clone().into_os_string();
+                p.push(suffix);
+                let p = PathBuf::from(p);
+                if std::fs::metadata(&p).is_ok_and(|m| m.len() > 0) && suffix.is_empty() {
+                    let aside = db_path.with_extension(format!("db.replaced-{}", clock.now()));
+                    std::fs::rename(&p, &aside).map_err(|source| AppError::DataDir {
+                        path: p.clone(),
+                        source,
+                    })?;
+                    tracing::warn!(kept = %aside.display(), "init --new-database: the previous database was moved aside");
+                } else {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+        let store = Store::open(&db_path).await?;
         let sealing = Arc::new(
             crate::pki::SealingKey::load(&settings.sealing.key_file, !settings.sealing.configured)
                 .map_err(SignError::from)?,
@@ -133,6 +246,49 @@ impl App {
                 meta::get(&mut conn, "kubeconfig").await?,
             )
         };
+        let found_instance = {
+            let mut conn = store.conn().await?;
+            meta::get(&mut conn, meta::INSTANCE_ID).await?
+        };
+        let instance = match (&marker, found_instance, mode) {
+            (Some(expected), Some(found), DatabaseMode::Existing) if *expected != found => {
+                return Err(AppError::ForeignDatabase {
+                    dir: settings.data_dir.clone(),
+                    db: db_path,
+                    found,
+                    expected: expected.clone(),
+                });
+            }
+            // A database with tables but no instance: recreated behind rotator's back.
+            (Some(expected), None, DatabaseMode::Existing) => {
+                return Err(AppError::DatabaseLost {
+                    dir: settings.data_dir.clone(),
+                    db: db_path,
+                    instance: expected.clone(),
+                    what: "a new, empty one (its instance id is missing)",
+                });
+            }
+            (_, Some(found), _) => found,
+            (_, None, _) => {
+                let id = crate::pki::hex(&crate::pki::random_bytes::<8>());
+                let mut tx = store.begin().await?;
+                meta::set(&mut tx, meta::INSTANCE_ID, &id).await?;
+                audit::append(
+                    &mut tx,
+                    clock.now(),
+                    &actor,
+                    "store.instance",
+                    "rotator",
+                    json!({"instance": id, "previous": marker, "new_database": mode == DatabaseMode::New}),
+                )
+                .await?;
+                crate::store::commit(tx).await?;
+                id
+            }
+        };
+        if marker.as_deref() != Some(instance.as_str()) {
+            write_marker(&settings.data_dir, &instance)?;
+        }
         let kind = match (settings.signer, recorded.as_deref()) {
             (Some(asked), Some(r)) if asked.as_str() != r => {
                 return Err(AppError::SignerMismatch {
@@ -167,7 +323,8 @@ impl App {
                 Arc::new(ca)
             }
             SignerKind::Kubernetes => {
-                let c = Cluster::connect(&settings.kubernetes).await?;
+                let mut c = Cluster::connect(&settings.kubernetes).await?;
+                c.instance = instance.clone();
                 let client_ca = match &settings.kubernetes.client_ca_file {
                     Some(p) => read_pem(
                         "client CA",
@@ -229,6 +386,7 @@ impl App {
                 None => settings.local_ca.cert_file.display().to_string(),
             },
             created_ca,
+            instance: instance.clone(),
             kubeconfig_server: endpoint.server.clone(),
             kubeconfig_server_source: endpoint.source.clone(),
         };
@@ -248,6 +406,7 @@ impl App {
                 metrics: Arc::new(crate::metrics::Metrics::default()),
                 leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 sealing,
+                instance,
             },
             report,
         ))

@@ -82,7 +82,14 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the data directory, database and (for local-ca) the CA. Idempotent.
-    Init,
+    Init {
+        /// Start a new, empty database in a data directory whose database was lost
+        /// or emptied. The old one (if any) is moved aside, never deleted.
+        /// Credentials issued before stay valid until their notAfter, and no
+        /// generation group is ever reused, but rotator forgets them.
+        #[arg(long)]
+        new_database: bool,
+    },
     /// Run the daemon: scheduled rotation, expiry and reconcile; health and metrics; the HTTPS user API.
     Serve {
         /// Address for health and metrics (overrides metrics_addr).
@@ -272,8 +279,21 @@ async fn open_app(
 pub async fn run(cli: Cli) -> CliResult {
     let out = cli.output;
     match &cli.command {
-        Command::Init => {
-            let (app, report) = open_app(&cli, None).await?;
+        Command::Init { new_database } => {
+            let settings = config::load(cli.config.as_deref(), &cli.overrides(None))?;
+            let mode = if *new_database {
+                crate::app::DatabaseMode::New
+            } else {
+                crate::app::DatabaseMode::Existing
+            };
+            let (app, report) = App::open_with(
+                settings,
+                Arc::new(SystemClock),
+                faults_from_env(),
+                actor(),
+                mode,
+            )
+            .await?;
             output::init_report(out, &report);
             app.store.close().await;
             Ok(())

@@ -50,7 +50,7 @@ impl Cluster {
         ttl: Duration,
     ) -> Result<CertificateSigningRequest, ClusterError> {
         let obj = CertificateSigningRequest {
-            metadata: super::managed_meta(name, user),
+            metadata: self.owned_meta(name, user),
             spec: CertificateSigningRequestSpec {
                 request: k8s_openapi::ByteString(csr_pem.as_bytes().to_vec()),
                 signer_name: CLIENT_SIGNER.into(),

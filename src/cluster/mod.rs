@@ -17,6 +17,9 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "rotator")
 pub const USER_LABEL: &str = "rotator.io/user-hash";
 /// Annotation carrying the user name itself.
 pub const USER_ANNOTATION: &str = "rotator.io/user";
+/// Annotation naming the rotator instance (database) that made an object. A
+/// label anyone may strip says "managed by rotator"; this says by which one.
+pub const INSTANCE_ANNOTATION: &str = "rotator.io/instance";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -84,6 +87,8 @@ pub struct Cluster {
     pub url: String,
     /// The CA bundle this connection trusts for the server, PEM, if it has one.
     pub server_ca_pem: Option<String>,
+    /// The instance id of the database this process works for (`App::instance`).
+    pub instance: String,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -148,6 +153,7 @@ impl Cluster {
             client,
             url,
             server_ca_pem,
+            instance: String::new(),
         })
     }
 
@@ -156,6 +162,7 @@ impl Cluster {
             client,
             url,
             server_ca_pem,
+            instance: String::new(),
         }
     }
 }
@@ -265,6 +272,31 @@ pub fn is_not_found(e: &kube::Error) -> bool {
 
 pub fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+impl Cluster {
+    /// Metadata for an object rotator makes for a user: `managed_meta` plus the
+    /// instance annotation.
+    pub fn owned_meta(&self, name: &str, user: &str) -> kube::api::ObjectMeta {
+        let mut m = managed_meta(name, user);
+        m.annotations
+            .get_or_insert_with(Default::default)
+            .insert(INSTANCE_ANNOTATION.into(), self.instance.clone());
+        m
+    }
+
+    /// Whether this instance made `meta`'s object. Objects from before instance
+    /// annotations existed (none at all) count as this instance's.
+    pub fn owns(&self, meta: &kube::api::ObjectMeta) -> bool {
+        match meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(INSTANCE_ANNOTATION))
+        {
+            Some(i) => *i == self.instance,
+            None => true,
+        }
+    }
 }
 
 /// Metadata for an object rotator makes for a user: its name, rotator's label,
@@ -455,7 +487,7 @@ impl Cluster {
         let secret = Secret {
             metadata: kube::api::ObjectMeta {
                 namespace: Some(ns.into()),
-                ..managed_meta(name, user)
+                ..self.owned_meta(name, user)
             },
             type_: Some("Opaque".into()),
             data: Some(

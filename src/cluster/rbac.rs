@@ -100,9 +100,9 @@ fn subjects(groups: &[String]) -> Vec<Subject> {
         .collect()
 }
 
-fn desired<K: Binding>(user: &str, role: &str, groups: &[String]) -> K {
+fn desired<K: Binding>(cluster: &Cluster, user: &str, role: &str, groups: &[String]) -> K {
     K::build(
-        super::managed_meta(&binding_name(user), user),
+        cluster.owned_meta(&binding_name(user), user),
         RoleRef {
             api_group: Some(RBAC_GROUP.into()),
             kind: "ClusterRole".into(),
@@ -235,7 +235,7 @@ impl Cluster {
             let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), ns);
             let done = sync_one(
                 &api,
-                &desired::<RoleBinding>(user, role, groups),
+                &desired::<RoleBinding>(self, user, role, groups),
                 groups.is_empty(),
                 &format!("RoleBinding {ns}/{name}"),
             )
@@ -246,7 +246,7 @@ impl Cluster {
         if *scope == Scope::Cluster {
             let done = sync_one(
                 &crbs,
-                &desired::<ClusterRoleBinding>(user, role, groups),
+                &desired::<ClusterRoleBinding>(self, user, role, groups),
                 groups.is_empty(),
                 &format!("ClusterRoleBinding {name}"),
             )

@@ -2,6 +2,9 @@ use sqlx::SqliteConnection;
 
 use super::StoreError;
 
+/// The `meta` key under which a database keeps its instance id.
+pub const INSTANCE_ID: &str = "instance_id";
+
 pub async fn get(conn: &mut SqliteConnection, key: &str) -> Result<Option<String>, StoreError> {
     let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = ?")
         .bind(key)
