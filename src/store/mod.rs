@@ -78,7 +78,19 @@ pub type Tx = Transaction<'static, Sqlite>;
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Lock files that serialize work on one user across processes.
+    locks: std::path::PathBuf,
 }
+
+/// Held while one process works on one user's cluster access; released on drop,
+/// and by the kernel when the process dies (no stale lock survives a crash).
+#[derive(Debug)]
+pub struct UserLock {
+    _file: std::fs::File,
+}
+
+/// How long a command waits for another process working on the same user.
+pub const USER_LOCK_WAIT: Duration = Duration::from_secs(120);
 
 impl Store {
     /// Opens (creating if needed) and migrates the database at `path`.
@@ -120,7 +132,50 @@ impl Store {
         if check != "ok" {
             return Err(StoreError::Corrupt(check));
         }
-        Ok(Self { pool })
+        let locks = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.join("locks"),
+            _ => std::path::PathBuf::from("locks"),
+        };
+        Ok(Self { pool, locks })
+    }
+
+    /// Serializes, across every process on this data directory, the work that
+    /// makes the cluster follow the database for `user`: whoever holds it reads
+    /// the database after taking it, so nobody writes what they read earlier.
+    pub async fn lock_user(&self, user: &str) -> Result<UserLock, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let io = |e: std::io::Error| StoreError::Open {
+            path: self.locks.display().to_string(),
+            reason: e.to_string(),
+            fix: "make the data directory writable by rotator",
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.locks)
+            .map_err(io)?;
+        let name = crate::pki::hex(&crate::pki::sha256(user.as_bytes())[..16]);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.locks.join(name))
+            .map_err(io)?;
+        let deadline = std::time::Instant::now() + USER_LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(UserLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked {
+                        waited: USER_LOCK_WAIT,
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+        }
     }
 
     pub fn pool(&self) -> &SqlitePool {

@@ -1,10 +1,12 @@
 //! rotator's integration tests: one binary, so linking stays cheap.
+mod access;
 mod ca_formats;
 mod cli;
 mod common;
 mod crash;
 mod daemon;
 pub mod kubernetes;
+mod revocation;
 mod security;
 mod user_api;
 mod with_cluster;
