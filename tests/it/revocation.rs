@@ -449,3 +449,180 @@ async fn concurrent_rotate_and_revoke_local_ca_leave_nobody_with_access() {
 async fn concurrent_rotate_and_revoke_kubernetes_leave_nobody_with_access() {
     randomized(true, 100).await;
 }
+
+/// Whether `token` would still be accepted by the user API's check.
+async fn token_usable(app: &App, token: &str) -> Result<(), String> {
+    let presented = rotator::enrollment::parse(token).unwrap();
+    match rotator::enrollment::check(app, &presented, None)
+        .await
+        .unwrap()
+    {
+        Ok(_) => Ok(()),
+        Err(r) => Err(format!("{r:?}")),
+    }
+}
+
+#[tokio::test]
+async fn revoke_and_remove_user_revoke_unused_enrollment_tokens_and_a_readded_user_inherits_none() {
+    let s = Scratch::new();
+    let token = |user: &str, ns: &str, role: &str| {
+        let out = ok(&s.rotator(&[
+            "add-user", user, "-n", ns, "--role", role, "--enroll", "--output", "json",
+        ]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    };
+    let t1 = token("tk1", "team-a", "view");
+    ok(&s.rotator(&["revoke", "tk1"]));
+    let dave_old = token("dave", "team-a", "view");
+    ok(&s.rotator(&["remove-user", "dave"]));
+    let dave_new = token("dave", "team-b", "edit");
+
+    let dir = s.dir.path();
+    let settings = rotator::config::load_with(
+        None,
+        &[(
+            "ROTATOR_DATA_DIR".into(),
+            dir.join("rotator-data").display().to_string(),
+        )],
+        &Default::default(),
+    )
+    .unwrap();
+    let app = App::open(
+        settings,
+        Arc::new(rotator::clock::SystemClock),
+        Arc::new(NoFaults),
+        "test".into(),
+    )
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(
+        token_usable(&app, &t1).await,
+        Err("Revoked".into()),
+        "revoke took tk1's token"
+    );
+    assert_eq!(
+        token_usable(&app, &dave_old).await,
+        Err("Revoked".into()),
+        "remove-user took dave's token"
+    );
+    assert_eq!(
+        token_usable(&app, &dave_new).await,
+        Ok(()),
+        "the new record's token works"
+    );
+    // Even if the old token's row were put back to active, it belongs to the old record.
+    sqlx::query("UPDATE enrollment_tokens SET state = 'active' WHERE id = ?")
+        .bind(rotator::enrollment::parse(&dave_old).unwrap().id)
+        .execute(app.store.pool())
+        .await
+        .unwrap();
+    let mut conn = app.store.conn().await.unwrap();
+    let claimed = rotator::store::enrollments::claim(
+        &mut conn,
+        rotator::enrollment::parse(&dave_old).unwrap().id,
+        "0000",
+        rotator::clock::Clock::now(&rotator::clock::SystemClock),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !claimed,
+        "a token of dave's earlier record can never be claimed"
+    );
+    let log = ok(&s.rotator(&["audit", "log", "--output", "json"]));
+    assert!(
+        log.contains("issuance.cancel") && log.contains("enrollment_tokens_revoked"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn an_emptied_or_deleted_database_is_refused_and_generation_groups_never_repeat() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["add-user", "u1", "-n", "team-a", "--role", "view"]));
+    let db = s.path("rotator-data/rotator.db");
+    let marker = std::fs::read_to_string(s.path("rotator-data/instance")).unwrap();
+    assert!(marker.contains("instance "), "{marker}");
+
+    // Emptied: refused with exit 7 and a fix, and nothing is written.
+    std::fs::write(&db, b"").unwrap();
+    for args in [
+        &["add-user", "u1", "-n", "team-a", "--role", "view"][..],
+        &["list-users"][..],
+        &["doctor"][..],
+    ] {
+        let err = fails_with(&s.rotator(args), 7);
+        assert!(
+            err.contains("is empty") && err.contains("init --new-database"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().len(),
+        0,
+        "nothing was written"
+    );
+    // Deleted: the same.
+    std::fs::remove_file(&db).unwrap();
+    let err = fails_with(&s.rotator(&["list-users"]), 7);
+    assert!(err.contains("is missing"), "{err}");
+    assert!(!db.exists());
+
+    // On purpose: a new database, a new instance.
+    ok(&s.rotator(&["init", "--new-database"]));
+    let marker2 = std::fs::read_to_string(s.path("rotator-data/instance")).unwrap();
+    assert_ne!(marker, marker2, "a new database is a new instance");
+    ok(&s.rotator(&[
+        "add-user",
+        "u1",
+        "-n",
+        "team-a",
+        "--role",
+        "view",
+        "--out",
+        "again.kubeconfig",
+    ]));
+
+    // A database restored from an older backup counts generations again, but
+    // the groups differ: an old certificate never matches a new binding.
+    let group = |s: &Scratch| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&s.rotator(&["show", "u1", "--output", "json"]))).unwrap();
+        v["credentials"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["generation_group"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // A file-level backup taken while no rotator runs: the database and its WAL.
+    let files = |dir: &std::path::Path| ["", "-wal"].map(|x| dir.join(format!("rotator.db{x}")));
+    let (data, saved) = (s.path("rotator-data"), s.path("backup"));
+    std::fs::create_dir(&saved).unwrap();
+    for (from, to) in files(&data).iter().zip(files(&saved).iter()) {
+        if from.exists() {
+            std::fs::copy(from, to).unwrap();
+        }
+    }
+    ok(&s.rotator(&["rotate", "u1", "--out", "r1.kubeconfig"]));
+    let before = group(&s);
+    let _ = std::fs::remove_file(data.join("rotator.db-shm"));
+    for (to, from) in files(&data).iter().zip(files(&saved).iter()) {
+        let _ = std::fs::remove_file(to);
+        if from.exists() {
+            std::fs::copy(from, to).unwrap();
+        }
+    }
+    ok(&s.rotator(&["rotate", "u1", "--out", "r2.kubeconfig"]));
+    let after = group(&s);
+    assert_eq!(before.len(), 2);
+    assert_eq!(after.len(), 2);
+    assert_eq!(before[0], after[0], "generation 1 is the same credential");
+    assert!(before[1].starts_with("rotator:u1:2.") && after[1].starts_with("rotator:u1:2."));
+    assert_ne!(
+        before[1], after[1],
+        "generation 2 issued twice names two different groups"
+    );
+}
