@@ -274,3 +274,27 @@ async fn cleanup_touches_only_this_instances_csrs_and_finishes_what_an_outage_le
         "certificatesigningrequest.certificates.k8s.io/rotator-otherinstance"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_server_down_a_revoke_is_still_recorded() {
+    let kx = Kx::new(Options::default(), "").await;
+    ok(&add(&kx, "alice", &["team-a"], "view").await);
+    let Kx { cluster, s, .. } = kx;
+    let _snapshot = cluster.stop().await;
+    // The client CA and the endpoint were cached by the first command: the
+    // next ones start with the API server gone, and the revoke is in the
+    // database although the cluster cannot be told yet.
+    let listed = s.rotator(&["--config", "rotator.toml", "list-users"]);
+    assert!(ok(&listed).contains("alice"));
+    let o = s.rotator(&["--config", "rotator.toml", "revoke", "alice"]);
+    let err = fails_with(&o, 8);
+    assert!(
+        err.contains("is recorded") && err.contains("next pass retries"),
+        "{err}"
+    );
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM credentials WHERE user_name = 'alice' AND state = 'revoked'")
+            .await,
+        1
+    );
+}
