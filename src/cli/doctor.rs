@@ -185,13 +185,24 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     None => push(
                         "audit chain",
                         true,
-                        format!("{} events intact", r.events),
+                        format!(
+                            "{} events intact ({} keyed), checkpoint at event {} ({})",
+                            r.events,
+                            r.keyed,
+                            r.checkpoint.unwrap_or_default(),
+                            app.settings.audit.checkpoint_file.display()
+                        ),
                         Exit::AuditBroken,
                     ),
                     Some(b) => push(
                         "audit chain",
                         false,
-                        format!("broken at event {}: {}", b.seq, b.reason),
+                        format!(
+                            "broken at event {} ({}): {}",
+                            b.seq,
+                            b.kind.name(),
+                            b.reason
+                        ),
                         Exit::AuditBroken,
                     ),
                 },

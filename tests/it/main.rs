@@ -1,4 +1,5 @@
 //! rotator's integration tests: one binary, so linking stays cheap.
+mod audit;
 mod ca_formats;
 mod cli;
 mod common;
