@@ -17,6 +17,11 @@
 //! re-hashing visible: none of them can match it. It is created once, with the key;
 //! a writer never recreates a missing one, so its loss stays visible until an
 //! operator runs `rotator audit reset-checkpoint`.
+//!
+//! Client-supplied text never makes a large row: `append` cuts the actor, subject
+//! and every string in `detail` to [`MAX_TEXT`] bytes (marked with the original
+//! length) and the whole detail to [`MAX_DETAIL`] bytes.
+use std::borrow::Cow;
 use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -32,6 +37,13 @@ use super::{Store, StoreError, Tx};
 use crate::pki::{hex, sha256};
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Longest actor, subject or string inside `detail` an event keeps, in bytes.
+pub const MAX_TEXT: usize = 256;
+/// Most items of one array or object inside `detail` an event keeps.
+pub const MAX_ITEMS: usize = 64;
+/// Longest serialized `detail` an event keeps, in bytes.
+pub const MAX_DETAIL: usize = 8192;
 
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 pub struct AuditEvent {
@@ -451,6 +463,56 @@ async fn head(conn: &mut sqlx::SqliteConnection) -> Result<Head, StoreError> {
     })
 }
 
+/// Cuts `s` to [`MAX_TEXT`] bytes on a char boundary, marking the cut with the
+/// original length.
+pub fn cap_text(s: &str) -> Cow<'_, str> {
+    if s.len() <= MAX_TEXT {
+        return Cow::Borrowed(s);
+    }
+    let mut end = MAX_TEXT;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…[cut: {} bytes]", &s[..end], s.len()))
+}
+
+/// Bounds every string, array and object inside `v`, then the whole.
+pub fn cap_detail(v: Value) -> Value {
+    fn walk(v: Value) -> Value {
+        match v {
+            Value::String(s) => Value::String(cap_text(&s).into_owned()),
+            Value::Array(a) => {
+                let n = a.len();
+                let mut out: Vec<Value> = a.into_iter().take(MAX_ITEMS).map(walk).collect();
+                if n > MAX_ITEMS {
+                    out.push(Value::String(format!("…[cut: {n} items]")));
+                }
+                Value::Array(out)
+            }
+            Value::Object(o) => {
+                let n = o.len();
+                let mut out: serde_json::Map<String, Value> = o
+                    .into_iter()
+                    .take(MAX_ITEMS)
+                    .map(|(k, v)| (cap_text(&k).into_owned(), walk(v)))
+                    .collect();
+                if n > MAX_ITEMS {
+                    out.insert("…cut".into(), Value::String(format!("{n} keys")));
+                }
+                Value::Object(out)
+            }
+            other => other,
+        }
+    }
+    let v = walk(v);
+    let len = v.to_string().len();
+    if len > MAX_DETAIL {
+        serde_json::json!({"cut": format!("detail of {len} bytes")})
+    } else {
+        v
+    }
+}
+
 /// Appends one event, keyed. Call only inside the transaction that makes the
 /// change; `store::commit` then moves the checkpoint forward.
 pub async fn append(
@@ -469,23 +531,26 @@ pub async fn append(
         hash: prev_hash,
     } = head(&mut *tx).await?;
     let seq = last + 1;
-    let detail = detail.to_string();
+    let actor = cap_text(actor);
+    let action = cap_text(action);
+    let subject = cap_text(subject);
+    let detail = cap_detail(detail).to_string();
     let hash = ring.mac(&canonical(
         Some(EVENT_TAG),
         seq,
         time,
-        actor,
-        action,
-        subject,
+        &actor,
+        &action,
+        &subject,
         &detail,
         &prev_hash,
     ));
     sqlx::query("INSERT INTO audit_events (seq, time, actor, action, subject, detail, prev_hash, hash, keyed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)")
         .bind(seq)
         .bind(time)
-        .bind(actor)
-        .bind(action)
-        .bind(subject)
+        .bind(&*actor)
+        .bind(&*action)
+        .bind(&*subject)
         .bind(&detail)
         .bind(&prev_hash)
         .bind(&hash)
@@ -850,5 +915,23 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(k).unwrap(), k.name());
         }
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_char_boundary_and_marked() {
+        let s = "é".repeat(30_000); // 60,000 bytes, two per char
+        let c = cap_text(&s);
+        assert!(c.len() < MAX_TEXT + 40, "{}", c.len());
+        assert!(c.ends_with("…[cut: 60000 bytes]"), "{c}");
+        assert_eq!(cap_text("short"), "short");
+    }
+
+    #[test]
+    fn detail_is_bounded_whatever_its_shape() {
+        let big = "x".repeat(60_000);
+        let v = cap_detail(serde_json::json!({"path": big, "list": vec!["y".repeat(300); 1000]}));
+        assert!(v.to_string().len() <= MAX_DETAIL, "{}", v.to_string().len());
+        let v = cap_detail(serde_json::json!({"path": big}));
+        assert!(v["path"].as_str().unwrap().contains("[cut: 60000 bytes]"));
     }
 }

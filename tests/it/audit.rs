@@ -369,3 +369,33 @@ async fn export_streams_every_event_as_a_json_line_that_verifies() {
         10,
     );
 }
+
+#[tokio::test]
+async fn a_60kb_value_makes_a_small_row() {
+    let d = tempfile::tempdir().unwrap();
+    let app = plain_app(d.path()).await;
+    let big = "A".repeat(60 * 1024);
+    let mut tx = app.store.begin().await.unwrap();
+    let seq = rotator::store::audit::append(
+        &mut tx,
+        1,
+        &big,
+        "api.refuse",
+        &big,
+        serde_json::json!({"path": big, "headers": vec![big.clone(); 500], "nested": {"x": [big]}}),
+    )
+    .await
+    .unwrap();
+    rotator::store::commit(tx).await.unwrap();
+    let (len, subject): (i64, String) = sqlx::query_as(
+        "SELECT length(actor) + length(subject) + length(detail), subject FROM audit_events WHERE seq = ?",
+    )
+    .bind(seq)
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert!(len < 10_000, "row holds {len} bytes");
+    assert!(subject.ends_with("[cut: 61440 bytes]"), "{subject}");
+    let r = rotator::store::audit::verify(&app.store).await.unwrap();
+    assert!(r.first_break.is_none(), "{r:?}");
+}
