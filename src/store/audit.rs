@@ -29,7 +29,8 @@ use std::sync::Arc;
 
 use aws_lc_rs::hmac;
 use base64::Engine;
-use futures_util::{Stream, TryStreamExt};
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
@@ -580,12 +581,32 @@ pub async fn list(
     Ok(rows)
 }
 
-/// Events from `from` on, oldest first, one row at a time (never the whole table).
-pub fn stream(store: &Store, from: i64) -> impl Stream<Item = Result<AuditEvent, StoreError>> + '_ {
-    sqlx::query_as::<_, AuditEvent>("SELECT * FROM audit_events WHERE seq >= ? ORDER BY seq")
-        .bind(from)
-        .fetch(store.pool())
-        .map_err(StoreError::from)
+/// Rows per query of [`stream`].
+const BATCH: i64 = 1000;
+
+/// Events from `from` on, oldest first, a batch of [`BATCH`] rows at a time (never
+/// the whole table). Keyset pages rather than one long `fetch`: no read
+/// transaction stays open for the whole log (which would keep SQLite from
+/// checkpointing its WAL while a daemon writes, and trips sqlx's slow-statement
+/// warning), and the log is append-only, so pages cannot miss or repeat a row.
+pub fn stream(store: &Store, from: i64) -> BoxStream<'_, Result<AuditEvent, StoreError>> {
+    futures_util::stream::try_unfold(from, move |next| async move {
+        let batch: Vec<AuditEvent> =
+            sqlx::query_as("SELECT * FROM audit_events WHERE seq >= ? ORDER BY seq LIMIT ?")
+                .bind(next)
+                .bind(BATCH)
+                .fetch_all(store.pool())
+                .await?;
+        let Some(last) = batch.last().map(|e| e.seq) else {
+            return Ok::<_, StoreError>(None);
+        };
+        Ok(Some((
+            futures_util::stream::iter(batch.into_iter().map(Ok::<_, StoreError>)),
+            last + 1,
+        )))
+    })
+    .try_flatten()
+    .boxed()
 }
 
 /// What kind of damage a break is; stable names for scripts (`--output json`).

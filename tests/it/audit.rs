@@ -399,3 +399,50 @@ async fn a_60kb_value_makes_a_small_row() {
     let r = rotator::store::audit::verify(&app.store).await.unwrap();
     assert!(r.first_break.is_none(), "{r:?}");
 }
+
+#[tokio::test]
+async fn verify_and_export_page_through_a_long_log() {
+    use futures_util::TryStreamExt;
+    let d = tempfile::tempdir().unwrap();
+    let app = plain_app(d.path()).await;
+    let mut tx = app.store.begin().await.unwrap();
+    for i in 0..2500 {
+        rotator::store::audit::append(
+            &mut tx,
+            i,
+            "test",
+            "bench.event",
+            "u",
+            serde_json::json!({"i": i}),
+        )
+        .await
+        .unwrap();
+    }
+    rotator::store::commit(tx).await.unwrap();
+    let r = rotator::store::audit::verify(&app.store).await.unwrap();
+    assert!(r.first_break.is_none(), "{r:?}");
+    assert_eq!(r.checkpoint, Some(r.events));
+    let seqs: Vec<i64> = rotator::store::audit::stream(&app.store, 990)
+        .map_ok(|e| e.seq)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(seqs, (990..=r.events).collect::<Vec<_>>());
+    // A gap on a page boundary is still a gap.
+    let mut conn = app.store.pool().acquire().await.unwrap();
+    sqlx::query("DROP TRIGGER audit_events_no_delete")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq = 1000")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let b = rotator::store::audit::verify(&app.store)
+        .await
+        .unwrap()
+        .first_break
+        .unwrap();
+    assert_eq!((b.seq, b.kind.name()), (1001, "gap"), "{b:?}");
+}
