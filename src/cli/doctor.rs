@@ -115,6 +115,8 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
             let (ok, detail) =
                 private_file(&s.sealing.key_file, &format!(", key {}", app.sealing.id()));
             push("sealing key file", ok, detail, Exit::Config);
+            let (ok, detail) = private_file(&s.audit.key_file, "");
+            push("audit key file", ok, detail, Exit::Config);
             let ep = app.endpoint.clone();
             let checked = ep.source != "local-ca defaults" || s.cluster.server.is_some();
             let verdict = if checked {
