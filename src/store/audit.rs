@@ -197,17 +197,22 @@ impl Keyring {
                 }
                 let head = head(&mut conn).await?;
                 drop(conn);
-                let kf = key_file.to_path_buf();
-                let bytes = tokio::task::spawn_blocking(move || create_key(&kf))
-                    .await
-                    .map_err(|e| StoreError::Invalid(e.to_string()))??;
-                let ring = Arc::new(Self::from_bytes(&bytes, key_file, checkpoint));
-                let keyed_from = head.seq + 1;
-                let r = ring.clone();
-                tokio::task::spawn_blocking(move || r.write_checkpoint(&head, Some(keyed_from)))
-                    .await
-                    .map_err(|e| StoreError::Invalid(e.to_string()))??;
-                return Ok(ring);
+                // Under the checkpoint lock, looking again: two processes starting
+                // at once on a new data directory must not each make a key.
+                let (kf, cp) = (key_file.to_path_buf(), checkpoint.to_path_buf());
+                let ring = tokio::task::spawn_blocking(move || {
+                    let _lock = lock_file(&cp)?;
+                    if let Some(k) = read_key(&kf)? {
+                        return Ok::<_, StoreError>(Self::from_bytes(&k, &kf, &cp));
+                    }
+                    let bytes = create_key(&kf)?;
+                    let ring = Self::from_bytes(&bytes, &kf, &cp);
+                    ring.write_checkpoint(&head, Some(head.seq + 1))?;
+                    Ok(ring)
+                })
+                .await
+                .map_err(|e| StoreError::Invalid(e.to_string()))??;
+                return Ok(Arc::new(ring));
             }
         };
         Ok(Arc::new(Self::from_bytes(&key, key_file, checkpoint)))
@@ -296,23 +301,8 @@ impl Keyring {
         })
     }
 
-    /// Serializes checkpoint writers across processes (an exclusive lock on
-    /// `CHECKPOINT.lock`; the checkpoint itself is replaced by rename, so it cannot
-    /// carry the lock).
     fn lock(&self) -> Result<std::fs::File, StoreError> {
-        let mut p = self.checkpoint.clone().into_os_string();
-        p.push(".lock");
-        let p = PathBuf::from(p);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(|e| key_err(&p, e, "make the checkpoint's directory writable by rotator"))?;
-        f.lock()
-            .map_err(|e| key_err(&p, e, "make the checkpoint's directory writable by rotator"))?;
-        Ok(f)
+        lock_file(&self.checkpoint)
     }
 
     /// Writes a checkpoint at `head` whatever is there now (`audit reset-checkpoint`).
@@ -380,6 +370,25 @@ pub(crate) async fn advance_checkpoint(
     })
     .await
     .map_err(|e| StoreError::Invalid(e.to_string()))?
+}
+
+/// Serializes checkpoint writers (and key creation) across processes: an
+/// exclusive lock on `CHECKPOINT.lock`; the checkpoint itself is replaced by
+/// rename, so it cannot carry the lock.
+fn lock_file(checkpoint: &Path) -> Result<std::fs::File, StoreError> {
+    let mut p = checkpoint.to_path_buf().into_os_string();
+    p.push(".lock");
+    let p = PathBuf::from(p);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&p)
+        .map_err(|e| key_err(&p, e, "make the checkpoint's directory writable by rotator"))?;
+    f.lock()
+        .map_err(|e| key_err(&p, e, "make the checkpoint's directory writable by rotator"))?;
+    Ok(f)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -446,3 +446,37 @@ async fn verify_and_export_page_through_a_long_log() {
         .unwrap();
     assert_eq!((b.seq, b.kind.name()), (1001, "gap"), "{b:?}");
 }
+
+#[tokio::test]
+async fn processes_starting_together_on_an_unkeyed_log_share_one_new_key() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    let mut conn = tamper(&s).await;
+    rehash_unkeyed(&mut conn, 1, false).await;
+    drop(conn);
+    std::fs::remove_file(s.path("rotator-data/audit.key")).unwrap();
+    std::fs::remove_file(s.path("rotator-data/audit.head")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_rotator");
+    let kids: Vec<_> = (0..6)
+        .map(|i| {
+            tokio::process::Command::new(bin)
+                .current_dir(s.dir.path())
+                .args([
+                    "add-user",
+                    &format!("u{i}"),
+                    "-n",
+                    "team-a",
+                    "--role",
+                    "view",
+                ])
+                .output()
+        })
+        .collect();
+    for k in kids {
+        ok(&k.await.unwrap());
+    }
+    let out = ok(&s.rotator(&["audit", "verify", "--output", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["first_break"].is_null(), "{v}");
+    assert_eq!(v["checkpoint"], v["events"], "{v}");
+}
