@@ -264,7 +264,19 @@ impl App {
                 }
             }
         }
-        let store = Store::open(&db_path).await?;
+        let mut store = Store::open(&db_path).await?;
+        let keyring = audit::Keyring::open(
+            &settings.audit.key_file,
+            &settings.audit.checkpoint_file,
+            !settings.audit.key_configured,
+            &store,
+        )
+        .await?;
+        if mode == DatabaseMode::New {
+            // A new, empty log on purpose: the old checkpoint vouches for the old one.
+            keyring.reset(&audit::Head::genesis(), 1)?;
+        }
+        store.set_audit(keyring);
         let sealing = Arc::new(
             crate::pki::SealingKey::load(&settings.sealing.key_file, !settings.sealing.configured)
                 .map_err(SignError::from)?,

@@ -1,5 +1,6 @@
 //! rotator's integration tests: one binary, so linking stays cheap.
 mod access;
+mod audit;
 mod ca_formats;
 mod cli;
 mod common;
