@@ -105,7 +105,7 @@ pub enum IssueError {
     )]
     Preempted(String),
     #[error(
-        "{user}'s new credential (serial {serial}) was not made current: {reason}\n{written}fix: {fix}"
+        "{user}'s new credential ({serial}) was not made current: {reason}\n{written}fix: {fix}"
     )]
     Cancelled {
         user: String,
@@ -666,13 +666,8 @@ impl Issuer<'_> {
             .activate(id, &spec.name, serial, &sink.describe(), None, actor)
             .await
         {
-            Err(IssueError::Cancelled {
-                user,
-                serial,
-                reason,
-                ..
-            }) => {
-                return Err(cancelled(&user, &serial, reason, Some(sink.describe())));
+            Err(IssueError::Cancelled { user, reason, .. }) => {
+                return Err(cancelled(&user, serial, reason, Some(sink.describe())));
             }
             other => other?,
         };
@@ -891,6 +886,14 @@ impl Issuer<'_> {
         };
         let signed = match self.signer.sign(req, &journal).await {
             Ok(s) => s,
+            // A revoke ended the attempt while the signer ran: say so, not "journal".
+            Err(e) if matches!(self.cancelled(id).await, Ok(Some(_))) => {
+                if let Err(c) = self.signer.cleanup(id).await {
+                    warn!(error = %c, "could not delete the CSR object; the next command for the user or the next reconcile removes it");
+                }
+                warn!(error = %e, "signing stopped: the attempt was ended");
+                return Err(self.ended(id, &spec.name, "", None).await);
+            }
             Err(e) => return Err(self.fail(id, &spec.name, actor, e.into()).await),
         };
         self.faults.hit(FaultPoint::AfterSign)?;
@@ -1294,6 +1297,11 @@ impl Issuer<'_> {
 }
 
 fn cancelled(user: &str, serial: &str, reason: String, written: Option<String>) -> IssueError {
+    let serial = if serial.is_empty() {
+        "not signed".to_string()
+    } else {
+        format!("serial {serial}")
+    };
     let (written, fix) = match written {
         Some(to) => (
             format!(
@@ -1308,7 +1316,7 @@ fn cancelled(user: &str, serial: &str, reason: String, written: Option<String>) 
     };
     IssueError::Cancelled {
         user: user.to_string(),
-        serial: serial.to_string(),
+        serial,
         reason,
         written,
         fix,

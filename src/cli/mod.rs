@@ -160,9 +160,11 @@ impl Failure {
 
 pub type CliResult<T = ()> = Result<T, Failure>;
 
-/// `ROTATOR_FAULT=<point>:<error|abort|kill>` makes an issuance fail at that
-/// point: an error, SIGABRT, or a real SIGKILL of this process. For rotator's own
-/// crash tests; it can only make a command fail, never succeed.
+/// `ROTATOR_FAULT=<point>:<error|abort|kill|sleep-MS>` makes an issuance fail at
+/// that point: an error, SIGABRT, or a real SIGKILL of this process; or stall
+/// there for MS milliseconds and go on (a slow step, for race tests). For
+/// rotator's own crash tests; it can only make a command fail or slow, never
+/// succeed.
 struct EnvFaults {
     point: FaultPoint,
     mode: String,
@@ -171,6 +173,12 @@ struct EnvFaults {
 impl Faults for EnvFaults {
     fn hit(&self, point: FaultPoint) -> Result<(), IssueError> {
         if point != self.point {
+            return Ok(());
+        }
+        if let Some(ms) = self.mode.strip_prefix("sleep-")
+            && let Ok(ms) = ms.parse::<u64>()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms.min(60_000)));
             return Ok(());
         }
         match self.mode.as_str() {

@@ -626,3 +626,96 @@ async fn an_emptied_or_deleted_database_is_refused_and_generation_groups_never_r
         "generation 2 issued twice names two different groups"
     );
 }
+
+/// Through the CLI, in two real processes: `rotator rotate` stalls at a step
+/// (ROTATOR_FAULT=<step>:sleep-MS) while `rotator revoke` or `remove-user`
+/// runs; the revoke wins and the rotating process says what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
+    let kx = Kx::new(Options::default(), "").await;
+    let app = kx.app_with(Arc::new(NoFaults)).await;
+    let rounds = [
+        ("after-plan", "revoke"),
+        ("csr-submitted", "revoke"),
+        ("approved", "revoke"),
+        ("after-sign", "revoke"),
+        ("before-store", "revoke"),
+        ("after-store", "revoke"),
+        ("after-deliver", "revoke"),
+        ("after-plan", "remove-user"),
+        ("after-store", "remove-user"),
+        ("after-deliver", "remove-user"),
+    ];
+    let mut bad = Vec::new();
+    for (i, (point, action)) in rounds.iter().enumerate() {
+        let user = format!("cli{i}");
+        let label = format!("{action} during `rotate` at {point}");
+        ok(&kx
+            .rotator_async(
+                &[
+                    "add-user", &user, "--group", "dev", "-n", "team-a", "--role", "view",
+                ],
+                &[],
+            )
+            .await);
+        let fault = format!("{point}:sleep-3000");
+        let out = format!("{user}.next.kubeconfig");
+        let (rotate_args, rotate_env) = (
+            ["rotate", user.as_str(), "--out", out.as_str()],
+            [("ROTATOR_FAULT", fault.as_str())],
+        );
+        let rotating = kx.rotator_async(&rotate_args, &rotate_env);
+        let revoking = async {
+            // Once the rotation is journaled it is in flight; it then stalls at its step.
+            let q = format!("SELECT COUNT(*) FROM issuances WHERE user_name = '{user}'");
+            let q: &'static str = Box::leak(q.into_boxed_str());
+            for _ in 0..200 {
+                if kx.s.count(q).await >= 2 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            kx.rotator_async(&[action, &user], &[]).await
+        };
+        let (r, v) = tokio::join!(rotating, revoking);
+        if !v.status.success() {
+            bad.push(format!(
+                "{label}: the revoke failed: {}",
+                String::from_utf8_lossy(&v.stderr)
+            ));
+            continue;
+        }
+        let err = String::from_utf8_lossy(&r.stderr).into_owned();
+        if r.status.success() {
+            bad.push(format!("{label}: rotate exited 0 after the revoke"));
+        } else if r.status.code() != Some(6) || !err.contains("not made current") {
+            bad.push(format!(
+                "{label}: rotate's error is unclear ({:?}): {err}",
+                r.status.code()
+            ));
+        } else if *point == "after-deliver" {
+            if !err.contains("already been written") {
+                bad.push(format!(
+                    "{label}: rotate does not say the file was written: {err}"
+                ));
+            }
+        } else if !err.contains("No kubeconfig was written") || kx.s.path(&out).exists() {
+            bad.push(format!(
+                "{label}: a kubeconfig was written, or rotate does not say: {err}"
+            ));
+        }
+        bad.extend(
+            problems(&app, &user, Some(&kx))
+                .await
+                .into_iter()
+                .map(|p| format!("{label}: {p}")),
+        );
+    }
+    println!(
+        "CLI: {} rounds of revoke/remove-user against a rotation stalled at a step; problems: {}",
+        rounds.len(),
+        bad.len()
+    );
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
