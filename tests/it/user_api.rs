@@ -793,3 +793,68 @@ async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
         .unwrap();
     assert!(daemon.wait().await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_issued_credential_cannot_renew_itself_through_the_api() {
+    let api = Api::start().await;
+    // bob's kubeconfig was made and handed over by the administrator.
+    ok(&api
+        .kx
+        .rotator_async(
+            &[
+                "add-user",
+                "bob",
+                "--group",
+                "dev",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--out",
+                "bob.kubeconfig",
+            ],
+            &[],
+        )
+        .await);
+    let (_, _, cert, key) = kubeconfig_parts(&api.kx.s.path("bob.kubeconfig"));
+    let stolen = api.client(Some((&cert, &key)));
+    let e = refused(
+        stolen
+            .post(
+                "/v1/renew",
+                &serde_json::json!({"csr": csr("bob", &["dev", "rotator:bob:2"], KeyType::EcdsaP256)}),
+            )
+            .await,
+    );
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (403, "renewal_not_allowed"),
+        "{e:?}"
+    );
+    assert!(e.fix.contains("--enroll"), "{}", e.fix);
+    let e = refused(stolen.post("/v1/subject", &serde_json::json!({})).await);
+    assert_eq!((e.status, e.code.as_str()), (403, "renewal_not_allowed"));
+    assert_eq!(api.credentials_of("bob").await.len(), 1, "nothing issued");
+    assert_eq!(
+        api.audit_count("api.refuse", "renewal_not_allowed").await,
+        2
+    );
+
+    // The fix the error gives works: revoke, re-add with --enroll, fetch, renew.
+    ok(&api.kx.rotator_async(&["revoke", "bob"], &[]).await);
+    let token = api.enroll_user("bob", &[]).await;
+    ok(&api.fetch("bob", &["--token", &token]).await);
+    let out = ok(&api.fetch("bob", &[]).await);
+    assert!(out.contains("generation 3"), "{out}");
+    // The old admin-issued certificate stays refused.
+    let e = refused(
+        stolen
+            .post(
+                "/v1/renew",
+                &serde_json::json!({"csr": csr("bob", &["dev", "rotator:bob:4"], KeyType::EcdsaP256)}),
+            )
+            .await,
+    );
+    assert_eq!(e.status, 403, "{e:?}");
+    api.stop().await;
+}
