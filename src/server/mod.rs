@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::selfservice::{self, ApiError, MAX_BODY_BYTES, Peer};
-use crate::store::{credentials, enrollments};
+use crate::store::credentials;
 
 mod ratelimit;
 mod tls;
@@ -143,20 +143,21 @@ fn rate_limited(what: &str, wait: Duration) -> Response<Full<Bytes>> {
     error_response(&e, Some(wait))
 }
 
-/// The user a request claims to be, before anything is verified: for the
-/// per-user rate limit and the audit log's subject.
-async fn claimed_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
-    let mut conn = app.store.conn().await.ok()?;
+/// The user a request proved to be: the owner of the enrollment token whose
+/// secret matched, or of the rotator credential the client certificate (already
+/// verified against the client CA by TLS) is. `None` for anything else: such a
+/// request is never charged to a user.
+async fn authenticated_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
     if let Some(t) = token {
-        let id = crate::enrollment::parse(t).ok()?.id;
-        return enrollments::get(&mut conn, id)
+        let presented = crate::enrollment::parse(t).ok()?;
+        return crate::enrollment::owner(app, &presented)
             .await
             .ok()
-            .flatten()
-            .map(|t| t.user_name);
+            .flatten();
     }
     let der = peer.certificate_der.as_deref()?;
     let fp = crate::pki::hex(&crate::pki::sha256(der));
+    let mut conn = app.store.conn().await.ok()?;
     credentials::by_fingerprint(&mut conn, &fp)
         .await
         .ok()
@@ -298,12 +299,14 @@ async fn answer(
     let call = match parsed {
         Ok(c) => c,
         Err(e) => {
-            let user = claimed_user(app, peer, None).await;
+            let user = authenticated_user(app, peer, None).await;
             audit(app, peer, &path, user.as_deref(), Err(&e)).await;
             return error_response(&e, None);
         }
     };
-    let user = claimed_user(app, peer, call.token()).await;
+    // Counted against a user only once the request proved to be that user: a
+    // guessed or stolen token id alone neither locks the user out nor names them.
+    let user = authenticated_user(app, peer, call.token()).await;
     if let Some(u) = &user
         && let Err(wait) = limits.per_user.check(u)
     {

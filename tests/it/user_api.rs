@@ -794,6 +794,293 @@ async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
     assert!(daemon.wait().await.unwrap().success());
 }
 
+/// HTTPS from a chosen loopback source address, below `ApiClient`: the tests of
+/// the listener's limits need to be another client (127.0.0.2 …) than the
+/// flood (127.0.0.1), and to send requests no well-behaved client would.
+mod raw {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::net::TcpSocket;
+
+    pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    pub fn config(server_ca: &str, identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let roots = rotator::pki::root_store(server_ca).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut c = match identity {
+            Some((cert, key)) => b
+                .with_client_auth_cert(
+                    CertificateDer::pem_slice_iter(cert.as_bytes())
+                        .collect::<Result<_, _>>()
+                        .unwrap(),
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(c)
+    }
+
+    pub async fn tcp(from: &str, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let s = TcpSocket::new_v4()?;
+        s.bind(format!("{from}:0").parse().unwrap())?;
+        s.connect(to).await
+    }
+
+    pub async fn tls(
+        from: &str,
+        to: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<Tls> {
+        let t = tcp(from, to).await?;
+        tokio_rustls::TlsConnector::from(config.clone())
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), t)
+            .await
+    }
+
+    /// A kept-alive HTTP/1.1 connection that reconnects when the server closed it.
+    pub struct Conn {
+        from: String,
+        to: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+        pub connects: usize,
+    }
+
+    impl Conn {
+        pub fn new(from: &str, to: SocketAddr, config: Arc<rustls::ClientConfig>) -> Self {
+            Self {
+                from: from.into(),
+                to,
+                config,
+                sender: None,
+                connects: 0,
+            }
+        }
+
+        /// One request; the status and the body. Errors are the transport's.
+        pub async fn send(
+            &mut self,
+            method: &str,
+            path: &str,
+            content_type: &str,
+            body: Vec<u8>,
+        ) -> Result<(u16, String), String> {
+            let ready = match self.sender.as_mut() {
+                Some(s) => s.ready().await.is_ok(),
+                None => false,
+            };
+            if !ready {
+                let t = tls(&self.from, self.to, &self.config)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let (s, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(t))
+                        .await
+                        .map_err(|e| format!("handshake: {e}"))?;
+                tokio::spawn(conn);
+                self.sender = Some(s);
+                self.connects += 1;
+            }
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, "127.0.0.1")
+                .header(hyper::header::CONTENT_TYPE, content_type)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = self
+                .sender
+                .as_mut()
+                .unwrap()
+                .send_request(req)
+                .await
+                .map_err(|e| {
+                    self.sender = None;
+                    format!("request: {e}")
+                })?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        }
+
+        pub async fn post(
+            &mut self,
+            path: &str,
+            body: &serde_json::Value,
+        ) -> Result<(u16, serde_json::Value), String> {
+            let (s, b) = self
+                .send(
+                    "POST",
+                    path,
+                    "application/json",
+                    serde_json::to_vec(body).unwrap(),
+                )
+                .await?;
+            let v = serde_json::from_str(&b).map_err(|e| format!("{path} {s}: {e}: {b}"))?;
+            Ok((s, v))
+        }
+    }
+}
+
+/// A CSR for the subject `/v1/subject` returned, and its key.
+fn csr_for(subject: &serde_json::Value) -> (String, PrivateKey) {
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let orgs: Vec<String> = serde_json::from_value(subject["organizations"].clone()).unwrap();
+    let cn = subject["common_name"].as_str().unwrap();
+    let der = pki::build_csr(&key, &pki::subject_name(cn, &orgs).unwrap()).unwrap();
+    (pki::pem_encode("CERTIFICATE REQUEST", &der), key)
+}
+
+/// Enrolls with `token` and renews `renewals` times, `pause` apart, all from
+/// `from`; the calls that did not succeed, and why.
+async fn enroll_and_renew(
+    api: &Api,
+    from: &str,
+    token: &str,
+    renewals: usize,
+    pause: Duration,
+) -> Vec<String> {
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let mut failures = Vec::new();
+    let mut anon = raw::Conn::new(from, api.addr, raw::config(&ca, None));
+    let step = |r: Result<(u16, serde_json::Value), String>,
+                what: &str,
+                failures: &mut Vec<String>| match r {
+        Ok((200, v)) => Some(v),
+        Ok((s, v)) => {
+            failures.push(format!("{what}: {s} {v}"));
+            None
+        }
+        Err(e) => {
+            failures.push(format!("{what}: {e}"));
+            None
+        }
+    };
+    let Some(subject) = step(
+        anon.post("/v1/subject", &serde_json::json!({ "token": token }))
+            .await,
+        "subject",
+        &mut failures,
+    ) else {
+        return failures;
+    };
+    let (pem, mut key) = csr_for(&subject);
+    let Some(mut grant) = step(
+        anon.post(
+            "/v1/enroll",
+            &serde_json::json!({"token": token, "csr": pem}),
+        )
+        .await,
+        "enroll",
+        &mut failures,
+    ) else {
+        return failures;
+    };
+    for i in 0..renewals {
+        tokio::time::sleep(pause).await;
+        let identity = (
+            grant["certificate"].as_str().unwrap().to_string(),
+            key.to_pem(),
+        );
+        let mut me = raw::Conn::new(
+            from,
+            api.addr,
+            raw::config(&ca, Some((&identity.0, &identity.1))),
+        );
+        let Some(subject) = step(
+            me.post("/v1/subject", &serde_json::json!({})).await,
+            &format!("subject {i}"),
+            &mut failures,
+        ) else {
+            return failures;
+        };
+        let (pem, next_key) = csr_for(&subject);
+        let Some(next) = step(
+            me.post("/v1/renew", &serde_json::json!({ "csr": pem }))
+                .await,
+            &format!("renew {i}"),
+            &mut failures,
+        ) else {
+            return failures;
+        };
+        grant = next;
+        key = next_key;
+    }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secrets_with_a_users_token_id_neither_lock_her_out_nor_name_her() {
+    // The default per-user limit (12 a minute); addresses have plenty.
+    let api = Api::start_with("rate_limit_per_address = 1000\n").await;
+    let token = api.enroll_user("alice", &[]).await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let config = raw::config(&ca, None);
+    let id = &token[..12];
+    let wrong = format!("{id}.{}", "W".repeat(43));
+    let unknown = format!("{}.{}", "0123456789ab", "W".repeat(43));
+    let alice_csr = csr("alice", &["dev", "rotator:alice:1"], KeyType::EcdsaP256);
+    let mut mallory = raw::Conn::new("127.0.0.1", api.addr, config.clone());
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        for t in [&wrong, &unknown] {
+            let body = if i % 2 == 0 {
+                ("/v1/subject", serde_json::json!({ "token": t }))
+            } else {
+                (
+                    "/v1/enroll",
+                    serde_json::json!({"token": t, "csr": alice_csr}),
+                )
+            };
+            let (s, v) = mallory.post(body.0, &body.1).await.unwrap();
+            let text = v.to_string();
+            assert_eq!(
+                (s, v["error"]["code"].as_str()),
+                (401, Some("token_invalid")),
+                "{text}"
+            );
+            assert!(
+                !text.contains("alice"),
+                "a wrong secret named the user: {text}"
+            );
+            answers.push((body.0, text));
+        }
+    }
+    // Known id with a wrong secret and an unknown id answer the same, word for word.
+    for pair in answers.chunks(2) {
+        assert_eq!(pair[0], pair[1]);
+    }
+    // Nor does the audit log charge alice with them.
+    let charged = rotator::store::audit::list(&api.app.store, Some("alice"), 1000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.action.starts_with("api."))
+        .count();
+    assert_eq!(charged, 0);
+    // Alice, from another address, with her real token: not locked out.
+    let failures = enroll_and_renew(&api, "127.0.0.2", &token, 1, Duration::ZERO).await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(api.credentials_of("alice").await.len(), 2);
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_issued_credential_cannot_renew_itself_through_the_api() {
     let api = Api::start().await;
