@@ -40,6 +40,7 @@ pub struct Metrics {
     pub job_duration: Family<Labels, Gauge<f64, AtomicU64>>,
     pub drift_repairs: Counter,
     pub api_requests: Family<Labels, Counter>,
+    pub api_connections_refused: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -108,8 +109,15 @@ impl Default for Metrics {
             "User API requests by endpoint and outcome (ok, or the HTTP status)",
             api_requests.clone(),
         );
+        let api_connections_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_connections_refused",
+            "User API connections closed at once because their address (address) or the listener (total) held all its slots",
+            api_connections_refused.clone(),
+        );
         Self {
             api_requests,
+            api_connections_refused,
             registry,
             credentials,
             expiry,
@@ -139,6 +147,12 @@ impl Metrics {
         };
         self.api_requests
             .get_or_create(&l(&[("endpoint", endpoint), ("outcome", outcome)]))
+            .inc();
+    }
+
+    pub fn api_connection_refused(&self, reason: &str) {
+        self.api_connections_refused
+            .get_or_create(&l(&[("reason", reason)]))
             .inc();
     }
 

@@ -1025,6 +1025,217 @@ async fn enroll_and_renew(
     failures
 }
 
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_hundreds_of_idle_and_slow_connections_starves_no_one() {
+    use tokio::io::AsyncWriteExt;
+    let api = Api::start_with(
+        "rate_limit_per_address = 1000\nrate_limit_per_user = 1000\nheader_timeout = \"3s\"\nbody_timeout = \"3s\"\n",
+    )
+    .await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let tokens = [
+        api.enroll_user("ann", &[]).await,
+        api.enroll_user("ben", &[]).await,
+        api.enroll_user("cat", &[]).await,
+    ];
+    // The flood, from 127.0.0.1: 300 idle TCP connections and 40 TLS
+    // connections that announce a body and trickle it, all reopened when the
+    // server closes them, until the real client is done.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let to = api.addr;
+    let idle = tokio::spawn({
+        let stopped = stopped.clone();
+        async move {
+            let mut held = Vec::new();
+            let mut opened = 0usize;
+            for _round in 0..200 {
+                if *stopped.borrow() {
+                    break;
+                }
+                held.retain(|c: &tokio::net::TcpStream| {
+                    let mut b = [0u8; 1];
+                    !matches!(c.try_read(&mut b), Ok(0))
+                });
+                while held.len() < 300 {
+                    match raw::tcp("127.0.0.1", to).await {
+                        Ok(c) => {
+                            held.push(c);
+                            opened += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            opened
+        }
+    });
+    let slow = tokio::spawn({
+        let config = raw::config(&ca, None);
+        async move {
+            let mut opened = 0usize;
+            let mut held: Vec<raw::Tls> = Vec::new();
+            for _round in 0..400 {
+                if *stopped.borrow() {
+                    break;
+                }
+                while held.len() < 40 {
+                    let Ok(Ok(mut t)) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        raw::tls("127.0.0.1", to, &config),
+                    )
+                    .await
+                    else {
+                        break;
+                    };
+                    let head = "POST /v1/enroll HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 16000\r\n\r\n{";
+                    if t.write_all(head.as_bytes()).await.is_ok() {
+                        held.push(t);
+                        opened += 1;
+                    } else {
+                        break;
+                    }
+                }
+                let mut alive = Vec::new();
+                for mut t in held.drain(..) {
+                    if t.write_all(b" ").await.is_ok() && t.flush().await.is_ok() {
+                        alive.push(t);
+                    }
+                }
+                held = alive;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            opened
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The real client, from 127.0.0.2: three users enroll and renew six times
+    // each, over more than the header and body deadlines, so the flood's slots
+    // turn over while it runs.
+    let started = std::time::Instant::now();
+    let mut failures = Vec::new();
+    let mut calls = 0;
+    for token in &tokens {
+        let pause = Duration::from_millis(500);
+        failures.extend(enroll_and_renew(&api, "127.0.0.2", token, 6, pause).await);
+        calls += 2 + 6 * 2;
+    }
+    let took = started.elapsed();
+    let _ = stop.send(true);
+    let (idle_opened, slow_opened) = (idle.await.unwrap(), slow.await.unwrap());
+    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    let turned_away = metric(
+        &metrics,
+        r#"rotator_api_connections_refused_total{reason="address"}"#,
+    );
+    eprintln!(
+        "flood: {idle_opened} idle and {slow_opened} slow connections opened from 127.0.0.1, \
+         {turned_away} turned away; real client: {calls} calls in {took:?}, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "the real client failed: {failures:#?}");
+    assert!(idle_opened >= 300, "the flood ran: {idle_opened}");
+    assert!(
+        turned_away >= 284.0,
+        "the cap turned the flood away: {turned_away}"
+    );
+    for u in ["ann", "ben", "cat"] {
+        let creds = api.credentials_of(u).await;
+        assert_eq!(creds.len(), 7, "{u}: enrolled and renewed six times");
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_lose_their_slot_and_an_oversized_body_is_refused_unread() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = Api::start_with(
+        "rate_limit_per_address = 1000\nmax_connections_per_address = 4\nheader_timeout = \"2s\"\nbody_timeout = \"2s\"\n",
+    )
+    .await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let config = raw::config(&ca, None);
+    async fn closed_after(mut s: impl tokio::io::AsyncRead + Unpin) -> (Duration, String) {
+        let t0 = std::time::Instant::now();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got)).await;
+        (t0.elapsed(), String::from_utf8_lossy(&got).into_owned())
+    }
+    // Silent before TLS, silent after TLS, silent after one answered request.
+    let t = raw::tcp("127.0.0.1", api.addr).await.unwrap();
+    let (took, _) = closed_after(t).await;
+    assert!(took < Duration::from_secs(4), "idle TCP held {took:?}");
+    let t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    let (took, _) = closed_after(t).await;
+    assert!(took < Duration::from_secs(4), "idle TLS held {took:?}");
+    let mut t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    t.write_all(b"POST /v1/subject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let (took, answer) = closed_after(t).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        took < Duration::from_secs(4),
+        "kept-alive idle held {took:?}"
+    );
+    // A body that never finishes: 408 at the body deadline, and the slot is freed.
+    let mut t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    t.write_all(b"POST /v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"tok")
+        .await
+        .unwrap();
+    let (took, answer) = closed_after(t).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(4), "slow body held {took:?}");
+    // 10 GB announced: refused at once, not a byte of it read.
+    let mut t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    t.write_all(b"POST /v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 10000000000\r\n\r\n")
+        .await
+        .unwrap();
+    let (took, answer) = closed_after(t).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413") && answer.contains("body_too_large"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(1), "the 413 waited {took:?}");
+    // Four held connections fill 127.0.0.1's share; 127.0.0.2 is still served,
+    // and once the deadline frees them, 127.0.0.1 is too.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(raw::tcp("127.0.0.1", api.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fifth = raw::tls("127.0.0.1", api.addr, &config).await;
+    assert!(
+        fifth.is_err(),
+        "a fifth connection from 127.0.0.1 was served"
+    );
+    let mut other = raw::Conn::new("127.0.0.2", api.addr, config.clone());
+    let (s, _) = other
+        .post("/v1/subject", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut again = raw::Conn::new("127.0.0.1", api.addr, config.clone());
+    let (s, _) = again
+        .post("/v1/subject", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+    drop(held);
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secrets_with_a_users_token_id_neither_lock_her_out_nor_name_her() {
     // The default per-user limit (12 a minute); addresses have plenty.
