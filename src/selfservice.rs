@@ -559,7 +559,8 @@ pub async fn audit_call(
         ),
         Err(e) => (
             "api.refuse",
-            json!({"endpoint": endpoint, "peer": peer.addr.to_string(), "status": e.status, "code": e.code, "message": e.message}),
+            // The code, not the message: a message may quote what the client sent.
+            json!({"endpoint": endpoint, "peer": peer.addr.to_string(), "status": e.status, "code": e.code}),
         ),
     };
     let mut tx = app.store.begin().await?;

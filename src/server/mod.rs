@@ -21,15 +21,19 @@ use crate::selfservice::{self, ApiError, MAX_BODY_BYTES, Peer};
 use crate::store::credentials;
 
 mod ratelimit;
+mod refusals;
 mod slots;
 mod tls;
 
 pub use ratelimit::RateLimiter;
+pub use refusals::Refusals;
 pub use slots::{ConnectionSlots, Full as SlotsFull, Slot};
 pub use tls::{TlsError, server_config};
 
 /// The longest one connection is served, whatever it does.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often refusals of unauthenticated requests are summarized in the audit log.
+const REFUSAL_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 /// Limits outlive configuration reloads: they belong to the listener.
 #[derive(Debug)]
@@ -37,6 +41,7 @@ pub struct Limits {
     pub per_address: RateLimiter<IpAddr>,
     pub per_user: RateLimiter<String>,
     pub connections: Arc<ConnectionSlots>,
+    pub refusals: Refusals,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
 }
@@ -48,6 +53,7 @@ impl Limits {
             per_address: RateLimiter::new(s.rate_limit_per_address),
             per_user: RateLimiter::new(s.rate_limit_per_user),
             connections: ConnectionSlots::new(s.max_connections, s.max_connections_per_address),
+            refusals: Refusals::default(),
             header_timeout: s.header_timeout,
             body_timeout: s.body_timeout,
         }
@@ -64,10 +70,18 @@ pub async fn serve(
 ) {
     let limits = Arc::new(Limits::new(&apps.borrow()));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut summary = tokio::time::interval(REFUSAL_SUMMARY_EVERY);
+    summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    summary.tick().await;
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
+            _ = summary.tick() => {
+                let (app, limits) = (apps.borrow().clone(), limits.clone());
+                tokio::spawn(async move { flush_refusals(&app, &limits).await });
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -123,6 +137,14 @@ pub async fn serve(
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });
     }
+    let app = apps.borrow().clone();
+    flush_refusals(&app, &limits).await;
+}
+
+async fn flush_refusals(app: &App, limits: &Limits) {
+    if let Err(e) = limits.refusals.flush(app).await {
+        warn!(error = %e, "could not write the summary of refused API requests; kept for the next one");
+    }
 }
 
 fn respond(status: u16, body: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -164,7 +186,7 @@ fn rate_limited(what: &str, wait: Duration) -> Response<Full<Bytes>> {
 /// The user a request proved to be: the owner of the enrollment token whose
 /// secret matched, or of the rotator credential the client certificate (already
 /// verified against the client CA by TLS) is. `None` for anything else: such a
-/// request is never charged to a user.
+/// request is refused, counted in the refusal summary and never charged to a user.
 async fn authenticated_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
     if let Some(t) = token {
         let presented = crate::enrollment::parse(t).ok()?;
@@ -246,10 +268,28 @@ async fn route(
     resp
 }
 
-/// A refusal of a request that did not authenticate.
-async fn refuse(app: &App, path: &str, peer: &Peer, e: &ApiError) -> Response<Full<Bytes>> {
-    audit(app, peer, path, None, Err(e)).await;
+/// A refusal of a request that did not authenticate: counted, not logged a row each.
+fn refuse(app: &App, limits: &Limits, peer: &Peer, e: &ApiError) -> Response<Full<Bytes>> {
+    debug!(peer = %peer.addr, status = e.status, code = %e.code, "API request refused before authentication");
+    limits.refusals.count(app, &e.code, peer.addr.ip());
     error_response(e, None)
+}
+
+/// Largest announced body that is read and dropped before a 413, rather than
+/// the connection closed under a client still writing it.
+const DRAIN_LIMIT: u64 = 256 * 1024;
+
+/// Reads `body` to its end, keeping nothing; false when it errs or is late.
+async fn drain(mut body: Incoming, deadline: Duration) -> bool {
+    let all = async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(deadline, all).await.unwrap_or(false)
 }
 
 /// Ends the connection after this answer: the rest of the request is not read.
@@ -273,6 +313,7 @@ async fn answer(
     }
     if let Err(wait) = limits.per_address.check(&peer.addr.ip()) {
         debug!(peer = %peer.addr, "rate limited (address)");
+        limits.refusals.count(app, "rate_limited", peer.addr.ip());
         return rate_limited(&format!("from {}", peer.addr.ip()), wait);
     }
     let misdirected = if !matches!(path.as_str(), "/v1/subject" | "/v1/enroll" | "/v1/renew") {
@@ -288,7 +329,7 @@ async fn answer(
         None
     };
     if let Some(e) = misdirected {
-        return refuse(app, &path, peer, &e).await;
+        return refuse(app, limits, peer, &e);
     }
     // An announced body over the limit is refused before a byte of it is read.
     let announced = req
@@ -298,7 +339,12 @@ async fn answer(
         .and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(n) = announced.filter(|n| *n > MAX_BODY_BYTES as u64) {
         let e = selfservice::too_large(usize::try_from(n).unwrap_or(usize::MAX));
-        return closing(refuse(app, &path, peer, &e).await);
+        // A body a little too large is read and dropped (never kept), so a client
+        // still sending it reads this answer instead of a reset connection.
+        if n <= DRAIN_LIMIT && drain(req.into_body(), limits.body_timeout).await {
+            return refuse(app, limits, peer, &e);
+        }
+        return closing(refuse(app, limits, peer, &e));
     }
     let json_body = req
         .headers()
@@ -318,7 +364,7 @@ async fn answer(
             "the request's Content-Type is not application/json",
             "send the body as JSON with Content-Type: application/json",
         );
-        return closing(refuse(app, &path, peer, &e).await);
+        return closing(refuse(app, limits, peer, &e));
     }
     let body = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
     let parsed = match tokio::time::timeout(limits.body_timeout, body).await {
@@ -328,7 +374,7 @@ async fn answer(
                 .is_some() =>
         {
             let e = selfservice::too_large(MAX_BODY_BYTES + 1);
-            return closing(refuse(app, &path, peer, &e).await);
+            return closing(refuse(app, limits, peer, &e));
         }
         Ok(Err(e)) => Err(ApiError::new(
             400,
@@ -346,12 +392,12 @@ async fn answer(
                 ),
                 "send the whole request at once; the body is one small JSON object",
             );
-            return closing(refuse(app, &path, peer, &e).await);
+            return closing(refuse(app, limits, peer, &e));
         }
     };
     let call = match parsed {
         Ok(c) => c,
-        Err(e) => return refuse(app, &path, peer, &e).await,
+        Err(e) => return refuse(app, limits, peer, &e),
     };
     // Counted against a user only once the request proved to be that user: a
     // guessed or stolen token id alone neither locks the user out nor names them.
@@ -360,6 +406,7 @@ async fn answer(
         && let Err(wait) = limits.per_user.check(u)
     {
         debug!(user = %u, "rate limited (user)");
+        limits.refusals.count(app, "rate_limited", peer.addr.ip());
         return rate_limited(&format!("for user {u}"), wait);
     }
     let result = match call {
@@ -391,7 +438,7 @@ async fn answer(
             audit(app, peer, &path, Some(u), Err(&e)).await;
             error_response(&e, None)
         }
-        (Err(e), None) => refuse(app, &path, peer, &e).await,
+        (Err(e), None) => refuse(app, limits, peer, &e),
     }
 }
 

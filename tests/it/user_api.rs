@@ -257,7 +257,9 @@ async fn enroll_with_a_token_then_kubectl_works_and_the_token_is_single_use() {
 
     // Expired: bob's token outlives its hour only on paper.
     let bob = api.enroll_user("bob", &[]).await;
-    api.clock.advance(3601);
+    // Two hours on the server's clock: the CLI stamped the token with the real
+    // time, which on a loaded machine is already seconds past the manual clock.
+    api.clock.advance(2 * 3600);
     let late = api.fetch("bob", &["--token", &bob]).await;
     let err = fails_with(&late, 4);
     assert!(err.contains("token_expired"), "{err}");
@@ -567,8 +569,10 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
     }
     let (s, c, _) = raw("/v1/enroll", "text/plain", b"{}".to_vec()).await;
     assert_eq!((s, c.as_str()), (415, "unsupported_media_type"));
-    // Nothing was issued, no token was burnt, every refusal was audited, and the
-    // server is still there: the real enrollment goes through.
+    // Nothing was issued, no token was burnt, every refusal was accounted for,
+    // and the server is still there: the real enrollment goes through. The four
+    // that presented alice's valid token are audited one row each; the other
+    // nine proved no identity and are counted for the summary (below).
     assert!(api.credentials_of("alice").await.is_empty());
     assert_eq!(
         api.kx
@@ -577,12 +581,13 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
             .await,
         1
     );
+    let authenticated = 4;
     assert_eq!(
         api.kx
             .s
             .count("SELECT COUNT(*) FROM audit_events WHERE action = 'api.refuse'")
             .await as usize,
-        refusals + 1
+        authenticated
     );
     ok(&api.fetch("alice", &["--token", &token]).await);
     assert_eq!(api.credentials_of("alice").await.len(), 1);
@@ -596,7 +601,21 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
     ] {
         assert!(metrics.contains(series), "{series} missing from\n{metrics}");
     }
-    api.stop().await;
+    let mut api = api;
+    let _ = api.stop.send(true);
+    (&mut api.served).await.unwrap();
+    let summary = rotator::store::audit::list(&api.app.store, None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.action == "api.refusals")
+        .expect("a summary of the unauthenticated refusals");
+    let d: serde_json::Value = serde_json::from_str(&summary.detail).unwrap();
+    assert_eq!(
+        d["total"].as_u64(),
+        Some((refusals + 1 - authenticated) as u64),
+        "{d}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1234,6 +1253,133 @@ async fn idle_and_slow_connections_lose_their_slot_and_an_oversized_body_is_refu
     assert_eq!(s, 401);
     drop(held);
     api.stop().await;
+}
+
+/// The size of the database once its WAL is folded in.
+async fn db_bytes(api: &Api) -> u64 {
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(api.app.store.pool())
+        .await
+        .unwrap();
+    ["rotator.db", "rotator.db-wal"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(api.kx.s.path(&format!("rotator-data/{f}")))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_refusals_are_counted_and_summarized_not_logged_row_by_row() {
+    let mut api = Api::start().await;
+    let token = api.enroll_user("alice", &[]).await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let config = raw::config(&ca, None);
+    let wrong = format!("{}.{}", &token[..12], "W".repeat(43));
+    let alice_csr = csr("alice", &["dev", "rotator:alice:1"], KeyType::EcdsaP256);
+    let long_path = format!("/{}", "x".repeat(4000));
+    let before = db_bytes(&api).await;
+    let rows_before = api
+        .kx
+        .s
+        .count("SELECT COALESCE(MAX(seq), 0) FROM audit_events")
+        .await;
+
+    let addresses = ["127.0.0.1", "127.0.0.3", "127.0.0.4", "127.0.0.5"];
+    let mut sent = 0;
+    for (a, from) in addresses.iter().enumerate() {
+        let mut c = raw::Conn::new(from, api.addr, config.clone());
+        for i in 0..500 {
+            let (path, body): (&str, Vec<u8>) = match (i + a) % 5 {
+                0 => (long_path.as_str(), b"{}".to_vec()),
+                1 => (
+                    "/v1/enroll",
+                    format!("{{\"token\": \"{}\"", "g".repeat(3000)).into_bytes(),
+                ),
+                2 => (
+                    "/v1/subject",
+                    serde_json::to_vec(&serde_json::json!({"token": wrong})).unwrap(),
+                ),
+                3 => (
+                    "/v1/enroll",
+                    serde_json::to_vec(&serde_json::json!({"token": wrong, "csr": alice_csr}))
+                        .unwrap(),
+                ),
+                _ => (
+                    "/v1/renew",
+                    serde_json::to_vec(&serde_json::json!({"csr": alice_csr})).unwrap(),
+                ),
+            };
+            let (s, _) = c
+                .send("POST", path, "application/json", body)
+                .await
+                .unwrap();
+            assert!((400..500).contains(&s) && s != 429, "{path}: {s}");
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 2000);
+    // Authenticated calls stay audited one row each, refusals included.
+    let mut c = raw::Conn::new("127.0.0.1", api.addr, config.clone());
+    let (s, v) = c
+        .post(
+            "/v1/enroll",
+            &serde_json::json!({"token": token, "csr": csr("alice", &["dev", "rotator:alice:9"], KeyType::EcdsaP256)}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("generation_stale"))
+    );
+    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    // Stopping the listener writes the last summary.
+    let _ = api.stop.send(true);
+    (&mut api.served).await.unwrap();
+    let app = &api.app;
+
+    let after = db_bytes(&api).await;
+    let grew = after.saturating_sub(before);
+    eprintln!(
+        "2000 unauthenticated refusals from 4 addresses: the database grew {grew} bytes ({before} -> {after})"
+    );
+    for (code, n) in [
+        ("not_found", 400.0),
+        ("bad_request", 400.0),
+        ("token_invalid", 800.0),
+        ("client_certificate_required", 400.0),
+    ] {
+        let series = format!("rotator_api_refusals_total{{code=\"{code}\"}}");
+        assert_eq!(metric(&metrics, &series), n, "{series} in\n{metrics}");
+    }
+    let events = rotator::store::audit::list(&app.store, None, 100_000)
+        .await
+        .unwrap();
+    let new: Vec<_> = events.iter().filter(|e| e.seq > rows_before).collect();
+    let summaries: Vec<_> = new.iter().filter(|e| e.action == "api.refusals").collect();
+    assert_eq!(summaries.len(), 1, "{new:#?}");
+    let d: serde_json::Value = serde_json::from_str(&summaries[0].detail).unwrap();
+    assert_eq!(d["total"], 2000, "{d}");
+    assert_eq!(d["addresses"], 4, "{d}");
+    assert_eq!(d["by_code"]["token_invalid"], 800, "{d}");
+    let rows: Vec<_> = new.iter().filter(|e| e.action == "api.refuse").collect();
+    assert_eq!(
+        rows.len(),
+        1,
+        "only the authenticated refusal has a row: {rows:#?}"
+    );
+    assert!(rows[0].detail.contains("generation_stale") && rows[0].actor.contains("alice"));
+    for e in &new {
+        assert!(e.detail.len() < 512, "a long audit row: {e:?}");
+        assert!(
+            !e.detail.contains("xxxx") && !e.detail.contains("gggg"),
+            "client text in {e:?}"
+        );
+    }
+
+    assert!(grew <= 8192, "the database grew {grew} bytes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
