@@ -1423,6 +1423,25 @@ async fn wrong_secrets_with_a_users_token_id_neither_lock_her_out_nor_name_her()
     for pair in answers.chunks(2) {
         assert_eq!(pair[0], pair[1]);
     }
+    // And take about as long (reported, not asserted: a shared machine is noisy).
+    let mut took = [Vec::new(), Vec::new()];
+    for _ in 0..100 {
+        for (i, t) in [&wrong, &unknown].into_iter().enumerate() {
+            let t0 = std::time::Instant::now();
+            let (s, _) = mallory
+                .post("/v1/subject", &serde_json::json!({ "token": t }))
+                .await
+                .unwrap();
+            took[i].push(t0.elapsed());
+            assert_eq!(s, 401);
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (known, unknown_id) = (median(&mut took[0]), median(&mut took[1]));
+    eprintln!("median answer: known id, wrong secret {known:?}; unknown id {unknown_id:?}");
     // Nor does the audit log charge alice with them.
     let charged = rotator::store::audit::list(&api.app.store, Some("alice"), 1000)
         .await
