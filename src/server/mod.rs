@@ -27,7 +27,7 @@ mod tls;
 
 pub use ratelimit::RateLimiter;
 pub use refusals::Refusals;
-pub use slots::{ConnectionSlots, Full as SlotsFull, Slot};
+pub use slots::{ConnectionSlots, Full as SlotsFull, Slot, client_key};
 pub use tls::{TlsError, server_config};
 
 /// The longest one connection is served, whatever it does.
@@ -311,7 +311,7 @@ async fn answer(
     if path == "/healthz" {
         return respond(200, &json!({"status": "ok"}));
     }
-    if let Err(wait) = limits.per_address.check(&peer.addr.ip()) {
+    if let Err(wait) = limits.per_address.check(&client_key(peer.addr.ip())) {
         debug!(peer = %peer.addr, "rate limited (address)");
         limits.refusals.count(app, "rate_limited", peer.addr.ip());
         return rate_limited(&format!("from {}", peer.addr.ip()), wait);

@@ -4,6 +4,22 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+/// The key a source address is counted under: an IPv4 address as it is (also
+/// when it arrives IPv4-mapped), an IPv6 address by its /64, the block one host
+/// is given, so a single client cannot take a share per address it can pick.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 #[derive(Debug)]
 pub struct ConnectionSlots {
     total: usize,
@@ -47,7 +63,9 @@ impl ConnectionSlots {
         })
     }
 
+    /// Takes a slot for a connection from `ip` (counted under [`client_key`]).
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Full> {
+        let ip = client_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let (all, by_ip) = &mut *open;
         let mine = by_ip.get(&ip).copied().unwrap_or(0);
@@ -67,6 +85,7 @@ impl ConnectionSlots {
 
     /// Connections open now (in all, from `ip`).
     pub fn open(&self, ip: IpAddr) -> (usize, usize) {
+        let ip = client_key(ip);
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         (open.0, open.1.get(&ip).copied().unwrap_or(0))
     }
@@ -108,5 +127,23 @@ mod tests {
         assert_eq!(s.open(a), (3, 1));
         let _c1 = s.try_acquire(c).unwrap();
         assert_eq!(s.try_acquire(a).unwrap_err(), Full::Total);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_client_across_its_64() {
+        let s = ConnectionSlots::new(100, 2);
+        let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+        let _x = s.try_acquire(ip("2001:db8:1:2::1")).unwrap();
+        let _y = s.try_acquire(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert_eq!(
+            s.try_acquire(ip("2001:db8:1:2:abcd::1")).unwrap_err(),
+            Full::Address
+        );
+        let _z = s.try_acquire(ip("2001:db8:1:3::1")).unwrap();
+        // IPv4-mapped is the IPv4 address.
+        let _v4 = s.try_acquire(ip("192.0.2.7")).unwrap();
+        let _m = s.try_acquire(ip("::ffff:192.0.2.7")).unwrap();
+        assert_eq!(s.try_acquire(ip("192.0.2.7")).unwrap_err(), Full::Address);
+        assert_eq!(client_key(ip("127.0.0.2")), ip("127.0.0.2"));
     }
 }
