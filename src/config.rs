@@ -300,6 +300,10 @@ struct ServerSection {
     enroll_token_ttl: String,
     rate_limit_per_address: u32,
     rate_limit_per_user: u32,
+    max_connections: u32,
+    max_connections_per_address: u32,
+    header_timeout: String,
+    body_timeout: String,
 }
 
 impl Default for ServerSection {
@@ -313,6 +317,10 @@ impl Default for ServerSection {
             enroll_token_ttl: "1h".into(),
             rate_limit_per_address: 60,
             rate_limit_per_user: 12,
+            max_connections: 256,
+            max_connections_per_address: 16,
+            header_timeout: "5s".into(),
+            body_timeout: "10s".into(),
         }
     }
 }
@@ -333,6 +341,15 @@ pub struct ServerSettings {
     pub rate_limit_per_address: u32,
     /// Requests a minute for one user.
     pub rate_limit_per_user: u32,
+    /// Connections the API holds open at once, in all and from one address
+    /// (`max_connections_per_address <= max_connections`).
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    /// How long a connection may take to send a request's headers (also the
+    /// TLS handshake, and idle time between requests on a kept-alive connection).
+    pub header_timeout: Duration,
+    /// How long a request may take to send its body.
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1006,6 +1023,39 @@ fn server_settings(
             ));
         }
     }
+    if !(1..=100_000).contains(&f.max_connections) {
+        return Err(cx.invalid(
+            "server.max_connections",
+            f.max_connections,
+            "must be between 1 and 100000",
+            "the default is 256",
+        ));
+    }
+    if !(1..=f.max_connections).contains(&f.max_connections_per_address) {
+        return Err(cx.invalid(
+            "server.max_connections_per_address",
+            f.max_connections_per_address,
+            format!(
+                "must be between 1 and server.max_connections ({})",
+                f.max_connections
+            ),
+            "the default is 16; keep it well below max_connections so one address cannot take them all",
+        ));
+    }
+    let deadline = |key: &str, raw: &str| -> Result<Duration, ConfigError> {
+        let d = cx.duration(key, raw)?;
+        if d < Duration::from_secs(1) || d > Duration::from_secs(300) {
+            return Err(cx.invalid(
+                key,
+                raw,
+                "outside [1s, 5m]",
+                "a few seconds: the defaults are 5s for headers and 10s for the body",
+            ));
+        }
+        Ok(d)
+    };
+    let header_timeout = deadline("server.header_timeout", &f.header_timeout)?;
+    let body_timeout = deadline("server.body_timeout", &f.body_timeout)?;
     Ok(ServerSettings {
         listen,
         tls,
@@ -1014,6 +1064,10 @@ fn server_settings(
         enroll_token_ttl,
         rate_limit_per_address: f.rate_limit_per_address,
         rate_limit_per_user: f.rate_limit_per_user,
+        max_connections: f.max_connections as usize,
+        max_connections_per_address: f.max_connections_per_address as usize,
+        header_timeout,
+        body_timeout,
     })
 }
 
@@ -1098,6 +1152,41 @@ mod tests {
             e.contains("schedule.rotate") && e.contains("every minute"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn connection_caps_and_deadlines_are_checked() {
+        let (_d, p) = write("");
+        let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
+        assert_eq!(
+            (
+                s.server.max_connections,
+                s.server.max_connections_per_address
+            ),
+            (256, 16)
+        );
+        assert_eq!(s.server.header_timeout, Duration::from_secs(5));
+        assert_eq!(s.server.body_timeout, Duration::from_secs(10));
+        for (toml, key) in [
+            (
+                "[server]\nmax_connections = 8\nmax_connections_per_address = 9\n",
+                "server.max_connections_per_address",
+            ),
+            ("[server]\nmax_connections = 0\n", "server.max_connections"),
+            (
+                "[server]\nheader_timeout = \"0s\"\n",
+                "server.header_timeout",
+            ),
+            ("[server]\nbody_timeout = \"1h\"\n", "server.body_timeout"),
+        ] {
+            let (_d, p) = write(toml);
+            let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Invalid { key: ref k, .. } if k == key),
+                "{toml}: {e}"
+            );
+            assert!(e.to_string().contains("fix:"), "{e}");
+        }
     }
 
     #[test]

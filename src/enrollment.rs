@@ -236,6 +236,22 @@ pub async fn check(
     }
 }
 
+/// The user whose token this is, only when its secret matches: who a request
+/// proved to be, before anything is counted against that user. An unknown id
+/// costs the same work as a wrong secret, and neither names anyone.
+pub async fn owner(app: &App, presented: &Presented<'_>) -> Result<Option<String>, StoreError> {
+    let mut conn = app.store.conn().await?;
+    let token = enrollments::get(&mut conn, presented.id).await?;
+    let stored = token
+        .as_ref()
+        .map_or(UNKNOWN_HASH, |t| t.secret_hash.as_str());
+    let matched = bool::from(hash(presented.secret).as_bytes().ct_eq(stored.as_bytes()));
+    Ok(token.filter(|_| matched).map(|t| t.user_name))
+}
+
+/// Compared against when the id is unknown: the hash of no secret anyone holds.
+const UNKNOWN_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
 /// The expire job's share: unused tokens past their time become `expired`.
 pub async fn expire_pass(app: &App) -> Result<usize, StoreError> {
     let now = app.clock.now();

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub job_duration: Family<Labels, Gauge<f64, AtomicU64>>,
     pub drift_repairs: Counter,
     pub api_requests: Family<Labels, Counter>,
+    pub api_refusals: Family<Labels, Counter>,
+    pub api_connections_refused: Family<Labels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -108,8 +110,22 @@ impl Default for Metrics {
             "User API requests by endpoint and outcome (ok, or the HTTP status)",
             api_requests.clone(),
         );
+        let api_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_refusals",
+            "User API requests refused before they proved an identity, by code (summarized in the audit log as api.refusals)",
+            api_refusals.clone(),
+        );
+        let api_connections_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_connections_refused",
+            "User API connections closed at once because their address (address) or the listener (total) held all its slots",
+            api_connections_refused.clone(),
+        );
         Self {
             api_requests,
+            api_refusals,
+            api_connections_refused,
             registry,
             credentials,
             expiry,
@@ -139,6 +155,17 @@ impl Metrics {
         };
         self.api_requests
             .get_or_create(&l(&[("endpoint", endpoint), ("outcome", outcome)]))
+            .inc();
+    }
+
+    /// A refusal of a request that did not authenticate; `code` is the API's own.
+    pub fn api_refusal(&self, code: &str) {
+        self.api_refusals.get_or_create(&l(&[("code", code)])).inc();
+    }
+
+    pub fn api_connection_refused(&self, reason: &str) {
+        self.api_connections_refused
+            .get_or_create(&l(&[("reason", reason)]))
             .inc();
     }
 

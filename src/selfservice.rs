@@ -315,6 +315,20 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
             "ask your administrator whether your access was removed",
         ));
     }
+    if !self_service(&mut conn, &c).await? {
+        return Err(ApiError::new(
+            403,
+            "renewal_not_allowed",
+            format!(
+                "the client certificate (serial {}, generation {}) was issued by an administrator, not through enrollment; only enrolled credentials renew through the API",
+                c.serial, c.generation
+            ),
+            format!(
+                "ask your administrator for a new kubeconfig, or to switch you to enrollment: `rotator revoke {u}` then `rotator add-user {u} --enroll` with the same access, and run `rotator fetch --token T`",
+                u = c.user_name
+            ),
+        ));
+    }
     if c.state == "superseded"
         && let Some(s) = spki
         && let Some(next) = credentials::renewal_of(&mut conn, &c.id, s).await?
@@ -340,6 +354,32 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
         ));
     }
     Ok(CertIdentity::Current(c))
+}
+
+/// Whether `c` may renew itself through the API: its user enrolled (delivery
+/// `client`) and `c` itself came through the API, from an enrollment token or
+/// a renewal of such a credential. A credential an administrator issued (and
+/// delivered as a kubeconfig, with a key rotator made) never does: a stolen
+/// copy must not become a chain its thief keeps renewing, and the daemon and a
+/// client must not keep superseding each other.
+async fn self_service(
+    conn: &mut sqlx::SqliteConnection,
+    c: &Credential,
+) -> Result<bool, StoreError> {
+    if users::delivery(conn, &c.user_name).await? != "client" {
+        return Ok(false);
+    }
+    if c.renewed_from.is_some() {
+        return Ok(true);
+    }
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM enrollment_tokens WHERE credential_id = ? AND user_name = ?",
+    )
+    .bind(&c.id)
+    .bind(&c.user_name)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(n > 0)
 }
 
 /// `POST /v1/subject`: what the next CSR must say, for a token holder or the
@@ -543,7 +583,8 @@ pub async fn audit_call(
         ),
         Err(e) => (
             "api.refuse",
-            json!({"endpoint": endpoint, "peer": peer.addr.to_string(), "status": e.status, "code": e.code, "message": e.message}),
+            // The code, not the message: a message may quote what the client sent.
+            json!({"endpoint": endpoint, "peer": peer.addr.to_string(), "status": e.status, "code": e.code}),
         ),
     };
     let mut tx = app.store.begin().await?;

@@ -1,6 +1,8 @@
 //! The user API (flow 2) over HTTPS: `POST /v1/subject`, `/v1/enroll`,
-//! `/v1/renew`. Bounded everywhere: handshake and header timeouts, a body
-//! limit, a connection cap, and rate limits per source address and per user.
+//! `/v1/renew`. Bounded everywhere: a connection cap per source address and in
+//! all, deadlines for the handshake, the headers (and idle keep-alive time) and
+//! the body, a body limit checked against `Content-Length` before reading, and
+//! rate limits per source address and (once a request proved who it is) per user.
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,30 +18,44 @@ use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::selfservice::{self, ApiError, MAX_BODY_BYTES, Peer};
-use crate::store::{credentials, enrollments};
+use crate::store::credentials;
 
 mod ratelimit;
+mod refusals;
+mod slots;
 mod tls;
 
 pub use ratelimit::RateLimiter;
+pub use refusals::Refusals;
+pub use slots::{ConnectionSlots, Full as SlotsFull, Slot, client_key};
 pub use tls::{TlsError, server_config};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest one connection is served, whatever it does.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
-const MAX_CONNECTIONS: usize = 256;
+/// How often refusals of unauthenticated requests are summarized in the audit log.
+const REFUSAL_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
-/// Rate limits outlive configuration reloads: they belong to the listener.
+/// Limits outlive configuration reloads: they belong to the listener.
 #[derive(Debug)]
 pub struct Limits {
     pub per_address: RateLimiter<IpAddr>,
     pub per_user: RateLimiter<String>,
+    pub connections: Arc<ConnectionSlots>,
+    pub refusals: Refusals,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 impl Limits {
     pub fn new(app: &App) -> Self {
+        let s = &app.settings.server;
         Self {
-            per_address: RateLimiter::new(app.settings.server.rate_limit_per_address),
-            per_user: RateLimiter::new(app.settings.server.rate_limit_per_user),
+            per_address: RateLimiter::new(s.rate_limit_per_address),
+            per_user: RateLimiter::new(s.rate_limit_per_user),
+            connections: ConnectionSlots::new(s.max_connections, s.max_connections_per_address),
+            refusals: Refusals::default(),
+            header_timeout: s.header_timeout,
+            body_timeout: s.body_timeout,
         }
     }
 }
@@ -54,11 +70,18 @@ pub async fn serve(
 ) {
     let limits = Arc::new(Limits::new(&apps.borrow()));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut summary = tokio::time::interval(REFUSAL_SUMMARY_EVERY);
+    summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    summary.tick().await;
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
-            _ = &mut shutdown => return,
+            _ = &mut shutdown => break,
+            _ = summary.tick() => {
+                let (app, limits) = (apps.borrow().clone(), limits.clone());
+                tokio::spawn(async move { flush_refusals(&app, &limits).await });
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -68,14 +91,21 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%addr, "connection refused: too many open connections");
-            continue;
+        let app = apps.borrow().clone();
+        let slot = match limits.connections.try_acquire(addr.ip()) {
+            Ok(s) => s,
+            Err(full) => {
+                // Closed before TLS: it costs the server nothing more.
+                debug!(%addr, reason = full.label(), "connection refused: too many open connections");
+                app.metrics.api_connection_refused(full.label());
+                continue;
+            }
         };
-        let (app, limits, acceptor) = (apps.borrow().clone(), limits.clone(), acceptor.clone());
+        let (limits, acceptor) = (limits.clone(), acceptor.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let handshake = tokio::time::timeout(limits.header_timeout, acceptor.accept(tcp));
+            let stream = match handshake.await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     // A certificate from another CA ends here, before any handler runs.
@@ -94,16 +124,26 @@ pub async fn serve(
                 addr,
                 certificate_der,
             };
+            let header_timeout = limits.header_timeout;
             let svc = hyper::service::service_fn(move |req| {
                 let (app, limits, peer) = (app.clone(), limits.clone(), peer.clone());
                 async move { Ok::<_, std::convert::Infallible>(route(&app, &limits, &peer, req).await) }
             });
+            // The header deadline also bounds idle time between kept-alive requests.
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });
+    }
+    let app = apps.borrow().clone();
+    flush_refusals(&app, &limits).await;
+}
+
+async fn flush_refusals(app: &App, limits: &Limits) {
+    if let Err(e) = limits.refusals.flush(app).await {
+        warn!(error = %e, "could not write the summary of refused API requests; kept for the next one");
     }
 }
 
@@ -143,20 +183,21 @@ fn rate_limited(what: &str, wait: Duration) -> Response<Full<Bytes>> {
     error_response(&e, Some(wait))
 }
 
-/// The user a request claims to be, before anything is verified: for the
-/// per-user rate limit and the audit log's subject.
-async fn claimed_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
-    let mut conn = app.store.conn().await.ok()?;
+/// The user a request proved to be: the owner of the enrollment token whose
+/// secret matched, or of the rotator credential the client certificate (already
+/// verified against the client CA by TLS) is. `None` for anything else: such a
+/// request is refused, counted in the refusal summary and never charged to a user.
+async fn authenticated_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
     if let Some(t) = token {
-        let id = crate::enrollment::parse(t).ok()?.id;
-        return enrollments::get(&mut conn, id)
+        let presented = crate::enrollment::parse(t).ok()?;
+        return crate::enrollment::owner(app, &presented)
             .await
             .ok()
-            .flatten()
-            .map(|t| t.user_name);
+            .flatten();
     }
     let der = peer.certificate_der.as_deref()?;
     let fp = crate::pki::hex(&crate::pki::sha256(der));
+    let mut conn = app.store.conn().await.ok()?;
     credentials::by_fingerprint(&mut conn, &fp)
         .await
         .ok()
@@ -227,6 +268,39 @@ async fn route(
     resp
 }
 
+/// A refusal of a request that did not authenticate: counted, not logged a row each.
+fn refuse(app: &App, limits: &Limits, peer: &Peer, e: &ApiError) -> Response<Full<Bytes>> {
+    debug!(peer = %peer.addr, status = e.status, code = %e.code, "API request refused before authentication");
+    limits.refusals.count(app, &e.code, peer.addr.ip());
+    error_response(e, None)
+}
+
+/// Largest announced body that is read and dropped before a 413, rather than
+/// the connection closed under a client still writing it.
+const DRAIN_LIMIT: u64 = 256 * 1024;
+
+/// Reads `body` to its end, keeping nothing; false when it errs or is late.
+async fn drain(mut body: Incoming, deadline: Duration) -> bool {
+    let all = async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(deadline, all).await.unwrap_or(false)
+}
+
+/// Ends the connection after this answer: the rest of the request is not read.
+fn closing(mut r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    r
+}
+
 async fn answer(
     app: &App,
     limits: &Limits,
@@ -237,8 +311,9 @@ async fn answer(
     if path == "/healthz" {
         return respond(200, &json!({"status": "ok"}));
     }
-    if let Err(wait) = limits.per_address.check(&peer.addr.ip()) {
+    if let Err(wait) = limits.per_address.check(&client_key(peer.addr.ip())) {
         debug!(peer = %peer.addr, "rate limited (address)");
+        limits.refusals.count(app, "rate_limited", peer.addr.ip());
         return rate_limited(&format!("from {}", peer.addr.ip()), wait);
     }
     let misdirected = if !matches!(path.as_str(), "/v1/subject" | "/v1/enroll" | "/v1/renew") {
@@ -254,8 +329,22 @@ async fn answer(
         None
     };
     if let Some(e) = misdirected {
-        audit(app, peer, &path, None, Err(&e)).await;
-        return error_response(&e, None);
+        return refuse(app, limits, peer, &e);
+    }
+    // An announced body over the limit is refused before a byte of it is read.
+    let announced = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = announced.filter(|n| *n > MAX_BODY_BYTES as u64) {
+        let e = selfservice::too_large(usize::try_from(n).unwrap_or(usize::MAX));
+        // A body a little too large is read and dropped (never kept), so a client
+        // still sending it reads this answer instead of a reset connection.
+        if n <= DRAIN_LIMIT && drain(req.into_body(), limits.body_timeout).await {
+            return refuse(app, limits, peer, &e);
+        }
+        return closing(refuse(app, limits, peer, &e));
     }
     let json_body = req
         .headers()
@@ -268,46 +357,56 @@ async fn answer(
                 .trim()
                 .eq_ignore_ascii_case("application/json")
         });
-    let parsed = if !json_body {
-        Err(ApiError::new(
+    if !json_body {
+        let e = ApiError::new(
             415,
             "unsupported_media_type",
             "the request's Content-Type is not application/json",
             "send the body as JSON with Content-Type: application/json",
-        ))
-    } else {
-        match Limited::new(req.into_body(), MAX_BODY_BYTES)
-            .collect()
-            .await
+        );
+        return closing(refuse(app, limits, peer, &e));
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
+    let parsed = match tokio::time::timeout(limits.body_timeout, body).await {
+        Ok(Ok(b)) => parse(&path, &b.to_bytes()),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
         {
-            Ok(b) => parse(&path, &b.to_bytes()),
-            Err(e)
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                Err(selfservice::too_large(MAX_BODY_BYTES + 1))
-            }
-            Err(e) => Err(ApiError::new(
-                400,
-                "bad_request",
-                format!("the request body could not be read: {e}"),
-                "send the whole body",
-            )),
+            let e = selfservice::too_large(MAX_BODY_BYTES + 1);
+            return closing(refuse(app, limits, peer, &e));
+        }
+        Ok(Err(e)) => Err(ApiError::new(
+            400,
+            "bad_request",
+            format!("the request body could not be read: {e}"),
+            "send the whole body",
+        )),
+        Err(_) => {
+            let e = ApiError::new(
+                408,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {}s",
+                    limits.body_timeout.as_secs()
+                ),
+                "send the whole request at once; the body is one small JSON object",
+            );
+            return closing(refuse(app, limits, peer, &e));
         }
     };
     let call = match parsed {
         Ok(c) => c,
-        Err(e) => {
-            let user = claimed_user(app, peer, None).await;
-            audit(app, peer, &path, user.as_deref(), Err(&e)).await;
-            return error_response(&e, None);
-        }
+        Err(e) => return refuse(app, limits, peer, &e),
     };
-    let user = claimed_user(app, peer, call.token()).await;
+    // Counted against a user only once the request proved to be that user: a
+    // guessed or stolen token id alone neither locks the user out nor names them.
+    let user = authenticated_user(app, peer, call.token()).await;
     if let Some(u) = &user
         && let Err(wait) = limits.per_user.check(u)
     {
         debug!(user = %u, "rate limited (user)");
+        limits.refusals.count(app, "rate_limited", peer.addr.ip());
         return rate_limited(&format!("for user {u}"), wait);
     }
     let result = match call {
@@ -330,15 +429,16 @@ async fn answer(
             )
         }),
     };
-    match result {
-        Ok((summary, body)) => {
+    match (result, &user) {
+        (Ok((summary, body)), _) => {
             audit(app, peer, &path, user.as_deref(), Ok(&summary)).await;
             respond(200, &body)
         }
-        Err(e) => {
-            audit(app, peer, &path, user.as_deref(), Err(&e)).await;
+        (Err(e), Some(u)) => {
+            audit(app, peer, &path, Some(u), Err(&e)).await;
             error_response(&e, None)
         }
+        (Err(e), None) => refuse(app, limits, peer, &e),
     }
 }
 

@@ -582,8 +582,10 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
     }
     let (s, c, _) = raw("/v1/enroll", "text/plain", b"{}".to_vec()).await;
     assert_eq!((s, c.as_str()), (415, "unsupported_media_type"));
-    // Nothing was issued, no token was burnt, every refusal was audited, and the
-    // server is still there: the real enrollment goes through.
+    // Nothing was issued, no token was burnt, every refusal was accounted for,
+    // and the server is still there: the real enrollment goes through. The four
+    // that presented alice's valid token are audited one row each; the other
+    // nine proved no identity and are counted for the summary (below).
     assert!(api.credentials_of("alice").await.is_empty());
     assert_eq!(
         api.kx
@@ -592,12 +594,13 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
             .await,
         1
     );
+    let authenticated = 4;
     assert_eq!(
         api.kx
             .s
             .count("SELECT COUNT(*) FROM audit_events WHERE action = 'api.refuse'")
             .await as usize,
-        refusals + 1
+        authenticated
     );
     ok(&api.fetch("alice", &["--token", &token]).await);
     assert_eq!(api.credentials_of("alice").await.len(), 1);
@@ -611,7 +614,21 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
     ] {
         assert!(metrics.contains(series), "{series} missing from\n{metrics}");
     }
-    api.stop().await;
+    let mut api = api;
+    let _ = api.stop.send(true);
+    (&mut api.served).await.unwrap();
+    let summary = rotator::store::audit::list(&api.app.store, None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.action == "api.refusals")
+        .expect("a summary of the unauthenticated refusals");
+    let d: serde_json::Value = serde_json::from_str(&summary.detail).unwrap();
+    assert_eq!(
+        d["total"].as_u64(),
+        Some((refusals + 1 - authenticated) as u64),
+        "{d}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -811,4 +828,713 @@ async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
         .status()
         .unwrap();
     assert!(daemon.wait().await.unwrap().success());
+}
+
+/// HTTPS from a chosen loopback source address, below `ApiClient`: the tests of
+/// the listener's limits need to be another client (127.0.0.2 …) than the
+/// flood (127.0.0.1), and to send requests no well-behaved client would.
+mod raw {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::net::TcpSocket;
+
+    pub type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+    pub fn config(server_ca: &str, identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let roots = rotator::pki::root_store(server_ca).unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut c = match identity {
+            Some((cert, key)) => b
+                .with_client_auth_cert(
+                    CertificateDer::pem_slice_iter(cert.as_bytes())
+                        .collect::<Result<_, _>>()
+                        .unwrap(),
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        c.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Arc::new(c)
+    }
+
+    pub async fn tcp(from: &str, to: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+        let s = TcpSocket::new_v4()?;
+        s.bind(format!("{from}:0").parse().unwrap())?;
+        s.connect(to).await
+    }
+
+    pub async fn tls(
+        from: &str,
+        to: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> std::io::Result<Tls> {
+        let t = tcp(from, to).await?;
+        tokio_rustls::TlsConnector::from(config.clone())
+            .connect(ServerName::try_from("127.0.0.1").unwrap(), t)
+            .await
+    }
+
+    /// A kept-alive HTTP/1.1 connection that reconnects when the server closed it.
+    pub struct Conn {
+        from: String,
+        to: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+        sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+        pub connects: usize,
+    }
+
+    impl Conn {
+        pub fn new(from: &str, to: SocketAddr, config: Arc<rustls::ClientConfig>) -> Self {
+            Self {
+                from: from.into(),
+                to,
+                config,
+                sender: None,
+                connects: 0,
+            }
+        }
+
+        /// One request; the status and the body. Errors are the transport's.
+        pub async fn send(
+            &mut self,
+            method: &str,
+            path: &str,
+            content_type: &str,
+            body: Vec<u8>,
+        ) -> Result<(u16, String), String> {
+            let ready = match self.sender.as_mut() {
+                Some(s) => s.ready().await.is_ok(),
+                None => false,
+            };
+            if !ready {
+                let t = tls(&self.from, self.to, &self.config)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
+                let (s, conn) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(t))
+                        .await
+                        .map_err(|e| format!("handshake: {e}"))?;
+                tokio::spawn(conn);
+                self.sender = Some(s);
+                self.connects += 1;
+            }
+            let req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, "127.0.0.1")
+                .header(hyper::header::CONTENT_TYPE, content_type)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = self
+                .sender
+                .as_mut()
+                .unwrap()
+                .send_request(req)
+                .await
+                .map_err(|e| {
+                    self.sender = None;
+                    format!("request: {e}")
+                })?;
+            let status = resp.status().as_u16();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        }
+
+        pub async fn post(
+            &mut self,
+            path: &str,
+            body: &serde_json::Value,
+        ) -> Result<(u16, serde_json::Value), String> {
+            let (s, b) = self
+                .send(
+                    "POST",
+                    path,
+                    "application/json",
+                    serde_json::to_vec(body).unwrap(),
+                )
+                .await?;
+            let v = serde_json::from_str(&b).map_err(|e| format!("{path} {s}: {e}: {b}"))?;
+            Ok((s, v))
+        }
+    }
+}
+
+/// A CSR for the subject `/v1/subject` returned, and its key.
+fn csr_for(subject: &serde_json::Value) -> (String, PrivateKey) {
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let orgs: Vec<String> = serde_json::from_value(subject["organizations"].clone()).unwrap();
+    let cn = subject["common_name"].as_str().unwrap();
+    let der = pki::build_csr(&key, &pki::subject_name(cn, &orgs).unwrap()).unwrap();
+    (pki::pem_encode("CERTIFICATE REQUEST", &der), key)
+}
+
+/// Enrolls with `token` and renews `renewals` times, `pause` apart, all from
+/// `from`; the calls that did not succeed, and why.
+async fn enroll_and_renew(
+    api: &Api,
+    from: &str,
+    token: &str,
+    renewals: usize,
+    pause: Duration,
+) -> Vec<String> {
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let mut failures = Vec::new();
+    let mut anon = raw::Conn::new(from, api.addr, raw::config(&ca, None));
+    let step = |r: Result<(u16, serde_json::Value), String>,
+                what: &str,
+                failures: &mut Vec<String>| match r {
+        Ok((200, v)) => Some(v),
+        Ok((s, v)) => {
+            failures.push(format!("{what}: {s} {v}"));
+            None
+        }
+        Err(e) => {
+            failures.push(format!("{what}: {e}"));
+            None
+        }
+    };
+    let Some(subject) = step(
+        anon.post("/v1/subject", &serde_json::json!({ "token": token }))
+            .await,
+        "subject",
+        &mut failures,
+    ) else {
+        return failures;
+    };
+    let (pem, mut key) = csr_for(&subject);
+    let Some(mut grant) = step(
+        anon.post(
+            "/v1/enroll",
+            &serde_json::json!({"token": token, "csr": pem}),
+        )
+        .await,
+        "enroll",
+        &mut failures,
+    ) else {
+        return failures;
+    };
+    for i in 0..renewals {
+        tokio::time::sleep(pause).await;
+        let identity = (
+            grant["certificate"].as_str().unwrap().to_string(),
+            key.to_pem(),
+        );
+        let mut me = raw::Conn::new(
+            from,
+            api.addr,
+            raw::config(&ca, Some((&identity.0, &identity.1))),
+        );
+        let Some(subject) = step(
+            me.post("/v1/subject", &serde_json::json!({})).await,
+            &format!("subject {i}"),
+            &mut failures,
+        ) else {
+            return failures;
+        };
+        let (pem, next_key) = csr_for(&subject);
+        let Some(next) = step(
+            me.post("/v1/renew", &serde_json::json!({ "csr": pem }))
+                .await,
+            &format!("renew {i}"),
+            &mut failures,
+        ) else {
+            return failures;
+        };
+        grant = next;
+        key = next_key;
+    }
+    failures
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_hundreds_of_idle_and_slow_connections_starves_no_one() {
+    use tokio::io::AsyncWriteExt;
+    let api = Api::start_with(
+        "rate_limit_per_address = 1000\nrate_limit_per_user = 1000\nheader_timeout = \"3s\"\nbody_timeout = \"3s\"\n",
+    )
+    .await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let tokens = [
+        api.enroll_user("ann", &[]).await,
+        api.enroll_user("ben", &[]).await,
+        api.enroll_user("cat", &[]).await,
+    ];
+    // The flood, from 127.0.0.1: 300 idle TCP connections and 40 TLS
+    // connections that announce a body and trickle it, all reopened when the
+    // server closes them, until the real client is done.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let to = api.addr;
+    let idle = tokio::spawn({
+        let stopped = stopped.clone();
+        async move {
+            let mut held = Vec::new();
+            let mut opened = 0usize;
+            for _round in 0..200 {
+                if *stopped.borrow() {
+                    break;
+                }
+                held.retain(|c: &tokio::net::TcpStream| {
+                    let mut b = [0u8; 1];
+                    !matches!(c.try_read(&mut b), Ok(0))
+                });
+                while held.len() < 300 {
+                    match raw::tcp("127.0.0.1", to).await {
+                        Ok(c) => {
+                            held.push(c);
+                            opened += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            opened
+        }
+    });
+    let slow = tokio::spawn({
+        let config = raw::config(&ca, None);
+        async move {
+            let mut opened = 0usize;
+            let mut held: Vec<raw::Tls> = Vec::new();
+            for _round in 0..400 {
+                if *stopped.borrow() {
+                    break;
+                }
+                while held.len() < 40 {
+                    let Ok(Ok(mut t)) = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        raw::tls("127.0.0.1", to, &config),
+                    )
+                    .await
+                    else {
+                        break;
+                    };
+                    let head = "POST /v1/enroll HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 16000\r\n\r\n{";
+                    if t.write_all(head.as_bytes()).await.is_ok() {
+                        held.push(t);
+                        opened += 1;
+                    } else {
+                        break;
+                    }
+                }
+                let mut alive = Vec::new();
+                for mut t in held.drain(..) {
+                    if t.write_all(b" ").await.is_ok() && t.flush().await.is_ok() {
+                        alive.push(t);
+                    }
+                }
+                held = alive;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            opened
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The real client, from 127.0.0.2: three users enroll and renew six times
+    // each, over more than the header and body deadlines, so the flood's slots
+    // turn over while it runs.
+    let started = std::time::Instant::now();
+    let mut failures = Vec::new();
+    let mut calls = 0;
+    for token in &tokens {
+        let pause = Duration::from_millis(500);
+        failures.extend(enroll_and_renew(&api, "127.0.0.2", token, 6, pause).await);
+        calls += 2 + 6 * 2;
+    }
+    let took = started.elapsed();
+    let _ = stop.send(true);
+    let (idle_opened, slow_opened) = (idle.await.unwrap(), slow.await.unwrap());
+    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    let turned_away = metric(
+        &metrics,
+        r#"rotator_api_connections_refused_total{reason="address"}"#,
+    );
+    eprintln!(
+        "flood: {idle_opened} idle and {slow_opened} slow connections opened from 127.0.0.1, \
+         {turned_away} turned away; real client: {calls} calls in {took:?}, {} failed",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "the real client failed: {failures:#?}");
+    assert!(idle_opened >= 300, "the flood ran: {idle_opened}");
+    assert!(
+        turned_away >= 284.0,
+        "the cap turned the flood away: {turned_away}"
+    );
+    for u in ["ann", "ben", "cat"] {
+        let creds = api.credentials_of(u).await;
+        assert_eq!(creds.len(), 7, "{u}: enrolled and renewed six times");
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_lose_their_slot_and_an_oversized_body_is_refused_unread() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = Api::start_with(
+        "rate_limit_per_address = 1000\nmax_connections_per_address = 4\nheader_timeout = \"2s\"\nbody_timeout = \"2s\"\n",
+    )
+    .await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let config = raw::config(&ca, None);
+    async fn closed_after(mut s: impl tokio::io::AsyncRead + Unpin) -> (Duration, String) {
+        let t0 = std::time::Instant::now();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut got)).await;
+        (t0.elapsed(), String::from_utf8_lossy(&got).into_owned())
+    }
+    // Silent before TLS, silent after TLS, silent after one answered request.
+    let t = raw::tcp("127.0.0.1", api.addr).await.unwrap();
+    let (took, _) = closed_after(t).await;
+    assert!(took < Duration::from_secs(4), "idle TCP held {took:?}");
+    let t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    let (took, _) = closed_after(t).await;
+    assert!(took < Duration::from_secs(4), "idle TLS held {took:?}");
+    let mut t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    t.write_all(b"POST /v1/subject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let (took, answer) = closed_after(t).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        took < Duration::from_secs(4),
+        "kept-alive idle held {took:?}"
+    );
+    // A body that never finishes: 408 at the body deadline, and the slot is freed.
+    let mut t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    t.write_all(b"POST /v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"tok")
+        .await
+        .unwrap();
+    let (took, answer) = closed_after(t).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(4), "slow body held {took:?}");
+    // 10 GB announced: refused at once, not a byte of it read.
+    let mut t = raw::tls("127.0.0.1", api.addr, &config).await.unwrap();
+    t.write_all(b"POST /v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 10000000000\r\n\r\n")
+        .await
+        .unwrap();
+    let (took, answer) = closed_after(t).await;
+    assert!(
+        answer.starts_with("HTTP/1.1 413") && answer.contains("body_too_large"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_secs(1), "the 413 waited {took:?}");
+    // Four held connections fill 127.0.0.1's share; 127.0.0.2 is still served,
+    // and once the deadline frees them, 127.0.0.1 is too.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(raw::tcp("127.0.0.1", api.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fifth = raw::tls("127.0.0.1", api.addr, &config).await;
+    assert!(
+        fifth.is_err(),
+        "a fifth connection from 127.0.0.1 was served"
+    );
+    let mut other = raw::Conn::new("127.0.0.2", api.addr, config.clone());
+    let (s, _) = other
+        .post("/v1/subject", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut again = raw::Conn::new("127.0.0.1", api.addr, config.clone());
+    let (s, _) = again
+        .post("/v1/subject", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(s, 401);
+    drop(held);
+    api.stop().await;
+}
+
+/// The size of the database once its WAL is folded in.
+async fn db_bytes(api: &Api) -> u64 {
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(api.app.store.pool())
+        .await
+        .unwrap();
+    ["rotator.db", "rotator.db-wal"]
+        .iter()
+        .map(|f| {
+            std::fs::metadata(api.kx.s.path(&format!("rotator-data/{f}")))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_refusals_are_counted_and_summarized_not_logged_row_by_row() {
+    let mut api = Api::start().await;
+    let token = api.enroll_user("alice", &[]).await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let config = raw::config(&ca, None);
+    let wrong = format!("{}.{}", &token[..12], "W".repeat(43));
+    let alice_csr = csr("alice", &["dev", "rotator:alice:1"], KeyType::EcdsaP256);
+    let long_path = format!("/{}", "x".repeat(4000));
+    let before = db_bytes(&api).await;
+    let rows_before = api
+        .kx
+        .s
+        .count("SELECT COALESCE(MAX(seq), 0) FROM audit_events")
+        .await;
+
+    let addresses = ["127.0.0.1", "127.0.0.3", "127.0.0.4", "127.0.0.5"];
+    let mut sent = 0;
+    for (a, from) in addresses.iter().enumerate() {
+        let mut c = raw::Conn::new(from, api.addr, config.clone());
+        for i in 0..500 {
+            let (path, body): (&str, Vec<u8>) = match (i + a) % 5 {
+                0 => (long_path.as_str(), b"{}".to_vec()),
+                1 => (
+                    "/v1/enroll",
+                    format!("{{\"token\": \"{}\"", "g".repeat(3000)).into_bytes(),
+                ),
+                2 => (
+                    "/v1/subject",
+                    serde_json::to_vec(&serde_json::json!({"token": wrong})).unwrap(),
+                ),
+                3 => (
+                    "/v1/enroll",
+                    serde_json::to_vec(&serde_json::json!({"token": wrong, "csr": alice_csr}))
+                        .unwrap(),
+                ),
+                _ => (
+                    "/v1/renew",
+                    serde_json::to_vec(&serde_json::json!({"csr": alice_csr})).unwrap(),
+                ),
+            };
+            let (s, _) = c
+                .send("POST", path, "application/json", body)
+                .await
+                .unwrap();
+            assert!((400..500).contains(&s) && s != 429, "{path}: {s}");
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 2000);
+    // Authenticated calls stay audited one row each, refusals included.
+    let mut c = raw::Conn::new("127.0.0.1", api.addr, config.clone());
+    let (s, v) = c
+        .post(
+            "/v1/enroll",
+            &serde_json::json!({"token": token, "csr": csr("alice", &["dev", "rotator:alice:9"], KeyType::EcdsaP256)}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("generation_stale"))
+    );
+    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    // Stopping the listener writes the last summary.
+    let _ = api.stop.send(true);
+    (&mut api.served).await.unwrap();
+    let app = &api.app;
+
+    let after = db_bytes(&api).await;
+    let grew = after.saturating_sub(before);
+    eprintln!(
+        "2000 unauthenticated refusals from 4 addresses: the database grew {grew} bytes ({before} -> {after})"
+    );
+    for (code, n) in [
+        ("not_found", 400.0),
+        ("bad_request", 400.0),
+        ("token_invalid", 800.0),
+        ("client_certificate_required", 400.0),
+    ] {
+        let series = format!("rotator_api_refusals_total{{code=\"{code}\"}}");
+        assert_eq!(metric(&metrics, &series), n, "{series} in\n{metrics}");
+    }
+    let events = rotator::store::audit::list(&app.store, None, 100_000)
+        .await
+        .unwrap();
+    let new: Vec<_> = events.iter().filter(|e| e.seq > rows_before).collect();
+    let summaries: Vec<_> = new.iter().filter(|e| e.action == "api.refusals").collect();
+    assert_eq!(summaries.len(), 1, "{new:#?}");
+    let d: serde_json::Value = serde_json::from_str(&summaries[0].detail).unwrap();
+    assert_eq!(d["total"], 2000, "{d}");
+    assert_eq!(d["addresses"], 4, "{d}");
+    assert_eq!(d["by_code"]["token_invalid"], 800, "{d}");
+    let rows: Vec<_> = new.iter().filter(|e| e.action == "api.refuse").collect();
+    assert_eq!(
+        rows.len(),
+        1,
+        "only the authenticated refusal has a row: {rows:#?}"
+    );
+    assert!(rows[0].detail.contains("generation_stale") && rows[0].actor.contains("alice"));
+    for e in &new {
+        assert!(e.detail.len() < 512, "a long audit row: {e:?}");
+        assert!(
+            !e.detail.contains("xxxx") && !e.detail.contains("gggg"),
+            "client text in {e:?}"
+        );
+    }
+
+    assert!(grew <= 8192, "the database grew {grew} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secrets_with_a_users_token_id_neither_lock_her_out_nor_name_her() {
+    // The default per-user limit (12 a minute); addresses have plenty.
+    let api = Api::start_with("rate_limit_per_address = 1000\n").await;
+    let token = api.enroll_user("alice", &[]).await;
+    let ca = std::fs::read_to_string(&api.server_ca).unwrap();
+    let config = raw::config(&ca, None);
+    let id = &token[..12];
+    let wrong = format!("{id}.{}", "W".repeat(43));
+    let unknown = format!("{}.{}", "0123456789ab", "W".repeat(43));
+    let alice_csr = csr("alice", &["dev", "rotator:alice:1"], KeyType::EcdsaP256);
+    let mut mallory = raw::Conn::new("127.0.0.1", api.addr, config.clone());
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        for t in [&wrong, &unknown] {
+            let body = if i % 2 == 0 {
+                ("/v1/subject", serde_json::json!({ "token": t }))
+            } else {
+                (
+                    "/v1/enroll",
+                    serde_json::json!({"token": t, "csr": alice_csr}),
+                )
+            };
+            let (s, v) = mallory.post(body.0, &body.1).await.unwrap();
+            let text = v.to_string();
+            assert_eq!(
+                (s, v["error"]["code"].as_str()),
+                (401, Some("token_invalid")),
+                "{text}"
+            );
+            assert!(
+                !text.contains("alice"),
+                "a wrong secret named the user: {text}"
+            );
+            answers.push((body.0, text));
+        }
+    }
+    // Known id with a wrong secret and an unknown id answer the same, word for word.
+    for pair in answers.chunks(2) {
+        assert_eq!(pair[0], pair[1]);
+    }
+    // And take about as long (reported, not asserted: a shared machine is noisy).
+    let mut took = [Vec::new(), Vec::new()];
+    for _ in 0..100 {
+        for (i, t) in [&wrong, &unknown].into_iter().enumerate() {
+            let t0 = std::time::Instant::now();
+            let (s, _) = mallory
+                .post("/v1/subject", &serde_json::json!({ "token": t }))
+                .await
+                .unwrap();
+            took[i].push(t0.elapsed());
+            assert_eq!(s, 401);
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (known, unknown_id) = (median(&mut took[0]), median(&mut took[1]));
+    eprintln!("median answer: known id, wrong secret {known:?}; unknown id {unknown_id:?}");
+    // Nor does the audit log charge alice with them.
+    let charged = rotator::store::audit::list(&api.app.store, Some("alice"), 1000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.action.starts_with("api."))
+        .count();
+    assert_eq!(charged, 0);
+    // Alice, from another address, with her real token: not locked out.
+    let failures = enroll_and_renew(&api, "127.0.0.2", &token, 1, Duration::ZERO).await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(api.credentials_of("alice").await.len(), 2);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_issued_credential_cannot_renew_itself_through_the_api() {
+    let api = Api::start().await;
+    // bob's kubeconfig was made and handed over by the administrator.
+    ok(&api
+        .kx
+        .rotator_async(
+            &[
+                "add-user",
+                "bob",
+                "--group",
+                "dev",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--out",
+                "bob.kubeconfig",
+            ],
+            &[],
+        )
+        .await);
+    let (_, _, cert, key) = kubeconfig_parts(&api.kx.s.path("bob.kubeconfig"));
+    let stolen = api.client(Some((&cert, &key)));
+    let e = refused(
+        stolen
+            .post(
+                "/v1/renew",
+                &serde_json::json!({"csr": csr("bob", &["dev", "rotator:bob:2"], KeyType::EcdsaP256)}),
+            )
+            .await,
+    );
+    assert_eq!(
+        (e.status, e.code.as_str()),
+        (403, "renewal_not_allowed"),
+        "{e:?}"
+    );
+    assert!(e.fix.contains("--enroll"), "{}", e.fix);
+    let e = refused(stolen.post("/v1/subject", &serde_json::json!({})).await);
+    assert_eq!((e.status, e.code.as_str()), (403, "renewal_not_allowed"));
+    assert_eq!(api.credentials_of("bob").await.len(), 1, "nothing issued");
+    assert_eq!(
+        api.audit_count("api.refuse", "renewal_not_allowed").await,
+        2
+    );
+
+    // The fix the error gives works: revoke, re-add with --enroll, fetch, renew.
+    ok(&api.kx.rotator_async(&["revoke", "bob"], &[]).await);
+    let token = api.enroll_user("bob", &[]).await;
+    ok(&api.fetch("bob", &["--token", &token]).await);
+    let out = ok(&api.fetch("bob", &[]).await);
+    assert!(out.contains("generation 3"), "{out}");
+    // The old admin-issued certificate stays refused.
+    let e = refused(
+        stolen
+            .post(
+                "/v1/renew",
+                &serde_json::json!({"csr": csr("bob", &["dev", "rotator:bob:4"], KeyType::EcdsaP256)}),
+            )
+            .await,
+    );
+    assert_eq!(e.status, 403, "{e:?}");
+    api.stop().await;
 }
