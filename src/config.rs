@@ -205,6 +205,7 @@ struct PolicySection {
     allowed_roles: Vec<String>,
     allowed_namespaces: Vec<String>,
     allowed_groups: Vec<String>,
+    denied_groups: Vec<String>,
     default_ttl: String,
     min_ttl: String,
     max_ttl: String,
@@ -221,6 +222,7 @@ impl Default for PolicySection {
             allowed_roles: vec!["view".into(), "edit".into(), "admin".into()],
             allowed_namespaces: vec!["*".into()],
             allowed_groups: vec!["*".into()],
+            denied_groups: vec![crate::policy::DENIED_GROUPS_DEFAULTS.into()],
             default_ttl: "24h".into(),
             min_ttl: "10m".into(),
             max_ttl: "7d".into(),
@@ -763,10 +765,19 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
     }
     let allowed_namespaces = patterns(&cx, "policy.allowed_namespaces", &p.allowed_namespaces)?;
     let allowed_groups = patterns(&cx, "policy.allowed_groups", &p.allowed_groups)?;
+    let denied_groups = crate::policy::denied_group_patterns(&p.denied_groups).map_err(|(v, e)| {
+        cx.invalid(
+            "policy.denied_groups",
+            v,
+            e,
+            "write \"@defaults\" (the built-in list), exact group names, or prefixes ending in '*' such as \"corp-admins:*\"",
+        )
+    })?;
     let policy = Policy {
         allowed_roles: p.allowed_roles.clone(),
         allowed_namespaces,
         allowed_groups,
+        denied_groups,
         default_ttl,
         min_ttl,
         max_ttl,

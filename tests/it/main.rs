@@ -5,6 +5,7 @@ mod common;
 mod crash;
 mod daemon;
 pub mod kubernetes;
+mod policy_config;
 mod security;
 mod user_api;
 mod with_cluster;
