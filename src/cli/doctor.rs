@@ -42,6 +42,28 @@ fn private_file(k: &std::path::Path, note: &str) -> (bool, String) {
     }
 }
 
+/// Whether a directory or file rotator owns is closed to group and others now,
+/// and what it was before this run repaired it.
+fn owner_only(p: &std::path::Path, want: u32, before: Option<u32>) -> (bool, String) {
+    let shown = p.display();
+    match mode_of(p) {
+        Some(m) if m & 0o077 != 0 => (
+            false,
+            format!(
+                "{shown} has mode {m:03o}: group or others may use it; fix: chmod {want:o} {shown}"
+            ),
+        ),
+        Some(m) => match before {
+            Some(b) if b != m => (
+                true,
+                format!("{shown} (mode {m:03o}; it was {b:03o} and was repaired now)"),
+            ),
+            _ => (true, format!("{shown} (mode {m:03o})")),
+        },
+        None => (false, format!("{shown} is missing")),
+    }
+}
+
 pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     let mut checks = Vec::new();
     let mut push = |name, ok, detail: String, exit| {
@@ -57,27 +79,19 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
         Err(e) => return Err(e.into()),
     };
     push("config", true, settings.origin.clone(), Exit::Config);
+    // Modes as they were before opening repairs them, so doctor can say so.
+    let dir_mode_before = mode_of(&settings.data_dir);
+    let db_mode_before = mode_of(&settings.database_path());
     match App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await {
         Err(e) => push("open", false, e.to_string(), e.exit()),
         Ok((app, _)) => {
             let s = &app.settings;
-            match mode_of(&s.data_dir) {
-                Some(m) if m & 0o022 != 0 => push(
-                    "data directory",
-                    false,
-                    format!(
-                        "{} has mode {m:o}: others may write; fix: chmod 700 {}",
-                        s.data_dir.display(),
-                        s.data_dir.display()
-                    ),
-                    Exit::Config,
-                ),
-                m => push(
-                    "data directory",
-                    true,
-                    format!("{} (mode {:o})", s.data_dir.display(), m.unwrap_or(0)),
-                    Exit::Config,
-                ),
+            for (name, path, want, before) in [
+                ("data directory", s.data_dir.clone(), 0o700, dir_mode_before),
+                ("database file", s.database_path(), 0o600, db_mode_before),
+            ] {
+                let (ok, detail) = owner_only(&path, want, before);
+                push(name, ok, detail, Exit::Config);
             }
             push(
                 "database",

@@ -114,6 +114,142 @@ async fn privileged_groups_system_namespaces_and_rotator_user_names_are_refused(
     ])));
 }
 
+#[tokio::test]
+async fn a_ca_or_sealing_key_others_may_read_is_refused_before_it_is_used() {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    // As the messages show them: relative to the working directory, like data_dir.
+    let (ca_key, seal_key) = ("./rotator-data/ca/ca.key", "./rotator-data/seal.key");
+    for (file, m) in [(ca_key, 0o644), (ca_key, 0o640), (seal_key, 0o644)] {
+        let path = s.path(file);
+        chmod(&path, m);
+        for args in [
+            &["add-user", "alice", "-n", "team-a", "--role", "view"][..],
+            &["init"][..],
+        ] {
+            let e = fails_with(&s.rotator(args), 3);
+            assert!(
+                e.contains(&format!("{file} has mode {m:o}"))
+                    && e.contains(&format!("chmod 600 {file}")),
+                "{args:?}: {e}"
+            );
+        }
+        chmod(&path, 0o600);
+    }
+    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
+    assert!(!s.path("alice.kubeconfig").exists());
+    ok(&s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]));
+
+    // A configured CA (kubeadm's /etc/kubernetes/pki/ca.key is 0600) likewise.
+    let t = Scratch::new();
+    let key = t.path("ca.key");
+    ok(&run(
+        "openssl",
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+    ));
+    ok(&run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/CN=kubernetes",
+            "-days",
+            "30",
+            "-out",
+            t.path("ca.crt").to_str().unwrap(),
+        ],
+    ));
+    chmod(&key, 0o604);
+    t.write(
+        "rotator.toml",
+        "[local_ca]\ncert_file = \"ca.crt\"\nkey_file = \"ca.key\"\n",
+    );
+    let e = fails_with(&t.rotator(&["--config", "rotator.toml", "init"]), 3);
+    assert!(
+        e.contains("ca.key has mode 604") && e.contains("chmod 600 ca.key"),
+        "{e}"
+    );
+    chmod(&key, 0o400);
+    ok(&t.rotator(&["--config", "rotator.toml", "init"]));
+}
+
+#[test]
+fn the_data_directory_and_database_are_made_private_and_doctor_says_so() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    // A permissive umask must not leave the database readable.
+    let o = std::process::Command::new("sh")
+        .current_dir(s.dir.path())
+        .args([
+            "-c",
+            &format!("umask 000 && {} init", env!("CARGO_BIN_EXE_rotator")),
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    let (dir, db) = (s.path("rotator-data"), s.path("rotator-data/rotator.db"));
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    for f in ["rotator.db-wal", "rotator.db-shm"] {
+        let p = dir.join(f);
+        if p.exists() {
+            assert_eq!(mode(&p) & 0o077, 0, "{f}");
+        }
+    }
+    // Opened up by hand (or by a restore from backup): repaired, and doctor says what it was.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = ok(&s.rotator(&["doctor"]));
+    assert!(
+        out.contains("data directory") && out.contains("mode 700; it was 755"),
+        "{out}"
+    );
+    assert!(
+        out.contains("database file") && out.contains("mode 600; it was 644"),
+        "{out}"
+    );
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&s.rotator(&["--output", "json", "doctor"]))).unwrap();
+    let db_check = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "database file")
+        .expect("a database file check");
+    assert_eq!(db_check["ok"], true);
+    assert!(
+        db_check["detail"].as_str().unwrap().contains("mode 600"),
+        "{db_check}"
+    );
+    // An add-user in a repaired directory also runs and leaves it private.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let o = s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]);
+    ok(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("mode is now 700"),
+        "the repair is announced"
+    );
+    assert_eq!(mode(&dir), 0o700);
+}
+
 #[test]
 fn config_errors_name_their_origin_and_never_echo_a_file() {
     let s = Scratch::new();
