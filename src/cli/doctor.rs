@@ -9,6 +9,7 @@ use super::output::{self, OutputFormat, time};
 use super::{Cli, CliResult, Failure, actor, faults_from_env};
 use crate::app::App;
 use crate::clock::SystemClock;
+use crate::cluster::findings::{Finding, Known, Severity};
 use crate::config;
 use crate::exit::{Exit, ExitStatus};
 use crate::store::{audit, issuances};
@@ -64,7 +65,11 @@ fn owner_only(p: &std::path::Path, want: u32, before: Option<u32>) -> (bool, Str
     }
 }
 
+/// The check that carries the cluster's grant findings.
+const GRANTS_CHECK: &str = "grants outside rotator";
+
 pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
+    let mut findings: Vec<Finding> = Vec::new();
     let mut checks = Vec::new();
     let mut push = |name, ok, detail: String, exit| {
         checks.push(Check {
@@ -193,6 +198,32 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     ),
                     Err(e) => push("direct grants", false, e.to_string(), e.exit()),
                 }
+                let known = Known {
+                    users: names,
+                    denied_groups: s.policy.denied_groups.clone(),
+                    tokens: crate::store::tokens::list(&app.store)
+                        .await?
+                        .into_iter()
+                        .filter(|t| t.state == "active" || t.state == "creating")
+                        .map(|t| t.id)
+                        .collect(),
+                };
+                match cluster.grant_findings(&known).await {
+                    Ok(f) => {
+                        let fails = f.iter().filter(|f| f.severity == Severity::Fail).count();
+                        let detail = if f.is_empty() {
+                            "no binding or bootstrap token outside this rotator's control".into()
+                        } else {
+                            format!(
+                                "{fails} to act on, {} to review (below; `--output json` lists them under \"findings\")",
+                                f.len() - fails
+                            )
+                        };
+                        push(GRANTS_CHECK, fails == 0, detail, Exit::Conflict);
+                        findings = f;
+                    }
+                    Err(e) => push(GRANTS_CHECK, false, e.to_string(), e.exit()),
+                }
             }
             match audit::verify(&app.store).await {
                 Ok(r) => match r.first_break {
@@ -232,20 +263,36 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
         OutputFormat::Json => output::json(
             &checks
                 .iter()
-                .map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail}))
+                .map(|c| {
+                    let mut v = json!({"check": c.name, "ok": c.ok, "detail": c.detail});
+                    if c.name == GRANTS_CHECK {
+                        v["findings"] = json!(findings);
+                    }
+                    v
+                })
                 .collect::<Vec<_>>(),
         ),
         OutputFormat::Table => {
-            let rows: Vec<Vec<String>> = checks
-                .iter()
-                .map(|c| {
-                    vec![
-                        c.name.to_string(),
-                        if c.ok { "ok".into() } else { "FAIL".into() },
-                        c.detail.clone(),
-                    ]
-                })
-                .collect();
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            for c in &checks {
+                rows.push(vec![
+                    c.name.to_string(),
+                    if c.ok { "ok".into() } else { "FAIL".into() },
+                    c.detail.clone(),
+                ]);
+                if c.name == GRANTS_CHECK {
+                    for f in &findings {
+                        rows.push(vec![
+                            format!("  {}", f.kind),
+                            match f.severity {
+                                Severity::Fail => "FAIL".into(),
+                                Severity::Warn => "warn".into(),
+                            },
+                            format!("{} {}; fix: {}", f.object, f.problem, f.fix),
+                        ]);
+                    }
+                }
+            }
             output::table(&["CHECK", "STATUS", "DETAIL"], &rows);
         }
     }

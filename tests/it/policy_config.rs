@@ -321,3 +321,253 @@ fn rust_log_is_honoured_and_rotator_log_wins() {
     let e = String::from_utf8_lossy(&bad.stderr);
     assert!(e.contains("RUST_LOG") && e.contains("fix:"), "{e}");
 }
+
+/// doctor finds every grant a revocation by rotator would not take away, each
+/// with a fix, in the table and in `--output json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_grants_that_survive_a_revocation() {
+    use crate::kubernetes::Kx;
+    let kx = Kx::new(testcluster::Options::default(), "").await;
+    let doctor = |json: bool| {
+        let kx = &kx;
+        async move {
+            let mut args = vec!["doctor"];
+            if json {
+                args = vec!["--output", "json", "doctor"];
+            }
+            kx.rotator_async(&args, &[]).await
+        }
+    };
+    ok(&kx
+        .rotator_async(
+            &["add-user", "alice", "-n", "team-a", "--role", "view"],
+            &[],
+        )
+        .await);
+    ok(&kx
+        .rotator_async(&["add-user", "p2", "-n", "team-a", "--role", "edit"], &[])
+        .await);
+    let clean = ok(&doctor(false).await);
+    assert!(
+        clean.contains("no binding or bootstrap token outside"),
+        "{clean}"
+    );
+    ok(&kx.rotator_async(&["revoke", "p2"], &[]).await);
+
+    // 1. A hand-made binding to p2's (now revoked) generation group.
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "rolebinding",
+            "hand-p2",
+            "--clusterrole=edit",
+            "--group=rotator:p2:1",
+            "-n",
+            "team-a",
+        ])
+        .await);
+    assert!(
+        kx.can_list_pods("p2.kubeconfig", "team-a").await,
+        "the revoked certificate still has access through it"
+    );
+    // 2. rotator's label, another instance; 3. rotator's label, a user this database
+    // does not have.
+    let labelled = |name: &str, annotations: &str| {
+        format!(
+            r#"{{"apiVersion":"rbac.authorization.k8s.io/v1","kind":"RoleBinding","metadata":{{"name":"{name}","namespace":"team-b","labels":{{"app.kubernetes.io/managed-by":"rotator"}},"annotations":{{{annotations}}}}},"roleRef":{{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"edit"}},"subjects":[{{"apiGroup":"rbac.authorization.k8s.io","kind":"Group","name":"rotator:{name}:1"}}]}}"#
+        )
+    };
+    let f = kx.s.write(
+        "foreign.json",
+        &labelled(
+            "rotator:zed",
+            r#""rotator.io/instance":"0123456789abcdef","rotator.io/user":"zed""#,
+        ),
+    );
+    ok(&kx
+        .admin_kubectl(&["create", "-f", f.to_str().unwrap()])
+        .await);
+    let f = kx.s.write(
+        "orphan.json",
+        &labelled("rotator:ghost", r#""rotator.io/user":"ghost""#),
+    );
+    ok(&kx
+        .admin_kubectl(&["create", "-f", f.to_str().unwrap()])
+        .await);
+    // 4. rotator's own binding with a subject added by hand.
+    let mine = ok(&kx
+        .admin_kubectl(&[
+            "get",
+            "rolebinding",
+            "rotator:alice",
+            "-n",
+            "team-a",
+            "-o",
+            "json",
+        ])
+        .await);
+    let mut v: serde_json::Value = serde_json::from_str(&mine).unwrap();
+    v["subjects"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "mallory"}));
+    let f = kx.s.write("tampered.json", &v.to_string());
+    ok(&kx
+        .admin_kubectl(&["replace", "-f", f.to_str().unwrap()])
+        .await);
+    // 5. Privileged groups: a denied one (any case) and system:masters.
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "kubeadm-admins",
+            "--clusterrole=cluster-admin",
+            "--group=Kubeadm:Cluster-Admins",
+        ])
+        .await);
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "rolebinding",
+            "masters",
+            "--clusterrole=admin",
+            "--group=system:masters",
+            "-n",
+            "team-b",
+        ])
+        .await);
+    // 6. A bootstrap token rotator did not make, that never expires.
+    ok(&kx
+        .admin_kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            "bootstrap-token-abc123",
+            "-n",
+            "kube-system",
+            "--type=bootstrap.kubernetes.io/token",
+            "--from-literal=token-id=abc123",
+            "--from-literal=token-secret=0123456789abcdef",
+            "--from-literal=usage-bootstrap-authentication=true",
+        ])
+        .await);
+
+    let expected = [
+        (
+            "generation-group-binding",
+            "fail",
+            "rolebinding team-a/hand-p2",
+            "rotator:p2:1",
+        ),
+        (
+            "foreign-instance-binding",
+            "warn",
+            "rolebinding team-b/rotator:zed",
+            "0123456789abcdef",
+        ),
+        (
+            "orphaned-binding",
+            "fail",
+            "rolebinding team-b/rotator:ghost",
+            "ghost",
+        ),
+        (
+            "tampered-binding",
+            "fail",
+            "rolebinding team-a/rotator:alice",
+            "User mallory",
+        ),
+        (
+            "privileged-group-binding",
+            "warn",
+            "clusterrolebinding kubeadm-admins",
+            "Kubeadm:Cluster-Admins",
+        ),
+        (
+            "privileged-group-binding",
+            "warn",
+            "rolebinding team-b/masters",
+            "system:masters",
+        ),
+        (
+            "foreign-bootstrap-token",
+            "fail",
+            "bootstrap token abc123",
+            "for ever",
+        ),
+    ];
+    let o = doctor(false).await;
+    fails_with(&o, 6);
+    let table = String::from_utf8_lossy(&o.stdout).to_string();
+    for (kind, severity, object, needle) in expected {
+        let row = table
+            .lines()
+            .find(|l| l.contains(kind) && l.contains(object))
+            .unwrap_or_else(|| panic!("no {kind} row for {object}:\n{table}"));
+        assert!(
+            row.contains(needle)
+                && row.contains("fix:")
+                && row.contains(if severity == "fail" { "FAIL" } else { "warn" }),
+            "{row}"
+        );
+    }
+    let o = doctor(true).await;
+    fails_with(&o, 6);
+    let checks: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let grants = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "grants outside rotator")
+        .expect("the grants check");
+    assert_eq!(grants["ok"], false);
+    let findings = grants["findings"].as_array().unwrap();
+    for (kind, severity, object, needle) in expected {
+        let f = findings
+            .iter()
+            .find(|f| f["kind"] == kind && f["object"] == object)
+            .unwrap_or_else(|| panic!("no {kind} finding for {object}: {grants}"));
+        assert_eq!(f["severity"], severity, "{f}");
+        assert!(f["problem"].as_str().unwrap().contains(needle), "{f}");
+        assert!(!f["fix"].as_str().unwrap().is_empty(), "{f}");
+    }
+    assert_eq!(
+        findings.len(),
+        expected.len(),
+        "nothing else is reported: {grants}"
+    );
+    // Kubernetes' own cluster-admin binding of system:masters is not reported.
+    assert!(
+        !table.contains("clusterrolebinding cluster-admin "),
+        "{table}"
+    );
+
+    // Following the fixes for the failures leaves only what is to review.
+    ok(&kx
+        .admin_kubectl(&["delete", "rolebinding", "-n", "team-a", "hand-p2"])
+        .await);
+    ok(&kx
+        .admin_kubectl(&["delete", "rolebinding", "-n", "team-b", "rotator:ghost"])
+        .await);
+    let mut restored: serde_json::Value = serde_json::from_str(&mine).unwrap();
+    restored["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    let f = kx.s.write("mine.json", &restored.to_string());
+    ok(&kx
+        .admin_kubectl(&["replace", "-f", f.to_str().unwrap()])
+        .await);
+    ok(&kx
+        .admin_kubectl(&[
+            "-n",
+            "kube-system",
+            "delete",
+            "secret",
+            "bootstrap-token-abc123",
+        ])
+        .await);
+    assert!(!kx.can_list_pods("p2.kubeconfig", "team-a").await);
+    let out = ok(&doctor(false).await);
+    assert!(out.contains("0 to act on, 3 to review"), "{out}");
+}
