@@ -238,6 +238,7 @@ impl App {
                 }
             }
         }
+        let db_existed = db_path.exists();
         let store = Store::open(&db_path).await?;
         // SQLite creates its files 0644 (less the umask); they hold every user's
         // record and sealed keys, so they are made 0600 (-wal and -shm follow).
@@ -246,7 +247,7 @@ impl App {
             p.push(suffix);
             let p = PathBuf::from(p);
             match crate::fsutil::restrict_to_owner(&p, crate::fsutil::PRIVATE_MODE) {
-                Ok(Some(old)) if suffix.is_empty() => {
+                Ok(Some(old)) if suffix.is_empty() && db_existed => {
                     tracing::warn!(file = %p.display(), mode = format!("{old:03o}"), "the database was readable by group or others; its mode is now 600")
                 }
                 Ok(_) => {}

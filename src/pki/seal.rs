@@ -42,12 +42,21 @@ pub enum ReadPrivate {
 /// Reads a private key file, refusing one that group or others may access (any
 /// of the 077 bits), as ssh refuses a readable identity. The mode is taken from
 /// the opened file, so it is the mode of what is read.
+///
+/// One exception, the shape kubelet gives a Secret volume's files when the pod
+/// sets `fsGroup` (kubernetes#57923 ignores `defaultMode: 0400` then): owned by
+/// root, group-readable only (at most 0440), and the group is this process's own
+/// (non-root) group, which the pod gave it alone.
 pub fn read_private(path: &Path, what: &'static str) -> Result<Zeroizing<String>, ReadPrivate> {
     use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mut f = std::fs::File::open(path).map_err(ReadPrivate::Io)?;
-    let mode = f.metadata().map_err(ReadPrivate::Io)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let meta = f.metadata().map_err(ReadPrivate::Io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    let secret_volume = mode & 0o037 == 0
+        && meta.uid() == 0
+        && effective_ids().is_some_and(|(uid, gid)| uid != 0 && gid != 0 && gid == meta.gid());
+    if mode & 0o077 != 0 && !secret_volume {
         return Err(ReadPrivate::Mode(PkiError::KeyFileMode {
             what,
             path: path.display().to_string(),
@@ -57,6 +66,22 @@ pub fn read_private(path: &Path, what: &'static str) -> Result<Zeroizing<String>
     let mut text = Zeroizing::new(String::new());
     f.read_to_string(&mut text).map_err(ReadPrivate::Io)?;
     Ok(text)
+}
+
+/// The process's effective uid and gid, from /proc/self/status (its `Uid:` and
+/// `Gid:` lines list real, effective, saved and filesystem ids).
+fn effective_ids() -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
 }
 
 impl SealingKey {

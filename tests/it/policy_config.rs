@@ -571,3 +571,90 @@ async fn doctor_reports_grants_that_survive_a_revocation() {
     let out = ok(&doctor(false).await);
     assert!(out.contains("0 to act on, 3 to review"), "{out}");
 }
+
+/// kubelet makes a Secret volume's files root-owned 0440 with the pod's fsGroup
+/// (kubernetes#57923), whatever `defaultMode` says: the one group-readable shape
+/// accepted. Needs root (to make the files and run rotator as another user).
+#[test]
+fn a_ca_key_mounted_from_a_secret_with_fs_group_is_accepted_and_nothing_wider() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !root || run("sh", &["-c", "command -v setpriv"]).stdout.is_empty() {
+        eprintln!("skipped: needs root and setpriv");
+        return;
+    }
+    let s = Scratch::new();
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let key = s.path("ca.key");
+    ok(&run(
+        "openssl",
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+    ));
+    ok(&run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/CN=kubernetes",
+            "-days",
+            "30",
+            "-out",
+            s.path("ca.crt").to_str().unwrap(),
+        ],
+    ));
+    std::fs::create_dir(s.path("data")).unwrap();
+    chown(s.path("data"), Some(65534), Some(65534)).unwrap();
+    s.write(
+        "rotator.toml",
+        &format!(
+            "data_dir = {:?}\n[local_ca]\ncert_file = {:?}\nkey_file = {:?}\n",
+            s.path("data/d"),
+            s.path("ca.crt"),
+            key
+        ),
+    );
+    let as_nobody = || {
+        std::process::Command::new("setpriv")
+            .current_dir(s.dir.path())
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_rotator"))
+            .args(["--config", "rotator.toml", "init"])
+            .env_remove("ROTATOR_CONFIG")
+            .output()
+            .unwrap()
+    };
+    for (uid, gid, mode, accepted) in [
+        (0, 65534, 0o440, true),
+        (0, 65534, 0o460, false),
+        (0, 65534, 0o444, false),
+        (65534, 65534, 0o440, false),
+    ] {
+        chown(&key, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let o = as_nobody();
+        if accepted {
+            ok(&o);
+        } else {
+            let e = fails_with(&o, 3);
+            assert!(
+                e.contains(&format!("mode {mode:o}")),
+                "{uid}:{gid} {mode:o}: {e}"
+            );
+        }
+    }
+}
