@@ -585,7 +585,7 @@ fn file_parse_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigErro
         .then(|| s.to_string())
     };
     let at = e.span().map(|span| {
-        let before = &text[..span.start.min(text.len())];
+        let before = text.get(..span.start).unwrap_or(text);
         let line = before.matches('\n').count() + 1;
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let column = before.len() - line_start + 1;
@@ -599,7 +599,16 @@ fn file_parse_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigErro
                 .strip_suffix(']')
                 .and_then(ident)
         });
+        let header = this_line
+            .trim()
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(ident);
         match (section, key) {
+            _ if header.is_some() => format!(
+                "line {line}, column {column} (table [{}]): ",
+                header.unwrap_or_default()
+            ),
             (Some(s), Some(k)) => format!("line {line}, column {column} (key {s}.{k}): "),
             (None, Some(k)) => format!("line {line}, column {column} (key {k}): "),
             _ => format!("line {line}, column {column}: "),
@@ -1286,6 +1295,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(m.contains("line 2") && m.contains("policy.max_ttl"), "{m}");
+        let (_d, p) = write("[schedule]\n[schedule]\n");
+        let m = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("line 2") && m.contains("table [schedule]"),
+            "{m}"
+        );
     }
 
     #[test]
