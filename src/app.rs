@@ -224,12 +224,18 @@ impl App {
         actor: String,
         mode: DatabaseMode,
     ) -> Result<(Self, InitReport), AppError> {
-        crate::fsutil::ensure_private_dir(&settings.data_dir).map_err(|source| {
-            AppError::DataDir {
-                path: settings.data_dir.clone(),
-                source,
-            }
-        })?;
+        // The data directory is rotator's alone: created 0700, and repaired to it
+        // (with a warning) when a umask or a hand-made directory left it open.
+        if let Some(old) =
+            crate::fsutil::ensure_private_dir_repaired(&settings.data_dir).map_err(|source| {
+                AppError::DataDir {
+                    path: settings.data_dir.clone(),
+                    source,
+                }
+            })?
+        {
+            tracing::warn!(dir = %settings.data_dir.display(), mode = format!("{old:03o}"), "the data directory was accessible to group or others; its mode is now 700");
+        }
         let db_path = settings.database_path();
         let marker = read_marker(&settings.data_dir)?;
         if let (Some(instance), DatabaseMode::Existing) = (&marker, mode) {
@@ -264,7 +270,22 @@ impl App {
                 }
             }
         }
+        let db_existed = db_path.exists();
         let mut store = Store::open(&db_path).await?;
+        // SQLite creates its files 0644 (less the umask); they hold every user's
+        // record and sealed keys, so they are made 0600 (-wal and -shm follow).
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = db_path.clone().into_os_string();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            match crate::fsutil::restrict_to_owner(&p, crate::fsutil::PRIVATE_MODE) {
+                Ok(Some(old)) if suffix.is_empty() && db_existed => {
+                    tracing::warn!(file = %p.display(), mode = format!("{old:03o}"), "the database was readable by group or others; its mode is now 600")
+                }
+                Ok(_) => {}
+                Err(source) => return Err(AppError::DataDir { path: p, source }),
+            }
+        }
         let keyring = audit::Keyring::open(
             &settings.audit.key_file,
             &settings.audit.checkpoint_file,
@@ -359,7 +380,7 @@ impl App {
                         .parent()
                         .unwrap_or(&settings.data_dir)
                         .to_path_buf();
-                    crate::fsutil::ensure_private_dir(&dir)
+                    crate::fsutil::ensure_private_dir_repaired(&dir)
                         .map_err(|source| AppError::DataDir { path: dir, source })?;
                 }
                 let (ca, created) = LocalCa::ensure(&settings.local_ca, clock.clone())?;

@@ -14,6 +14,20 @@ use crate::policy::{Pattern, Policy};
 
 /// Environment variables that are not configuration keys.
 const RESERVED_ENV: &[&str] = &["ROTATOR_CONFIG", "ROTATOR_LOG", "ROTATOR_FAULT"];
+/// The config file's sections. `ROTATOR_<SECTION>` alone is never configuration
+/// (a section is not a value): `ROTATOR_SERVER` is `fetch --server`'s variable,
+/// and only `ROTATOR_SERVER__<KEY>` sets a key of `[server]`.
+const SECTIONS: &[&str] = &[
+    "cluster",
+    "kubernetes",
+    "leader_election",
+    "local_ca",
+    "policy",
+    "rotation",
+    "schedule",
+    "server",
+    "sealing",
+];
 pub const DEFAULT_CONFIG_PATH: &str = "config/rotator.toml";
 
 #[derive(Debug, thiserror::Error)]
@@ -207,6 +221,7 @@ struct PolicySection {
     allowed_roles: Vec<String>,
     allowed_namespaces: Vec<String>,
     allowed_groups: Vec<String>,
+    denied_groups: Vec<String>,
     default_ttl: String,
     min_ttl: String,
     max_ttl: String,
@@ -223,6 +238,7 @@ impl Default for PolicySection {
             allowed_roles: vec!["view".into(), "edit".into(), "admin".into()],
             allowed_namespaces: vec!["*".into()],
             allowed_groups: vec!["*".into()],
+            denied_groups: vec![crate::policy::DENIED_GROUPS_DEFAULTS.into()],
             default_ttl: "24h".into(),
             min_ttl: "10m".into(),
             max_ttl: "7d".into(),
@@ -512,16 +528,12 @@ pub fn load_with(
                 source,
             })?;
             let origin = format!("config file {}", p.display());
-            // Deserialize the text itself first: its errors carry line, column and the
-            // offending snippet, and name the file rather than an env var.
-            toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                origin: origin.clone(),
-                message: e.to_string().trim_end().to_string(),
-            })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                origin: origin.clone(),
-                message: e.to_string().trim_end().to_string(),
-            })?;
+            // Deserialize the text itself first: its errors carry line and column,
+            // and name the file rather than an env var.
+            toml::from_str::<FileConfig>(&text)
+                .map_err(|e| file_parse_error(&origin, &text, &e))?;
+            let table: toml::Table =
+                toml::from_str(&text).map_err(|e| file_parse_error(&origin, &text, &e))?;
             (table, origin)
         }
         None => (toml::Table::new(), "built-in defaults".to_string()),
@@ -531,12 +543,21 @@ pub fn load_with(
         .filter(|(k, _)| k.starts_with("ROTATOR_") && !RESERVED_ENV.contains(&k.as_str()))
         .collect();
     env_sorted.sort();
+    // Which keys the environment set, so a value that fails validation later is
+    // reported as coming from its variable, not from the file or the defaults.
+    let mut from_env = std::collections::BTreeMap::new();
     for (key, raw) in env_sorted {
         let origin = format!("environment variable {key}");
         let path: Vec<String> = key["ROTATOR_".len()..]
             .split("__")
             .map(|s| s.to_ascii_lowercase())
             .collect();
+        if let [only] = path.as_slice()
+            && SECTIONS.contains(&only.as_str())
+        {
+            continue;
+        }
+        from_env.insert(path.join("."), key.clone());
         if path.iter().any(|p| p.is_empty()) {
             return Err(ConfigError::Parse {
                 origin,
@@ -558,7 +579,7 @@ pub fn load_with(
             origin: origin.clone(),
             message: e.to_string(),
         })?;
-    let mut settings = validate(file, origin, overrides)?;
+    let mut settings = validate(file, origin, &from_env, overrides)?;
     settings.file = path.map(Path::to_path_buf);
     Ok(settings)
 }
@@ -587,11 +608,73 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     cur.insert(last.clone(), value);
 }
 
+/// A syntax or type error in the file, by line and column. The toml crate's own
+/// message quotes the offending line: never shown, since the file may not be a
+/// config file at all (`--config seal.key`) and its content may be a secret.
+fn file_parse_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let ident = |s: &str| {
+        let s = s.trim();
+        (!s.is_empty()
+            && s.len() <= 40
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'))
+        .then(|| s.to_string())
+    };
+    let at = e.span().map(|span| {
+        let before = text.get(..span.start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before.len() - line_start + 1;
+        // Name the key, but only a plain lowercase identifier such as every
+        // config key is: anything else may be the content of a secret.
+        let this_line = text[line_start..].lines().next().unwrap_or_default();
+        let key = this_line.split_once('=').and_then(|(k, _)| ident(k));
+        let section = before.lines().rev().find_map(|l| {
+            l.trim()
+                .strip_prefix('[')?
+                .strip_suffix(']')
+                .and_then(ident)
+        });
+        let header = this_line
+            .trim()
+            .strip_prefix('[')
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(ident);
+        match (section, key) {
+            _ if header.is_some() => format!(
+                "line {line}, column {column} (table [{}]): ",
+                header.unwrap_or_default()
+            ),
+            (Some(s), Some(k)) => format!("line {line}, column {column} (key {s}.{k}): "),
+            (None, Some(k)) => format!("line {line}, column {column} (key {k}): "),
+            _ => format!("line {line}, column {column}: "),
+        }
+    });
+    ConfigError::Parse {
+        origin: origin.to_string(),
+        message: format!("{}{}", at.unwrap_or_default(), e.message().trim_end()),
+    }
+}
+
 struct Ctx<'a> {
     origin: &'a str,
+    /// Dotted key (`policy.max_ttl`) -> the environment variable that set it.
+    from_env: &'a std::collections::BTreeMap<String, String>,
 }
 
 impl Ctx<'_> {
+    /// Where `key`'s value came from: its environment variable if one set it.
+    fn origin_of(&self, key: &str) -> String {
+        if let Some(var) = self.from_env.get(key) {
+            return format!("environment variable {var}");
+        }
+        let section = format!("{key}.");
+        match self.from_env.iter().find(|(k, _)| k.starts_with(&section)) {
+            Some((_, var)) => format!("{} with environment variable {var}", self.origin),
+            None => self.origin.to_string(),
+        }
+    }
+
     fn invalid(
         &self,
         key: &str,
@@ -600,7 +683,7 @@ impl Ctx<'_> {
         fix: impl Into<String>,
     ) -> ConfigError {
         ConfigError::Invalid {
-            origin: self.origin.to_string(),
+            origin: self.origin_of(key),
             key: key.into(),
             value: value.to_string(),
             problem: problem.into(),
@@ -643,8 +726,16 @@ pub fn parse_cron(expr: &str) -> Result<cron::Schedule, cron::error::Error> {
     }
 }
 
-fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, ConfigError> {
-    let cx = Ctx { origin: &origin };
+fn validate(
+    f: FileConfig,
+    origin: String,
+    from_env: &std::collections::BTreeMap<String, String>,
+    ov: &Overrides,
+) -> Result<Settings, ConfigError> {
+    let cx = Ctx {
+        origin: &origin,
+        from_env,
+    };
     let data_dir = ov
         .data_dir
         .clone()
@@ -799,10 +890,19 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
     }
     let allowed_namespaces = patterns(&cx, "policy.allowed_namespaces", &p.allowed_namespaces)?;
     let allowed_groups = patterns(&cx, "policy.allowed_groups", &p.allowed_groups)?;
+    let denied_groups = crate::policy::denied_group_patterns(&p.denied_groups).map_err(|(v, e)| {
+        cx.invalid(
+            "policy.denied_groups",
+            v,
+            e,
+            "write \"@defaults\" (the built-in list), exact group names, or prefixes ending in '*' such as \"corp-admins:*\"",
+        )
+    })?;
     let policy = Policy {
         allowed_roles: p.allowed_roles.clone(),
         allowed_namespaces,
         allowed_groups,
+        denied_groups,
         default_ttl,
         min_ttl,
         max_ttl,
@@ -1244,6 +1344,84 @@ mod tests {
         assert!(
             e.contains("ROTATOR_POLICY__NOPE") && e.contains("nope"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bad_env_value_is_reported_as_coming_from_its_variable() {
+        let env = vec![("ROTATOR_POLICY__MAX_TTL".to_string(), "banana".to_string())];
+        let e = load_with(None, &env, &Overrides::default()).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("environment variable ROTATOR_POLICY__MAX_TTL")
+                && m.contains("policy.max_ttl")
+                && m.contains("banana")
+                && !m.contains("built-in defaults"),
+            "{m}"
+        );
+        // Also when a file is in play, and for a value checked against another key.
+        let (_d, p) = write("[policy]\nmin_ttl = \"1h\"\n");
+        let env = vec![("ROTATOR_POLICY__MAX_TTL".to_string(), "30m".to_string())];
+        let m = load_with(Some(&p), &env, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("environment variable ROTATOR_POLICY__MAX_TTL"),
+            "{m}"
+        );
+        // A bad value from the file still names the file.
+        let (_d, p) = write("[policy]\nmax_ttl = \"banana\"\n");
+        let m = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("config file") && m.contains("rotator.toml"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_bare_section_name_in_the_environment_is_not_configuration() {
+        // `ROTATOR_SERVER` is `rotator fetch --server`'s variable.
+        let env = vec![
+            (
+                "ROTATOR_SERVER".to_string(),
+                "https://rotator.example:8443".to_string(),
+            ),
+            ("ROTATOR_POLICY".to_string(), "x".to_string()),
+            (
+                "ROTATOR_SERVER__ENROLL_TOKEN_TTL".to_string(),
+                "2h".to_string(),
+            ),
+        ];
+        let s = load_with(None, &env, &Overrides::default()).unwrap();
+        assert_eq!(s.server.enroll_token_ttl, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_not_echoed_in_the_error() {
+        // What a sealing key file looks like: base64, with '+', '/' and '='.
+        let secret = "q8Vn+2mZx/Jt0bLrW4yK9sPd3fHc7uAeG1oQvNiE5Tk=";
+        let (_d, p) = write(&format!("{secret}\n"));
+        let m = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("rotator.toml") && m.contains("line 1"), "{m}");
+        for part in secret.split(['+', '/', '=']).filter(|p| p.len() >= 4) {
+            assert!(!m.contains(part), "the file's content leaked: {m}");
+        }
+        let (_d, p) = write("[policy]\nmax_ttl = 5\n");
+        let m = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("line 2") && m.contains("policy.max_ttl"), "{m}");
+        let (_d, p) = write("[schedule]\n[schedule]\n");
+        let m = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("line 2") && m.contains("table [schedule]"),
+            "{m}"
         );
     }
 

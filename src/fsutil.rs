@@ -97,6 +97,38 @@ pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
         .create(path)
 }
 
+/// Like [`ensure_private_dir`] for a directory rotator owns outright (the data
+/// directory, the CA directory): one that exists with any group or other bit is
+/// repaired to 0700. Returns the mode it had when it was repaired.
+pub fn ensure_private_dir_repaired(path: &Path) -> io::Result<Option<u32>> {
+    ensure_private_dir(path)?;
+    restrict_to_owner(path, 0o700)
+}
+
+/// Takes group and other bits off a file rotator owns (the database and its
+/// -wal and -shm files): `mode` when it had any. Returns the mode it had when
+/// it was repaired; a missing file is not an error.
+pub fn restrict_to_owner(path: &Path, mode: u32) -> io::Result<Option<u32>> {
+    let old = match fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if old & 0o077 == 0 {
+        return Ok(None);
+    }
+    fs::set_permissions(path, Permissions::from_mode(mode)).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{} has mode {old:03o} and cannot be made {mode:03o}: {e}",
+                path.display()
+            ),
+        )
+    })?;
+    Ok(Some(old))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +169,33 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    #[test]
+    fn a_group_or_world_accessible_private_dir_is_repaired() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("data");
+        assert_eq!(ensure_private_dir_repaired(&p).unwrap(), None);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        fs::set_permissions(&p, Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(ensure_private_dir_repaired(&p).unwrap(), Some(0o755));
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let f = p.join("db");
+        fs::write(&f, b"x").unwrap();
+        fs::set_permissions(&f, Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(restrict_to_owner(&f, 0o600).unwrap(), Some(0o644));
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(restrict_to_owner(&f, 0o600).unwrap(), None);
+        assert_eq!(restrict_to_owner(&p.join("missing"), 0o600).unwrap(), None);
     }
 
     #[test]

@@ -10,6 +10,23 @@ pub const ABSOLUTE_MIN_TTL: Duration = Duration::from_secs(600);
 /// Prefix of the per-credential generation groups rotator puts in O; nobody may ask for it.
 pub const GENERATION_GROUP_PREFIX: &str = "rotator:";
 const MAX_NAME_BYTES: usize = 253;
+/// Namespaces Kubernetes itself runs in: a user is given access to one only when
+/// `policy.allowed_namespaces` names it exactly (`*` or `kube-*` is not enough).
+pub const PROTECTED_NAMESPACES: &[&str] = &["kube-system", "kube-public", "kube-node-lease"];
+/// The entry of `policy.denied_groups` that stands for [`DEFAULT_DENIED_GROUPS`].
+pub const DENIED_GROUPS_DEFAULTS: &str = "@defaults";
+/// Groups known to be bound to cluster-admin (or close to it) on common
+/// distributions; `system:*` is refused by prefix besides these. Why each is
+/// here is in config/rotator.toml.
+pub const DEFAULT_DENIED_GROUPS: &[&str] = &[
+    // kubeadm >= 1.29: admin.conf's group, bound to cluster-admin by kubeadm.
+    "kubeadm:cluster-admins",
+    // OpenShift Dedicated / ROSA: bound to cluster-admin, and to dedicated-admin.
+    "cluster-admins",
+    "dedicated-admins",
+    // Amazon EKS: groups of EKS's own components (eks:*); nobody's user should carry them.
+    "eks:*",
+];
 /// The namespace list of a user bound cluster-wide (a ClusterRoleBinding).
 pub const ALL_NAMESPACES: &str = "*";
 
@@ -55,6 +72,14 @@ pub enum PolicyError {
         min: String,
         max: String,
     },
+    #[error(
+        "group {value:?} is denied by policy (it matches {pattern:?} in policy.denied_groups): it is privileged on common distributions, and a certificate keeps its groups for its whole life\nfix: bind a role to a group of your own instead; if {value:?} really is harmless in this cluster, remove it from policy.denied_groups (keep \"@defaults\" there to keep the built-in list)"
+    )]
+    DeniedGroup { value: String, pattern: String },
+    #[error(
+        "namespace {value:?} is one Kubernetes itself runs in, and policy.allowed_namespaces does not name it (\"*\" or a prefix does not count for it)\nfix: bind the user in another namespace, or add \"{value}\" by its exact name to policy.allowed_namespaces"
+    )]
+    ProtectedNamespace { value: String },
     #[error(
         "at least one namespace is required\nfix: add --namespace NAME (one RoleBinding is made per namespace)"
     )]
@@ -129,6 +154,8 @@ pub struct Policy {
     pub allowed_roles: Vec<String>,
     pub allowed_namespaces: Vec<Pattern>,
     pub allowed_groups: Vec<Pattern>,
+    /// Refused whatever `allowed_groups` says; lowercase, matched case-insensitively.
+    pub denied_groups: Vec<Pattern>,
     pub default_ttl: Duration,
     pub min_ttl: Duration,
     pub max_ttl: Duration,
@@ -146,6 +173,13 @@ impl Policy {
         validate_user_name(&spec.name)?;
         for g in &spec.groups {
             validate_group_name(g)?;
+            let lower = g.to_ascii_lowercase();
+            if let Some(p) = self.denied_groups.iter().find(|p| p.matches(&lower)) {
+                return Err(PolicyError::DeniedGroup {
+                    value: g.clone(),
+                    pattern: p.to_string(),
+                });
+            }
             if !self.allowed_groups.iter().any(|p| p.matches(g)) {
                 return Err(PolicyError::NotAllowed {
                     what: "group",
@@ -176,6 +210,14 @@ impl Policy {
                     value: ns.clone(),
                     allowed: join(&self.allowed_namespaces),
                 });
+            }
+            if PROTECTED_NAMESPACES.contains(&ns.as_str())
+                && !self
+                    .allowed_namespaces
+                    .iter()
+                    .any(|p| matches!(p, Pattern::Exact(e) if e == ns))
+            {
+                return Err(PolicyError::ProtectedNamespace { value: ns.clone() });
             }
         }
         self.check_role_and_ttl(spec)
@@ -301,7 +343,36 @@ fn validate_subject_value(what: &'static str, value: &str) -> Result<(), PolicyE
 }
 
 pub fn validate_user_name(name: &str) -> Result<(), PolicyError> {
-    validate_subject_value("user name", name)
+    validate_subject_value("user name", name)?;
+    // A user named `rotator:bob:1` would read like bob's generation group.
+    if name
+        .to_ascii_lowercase()
+        .starts_with(GENERATION_GROUP_PREFIX)
+    {
+        return Err(PolicyError::Reserved {
+            what: "user name",
+            value: name.to_string(),
+            prefix: GENERATION_GROUP_PREFIX,
+            why: "rotator: names are the per-credential generation groups revocation depends on",
+        });
+    }
+    Ok(())
+}
+
+/// `policy.denied_groups` as configured: [`DENIED_GROUPS_DEFAULTS`] expands to
+/// the built-in list; every entry is lowercased (matching is case-insensitive).
+pub fn denied_group_patterns(entries: &[String]) -> Result<Vec<Pattern>, (String, String)> {
+    let mut out = Vec::new();
+    for e in entries {
+        if e == DENIED_GROUPS_DEFAULTS {
+            out.extend(DEFAULT_DENIED_GROUPS.iter().map(|d| {
+                Pattern::parse(d).expect("the built-in denied groups are valid patterns")
+            }));
+            continue;
+        }
+        out.push(Pattern::parse(&e.to_ascii_lowercase()).map_err(|p| (e.clone(), p))?);
+    }
+    Ok(out)
 }
 
 pub fn validate_group_name(group: &str) -> Result<(), PolicyError> {
@@ -360,6 +431,7 @@ mod tests {
             allowed_roles: vec!["view".into(), "edit".into()],
             allowed_namespaces: vec![Pattern::parse("team-*").unwrap()],
             allowed_groups: vec![Pattern::Any],
+            denied_groups: denied_group_patterns(&[DENIED_GROUPS_DEFAULTS.into()]).unwrap(),
             default_ttl: Duration::from_secs(3600),
             min_ttl: Duration::from_secs(600),
             max_ttl: Duration::from_secs(86400),
@@ -506,6 +578,115 @@ mod tests {
             Err(PolicyError::ClusterWideNotAllowed),
             "cluster-wide stands alone"
         );
+    }
+
+    #[test]
+    fn user_names_under_rotator_are_refused_in_any_case() {
+        for name in ["rotator:bob:1", "Rotator:bob", "ROTATOR:x"] {
+            let mut s = spec();
+            s.name = name.into();
+            let e = policy().check(&s).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    PolicyError::Reserved {
+                        prefix: "rotator:",
+                        what: "user name",
+                        ..
+                    }
+                ),
+                "{name}: {e}"
+            );
+            assert!(
+                e.to_string().contains(name) && e.to_string().contains("fix:"),
+                "{e}"
+            );
+        }
+        let mut s = spec();
+        s.name = "rotatorbob".into();
+        policy().check(&s).unwrap();
+    }
+
+    #[test]
+    fn privileged_groups_are_denied_by_default_in_any_case() {
+        for g in [
+            "kubeadm:cluster-admins",
+            "KubeAdm:Cluster-Admins",
+            "cluster-admins",
+            "eks:node-manager",
+        ] {
+            let mut s = spec();
+            s.groups = vec![g.into()];
+            let e = policy().check(&s).unwrap_err();
+            assert!(matches!(e, PolicyError::DeniedGroup { .. }), "{g}: {e}");
+            let m = e.to_string();
+            assert!(
+                m.contains(g) && m.contains("policy.denied_groups") && m.contains("fix:"),
+                "{m}"
+            );
+        }
+        // kubeadm:get-nodes only lets a joining node read nodes: harmless, not denied.
+        let mut s = spec();
+        s.groups = vec!["kubeadm:get-nodes".into()];
+        policy().check(&s).unwrap();
+    }
+
+    #[test]
+    fn denied_groups_extend_or_replace_the_defaults() {
+        let extended =
+            denied_group_patterns(&[DENIED_GROUPS_DEFAULTS.into(), "Corp:Admins".into()]).unwrap();
+        let mut p = policy();
+        p.denied_groups = extended;
+        for g in ["corp:admins", "CORP:ADMINS", "kubeadm:cluster-admins"] {
+            let mut s = spec();
+            s.groups = vec![g.into()];
+            assert!(
+                matches!(p.check(&s), Err(PolicyError::DeniedGroup { .. })),
+                "{g}"
+            );
+        }
+        p.denied_groups = denied_group_patterns(&["corp:*".into()]).unwrap();
+        let mut s = spec();
+        s.groups = vec!["cluster-admins".into()];
+        p.check(&s)
+            .expect("without @defaults the built-in list is dropped");
+        s.groups = vec!["corp:ops".into()];
+        assert!(matches!(p.check(&s), Err(PolicyError::DeniedGroup { .. })));
+        assert!(denied_group_patterns(&["a*b".into()]).is_err());
+    }
+
+    #[test]
+    fn system_namespaces_need_an_explicit_allow() {
+        let mut p = policy();
+        for allowed in [vec!["*"], vec!["kube-*"], vec!["kube-*", "team-*"]] {
+            p.allowed_namespaces = allowed.iter().map(|a| Pattern::parse(a).unwrap()).collect();
+            for ns in PROTECTED_NAMESPACES {
+                let mut s = spec();
+                s.namespaces = vec![ns.to_string()];
+                let e = p.check(&s).unwrap_err();
+                assert_eq!(
+                    e,
+                    PolicyError::ProtectedNamespace {
+                        value: ns.to_string()
+                    },
+                    "{allowed:?}"
+                );
+                let m = e.to_string();
+                assert!(
+                    m.contains(ns) && m.contains("allowed_namespaces") && m.contains("fix:"),
+                    "{m}"
+                );
+            }
+        }
+        p.allowed_namespaces = vec![Pattern::Any, Pattern::parse("kube-system").unwrap()];
+        let mut s = spec();
+        s.namespaces = vec!["kube-system".into()];
+        p.check(&s).expect("named exactly, kube-system is allowed");
+        s.namespaces = vec!["kube-public".into()];
+        assert!(p.check(&s).is_err(), "naming one does not allow the others");
+        s.namespaces = vec!["kube-flannel".into()];
+        p.check(&s)
+            .expect("only the three namespaces Kubernetes runs in are protected");
     }
 
     #[test]

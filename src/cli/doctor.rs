@@ -9,6 +9,7 @@ use super::output::{self, OutputFormat, time};
 use super::{Cli, CliResult, Failure, actor, faults_from_env};
 use crate::app::App;
 use crate::clock::SystemClock;
+use crate::cluster::findings::{Finding, Known, Severity};
 use crate::config;
 use crate::exit::{Exit, ExitStatus};
 use crate::store::{audit, issuances};
@@ -42,7 +43,33 @@ fn private_file(k: &std::path::Path, note: &str) -> (bool, String) {
     }
 }
 
+/// Whether a directory or file rotator owns is closed to group and others now,
+/// and what it was before this run repaired it.
+fn owner_only(p: &std::path::Path, want: u32, before: Option<u32>) -> (bool, String) {
+    let shown = p.display();
+    match mode_of(p) {
+        Some(m) if m & 0o077 != 0 => (
+            false,
+            format!(
+                "{shown} has mode {m:03o}: group or others may use it; fix: chmod {want:o} {shown}"
+            ),
+        ),
+        Some(m) => match before {
+            Some(b) if b != m => (
+                true,
+                format!("{shown} (mode {m:03o}; it was {b:03o} and was repaired now)"),
+            ),
+            _ => (true, format!("{shown} (mode {m:03o})")),
+        },
+        None => (false, format!("{shown} is missing")),
+    }
+}
+
+/// The check that carries the cluster's grant findings.
+const GRANTS_CHECK: &str = "grants outside rotator";
+
 pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
+    let mut findings: Vec<Finding> = Vec::new();
     let mut checks = Vec::new();
     let mut push = |name, ok, detail: String, exit| {
         checks.push(Check {
@@ -57,27 +84,19 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
         Err(e) => return Err(e.into()),
     };
     push("config", true, settings.origin.clone(), Exit::Config);
+    // Modes as they were before opening repairs them, so doctor can say so.
+    let dir_mode_before = mode_of(&settings.data_dir);
+    let db_mode_before = mode_of(&settings.database_path());
     match App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await {
         Err(e) => push("open", false, e.to_string(), e.exit()),
         Ok((app, _)) => {
             let s = &app.settings;
-            match mode_of(&s.data_dir) {
-                Some(m) if m & 0o022 != 0 => push(
-                    "data directory",
-                    false,
-                    format!(
-                        "{} has mode {m:o}: others may write; fix: chmod 700 {}",
-                        s.data_dir.display(),
-                        s.data_dir.display()
-                    ),
-                    Exit::Config,
-                ),
-                m => push(
-                    "data directory",
-                    true,
-                    format!("{} (mode {:o})", s.data_dir.display(), m.unwrap_or(0)),
-                    Exit::Config,
-                ),
+            for (name, path, want, before) in [
+                ("data directory", s.data_dir.clone(), 0o700, dir_mode_before),
+                ("database file", s.database_path(), 0o600, db_mode_before),
+            ] {
+                let (ok, detail) = owner_only(&path, want, before);
+                push(name, ok, detail, Exit::Config);
             }
             push(
                 "database",
@@ -181,6 +200,32 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     ),
                     Err(e) => push("direct grants", false, e.to_string(), e.exit()),
                 }
+                let known = Known {
+                    users: names,
+                    denied_groups: s.policy.denied_groups.clone(),
+                    tokens: crate::store::tokens::list(&app.store)
+                        .await?
+                        .into_iter()
+                        .filter(|t| t.state == "active" || t.state == "creating")
+                        .map(|t| t.id)
+                        .collect(),
+                };
+                match cluster.grant_findings(&known).await {
+                    Ok(f) => {
+                        let fails = f.iter().filter(|f| f.severity == Severity::Fail).count();
+                        let detail = if f.is_empty() {
+                            "no binding or bootstrap token outside this rotator's control".into()
+                        } else {
+                            format!(
+                                "{fails} to act on, {} to review (below; `--output json` lists them under \"findings\")",
+                                f.len() - fails
+                            )
+                        };
+                        push(GRANTS_CHECK, fails == 0, detail, Exit::Conflict);
+                        findings = f;
+                    }
+                    Err(e) => push(GRANTS_CHECK, false, e.to_string(), e.exit()),
+                }
             }
             match audit::verify(&app.store).await {
                 Ok(r) => match r.first_break {
@@ -231,20 +276,36 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
         OutputFormat::Json => output::json(
             &checks
                 .iter()
-                .map(|c| json!({"check": c.name, "ok": c.ok, "detail": c.detail}))
+                .map(|c| {
+                    let mut v = json!({"check": c.name, "ok": c.ok, "detail": c.detail});
+                    if c.name == GRANTS_CHECK {
+                        v["findings"] = json!(findings);
+                    }
+                    v
+                })
                 .collect::<Vec<_>>(),
         ),
         OutputFormat::Table => {
-            let rows: Vec<Vec<String>> = checks
-                .iter()
-                .map(|c| {
-                    vec![
-                        c.name.to_string(),
-                        if c.ok { "ok".into() } else { "FAIL".into() },
-                        c.detail.clone(),
-                    ]
-                })
-                .collect();
+            let mut rows: Vec<Vec<String>> = Vec::new();
+            for c in &checks {
+                rows.push(vec![
+                    c.name.to_string(),
+                    if c.ok { "ok".into() } else { "FAIL".into() },
+                    c.detail.clone(),
+                ]);
+                if c.name == GRANTS_CHECK {
+                    for f in &findings {
+                        rows.push(vec![
+                            format!("  {}", f.kind),
+                            match f.severity {
+                                Severity::Fail => "FAIL".into(),
+                                Severity::Warn => "warn".into(),
+                            },
+                            format!("{} {}; fix: {}", f.object, f.problem, f.fix),
+                        ]);
+                    }
+                }
+            }
             output::table(&["CHECK", "STATUS", "DETAIL"], &rows);
         }
     }

@@ -221,9 +221,32 @@ fn actor() -> String {
     }
 }
 
-fn init_tracing(format: LogFormat, default: &str) {
+/// The log filter: `ROTATOR_LOG` if set (rotator's own, so it wins), else
+/// `RUST_LOG` (the ecosystem's), else `default`. A filter that does not parse is
+/// named on stderr and the default used.
+fn log_filter(
+    env: &dyn Fn(&str) -> Option<String>,
+    default: &str,
+) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("ROTATOR_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    for var in ["ROTATOR_LOG", "RUST_LOG"] {
+        if let Some(v) = env(var).filter(|v| !v.trim().is_empty()) {
+            match EnvFilter::try_new(&v) {
+                Ok(f) => return f,
+                Err(e) => {
+                    eprintln!(
+                        "warning: {var}={v:?} is not a log filter ({e}); using {default:?}\nfix: write a filter such as \"info\" or \"rotator=debug,warn\""
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    EnvFilter::new(default)
+}
+
+fn init_tracing(format: LogFormat, default: &str) {
+    let filter = log_filter(&|k| std::env::var(k).ok(), default);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

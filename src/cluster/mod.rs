@@ -8,6 +8,7 @@ use crate::config::KubernetesSettings;
 use crate::exit::{Exit, ExitStatus};
 
 pub mod csr;
+pub mod findings;
 pub mod lease;
 pub mod rbac;
 pub mod tokens;

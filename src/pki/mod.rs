@@ -15,7 +15,7 @@ pub use inspect::{
     root_store, verify_issued,
 };
 pub use keys::{KeyType, PrivateKey, UnknownKeyType};
-pub use seal::SealingKey;
+pub use seal::{ReadPrivate, SealingKey, read_private};
 
 use crate::exit::{Exit, ExitStatus};
 
@@ -51,15 +51,24 @@ pub enum PkiError {
         "sealed key storage: {0}\nfix: check sealing.key_file (it must be the 0600 file rotator created, base64 of 32 bytes)"
     )]
     Seal(String),
+    #[error(
+        "{what} {path} has mode {mode:03o}: group or others may read it, and rotator refuses a private key others can read (as ssh does)\nfix: chmod 600 {path}; if others could read it, treat the key as exposed"
+    )]
+    KeyFileMode {
+        what: &'static str,
+        path: String,
+        mode: u32,
+    },
 }
 
 impl ExitStatus for PkiError {
     fn exit(&self) -> Exit {
         match self {
             PkiError::Verify(_) => Exit::Verification,
-            PkiError::KeyParse { .. } | PkiError::CertParse { .. } | PkiError::Seal(_) => {
-                Exit::Config
-            }
+            PkiError::KeyParse { .. }
+            | PkiError::CertParse { .. }
+            | PkiError::Seal(_)
+            | PkiError::KeyFileMode { .. } => Exit::Config,
             PkiError::CsrParse { .. } | PkiError::UnsupportedKey { .. } => Exit::Refused,
             _ => Exit::Internal,
         }

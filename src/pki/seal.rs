@@ -31,6 +31,59 @@ fn err(reason: impl ToString) -> PkiError {
     PkiError::Seal(reason.to_string())
 }
 
+/// Why [`read_private`] failed.
+#[derive(Debug)]
+pub enum ReadPrivate {
+    Io(std::io::Error),
+    /// The file is readable by group or others.
+    Mode(PkiError),
+}
+
+/// Reads a private key file, refusing one that group or others may access (any
+/// of the 077 bits), as ssh refuses a readable identity. The mode is taken from
+/// the opened file, so it is the mode of what is read.
+///
+/// One exception, the shape kubelet gives a Secret volume's files when the pod
+/// sets `fsGroup` (kubernetes#57923 ignores `defaultMode: 0400` then): owned by
+/// root, group-readable only (at most 0440), and the group is this process's own
+/// (non-root) group, which the pod gave it alone.
+pub fn read_private(path: &Path, what: &'static str) -> Result<Zeroizing<String>, ReadPrivate> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut f = std::fs::File::open(path).map_err(ReadPrivate::Io)?;
+    let meta = f.metadata().map_err(ReadPrivate::Io)?;
+    let mode = meta.permissions().mode() & 0o777;
+    let secret_volume = mode & 0o037 == 0
+        && meta.uid() == 0
+        && effective_ids().is_some_and(|(uid, gid)| uid != 0 && gid != 0 && gid == meta.gid());
+    if mode & 0o077 != 0 && !secret_volume {
+        return Err(ReadPrivate::Mode(PkiError::KeyFileMode {
+            what,
+            path: path.display().to_string(),
+            mode,
+        }));
+    }
+    let mut text = Zeroizing::new(String::new());
+    f.read_to_string(&mut text).map_err(ReadPrivate::Io)?;
+    Ok(text)
+}
+
+/// The process's effective uid and gid, from /proc/self/status (its `Uid:` and
+/// `Gid:` lines list real, effective, saved and filesystem ids).
+fn effective_ids() -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
 impl SealingKey {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, PkiError> {
         if bytes.len() != 32 {
@@ -49,7 +102,7 @@ impl SealingKey {
     /// when it does not exist.
     pub fn load(path: &Path, create: bool) -> Result<Self, PkiError> {
         let shown = path.display();
-        match std::fs::read_to_string(path) {
+        match read_private(path, "sealing key file") {
             Ok(text) => {
                 let bytes = Zeroizing::new(
                     base64::engine::general_purpose::STANDARD
@@ -58,14 +111,15 @@ impl SealingKey {
                 );
                 Self::from_bytes(&bytes).map_err(|e| err(format!("{shown}: {e}")))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+            Err(ReadPrivate::Mode(e)) => Err(e),
+            Err(ReadPrivate::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 let bytes = Zeroizing::new(super::random_bytes::<32>());
                 let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*bytes));
                 crate::fsutil::write_private_atomic(path, text.as_bytes())
                     .map_err(|e| err(format!("cannot create {shown}: {e}")))?;
                 Self::from_bytes(&*bytes)
             }
-            Err(e) => Err(err(format!("cannot read {shown}: {e}"))),
+            Err(ReadPrivate::Io(e)) => Err(err(format!("cannot read {shown}: {e}"))),
         }
     }
 
@@ -162,5 +216,26 @@ mod tests {
             "Debug shows only the key id: {debug}"
         );
         assert!(SealingKey::load(&d.path().join("missing"), false).is_err());
+    }
+
+    #[test]
+    fn a_key_file_group_or_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("seal.key");
+        SealingKey::load(&p, true).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = SealingKey::load(&p, true).unwrap_err();
+            let m = e.to_string();
+            assert!(matches!(e, PkiError::KeyFileMode { .. }), "{m}");
+            assert!(
+                m.contains(&format!("mode {mode:o}"))
+                    && m.contains(&format!("chmod 600 {}", p.display())),
+                "{m}"
+            );
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o400)).unwrap();
+        SealingKey::load(&p, false).expect("owner-only read is fine");
     }
 }

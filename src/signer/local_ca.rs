@@ -78,13 +78,14 @@ impl LocalCa {
             )
         })?;
         let key_pem =
-            zeroize::Zeroizing::new(std::fs::read_to_string(&settings.key_file).map_err(|e| {
-                unavailable(
+            pki::read_private(&settings.key_file, "CA key file").map_err(|e| match e {
+                pki::ReadPrivate::Mode(e) => SignError::Pki(e),
+                pki::ReadPrivate::Io(e) => unavailable(
                     &settings.key_file,
                     e,
                     "check the path and that rotator may read it",
-                )
-            })?);
+                ),
+            })?;
         let key = PrivateKey::from_pem(&key_pem, &settings.key_file.display().to_string())?;
         Self::from_parts(key, cert_pem, &settings.cert_file, clock)
     }

@@ -7,6 +7,7 @@ mod common;
 mod crash;
 mod daemon;
 pub mod kubernetes;
+mod policy_config;
 mod revocation;
 mod security;
 mod user_api;

@@ -11,6 +11,9 @@ async fn a_kubeconfig_from_the_local_ca_works_in_kubectl_against_the_cluster() {
     let s = Scratch::new();
     let ca_crt = s.write("ca.crt", cluster.client_ca_pem());
     let ca_key = s.write("ca.key", &cluster.client_ca_key_pem());
+    // A CA key others may read is refused, as kubeadm's own (0600) is not.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ca_key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let serving = s.write("serving-ca.crt", cluster.ca_pem());
     let admin = s.write("admin.kubeconfig", &cluster.admin_kubeconfig());
     s.write(
