@@ -1094,12 +1094,17 @@ impl Issuer<'_> {
                 i.error.unwrap_or_else(|| format!("it was {}", i.step)),
             ));
         }
-        match users::get(&mut conn, &i.user_name).await? {
-            Some(u) if u.state == "active" => {}
-            Some(u) => return Ok(Some(format!("the user is {}", u.state))),
-            None => return Ok(Some("the user does not exist".into())),
+        let stored = credentials::get(&mut conn, id).await?;
+        // An add-user makes (or re-activates) its user only when it stores the
+        // credential: before that the user's record says nothing about it.
+        if stored.is_some() || i.kind != "add-user" {
+            match users::get(&mut conn, &i.user_name).await? {
+                Some(u) if u.state == "active" => {}
+                Some(u) => return Ok(Some(format!("the user is {}", u.state))),
+                None => return Ok(Some("the user does not exist".into())),
+            }
         }
-        if let Some(c) = credentials::get(&mut conn, id).await?
+        if let Some(c) = stored
             && c.state != "pending"
         {
             return Ok(Some(format!(

@@ -226,6 +226,49 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     }
                     Err(e) => push(GRANTS_CHECK, false, e.to_string(), e.exit()),
                 }
+                // Each active user's bindings could be written now (a server-side
+                // dry run): a namespace deleted since, or a role rotator may no
+                // longer bind, shows here before a rotation fails on it.
+                let mut unbindable = Vec::new();
+                for u in users.iter().filter(|u| u.state == "active") {
+                    let scope = if u
+                        .spec
+                        .namespaces
+                        .iter()
+                        .any(|n| n == crate::policy::ALL_NAMESPACES)
+                    {
+                        crate::cluster::rbac::Scope::Cluster
+                    } else {
+                        crate::cluster::rbac::Scope::Namespaces(u.spec.namespaces.clone())
+                    };
+                    if let Err(e) = cluster
+                        .check_user_bindings(&u.spec.name, &scope, &u.spec.role)
+                        .await
+                    {
+                        let e = e.to_string();
+                        unbindable.push(format!(
+                            "{}: {}",
+                            u.spec.name,
+                            e.lines().next().unwrap_or_default()
+                        ));
+                    }
+                }
+                push(
+                    "user bindings",
+                    unbindable.is_empty(),
+                    if unbindable.is_empty() {
+                        format!(
+                            "every active user's RoleBindings can be written ({} users)",
+                            users.len()
+                        )
+                    } else {
+                        format!(
+                            "rotations of these users fail before signing until fixed: {}; fix: create the namespace (or remove-user and add-user with others), or grant rotator `bind` on the role",
+                            unbindable.join("; ")
+                        )
+                    },
+                    Exit::Conflict,
+                );
             }
             match audit::verify(&app.store).await {
                 Ok(r) => match r.first_break {

@@ -104,6 +104,14 @@ async fn a_missing_namespace_blocks_neither_other_namespaces_nor_removals_and_co
     );
     assert_eq!(kx.rotator_objects().await.1, "", "no CSR object");
     assert!(!kx.s.path("nina3.kubeconfig").exists());
+    // doctor names the user and the namespace.
+    let o = kx.rotator_async(&["doctor"], &[]).await;
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(!o.status.success());
+    assert!(
+        report.contains("user bindings") && report.contains("nina") && report.contains("team-a"),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

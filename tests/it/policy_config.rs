@@ -352,16 +352,23 @@ async fn doctor_reports_grants_that_survive_a_revocation() {
         clean.contains("no binding or bootstrap token outside"),
         "{clean}"
     );
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&kx.rotator(&["show", "p2", "--output", "json"]))).unwrap();
+    let p2_group = shown["credentials"][0]["generation_group"]
+        .as_str()
+        .unwrap()
+        .to_string();
     ok(&kx.rotator_async(&["revoke", "p2"], &[]).await);
 
-    // 1. A hand-made binding to p2's (now revoked) generation group.
+    // 1. A hand-made binding to p2's (now revoked) generation group, made after
+    // the revoke (the revoke itself takes the group out of bindings it finds).
     ok(&kx
         .admin_kubectl(&[
             "create",
             "rolebinding",
             "hand-p2",
             "--clusterrole=edit",
-            "--group=rotator:p2:1",
+            &format!("--group={p2_group}"),
             "-n",
             "team-a",
         ])

@@ -977,8 +977,14 @@ mod raw {
 /// A CSR for the subject `/v1/subject` returned, and its key.
 fn csr_for(subject: &serde_json::Value) -> (String, PrivateKey) {
     let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-    let orgs: Vec<String> = serde_json::from_value(subject["organizations"].clone()).unwrap();
+    let mut orgs: Vec<String> = serde_json::from_value(subject["organizations"].clone()).unwrap();
     let cn = subject["common_name"].as_str().unwrap();
+    // The generation group ends with this key's digest, as `rotator fetch` makes it.
+    orgs.push(rotator::policy::generation_group(
+        cn,
+        subject["generation"].as_i64().unwrap(),
+        &key.spki_der(),
+    ));
     let der = pki::build_csr(&key, &pki::subject_name(cn, &orgs).unwrap()).unwrap();
     (pki::pem_encode("CERTIFICATE REQUEST", &der), key)
 }
