@@ -760,3 +760,70 @@ async fn cluster_wide_access_only_where_policy_allows_it() {
         .await);
     assert_eq!(crb.trim(), "", "no rotator binding is left");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_server_has_kubeadms_one_ca_by_default_and_separate_cas_on_request() {
+    for separate in [false, true] {
+        let kx = Kx::new(
+            Options {
+                separate_client_ca: separate,
+                ..Options::default()
+            },
+            "",
+        )
+        .await;
+        assert_eq!(kx.cluster.ca_pem() == kx.cluster.client_ca_pem(), !separate);
+        ok(&kx
+            .rotator_async(
+                &[
+                    "add-user", "alice", "--group", "dev", "-n", "team-a", "--role", "view",
+                ],
+                &[],
+            )
+            .await);
+        assert!(kx.can_list_pods("alice.kubeconfig", "team-a").await);
+        let (_, ca, cert, _) = kubeconfig_parts(&kx.s.path("alice.kubeconfig"));
+        let ca = kx.s.write("kubeconfig-ca.pem", &ca);
+        let client_ca = kx.s.write("client-ca.pem", kx.cluster.client_ca_pem());
+        let cert = kx.s.write("alice.pem", &cert);
+        let verify = |ca: &std::path::Path| {
+            run(
+                "openssl",
+                &[
+                    "verify",
+                    "-CAfile",
+                    ca.to_str().unwrap(),
+                    cert.to_str().unwrap(),
+                ],
+            )
+            .status
+            .success()
+        };
+        // kubeadm: the kubeconfig's certificate-authority-data also verifies
+        // the issued client certificate; with separate CAs only the client CA does.
+        assert_eq!(verify(&ca), !separate, "separate={separate}");
+        assert!(verify(&client_ca));
+        // The signer re-encodes the subject in Go's order: O before CN.
+        let subject = ok(&run(
+            "openssl",
+            &[
+                "x509",
+                "-noout",
+                "-subject",
+                "-nameopt",
+                "oneline",
+                "-in",
+                cert.to_str().unwrap(),
+            ],
+        ));
+        assert!(
+            subject
+                .trim()
+                .trim_start_matches("subject=")
+                .trim()
+                .starts_with("O = dev")
+                && subject.trim().ends_with("CN = alice"),
+            "{subject}"
+        );
+    }
+}
