@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod crash;
 mod daemon;
+mod deploy_rbac;
 pub mod kubernetes;
 mod security;
 mod user_api;

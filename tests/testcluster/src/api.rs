@@ -846,6 +846,15 @@ fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiEr
     obj["kind"] = json!(rq.res.kind);
     admit(cx, rq, None, &mut obj)?;
     if cx.query.contains_key("dryRun") {
+        // A dry run goes through storage too: a name that exists is a 409.
+        let store_ns = if rq.res.namespaced {
+            rq.ns.as_str()
+        } else {
+            ""
+        };
+        if cx.sh.store.get(rq.res.key(), store_ns, &name).is_some() {
+            return Err(ApiError::already_exists(rq.res, &name));
+        }
         return Ok((201, obj));
     }
     let store_ns = if rq.res.namespaced {
@@ -996,6 +1005,25 @@ fn update(cx: &Ctx<'_>, rq: &ResReq, mut new: Value) -> Result<Value, ApiError> 
                 "status" => crate::csr::update_status(old, &new),
                 _ => Ok(crate::csr::update_main(old, &new)),
             };
+        }
+        // An update that names a uid is conditional on it (kube-apiserver takes
+        // the body's uid as a precondition): replacing a different object than
+        // the writer means is a 409.
+        if let (Some(want), Some(have)) = (
+            new["metadata"]["uid"].as_str().filter(|u| !u.is_empty()),
+            old["metadata"]["uid"].as_str(),
+        ) && want != have
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!(
+                    "Operation cannot be fulfilled on {} \"{}\": Precondition failed: UID in precondition: {want}, UID in object meta: {have}",
+                    rq.res.qualified(),
+                    rq.name
+                ),
+            )
+            .with_details(json!({"name": rq.name, "group": rq.res.group, "kind": rq.res.plural})));
         }
         let mut n = new.clone();
         admit(cx, rq, Some(old), &mut n)?;
