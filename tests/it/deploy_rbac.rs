@@ -1,5 +1,7 @@
-//! deploy/kubernetes/ against the test server, applied with the real kubectl:
-//! Secret delivery that never takes over a Secret rotator did not create.
+//! deploy/kubernetes/rbac.yaml against the test server, applied with the real
+//! kubectl: what rotator's own identity can be made to do by whoever holds it
+//! (never read a Secret, never become another identity), and Secret delivery
+//! that never takes over a Secret rotator did not create.
 use base64::Engine;
 use serde_json::Value;
 use testcluster::Options;
@@ -40,6 +42,280 @@ fn instance_id(kx: &Kx) -> String {
         .expect("an instance line")
         .trim()
         .to_string()
+}
+
+/// Waits for the token controller to fill a service-account token Secret.
+async fn minted_token(kx: &Kx, ns: &str, name: &str) -> String {
+    for _ in 0..100 {
+        let v = kx.admin_json(&["get", "secret", name, "-n", ns]).await;
+        if let Some(t) = v["data"]["token"].as_str() {
+            let t = base64::engine::general_purpose::STANDARD.decode(t).unwrap();
+            return String::from_utf8(t).unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the token controller did not fill {ns}/{name}");
+}
+
+/// PATCH requests straight from a client with rotator's identity (kubectl's
+/// `patch` reads the object first): an empty merge patch and a server-side apply,
+/// each of which answers with the whole object. Returns what came back.
+async fn raw_patches(kx: &Kx, ns: &str, name: &str) -> Vec<String> {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams};
+    let kc = kube::config::Kubeconfig::read_from(kx.s.path("rotator.kubeconfig")).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let api: kube::Api<Secret> = kube::Api::namespaced(kube::Client::try_from(cfg).unwrap(), ns);
+    let apply =
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}});
+    let mut out = Vec::new();
+    for (pp, patch) in [
+        (PatchParams::default(), Patch::Merge(serde_json::json!({}))),
+        (PatchParams::apply("attacker").force(), Patch::Apply(apply)),
+    ] {
+        if let Ok(s) = api.patch(name, &pp, &patch).await {
+            out.push(serde_json::to_string(&s).unwrap());
+        }
+    }
+    out
+}
+
+fn sa_token_secret(name: &str, sa: &str) -> String {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+        "metadata": {"name": name, "annotations": {"kubernetes.io/service-account.name": sa}},
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deploy_identity_can_neither_read_secrets_nor_mint_tokens() {
+    let kx = Kx::new(Options::default(), "").await;
+    kx.grant_secret_delivery("team-a", "alice-kubeconfig").await;
+    // What an attacker holding rotator's credentials would go for: Secrets of
+    // others, and service accounts bound to cluster-admin.
+    for (ns, sa) in [("kube-system", "powerful"), ("team-a", "deployer")] {
+        // (kubectl's `create serviceaccount` speaks protobuf; a manifest is JSON.)
+        let f = kx.s.write(
+            &format!("sa-{sa}.json"),
+            &serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, "namespace": ns}}).to_string(),
+        );
+        ok(&kx
+            .admin_kubectl(&["create", "-f", f.to_str().unwrap()])
+            .await);
+        ok(&kx
+            .admin_kubectl(&[
+                "create",
+                "clusterrolebinding",
+                &format!("{sa}-admin"),
+                "--clusterrole=cluster-admin",
+                &format!("--serviceaccount={ns}:{sa}"),
+            ])
+            .await);
+    }
+    for ns in ["team-a", "kube-system"] {
+        ok(&kx
+            .admin_kubectl(&[
+                "create",
+                "secret",
+                "generic",
+                "app-creds",
+                "-n",
+                ns,
+                "--from-literal=password=hunter2-secret-value",
+            ])
+            .await);
+    }
+    let mut seen = String::new();
+    let mut patched = String::new();
+    let mut as_rotator = async |args: &[&str]| -> bool {
+        let o = kx.kubectl_as("rotator.kubeconfig", args).await;
+        seen.push_str(&String::from_utf8_lossy(&o.stdout));
+        seen.push_str(&String::from_utf8_lossy(&o.stderr));
+        o.status.success()
+    };
+    let mut escalations = Vec::new();
+    // 1. Read a foreign Secret: get, list, watch, an empty PATCH (which answers
+    //    with the whole object), a server-side apply.
+    for ns in ["team-a", "kube-system"] {
+        for args in [
+            vec!["get", "secret", "app-creds", "-n", ns, "-o", "json"],
+            vec!["get", "secrets", "-n", ns, "-o", "json"],
+            vec!["get", "secrets", "-A", "-o", "json"],
+            vec![
+                "get",
+                "secrets",
+                "-n",
+                ns,
+                "--field-selector",
+                "type=bootstrap.kubernetes.io/token",
+                "-o",
+                "json",
+            ],
+            vec![
+                "patch",
+                "secret",
+                "app-creds",
+                "-n",
+                ns,
+                "--type",
+                "merge",
+                "-p",
+                r#"{"metadata":{"annotations":{"x":"y"}}}"#,
+                "-o",
+                "json",
+            ],
+            vec![
+                "patch",
+                "secret",
+                "app-creds",
+                "-n",
+                ns,
+                "--type",
+                "json",
+                "-p",
+                "[]",
+                "-o",
+                "json",
+            ],
+        ] {
+            if as_rotator(&args).await {
+                escalations.push(args.join(" "));
+            }
+        }
+        for got in raw_patches(&kx, ns, "app-creds").await {
+            escalations.push(format!("PATCH secret {ns}/app-creds"));
+            patched.push_str(&got);
+        }
+        let apply = kx.s.write(
+            "apply.json",
+            r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"app-creds"}}"#,
+        );
+        let args = [
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-n",
+            ns,
+            "-f",
+            apply.to_str().unwrap(),
+            "-o",
+            "json",
+        ];
+        if as_rotator(&args).await {
+            escalations.push(args.join(" "));
+        }
+    }
+    // 2. Mint a token: create service-account-token Secrets (create cannot be
+    //    refused by name: in kube-system and in the delivery namespace, under
+    //    the very name rotator may update), let the token controller fill them,
+    //    then try every way back to their content.
+    let mut tokens = Vec::new();
+    for (ns, sa, name) in [
+        ("kube-system", "powerful", "mint-powerful"),
+        ("team-a", "deployer", "alice-kubeconfig"),
+    ] {
+        let f =
+            kx.s.write(&format!("{name}.json"), &sa_token_secret(name, sa));
+        let created =
+            as_rotator(&["create", "-n", ns, "-f", f.to_str().unwrap(), "-o", "json"]).await;
+        if !created {
+            continue; // refused outright: nothing to read back
+        }
+        let token = minted_token(&kx, ns, name).await;
+        // The test server is faithful: the minted token is cluster-admin.
+        kx.s.write(
+            "minted.kubeconfig",
+            &kx.cluster.kubeconfig_for_token(&token),
+        );
+        assert_eq!(
+            ok(&kx
+                .kubectl_as("minted.kubeconfig", &["auth", "can-i", "*", "*"])
+                .await)
+            .trim(),
+            "yes"
+        );
+        for args in [
+            vec!["get", "secret", name, "-n", ns, "-o", "json"],
+            vec!["get", "secrets", "-n", ns, "-o", "json"],
+            vec![
+                "get",
+                "secrets",
+                "-n",
+                ns,
+                "--watch",
+                "--request-timeout=1s",
+                "-o",
+                "json",
+            ],
+            vec![
+                "patch",
+                "secret",
+                name,
+                "-n",
+                ns,
+                "--type",
+                "merge",
+                "-p",
+                r#"{"metadata":{"annotations":{"x":"y"}}}"#,
+                "-o",
+                "json",
+            ],
+        ] {
+            if as_rotator(&args).await {
+                escalations.push(args.join(" "));
+            }
+        }
+        for got in raw_patches(&kx, ns, name).await {
+            escalations.push(format!("PATCH secret {ns}/{name}"));
+            patched.push_str(&got);
+        }
+        // A replace (allowed on alice-kubeconfig) answers with what was sent.
+        let f =
+            kx.s.write(&format!("{name}-put.json"), &sa_token_secret(name, sa));
+        as_rotator(&["replace", "-n", ns, "-f", f.to_str().unwrap(), "-o", "json"]).await;
+        // A delete (allowed in kube-system) answers with a Status.
+        as_rotator(&["delete", "secret", name, "-n", ns, "-o", "json"]).await;
+        tokens.push(token);
+    }
+    // 3. Become another identity directly.
+    for args in [
+        vec!["create", "token", "powerful", "-n", "kube-system"],
+        vec!["auth", "can-i", "impersonate", "serviceaccounts"],
+        vec!["auth", "can-i", "escalate", "clusterroles"],
+        vec!["auth", "can-i", "bind", "clusterroles/cluster-admin"],
+    ] {
+        let o = kx.kubectl_as("rotator.kubeconfig", &args).await;
+        if o.status.success() && String::from_utf8_lossy(&o.stdout).trim() != "no" {
+            escalations.push(args.join(" "));
+        }
+    }
+    seen.push_str(&patched);
+    assert!(
+        escalations.is_empty(),
+        "rotator's identity could: {escalations:#?}"
+    );
+    assert!(
+        !seen.contains("hunter2-secret-value")
+            && !seen.contains(
+                &base64::engine::general_purpose::STANDARD.encode("hunter2-secret-value")
+            ),
+        "a foreign Secret's value reached rotator's identity"
+    );
+    for t in &tokens {
+        assert!(
+            !seen.contains(t.as_str())
+                && !seen.contains(&base64::engine::general_purpose::STANDARD.encode(t)),
+            "a minted token reached rotator's identity"
+        );
+    }
+    assert_eq!(
+        tokens.len(),
+        2,
+        "both creates are allowed: the test reads back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

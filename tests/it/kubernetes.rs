@@ -507,6 +507,24 @@ async fn bootstrap_tokens_are_created_like_kubeadm_listed_revoked_and_expired() 
             "--from-literal=usage-bootstrap-authentication=true",
         ])
         .await);
+    // rbac.yaml does not let rotator list kube-system Secrets: it lists its own
+    // tokens and says foreign ones were not checked.
+    let o = kx
+        .rotator_async(&["token", "list", "--output", "json"], &[])
+        .await;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&ok(&o)).unwrap();
+    assert!(list.iter().any(|t| t["id"] == id) && !list.iter().any(|t| t["id"] == "abc123"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("rbac-token-audit.yaml"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // With the optional rbac-token-audit.yaml it reports them.
+    let audit = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/rbac-token-audit.yaml"
+    );
+    ok(&kx.admin_kubectl(&["apply", "-f", audit]).await);
     let list: Vec<serde_json::Value> = serde_json::from_str(&ok(&kx
         .rotator_async(&["token", "list", "--output", "json"], &[])
         .await))

@@ -20,6 +20,7 @@ pub mod pki;
 mod protobuf;
 pub mod rbac;
 pub mod resources;
+pub mod serviceaccounts;
 pub mod store;
 mod table;
 
@@ -93,7 +94,7 @@ impl Default for Options {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -429,6 +430,7 @@ async fn controllers(sh: Arc<Shared>) {
     let mut last_clean = Instant::now();
     loop {
         csr::signing_pass(&sh);
+        serviceaccounts::token_controller_pass(&sh);
         if last_clean.elapsed() >= sh.opts.cleaner_interval {
             csr::cleaner_pass(&sh);
             last_clean = Instant::now();
