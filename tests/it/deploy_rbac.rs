@@ -1,7 +1,10 @@
 //! deploy/kubernetes/rbac.yaml against the test server, applied with the real
 //! kubectl: what rotator's own identity can be made to do by whoever holds it
-//! (never read a Secret, never become another identity), and Secret delivery
-//! that never takes over a Secret rotator did not create.
+//! (never read a Secret, never become another identity), that every verb it
+//! grants is one the code uses and every flow runs with no more, and Secret
+//! delivery that never takes over a Secret rotator did not create.
+use std::collections::BTreeSet;
+
 use base64::Engine;
 use serde_json::Value;
 use testcluster::Options;
@@ -9,6 +12,7 @@ use testcluster::Options;
 use crate::common::*;
 use crate::kubernetes::Kx;
 
+const ROTATOR: &str = "system:serviceaccount:rotator:rotator";
 const DELIVERY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/deploy/kubernetes/rbac-secret-delivery.yaml"
@@ -316,6 +320,217 @@ async fn the_deploy_identity_can_neither_read_secrets_nor_mint_tokens() {
         2,
         "both creates are allowed: the test reads back"
     );
+}
+
+/// One permission: verb, API group, resource (with subresource), and where
+/// ("*" for a ClusterRole bound cluster-wide, else the Role's namespace).
+type Grant = (String, String, String, String);
+
+/// What the rotator service account is granted, as the cluster holds it.
+async fn granted(kx: &Kx) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    let names_sa = |b: &Value| {
+        b["subjects"].as_array().into_iter().flatten().any(|s| {
+            s["kind"] == "ServiceAccount" && s["name"] == "rotator" && s["namespace"] == "rotator"
+        })
+    };
+    let mut roles = Vec::new();
+    for b in kx.admin_json(&["get", "clusterrolebindings"]).await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| names_sa(b))
+    {
+        let r = b["roleRef"]["name"].as_str().unwrap().to_string();
+        roles.push((
+            kx.admin_json(&["get", "clusterrole", &r]).await,
+            "*".to_string(),
+        ));
+    }
+    for b in kx.admin_json(&["get", "rolebindings", "-A"]).await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| names_sa(b))
+    {
+        let ns = b["metadata"]["namespace"].as_str().unwrap().to_string();
+        let r = b["roleRef"]["name"].as_str().unwrap().to_string();
+        let kind = b["roleRef"]["kind"].as_str().unwrap().to_lowercase();
+        roles.push((kx.admin_json(&["get", &kind, &r, "-n", &ns]).await, ns));
+    }
+    for (role, scope) in roles {
+        for rule in role["rules"].as_array().unwrap() {
+            let strs = |k: &str| -> Vec<String> {
+                rule[k]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.as_str().unwrap().to_string())
+                    .collect()
+            };
+            for v in strs("verbs") {
+                for g in strs("apiGroups") {
+                    for r in strs("resources") {
+                        out.insert((v.clone(), g.clone(), r, scope.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_yaml_grants_exactly_what_the_flows_use() {
+    // A signer that signs one CSR every two seconds (its bucket holds one), so
+    // that the issuances after the first wait for their certificate by watching.
+    let kx = Kx::new(
+        Options {
+            signing_rate: Some(0.5),
+            ..Options::default()
+        },
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n",
+    )
+    .await;
+    kx.grant_secret_delivery("team-a", "alice-kubeconfig").await;
+    kx.cluster.store().authz.lock().unwrap().clear();
+    // Every flow of the kubernetes signer, as the deploy identity.
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user",
+                "alice",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--ttl",
+                "1h",
+                "--deliver",
+                "secret:team-a/alice-kubeconfig",
+            ],
+            &[],
+        )
+        .await);
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user", "bob", "-n", "team-b", "--role", "edit", "--ttl", "1h",
+            ],
+            &[],
+        )
+        .await);
+    ok(&kx
+        .rotator_async(&["rotate", "bob", "--out", "bob2.kubeconfig"], &[])
+        .await);
+    ok(&kx.rotator_async(&["revoke", "bob"], &[]).await);
+    ok(&kx.rotator_async(&["remove-user", "bob"], &[]).await);
+    let token = ok(&kx.rotator_async(&["token", "create"], &[]).await);
+    let id = token
+        .trim()
+        .split_once('.')
+        .expect("id.secret")
+        .0
+        .to_string();
+    ok(&kx.rotator_async(&["token", "list"], &[]).await);
+    ok(&kx.rotator_async(&["token", "revoke", &id], &[]).await);
+    ok(&kx.rotator_async(&["doctor"], &[]).await);
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let app = kx.app(&clock).await;
+    // The daemon's passes: rotation (the Secret is replaced), reconcile (a stale
+    // CSR of this instance is deleted), leader election.
+    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    assert_eq!((r.renewed, r.failed), (1, 0));
+    let instance = instance_id(&kx);
+    let (_, csr) = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "stale");
+        (
+            key.serialize_pem(),
+            p.serialize_request(&key).unwrap().pem().unwrap(),
+        )
+    };
+    let stale = serde_json::json!({
+        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"name": "rotator-stale-0000", "labels": {"app.kubernetes.io/managed-by": "rotator"},
+                     "annotations": {"rotator.io/instance": instance}},
+        "spec": {"request": base64::engine::general_purpose::STANDARD.encode(csr),
+                 "signerName": "kubernetes.io/kube-apiserver-client", "usages": ["client auth"]},
+    });
+    let f = kx.s.write("stale.json", &stale.to_string());
+    ok(&kx
+        .admin_kubectl(&["create", "-f", f.to_str().unwrap()])
+        .await);
+    rotator::renewal::reconcile_pass(&app).await.unwrap();
+    let cluster = app.cluster.as_ref().unwrap();
+    let now = rotator::clock::Clock::now(&clock);
+    let lease = std::time::Duration::from_secs(15);
+    assert!(
+        cluster
+            .try_lease("rotator", "rotator", "me", lease, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        cluster
+            .try_lease("rotator", "rotator", "me", lease, now + 5)
+            .await
+            .unwrap()
+    );
+
+    let decisions: Vec<_> = kx
+        .cluster
+        .store()
+        .authz
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|d| d.username == ROTATOR)
+        .cloned()
+        .collect();
+    let res = |a: &testcluster::rbac::Attrs| {
+        if a.subresource.is_empty() {
+            a.resource.clone()
+        } else {
+            format!("{}/{}", a.resource, a.subresource)
+        }
+    };
+    // Needed and missing: every refusal is one the code expects and handles
+    // (listing kube-system Secrets: rbac-token-audit.yaml is optional).
+    let refused: Vec<String> = decisions
+        .iter()
+        .filter(|d| !d.allowed)
+        .map(|d| format!("{} {} {}", d.attrs.verb, res(&d.attrs), d.attrs.namespace))
+        .filter(|d| d != "list secrets kube-system")
+        .collect();
+    assert!(refused.is_empty(), "flows were refused: {refused:#?}");
+    // Granted and unused.
+    let used: BTreeSet<Grant> = decisions
+        .iter()
+        .filter(|d| d.allowed)
+        .map(|d| {
+            (
+                d.attrs.verb.clone(),
+                d.attrs.group.clone(),
+                res(&d.attrs),
+                d.attrs.namespace.clone(),
+            )
+        })
+        .collect();
+    let unused: Vec<Grant> = granted(&kx)
+        .await
+        .into_iter()
+        .filter(|(v, g, r, scope)| {
+            !used.iter().any(|(uv, ug, ur, uns)| {
+                uv == v && ug == g && ur == r && (scope == "*" || scope == uns)
+            })
+        })
+        .collect();
+    assert!(unused.is_empty(), "granted but never used: {unused:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1197,7 +1197,7 @@ fn access_review(cx: &Ctx<'_>, mut req: Value) -> Value {
     let spec = &req["spec"];
     let allowed = if let Some(ra) = spec.get("resourceAttributes").filter(|v| v.is_object()) {
         let s = |k: &str| ra[k].as_str().unwrap_or_default().to_string();
-        rbac::authorize(
+        rbac::evaluate(
             &cx.sh.store,
             cx.user,
             &Attrs {
@@ -1211,7 +1211,7 @@ fn access_review(cx: &Ctx<'_>, mut req: Value) -> Value {
             },
         )
     } else if let Some(nr) = spec.get("nonResourceAttributes").filter(|v| v.is_object()) {
-        rbac::authorize(
+        rbac::evaluate(
             &cx.sh.store,
             cx.user,
             &Attrs {
