@@ -1,13 +1,17 @@
 //! Who may do what in the cluster: the RoleBindings rotator manages follow the
 //! database. A user's bindings name the generation groups of their credentials
 //! that are current or pending, or superseded within the grace period; nothing else.
+//!
+//! One process at a time works on one user's bindings (`Store::lock_user`), and
+//! it reads the database only once it holds the lock: a sync never writes what
+//! it read before a revoke committed, so no later pass puts a revoked
+//! generation back into a binding.
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::cluster::rbac::{Scope, SyncReport};
+use crate::cluster::rbac::{Scope, SyncFailure, SyncReport};
 use crate::cluster::{Cluster, ClusterError};
-use crate::policy::generation_group;
 use crate::store::credentials::{self, Credential};
 use crate::store::{Store, StoreError, audit, users};
 
@@ -17,6 +21,27 @@ pub enum AccessError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{}", describe_failures(user, failed))]
+    Partial {
+        user: String,
+        failed: Vec<SyncFailure>,
+    },
+}
+
+fn describe_failures(user: &str, failed: &[SyncFailure]) -> String {
+    let list: Vec<String> = failed
+        .iter()
+        .map(|f| format!("{}: {}", f.binding, f.reason))
+        .collect();
+    let fix = if failed.iter().any(|f| f.not_found) {
+        "create the missing namespace, or give the user other namespaces (remove-user, then add-user)"
+    } else {
+        "see the reasons; the daemon's next pass retries, and `rotator doctor` shows what is still granted"
+    };
+    format!(
+        "{user}'s RoleBindings could not all be updated (the others were): {}\nfix: {fix}",
+        list.join("; ")
+    )
 }
 
 impl crate::exit::ExitStatus for AccessError {
@@ -24,7 +49,16 @@ impl crate::exit::ExitStatus for AccessError {
         match self {
             AccessError::Cluster(e) => e.exit(),
             AccessError::Store(e) => e.exit(),
+            AccessError::Partial { .. } => crate::exit::Exit::Signer,
         }
+    }
+}
+
+fn is_granted(c: &Credential, now: i64, grace: i64) -> bool {
+    match c.state.as_str() {
+        "current" | "pending" => c.not_after > now,
+        "superseded" => c.not_after > now && c.state_at + grace > now,
+        _ => false,
     }
 }
 
@@ -33,35 +67,54 @@ pub fn granted_generations(creds: &[Credential], now: i64, grace: Duration) -> V
     let grace = grace.as_secs() as i64;
     let mut g: Vec<i64> = creds
         .iter()
-        .filter(|c| match c.state.as_str() {
-            "current" | "pending" => c.not_after > now,
-            "superseded" => c.not_after > now && c.state_at + grace > now,
-            _ => false,
-        })
+        .filter(|c| is_granted(c, now, grace))
         .map(|c| c.generation)
         .collect();
     g.sort();
     g
 }
 
-/// Makes the cluster's bindings for `user` match the database, and records it.
-pub async fn sync_user(
+/// The user's bindings as the database says they must be, read now.
+struct Wanted {
+    scope: Scope,
+    role: String,
+    granted: Vec<i64>,
+    groups: Vec<String>,
+    /// Generation groups that must be granted nowhere.
+    take_away: Vec<String>,
+}
+
+async fn wanted(
     store: &Store,
-    cluster: &Cluster,
-    grace: Duration,
-    now: i64,
     user: &str,
-    actor: &str,
-) -> Result<SyncReport, AccessError> {
-    let (spec, creds) = {
-        let mut conn = store.conn().await?;
-        (
-            users::get(&mut conn, user).await?,
-            credentials::for_user(&mut conn, user).await?,
-        )
-    };
+    now: i64,
+    grace: Duration,
+) -> Result<Wanted, StoreError> {
+    let mut conn = store.conn().await?;
+    let spec = users::get(&mut conn, user).await?;
+    let creds = credentials::for_user(&mut conn, user).await?;
+    let g = grace.as_secs() as i64;
     let granted = granted_generations(&creds, now, grace);
-    let groups: Vec<String> = granted.iter().map(|g| generation_group(user, *g)).collect();
+    let mut groups: Vec<String> = creds
+        .iter()
+        .filter(|c| is_granted(c, now, g))
+        .map(Credential::group)
+        .collect();
+    groups.sort();
+    let mut take_away: Vec<String> = creds
+        .iter()
+        .filter(|c| !is_granted(c, now, g))
+        .flat_map(|c| {
+            // A group from before suffixes, and today's form, are both taken away.
+            [
+                c.group(),
+                crate::policy::legacy_generation_group(user, c.generation),
+            ]
+        })
+        .filter(|grp| !groups.contains(grp))
+        .collect();
+    take_away.sort();
+    take_away.dedup();
     let (namespaces, role) = match &spec {
         Some(u) if u.state == "active" => (u.spec.namespaces.clone(), u.spec.role.clone()),
         Some(u) => (Vec::new(), u.spec.role.clone()),
@@ -75,24 +128,73 @@ pub async fn sync_user(
     } else {
         Scope::Namespaces(namespaces)
     };
+    Ok(Wanted {
+        scope,
+        role,
+        granted,
+        groups,
+        take_away,
+    })
+}
+
+/// How thoroughly a sync looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// Only the user's own bindings (an issuance binding its new group).
+    Own,
+    /// Also every other binding that names a generation group the user must no
+    /// longer have (revoke, remove-user, grace cuts, reconcile).
+    Everywhere,
+}
+
+/// Makes the cluster's bindings for `user` match the database, and records it.
+/// A binding that cannot be synced is reported (`AccessError::Partial`) after
+/// every other one was; removals are never held back by it.
+pub async fn sync_user(
+    store: &Store,
+    cluster: &Cluster,
+    grace: Duration,
+    now: i64,
+    user: &str,
+    actor: &str,
+    sweep: Sweep,
+) -> Result<SyncReport, AccessError> {
+    let _lock = store.lock_user(user).await?;
+    let w = wanted(store, user, now, grace).await?;
+    let take_away: &[String] = match sweep {
+        Sweep::Everywhere => &w.take_away,
+        Sweep::Own => &[],
+    };
     let report = cluster
-        .sync_user_bindings(user, &scope, &role, &groups)
-        .await?;
+        .sync_user_bindings(user, &w.scope, &w.role, &w.groups, take_away)
+        .await;
     let mut tx = store.begin().await?;
-    credentials::mark_access_removed(&mut tx, user, &granted, now).await?;
-    if !report.is_empty() {
+    // A generation counts as taken away only once every binding was updated.
+    if report.failed.is_empty() {
+        credentials::mark_access_removed(&mut tx, user, &w.granted, now).await?;
+    }
+    if !report.is_empty() || !report.failed.is_empty() || !report.unswept.is_empty() {
         audit::append(
             &mut tx,
             now,
             actor,
             "rbac.sync",
             user,
-            json!({"groups": groups, "changes": report}),
+            json!({"groups": w.groups, "changes": report}),
         )
         .await?;
     }
     crate::store::commit(tx).await?;
-    tracing::info!(user, groups = ?groups, changed = !report.is_empty(), "RoleBindings in sync");
+    for u in &report.unswept {
+        tracing::warn!(user, binding = %u, "a binding rotator did not make still names a revoked generation group and could not be changed; remove it by hand (`rotator doctor` lists it)");
+    }
+    if !report.failed.is_empty() {
+        return Err(AccessError::Partial {
+            user: user.to_string(),
+            failed: report.failed.clone(),
+        });
+    }
+    tracing::info!(user, groups = ?w.groups, changed = !report.is_empty(), "RoleBindings in sync");
     Ok(report)
 }
 
@@ -111,7 +213,7 @@ pub async fn remove_stale_access(
     };
     let mut first_err = None;
     for u in &users {
-        if let Err(e) = sync_user(store, cluster, grace, now, u, actor).await {
+        if let Err(e) = sync_user(store, cluster, grace, now, u, actor, Sweep::Everywhere).await {
             tracing::warn!(user = %u, error = %e, "could not remove stale access; will retry");
             first_err.get_or_insert(e);
         }

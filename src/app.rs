@@ -110,6 +110,38 @@ pub struct App {
     pub instance: String,
 }
 
+/// What rotator read from the cluster at start (the client CA, the endpoint
+/// for kubeconfigs), kept under `DATA_DIR/cluster/` after each successful read,
+/// so a command can still run while the API server is unreachable: a revoke is
+/// recorded, and the daemon starts and reports itself degraded.
+fn cached(
+    data_dir: &std::path::Path,
+    name: &str,
+    fresh: Result<String, ClusterError>,
+) -> Result<String, AppError> {
+    let path = data_dir.join("cluster").join(name);
+    match fresh {
+        Ok(text) => {
+            let dir = data_dir.join("cluster");
+            if crate::fsutil::ensure_private_dir(&dir).is_ok()
+                && std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str())
+                && let Err(e) = crate::fsutil::write_public_atomic(&path, text.as_bytes())
+            {
+                tracing::warn!(path = %path.display(), error = %e, "could not cache what the cluster said");
+            }
+            Ok(text)
+        }
+        Err(e @ ClusterError::Unreachable { .. }) => match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                tracing::warn!(path = %path.display(), error = %e, "the API server is unreachable; using what it said last time");
+                Ok(text)
+            }
+            Err(_) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// How `App::open` treats the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DatabaseMode {
@@ -232,7 +264,19 @@ impl App {
                 }
             }
         }
-        let store = Store::open(&db_path).await?;
+        let mut store = Store::open(&db_path).await?;
+        let keyring = audit::Keyring::open(
+            &settings.audit.key_file,
+            &settings.audit.checkpoint_file,
+            !settings.audit.key_configured,
+            &store,
+        )
+        .await?;
+        if mode == DatabaseMode::New {
+            // A new, empty log on purpose: the old checkpoint vouches for the old one.
+            keyring.reset(&audit::Head::genesis(), 1)?;
+        }
+        store.set_audit(keyring);
         let sealing = Arc::new(
             crate::pki::SealingKey::load(&settings.sealing.key_file, !settings.sealing.configured)
                 .map_err(SignError::from)?,
@@ -331,7 +375,11 @@ impl App {
                         p,
                         "set kubernetes.client_ca_file to the API server's --client-ca-file",
                     )?,
-                    None => c.client_ca_from_cluster().await?,
+                    None => cached(
+                        &settings.data_dir,
+                        "client-ca.pem",
+                        c.client_ca_from_cluster().await,
+                    )?,
                 };
                 cluster = Some(c.clone());
                 Arc::new(KubernetesSigner::new(
@@ -432,7 +480,20 @@ impl App {
             });
         }
         let found = match cluster {
-            Some(c) => c.endpoint_from_cluster().await?,
+            Some(c) => {
+                let fresh = c
+                    .endpoint_from_cluster()
+                    .await
+                    .map(|e| serde_json::json!({"server": e.server, "ca_pem": e.ca_pem, "source": e.source}).to_string());
+                let text = cached(&settings.data_dir, "endpoint.json", fresh)?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Invalid(format!("cached endpoint: {e}")))?;
+                Endpoint {
+                    server: v["server"].as_str().unwrap_or_default().to_string(),
+                    ca_pem: v["ca_pem"].as_str().unwrap_or_default().to_string(),
+                    source: v["source"].as_str().unwrap_or_default().to_string(),
+                }
+            }
             None => Endpoint {
                 server: LOCAL_DEFAULT_SERVER.into(),
                 ca_pem: signer.ca_bundle_pem().into(),

@@ -92,6 +92,7 @@ struct FileConfig {
     schedule: ScheduleSection,
     server: ServerSection,
     sealing: SealingSection,
+    audit: AuditSection,
 }
 
 impl Default for FileConfig {
@@ -109,6 +110,7 @@ impl Default for FileConfig {
             schedule: ScheduleSection::default(),
             server: ServerSection::default(),
             sealing: SealingSection::default(),
+            audit: AuditSection::default(),
         }
     }
 }
@@ -271,6 +273,22 @@ pub struct SealingSettings {
     pub configured: bool,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct AuditSection {
+    key_file: Option<PathBuf>,
+    checkpoint_file: Option<PathBuf>,
+}
+
+/// The audit chain's HMAC key and head checkpoint, both outside the database.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub key_file: PathBuf,
+    /// True when the key path was configured: rotator then never creates it.
+    pub key_configured: bool,
+    pub checkpoint_file: PathBuf,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct ServerSection {
@@ -424,6 +442,7 @@ pub struct Settings {
     pub schedule: ScheduleSettings,
     pub server: ServerSettings,
     pub sealing: SealingSettings,
+    pub audit: AuditSettings,
 }
 
 impl Settings {
@@ -871,6 +890,17 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
             .key_file
             .unwrap_or_else(|| data_dir.join("seal.key")),
     };
+    let audit = AuditSettings {
+        key_configured: f.audit.key_file.is_some(),
+        key_file: f
+            .audit
+            .key_file
+            .unwrap_or_else(|| data_dir.join("audit.key")),
+        checkpoint_file: f
+            .audit
+            .checkpoint_file
+            .unwrap_or_else(|| data_dir.join("audit.head")),
+    };
     let kubernetes = KubernetesSettings {
         kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
         context: f.kubernetes.context,
@@ -897,6 +927,7 @@ fn validate(f: FileConfig, origin: String, ov: &Overrides) -> Result<Settings, C
         schedule,
         server,
         sealing,
+        audit,
     })
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::access::Sweep;
 use crate::clock::Clock;
 use crate::config::Settings;
 use crate::exit::{Exit, ExitStatus};
@@ -104,6 +105,17 @@ pub enum IssueError {
     )]
     Preempted(String),
     #[error(
+        "{user}'s new credential (serial {serial}) was not made current: {reason}\n{written}fix: {fix}"
+    )]
+    Cancelled {
+        user: String,
+        serial: String,
+        reason: String,
+        /// Set when the kubeconfig had already been delivered there.
+        written: String,
+        fix: &'static str,
+    },
+    #[error(
         "the request names generation {asked}, but the user's next generation is {next}\nfix: ask for the subject again and make a new request"
     )]
     GenerationStale { asked: i64, next: i64 },
@@ -141,9 +153,13 @@ impl IssueError {
             IssueError::Sign(_) => "signer",
             IssueError::Pki(_) | IssueError::LifetimeTooLong { .. } => "verification",
             IssueError::Sink(_) => "delivery",
+            IssueError::Access(crate::access::AccessError::Cluster(
+                crate::cluster::ClusterError::Unreachable { .. },
+            )) => "unreachable",
             IssueError::Access(_) => "rbac",
             IssueError::Store(_) => "database",
             IssueError::Injected(_) | IssueError::Preempted(_) => "interrupted",
+            IssueError::Cancelled { .. } => "revoked",
             IssueError::GenerationStale { .. }
             | IssueError::TokenUnavailable
             | IssueError::ClientCsr(_)
@@ -165,7 +181,7 @@ impl ExitStatus for IssueError {
             IssueError::Access(e) => e.exit(),
             IssueError::Store(e) => e.exit(),
             IssueError::Injected(_) => Exit::Internal,
-            IssueError::Preempted(_) => Exit::Conflict,
+            IssueError::Preempted(_) | IssueError::Cancelled { .. } => Exit::Conflict,
             IssueError::GenerationStale { .. } | IssueError::TokenUnavailable => Exit::Conflict,
             IssueError::ClientCsr(_) | IssueError::ClientKeyType { .. } => Exit::Refused,
         }
@@ -381,8 +397,13 @@ impl crate::signer::Progress for Journal<'_> {
                 .await
                 .map_err(j)?
             {
+                let why = issuances::get(&mut tx, self.id)
+                    .await
+                    .map_err(j)?
+                    .and_then(|i| i.error)
+                    .unwrap_or_else(|| "abandoned by another process".into());
                 return Err(SignError::Journal(format!(
-                    "issuance {} was abandoned by another process",
+                    "issuance {} was ended while it ran ({why}); nothing was issued",
                     self.id
                 )));
             }
@@ -460,6 +481,11 @@ impl Issuer<'_> {
             return Ok(done);
         }
         self.abandon_open(Some(&spec.name), actor).await?;
+        if let Err(e) = self.check_bindings(&spec).await {
+            self.metrics.issuance(kind.as_str(), e.metric_label());
+            warn!(user = %spec.name, error = %e, "refused before anything was signed");
+            return Err(e);
+        }
         let id = new_id();
         let _running = self.inflight.enter(&id);
         let generation = self
@@ -559,9 +585,9 @@ impl Issuer<'_> {
         actor: &str,
     ) -> Result<Issued, IssueError> {
         self.faults.hit(FaultPoint::AfterPlan)?;
-        let mut organizations = spec.groups.clone();
-        organizations.push(generation_group(&spec.name, generation));
         let key = PrivateKey::generate(spec.key_type)?;
+        let mut organizations = spec.groups.clone();
+        organizations.push(generation_group(&spec.name, generation, &key.spki_der()));
         let csr = pki::build_csr(&key, &pki::subject_name(&spec.name, &organizations)?)?;
         let stored = self
             .sign_and_store(
@@ -620,6 +646,10 @@ impl Issuer<'_> {
             certificate_pem,
             key_pem: &key_pem,
         };
+        // A revoke that ran since the attempt began wins: write nothing for it.
+        if let Some(reason) = self.cancelled(id).await? {
+            return Err(cancelled(&spec.name, serial, reason, None));
+        }
         let delivered = match kc.render() {
             Ok(yaml) => sink.deliver(&yaml).await,
             Err(e) => Err(SinkError {
@@ -632,9 +662,20 @@ impl Issuer<'_> {
             return Err(self.delivery_failed(id, &spec.name, actor, e).await);
         }
         self.faults.hit(FaultPoint::AfterDeliver)?;
-        let (credential, superseded) = self
+        let (credential, superseded) = match self
             .activate(id, &spec.name, serial, &sink.describe(), None, actor)
-            .await?;
+            .await
+        {
+            Err(IssueError::Cancelled {
+                user,
+                serial,
+                reason,
+                ..
+            }) => {
+                return Err(cancelled(&user, &serial, reason, Some(sink.describe())));
+            }
+            other => other?,
+        };
         info!(serial = %serial, to = %sink.describe(), "credential delivered and current");
         Ok(Issued {
             credential,
@@ -728,6 +769,7 @@ impl Issuer<'_> {
                     self.clock.now(),
                     &spec.name,
                     actor,
+                    Sweep::Own,
                 )
                 .await?;
             }
@@ -760,10 +802,18 @@ impl Issuer<'_> {
         let spec = u.spec;
         self.settings.policy.check(&spec)?;
         let mut organizations = spec.groups.clone();
-        organizations.push(generation_group(&spec.name, req.generation));
+        organizations.push(generation_group(
+            &spec.name,
+            req.generation,
+            &req.csr.spki_der,
+        ));
         check_client_csr(req.csr, &spec, &organizations)?;
         let spki = pki::hex(&pki::sha256(&req.csr.spki_der));
         self.abandon_open(Some(&spec.name), req.actor).await?;
+        if let Err(e) = self.check_bindings(&spec).await {
+            self.metrics.issuance("renew", e.metric_label());
+            return Err(e);
+        }
         let id = new_id();
         let _running = self.inflight.enter(&id);
         let claim = req.token.map(|t| (t, spki.as_str()));
@@ -910,6 +960,7 @@ impl Issuer<'_> {
             certificate: &signed.certificate_pem,
             spki_sha256: &spki_sha256,
             renewed_from,
+            generation_group: organizations.last().map(String::as_str).unwrap_or_default(),
         };
         credentials::insert_pending(&mut tx, &new, now).await?;
         // Kept (sealed) until delivered, so a failed delivery can be retried.
@@ -918,7 +969,11 @@ impl Issuer<'_> {
             credentials::set_sealed_key(&mut tx, id, &sealed).await?;
         }
         if !issuances::set_step(&mut tx, id, Step::Stored, None, now).await? {
-            return Err(IssueError::Preempted(id.to_string()));
+            drop(tx); // nothing of this attempt is stored
+            if let Err(e) = self.signer.cleanup(id).await {
+                warn!(error = %e, "could not delete the CSR object; the next command for the user or the next reconcile removes it");
+            }
+            return Err(self.ended(id, &spec.name, &cert.serial, None).await);
         }
         audit::append(
             &mut tx,
@@ -951,6 +1006,7 @@ impl Issuer<'_> {
                 self.clock.now(),
                 &spec.name,
                 actor,
+                Sweep::Own,
             )
             .await
             {
@@ -977,9 +1033,16 @@ impl Issuer<'_> {
     ) -> Result<(Credential, Vec<String>), IssueError> {
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
+        // Conditional, in the one transaction that decides: only from pending,
+        // only for an active user, only if no revoke ended the attempt. The
+        // previous credential is superseded first (one current per user); a
+        // refusal rolls that back with the rest.
+        let open = issuances::get(&mut tx, id)
+            .await?
+            .is_some_and(|i| !matches!(i.step.as_str(), "delivered" | "failed" | "abandoned"));
         let previous = credentials::current(&mut tx, user).await?;
         let mut superseded = Vec::new();
-        if let Some(prev) = previous {
+        if open && let Some(prev) = previous {
             credentials::set_state(
                 &mut tx,
                 &prev.id,
@@ -990,7 +1053,10 @@ impl Issuer<'_> {
             .await?;
             superseded.push(prev.serial);
         }
-        credentials::set_state(&mut tx, id, "current", None, now).await?;
+        if !open || !credentials::activate_pending(&mut tx, id, now).await? {
+            drop(tx);
+            return Err(self.ended(id, user, serial, None).await);
+        }
         if !issuances::set_step(&mut tx, id, Step::Delivered, None, now).await? {
             return Err(IssueError::Preempted(id.to_string()));
         }
@@ -1013,6 +1079,54 @@ impl Issuer<'_> {
         Ok((credential, superseded))
     }
 
+    /// Why the attempt may no longer finish (a revoke or remove-user ended it,
+    /// or its user is no longer active), if it may not.
+    async fn cancelled(&self, id: &str) -> Result<Option<String>, IssueError> {
+        let mut conn = self.store.conn().await?;
+        let Some(i) = issuances::get(&mut conn, id).await? else {
+            return Ok(Some("its journal entry is gone".into()));
+        };
+        if matches!(i.step.as_str(), "failed" | "abandoned") {
+            return Ok(Some(
+                i.error.unwrap_or_else(|| format!("it was {}", i.step)),
+            ));
+        }
+        match users::get(&mut conn, &i.user_name).await? {
+            Some(u) if u.state == "active" => {}
+            Some(u) => return Ok(Some(format!("the user is {}", u.state))),
+            None => return Ok(Some("the user does not exist".into())),
+        }
+        if let Some(c) = credentials::get(&mut conn, id).await?
+            && c.state != "pending"
+        {
+            return Ok(Some(format!(
+                "the credential is {}{}",
+                c.state,
+                c.state_reason
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The error for an attempt a revoke (or remove-user) ended, with its reason.
+    async fn ended(
+        &self,
+        id: &str,
+        user: &str,
+        serial: &str,
+        written: Option<String>,
+    ) -> IssueError {
+        let reason = match self.cancelled(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => "it was ended by another process".into(),
+            Err(e) => e.to_string(),
+        };
+        warn!(credential = %id, %reason, "issuance lost the race with a revoke; nothing was made current");
+        cancelled(user, serial, reason, written)
+    }
+
     /// Records a failed attempt (journal, credential if stored, audit) and gives the error back.
     async fn fail(&self, id: &str, user: &str, actor: &str, err: IssueError) -> IssueError {
         let reason = err.to_string();
@@ -1024,7 +1138,11 @@ impl Issuer<'_> {
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
             issuances::set_step(&mut tx, id, Step::Failed, Some(reason), now).await?;
-            if credentials::get(&mut tx, id).await?.is_some() {
+            // A credential a revoke already took keeps that state.
+            if credentials::get(&mut tx, id)
+                .await?
+                .is_some_and(|c| c.state == "pending")
+            {
                 credentials::set_state(&mut tx, id, "failed", Some(reason), now).await?;
             }
             audit::append(
@@ -1044,6 +1162,67 @@ impl Issuer<'_> {
             warn!(credential = %id, error = %e, "could not record the failure; the next attempt will abandon it");
         }
         err
+    }
+
+    /// Deletes this instance's CSR objects for `user` that no open attempt is
+    /// waiting for: an earlier attempt that failed while the API server was
+    /// unreachable could not delete its own.
+    async fn remove_stray_csrs(&self, user: &str, cluster: &crate::cluster::Cluster) {
+        // CSRs first, then the journal: an attempt journals itself before it
+        // creates its CSR, so every CSR listed here has its attempt in `open`.
+        let names = match cluster.managed_csrs(Some(user)).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "could not list the user's CSR objects; a later run retries");
+                return;
+            }
+        };
+        if names.is_empty() {
+            return;
+        }
+        let open: Vec<String> = match self.store.conn().await {
+            Ok(mut conn) => match issuances::open_for_user(&mut conn, Some(user)).await {
+                Ok(v) => v
+                    .into_iter()
+                    .map(|i| {
+                        i.csr_name
+                            .unwrap_or_else(|| crate::cluster::csr::csr_name(&i.id))
+                    })
+                    .collect(),
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        for n in names.iter().filter(|n| !open.contains(n)) {
+            match cluster.delete_csr(n).await {
+                Ok(()) => info!(csr = %n, "deleted a CSR object an earlier attempt left"),
+                Err(e) => {
+                    warn!(csr = %n, error = %e, "could not delete a stray CSR object; a later run retries")
+                }
+            }
+        }
+    }
+
+    /// Before a generation is planned or anything signed: can the user's
+    /// bindings be written (kubernetes signer)? A missing namespace, a clashing
+    /// binding or a role rotator may not bind fails here, costing nothing.
+    async fn check_bindings(&self, spec: &UserSpec) -> Result<(), IssueError> {
+        let Some(cluster) = self.cluster else {
+            return Ok(());
+        };
+        let scope = if spec
+            .namespaces
+            .iter()
+            .any(|n| n == crate::policy::ALL_NAMESPACES)
+        {
+            crate::cluster::rbac::Scope::Cluster
+        } else {
+            crate::cluster::rbac::Scope::Namespaces(spec.namespaces.clone())
+        };
+        cluster
+            .check_user_bindings(&spec.name, &scope, &spec.role)
+            .await
+            .map_err(|e| IssueError::Access(e.into()))
     }
 
     /// Abandons every unfinished attempt (for one user, or all) that no process is
@@ -1107,7 +1286,32 @@ impl Issuer<'_> {
             crate::store::commit(tx).await?;
             warn!(user = %i.user_name, credential = %i.id, step = %i.step, "abandoned an interrupted issuance");
         }
+        if let (Some(user), Some(cluster)) = (user, self.cluster) {
+            self.remove_stray_csrs(user, cluster).await;
+        }
         Ok(abandoned)
+    }
+}
+
+fn cancelled(user: &str, serial: &str, reason: String, written: Option<String>) -> IssueError {
+    let (written, fix) = match written {
+        Some(to) => (
+            format!(
+                "The kubeconfig had already been written to {to}, but its credential is revoked and grants nothing.\n"
+            ),
+            "delete that kubeconfig; a revoke always wins over an issuance in flight (add the user again, or rotate, if access is wanted)",
+        ),
+        None => (
+            "No kubeconfig was written.\n".to_string(),
+            "nothing to clean up; a revoke always wins over an issuance in flight (add the user again, or rotate, if access is wanted)",
+        ),
+    };
+    IssueError::Cancelled {
+        user: user.to_string(),
+        serial: serial.to_string(),
+        reason,
+        written,
+        fix,
     }
 }
 

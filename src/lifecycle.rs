@@ -6,7 +6,7 @@ use tracing::info;
 use crate::app::App;
 use crate::exit::{Exit, ExitStatus};
 use crate::store::credentials::{self, Credential, LIVE_STATES};
-use crate::store::{StoreError, audit, users};
+use crate::store::{StoreError, audit, enrollments, issuances, users};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -74,6 +74,16 @@ pub async fn revoke(
             now,
         )
         .await?;
+        // A pending credential's attempt ends with it: it can never be made current.
+        if c.state == "pending" {
+            issuances::cancel(
+                &mut tx,
+                &c.id,
+                "its credential was revoked while it was issued",
+                now,
+            )
+            .await?;
+        }
         audit::append(
             &mut tx,
             now,
@@ -81,6 +91,19 @@ pub async fn revoke(
             "credential.revoke",
             user,
             json!({"credential": c.id, "serial": c.serial, "generation": c.generation, "previous_state": c.state}),
+        )
+        .await?;
+    }
+    // Revoking everything wins over whatever is in flight for the user, in any
+    // process: each open attempt is ended here, so its next step (or its
+    // activation) finds it ended; unused enrollment tokens go too.
+    if serial.is_none() {
+        end_in_flight(
+            &mut tx,
+            app,
+            user,
+            "the user's credentials were revoked while it ran",
+            now,
         )
         .await?;
     }
@@ -107,6 +130,7 @@ pub async fn remove_user(app: &App, user: &str) -> Result<Vec<Credential>, Lifec
         credentials::set_state(&mut tx, &c.id, "revoked", Some("user removed"), now).await?;
     }
     users::set_state(&mut tx, user, "removed", now).await?;
+    end_in_flight(&mut tx, app, user, "the user was removed while it ran", now).await?;
     let serials: Vec<&str> = live.iter().map(|c| c.serial.as_str()).collect();
     audit::append(
         &mut tx,
@@ -123,6 +147,35 @@ pub async fn remove_user(app: &App, user: &str) -> Result<Vec<Credential>, Lifec
     Ok(live)
 }
 
+/// Ends the user's open issuances and revokes their unused enrollment tokens,
+/// in the caller's transaction, with an audit event for what it ended.
+async fn end_in_flight(
+    tx: &mut crate::store::Tx,
+    app: &App,
+    user: &str,
+    reason: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    let ended = issuances::cancel_open(tx, user, reason, now).await?;
+    let tokens = enrollments::revoke_unused(tx, user, now).await?;
+    if !ended.is_empty() || !tokens.is_empty() {
+        let attempts: Vec<serde_json::Value> = ended
+            .iter()
+            .map(|i| json!({"credential": i.id, "generation": i.generation, "step": i.step}))
+            .collect();
+        audit::append(
+            tx,
+            now,
+            &app.actor,
+            "issuance.cancel",
+            user,
+            json!({"reason": reason, "issuances": attempts, "enrollment_tokens_revoked": tokens}),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// The database is the authority and has already changed; now the cluster follows.
 async fn take_away(app: &App, user: &str, what: &str) -> Result<(), LifecycleError> {
     let Some(cluster) = &app.cluster else {
@@ -135,6 +188,7 @@ async fn take_away(app: &App, user: &str, what: &str) -> Result<(), LifecycleErr
         app.clock.now(),
         user,
         &app.actor,
+        crate::access::Sweep::Everywhere,
     )
     .await
     .map(|_| ())

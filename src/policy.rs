@@ -210,10 +210,46 @@ fn join(p: &[Pattern]) -> String {
         .join(", ")
 }
 
-/// The generation group a credential carries in O; RBAC bindings name it, so
-/// revoking a credential is removing its group from the bindings.
-pub fn generation_group(user: &str, generation: i64) -> String {
+/// Hex digits of the public key's SHA-256 that end a generation group.
+pub const GENERATION_SUFFIX_HEX: usize = 12;
+
+/// The generation group a credential carries in O: `rotator:USER:GEN.SUFFIX`.
+/// RBAC bindings name it, so revoking a credential is removing its group from
+/// the bindings. The generation number alone could repeat (a database restored
+/// from an older backup, or recreated, counts again from what it knows); the
+/// suffix, from the SHA-256 of the certificate's public key, never does, so a
+/// group names one credential for ever and an old certificate can never inherit
+/// a new credential's bindings.
+pub fn generation_group(user: &str, generation: i64, spki_der: &[u8]) -> String {
+    let digest = crate::pki::hex(&crate::pki::sha256(spki_der));
+    format!(
+        "{GENERATION_GROUP_PREFIX}{user}:{generation}.{}",
+        &digest[..GENERATION_SUFFIX_HEX]
+    )
+}
+
+/// The group of a credential from before suffixes existed: `rotator:USER:GEN`.
+pub fn legacy_generation_group(user: &str, generation: i64) -> String {
     format!("{GENERATION_GROUP_PREFIX}{user}:{generation}")
+}
+
+/// The generation `group` names if it is one of `user`'s generation groups
+/// (with or without a suffix).
+pub fn parse_generation_group(user: &str, group: &str) -> Option<i64> {
+    let rest = group
+        .strip_prefix(GENERATION_GROUP_PREFIX)?
+        .strip_prefix(user)?
+        .strip_prefix(':')?;
+    let (number, suffix) = match rest.split_once('.') {
+        Some((n, s)) => (n, Some(s)),
+        None => (rest, None),
+    };
+    if let Some(s) = suffix
+        && (s.len() != GENERATION_SUFFIX_HEX || !s.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    number.parse().ok().filter(|n| *n >= 1)
 }
 
 fn validate_subject_value(what: &'static str, value: &str) -> Result<(), PolicyError> {
@@ -473,8 +509,25 @@ mod tests {
     }
 
     #[test]
-    fn generation_groups_are_distinct_per_generation() {
-        assert_eq!(generation_group("alice", 3), "rotator:alice:3");
-        assert_ne!(generation_group("alice", 1), generation_group("alice", 11));
+    fn generation_groups_are_distinct_per_generation_and_per_key() {
+        let (k1, k2) = (b"key one".as_slice(), b"key two".as_slice());
+        let g = generation_group("alice", 3, k1);
+        assert!(g.starts_with("rotator:alice:3."), "{g}");
+        assert_eq!(g.len(), "rotator:alice:3.".len() + GENERATION_SUFFIX_HEX);
+        assert_ne!(
+            generation_group("alice", 1, k1),
+            generation_group("alice", 11, k1)
+        );
+        // The same generation number with another key (a restored database) is another group.
+        assert_ne!(
+            generation_group("alice", 3, k1),
+            generation_group("alice", 3, k2)
+        );
+        assert_eq!(parse_generation_group("alice", &g), Some(3));
+        assert_eq!(parse_generation_group("alice", "rotator:alice:3"), Some(3));
+        assert_eq!(parse_generation_group("alice", "rotator:alice:3.xyz"), None);
+        assert_eq!(parse_generation_group("al", &g), None);
+        assert_eq!(parse_generation_group("alice", "rotator:alice:0"), None);
+        assert_eq!(legacy_generation_group("alice", 3), "rotator:alice:3");
     }
 }

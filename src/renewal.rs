@@ -185,6 +185,7 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
             now,
             &u.spec.name,
             "daemon:reconcile",
+            crate::access::Sweep::Everywhere,
         )
         .await
         {
@@ -199,16 +200,21 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
             }
         }
     }
-    let open: Vec<String> = {
-        let mut conn = app.store.conn().await?;
-        crate::store::issuances::open_for_user(&mut conn, None)
-            .await?
-            .into_iter()
-            .filter_map(|i| i.csr_name)
-            .collect()
-    };
-    match cluster.managed_csrs().await {
+    // CSRs first, then the journal: an attempt journals itself before it creates
+    // its CSR, so a CSR listed here whose attempt is open is in `open`.
+    match cluster.managed_csrs(None).await {
         Ok(names) => {
+            let open: Vec<String> = {
+                let mut conn = app.store.conn().await?;
+                crate::store::issuances::open_for_user(&mut conn, None)
+                    .await?
+                    .into_iter()
+                    .map(|i| {
+                        i.csr_name
+                            .unwrap_or_else(|| crate::cluster::csr::csr_name(&i.id))
+                    })
+                    .collect()
+            };
             for n in names.iter().filter(|n| !open.contains(n)) {
                 if cluster.delete_csr(n).await.is_ok() {
                     report.stray_csrs += 1;
@@ -279,6 +285,7 @@ mod tests {
             access_removed_at: None,
             spki_sha256: None,
             renewed_from: None,
+            generation_group: None,
         }
     }
 

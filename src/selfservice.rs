@@ -85,6 +85,10 @@ pub struct Peer {
 pub struct SubjectRequest {
     #[serde(default)]
     pub token: Option<String>,
+    /// The public key the CSR will carry (base64 of its DER SubjectPublicKeyInfo):
+    /// the generation group ends with a digest of it.
+    #[serde(default)]
+    pub public_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq)]
@@ -246,6 +250,12 @@ fn issue_error(e: IssueError) -> ApiError {
             "ask /v1/subject again and make a new CSR (`rotator fetch` does this by itself)",
         ),
         IssueError::TokenUnavailable => refusal(Refusal::Used),
+        IssueError::Cancelled { reason, .. } => ApiError::new(
+            403,
+            "credential_not_current",
+            format!("the credential was revoked while the request ran: {reason}"),
+            "ask your administrator whether your access was revoked",
+        ),
         IssueError::ClientCsr(why) => ApiError::new(
             403,
             "subject_not_allowed",
@@ -359,7 +369,22 @@ pub async fn subject(
         .ok_or_else(|| refusal(Refusal::UserInactive(user.clone())))?;
     let generation = issuances::next_generation(&mut conn, &user).await?;
     let mut organizations = u.spec.groups.clone();
-    organizations.push(crate::policy::generation_group(&user, generation));
+    // Without the key the group's suffix is unknown: the client adds it
+    // (`policy::generation_group`); with it, the answer is the exact subject.
+    if let Some(spki) = req.public_key.as_deref() {
+        let spki = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, spki.trim())
+            .ok()
+            .filter(|d| !d.is_empty() && d.len() <= 2048)
+            .ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "bad_request",
+                    "public_key is not base64 of a DER SubjectPublicKeyInfo",
+                    "send the key the CSR will carry, base64 (standard alphabet) of its DER SPKI, or leave public_key out",
+                )
+            })?;
+        organizations.push(crate::policy::generation_group(&user, generation, &spki));
+    }
     Ok(SubjectResponse {
         common_name: user.clone(),
         user,
@@ -387,14 +412,13 @@ pub fn malformed_token(why: String) -> ApiError {
     )
 }
 
-/// The generation the CSR names in its `rotator:<user>:<n>` group.
+/// The generation the CSR names in its `rotator:<user>:<n>.<suffix>` group.
 fn csr_generation(csr: &CsrInfo) -> Result<i64, ApiError> {
     let prefix = format!("rotator:{}:", csr.common_name);
     let gens: Vec<i64> = csr
         .organizations
         .iter()
-        .filter_map(|o| o.strip_prefix(&prefix))
-        .filter_map(|n| n.parse().ok())
+        .filter_map(|o| crate::policy::parse_generation_group(&csr.common_name, o))
         .collect();
     match gens.as_slice() {
         [g] => Ok(*g),

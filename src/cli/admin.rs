@@ -384,6 +384,7 @@ pub async fn show(app: &App, name: &str, out: OutputFormat) -> CliResult {
                 .map(|c| {
                     vec![
                         c.generation.to_string(),
+                        c.group(),
                         c.serial.clone(),
                         c.fingerprint.clone(),
                         time(c.not_after),
@@ -395,6 +396,7 @@ pub async fn show(app: &App, name: &str, out: OutputFormat) -> CliResult {
             output::table(
                 &[
                     "GEN",
+                    "GROUP",
                     "SERIAL",
                     "SHA-256 FINGERPRINT",
                     "NOT AFTER",

@@ -115,6 +115,8 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
             let (ok, detail) =
                 private_file(&s.sealing.key_file, &format!(", key {}", app.sealing.id()));
             push("sealing key file", ok, detail, Exit::Config);
+            let (ok, detail) = private_file(&s.audit.key_file, "");
+            push("audit key file", ok, detail, Exit::Config);
             let ep = app.endpoint.clone();
             let checked = ep.source != "local-ca defaults" || s.cluster.server.is_some();
             let verdict = if checked {
@@ -185,13 +187,24 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     None => push(
                         "audit chain",
                         true,
-                        format!("{} events intact", r.events),
+                        format!(
+                            "{} events intact ({} keyed), checkpoint at event {} ({})",
+                            r.events,
+                            r.keyed,
+                            r.checkpoint.unwrap_or_default(),
+                            app.settings.audit.checkpoint_file.display()
+                        ),
                         Exit::AuditBroken,
                     ),
                     Some(b) => push(
                         "audit chain",
                         false,
-                        format!("broken at event {}: {}", b.seq, b.reason),
+                        format!(
+                            "broken at event {} ({}): {}",
+                            b.seq,
+                            b.kind.name(),
+                            b.reason
+                        ),
                         Exit::AuditBroken,
                     ),
                 },

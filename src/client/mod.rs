@@ -142,10 +142,11 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
         ) {
             (Some(p), _) => p,
             (None, keep) => {
+                let key = new_key(keep.map(|k| k.key))?;
                 let subject: SubjectResponse = client
                     .post("/v1/subject", &json!({ "token": token }))
                     .await?;
-                let p = new_request(&purpose, &subject, keep.map(|k| k.key))?;
+                let p = new_request(&purpose, &subject, key)?;
                 dir.store_pending(&p)?;
                 p
             }
@@ -185,21 +186,42 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
     Err(last.expect("a round ran"))
 }
 
+/// The key kept from a stale round, if any (a new one is made once the key type is known).
+fn new_key(keep: Option<zeroize::Zeroizing<String>>) -> Result<Option<PrivateKey>, ClientError> {
+    Ok(match keep {
+        Some(pem) => Some(PrivateKey::from_pem(&pem, "pending request")?),
+        None => None,
+    })
+}
+
 /// A CSR for `s`, with a new key or (after a stale generation) the same one.
 fn new_request(
     purpose: &str,
     s: &SubjectResponse,
-    keep: Option<zeroize::Zeroizing<String>>,
+    key: Option<PrivateKey>,
 ) -> Result<Pending, ClientError> {
     let key_type: KeyType = s
         .key_type
         .parse()
         .map_err(|e: pki::UnknownKeyType| ClientError::Protocol(e.to_string()))?;
-    let key = match keep {
-        Some(pem) => PrivateKey::from_pem(&pem, "pending request")?,
+    let key = match key {
+        Some(k) => k,
         None => PrivateKey::generate(key_type)?,
     };
-    let der = pki::build_csr(&key, &pki::subject_name(&s.common_name, &s.organizations)?)?;
+    // The server names the user's groups; the generation group ends with a
+    // digest of this key (`policy::generation_group`).
+    let mut organizations: Vec<String> = s
+        .organizations
+        .iter()
+        .filter(|o| crate::policy::parse_generation_group(&s.common_name, o).is_none())
+        .cloned()
+        .collect();
+    organizations.push(crate::policy::generation_group(
+        &s.common_name,
+        s.generation,
+        &key.spki_der(),
+    ));
+    let der = pki::build_csr(&key, &pki::subject_name(&s.common_name, &organizations)?)?;
     Ok(Pending {
         purpose: purpose.into(),
         key: key.to_pem(),

@@ -219,11 +219,16 @@ impl Cluster {
         .await
     }
 
-    /// rotator's CSR objects in the cluster (for cleanup and `doctor`).
-    pub async fn managed_csrs(&self) -> Result<Vec<String>, ClusterError> {
+    /// The CSR objects this rotator instance made (for cleanup and `doctor`),
+    /// for one user or all. Another instance's CSRs (another database) are
+    /// never listed here, so they are never cleaned up from here.
+    pub async fn managed_csrs(&self, user: Option<&str>) -> Result<Vec<String>, ClusterError> {
         let api = self.csrs();
-        let lp =
-            kube::api::ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+        let mut selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+        if let Some(u) = user {
+            selector.push_str(&format!(",{}={}", super::USER_LABEL, super::user_hash(u)));
+        }
+        let lp = kube::api::ListParams::default().labels(&selector);
         let list = retry("listing rotator's CSRs", Backoff::default(), || {
             api.list(&lp)
         })
@@ -231,6 +236,7 @@ impl Cluster {
         Ok(list
             .items
             .into_iter()
+            .filter(|c| self.owns(&c.metadata))
             .filter_map(|c| c.metadata.name)
             .collect())
     }

@@ -36,7 +36,7 @@ pub enum ClusterError {
         fix: String,
     },
     #[error(
-        "cannot reach the Kubernetes API server for {what} after {attempts} attempts: {reason}\nfix: check the server URL and the network; nothing was left half-done"
+        "cannot reach the Kubernetes API server for {what} after {attempts} attempts: {reason}\nfix: check the server URL and the network, then run the command again: it finishes or cleans up whatever this attempt left in the cluster"
     )]
     Unreachable {
         what: String,
@@ -65,6 +65,9 @@ pub enum ClusterError {
     Timeout { name: String, timeout: Duration },
     #[error("{0}")]
     Conflict(String),
+    /// The API server's authorization refused what rotator would have to do.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("unexpected answer from the API server: {0}")]
     Invalid(String),
 }
@@ -74,6 +77,7 @@ impl ExitStatus for ClusterError {
         match self {
             ClusterError::Config { .. } => Exit::Config,
             ClusterError::Conflict(_) => Exit::Conflict,
+            ClusterError::Forbidden(_) => Exit::Refused,
             _ => Exit::Signer,
         }
     }

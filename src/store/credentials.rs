@@ -26,6 +26,18 @@ pub struct Credential {
     pub spki_sha256: Option<String>,
     /// The credential whose holder renewed into this one (self-service).
     pub renewed_from: Option<String>,
+    /// The generation group in its certificate (NULL for credentials made
+    /// before groups carried a key suffix).
+    pub generation_group: Option<String>,
+}
+
+impl Credential {
+    /// The generation group its certificate carries.
+    pub fn group(&self) -> String {
+        self.generation_group.clone().unwrap_or_else(|| {
+            crate::policy::legacy_generation_group(&self.user_name, self.generation)
+        })
+    }
 }
 
 /// States in which a credential may still authenticate somewhere.
@@ -45,6 +57,7 @@ pub struct NewCredential<'a> {
     pub certificate: &'a str,
     pub spki_sha256: &'a str,
     pub renewed_from: Option<&'a str>,
+    pub generation_group: &'a str,
 }
 
 pub async fn insert_pending(
@@ -54,8 +67,8 @@ pub async fn insert_pending(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO credentials (id, user_name, generation, serial, fingerprint, not_before, not_after, state, signer,
-           csr_name, key_type, certificate, state_at, created_at, spki_sha256, renewed_from)
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+           csr_name, key_type, certificate, state_at, created_at, spki_sha256, renewed_from, generation_group)
+         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(c.id)
     .bind(c.user_name)
@@ -72,6 +85,7 @@ pub async fn insert_pending(
     .bind(now)
     .bind(c.spki_sha256)
     .bind(c.renewed_from)
+    .bind(c.generation_group)
     .execute(conn)
     .await?;
     Ok(())
@@ -200,6 +214,26 @@ pub async fn set_state(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Makes a pending credential current, but only if it is still pending and its
+/// user still active: a revoke or remove-user that ran meanwhile wins. False
+/// when the credential was not activated.
+pub async fn activate_pending(
+    conn: &mut SqliteConnection,
+    id: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE credentials SET state = 'current', state_reason = NULL, state_at = ?, sealed_key = NULL
+         WHERE id = ? AND state = 'pending'
+           AND EXISTS (SELECT 1 FROM users u WHERE u.name = credentials.user_name AND u.state = 'active')",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 /// Live credentials whose `notAfter` has passed: the expiry job's work list.

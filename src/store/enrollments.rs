@@ -28,8 +28,8 @@ pub async fn insert(
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO enrollment_tokens (id, user_name, secret_hash, expires_at, state, created_by, created_at, state_at)
-         VALUES (?, ?, ?, ?, 'active', ?, ?, ?)",
+        "INSERT INTO enrollment_tokens (id, user_name, secret_hash, expires_at, state, created_by, created_at, state_at, user_incarnation)
+         VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, (SELECT incarnation FROM users WHERE name = ?2))",
     )
     .bind(id)
     .bind(user)
@@ -74,7 +74,8 @@ pub async fn revoke_unused(
 
 /// Claims the token for one public key. True when this call (or an earlier one
 /// with the same key) holds it; false when it was used, revoked or claimed by
-/// another key meanwhile.
+/// another key meanwhile, or when it was made for an earlier record of the same
+/// user name (removed and added again).
 pub async fn claim(
     conn: &mut SqliteConnection,
     id: &str,
@@ -83,7 +84,9 @@ pub async fn claim(
 ) -> Result<bool, StoreError> {
     let r = sqlx::query(
         "UPDATE enrollment_tokens SET state = 'claimed', claimed_spki = ?, state_at = ?
-         WHERE id = ? AND expires_at > ? AND (state = 'active' OR (state = 'claimed' AND claimed_spki = ?))",
+         WHERE id = ? AND expires_at > ? AND (state = 'active' OR (state = 'claimed' AND claimed_spki = ?))
+           AND user_incarnation IS (SELECT u.incarnation FROM users u
+                                    WHERE u.name = enrollment_tokens.user_name AND u.state = 'active')",
     )
     .bind(spki_sha256)
     .bind(now)

@@ -138,6 +138,52 @@ pub async fn take_over(
     Ok(r.rows_affected() == 1)
 }
 
+/// Ends every unfinished attempt of `user` (a revoke or remove-user wins over
+/// them): each later step of theirs finds its attempt ended and stops, and its
+/// credential can never become current. Returns the attempts ended.
+pub async fn cancel_open(
+    conn: &mut SqliteConnection,
+    user: &str,
+    reason: &str,
+    now: i64,
+) -> Result<Vec<Issuance>, StoreError> {
+    Ok(sqlx::query_as(
+        "UPDATE issuances SET step = 'failed', error = ?, updated_at = ?
+         WHERE user_name = ? AND step NOT IN ('delivered', 'failed', 'abandoned') RETURNING *",
+    )
+    .bind(reason)
+    .bind(now)
+    .bind(user)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Ends one unfinished attempt (its credential was revoked by serial).
+pub async fn cancel(
+    conn: &mut SqliteConnection,
+    id: &str,
+    reason: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE issuances SET step = 'failed', error = ?, updated_at = ?
+         WHERE id = ? AND step NOT IN ('delivered', 'failed', 'abandoned')",
+    )
+    .bind(reason)
+    .bind(now)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Issuance>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM issuances WHERE id = ?")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
 pub async fn set_csr_name(
     conn: &mut SqliteConnection,
     id: &str,

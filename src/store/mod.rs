@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use crate::exit::{Exit, ExitStatus};
 
@@ -42,13 +42,22 @@ pub enum StoreError {
     Migrate(String),
     #[error("database error: {0}")]
     Query(String),
+    #[error("audit key or checkpoint {path}: {reason}\nfix: {fix}")]
+    AuditKey {
+        path: String,
+        reason: String,
+        fix: String,
+    },
     #[error("stored data is invalid: {0}")]
     Invalid(String),
 }
 
 impl ExitStatus for StoreError {
     fn exit(&self) -> Exit {
-        Exit::Database
+        match self {
+            StoreError::AuditKey { .. } => Exit::Config,
+            _ => Exit::Database,
+        }
     }
 }
 
@@ -73,12 +82,52 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-pub type Tx = Transaction<'static, Sqlite>;
+/// A write transaction. Derefs to the connection; carries the audit key so
+/// `audit::append` can MAC, and the head it appended so `commit` can move the
+/// audit checkpoint forward once the transaction is durable.
+pub struct Tx {
+    inner: Transaction<'static, Sqlite>,
+    pub(crate) audit: Option<std::sync::Arc<audit::Keyring>>,
+    pub(crate) appended: Option<audit::Head>,
+    pool: SqlitePool,
+}
+
+impl std::ops::Deref for Tx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.inner
+    }
+}
+
+impl Tx {
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.inner.rollback().await
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Lock files that serialize work on one user across processes.
+    locks: std::path::PathBuf,
+    audit: Option<std::sync::Arc<audit::Keyring>>,
 }
+
+/// Held while one process works on one user's cluster access; released on drop,
+/// and by the kernel when the process dies (no stale lock survives a crash).
+#[derive(Debug)]
+pub struct UserLock {
+    _file: std::fs::File,
+}
+
+/// How long a command waits for another process working on the same user.
+pub const USER_LOCK_WAIT: Duration = Duration::from_secs(120);
 
 impl Store {
     /// Opens (creating if needed) and migrates the database at `path`.
@@ -120,7 +169,63 @@ impl Store {
         if check != "ok" {
             return Err(StoreError::Corrupt(check));
         }
-        Ok(Self { pool })
+        let locks = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.join("locks"),
+            _ => std::path::PathBuf::from("locks"),
+        };
+        Ok(Self {
+            pool,
+            locks,
+            audit: None,
+        })
+    }
+
+    /// Attaches the audit key and checkpoint (`App::open` does, before any write).
+    pub fn set_audit(&mut self, keyring: std::sync::Arc<audit::Keyring>) {
+        self.audit = Some(keyring);
+    }
+
+    pub fn audit_keyring(&self) -> Option<&std::sync::Arc<audit::Keyring>> {
+        self.audit.as_ref()
+    }
+
+    /// Serializes, across every process on this data directory, the work that
+    /// makes the cluster follow the database for `user`: whoever holds it reads
+    /// the database after taking it, so nobody writes what they read earlier.
+    pub async fn lock_user(&self, user: &str) -> Result<UserLock, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let io = |e: std::io::Error| StoreError::Open {
+            path: self.locks.display().to_string(),
+            reason: e.to_string(),
+            fix: "make the data directory writable by rotator",
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.locks)
+            .map_err(io)?;
+        let name = crate::pki::hex(&crate::pki::sha256(user.as_bytes())[..16]);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.locks.join(name))
+            .map_err(io)?;
+        let deadline = std::time::Instant::now() + USER_LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(UserLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked {
+                        waited: USER_LOCK_WAIT,
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+        }
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -130,7 +235,12 @@ impl Store {
     /// A write transaction that takes SQLite's write lock at once, so two writers
     /// queue on the busy timeout instead of failing halfway through.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+        Ok(Tx {
+            inner: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            audit: self.audit.clone(),
+            appended: None,
+            pool: self.pool.clone(),
+        })
     }
 
     pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, StoreError> {
@@ -146,6 +256,21 @@ pub(crate) fn json_vec(s: &str) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Invalid(format!("bad JSON list {s:?}: {e}")))
 }
 
+/// Commits, then (if the transaction appended audit events) moves the audit
+/// checkpoint forward. The change is committed whatever the checkpoint write
+/// does; a failed write is logged, and `audit verify` names it.
 pub async fn commit(tx: Tx) -> Result<(), StoreError> {
-    Ok(tx.commit().await?)
+    let Tx {
+        inner,
+        audit,
+        appended,
+        pool,
+    } = tx;
+    inner.commit().await?;
+    if let (Some(ring), Some(head)) = (audit, appended)
+        && let Err(e) = audit::advance_checkpoint(ring, head, pool).await
+    {
+        tracing::error!(error = %e, "audit checkpoint not updated");
+    }
+    Ok(())
 }

@@ -69,17 +69,21 @@ pub async fn list(store: &Store, include_removed: bool) -> Result<Vec<User>, Sto
     rows.into_iter().map(User::try_from).collect()
 }
 
-/// Inserts the user, or reactivates a removed one with the new spec.
+/// Inserts the user, or reactivates a removed one with the new spec. A new or
+/// re-added user gets a new incarnation (nothing made for the old record, such
+/// as an enrollment token, carries over); an active one keeps its own.
 pub async fn upsert_active(
     conn: &mut SqliteConnection,
     spec: &UserSpec,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO users (name, groups, namespaces, role, key_type, ttl_seconds, state, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?)
+        "INSERT INTO users (name, groups, namespaces, role, key_type, ttl_seconds, state, created_at, updated_at, incarnation)
+         VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)
          ON CONFLICT (name) DO UPDATE SET groups = excluded.groups, namespaces = excluded.namespaces,
            role = excluded.role, key_type = excluded.key_type, ttl_seconds = excluded.ttl_seconds,
+           incarnation = CASE WHEN users.state = 'active' AND users.incarnation IS NOT NULL
+                              THEN users.incarnation ELSE excluded.incarnation END,
            state = 'active', updated_at = excluded.updated_at",
     )
     .bind(&spec.name)
@@ -90,9 +94,23 @@ pub async fn upsert_active(
     .bind(spec.ttl_seconds as i64)
     .bind(now)
     .bind(now)
+    .bind(crate::pki::hex(&crate::pki::random_bytes::<8>()))
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The user record's incarnation (changes when a removed name is added again).
+pub async fn incarnation(
+    conn: &mut SqliteConnection,
+    name: &str,
+) -> Result<Option<String>, StoreError> {
+    let row: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT incarnation FROM users WHERE name = ?")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.and_then(|r| r.0))
 }
 
 pub async fn set_state(

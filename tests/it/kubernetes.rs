@@ -60,6 +60,25 @@ impl Kx {
         Arc::new(app.await.unwrap().0)
     }
 
+    /// The App in process with `faults`, on the system clock.
+    pub async fn app_with(&self, faults: Arc<dyn rotator::issuer::Faults>) -> rotator::app::App {
+        let cfg = self.s.path("rotator.toml");
+        let env = [(
+            "ROTATOR_DATA_DIR".to_string(),
+            self.s.path("rotator-data").display().to_string(),
+        )];
+        let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
+        rotator::app::App::open(
+            settings,
+            Arc::new(rotator::clock::SystemClock),
+            faults,
+            "test".into(),
+        )
+        .await
+        .unwrap()
+        .0
+    }
+
     pub fn rotator(&self, args: &[&str]) -> Output {
         let mut a = vec!["--config", "rotator.toml"];
         a.extend_from_slice(args);
@@ -150,10 +169,21 @@ async fn add_user_grants_exactly_the_namespace_asked_for() {
         .await);
     let v: serde_json::Value = serde_json::from_str(&who).unwrap();
     assert_eq!(v["status"]["userInfo"]["username"], "alice");
+    let groups: Vec<&str> = v["status"]["userInfo"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_str().unwrap())
+        .collect();
+    assert_eq!(groups.len(), 3, "{groups:?}");
+    assert_eq!((groups[0], groups[2]), ("dev", "system:authenticated"));
+    // The generation group: generation 1, suffixed by the certificate key's digest.
     assert_eq!(
-        v["status"]["userInfo"]["groups"],
-        serde_json::json!(["dev", "rotator:alice:1", "system:authenticated"])
+        rotator::policy::parse_generation_group("alice", groups[1]),
+        Some(1),
+        "{groups:?}"
     );
+    assert!(groups[1].len() > "rotator:alice:1".len(), "{groups:?}");
     assert!(kx.can_list_pods("alice.kubeconfig", "team-a").await);
     assert!(!kx.can_list_pods("alice.kubeconfig", "team-b").await);
     // The CSR is gone once the certificate is stored; the binding is labelled as rotator's.

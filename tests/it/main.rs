@@ -1,4 +1,6 @@
 //! rotator's integration tests: one binary, so linking stays cheap.
+mod access;
+mod audit;
 mod ca_formats;
 mod cli;
 mod common;
@@ -6,6 +8,7 @@ mod crash;
 mod daemon;
 mod deploy_rbac;
 pub mod kubernetes;
+mod revocation;
 mod security;
 mod user_api;
 mod with_cluster;

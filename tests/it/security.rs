@@ -1,6 +1,8 @@
 //! Security invariants, each with a test that fails if it breaks.
 use std::io::Write;
+
 use std::sync::{Arc, Mutex};
+use tracing_subscriber::Layer;
 
 use rotator::sink::{FileSink, WriterSink};
 
@@ -9,14 +11,46 @@ use crate::common::*;
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
-impl Write for Captured {
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes into the capture of the current thread, if it has one.
+struct ThreadWriter;
+
+impl Write for ThreadWriter {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
+        CAPTURE.with(|c| {
+            if let Some(c) = c.borrow().as_ref() {
+                c.0.lock().unwrap().extend_from_slice(b);
+            }
+        });
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Captures every log line (TRACE and up) emitted on this thread from now on.
+/// One global subscriber for the whole test binary, filtered per event to the
+/// threads that capture: a thread-local default subscriber loses events when
+/// other tests' threads cache callsite interest first.
+fn capture_logs() -> Captured {
+    use tracing_subscriber::layer::SubscriberExt;
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(|| ThreadWriter)
+            .with_ansi(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+                CAPTURE.with(|c| c.borrow().is_some())
+            }));
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer));
+    });
+    let c = Captured::default();
+    CAPTURE.with(|slot| *slot.borrow_mut() = Some(c.clone()));
+    c
 }
 
 /// Lines of base64 in a PEM body, long enough to be unmistakable.
@@ -29,14 +63,7 @@ fn pem_body_lines(pem: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn no_private_key_reaches_a_log_line_an_error_or_the_database() {
-    let logs = Captured::default();
-    let w = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || w.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let logs = capture_logs();
 
     let dir = tempfile::tempdir().unwrap();
     let app = plain_app(dir.path()).await;

@@ -155,9 +155,19 @@ fn cached(api: &Api, home: &str) -> rotator::client::Cached {
 }
 
 /// A CSR with any subject and key, as a hostile or confused client might send.
+/// A CSR for `cn` with `orgs`; a generation group written `rotator:CN:N` gets
+/// the suffix of this CSR's key, as `rotator fetch` would make it.
 fn csr(cn: &str, orgs: &[&str], key_type: KeyType) -> String {
     let key = PrivateKey::generate(key_type).unwrap();
-    let orgs: Vec<String> = orgs.iter().map(|s| s.to_string()).collect();
+    let orgs: Vec<String> = orgs
+        .iter()
+        .map(|o| match rotator::policy::parse_generation_group(cn, o) {
+            Some(g) if !o.contains('.') => {
+                rotator::policy::generation_group(cn, g, &key.spki_der())
+            }
+            _ => o.to_string(),
+        })
+        .collect();
     let der = pki::build_csr(&key, &pki::subject_name(cn, &orgs).unwrap()).unwrap();
     pki::pem_encode("CERTIFICATE REQUEST", &der)
 }
@@ -257,7 +267,9 @@ async fn enroll_with_a_token_then_kubectl_works_and_the_token_is_single_use() {
 
     // Expired: bob's token outlives its hour only on paper.
     let bob = api.enroll_user("bob", &[]).await;
-    api.clock.advance(3601);
+    // The token was made by the CLI on the real clock, which has moved on since
+    // the manual one started (seconds, on a loaded machine).
+    api.clock.set(SystemClock.now() + 3601);
     let late = api.fetch("bob", &["--token", &bob]).await;
     let err = fails_with(&late, 4);
     assert!(err.contains("token_expired"), "{err}");
@@ -322,7 +334,10 @@ async fn renewal_needs_the_current_certificate_of_an_active_user_from_our_ca() {
     let scratch = Scratch::new();
     let foreign = make_ca(scratch.dir.path(), "foreign");
     let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-    let orgs = vec!["dev".to_string(), "rotator:alice:2".to_string()];
+    let orgs = vec![
+        "dev".to_string(),
+        rotator::policy::generation_group("alice", 2, &key.spki_der()),
+    ];
     let der = pki::build_csr(&key, &pki::subject_name("alice", &orgs).unwrap()).unwrap();
     let cert = foreign
         .issue(
@@ -608,9 +623,13 @@ async fn a_lost_answer_is_replayed_and_floods_are_rate_limited() {
         .post("/v1/subject", &serde_json::json!({"token": token}))
         .await
         .unwrap();
-    let orgs: Vec<&str> = subject.organizations.iter().map(String::as_str).collect();
     let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
-    let orgs_owned: Vec<String> = orgs.iter().map(|s| s.to_string()).collect();
+    let mut orgs_owned: Vec<String> = subject.organizations.clone();
+    orgs_owned.push(rotator::policy::generation_group(
+        "dave",
+        subject.generation,
+        &key.spki_der(),
+    ));
     let der = pki::build_csr(&key, &pki::subject_name("dave", &orgs_owned).unwrap()).unwrap();
     let pem = pki::pem_encode("CERTIFICATE REQUEST", &der);
     let body = serde_json::json!({"token": token, "csr": pem});
@@ -783,7 +802,7 @@ async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
         ],
     ));
     assert!(
-        subject.contains("rotator:frank:2") && subject.contains("CN = frank"),
+        subject.contains("rotator:frank:2.") && subject.contains("CN = frank"),
         "{subject}"
     );
 

@@ -1,0 +1,482 @@
+//! The audit log against someone who can write to the database file: deletion at
+//! the end, deletion of everything, editing and re-hashing, the checkpoint lost or
+//! rolled back; the export; bounded rows.
+use base64::Engine;
+use sqlx::Connection;
+
+use crate::common::*;
+
+/// Old (unkeyed) formula: SHA-256 of the JSON array, as rotator before 0008 and
+/// anyone without the key would compute it.
+fn unkeyed_hash(e: &Row) -> String {
+    let c = serde_json::to_vec(&(
+        e.seq,
+        e.time,
+        &e.actor,
+        &e.action,
+        &e.subject,
+        &e.detail,
+        &e.prev_hash,
+    ))
+    .unwrap();
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &c).as_ref())
+}
+
+/// The keyed formula, written independently of rotator's code (README "Audit").
+fn keyed_mac(key: &[u8], e: &Row) -> String {
+    let c = serde_json::to_vec(&(
+        "rotator-audit-event-v1",
+        e.seq,
+        e.time,
+        &e.actor,
+        &e.action,
+        &e.subject,
+        &e.detail,
+        &e.prev_hash,
+    ))
+    .unwrap();
+    let k = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, key);
+    hex(aws_lc_rs::hmac::sign(&k, &c).as_ref())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[derive(Debug, Clone, sqlx::FromRow, serde::Deserialize)]
+struct Row {
+    seq: i64,
+    time: i64,
+    actor: String,
+    action: String,
+    subject: String,
+    detail: String,
+    prev_hash: String,
+    hash: String,
+    keyed: bool,
+}
+
+/// A connection with the append-only triggers dropped: the file's owner can.
+async fn tamper(s: &Scratch) -> sqlx::SqliteConnection {
+    let url = format!("sqlite://{}", s.path("rotator-data/rotator.db").display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    for q in [
+        "DROP TRIGGER IF EXISTS audit_events_no_update",
+        "DROP TRIGGER IF EXISTS audit_events_no_delete",
+    ] {
+        sqlx::query(q).execute(&mut conn).await.unwrap();
+    }
+    conn
+}
+
+async fn rows(conn: &mut sqlx::SqliteConnection) -> Vec<Row> {
+    sqlx::query_as("SELECT * FROM audit_events ORDER BY seq")
+        .fetch_all(conn)
+        .await
+        .unwrap()
+}
+
+/// Some history: five or more events.
+fn history(s: &Scratch) {
+    ok(&s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]));
+    ok(&s.rotator(&["rotate", "alice"]));
+    ok(&s.rotator(&["add-user", "bob", "-n", "team-a", "--role", "view"]));
+    ok(&s.rotator(&["revoke", "bob"]));
+}
+
+fn verify_fails(s: &Scratch, kind: &str) -> String {
+    let e = fails_with(&s.rotator(&["audit", "verify"]), 11);
+    assert!(e.contains(&format!("({kind})")), "expected {kind}: {e}");
+    fails_with(&s.rotator(&["doctor"]), 11);
+    e
+}
+
+/// Rewrites events from `from` on with the old unkeyed formula (what someone
+/// without the key can do), optionally editing event `from` first.
+async fn rehash_unkeyed(conn: &mut sqlx::SqliteConnection, from: i64, edit: bool) {
+    let all = rows(conn).await;
+    let mut prev = if from == 1 {
+        "0".repeat(64)
+    } else {
+        all[(from - 2) as usize].hash.clone()
+    };
+    for mut r in all.into_iter().filter(|r| r.seq >= from) {
+        if edit && r.seq == from {
+            r.subject = "mallory".into();
+        }
+        r.prev_hash = prev.clone();
+        r.hash = unkeyed_hash(&r);
+        sqlx::query(
+            "UPDATE audit_events SET subject = ?, prev_hash = ?, hash = ?, keyed = 0 WHERE seq = ?",
+        )
+        .bind(&r.subject)
+        .bind(&r.prev_hash)
+        .bind(&r.hash)
+        .bind(r.seq)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        prev = r.hash;
+    }
+}
+
+#[tokio::test]
+async fn deleting_the_last_events_is_named_a_truncation() {
+    let s = Scratch::new();
+    history(&s);
+    ok(&s.rotator(&["audit", "verify"]));
+    let mut conn = tamper(&s).await;
+    let n = rows(&mut conn).await.len() as i64;
+    sqlx::query("DELETE FROM audit_events WHERE seq > ?")
+        .bind(n - 2)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let e = verify_fails(&s, "truncated");
+    assert!(e.contains(&format!("broken at event {}", n - 1)), "{e}");
+    assert!(e.contains("the last 2 were deleted"), "{e}");
+    // Later changes do not paper over it: the checkpoint is not moved forward
+    // over a log that lost the event it recorded.
+    let head = std::fs::read(s.path("rotator-data/audit.head")).unwrap();
+    for u in ["carol", "dave", "erin"] {
+        ok(&s.rotator(&["add-user", u, "-n", "team-a", "--role", "view"]));
+    }
+    assert_eq!(
+        std::fs::read(s.path("rotator-data/audit.head")).unwrap(),
+        head
+    );
+    let e = verify_fails(&s, "replaced");
+    assert!(e.contains("reset-checkpoint"), "{e}");
+    // Once looked into, the operator vouches for the log as it is; the reset is audited.
+    ok(&s.rotator(&["audit", "reset-checkpoint"]));
+    ok(&s.rotator(&["audit", "verify"]));
+}
+
+#[tokio::test]
+async fn deleting_every_event_is_named() {
+    let s = Scratch::new();
+    history(&s);
+    let mut conn = tamper(&s).await;
+    sqlx::query("DELETE FROM audit_events")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let e = verify_fails(&s, "emptied");
+    assert!(e.contains("every event was deleted"), "{e}");
+}
+
+#[tokio::test]
+async fn an_edited_chain_re_hashed_without_the_key_is_named() {
+    // Edit event 3 and recompute the chain from there with the unkeyed formula.
+    let s = Scratch::new();
+    history(&s);
+    let mut conn = tamper(&s).await;
+    rehash_unkeyed(&mut conn, 3, true).await;
+    drop(conn);
+    let e = verify_fails(&s, "rehashed");
+    assert!(e.contains("broken at event 3"), "{e}");
+
+    // The whole chain recomputed, the checkpoint deleted too: still named.
+    let s = Scratch::new();
+    history(&s);
+    let mut conn = tamper(&s).await;
+    rehash_unkeyed(&mut conn, 1, true).await;
+    drop(conn);
+    let e = verify_fails(&s, "rehashed");
+    assert!(e.contains("broken at event 1"), "{e}");
+    std::fs::remove_file(s.path("rotator-data/audit.head")).unwrap();
+    verify_fails(&s, "checkpoint_missing");
+
+    // Edited but left keyed: its MAC no longer holds.
+    let s = Scratch::new();
+    history(&s);
+    let mut conn = tamper(&s).await;
+    let r = &rows(&mut conn).await[2];
+    let mut edited = r.clone();
+    edited.subject = "mallory".into();
+    sqlx::query("UPDATE audit_events SET subject = ?, hash = ? WHERE seq = 3")
+        .bind(&edited.subject)
+        .bind(unkeyed_hash(&edited))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    verify_fails(&s, "altered");
+}
+
+#[tokio::test]
+async fn a_missing_checkpoint_stays_visible_until_reset() {
+    let s = Scratch::new();
+    history(&s);
+    let head = s.path("rotator-data/audit.head");
+    std::fs::remove_file(&head).unwrap();
+    let e = verify_fails(&s, "checkpoint_missing");
+    assert!(e.contains("reset-checkpoint"), "{e}");
+    // A later commit does not recreate it (that would hide a truncation made
+    // together with its deletion).
+    ok(&s.rotator(&["add-user", "carol", "-n", "team-a", "--role", "view"]));
+    assert!(!head.exists());
+    verify_fails(&s, "checkpoint_missing");
+    let out = ok(&s.rotator(&["audit", "reset-checkpoint"]));
+    assert!(out.contains("it was missing"), "{out}");
+    assert_eq!(mode(&head), 0o600);
+    ok(&s.rotator(&["audit", "verify"]));
+    let log = ok(&s.rotator(&["audit", "log", "--output", "json"]));
+    assert!(log.contains("audit.checkpoint_reset"), "{log}");
+    ok(&s.rotator(&["add-user", "dave", "-n", "team-a", "--role", "view"]));
+    ok(&s.rotator(&["audit", "verify"]));
+}
+
+#[tokio::test]
+async fn an_old_checkpoint_put_back_or_a_forged_one_is_named() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]));
+    let head = s.path("rotator-data/audit.head");
+    let old = std::fs::read(&head).unwrap();
+    ok(&s.rotator(&["rotate", "alice"]));
+    std::fs::write(&head, &old).unwrap();
+    verify_fails(&s, "checkpoint_old");
+
+    // A checkpoint edited to vouch for less: its MAC does not hold.
+    let text = String::from_utf8(old).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["seq"] = serde_json::json!(1);
+    std::fs::write(&head, v.to_string()).unwrap();
+    verify_fails(&s, "checkpoint_invalid");
+}
+
+#[tokio::test]
+async fn concurrent_writers_never_move_the_checkpoint_back() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    let bin = env!("CARGO_BIN_EXE_rotator");
+    let mut kids = Vec::new();
+    for i in 0..8 {
+        kids.push(
+            tokio::process::Command::new(bin)
+                .current_dir(s.dir.path())
+                .args([
+                    "add-user",
+                    &format!("u{i}"),
+                    "-n",
+                    "team-a",
+                    "--role",
+                    "view",
+                ])
+                .output(),
+        );
+    }
+    for k in kids {
+        ok(&k.await.unwrap());
+    }
+    let out = ok(&s.rotator(&["audit", "verify", "--output", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["checkpoint"], v["events"], "{v}");
+    assert!(v["first_break"].is_null(), "{v}");
+}
+
+#[tokio::test]
+async fn an_older_database_with_unkeyed_events_still_verifies_and_is_protected() {
+    let s = Scratch::new();
+    history(&s);
+    // Make it look like a database from before keyed events: every event unkeyed,
+    // no key, no checkpoint.
+    let mut conn = tamper(&s).await;
+    rehash_unkeyed(&mut conn, 1, false).await;
+    let old = rows(&mut conn).await.len() as i64;
+    drop(conn);
+    std::fs::remove_file(s.path("rotator-data/audit.key")).unwrap();
+    std::fs::remove_file(s.path("rotator-data/audit.head")).unwrap();
+    ok(&s.rotator(&["audit", "verify"]));
+    assert_eq!(mode(&s.path("rotator-data/audit.key")), 0o600);
+    ok(&s.rotator(&["add-user", "carol", "-n", "team-a", "--role", "view"]));
+    let out = ok(&s.rotator(&["audit", "verify", "--output", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["first_break"].is_null(), "{v}");
+    assert_eq!(
+        v["events"].as_i64().unwrap() - v["keyed"].as_i64().unwrap(),
+        old
+    );
+    // Re-hashing the old, unkeyed part is caught by the first keyed event.
+    let mut conn = tamper(&s).await;
+    rehash_unkeyed(&mut conn, 2, true).await;
+    drop(conn);
+    // (rehash_unkeyed rewrote the keyed tail as unkeyed too: named at the first.)
+    verify_fails(&s, "rehashed");
+}
+
+#[tokio::test]
+async fn a_key_readable_by_others_is_refused_and_a_lost_key_is_not_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    history(&s);
+    let key = s.path("rotator-data/audit.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = fails_with(&s.rotator(&["audit", "verify"]), 3);
+    assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+    std::fs::remove_file(&key).unwrap();
+    let e = fails_with(&s.rotator(&["audit", "verify"]), 3);
+    assert!(e.contains("keyed events") && e.contains("restore"), "{e}");
+    assert!(!key.exists());
+}
+
+#[tokio::test]
+async fn export_streams_every_event_as_a_json_line_that_verifies() {
+    let s = Scratch::new();
+    history(&s);
+    let out = ok(&s.rotator(&["audit", "export", "--out", "audit.jsonl"]));
+    assert!(out.is_empty(), "the export goes to the file: {out}");
+    let file = s.path("audit.jsonl");
+    assert_eq!(mode(&file), 0o600);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(
+            std::fs::read_to_string(s.path("rotator-data/audit.key"))
+                .unwrap()
+                .trim(),
+        )
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<Row> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let n = s.count("SELECT COUNT(*) FROM audit_events").await;
+    assert_eq!(lines.len() as i64, n);
+    let mut conn = tamper(&s).await;
+    let db = rows(&mut conn).await;
+    let mut prev = "0".repeat(64);
+    for (l, d) in lines.iter().zip(&db) {
+        assert_eq!((l.seq, &l.hash, &l.detail), (d.seq, &d.hash, &d.detail));
+        assert_eq!(l.prev_hash, prev);
+        assert!(l.keyed);
+        assert_eq!(keyed_mac(&key, l), l.hash, "event {}", l.seq);
+        prev = l.hash.clone();
+    }
+    // From a seq, to stdout.
+    let out = ok(&s.rotator(&["audit", "export", "--from", "3"]));
+    let seqs: Vec<i64> = out
+        .lines()
+        .map(|l| serde_json::from_str::<Row>(l).unwrap().seq)
+        .collect();
+    assert_eq!(seqs, (3..=n).collect::<Vec<_>>());
+    // A FIFO at --out is refused, nothing written, nothing hangs.
+    let fifo = s.path("fifo");
+    run("mkfifo", &[fifo.to_str().unwrap()]);
+    fails_with(
+        &s.rotator(&["audit", "export", "--out", fifo.to_str().unwrap()]),
+        10,
+    );
+}
+
+#[tokio::test]
+async fn a_60kb_value_makes_a_small_row() {
+    let d = tempfile::tempdir().unwrap();
+    let app = plain_app(d.path()).await;
+    let big = "A".repeat(60 * 1024);
+    let mut tx = app.store.begin().await.unwrap();
+    let seq = rotator::store::audit::append(
+        &mut tx,
+        1,
+        &big,
+        "api.refuse",
+        &big,
+        serde_json::json!({"path": big, "headers": vec![big.clone(); 500], "nested": {"x": [big]}}),
+    )
+    .await
+    .unwrap();
+    rotator::store::commit(tx).await.unwrap();
+    let (len, subject): (i64, String) = sqlx::query_as(
+        "SELECT length(actor) + length(subject) + length(detail), subject FROM audit_events WHERE seq = ?",
+    )
+    .bind(seq)
+    .fetch_one(app.store.pool())
+    .await
+    .unwrap();
+    assert!(len < 10_000, "row holds {len} bytes");
+    assert!(subject.ends_with("[cut: 61440 bytes]"), "{subject}");
+    let r = rotator::store::audit::verify(&app.store).await.unwrap();
+    assert!(r.first_break.is_none(), "{r:?}");
+}
+
+#[tokio::test]
+async fn verify_and_export_page_through_a_long_log() {
+    use futures_util::TryStreamExt;
+    let d = tempfile::tempdir().unwrap();
+    let app = plain_app(d.path()).await;
+    let mut tx = app.store.begin().await.unwrap();
+    for i in 0..2500 {
+        rotator::store::audit::append(
+            &mut tx,
+            i,
+            "test",
+            "bench.event",
+            "u",
+            serde_json::json!({"i": i}),
+        )
+        .await
+        .unwrap();
+    }
+    rotator::store::commit(tx).await.unwrap();
+    let r = rotator::store::audit::verify(&app.store).await.unwrap();
+    assert!(r.first_break.is_none(), "{r:?}");
+    assert_eq!(r.checkpoint, Some(r.events));
+    let seqs: Vec<i64> = rotator::store::audit::stream(&app.store, 990)
+        .map_ok(|e| e.seq)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(seqs, (990..=r.events).collect::<Vec<_>>());
+    // A gap on a page boundary is still a gap.
+    let mut conn = app.store.pool().acquire().await.unwrap();
+    sqlx::query("DROP TRIGGER audit_events_no_delete")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq = 1000")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let b = rotator::store::audit::verify(&app.store)
+        .await
+        .unwrap()
+        .first_break
+        .unwrap();
+    assert_eq!((b.seq, b.kind.name()), (1001, "gap"), "{b:?}");
+}
+
+#[tokio::test]
+async fn processes_starting_together_on_an_unkeyed_log_share_one_new_key() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    let mut conn = tamper(&s).await;
+    rehash_unkeyed(&mut conn, 1, false).await;
+    drop(conn);
+    std::fs::remove_file(s.path("rotator-data/audit.key")).unwrap();
+    std::fs::remove_file(s.path("rotator-data/audit.head")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_rotator");
+    let kids: Vec<_> = (0..6)
+        .map(|i| {
+            tokio::process::Command::new(bin)
+                .current_dir(s.dir.path())
+                .args([
+                    "add-user",
+                    &format!("u{i}"),
+                    "-n",
+                    "team-a",
+                    "--role",
+                    "view",
+                ])
+                .output()
+        })
+        .collect();
+    for k in kids {
+        ok(&k.await.unwrap());
+    }
+    let out = ok(&s.rotator(&["audit", "verify", "--output", "json"]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["first_break"].is_null(), "{v}");
+    assert_eq!(v["checkpoint"], v["events"], "{v}");
+}
