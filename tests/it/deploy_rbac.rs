@@ -632,6 +632,27 @@ async fn secret_delivery_creates_its_own_secret_at_add_user_and_never_takes_one_
         e.contains("rbac-secret-delivery.yaml") && e.contains("carol-kc"),
         "{e}"
     );
+    // The kubeconfig has one destination: --out with a Secret target is refused.
+    let e = fails_with(
+        &kx.rotator_async(
+            &[
+                "add-user",
+                "dora",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--out",
+                "dora.kubeconfig",
+                "--deliver",
+                "secret:team-a/alice-kubeconfig",
+            ],
+            &[],
+        )
+        .await,
+        2,
+    );
+    assert!(e.contains("--out") && e.contains("fix:"), "{e}");
     assert_eq!(kx.s.count("SELECT COUNT(*) FROM credentials").await, 0);
     assert_eq!(kx.s.count("SELECT COUNT(*) FROM users").await, 0);
     let (rbs, csrs) = kx.rotator_objects().await;
