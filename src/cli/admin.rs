@@ -193,8 +193,9 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
 }
 
 /// Refuses, before anything is issued, a delivery Secret that rotator could not
-/// write: one that exists and is not rotator's (exit 6), one rotator made for
-/// another user (exit 6), or one rotator's identity is not granted (exit 4).
+/// write: one rotator's identity is not granted (exit 4; asked first, so the fix
+/// is the grant), one that exists and is not rotator's (exit 6), or one rotator
+/// made for another user (exit 6).
 async fn secret_target_usable(
     app: &App,
     cluster: &crate::cluster::Cluster,
@@ -202,6 +203,19 @@ async fn secret_target_usable(
     name: &str,
     user: &str,
 ) -> CliResult {
+    let missing = match cluster.kubeconfig_secret_access(ns, name).await? {
+        crate::cluster::SecretAccess::Granted => String::new(),
+        crate::cluster::SecretAccess::NoCreate => format!("create Secrets in namespace {ns:?}"),
+        crate::cluster::SecretAccess::NoUpdate => format!("update Secret {ns}/{name}"),
+    };
+    if !missing.is_empty() {
+        return Err(Failure::new(
+            Exit::Refused,
+            anyhow!(
+                "rotator's identity may not {missing}, so it cannot deliver kubeconfigs there\nfix: apply deploy/kubernetes/rbac-secret-delivery.yaml with DELIVERY_NAMESPACE={ns} and DELIVERY_SECRET={name} (README, \"Delivering kubeconfigs to a Secret\")"
+            ),
+        ));
+    }
     match crate::sink::delivery_secret(&app.store, ns, name).await? {
         Some((owner, _)) if owner != user => {
             return Err(Failure::new(
@@ -215,17 +229,7 @@ async fn secret_target_usable(
         Some(_) => {}
         None => cluster.kubeconfig_secret_free(ns, name, user).await?,
     }
-    let missing = match cluster.kubeconfig_secret_access(ns, name).await? {
-        crate::cluster::SecretAccess::Granted => return Ok(()),
-        crate::cluster::SecretAccess::NoCreate => format!("create Secrets in namespace {ns:?}"),
-        crate::cluster::SecretAccess::NoUpdate => format!("update Secret {ns}/{name}"),
-    };
-    Err(Failure::new(
-        Exit::Refused,
-        anyhow!(
-            "rotator's identity may not {missing}, so it cannot deliver kubeconfigs there\nfix: apply deploy/kubernetes/rbac-secret-delivery.yaml with DELIVERY_NAMESPACE={ns} and DELIVERY_SECRET={name} (README, \"Delivering kubeconfigs to a Secret\")"
-        ),
-    ))
+    Ok(())
 }
 
 async fn enroll(app: &App, spec: &UserSpec, out: OutputFormat) -> CliResult {

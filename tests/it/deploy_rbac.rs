@@ -632,6 +632,29 @@ async fn secret_delivery_creates_its_own_secret_at_add_user_and_never_takes_one_
         e.contains("rbac-secret-delivery.yaml") && e.contains("carol-kc"),
         "{e}"
     );
+    // In a namespace with no delivery grant at all, the missing create is named.
+    let e = fails_with(
+        &kx.rotator_async(
+            &[
+                "add-user",
+                "erin",
+                "-n",
+                "team-b",
+                "--role",
+                "view",
+                "--deliver",
+                "secret:team-b/erin-kc",
+            ],
+            &[],
+        )
+        .await,
+        4,
+    );
+    assert!(
+        e.contains("create Secrets in namespace \"team-b\"")
+            && e.contains("DELIVERY_NAMESPACE=team-b"),
+        "{e}"
+    );
     // The kubeconfig has one destination: --out with a Secret target is refused.
     let e = fails_with(
         &kx.rotator_async(
