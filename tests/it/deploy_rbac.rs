@@ -380,6 +380,62 @@ async fn granted(kx: &Kx) -> BTreeSet<Grant> {
     out
 }
 
+/// Fails if the deploy identity was refused anything (but listing kube-system
+/// Secrets: the optional rbac-token-audit.yaml), or was granted a (verb, group,
+/// resource, scope) it never used (`only`: look at this resource alone).
+async fn assert_used_exactly(kx: &Kx, only: Option<&str>) {
+    let decisions: Vec<_> = kx
+        .cluster
+        .store()
+        .authz
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|d| d.username == ROTATOR)
+        .cloned()
+        .collect();
+    let res = |a: &testcluster::rbac::Attrs| {
+        if a.subresource.is_empty() {
+            a.resource.clone()
+        } else {
+            format!("{}/{}", a.resource, a.subresource)
+        }
+    };
+    // Needed and missing: every refusal is one the code expects and handles
+    // (listing kube-system Secrets: rbac-token-audit.yaml is optional).
+    let refused: Vec<String> = decisions
+        .iter()
+        .filter(|d| !d.allowed)
+        .map(|d| format!("{} {} {}", d.attrs.verb, res(&d.attrs), d.attrs.namespace))
+        .filter(|d| d != "list secrets kube-system")
+        .collect();
+    assert!(refused.is_empty(), "flows were refused: {refused:#?}");
+    // Granted and unused.
+    let used: BTreeSet<Grant> = decisions
+        .iter()
+        .filter(|d| d.allowed)
+        .map(|d| {
+            (
+                d.attrs.verb.clone(),
+                d.attrs.group.clone(),
+                res(&d.attrs),
+                d.attrs.namespace.clone(),
+            )
+        })
+        .collect();
+    let unused: Vec<Grant> = granted(kx)
+        .await
+        .into_iter()
+        .filter(|(_, _, r, _)| only.is_none_or(|o| o == r))
+        .filter(|(v, g, r, scope)| {
+            !used.iter().any(|(uv, ug, ur, uns)| {
+                uv == v && ug == g && ur == r && (scope == "*" || scope == uns)
+            })
+        })
+        .collect();
+    assert!(unused.is_empty(), "granted but never used: {unused:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rbac_yaml_grants_exactly_what_the_flows_use() {
     // A signer that signs one CSR every two seconds (its bucket holds one), so
@@ -482,55 +538,38 @@ async fn rbac_yaml_grants_exactly_what_the_flows_use() {
             .unwrap()
     );
 
-    let decisions: Vec<_> = kx
-        .cluster
-        .store()
-        .authz
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|d| d.username == ROTATOR)
-        .cloned()
-        .collect();
-    let res = |a: &testcluster::rbac::Attrs| {
-        if a.subresource.is_empty() {
-            a.resource.clone()
-        } else {
-            format!("{}/{}", a.resource, a.subresource)
-        }
-    };
-    // Needed and missing: every refusal is one the code expects and handles
-    // (listing kube-system Secrets: rbac-token-audit.yaml is optional).
-    let refused: Vec<String> = decisions
-        .iter()
-        .filter(|d| !d.allowed)
-        .map(|d| format!("{} {} {}", d.attrs.verb, res(&d.attrs), d.attrs.namespace))
-        .filter(|d| d != "list secrets kube-system")
-        .collect();
-    assert!(refused.is_empty(), "flows were refused: {refused:#?}");
-    // Granted and unused.
-    let used: BTreeSet<Grant> = decisions
-        .iter()
-        .filter(|d| d.allowed)
-        .map(|d| {
-            (
-                d.attrs.verb.clone(),
-                d.attrs.group.clone(),
-                res(&d.attrs),
-                d.attrs.namespace.clone(),
-            )
-        })
-        .collect();
-    let unused: Vec<Grant> = granted(&kx)
-        .await
-        .into_iter()
-        .filter(|(v, g, r, scope)| {
-            !used.iter().any(|(uv, ug, ur, uns)| {
-                uv == v && ug == g && ur == r && (scope == "*" || scope == uns)
-            })
-        })
-        .collect();
-    assert!(unused.is_empty(), "granted but never used: {unused:#?}");
+    assert_used_exactly(&kx, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rbac_cluster_wide_yaml_grants_exactly_what_cluster_wide_access_uses() {
+    let kx = Kx::new(
+        Options::default(),
+        "[policy]\nallow_cluster_role_bindings = true\n",
+    )
+    .await;
+    let f = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/rbac-cluster-wide.yaml"
+    );
+    ok(&kx.admin_kubectl(&["apply", "-f", f]).await);
+    kx.cluster.store().authz.lock().unwrap().clear();
+    ok(&kx
+        .rotator_async(
+            &["add-user", "ops", "--cluster-wide", "--role", "view"],
+            &[],
+        )
+        .await);
+    ok(&kx
+        .rotator_async(&["rotate", "ops", "--out", "ops2.kubeconfig"], &[])
+        .await);
+    ok(&kx.rotator_async(&["revoke", "ops"], &[]).await);
+    ok(&kx.rotator_async(&["remove-user", "ops"], &[]).await);
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let app = kx.app(&clock).await;
+    rotator::renewal::reconcile_pass(&app).await.unwrap();
+    assert_used_exactly(&kx, Some("clusterrolebindings")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
