@@ -148,6 +148,7 @@ async fn sink_for(app: &App, user: &str) -> Result<Box<dyn crate::sink::Sink>, S
                 .cluster
                 .clone()
                 .ok_or("Secret delivery needs the kubernetes signer")?,
+            store: app.store.clone(),
             namespace,
             name,
             user: user.into(),

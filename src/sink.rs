@@ -85,13 +85,112 @@ impl<W: Write + Send> Sink for WriterSink<W> {
 }
 
 /// A Kubernetes Secret in one of the user's namespaces: type Opaque, key
-/// `kubeconfig`, labelled as rotator's. Written by server-side apply, so rotator
-/// needs only `create` and `patch` on secrets, never `get` or `list`.
+/// `kubeconfig`, made by rotator. rotator writes only the Secret it created
+/// itself, known by the uid recorded in `delivery_secrets` when it created it:
+/// later writes are replaces conditional on that uid. So rotator needs `create`
+/// on secrets in the namespace and `update` on this one name, never a verb that
+/// returns a Secret's content (`get`, `list`, `watch`, `patch`).
 pub struct SecretSink {
     pub cluster: crate::cluster::Cluster,
+    pub store: crate::store::Store,
     pub namespace: String,
     pub name: String,
     pub user: String,
+}
+
+/// The user whose kubeconfigs the Secret rotator created at `ns/name` holds,
+/// and its uid, if rotator created one there.
+pub async fn delivery_secret(
+    store: &crate::store::Store,
+    ns: &str,
+    name: &str,
+) -> Result<Option<(String, String)>, crate::store::StoreError> {
+    let mut conn = store.conn().await?;
+    Ok(sqlx::query_as::<_, (String, String)>(
+        "SELECT user_name, uid FROM delivery_secrets WHERE namespace = ? AND name = ?",
+    )
+    .bind(ns)
+    .bind(name)
+    .fetch_optional(&mut *conn)
+    .await?)
+}
+
+async fn record_delivery_secret(
+    store: &crate::store::Store,
+    ns: &str,
+    name: &str,
+    user: &str,
+    uid: &str,
+) -> Result<(), crate::store::StoreError> {
+    let mut conn = store.conn().await?;
+    sqlx::query(
+        "INSERT INTO delivery_secrets (namespace, name, user_name, uid, created_at) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (namespace, name) DO UPDATE SET user_name = excluded.user_name, uid = excluded.uid, created_at = excluded.created_at",
+    )
+    .bind(ns)
+    .bind(name)
+    .bind(user)
+    .bind(uid)
+    .bind(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+impl SecretSink {
+    fn err(&self, reason: String, fix: &'static str) -> SinkError {
+        SinkError {
+            target: self.describe(),
+            reason,
+            fix,
+        }
+    }
+
+    async fn write(&self, kubeconfig: &str) -> Result<(), SinkError> {
+        let (ns, name) = (self.namespace.as_str(), self.name.as_str());
+        let known = delivery_secret(&self.store, ns, name)
+            .await
+            .map_err(|e| self.err(e.to_string(), "check the database"))?;
+        if let Some((owner, _)) = &known
+            && *owner != self.user
+        {
+            return Err(self.err(
+                format!(
+                    "rotator made this Secret for user {owner:?}, not {:?}",
+                    self.user
+                ),
+                "give each user a Secret of their own",
+            ));
+        }
+        let uid = known.map(|(_, uid)| uid);
+        match self
+            .cluster
+            .write_kubeconfig_secret(ns, name, &self.user, kubeconfig, uid.as_deref())
+            .await
+        {
+            Ok(Some(created)) => record_delivery_secret(&self.store, ns, name, &self.user, &created)
+                .await
+                .map_err(|e| self.err(e.to_string(), "check the database")),
+            Ok(None) => Ok(()),
+            Err(e @ crate::cluster::ClusterError::Conflict(_)) => {
+                let text = e.to_string();
+                let reason = text.split("\nfix: ").next().unwrap_or_default().to_string();
+                Err(self.err(
+                    reason,
+                    "rotator writes only Secrets it created: delete that Secret if it is a stale copy, or deliver elsewhere",
+                ))
+            }
+            Err(e) => Err(self.err(
+                e.to_string(),
+                "check that the namespace exists and that deploy/kubernetes/rbac-secret-delivery.yaml grants rotator this Secret",
+            )),
+        }
+    }
 }
 
 impl Sink for SecretSink {
@@ -102,13 +201,7 @@ impl Sink for SecretSink {
         Ok(())
     }
     fn deliver<'a>(&'a mut self, kubeconfig: &'a str) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(async move {
-            self.cluster.apply_kubeconfig_secret(&self.namespace, &self.name, &self.user, kubeconfig).await.map_err(|e| SinkError {
-                target: self.describe(),
-                reason: e.to_string(),
-                fix: "check that the namespace exists and rotator may create and patch Secrets there",
-            })
-        })
+        Box::pin(self.write(kubeconfig))
     }
 }
 

@@ -236,7 +236,18 @@ pub struct TokenView {
 pub async fn list(app: &App) -> Result<Vec<TokenView>, TokenError> {
     let cluster = cluster(app)?;
     let ours = tokens::list(&app.store).await?;
-    let in_cluster = cluster.bootstrap_tokens().await?;
+    // Without `list` on kube-system Secrets (deploy/kubernetes/rbac.yaml does not
+    // grant it: it would read every Secret there) the cluster is not checked.
+    let in_cluster = match cluster.bootstrap_tokens().await {
+        Ok(v) => v,
+        Err(crate::cluster::ClusterError::Api { code: 403, .. }) => {
+            tracing::warn!(
+                "bootstrap tokens rotator did not make are not reported: rotator may not list kube-system Secrets (grant deploy/kubernetes/rbac-token-audit.yaml, knowing what it allows, or ask an admin to list them)"
+            );
+            return Ok(ours_only(&ours));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let parse = |s: &str| serde_json::from_str::<Vec<String>>(s).unwrap_or_default();
     let mut out: Vec<TokenView> = ours
         .iter()
@@ -271,6 +282,23 @@ pub async fn list(app: &App) -> Result<Vec<TokenView>, TokenError> {
         });
     }
     Ok(out)
+}
+
+/// rotator's own live tokens, as the database knows them (the cluster unchecked).
+fn ours_only(ours: &[tokens::TokenRow]) -> Vec<TokenView> {
+    let parse = |s: &str| serde_json::from_str::<Vec<String>>(s).unwrap_or_default();
+    ours.iter()
+        .filter(|t| t.state == "active" || t.state == "creating")
+        .map(|t| TokenView {
+            id: t.id.clone(),
+            state: t.state.clone(),
+            expires: t.expires_at.map(rfc3339).unwrap_or_else(|| "never".into()),
+            usages: parse(&t.usages),
+            groups: parse(&t.groups),
+            description: t.description.clone(),
+            foreign: false,
+        })
+        .collect()
 }
 
 pub async fn revoke(app: &App, id: &str) -> Result<(), TokenError> {

@@ -49,7 +49,9 @@ pub struct AddUserArgs {
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
     /// Where the daemon delivers this user's reissued kubeconfigs: `dir` (the
-    /// delivery directory, default) or `secret:NAMESPACE/NAME` in one of their namespaces.
+    /// delivery directory, default) or `secret:NAMESPACE/NAME` in one of their
+    /// namespaces (the first kubeconfig goes there too; rotator creates that
+    /// Secret and refuses one that already exists).
     #[arg(long, value_name = "TARGET", value_parser = crate::sink::Target::parse)]
     pub deliver: Option<crate::sink::Target>,
     /// Issue nothing now: print a one-time enrollment token (valid for
@@ -146,7 +148,27 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
     if a.enroll {
         return enroll(app, &spec, out).await;
     }
-    let mut sink = sink_for(&a.name, &a.out);
+    let mut sink = match (&a.deliver, app.cluster.as_ref()) {
+        (Some(crate::sink::Target::Secret { namespace, name }), Some(cluster)) => {
+            if a.out.is_some() {
+                return Err(Failure::new(
+                    Exit::Usage,
+                    anyhow!(
+                        "--out and --deliver secret:{namespace}/{name} both say where the kubeconfig goes\nfix: drop --out: the first kubeconfig goes to the Secret too"
+                    ),
+                ));
+            }
+            secret_target_usable(app, cluster, namespace, name, &a.name).await?;
+            Box::new(crate::sink::SecretSink {
+                cluster: cluster.clone(),
+                store: app.store.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+                user: a.name.clone(),
+            }) as Box<dyn Sink>
+        }
+        _ => sink_for(&a.name, &a.out),
+    };
     let issued = app
         .issuer()
         .add_user(spec, sink.as_mut(), &app.actor)
@@ -167,6 +189,46 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
         crate::store::commit(tx).await?;
     }
     report_issued(out, &issued, sink.describe() == "stdout");
+    Ok(())
+}
+
+/// Refuses, before anything is issued, a delivery Secret that rotator could not
+/// write: one rotator's identity is not granted (exit 4; asked first, so the fix
+/// is the grant), one that exists and is not rotator's (exit 6), or one rotator
+/// made for another user (exit 6).
+async fn secret_target_usable(
+    app: &App,
+    cluster: &crate::cluster::Cluster,
+    ns: &str,
+    name: &str,
+    user: &str,
+) -> CliResult {
+    let missing = match cluster.kubeconfig_secret_access(ns, name).await? {
+        crate::cluster::SecretAccess::Granted => String::new(),
+        crate::cluster::SecretAccess::NoCreate => format!("create Secrets in namespace {ns:?}"),
+        crate::cluster::SecretAccess::NoUpdate => format!("update Secret {ns}/{name}"),
+    };
+    if !missing.is_empty() {
+        return Err(Failure::new(
+            Exit::Refused,
+            anyhow!(
+                "rotator's identity may not {missing}, so it cannot deliver kubeconfigs there\nfix: apply deploy/kubernetes/rbac-secret-delivery.yaml with DELIVERY_NAMESPACE={ns} and DELIVERY_SECRET={name} (README, \"Delivering kubeconfigs to a Secret\")"
+            ),
+        ));
+    }
+    match crate::sink::delivery_secret(&app.store, ns, name).await? {
+        Some((owner, _)) if owner != user => {
+            return Err(Failure::new(
+                Exit::Conflict,
+                anyhow!(
+                    "Secret {ns}/{name} already holds the kubeconfig of user {owner:?}\nfix: give {user:?} a Secret of their own (--deliver secret:{ns}/OTHER-NAME)"
+                ),
+            ));
+        }
+        // rotator made it for this user (a re-added user): it is replaced in place.
+        Some(_) => {}
+        None => cluster.kubeconfig_secret_free(ns, name, user).await?,
+    }
     Ok(())
 }
 

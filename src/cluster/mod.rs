@@ -478,20 +478,30 @@ pub fn check_server_ca(server: &str, ca_pem: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What rotator may do with the Secret a user's kubeconfigs are delivered to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretAccess {
+    /// rotator may create it and replace it later.
+    Granted,
+    /// `create` on secrets in the namespace is missing.
+    NoCreate,
+    /// `update` on this Secret's name is missing (rotations would fail).
+    NoUpdate,
+}
+
 impl Cluster {
-    /// Creates or replaces the kubeconfig Secret by server-side apply.
-    pub async fn apply_kubeconfig_secret(
+    fn kubeconfig_secret(
         &self,
         ns: &str,
         name: &str,
         user: &str,
         kubeconfig: &str,
-    ) -> Result<(), ClusterError> {
-        use k8s_openapi::api::core::v1::Secret;
-        let api: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), ns);
-        let secret = Secret {
+        uid: Option<&str>,
+    ) -> k8s_openapi::api::core::v1::Secret {
+        k8s_openapi::api::core::v1::Secret {
             metadata: kube::api::ObjectMeta {
                 namespace: Some(ns.into()),
+                uid: uid.map(str::to_string),
                 ..self.owned_meta(name, user)
             },
             type_: Some("Opaque".into()),
@@ -503,15 +513,142 @@ impl Cluster {
                 .into(),
             ),
             ..Default::default()
+        }
+    }
+
+    fn foreign_secret(ns: &str, name: &str) -> ClusterError {
+        ClusterError::Conflict(format!(
+            "Secret {ns}/{name} already exists and rotator did not create it: rotator writes only Opaque Secrets it created itself, so it never takes over someone else's Secret (nor one of another type, such as a TLS Secret)\nfix: choose another name (--deliver secret:{ns}/OTHER-NAME, and grant it in rbac-secret-delivery.yaml), or delete that Secret if it is an old copy of this kubeconfig"
+        ))
+    }
+
+    /// Whether rotator may create the kubeconfig Secret `ns/name` now: a dry-run
+    /// create, since rotator may not read Secrets. A Secret of that name that
+    /// exists is someone else's ([`ClusterError::Conflict`]); the caller knows
+    /// the ones rotator made (by uid) and does not ask about those.
+    pub async fn kubeconfig_secret_free(
+        &self,
+        ns: &str,
+        name: &str,
+        user: &str,
+    ) -> Result<(), ClusterError> {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), ns);
+        let secret = self.kubeconfig_secret(ns, name, user, "", None);
+        let pp = kube::api::PostParams {
+            dry_run: true,
+            ..Default::default()
         };
-        let pp = kube::api::PatchParams::apply("rotator").force();
-        let patch = kube::api::Patch::Apply(&secret);
         retry(
-            &format!("writing Secret {ns}/{name}"),
+            &format!("checking Secret {ns}/{name}"),
             Backoff::default(),
-            || api.patch(name, &pp, &patch),
+            || async {
+                match api.create(&pp, &secret).await {
+                    Ok(_) => Ok(Ok(())),
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        Ok(Err(Self::foreign_secret(ns, name)))
+                    }
+                    Err(e) => Err(e),
+                }
+            },
         )
-        .await
-        .map(|_| ())
+        .await?
+    }
+
+    /// Asks the API server (SelfSubjectAccessReview) whether rotator may create
+    /// `ns/name` and replace it later, so that a missing grant is found before
+    /// anything is issued rather than at the first rotation.
+    pub async fn kubeconfig_secret_access(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<SecretAccess, ClusterError> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        };
+        let api: kube::Api<SelfSubjectAccessReview> = kube::Api::all(self.client.clone());
+        for (verb, missing) in [
+            ("create", SecretAccess::NoCreate),
+            ("update", SecretAccess::NoUpdate),
+        ] {
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        verb: Some(verb.into()),
+                        resource: Some("secrets".into()),
+                        namespace: Some(ns.into()),
+                        name: (verb == "update").then(|| name.to_string()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let pp = kube::api::PostParams::default();
+            let r = retry(
+                &format!("asking whether rotator may {verb} Secret {ns}/{name}"),
+                Backoff::default(),
+                || api.create(&pp, &review),
+            )
+            .await?;
+            if !r.status.is_some_and(|s| s.allowed) {
+                return Ok(missing);
+            }
+        }
+        Ok(SecretAccess::Granted)
+    }
+
+    /// Writes the kubeconfig into the Secret rotator created, without ever
+    /// reading a Secret: with `uid` (recorded when rotator created it) a replace
+    /// conditional on that uid, so a Secret that someone deleted and made again
+    /// is refused, not overwritten; a Secret that is gone is created again;
+    /// without `uid`, a create, which refuses any Secret of that name that
+    /// exists. Returns the uid of a Secret it created.
+    pub async fn write_kubeconfig_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        user: &str,
+        kubeconfig: &str,
+        uid: Option<&str>,
+    ) -> Result<Option<String>, ClusterError> {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: kube::Api<Secret> = kube::Api::namespaced(self.client.clone(), ns);
+        let pp = kube::api::PostParams::default();
+        if let Some(uid) = uid {
+            let secret = self.kubeconfig_secret(ns, name, user, kubeconfig, Some(uid));
+            let replaced = retry(&format!("writing Secret {ns}/{name}"), Backoff::default(), || async {
+                match api.replace(name, &pp, &secret).await {
+                    Ok(_) => Ok(Ok(true)),
+                    Err(e) if is_not_found(&e) => Ok(Ok(false)),
+                    Err(kube::Error::Api(s)) if s.code == 409 => Ok(Err(ClusterError::Conflict(format!(
+                        "Secret {ns}/{name} is no longer the Secret rotator created (uid {uid}): someone deleted it and made another of that name, which rotator does not overwrite\nfix: delete Secret {ns}/{name} so that rotator creates its own again"
+                    )))),
+                    Err(e) => Err(e),
+                }
+            })
+            .await??;
+            if replaced {
+                return Ok(None);
+            }
+        }
+        let secret = self.kubeconfig_secret(ns, name, user, kubeconfig, None);
+        let created = retry(
+            &format!("creating Secret {ns}/{name}"),
+            Backoff::default(),
+            || async {
+                match api.create(&pp, &secret).await {
+                    Ok(s) => Ok(Ok(s)),
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        Ok(Err(Self::foreign_secret(ns, name)))
+                    }
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await??;
+        created.metadata.uid.map(Some).ok_or_else(|| {
+            ClusterError::Invalid(format!("the created Secret {ns}/{name} has no uid"))
+        })
     }
 }

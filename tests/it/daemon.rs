@@ -535,6 +535,7 @@ async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespac
         "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n",
     )
     .await;
+    kx.grant_secret_delivery("team-a", "bob-kubeconfig").await;
     let e = fails_with(
         &kx.rotator_async(
             &[

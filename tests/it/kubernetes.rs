@@ -537,6 +537,24 @@ async fn bootstrap_tokens_are_created_like_kubeadm_listed_revoked_and_expired() 
             "--from-literal=usage-bootstrap-authentication=true",
         ])
         .await);
+    // rbac.yaml does not let rotator list kube-system Secrets: it lists its own
+    // tokens and says foreign ones were not checked.
+    let o = kx
+        .rotator_async(&["token", "list", "--output", "json"], &[])
+        .await;
+    let list: Vec<serde_json::Value> = serde_json::from_str(&ok(&o)).unwrap();
+    assert!(list.iter().any(|t| t["id"] == id) && !list.iter().any(|t| t["id"] == "abc123"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("rbac-token-audit.yaml"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // With the optional rbac-token-audit.yaml it reports them.
+    let audit = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/rbac-token-audit.yaml"
+    );
+    ok(&kx.admin_kubectl(&["apply", "-f", audit]).await);
     let list: Vec<serde_json::Value> = serde_json::from_str(&ok(&kx
         .rotator_async(&["token", "list", "--output", "json"], &[])
         .await))
@@ -789,4 +807,71 @@ async fn cluster_wide_access_only_where_policy_allows_it() {
         ])
         .await);
     assert_eq!(crb.trim(), "", "no rotator binding is left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_server_has_kubeadms_one_ca_by_default_and_separate_cas_on_request() {
+    for separate in [false, true] {
+        let kx = Kx::new(
+            Options {
+                separate_client_ca: separate,
+                ..Options::default()
+            },
+            "",
+        )
+        .await;
+        assert_eq!(kx.cluster.ca_pem() == kx.cluster.client_ca_pem(), !separate);
+        ok(&kx
+            .rotator_async(
+                &[
+                    "add-user", "alice", "--group", "dev", "-n", "team-a", "--role", "view",
+                ],
+                &[],
+            )
+            .await);
+        assert!(kx.can_list_pods("alice.kubeconfig", "team-a").await);
+        let (_, ca, cert, _) = kubeconfig_parts(&kx.s.path("alice.kubeconfig"));
+        let ca = kx.s.write("kubeconfig-ca.pem", &ca);
+        let client_ca = kx.s.write("client-ca.pem", kx.cluster.client_ca_pem());
+        let cert = kx.s.write("alice.pem", &cert);
+        let verify = |ca: &std::path::Path| {
+            run(
+                "openssl",
+                &[
+                    "verify",
+                    "-CAfile",
+                    ca.to_str().unwrap(),
+                    cert.to_str().unwrap(),
+                ],
+            )
+            .status
+            .success()
+        };
+        // kubeadm: the kubeconfig's certificate-authority-data also verifies
+        // the issued client certificate; with separate CAs only the client CA does.
+        assert_eq!(verify(&ca), !separate, "separate={separate}");
+        assert!(verify(&client_ca));
+        // The signer re-encodes the subject in Go's order: O before CN.
+        let subject = ok(&run(
+            "openssl",
+            &[
+                "x509",
+                "-noout",
+                "-subject",
+                "-nameopt",
+                "oneline",
+                "-in",
+                cert.to_str().unwrap(),
+            ],
+        ));
+        assert!(
+            subject
+                .trim()
+                .trim_start_matches("subject=")
+                .trim()
+                .starts_with("O = dev")
+                && subject.trim().ends_with("CN = alice"),
+            "{subject}"
+        );
+    }
 }

@@ -1,5 +1,6 @@
 //! Authentication: client certificates against the client CA (CN user, O groups),
-//! the static admin token, and bootstrap tokens from kube-system Secrets.
+//! the static admin token, service-account token Secrets, and bootstrap tokens
+//! from kube-system Secrets.
 //! The TLS layer accepts any client certificate whose holder proves its key; the
 //! chain and validity are checked here, so a bad certificate is a 401 with a
 //! Status body, as on a real API server, not a TLS alert.
@@ -44,7 +45,7 @@ pub fn authenticate(
             groups: vec!["system:masters".into(), "system:authenticated".into()],
         });
     }
-    bootstrap_token_user(sh, token)
+    crate::serviceaccounts::token_user(sh, token).or_else(|| bootstrap_token_user(sh, token))
 }
 
 fn cert_user(sh: &Shared, der: &[u8]) -> Option<UserInfo> {

@@ -20,6 +20,7 @@ pub mod pki;
 mod protobuf;
 pub mod rbac;
 pub mod resources;
+pub mod serviceaccounts;
 pub mod store;
 mod table;
 
@@ -67,6 +68,11 @@ pub struct Options {
     /// Behave like a pre-1.22 API server, which silently drops `expirationSeconds`:
     /// every certificate gets `max_signing_duration`.
     pub drop_expiration_seconds: bool,
+    /// Separate CAs for the serving certificate and for client certificates. The
+    /// default (false) is kubeadm's layout: one CA (`/etc/kubernetes/pki/ca.crt`)
+    /// signs the serving certificate and every client certificate, so the
+    /// kubeconfig's `certificate-authority-data` also verifies issued certificates.
+    pub separate_client_ca: bool,
 }
 
 impl Default for Options {
@@ -83,11 +89,12 @@ impl Default for Options {
             token_cache_ttl: Duration::ZERO,
             cleaner_interval: Duration::from_secs(1),
             drop_expiration_seconds: false,
+            separate_client_ca: false,
         }
     }
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -217,10 +224,16 @@ fn tls_config(serving_ca: &Ca, client_ca: &Ca) -> std::io::Result<rustls::Server
 
 impl TestCluster {
     pub async fn start(opts: Options) -> std::io::Result<Self> {
+        let serving = ca_parts(&Ca::new("testcluster-ca"));
+        let client = if opts.separate_client_ca {
+            ca_parts(&Ca::new("testcluster-client-ca"))
+        } else {
+            serving.clone()
+        };
         let snap = Snapshot {
             data: store::Data::default(),
-            serving: ca_parts(&Ca::new("testcluster-ca")),
-            client: ca_parts(&Ca::new("testcluster-client-ca")),
+            serving,
+            client,
             opts,
         };
         Self::start_from(snap, true).await
@@ -305,6 +318,7 @@ impl TestCluster {
         &self.sh.serving_ca.cert_pem
     }
     /// The CA client certificates must chain to (`--client-ca-file`); it signs CSRs too.
+    /// The same as [`TestCluster::ca_pem`] unless `Options::separate_client_ca`.
     pub fn client_ca_pem(&self) -> &str {
         &self.sh.client_ca.cert_pem
     }
@@ -416,6 +430,7 @@ async fn controllers(sh: Arc<Shared>) {
     let mut last_clean = Instant::now();
     loop {
         csr::signing_pass(&sh);
+        serviceaccounts::token_controller_pass(&sh);
         if last_clean.elapsed() >= sh.opts.cleaner_interval {
             csr::cleaner_pass(&sh);
             last_clean = Instant::now();

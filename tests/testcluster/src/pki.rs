@@ -191,7 +191,7 @@ impl Ca {
                 not_before: x509_time(not_before),
                 not_after: x509_time(not_after),
             },
-            subject: req.info.subject,
+            subject: go_subject(&req.info.subject)?,
             subject_public_key_info: req.info.public_key,
             issuer_unique_id: None,
             subject_unique_id: None,
@@ -223,6 +223,87 @@ impl Ca {
     }
 }
 
+/// The subject as kube-controller-manager's signer writes it: Go parses the
+/// request's subject into a `pkix.Name` (C, ST, L, STREET, POSTALCODE, O, OU
+/// kept in order; the last CN and SERIALNUMBER win; any other attribute is
+/// dropped) and `ToRDNSequence` encodes it again in its own order, each
+/// attribute type as one RDN holding all its values, every value a
+/// PrintableString when its characters allow and a UTF8String otherwise. So
+/// `/CN=u/O=dev` comes out as `O=dev, CN=u` (kubernetes-facts 26).
+pub fn go_subject(subject: &x509_cert::name::Name) -> Result<x509_cert::name::Name, String> {
+    use x509_cert::attr::AttributeTypeAndValue;
+    use x509_cert::der::asn1::{PrintableStringRef, SetOfVec, Utf8StringRef};
+    use x509_cert::der::{Tag, Tagged};
+    use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
+    // Go's pkix.Name.ToRDNSequence order.
+    const ORDER: [(&str, bool); 9] = [
+        ("2.5.4.6", false),  // C
+        ("2.5.4.8", false),  // ST
+        ("2.5.4.7", false),  // L
+        ("2.5.4.9", false),  // STREET
+        ("2.5.4.17", false), // POSTALCODE
+        ("2.5.4.10", false), // O
+        ("2.5.4.11", false), // OU
+        ("2.5.4.3", true),   // CN (one value: the last wins)
+        ("2.5.4.5", true),   // SERIALNUMBER (likewise)
+    ];
+    let mut values: Vec<Vec<String>> = vec![Vec::new(); ORDER.len()];
+    for rdn in subject.0.iter() {
+        for atv in rdn.0.iter() {
+            let Some(i) = ORDER
+                .iter()
+                .position(|(oid, _)| ObjectIdentifier::new_unwrap(oid) == atv.oid)
+            else {
+                continue;
+            };
+            // Go keeps only values it decodes as strings.
+            let text = match atv.value.tag() {
+                Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::TeletexString => {
+                    String::from_utf8(atv.value.value().to_vec()).ok()
+                }
+                _ => None,
+            };
+            let Some(text) = text else { continue };
+            if ORDER[i].1 {
+                values[i] = vec![text];
+            } else {
+                values[i].push(text);
+            }
+        }
+    }
+    let printable = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" '()+,-./:=?".contains(&b))
+    };
+    let mut rdns = Vec::new();
+    for (i, vs) in values.iter().enumerate() {
+        let vs: Vec<&String> = vs
+            .iter()
+            .filter(|v| !(ORDER[i].1 && v.is_empty()))
+            .collect();
+        if vs.is_empty() {
+            continue;
+        }
+        let oid = ObjectIdentifier::new_unwrap(ORDER[i].0);
+        let mut atvs = Vec::new();
+        for v in vs {
+            let value = if printable(v) {
+                x509_cert::der::Any::encode_from(
+                    &PrintableStringRef::new(v).map_err(|e| e.to_string())?,
+                )
+            } else {
+                x509_cert::der::Any::encode_from(&Utf8StringRef::new(v).map_err(|e| e.to_string())?)
+            }
+            .map_err(|e| e.to_string())?;
+            atvs.push(AttributeTypeAndValue { oid, value });
+        }
+        rdns.push(RelativeDistinguishedName(
+            SetOfVec::try_from(atvs).map_err(|e| e.to_string())?,
+        ));
+    }
+    Ok(RdnSequence(rdns))
+}
+
 fn x509_time(unix: i64) -> Time {
     let d = std::time::Duration::from_secs(unix.max(0) as u64);
     if unix < 2_524_608_000 {
@@ -234,6 +315,14 @@ fn x509_time(unix: i64) -> Time {
 
 /// A CSR with one O per group (tests and the admin credential).
 pub fn csr_der(key: &KeyPair, cn: &str, orgs: &[&str]) -> Vec<u8> {
+    let mut attrs: Vec<(&str, &str)> = orgs.iter().map(|o| ("2.5.4.10", *o)).collect();
+    attrs.push(("2.5.4.3", cn));
+    csr_der_attrs(key, &attrs)
+}
+
+/// A CSR whose subject holds these (OID, UTF8String value) attributes, one RDN
+/// each, in this order.
+pub fn csr_der_attrs(key: &KeyPair, attrs: &[(&str, &str)]) -> Vec<u8> {
     use x509_cert::attr::AttributeTypeAndValue;
     use x509_cert::der::asn1::{SetOfVec, Utf8StringRef};
     use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
@@ -246,8 +335,7 @@ pub fn csr_der(key: &KeyPair, cn: &str, orgs: &[&str]) -> Vec<u8> {
             .unwrap(),
         )
     };
-    let mut rdns: Vec<_> = orgs.iter().map(|o| rdn("2.5.4.10", o)).collect();
-    rdns.push(rdn("2.5.4.3", cn));
+    let rdns: Vec<_> = attrs.iter().map(|(o, v)| rdn(o, v)).collect();
     use rcgen::PublicKeyData;
     let info = x509_cert::request::CertReqInfo {
         version: x509_cert::request::Version::V1,
@@ -270,4 +358,83 @@ pub fn csr_der(key: &KeyPair, cn: &str, orgs: &[&str]) -> Vec<u8> {
     }
     .to_der()
     .unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RDNs of a certificate's subject in DER order: (oid, DER tag, value) per RDN.
+    fn rdns(cert_pem: &str) -> Vec<Vec<(String, u8, String)>> {
+        let (_, p) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).unwrap();
+        let (_, c) = x509_parser::parse_x509_certificate(&p.contents).unwrap();
+        c.subject()
+            .iter()
+            .map(|rdn| {
+                rdn.iter()
+                    .map(|a| {
+                        (
+                            a.attr_type().to_id_string(),
+                            a.attr_value().header.tag().0 as u8,
+                            a.as_str().unwrap().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_signer_encodes_the_subject_as_go_does() {
+        let ca = Ca::new("t");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        // In the request: CN first, O values apart, an OU with a character
+        // PrintableString lacks, and an attribute Go's pkix.Name does not keep.
+        let csr = csr_der_attrs(
+            &key,
+            &[
+                ("2.5.4.3", "u"),
+                ("2.5.4.10", "dev"),
+                ("2.5.4.11", "a_b"),
+                ("2.5.4.10", "rotator:u:1"),
+                ("1.2.840.113549.1.9.1", "u@example.org"),
+            ],
+        );
+        let now = now();
+        let cert = ca
+            .sign_client(&csr, &["client auth".into()], now - 300, now + 600)
+            .unwrap();
+        const PRINTABLE: u8 = 19;
+        const UTF8: u8 = 12;
+        let mut o = vec![
+            ("2.5.4.10".to_string(), PRINTABLE, "dev".to_string()),
+            ("2.5.4.10".to_string(), PRINTABLE, "rotator:u:1".to_string()),
+        ];
+        o.sort(); // a SET: DER order
+        assert_eq!(
+            rdns(&cert),
+            vec![
+                o,
+                vec![("2.5.4.11".to_string(), UTF8, "a_b".to_string())],
+                vec![("2.5.4.3".to_string(), PRINTABLE, "u".to_string())],
+            ]
+        );
+        // openssl, independently, sees O before CN and no emailAddress.
+        let dir = std::env::temp_dir().join(format!("tc-subject-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.pem");
+        std::fs::write(&f, &cert).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-nameopt", "oneline", "-in"])
+            .arg(&f)
+            .output()
+            .expect("openssl");
+        let _ = std::fs::remove_dir_all(&dir);
+        let subject = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            subject.trim().trim_start_matches("subject=").trim(),
+            "O = dev + O = rotator:u:1, OU = a_b, CN = u",
+            "{subject}"
+        );
+    }
 }

@@ -128,7 +128,35 @@ pub fn is_superuser(user: &UserInfo) -> bool {
     user.groups.iter().any(|g| g == "system:masters")
 }
 
+/// One decision of the authorizer, as an audit log would show it.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub username: String,
+    pub attrs: Attrs,
+    pub allowed: bool,
+}
+
+/// Authorizes a request (or a check the API server makes for one, such as
+/// `bind` or `approve`) and records the decision in [`Store::authz`].
 pub fn authorize(store: &Store, user: &UserInfo, a: &Attrs) -> bool {
+    if is_superuser(user) {
+        return true;
+    }
+    let allowed = evaluate(store, user, a);
+    store
+        .authz
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Decision {
+            username: user.username.clone(),
+            attrs: a.clone(),
+            allowed,
+        });
+    allowed
+}
+
+/// The decision without recording it (SelfSubjectAccessReview: a question, not a use).
+pub fn evaluate(store: &Store, user: &UserInfo, a: &Attrs) -> bool {
     is_superuser(user)
         || rules_for(store, user, &a.namespace)
             .iter()

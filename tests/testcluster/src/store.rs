@@ -30,6 +30,9 @@ const HISTORY: usize = 20_000;
 pub struct Store {
     pub data: Arc<Mutex<Data>>,
     notify: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Every authorization decision the RBAC authorizer made for a request by a
+    /// user who is not a superuser (`system:masters` requests are not asked).
+    pub authz: Arc<Mutex<Vec<crate::rbac::Decision>>>,
 }
 
 pub fn rfc3339(unix: i64) -> String {
@@ -78,6 +81,7 @@ impl Store {
         Self {
             data: Arc::new(Mutex::new(data)),
             notify: Arc::new(tx),
+            authz: Arc::default(),
         }
     }
 
