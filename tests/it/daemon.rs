@@ -833,3 +833,92 @@ async fn of_several_daemons_one_leads_and_another_takes_over_when_it_dies() {
         .unwrap();
     assert!(b.wait().await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
+    // rotate and expire tie every 3 s; reconcile every 5 s ties with both on :00, :15, :30, :45.
+    use std::str::FromStr;
+    use tokio::io::AsyncBufReadExt;
+    let kx = Kx::new(
+        Options::default(),
+        "[schedule]\nrotate = \"*/3 * * * * *\"\nexpire = \"*/3 * * * * *\"\nreconcile = \"*/5 * * * * *\"\n",
+    )
+    .await;
+    ok(&kx
+        .rotator_async(
+            &["add-user", "alice", "-n", "team-a", "--role", "view"],
+            &[],
+        )
+        .await);
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = d.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    let runs = |v: &serde_json::Value| -> Option<String> {
+        (v["fields"]["message"] == "job done" || v["fields"]["message"] == "job failed")
+            .then(|| v["fields"]["job"].as_str().unwrap_or_default().to_string())
+    };
+    // The start-up catch-up runs each job once; the window starts after it.
+    let mut caught_up = 0;
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while caught_up < 3 {
+            let l = lines.next_line().await.unwrap().expect("the daemon runs");
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            caught_up += runs(&v).is_some() as usize;
+        }
+    })
+    .await
+    .expect("the catch-up pass ran");
+    let start = chrono::Utc::now();
+    let window = std::time::Duration::from_secs(16);
+    let mut count = std::collections::BTreeMap::<String, usize>::new();
+    let _ = tokio::time::timeout(window, async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            if let Some(job) = runs(&v) {
+                *count.entry(job).or_default() += 1;
+            }
+        }
+    })
+    .await;
+    let end = chrono::Utc::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(d.wait().await.unwrap().success());
+    let ticks = |e: &str| {
+        cron::Schedule::from_str(e)
+            .unwrap()
+            .after(&start)
+            .take_while(|t| *t <= end)
+            .count()
+    };
+    let expected = [
+        ("rotate", ticks("*/3 * * * * *")),
+        ("expire", ticks("*/3 * * * * *")),
+        ("reconcile", ticks("*/5 * * * * *")),
+    ];
+    eprintln!("runs {count:?}, ticks {expected:?} over {:?}", end - start);
+    for (job, n) in expected {
+        let ran = count.get(job).copied().unwrap_or(0);
+        // A tick in the last moment of the window may be logged just after it.
+        assert!(
+            ran == n || ran + 1 == n,
+            "{job} ran {ran} times for {n} ticks (runs {count:?})"
+        );
+        assert!(n >= 3, "{job}: the window holds several ticks");
+    }
+}
