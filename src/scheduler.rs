@@ -44,6 +44,10 @@ impl Job {
 /// How long a job in flight may run on after SIGTERM.
 pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Who the audit log names for the expire job's changes (reconcile's are
+/// `daemon:reconcile`, rotation's `daemon`).
+pub const EXPIRE_ACTOR: &str = "daemon:expire";
+
 /// Runs one job now; the summary says what it did.
 pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, String> {
     match job {
@@ -52,6 +56,8 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, Stri
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),
         Job::Expire => {
+            // The expire pass's changes are the daemon's, whoever started it.
+            let app = &app.acting_as(EXPIRE_ACTOR);
             let expired = crate::lifecycle::expire_pass(app)
                 .await
                 .map_err(|e| e.to_string())?;

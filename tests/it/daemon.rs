@@ -922,3 +922,67 @@ async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
         assert!(n >= 3, "{job}: the window holds several ticks");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expire_pass_is_audited_as_the_daemon() {
+    let kx = Kx::new(Options::default(), "[rotation]\ngrace_period = \"5m\"\n").await;
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let app = kx.app(&clock).await;
+    let mut first = rotator::sink::FileSink {
+        path: kx.s.path("first.kubeconfig"),
+    };
+    let mut s = spec("alice");
+    s.ttl_seconds = 3600;
+    app.issuer().add_user(s, &mut first, "test").await.unwrap();
+    let mut second = rotator::sink::FileSink {
+        path: kx.s.path("second.kubeconfig"),
+    };
+    app.issuer()
+        .rotate("alice", &mut second, "test")
+        .await
+        .unwrap();
+    ok(&kx
+        .rotator_async(
+            &[
+                "token",
+                "create",
+                "--ttl",
+                "30m",
+                "--groups",
+                "system:bootstrappers:workers",
+            ],
+            &[],
+        )
+        .await);
+    // Past the grace period (the superseded group goes), the first notAfter
+    // (it expires) and the token's expiry (it is deleted).
+    clock.advance(2 * 3600);
+    kx.cluster.advance_clock(2 * 3600);
+    let r = rotator::scheduler::run_job(&app, rotator::scheduler::Job::Expire)
+        .await
+        .unwrap();
+    assert!(r["tokens_deleted"].as_u64() >= Some(1), "{r}");
+    let log = ok(&kx.rotator(&["audit", "log", "--output", "json"]));
+    let events: Vec<serde_json::Value> = serde_json::from_str(&log).unwrap();
+    // What came after the token was made is the expire pass's.
+    let since = events
+        .iter()
+        .position(|e| e["action"] == "token.create")
+        .expect("token.create audited");
+    for action in ["rbac.sync", "credential.expire", "token.expire"] {
+        let by: Vec<_> = events[since..]
+            .iter()
+            .filter(|e| e["action"] == action)
+            .map(|e| e["actor"].as_str().unwrap_or_default())
+            .collect();
+        assert!(
+            !by.is_empty(),
+            "{action}: no event after the expire pass: {log}"
+        );
+        assert!(
+            by.iter().all(|a| *a == rotator::scheduler::EXPIRE_ACTOR),
+            "{action} is audited as the daemon's expire job, not as {by:?}"
+        );
+    }
+}
