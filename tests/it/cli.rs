@@ -533,3 +533,101 @@ async fn a_locked_database_is_a_clear_error_after_the_busy_timeout() {
     drop(conn);
     assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
 }
+
+/// `rotator ARGS` in `s`, killed if it runs longer than `limit`; None then.
+fn rotator_within(
+    s: &Scratch,
+    args: &[&str],
+    limit: std::time::Duration,
+) -> Option<std::process::Output> {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+    c.current_dir(s.dir.path())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+        c.env_remove(k);
+    }
+    let mut child = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn add_user_out_a_fifo_or_a_device_is_refused_with_exit_10_and_nothing_written() {
+    use std::os::unix::fs::FileTypeExt;
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    let fifo = s.path("fifo");
+    ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
+    let o = rotator_within(
+        &s,
+        &[
+            "add-user", "f1", "-n", "team-a", "--role", "view", "--out", "fifo",
+        ],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("add-user --out FIFO must not hang");
+    let e = fails_with(&o, 10);
+    assert!(e.contains("is a FIFO") && e.contains("fix:"), "{e}");
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    // A character device: a node of our own when we may make one (as root, a
+    // copy of /dev/null's, so a regression can only replace that copy), else
+    // /dev/null itself, which a non-root rotator could never replace.
+    let dev = s.path("null-device");
+    let own = run("mknod", &[dev.to_str().unwrap(), "c", "1", "3"])
+        .status
+        .success();
+    let root = run("id", &["-u"]).stdout.trim_ascii() == b"0";
+    if own || !root {
+        let target = if own {
+            dev.to_str().unwrap()
+        } else {
+            "/dev/null"
+        };
+        let o = rotator_within(
+            &s,
+            &[
+                "add-user", "f2", "-n", "team-a", "--role", "view", "--out", target,
+            ],
+            std::time::Duration::from_secs(20),
+        )
+        .expect("add-user --out DEVICE must not hang");
+        let e = fails_with(&o, 10);
+        assert!(e.contains("is a character device"), "{e}");
+        assert!(
+            std::fs::symlink_metadata(target)
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+    }
+    assert!(
+        std::fs::symlink_metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    // Refused before anything was issued.
+    let users = ok(&s.rotator(&["list-users", "--output", "json"]));
+    assert!(!users.contains("f1") && !users.contains("f2"), "{users}");
+    let stray: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".rotator-"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}

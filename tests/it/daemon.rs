@@ -986,3 +986,104 @@ async fn the_expire_pass_is_audited_as_the_daemon() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigterm() {
+    use std::os::unix::fs::FileTypeExt;
+    use tokio::io::AsyncBufReadExt;
+    // alice is always due and her delivery path is a FIFO; bob's is a file.
+    let kx = Kx::new(
+        Options::default(),
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"*/2 * * * * *\"\nexpire = \"*/2 * * * * *\"\nreconcile = \"*/2 * * * * *\"\n",
+    )
+    .await;
+    for u in ["alice", "bob"] {
+        ok(&kx
+            .rotator_async(
+                &[
+                    "add-user", u, "-n", "team-a", "--role", "view", "--ttl", "1h",
+                ],
+                &[],
+            )
+            .await);
+    }
+    let dir = kx.s.path("rotator-data/kubeconfigs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("alice.kubeconfig");
+    let _ = std::fs::remove_file(&fifo);
+    ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = d.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    let mut refused = false;
+    let mut after = std::collections::BTreeMap::<String, usize>::new();
+    let mut bob = 0;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(40), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            let f = &v["fields"];
+            if f["message"] == "renewal failed; retried on the next pass"
+                && f["user"] == "alice"
+                && f["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("is a FIFO")
+            {
+                refused = true;
+            }
+            if f["message"] == "renewed" && f["user"] == "bob" {
+                bob += 1;
+            }
+            if refused && f["message"] == "job done" {
+                *after
+                    .entry(f["job"].as_str().unwrap_or_default().to_string())
+                    .or_default() += 1;
+            }
+            if after.values().filter(|n| **n >= 2).count() == 3 && bob >= 2 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused,
+        "alice's delivery to the FIFO is refused, not blocked on"
+    );
+    assert!(bob >= 2, "bob keeps being renewed ({bob})");
+    for job in ["rotate", "expire", "reconcile"] {
+        assert!(
+            after.get(job).copied().unwrap_or(0) >= 2,
+            "{job} keeps running after the refusal: {after:?}"
+        );
+    }
+    let stopped = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let st = tokio::time::timeout(rotator::scheduler::STOP_GRACE, d.wait())
+        .await
+        .expect("SIGTERM ends the daemon within its grace period")
+        .unwrap();
+    assert!(st.success(), "{st:?}");
+    eprintln!("stopped {:?} after SIGTERM", stopped.elapsed());
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+}
