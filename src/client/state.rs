@@ -66,6 +66,16 @@ pub struct Pending {
     pub csr: String,
 }
 
+/// A renewal that failed, remembered briefly so that every kubectl call in
+/// the meantime does not wait for the server again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewFailure {
+    /// Unix seconds.
+    pub at: i64,
+    /// The error, as the user was told it.
+    pub error: String,
+}
+
 /// The directory for one server.
 #[derive(Debug, Clone)]
 pub struct ServerDir {
@@ -145,6 +155,19 @@ impl ServerDir {
 
     pub fn clear_pending(&self) {
         let _ = std::fs::remove_file(self.file("pending.json"));
+    }
+
+    /// The last failed renewal, if one is remembered (a damaged file is ignored).
+    pub fn renew_failure(&self) -> Option<RenewFailure> {
+        self.read_json("renew-failed.json").ok().flatten()
+    }
+
+    pub fn store_renew_failure(&self, f: &RenewFailure) -> Result<(), ClientError> {
+        self.write_json("renew-failed.json", f)
+    }
+
+    pub fn clear_renew_failure(&self) {
+        let _ = std::fs::remove_file(self.file("renew-failed.json"));
     }
 
     pub fn server_ca(&self) -> Option<String> {

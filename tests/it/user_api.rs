@@ -438,6 +438,15 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("could not renew"), "the user is told: {err}");
 
+    // That failure is remembered (0600) so the next kubectl calls do not wait
+    // for the server again (tested below); forgotten here so this one tries.
+    let memory = rotator::client::ServerDir::for_server(&state, &url)
+        .unwrap()
+        .path
+        .join("renew-failed.json");
+    assert_eq!(mode(&memory), 0o600);
+    std::fs::remove_file(&memory).unwrap();
+
     // Something answers TCP on the server's port and then says nothing: the
     // plugin gives up at its deadline and still answers.
     let hole = tokio::net::TcpListener::bind(api.addr).await.unwrap();
@@ -459,7 +468,9 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
         "--renew-before",
         "10m",
     ]);
+    let started = std::time::Instant::now();
     let o = c.output().await.unwrap();
+    let took = started.elapsed();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     assert!(err.contains("no answer within 2s"), "{err}");
@@ -468,6 +479,27 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
         v["status"]["clientCertificateData"].as_str().unwrap(),
         last_cached
     );
+    // The process itself ends by its deadline, not only its answer.
+    eprintln!("credential --timeout 2s against a server that never answers exited after {took:?}");
+    assert!(took < Duration::from_millis(2900), "exited after {took:?}");
+    // The next call, still against the silent server, answers at once from the
+    // cache: the failure is remembered for a minute.
+    let started = std::time::Instant::now();
+    let o = c.output().await.unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("the last renewal failed") && err.contains("no answer within 2s"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["status"]["clientCertificateData"].as_str().unwrap(),
+        last_cached
+    );
+    eprintln!("the call after it, within the minute, took {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
     held.abort();
 }
 
