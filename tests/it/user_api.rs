@@ -825,3 +825,94 @@ async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
         .unwrap();
     assert!(daemon.wait().await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_exits_by_its_deadline_while_dns_never_answers() {
+    // A resolver that never answers, without touching the host: a private mount
+    // and network namespace whose /etc/resolv.conf names a UDP socket that
+    // reads queries and says nothing. Needs the right to unshare (root here).
+    let can = std::process::Command::new("unshare")
+        .args(["--mount", "--net", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        eprintln!("skipped: cannot make a mount and network namespace here");
+        return;
+    }
+    let s = Scratch::new();
+    // A cached credential that is due, for a server whose name never resolves.
+    let ca = make_ca(s.dir.path(), "ca");
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let cert = ca
+        .issue_server(&key, &["u".into()], Duration::from_secs(3600))
+        .unwrap();
+    let server = "https://stall.example:8443";
+    let now = SystemClock.now();
+    rotator::client::ServerDir::for_server(&s.path("state"), server)
+        .unwrap()
+        .store_credential(&rotator::client::Cached {
+            server: server.into(),
+            user: "u".into(),
+            certificate: cert.clone(),
+            key: key.to_pem(),
+            serial: "01".into(),
+            generation: 1,
+            not_before: now - 60,
+            not_after: now + 3000,
+            renew_after: now - 1,
+            namespace: None,
+            cluster: rotator::selfservice::ClusterInfo {
+                name: "c".into(),
+                server: "https://127.0.0.1:6443".into(),
+                certificate_authority_data: String::new(),
+            },
+        })
+        .unwrap();
+    s.write(
+        "resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:10 attempts:3\n",
+    );
+    let script = format!(
+        r#"ip link set lo up || exit 90
+mount --bind resolv.conf /etc/resolv.conf || exit 91
+python3 -c 'import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(("127.0.0.1",53)); time.sleep(120)' &
+silent=$!
+sleep 0.5
+getent hosts stall.example >/dev/null & lookup=$!
+sleep 1
+kill -0 $lookup 2>/dev/null || exit 92
+kill $lookup
+start=$(date +%s%N)
+{} credential --server {server} --state-dir state --timeout 2s > answer.json
+rc=$?
+echo $(( ($(date +%s%N) - start) / 1000000 )) > took-ms
+kill $silent
+exit $rc"#,
+        env!("CARGO_BIN_EXE_rotator")
+    );
+    let o = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("unshare")
+            .args(["--mount", "--net", "sh", "-c", &script])
+            .current_dir(s.dir.path())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the plugin ended")
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_ne!(o.status.code(), Some(92), "the lookup did not stall: {err}");
+    assert!(o.status.success(), "{:?} {err}", o.status);
+    assert!(err.contains("no answer within 2s"), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("answer.json")).unwrap()).unwrap();
+    assert_eq!(v["status"]["clientCertificateData"], cert.as_str());
+    let took: u64 = std::fs::read_to_string(s.path("took-ms"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!("credential --timeout 2s with a resolver that never answers exited after {took} ms");
+    assert!(took < 2900, "the process exited after {took} ms");
+}
