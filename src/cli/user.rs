@@ -103,6 +103,13 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
         Some(p) => p.clone(),
         None => default_kubeconfig()?,
     };
+    // Before anything is asked of the server (a token spent, a credential renewed).
+    crate::fsutil::check_replaceable(&path).map_err(|e| {
+        Failure::new(
+            Exit::Output,
+            anyhow!("cannot write the kubeconfig {}: {e}\nfix: pass --kubeconfig with a regular file's path", path.display()),
+        )
+    })?;
     let c = client::obtain(&conn, a.token.as_deref()).await?;
     let user_entry = format!("{}@{}", c.user, c.cluster.name);
     let context = a.context.clone().unwrap_or_else(|| user_entry.clone());

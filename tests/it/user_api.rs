@@ -916,3 +916,95 @@ exit $rc"#,
     eprintln!("credential --timeout 2s with a resolver that never answers exited after {took} ms");
     assert!(took < 2900, "the process exited after {took} ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_refuses_a_fifo_kubeconfig_and_sigkilled_fetches_leave_no_temporary_file() {
+    let api = Api::start().await;
+    let token = api.enroll_user("erin", &["--ttl", "1h"]).await;
+    // A FIFO as the kubeconfig: refused at once (exit 10), the token not spent.
+    std::fs::create_dir_all(api.kx.s.path("erin/kube")).unwrap();
+    let fifo = api.kx.s.path("erin/kube/config");
+    ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
+    let o = tokio::time::timeout(
+        Duration::from_secs(20),
+        api.fetch("erin", &["--token", &token]),
+    )
+    .await
+    .expect("fetch with a FIFO kubeconfig must not hang");
+    let e = fails_with(&o, 10);
+    assert!(e.contains("is a FIFO") && e.contains("fix:"), "{e}");
+    std::fs::remove_file(&fifo).unwrap();
+    ok(&api.fetch("erin", &["--token", &token]).await);
+
+    // Renewals SIGKILLed at random points.
+    let state = api.kx.s.path("erin/state");
+    let kubeconfig = api.kx.s.path("erin/kube/config");
+    let url = api.url();
+    let args = [
+        "fetch",
+        "--server",
+        &url,
+        "--server-ca",
+        api.server_ca.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ];
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let started = std::time::Instant::now();
+    assert!(spawn().wait().unwrap().success());
+    let took = started.elapsed();
+    let temp_files = || -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut dirs = vec![api.kx.s.path("erin")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else if name.starts_with(".rotator-") && name.ends_with(".tmp") {
+                    found.push(e.path());
+                }
+            }
+        }
+        found
+    };
+    let mut seed: u64 = std::process::id() as u64 ^ 0x2545_f491_4f6c_dd1d;
+    let rounds = 40;
+    let mut killed = 0;
+    for _ in 0..rounds {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut child = spawn();
+        std::thread::sleep(Duration::from_micros(
+            seed % (took.as_micros() as u64 * 6 / 5 + 1),
+        ));
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+            killed += 1;
+        }
+        let _ = child.wait();
+    }
+    let left_by_kills = temp_files().len();
+    ok(&api.fetch("erin", &[]).await);
+    let left = temp_files();
+    eprintln!(
+        "{rounds} fetches, {killed} killed mid-run (a fetch takes {took:?}); temporary files after the kills: {left_by_kills}, after the next fetch: {}",
+        left.len()
+    );
+    assert!(
+        killed >= rounds / 2,
+        "most rounds were killed mid-run ({killed})"
+    );
+    assert!(left.is_empty(), "temporary files survived: {left:?}");
+    api.stop().await;
+}
