@@ -875,10 +875,10 @@ async fn credential_exits_by_its_deadline_while_dns_never_answers() {
     let script = format!(
         r#"ip link set lo up || exit 90
 mount --bind resolv.conf /etc/resolv.conf || exit 91
-python3 -c 'import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(("127.0.0.1",53)); time.sleep(120)' &
+python3 -c 'import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(("127.0.0.1",53)); open("ready","w").close(); time.sleep(30)' </dev/null >/dev/null 2>&1 &
 silent=$!
-sleep 0.5
-getent hosts stall.example >/dev/null & lookup=$!
+n=0; while [ ! -f ready ]; do sleep 0.1; n=$((n+1)); [ $n -lt 300 ] || exit 93; done
+getent hosts stall.example </dev/null >/dev/null 2>&1 & lookup=$!
 sleep 1
 kill -0 $lookup 2>/dev/null || exit 92
 kill $lookup
