@@ -59,12 +59,18 @@ pub struct CredentialArgs {
 
 fn connection(s: &ServerArgs, timeout: Duration) -> CliResult<Connection> {
     let server_ca_pem = match &s.server_ca {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-            Failure::new(
-                Exit::Usage,
-                anyhow!("cannot read --server-ca {}: {e}\nfix: give the PEM file your administrator handed out", p.display()),
-            )
-        })?),
+        Some(p) => Some(
+            crate::fsutil::read_regular_string(p)
+                .and_then(|t| {
+                    t.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+                })
+                .map_err(|e| {
+                    Failure::new(
+                        Exit::Usage,
+                        anyhow!("cannot read --server-ca {}: {e}\nfix: give the PEM file your administrator handed out", p.display()),
+                    )
+                })?,
+        ),
         None => None,
     };
     let state_dir = match &s.state_dir {

@@ -631,3 +631,40 @@ fn add_user_out_a_fifo_or_a_device_is_refused_with_exit_10_and_nothing_written()
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
+
+#[test]
+fn a_fifo_where_serve_or_fetch_reads_is_refused_at_once() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    ok(&run(
+        "mkfifo",
+        &[s.path("rotator-data/daemon.lock").to_str().unwrap()],
+    ));
+    let o = rotator_within(
+        &s,
+        &["serve", "--metrics-addr", "127.0.0.1:0"],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("serve with a FIFO as its lock file must not hang");
+    let e = fails_with(&o, 3);
+    assert!(e.contains("is a FIFO"), "{e}");
+    ok(&run("mkfifo", &[s.path("ca-fifo").to_str().unwrap()]));
+    let o = rotator_within(
+        &s,
+        &[
+            "fetch",
+            "--server",
+            "https://127.0.0.1:9",
+            "--server-ca",
+            "ca-fifo",
+            "--state-dir",
+            "st",
+            "--kubeconfig",
+            "kc",
+        ],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("fetch --server-ca FIFO must not hang");
+    let e = fails_with(&o, 2);
+    assert!(e.contains("is a FIFO"), "{e}");
+}
