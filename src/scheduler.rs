@@ -160,9 +160,10 @@ fn slot(job: Job) -> usize {
 /// The loop. Each job keeps its own mark, the instant its last run started:
 /// its next tick is the first one after that mark, whatever the other jobs
 /// did. Jobs run one at a time; the job whose pending tick is the oldest runs
-/// first (on a tie, the one that last ran longest ago), so a job whose tick fell while another
-/// ran is run as soon as that one ends, once however many of its ticks it
-/// missed, and no schedule can starve another.
+/// first (on a tie, the one that last ran longest ago), so a job whose tick
+/// fell while another ran is run as soon as that one ends, once however many
+/// of its ticks it missed, and no schedule can starve another. A tick waits at
+/// most for the run in progress and one run of each job with an older tick.
 pub async fn drive<P, T, R, F>(
     mut plans: tokio::sync::watch::Receiver<P>,
     shutdown: impl Future<Output = ()>,
