@@ -1087,3 +1087,91 @@ async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigte
             .is_fifo()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
+    use tokio::io::AsyncBufReadExt;
+    let kx = Kx::new(
+        Options::default(),
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n",
+    )
+    .await;
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user",
+                "bob",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--ttl",
+                "1h",
+                "--deliver",
+                "secret:team-a/bob-kubeconfig",
+            ],
+            &[],
+        )
+        .await);
+    // The API server never answers the delivery: the catch-up rotation hangs in it.
+    kx.cluster.faults().add(
+        testcluster::FaultRule::on(Some("PATCH"), "/secrets/")
+            .times(u64::MAX)
+            .action(testcluster::FaultAction::Hang),
+    );
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = d.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    // Expire and reconcile are caught up; then rotate starts and hangs.
+    let mut done = 0;
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while done < 2 {
+            let l = lines.next_line().await.unwrap().expect("the daemon runs");
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            done += (v["fields"]["message"] == "job done") as usize;
+        }
+    })
+    .await
+    .expect("expire and reconcile ran");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let stopped = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let mut log = String::new();
+    let st = tokio::time::timeout(
+        rotator::scheduler::STOP_GRACE + std::time::Duration::from_secs(10),
+        async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                log.push_str(&l);
+                log.push('\n');
+            }
+            d.wait().await.unwrap()
+        },
+    )
+    .await
+    .expect("SIGTERM ends the daemon within its grace period, though a job hangs");
+    let took = stopped.elapsed();
+    eprintln!("stopped {took:?} after SIGTERM with the rotate job hung");
+    assert!(st.success(), "{st:?}\n{log}");
+    assert!(
+        log.contains("job still running after the stop grace period"),
+        "the hung job was given its grace, then dropped:\n{log}"
+    );
+    assert!(took >= rotator::scheduler::STOP_GRACE, "{took:?}");
+    kx.cluster.faults().clear();
+}
