@@ -116,7 +116,15 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
             anyhow!("cannot write the kubeconfig {}: {e}\nfix: pass --kubeconfig with a regular file's path", path.display()),
         )
     })?;
-    let c = client::obtain(&conn, a.token.as_deref()).await?;
+    // --timeout bounds the whole exchange (lock, requests, a retry round), not each request.
+    let c = tokio::time::timeout(a.timeout, client::obtain(&conn, a.token.as_deref()))
+        .await
+        .unwrap_or_else(|_| {
+            Err(client::ClientError::Unreachable {
+                server: conn.server.clone(),
+                why: format!("no answer within {}s", a.timeout.as_secs()),
+            })
+        })?;
     let user_entry = format!("{}@{}", c.user, c.cluster.name);
     let context = a.context.clone().unwrap_or_else(|| user_entry.clone());
     let auth = if a.exec {

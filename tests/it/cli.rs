@@ -668,3 +668,41 @@ fn a_fifo_where_serve_or_fetch_reads_is_refused_at_once() {
     let e = fails_with(&o, 2);
     assert!(e.contains("is a FIFO"), "{e}");
 }
+
+#[test]
+fn fetch_gives_up_at_its_timeout_when_the_server_never_answers() {
+    let s = Scratch::new();
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hole.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming() {
+            held.push(c);
+        }
+    });
+    let url = format!("https://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let o = rotator_within(
+        &s,
+        &[
+            "fetch",
+            "--server",
+            &url,
+            "--token",
+            "abcdef.0123456789abcdef",
+            "--state-dir",
+            "st",
+            "--kubeconfig",
+            "kc",
+            "--timeout",
+            "2s",
+        ],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("fetch ends by itself");
+    let took = started.elapsed();
+    let e = fails_with(&o, 12);
+    assert!(e.contains("no answer within 2s"), "{e}");
+    assert!(took < std::time::Duration::from_millis(2900), "{took:?}");
+    assert!(!s.path("kc").exists());
+}
