@@ -206,6 +206,28 @@ fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<Str
 }
 
 impl App {
+    /// The same App (one store, signer, metrics and in-flight set) whose changes
+    /// the audit log names as `actor`: the daemon's jobs are not the CLI user
+    /// who started it.
+    pub fn acting_as(&self, actor: &str) -> App {
+        App {
+            settings: self.settings.clone(),
+            store: self.store.clone(),
+            signer: self.signer.clone(),
+            cluster: self.cluster.clone(),
+            endpoint: self.endpoint.clone(),
+            clock: self.clock.clone(),
+            faults: self.faults.clone(),
+            actor: actor.to_string(),
+            identity: self.identity.clone(),
+            inflight: self.inflight.clone(),
+            metrics: self.metrics.clone(),
+            leader: self.leader.clone(),
+            sealing: self.sealing.clone(),
+            instance: self.instance.clone(),
+        }
+    }
+
     /// Creates what is missing (data directory, database, local CA) and opens the
     /// rest. Running it twice changes nothing the second time.
     pub async fn open(

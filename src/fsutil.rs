@@ -1,13 +1,34 @@
 //! Files that hold keys: written to a temporary file in the same directory with
 //! mode 0600 from the start, synced, then renamed over the target, so a reader
 //! sees the old file or the new one, never a partial one or a readable key.
-use std::fs::{self, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
+//!
+//! The temporary file has no name while it is written (`O_TMPFILE`); it is
+//! linked in as `.rotator-*.tmp` only once complete, for the instant before the
+//! rename. Its writer holds an exclusive `flock` on it from before it has a
+//! name, so a `.rotator-*.tmp` that can be locked is an orphan (its writer was
+//! killed): every write removes the orphans in its directory first. Where
+//! `O_TMPFILE` is not supported the file is named from the start (and locked
+//! at once).
+//!
+//! Only regular files are ever read or replaced: an existing FIFO, device node,
+//! socket or directory at a path is refused before it is opened, so a FIFO
+//! cannot block a writer and `--out /dev/null` as root cannot replace the device.
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 pub const PRIVATE_MODE: u32 = 0o600;
 pub const PUBLIC_MODE: u32 = 0o644;
+
+/// What temporary files are called: `.rotator-<random>.tmp`.
+const TMP_PREFIX: &str = ".rotator-";
+const TMP_SUFFIX: &str = ".tmp";
 
 pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, bytes, PRIVATE_MODE)
@@ -24,45 +45,278 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+fn kind_of(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+fn not_regular(path: &Path, t: fs::FileType) -> io::Error {
+    let kind = if t.is_dir() {
+        io::ErrorKind::IsADirectory
+    } else {
+        io::ErrorKind::InvalidInput
+    };
+    io::Error::new(
+        kind,
+        format!(
+            "{} is {}; rotator reads and replaces regular files only",
+            path.display(),
+            kind_of(t)
+        ),
+    )
+}
+
+/// Refuses an existing `path` that is not a regular file or a symlink (which a
+/// rename replaces, never following it). Nothing is opened.
+pub fn check_replaceable(path: &Path) -> io::Result<()> {
     if path.is_dir() {
         return Err(io::Error::new(
             io::ErrorKind::IsADirectory,
             format!("{} is a directory", path.display()),
         ));
     }
-    let dir = parent_of(path);
-    // tempfile creates with O_EXCL and mode 0600; the mode is set again explicitly
-    // so a permissive umask or a future tempfile default cannot widen it.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".rotator-")
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
-    tmp.as_file()
-        .set_permissions(Permissions::from_mode(PRIVATE_MODE))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    if mode != PRIVATE_MODE {
-        tmp.as_file()
-            .set_permissions(Permissions::from_mode(mode))?;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() || m.file_type().is_symlink() => Ok(()),
+        Ok(m) => Err(not_regular(path, m.file_type())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
-    tmp.persist(path).map_err(|e| e.error)?;
+}
+
+/// Opens `path` for reading only if it is a regular file (following symlinks),
+/// never blocking on a FIFO. None when it does not exist.
+fn open_regular(path: &Path) -> io::Result<Option<File>> {
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() => {}
+        Ok(m) => return Err(not_regular(path, m.file_type())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    // Swapped for a FIFO since? O_NONBLOCK opens it at once, and fstat tells.
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(not_regular(path, m.file_type()));
+    }
+    Ok(Some(f))
+}
+
+/// The content of `path` if it exists, refusing anything but a regular file.
+pub fn read_regular(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    let Some(mut f) = open_regular(path)? else {
+        return Ok(None);
+    };
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(Some(buf))
+}
+
+/// [`read_regular`] as UTF-8 text.
+pub fn read_regular_string(path: &Path) -> io::Result<Option<String>> {
+    match read_regular(path)? {
+        None => Ok(None),
+        Some(b) => String::from_utf8(b)
+            .map(Some)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text")),
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    check_replaceable(path)?;
+    let dir = parent_of(path);
+    remove_orphans(dir);
+    let tmp = match unnamed_in(dir) {
+        Some(mut f) => {
+            fill(&mut f, bytes, mode)?;
+            let named = link_in(&f, dir)?;
+            Tmp {
+                file: f,
+                path: named,
+            }
+        }
+        None => {
+            // tempfile creates with O_EXCL and mode 0600; locked at once, so a
+            // cleaner can only remove it in the instant before (the rename then
+            // fails and the write is reported failed, never half-done).
+            let (f, p) = tempfile::Builder::new()
+                .prefix(TMP_PREFIX)
+                .suffix(TMP_SUFFIX)
+                .tempfile_in(dir)?
+                .keep()
+                .map_err(|e| e.error)?;
+            let mut t = Tmp { file: f, path: p };
+            t.file.try_lock().map_err(io::Error::other)?;
+            fill(&mut t.file, bytes, mode)?;
+            t
+        }
+    };
+    fs::rename(&tmp.path, path)?;
+    tmp.disarm();
     // The rename is durable only once the directory entry is.
-    if let Ok(d) = fs::File::open(dir) {
+    if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
 }
 
-/// Fails early, before any key exists, when `path` could not be written:
-/// its directory is missing or not writable, or it names a directory.
-pub fn check_writable_target(path: &Path) -> io::Result<()> {
-    if path.is_dir() {
-        return Err(io::Error::new(
-            io::ErrorKind::IsADirectory,
-            format!("{} is a directory", path.display()),
-        ));
+/// A named temporary file we hold locked; removed on drop unless renamed.
+struct Tmp {
+    file: File,
+    path: PathBuf,
+}
+
+impl Tmp {
+    fn disarm(mut self) {
+        self.path = PathBuf::new();
     }
+}
+
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+        // The file (and its lock) closes after the name is gone.
+    }
+}
+
+/// The mode is set again explicitly so a permissive umask or a future default
+/// cannot widen it; a public mode only once the content is complete.
+fn fill(f: &mut File, bytes: &[u8], mode: u32) -> io::Result<()> {
+    f.set_permissions(Permissions::from_mode(PRIVATE_MODE))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    if mode != PRIVATE_MODE {
+        f.set_permissions(Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// An unnamed 0600 file in `dir`, locked; None where `O_TMPFILE` is not supported.
+fn unnamed_in(dir: &Path) -> Option<File> {
+    let fd = rustix::fs::openat(
+        rustix::fs::CWD,
+        dir,
+        OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+        Mode::from_raw_mode(PRIVATE_MODE),
+    )
+    .ok()?;
+    let f = File::from(fd);
+    f.try_lock().ok()?;
+    Some(f)
+}
+
+/// Gives the complete, locked unnamed file a temporary name in `dir`.
+fn link_in(f: &File, dir: &Path) -> io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let proc_path = format!("/proc/self/fd/{}", f.as_raw_fd());
+    for _ in 0..8 {
+        let name = dir.join(format!(
+            "{TMP_PREFIX}{:016x}{TMP_SUFFIX}",
+            u64::from_le_bytes(
+                crate::pki::sha256(
+                    format!("{:?}{}", Instant::now(), std::process::id()).as_bytes()
+                )[..8]
+                    .try_into()
+                    .expect("8 bytes")
+            )
+        ));
+        match rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_path.as_str(),
+            rustix::fs::CWD,
+            &name,
+            AtFlags::SYMLINK_FOLLOW,
+        ) {
+            Ok(()) => return Ok(name),
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("cannot find a free temporary name in {}", dir.display()),
+    ))
+}
+
+/// How often one process sweeps one directory for orphans.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Removes `.rotator-*.tmp` files in `dir` whose writer is gone: ours (same
+/// owner, regular, mode 0600) and not locked. Best effort: an error is skipped.
+pub fn remove_orphans(dir: &Path) {
+    static SWEPT: Mutex<Option<HashMap<PathBuf, Instant>>> = Mutex::new(None);
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|p| p.into_inner());
+        let map = swept.get_or_insert_with(HashMap::new);
+        if map.get(dir).is_some_and(|t| t.elapsed() < SWEEP_EVERY) {
+            return;
+        }
+        map.insert(dir.to_path_buf(), Instant::now());
+    }
+    let _ = remove_orphans_now(dir);
+}
+
+/// [`remove_orphans`] without the rate limit; the number removed.
+pub fn remove_orphans_now(dir: &Path) -> io::Result<usize> {
+    let me = rustix::process::geteuid().as_raw();
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let probe = name.starts_with(".rotator-probe-");
+        if !(name.starts_with(TMP_PREFIX) && (name.ends_with(TMP_SUFFIX) || probe)) {
+            continue;
+        }
+        let p = entry.path();
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if !m.is_file() || m.uid() != me || (!probe && m.mode() & 0o777 != PRIVATE_MODE) {
+            continue;
+        }
+        let Ok(f) = OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlags::NONBLOCK | OFlags::NOFOLLOW).bits() as i32)
+            .open(&p)
+        else {
+            continue;
+        };
+        // Locked: a writer is at work (in this process or another).
+        if f.try_lock().is_ok() && fs::remove_file(&p).is_ok() {
+            tracing::info!(file = %p.display(), "removed a temporary file left by a killed writer");
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Fails early, before any key exists, when `path` could not be written:
+/// its directory is missing or not writable, or it names a directory, a FIFO,
+/// a device or anything else that is not a regular file.
+pub fn check_writable_target(path: &Path) -> io::Result<()> {
+    check_replaceable(path)?;
     let dir = parent_of(path);
     if !dir.is_dir() {
         return Err(io::Error::new(
@@ -80,8 +334,12 @@ pub fn check_writable_target(path: &Path) -> io::Result<()> {
             )
         })?;
     drop(probe);
-    if path.exists() {
-        OpenOptions::new().append(true).open(path)?;
+    // An existing regular file must be writable; a symlink is replaced, not followed.
+    if fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+        OpenOptions::new()
+            .append(true)
+            .custom_flags(OFlags::NONBLOCK.bits() as i32)
+            .open(path)?;
     }
     Ok(())
 }
@@ -169,6 +427,78 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    fn mkfifo(p: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_and_left_alone() {
+        use std::os::unix::fs::FileTypeExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("fifo");
+        mkfifo(&p);
+        // Each of these would block forever (or replace the FIFO) if it opened it.
+        let e = check_writable_target(&p).unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        let e = write_private_atomic(&p, b"key").unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        let e = read_regular(&p).unwrap_err();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+        assert!(fs::symlink_metadata(&p).unwrap().file_type().is_fifo());
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "nothing written"
+        );
+    }
+
+    #[test]
+    fn a_character_device_is_refused_without_being_opened() {
+        use std::os::unix::fs::FileTypeExt;
+        // Only checked, never written: as root a write would replace the device.
+        let null = Path::new("/dev/null");
+        let e = check_writable_target(null).unwrap_err();
+        assert!(e.to_string().contains("is a character device"), "{e}");
+        assert!(check_replaceable(null).is_err());
+        assert!(read_regular(null).is_err());
+        assert!(
+            fs::symlink_metadata(null)
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+    }
+
+    #[test]
+    fn orphaned_temporary_files_are_removed_and_live_ones_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let orphan = d.path().join(".rotator-0123456789abcdef.tmp");
+        fs::write(&orphan, b"a key from a killed writer").unwrap();
+        fs::set_permissions(&orphan, Permissions::from_mode(0o600)).unwrap();
+        let live = d.path().join(".rotator-fedcba9876543210.tmp");
+        fs::write(&live, b"being written").unwrap();
+        fs::set_permissions(&live, Permissions::from_mode(0o600)).unwrap();
+        let held = File::open(&live).unwrap();
+        held.lock().unwrap();
+        let other = d.path().join(".rotator-someone-elses.tmp");
+        fs::write(&other, b"not 0600: not ours").unwrap();
+        fs::set_permissions(&other, Permissions::from_mode(0o644)).unwrap();
+        write_private_atomic(&d.path().join("k"), b"new").unwrap();
+        assert!(!orphan.exists(), "the orphan is removed by the next write");
+        assert!(live.exists(), "a file its writer still holds is kept");
+        assert!(other.exists());
+        drop(held);
+        assert_eq!(remove_orphans_now(d.path()).unwrap(), 1);
+        assert!(!live.exists());
     }
 
     #[test]

@@ -195,16 +195,17 @@ pub fn merge_file(
     e: &Entry<'_>,
 ) -> Result<Option<std::path::PathBuf>, MergeError> {
     let shown = path.display().to_string();
-    let existing = match std::fs::read_to_string(path) {
-        Ok(text) if text.trim().is_empty() => None,
-        Ok(text) => Some((
+    // A FIFO or device at the path is refused before it is opened.
+    let existing = match crate::fsutil::read_regular_string(path) {
+        Ok(None) => None,
+        Ok(Some(text)) if text.trim().is_empty() => None,
+        Ok(Some(text)) => Some((
             Kubeconfig::from_yaml(&text).map_err(|err| MergeError::Read {
                 path: shown.clone(),
                 why: err.to_string(),
             })?,
             text,
         )),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
         Err(err) => {
             return Err(MergeError::Read {
                 path: shown,

@@ -1,11 +1,13 @@
 //! Cron-scheduled jobs for `rotator serve`: rotate, expire, reconcile. Jobs run
 //! one at a time in this loop, so a job still running at its next tick is never
-//! started twice, and the next tick is computed from "now", so ticks missed
-//! while the daemon was down are caught up once, not replayed one by one.
+//! started twice. Every job runs at each of its ticks, or, when another job
+//! (or its own previous run) was still running then, once as soon as it can;
+//! ticks missed while the daemon was down are caught up once at start, not
+//! replayed one by one.
 use std::future::Future;
 use std::sync::Arc;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::json;
 use tracing::{error, info};
 
@@ -42,9 +44,9 @@ impl Job {
 /// How long a job in flight may run on after SIGTERM.
 pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn next_after(s: &CronSchedule, now: chrono::DateTime<Utc>) -> Option<chrono::DateTime<Utc>> {
-    s.schedule.after(&now).next()
-}
+/// Who the audit log names for the expire job's changes (reconcile's are
+/// `daemon:reconcile`, rotation's `daemon`).
+pub const EXPIRE_ACTOR: &str = "daemon:expire";
 
 /// Runs one job now; the summary says what it did.
 pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, String> {
@@ -54,6 +56,8 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, Stri
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),
         Job::Expire => {
+            // The expire pass's changes are the daemon's, whoever started it.
+            let app = &app.acting_as(EXPIRE_ACTOR);
             let expired = crate::lifecycle::expire_pass(app)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -101,55 +105,320 @@ pub async fn run_logged(app: &Arc<App>, job: Job) {
     }
 }
 
-/// Runs the schedules until `shutdown` resolves; a job in flight finishes first.
-/// A new `App` on `apps` (SIGHUP) takes effect at once: its schedules decide the next tick.
-pub async fn run(
-    mut apps: tokio::sync::watch::Receiver<Arc<App>>,
-    shutdown: impl Future<Output = ()>,
-) {
-    // Catch up once at start: whatever fell due while the daemon was down.
-    let app = apps.borrow_and_update().clone();
-    for job in [Job::Expire, Job::Reconcile, Job::Rotate] {
-        run_logged(&app, job).await;
+/// Runs the schedules until `shutdown` resolves; a job in flight gets
+/// [`STOP_GRACE`] to finish. A new `App` on `apps` (SIGHUP) takes effect at
+/// once: its schedules decide the next tick.
+pub async fn run(apps: tokio::sync::watch::Receiver<Arc<App>>, shutdown: impl Future<Output = ()>) {
+    drive(
+        apps,
+        shutdown,
+        &WallTime,
+        STOP_GRACE,
+        |app: Arc<App>, job| async move { run_logged(&app, job).await },
+    )
+    .await
+}
+
+/// What the loop needs to know of time: the wall clock the cron expressions
+/// are read against, and a way to wait. Tests drive a virtual one.
+pub trait Time {
+    fn now(&self) -> DateTime<Utc>;
+    fn sleep(&self, d: std::time::Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// The system clock and tokio's timer.
+pub struct WallTime;
+
+impl Time for WallTime {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
     }
+    fn sleep(&self, d: std::time::Duration) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep(d)
+    }
+}
+
+/// Where the loop reads each job's schedule.
+pub trait Plan: Clone {
+    fn schedule(&self, job: Job) -> &cron::Schedule;
+}
+
+impl Plan for Arc<App> {
+    fn schedule(&self, job: Job) -> &cron::Schedule {
+        &job.schedule(self).schedule
+    }
+}
+
+fn slot(job: Job) -> usize {
+    match job {
+        Job::Rotate => 0,
+        Job::Expire => 1,
+        Job::Reconcile => 2,
+    }
+}
+
+/// The loop. Each job keeps its own mark, the instant its last run started:
+/// its next tick is the first one after that mark, whatever the other jobs
+/// did. Jobs run one at a time; the job whose pending tick is the oldest runs
+/// first (on a tie, the one that last ran longest ago), so a job whose tick
+/// fell while another ran is run as soon as that one ends, once however many
+/// of its ticks it missed, and no schedule can starve another. A tick waits at
+/// most for the run in progress and one run of each job with an older tick.
+pub async fn drive<P, T, R, F>(
+    mut plans: tokio::sync::watch::Receiver<P>,
+    shutdown: impl Future<Output = ()>,
+    time: &T,
+    grace: std::time::Duration,
+    mut run: R,
+) where
+    P: Plan,
+    T: Time,
+    R: FnMut(P, Job) -> F,
+    F: Future<Output = ()>,
+{
     tokio::pin!(shutdown);
+    let mut plan = plans.borrow_and_update().clone();
+    let mut mark = [time.now(); 3];
+    // Catch up once at start: whatever fell due while the daemon was down.
+    for job in [Job::Expire, Job::Reconcile, Job::Rotate] {
+        mark[slot(job)] = time.now();
+        if run_within(&mut shutdown, time, grace, job, run(plan.clone(), job)).await {
+            return;
+        }
+    }
     loop {
-        let app = apps.borrow_and_update().clone();
-        let now = Utc::now();
+        if plans.has_changed().unwrap_or(false) {
+            plan = plans.borrow_and_update().clone();
+        }
         let next = Job::ALL
             .iter()
-            .filter_map(|j| next_after(j.schedule(&app), now).map(|t| (*j, t)))
-            .min_by_key(|(_, t)| *t);
+            .filter_map(|j| {
+                plan.schedule(*j)
+                    .after(&mark[slot(*j)])
+                    .next()
+                    .map(|t| (*j, t))
+            })
+            .min_by_key(|(j, t)| (*t, mark[slot(*j)]));
         let Some((job, at)) = next else {
             info!("no job has a future tick; scheduler idle until a reload or shutdown");
             tokio::select! {
                 _ = &mut shutdown => return,
-                r = apps.changed() => if r.is_err() { return } else { continue },
+                r = plans.changed() => if r.is_err() { return } else { continue },
             }
         };
-        let wait = (at - now).to_std().unwrap_or_default();
-        tokio::select! {
-            _ = &mut shutdown => { info!("scheduler stopping"); return; }
-            r = apps.changed() => {
-                if r.is_err() { return; }
-                info!("schedules reloaded");
-                continue;
+        let now = time.now();
+        if at > now {
+            let wait = (at - now).to_std().unwrap_or_default();
+            tokio::select! {
+                _ = &mut shutdown => { info!("scheduler stopping"); return; }
+                r = plans.changed() => {
+                    if r.is_err() { return; }
+                    plan = plans.borrow_and_update().clone();
+                    info!("schedules reloaded");
+                }
+                _ = time.sleep(wait) => {}
             }
-            _ = tokio::time::sleep(wait) => {}
+            // Look again: a reload, or a timer that fired a hair early.
+            continue;
         }
-        // A job in flight gets STOP_GRACE after a stop signal to finish; past that it
-        // is dropped, which an issuance survives like any crash (its journal says where it was).
-        let mut stopping = false;
-        tokio::select! {
-            _ = run_logged(&app, job) => {}
-            _ = async { (&mut shutdown).await; stopping = true; tokio::time::sleep(STOP_GRACE).await } => {
-                tracing::warn!(job = job.name(), grace = ?STOP_GRACE, "job still running after the stop grace period; stopping anyway");
-                return;
-            }
-        }
-        if stopping {
-            info!("scheduler stopping");
+        // Ticks up to now are all served by this run; a tick that falls while
+        // it runs makes the job due again at once.
+        mark[slot(job)] = now.max(at);
+        if run_within(&mut shutdown, time, grace, job, run(plan.clone(), job)).await {
             return;
         }
+    }
+}
+
+/// Runs `job`; true when the scheduler must stop. A job in flight gets `grace`
+/// after a stop signal to finish; past that it is dropped, which an issuance
+/// survives like any crash (its journal says where it was). File I/O in jobs
+/// runs on blocking threads, so a job stuck in a system call still lets this
+/// future see the signal.
+async fn run_within<T: Time>(
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    time: &T,
+    grace: std::time::Duration,
+    job: Job,
+    fut: impl Future<Output = ()>,
+) -> bool {
+    let mut stopping = false;
+    tokio::select! {
+        _ = fut => {}
+        _ = async { shutdown.as_mut().await; stopping = true; time.sleep(grace).await } => {
+            tracing::warn!(job = job.name(), ?grace, "job still running after the stop grace period; stopping anyway");
+            return true;
+        }
+    }
+    if stopping {
+        info!("scheduler stopping");
+    }
+    stopping
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::str::FromStr;
+    use std::time::Duration;
+
+    /// Virtual wall time: a sleep moves it on at once.
+    struct Virtual(std::sync::Mutex<DateTime<Utc>>);
+
+    impl Time for Virtual {
+        fn now(&self) -> DateTime<Utc> {
+            *self.0.lock().unwrap()
+        }
+        fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send {
+            *self.0.lock().unwrap() += chrono::Duration::from_std(d).unwrap();
+            std::future::ready(())
+        }
+    }
+
+    #[derive(Clone)]
+    struct Fixed([cron::Schedule; 3]);
+
+    impl Plan for Fixed {
+        fn schedule(&self, job: Job) -> &cron::Schedule {
+            &self.0[slot(job)]
+        }
+    }
+
+    fn plan(rotate: &str, expire: &str, reconcile: &str) -> Fixed {
+        Fixed([rotate, expire, reconcile].map(|e| cron::Schedule::from_str(e).unwrap()))
+    }
+
+    /// Runs the loop over virtual time from `start` until the first run that
+    /// starts after `end`; each job takes `took` of virtual time. Returns every
+    /// run's job and start, the start-up catch-up excluded.
+    async fn simulate(
+        p: &Fixed,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        took: [Duration; 3],
+    ) -> Vec<(Job, DateTime<Utc>)> {
+        let time = Virtual(std::sync::Mutex::new(start));
+        let runs = RefCell::new(Vec::new());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop_tx = RefCell::new(Some(stop_tx));
+        let (_keep, plans) = tokio::sync::watch::channel(p.clone());
+        drive(
+            plans,
+            async move {
+                let _ = stop_rx.await;
+            },
+            &time,
+            Duration::from_secs(30),
+            |_, job| {
+                let at = time.now();
+                if at > end {
+                    if let Some(tx) = stop_tx.borrow_mut().take() {
+                        let _ = tx.send(());
+                    }
+                } else {
+                    runs.borrow_mut().push((job, at));
+                }
+                time.sleep(took[slot(job)])
+            },
+        )
+        .await;
+        let mut runs = runs.into_inner();
+        runs.drain(..3); // the catch-up pass
+        runs
+    }
+
+    fn ticks(s: &cron::Schedule, start: DateTime<Utc>, end: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+        s.after(&start).take_while(|t| *t <= end).collect()
+    }
+
+    fn counts(runs: &[(Job, DateTime<Utc>)]) -> [usize; 3] {
+        let mut n = [0; 3];
+        for (j, _) in runs {
+            n[slot(*j)] += 1;
+        }
+        n
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[tokio::test]
+    async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
+        // The review's schedules: rotate and expire tie every 3 s, reconcile every 5 s
+        // ties with both on every 15th second; over 5 min 19 s.
+        let p = plan("*/3 * * * * *", "*/3 * * * * *", "*/5 * * * * *");
+        let (start, end) = (
+            at("2026-12-01T07:00:00.250Z"),
+            at("2026-12-01T07:05:19.250Z"),
+        );
+        let runs = simulate(&p, start, end, [Duration::ZERO; 3]).await;
+        let expected = Job::ALL.map(|j| ticks(p.schedule(j), start, end).len());
+        assert_eq!(expected, [106, 106, 63]);
+        assert_eq!(
+            counts(&runs),
+            expected,
+            "runs per job (rotate, expire, reconcile)"
+        );
+        // Each at its tick, on :00, :15, :30 and :45 too.
+        for j in Job::ALL {
+            let starts: Vec<_> = runs.iter().filter(|r| r.0 == j).map(|r| r.1).collect();
+            assert_eq!(starts, ticks(p.schedule(j), start, end), "{}", j.name());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shipped_defaults_run_reconcile_every_ten_minutes() {
+        // rotate at second 0 of every minute, expire at second 30, reconcile at
+        // second 0 of every tenth minute: a tie with rotate each time.
+        let p = plan("0 * * * * *", "30 * * * * *", "0 */10 * * * *");
+        let (start, end) = (at("2026-12-01T07:00:05Z"), at("2026-12-01T09:00:05Z"));
+        let runs = simulate(&p, start, end, [Duration::ZERO; 3]).await;
+        assert_eq!(counts(&runs), [120, 120, 12]);
+    }
+
+    #[tokio::test]
+    async fn a_slow_job_delays_the_others_but_never_starves_them() {
+        // rotate takes 4 s though it ticks every 3 s; expire takes 1 s.
+        let p = plan("*/3 * * * * *", "*/3 * * * * *", "*/5 * * * * *");
+        let (start, end) = (
+            at("2026-12-01T07:00:00.250Z"),
+            at("2026-12-01T07:05:19.250Z"),
+        );
+        let took = [
+            Duration::from_secs(4),
+            Duration::from_secs(1),
+            Duration::ZERO,
+        ];
+        let runs = simulate(&p, start, end, took).await;
+        // The longest a tick waits: the run in progress, then at most one run
+        // of each job whose pending tick is older (that one's included).
+        let bound = chrono::Duration::seconds(4 + (4 + 1));
+        for j in Job::ALL {
+            let starts: Vec<_> = runs.iter().filter(|r| r.0 == j).map(|r| r.1).collect();
+            let ticks = ticks(p.schedule(j), start, end);
+            // A tick near the end is served after the window: not counted.
+            for t in ticks.iter().filter(|t| **t + bound <= end) {
+                assert!(
+                    starts.iter().any(|s| *s >= *t && *s <= *t + bound),
+                    "{} tick {t} was not served within {bound}: {starts:?}",
+                    j.name()
+                );
+            }
+            assert!(
+                starts.len() <= ticks.len(),
+                "{}: no run without a tick",
+                j.name()
+            );
+        }
+        // Runs never overlap: each starts after the one before ended.
+        for w in runs.windows(2) {
+            assert!(w[1].1 >= w[0].1 + chrono::Duration::from_std(took[slot(w[0].0)]).unwrap());
+        }
+        let n = counts(&runs);
+        // Rotation takes longer than its period, so every cycle is rotate + expire
+        // (5 s): each runs once per cycle, reconcile every other one.
+        assert_eq!(n, [63, 63, 31], "runs per job (rotate, expire, reconcile)");
     }
 }

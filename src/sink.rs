@@ -38,7 +38,7 @@ impl FileSink {
         SinkError {
             target: self.path.display().to_string(),
             reason: e.to_string(),
-            fix: "choose a path in an existing directory you can write to (or --out - for stdout)",
+            fix: "choose a path in an existing directory you can write to, not a FIFO or device (or --out - for stdout)",
         }
     }
 }
@@ -50,10 +50,18 @@ impl Sink for FileSink {
     fn prepare(&self) -> Result<(), SinkError> {
         crate::fsutil::check_writable_target(&self.path).map_err(|e| self.err(e))
     }
+    /// The write runs on a blocking thread: a slow or stuck file system holds
+    /// up this delivery only, never the async runtime (the daemon's other jobs,
+    /// its signal handling).
     fn deliver<'a>(&'a mut self, kubeconfig: &'a str) -> BoxFuture<'a, Result<(), SinkError>> {
-        let r = crate::fsutil::write_private_atomic(&self.path, kubeconfig.as_bytes())
-            .map_err(|e| self.err(e));
-        Box::pin(async move { r })
+        let path = self.path.clone();
+        let bytes = zeroize::Zeroizing::new(kubeconfig.as_bytes().to_vec());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || crate::fsutil::write_private_atomic(&path, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|e| self.err(e))
+        })
     }
 }
 

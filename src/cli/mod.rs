@@ -289,7 +289,12 @@ pub fn main() -> ExitCode {
             return Exit::Internal.into();
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // Do not wait for blocking threads still in a system call (a lookup of a
+    // name that never answers, a write to a stuck file system): the command
+    // is done, so the process ends now, whatever they do.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             // Every typed error already says its cause; the chain would repeat it.

@@ -21,11 +21,17 @@ where
     // One daemon per database: the lock lives as long as the process.
     let data_dir = app.settings.data_dir.clone();
     let lock_path = data_dir.join("daemon.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
+    // A FIFO there would block the open for ever: refused first, and opened non-blocking.
+    let lock = crate::fsutil::check_replaceable(&lock_path)
+        .and_then(|()| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(&lock_path)
+        })
         .map_err(|e| {
             Failure::new(
                 Exit::Config,

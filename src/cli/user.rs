@@ -59,12 +59,18 @@ pub struct CredentialArgs {
 
 fn connection(s: &ServerArgs, timeout: Duration) -> CliResult<Connection> {
     let server_ca_pem = match &s.server_ca {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-            Failure::new(
-                Exit::Usage,
-                anyhow!("cannot read --server-ca {}: {e}\nfix: give the PEM file your administrator handed out", p.display()),
-            )
-        })?),
+        Some(p) => Some(
+            crate::fsutil::read_regular_string(p)
+                .and_then(|t| {
+                    t.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+                })
+                .map_err(|e| {
+                    Failure::new(
+                        Exit::Usage,
+                        anyhow!("cannot read --server-ca {}: {e}\nfix: give the PEM file your administrator handed out", p.display()),
+                    )
+                })?,
+        ),
         None => None,
     };
     let state_dir = match &s.state_dir {
@@ -103,7 +109,22 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
         Some(p) => p.clone(),
         None => default_kubeconfig()?,
     };
-    let c = client::obtain(&conn, a.token.as_deref()).await?;
+    // Before anything is asked of the server (a token spent, a credential renewed).
+    crate::fsutil::check_replaceable(&path).map_err(|e| {
+        Failure::new(
+            Exit::Output,
+            anyhow!("cannot write the kubeconfig {}: {e}\nfix: pass --kubeconfig with a regular file's path", path.display()),
+        )
+    })?;
+    // --timeout bounds the whole exchange (lock, requests, a retry round), not each request.
+    let c = tokio::time::timeout(a.timeout, client::obtain(&conn, a.token.as_deref()))
+        .await
+        .unwrap_or_else(|_| {
+            Err(client::ClientError::Unreachable {
+                server: conn.server.clone(),
+                why: format!("no answer within {}s", a.timeout.as_secs()),
+            })
+        })?;
     let user_entry = format!("{}@{}", c.user, c.cluster.name);
     let context = a.context.clone().unwrap_or_else(|| user_entry.clone());
     let auth = if a.exec {

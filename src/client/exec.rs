@@ -2,7 +2,12 @@
 //! kubectl runs it before talking to the cluster; it answers from the cache,
 //! renews through `/v1/renew` once the credential is inside its renewal
 //! window, and never prompts or hangs: when renewal fails it answers with the
-//! still-valid cached credential, or fails at once saying what to do.
+//! still-valid cached credential, or fails at once saying what to do. The
+//! process ends by `--timeout` whatever the network does (one deadline over the
+//! renewal; the runtime does not wait for a stalled name lookup at exit), and a
+//! failed renewal is remembered for [`RETRY_AFTER`] seconds (`renew-failed.json`,
+//! 0600, in the server's state directory), so kubectl is not slowed on every
+//! call while the server is down.
 use std::time::Duration;
 
 use serde_json::json;
@@ -51,6 +56,10 @@ pub fn exec_credential(version: &str, c: &Cached, expires: i64) -> serde_json::V
     })
 }
 
+/// How long a failed renewal is remembered: calls in the meantime answer with
+/// the cached credential at once instead of waiting for the server again.
+pub const RETRY_AFTER: i64 = 60;
+
 /// The outcome of one plugin run.
 #[derive(Debug)]
 pub struct Answer {
@@ -84,8 +93,36 @@ pub async fn run(
             warning: None,
         });
     }
-    match super::obtain(conn, None).await {
+    // A renewal failed moments ago: do not make this kubectl call wait again.
+    if let Some(f) = dir.renew_failure()
+        && now >= f.at
+        && now < f.at + RETRY_AFTER
+        && cached.not_after > now + 10
+    {
+        let expires = (f.at + RETRY_AFTER).min(cached.not_after);
+        return Ok(Answer {
+            credential: cached,
+            expires,
+            renewed: false,
+            warning: Some(format!(
+                "the last renewal failed {}s ago and is tried again in {}s: {}",
+                now - f.at,
+                f.at + RETRY_AFTER - now,
+                f.error.lines().next().unwrap_or_default()
+            )),
+        });
+    }
+    // One deadline over the whole renewal (lock, requests, retries), not per request.
+    let renewed = match tokio::time::timeout(conn.timeout, super::obtain(conn, None)).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Unreachable {
+            server: conn.server.clone(),
+            why: format!("no answer within {}s", conn.timeout.as_secs()),
+        }),
+    };
+    match renewed {
         Ok(fresh) => {
+            dir.clear_renew_failure();
             let expires = next(&fresh);
             Ok(Answer {
                 credential: fresh,
@@ -96,7 +133,12 @@ pub async fn run(
         }
         // Still valid for a while: use it, and ask again soon.
         Err(e) if cached.not_after > now + 10 => {
-            let expires = (now + 60).min(cached.not_after);
+            // Best effort: without the memory, the next call just tries again.
+            let _ = dir.store_renew_failure(&super::state::RenewFailure {
+                at: now,
+                error: e.to_string(),
+            });
+            let expires = (now + RETRY_AFTER).min(cached.not_after);
             Ok(Answer {
                 credential: cached,
                 expires,

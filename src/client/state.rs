@@ -66,6 +66,16 @@ pub struct Pending {
     pub csr: String,
 }
 
+/// A renewal that failed, remembered briefly so that every kubectl call in
+/// the meantime does not wait for the server again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewFailure {
+    /// Unix seconds.
+    pub at: i64,
+    /// The error, as the user was told it.
+    pub error: String,
+}
+
 /// The directory for one server.
 #[derive(Debug, Clone)]
 pub struct ServerDir {
@@ -100,16 +110,16 @@ impl ServerDir {
         name: &str,
     ) -> Result<Option<T>, ClientError> {
         let p = self.file(name);
-        match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+        match crate::fsutil::read_regular(&p) {
+            Ok(None) => Ok(None),
+            Ok(Some(b)) => serde_json::from_slice(&b).map(Some).map_err(|e| {
                 ClientError::Cache(format!(
                     "{} is damaged ({e}); delete it and fetch again",
                     p.display()
                 ))
             }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ClientError::Cache(format!(
-                "cannot read {}: {e}",
+                "cannot read {}: {e}\nfix: move it away; the state directory holds only files rotator writes",
                 p.display()
             ))),
         }
@@ -119,7 +129,12 @@ impl ServerDir {
         let p = self.file(name);
         let bytes = Zeroizing::new(serde_json::to_vec_pretty(v).expect("json"));
         crate::fsutil::write_private_atomic(&p, &bytes)
-            .map_err(|e| ClientError::Cache(format!("cannot write {}: {e}", p.display())))
+            .map_err(|e| {
+                ClientError::Cache(format!(
+                    "cannot write {}: {e}\nfix: move it away; the state directory holds only files rotator writes",
+                    p.display()
+                ))
+            })
     }
 
     pub fn credential(&self) -> Result<Option<Cached>, ClientError> {
@@ -142,8 +157,23 @@ impl ServerDir {
         let _ = std::fs::remove_file(self.file("pending.json"));
     }
 
+    /// The last failed renewal, if one is remembered (a damaged file is ignored).
+    pub fn renew_failure(&self) -> Option<RenewFailure> {
+        self.read_json("renew-failed.json").ok().flatten()
+    }
+
+    pub fn store_renew_failure(&self, f: &RenewFailure) -> Result<(), ClientError> {
+        self.write_json("renew-failed.json", f)
+    }
+
+    pub fn clear_renew_failure(&self) {
+        let _ = std::fs::remove_file(self.file("renew-failed.json"));
+    }
+
     pub fn server_ca(&self) -> Option<String> {
-        std::fs::read_to_string(self.file("server-ca.pem")).ok()
+        crate::fsutil::read_regular_string(&self.file("server-ca.pem"))
+            .ok()
+            .flatten()
     }
 
     pub fn store_server_ca(&self, pem: &str) -> Result<(), ClientError> {
@@ -154,12 +184,17 @@ impl ServerDir {
 
     /// An exclusive lock on this server's state, waited for at most `timeout`.
     pub fn lock(&self, timeout: Duration) -> Result<File, ClientError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let p = self.file("lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
+        let f = crate::fsutil::check_replaceable(&p)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                    .open(&p)
+            })
             .map_err(|e| ClientError::Cache(format!("cannot open {}: {e}", p.display())))?;
         let deadline = Instant::now() + timeout;
         loop {

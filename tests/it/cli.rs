@@ -539,3 +539,176 @@ async fn a_locked_database_is_a_clear_error_after_the_busy_timeout() {
     drop(conn);
     assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
 }
+
+/// `rotator ARGS` in `s`, killed if it runs longer than `limit`; None then.
+fn rotator_within(
+    s: &Scratch,
+    args: &[&str],
+    limit: std::time::Duration,
+) -> Option<std::process::Output> {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+    c.current_dir(s.dir.path())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+        c.env_remove(k);
+    }
+    let mut child = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn add_user_out_a_fifo_or_a_device_is_refused_with_exit_10_and_nothing_written() {
+    use std::os::unix::fs::FileTypeExt;
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    let fifo = s.path("fifo");
+    ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
+    let o = rotator_within(
+        &s,
+        &[
+            "add-user", "f1", "-n", "team-a", "--role", "view", "--out", "fifo",
+        ],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("add-user --out FIFO must not hang");
+    let e = fails_with(&o, 10);
+    assert!(e.contains("is a FIFO") && e.contains("fix:"), "{e}");
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    // A character device: a node of our own when we may make one (as root, a
+    // copy of /dev/null's, so a regression can only replace that copy), else
+    // /dev/null itself, which a non-root rotator could never replace.
+    let dev = s.path("null-device");
+    let own = run("mknod", &[dev.to_str().unwrap(), "c", "1", "3"])
+        .status
+        .success();
+    let root = run("id", &["-u"]).stdout.trim_ascii() == b"0";
+    if own || !root {
+        let target = if own {
+            dev.to_str().unwrap()
+        } else {
+            "/dev/null"
+        };
+        let o = rotator_within(
+            &s,
+            &[
+                "add-user", "f2", "-n", "team-a", "--role", "view", "--out", target,
+            ],
+            std::time::Duration::from_secs(20),
+        )
+        .expect("add-user --out DEVICE must not hang");
+        let e = fails_with(&o, 10);
+        assert!(e.contains("is a character device"), "{e}");
+        assert!(
+            std::fs::symlink_metadata(target)
+                .unwrap()
+                .file_type()
+                .is_char_device()
+        );
+    }
+    assert!(
+        std::fs::symlink_metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    // Refused before anything was issued.
+    let users = ok(&s.rotator(&["list-users", "--output", "json"]));
+    assert!(!users.contains("f1") && !users.contains("f2"), "{users}");
+    let stray: Vec<_> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".rotator-"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn a_fifo_where_serve_or_fetch_reads_is_refused_at_once() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    ok(&run(
+        "mkfifo",
+        &[s.path("rotator-data/daemon.lock").to_str().unwrap()],
+    ));
+    let o = rotator_within(
+        &s,
+        &["serve", "--metrics-addr", "127.0.0.1:0"],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("serve with a FIFO as its lock file must not hang");
+    let e = fails_with(&o, 3);
+    assert!(e.contains("is a FIFO"), "{e}");
+    ok(&run("mkfifo", &[s.path("ca-fifo").to_str().unwrap()]));
+    let o = rotator_within(
+        &s,
+        &[
+            "fetch",
+            "--server",
+            "https://127.0.0.1:9",
+            "--server-ca",
+            "ca-fifo",
+            "--state-dir",
+            "st",
+            "--kubeconfig",
+            "kc",
+        ],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("fetch --server-ca FIFO must not hang");
+    let e = fails_with(&o, 2);
+    assert!(e.contains("is a FIFO"), "{e}");
+}
+
+#[test]
+fn fetch_gives_up_at_its_timeout_when_the_server_never_answers() {
+    let s = Scratch::new();
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hole.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hole.incoming() {
+            held.push(c);
+        }
+    });
+    let url = format!("https://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let o = rotator_within(
+        &s,
+        &[
+            "fetch",
+            "--server",
+            &url,
+            "--token",
+            "abcdef.0123456789abcdef",
+            "--state-dir",
+            "st",
+            "--kubeconfig",
+            "kc",
+            "--timeout",
+            "2s",
+        ],
+        std::time::Duration::from_secs(20),
+    )
+    .expect("fetch ends by itself");
+    let took = started.elapsed();
+    let e = fails_with(&o, 12);
+    assert!(e.contains("no answer within 2s"), "{e}");
+    assert!(took < std::time::Duration::from_millis(2900), "{took:?}");
+    assert!(!s.path("kc").exists());
+}

@@ -464,3 +464,89 @@ async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key() {
         0
     );
 }
+
+/// `.rotator-*.tmp` files under `dir`, recursively.
+fn temp_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_dir() {
+            found.extend(temp_files(&p));
+        } else if name.starts_with(".rotator-") && name.ends_with(".tmp") {
+            found.push(p);
+        }
+    }
+    found
+}
+
+#[test]
+fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a_key() {
+    use std::time::{Duration, Instant};
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    std::fs::create_dir_all(s.path("out")).unwrap();
+    ok(&s.rotator(&[
+        "add-user",
+        "alice",
+        "-n",
+        "team-a",
+        "--role",
+        "view",
+        "--out",
+        "out/alice.kubeconfig",
+    ]));
+    let started = Instant::now();
+    ok(&s.rotator(&["rotate", "alice", "--out", "out/alice.kubeconfig"]));
+    let took = started.elapsed();
+    // A small deterministic generator: the kill points differ from round to round.
+    let mut seed: u64 = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let rounds = 100;
+    let mut killed = 0;
+    for round in 0..rounds {
+        let name = format!("k{round}");
+        let out = format!("out/{name}.kubeconfig");
+        let args: Vec<&str> = if round % 2 == 0 {
+            vec![
+                "add-user", &name, "-n", "team-a", "--role", "view", "--out", &out,
+            ]
+        } else {
+            vec!["rotate", "alice", "--out", "out/alice.kubeconfig"]
+        };
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+            .current_dir(s.dir.path())
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Anywhere from the start to a little past a whole run.
+        let at = Duration::from_micros(next() % (took.as_micros() as u64 * 6 / 5 + 1));
+        std::thread::sleep(at);
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill(); // SIGKILL
+            killed += 1;
+        }
+        let _ = child.wait();
+    }
+    let left_by_kills = temp_files(s.dir.path()).len();
+    // The next run writing into each directory cleans up after the killed ones.
+    ok(&s.rotator(&["rotate", "alice", "--out", "out/alice.kubeconfig"]));
+    ok(&s.rotator(&["add-user", "final", "-n", "team-a", "--role", "view"]));
+    let left = temp_files(s.dir.path());
+    eprintln!(
+        "{rounds} rounds, {killed} killed mid-run (a run takes {took:?}); temporary files after the kills: {left_by_kills}, after the next runs: {}",
+        left.len()
+    );
+    assert!(
+        killed >= rounds / 2,
+        "most rounds were killed mid-run ({killed})"
+    );
+    assert!(left.is_empty(), "temporary files survived: {left:?}");
+}

@@ -837,3 +837,345 @@ async fn of_several_daemons_one_leads_and_another_takes_over_when_it_dies() {
         .unwrap();
     assert!(b.wait().await.unwrap().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
+    // rotate and expire tie every 3 s; reconcile every 5 s ties with both on :00, :15, :30, :45.
+    use std::str::FromStr;
+    use tokio::io::AsyncBufReadExt;
+    let kx = Kx::new(
+        Options::default(),
+        "[schedule]\nrotate = \"*/3 * * * * *\"\nexpire = \"*/3 * * * * *\"\nreconcile = \"*/5 * * * * *\"\n",
+    )
+    .await;
+    ok(&kx
+        .rotator_async(
+            &["add-user", "alice", "-n", "team-a", "--role", "view"],
+            &[],
+        )
+        .await);
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = d.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    let runs = |v: &serde_json::Value| -> Option<String> {
+        (v["fields"]["message"] == "job done" || v["fields"]["message"] == "job failed")
+            .then(|| v["fields"]["job"].as_str().unwrap_or_default().to_string())
+    };
+    // The start-up catch-up runs each job once; the window starts after it.
+    let mut caught_up = 0;
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while caught_up < 3 {
+            let l = lines.next_line().await.unwrap().expect("the daemon runs");
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            caught_up += runs(&v).is_some() as usize;
+        }
+    })
+    .await
+    .expect("the catch-up pass ran");
+    let start = chrono::Utc::now();
+    let window = std::time::Duration::from_secs(16);
+    let mut count = std::collections::BTreeMap::<String, usize>::new();
+    let _ = tokio::time::timeout(window, async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            if let Some(job) = runs(&v) {
+                *count.entry(job).or_default() += 1;
+            }
+        }
+    })
+    .await;
+    let end = chrono::Utc::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(d.wait().await.unwrap().success());
+    let ticks = |e: &str| {
+        cron::Schedule::from_str(e)
+            .unwrap()
+            .after(&start)
+            .take_while(|t| *t <= end)
+            .count()
+    };
+    let expected = [
+        ("rotate", ticks("*/3 * * * * *")),
+        ("expire", ticks("*/3 * * * * *")),
+        ("reconcile", ticks("*/5 * * * * *")),
+    ];
+    eprintln!("runs {count:?}, ticks {expected:?} over {:?}", end - start);
+    for (job, n) in expected {
+        let ran = count.get(job).copied().unwrap_or(0);
+        // A tick in the last moment of the window may be logged just after it.
+        assert!(
+            ran == n || ran + 1 == n,
+            "{job} ran {ran} times for {n} ticks (runs {count:?})"
+        );
+        assert!(n >= 3, "{job}: the window holds several ticks");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_expire_pass_is_audited_as_the_daemon() {
+    let kx = Kx::new(Options::default(), "[rotation]\ngrace_period = \"5m\"\n").await;
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let app = kx.app(&clock).await;
+    let mut first = rotator::sink::FileSink {
+        path: kx.s.path("first.kubeconfig"),
+    };
+    let mut s = spec("alice");
+    s.ttl_seconds = 3600;
+    app.issuer().add_user(s, &mut first, "test").await.unwrap();
+    let mut second = rotator::sink::FileSink {
+        path: kx.s.path("second.kubeconfig"),
+    };
+    app.issuer()
+        .rotate("alice", &mut second, "test")
+        .await
+        .unwrap();
+    ok(&kx
+        .rotator_async(
+            &[
+                "token",
+                "create",
+                "--ttl",
+                "30m",
+                "--groups",
+                "system:bootstrappers:workers",
+            ],
+            &[],
+        )
+        .await);
+    // Past the grace period (the superseded group goes), the first notAfter
+    // (it expires) and the token's expiry (it is deleted).
+    clock.advance(2 * 3600);
+    kx.cluster.advance_clock(2 * 3600);
+    let r = rotator::scheduler::run_job(&app, rotator::scheduler::Job::Expire)
+        .await
+        .unwrap();
+    assert!(r["tokens_deleted"].as_u64() >= Some(1), "{r}");
+    let log = ok(&kx.rotator(&["audit", "log", "--output", "json"]));
+    let events: Vec<serde_json::Value> = serde_json::from_str(&log).unwrap();
+    // What came after the token was made is the expire pass's.
+    let since = events
+        .iter()
+        .position(|e| e["action"] == "token.create")
+        .expect("token.create audited");
+    for action in ["rbac.sync", "credential.expire", "token.expire"] {
+        let by: Vec<_> = events[since..]
+            .iter()
+            .filter(|e| e["action"] == action)
+            .map(|e| e["actor"].as_str().unwrap_or_default())
+            .collect();
+        assert!(
+            !by.is_empty(),
+            "{action}: no event after the expire pass: {log}"
+        );
+        assert!(
+            by.iter().all(|a| *a == rotator::scheduler::EXPIRE_ACTOR),
+            "{action} is audited as the daemon's expire job, not as {by:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigterm() {
+    use std::os::unix::fs::FileTypeExt;
+    use tokio::io::AsyncBufReadExt;
+    // alice is always due and her delivery path is a FIFO; bob's is a file.
+    let kx = Kx::new(
+        Options::default(),
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"*/2 * * * * *\"\nexpire = \"*/2 * * * * *\"\nreconcile = \"*/2 * * * * *\"\n",
+    )
+    .await;
+    for u in ["alice", "bob"] {
+        ok(&kx
+            .rotator_async(
+                &[
+                    "add-user", u, "-n", "team-a", "--role", "view", "--ttl", "1h",
+                ],
+                &[],
+            )
+            .await);
+    }
+    let dir = kx.s.path("rotator-data/kubeconfigs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("alice.kubeconfig");
+    let _ = std::fs::remove_file(&fifo);
+    ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = d.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    let mut refused = false;
+    let mut after = std::collections::BTreeMap::<String, usize>::new();
+    let mut bob = 0;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(40), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            let f = &v["fields"];
+            if f["message"] == "renewal failed; retried on the next pass"
+                && f["user"] == "alice"
+                && f["error"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("is a FIFO")
+            {
+                refused = true;
+            }
+            if f["message"] == "renewed" && f["user"] == "bob" {
+                bob += 1;
+            }
+            if refused && f["message"] == "job done" {
+                *after
+                    .entry(f["job"].as_str().unwrap_or_default().to_string())
+                    .or_default() += 1;
+            }
+            if after.values().filter(|n| **n >= 2).count() == 3 && bob >= 2 {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused,
+        "alice's delivery to the FIFO is refused, not blocked on"
+    );
+    assert!(bob >= 2, "bob keeps being renewed ({bob})");
+    for job in ["rotate", "expire", "reconcile"] {
+        assert!(
+            after.get(job).copied().unwrap_or(0) >= 2,
+            "{job} keeps running after the refusal: {after:?}"
+        );
+    }
+    let stopped = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let st = tokio::time::timeout(rotator::scheduler::STOP_GRACE, d.wait())
+        .await
+        .expect("SIGTERM ends the daemon within its grace period")
+        .unwrap();
+    assert!(st.success(), "{st:?}");
+    eprintln!("stopped {:?} after SIGTERM", stopped.elapsed());
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
+    use tokio::io::AsyncBufReadExt;
+    let kx = Kx::new(
+        Options::default(),
+        "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n",
+    )
+    .await;
+    ok(&kx
+        .rotator_async(
+            &[
+                "add-user",
+                "bob",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--ttl",
+                "1h",
+                "--deliver",
+                "secret:team-a/bob-kubeconfig",
+            ],
+            &[],
+        )
+        .await);
+    // The API server never answers the delivery: the catch-up rotation hangs in it.
+    kx.cluster.faults().add(
+        testcluster::FaultRule::on(Some("PATCH"), "/secrets/")
+            .times(u64::MAX)
+            .action(testcluster::FaultAction::Hang),
+    );
+    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(kx.s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = d.id().unwrap().to_string();
+    let mut lines = tokio::io::BufReader::new(d.stderr.take().unwrap()).lines();
+    // Expire and reconcile are caught up; then rotate starts and hangs.
+    let mut done = 0;
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while done < 2 {
+            let l = lines.next_line().await.unwrap().expect("the daemon runs");
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+            done += (v["fields"]["message"] == "job done") as usize;
+        }
+    })
+    .await
+    .expect("expire and reconcile ran");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let stopped = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let mut log = String::new();
+    let st = tokio::time::timeout(
+        rotator::scheduler::STOP_GRACE + std::time::Duration::from_secs(10),
+        async {
+            while let Ok(Some(l)) = lines.next_line().await {
+                log.push_str(&l);
+                log.push('\n');
+            }
+            d.wait().await.unwrap()
+        },
+    )
+    .await
+    .expect("SIGTERM ends the daemon within its grace period, though a job hangs");
+    let took = stopped.elapsed();
+    eprintln!("stopped {took:?} after SIGTERM with the rotate job hung");
+    assert!(st.success(), "{st:?}\n{log}");
+    assert!(
+        log.contains("job still running after the stop grace period"),
+        "the hung job was given its grace, then dropped:\n{log}"
+    );
+    assert!(took >= rotator::scheduler::STOP_GRACE, "{took:?}");
+    kx.cluster.faults().clear();
+}

@@ -328,6 +328,12 @@ fn rust_log_is_honoured_and_rotator_log_wins() {
 async fn doctor_reports_grants_that_survive_a_revocation() {
     use crate::kubernetes::Kx;
     let kx = Kx::new(testcluster::Options::default(), "").await;
+    // Foreign bootstrap tokens are reported only with the opt-in grant.
+    let audit_rbac = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/rbac-token-audit.yaml"
+    );
+    ok(&kx.admin_kubectl(&["apply", "-f", audit_rbac]).await);
     let doctor = |json: bool| {
         let kx = &kx;
         async move {

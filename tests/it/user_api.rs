@@ -453,6 +453,15 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("could not renew"), "the user is told: {err}");
 
+    // That failure is remembered (0600) so the next kubectl calls do not wait
+    // for the server again (tested below); forgotten here so this one tries.
+    let memory = rotator::client::ServerDir::for_server(&state, &url)
+        .unwrap()
+        .path
+        .join("renew-failed.json");
+    assert_eq!(mode(&memory), 0o600);
+    std::fs::remove_file(&memory).unwrap();
+
     // Something answers TCP on the server's port and then says nothing: the
     // plugin gives up at its deadline and still answers.
     let hole = tokio::net::TcpListener::bind(api.addr).await.unwrap();
@@ -474,7 +483,9 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
         "--renew-before",
         "10m",
     ]);
+    let started = std::time::Instant::now();
     let o = c.output().await.unwrap();
+    let took = started.elapsed();
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     assert!(err.contains("no answer within 2s"), "{err}");
@@ -483,6 +494,27 @@ async fn kubectl_with_the_exec_plugin_keeps_working_across_renewals() {
         v["status"]["clientCertificateData"].as_str().unwrap(),
         last_cached
     );
+    // The process itself ends by its deadline, not only its answer.
+    eprintln!("credential --timeout 2s against a server that never answers exited after {took:?}");
+    assert!(took < Duration::from_millis(2900), "exited after {took:?}");
+    // The next call, still against the silent server, answers at once from the
+    // cache: the failure is remembered for a minute.
+    let started = std::time::Instant::now();
+    let o = c.output().await.unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("the last renewal failed") && err.contains("no answer within 2s"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["status"]["clientCertificateData"].as_str().unwrap(),
+        last_cached
+    );
+    eprintln!("the call after it, within the minute, took {took:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
     held.abort();
 }
 
@@ -1542,5 +1574,188 @@ async fn an_admin_issued_credential_cannot_renew_itself_through_the_api() {
             .await,
     );
     assert_eq!(e.status, 403, "{e:?}");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_exits_by_its_deadline_while_dns_never_answers() {
+    // A resolver that never answers, without touching the host: a private mount
+    // and network namespace whose /etc/resolv.conf names a UDP socket that
+    // reads queries and says nothing. Needs the right to unshare (root here).
+    let can = std::process::Command::new("unshare")
+        .args(["--mount", "--net", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can {
+        eprintln!("skipped: cannot make a mount and network namespace here");
+        return;
+    }
+    let s = Scratch::new();
+    // A cached credential that is due, for a server whose name never resolves.
+    let ca = make_ca(s.dir.path(), "ca");
+    let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+    let cert = ca
+        .issue_server(&key, &["u".into()], Duration::from_secs(3600))
+        .unwrap();
+    let server = "https://stall.example:8443";
+    let now = SystemClock.now();
+    rotator::client::ServerDir::for_server(&s.path("state"), server)
+        .unwrap()
+        .store_credential(&rotator::client::Cached {
+            server: server.into(),
+            user: "u".into(),
+            certificate: cert.clone(),
+            key: key.to_pem(),
+            serial: "01".into(),
+            generation: 1,
+            not_before: now - 60,
+            not_after: now + 3000,
+            renew_after: now - 1,
+            namespace: None,
+            cluster: rotator::selfservice::ClusterInfo {
+                name: "c".into(),
+                server: "https://127.0.0.1:6443".into(),
+                certificate_authority_data: String::new(),
+            },
+        })
+        .unwrap();
+    s.write(
+        "resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:10 attempts:3\n",
+    );
+    let script = format!(
+        r#"ip link set lo up || exit 90
+mount --bind resolv.conf /etc/resolv.conf || exit 91
+python3 -c 'import socket,time; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(("127.0.0.1",53)); open("ready","w").close(); time.sleep(30)' </dev/null >/dev/null 2>&1 &
+silent=$!
+n=0; while [ ! -f ready ]; do sleep 0.1; n=$((n+1)); [ $n -lt 300 ] || exit 93; done
+getent hosts stall.example </dev/null >/dev/null 2>&1 & lookup=$!
+sleep 1
+kill -0 $lookup 2>/dev/null || exit 92
+kill $lookup
+start=$(date +%s%N)
+{} credential --server {server} --state-dir state --timeout 2s > answer.json
+rc=$?
+echo $(( ($(date +%s%N) - start) / 1000000 )) > took-ms
+kill $silent
+exit $rc"#,
+        env!("CARGO_BIN_EXE_rotator")
+    );
+    let o = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new("unshare")
+            .args(["--mount", "--net", "sh", "-c", &script])
+            .current_dir(s.dir.path())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the plugin ended")
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_ne!(o.status.code(), Some(92), "the lookup did not stall: {err}");
+    assert!(o.status.success(), "{:?} {err}", o.status);
+    assert!(err.contains("no answer within 2s"), "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("answer.json")).unwrap()).unwrap();
+    assert_eq!(v["status"]["clientCertificateData"], cert.as_str());
+    let took: u64 = std::fs::read_to_string(s.path("took-ms"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!("credential --timeout 2s with a resolver that never answers exited after {took} ms");
+    assert!(took < 2900, "the process exited after {took} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_refuses_a_fifo_kubeconfig_and_sigkilled_fetches_leave_no_temporary_file() {
+    let api = Api::start().await;
+    let token = api.enroll_user("erin", &["--ttl", "1h"]).await;
+    // A FIFO as the kubeconfig: refused at once (exit 10), the token not spent.
+    std::fs::create_dir_all(api.kx.s.path("erin/kube")).unwrap();
+    let fifo = api.kx.s.path("erin/kube/config");
+    ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
+    let o = tokio::time::timeout(
+        Duration::from_secs(20),
+        api.fetch("erin", &["--token", &token]),
+    )
+    .await
+    .expect("fetch with a FIFO kubeconfig must not hang");
+    let e = fails_with(&o, 10);
+    assert!(e.contains("is a FIFO") && e.contains("fix:"), "{e}");
+    std::fs::remove_file(&fifo).unwrap();
+    ok(&api.fetch("erin", &["--token", &token]).await);
+
+    // Renewals SIGKILLed at random points.
+    let state = api.kx.s.path("erin/state");
+    let kubeconfig = api.kx.s.path("erin/kube/config");
+    let url = api.url();
+    let args = [
+        "fetch",
+        "--server",
+        &url,
+        "--server-ca",
+        api.server_ca.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+    ];
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let started = std::time::Instant::now();
+    assert!(spawn().wait().unwrap().success());
+    let took = started.elapsed();
+    let temp_files = || -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut dirs = vec![api.kx.s.path("erin")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else if name.starts_with(".rotator-") && name.ends_with(".tmp") {
+                    found.push(e.path());
+                }
+            }
+        }
+        found
+    };
+    let mut seed: u64 = std::process::id() as u64 ^ 0x2545_f491_4f6c_dd1d;
+    let rounds = 40;
+    let mut killed = 0;
+    for _ in 0..rounds {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut child = spawn();
+        std::thread::sleep(Duration::from_micros(
+            seed % (took.as_micros() as u64 * 6 / 5 + 1),
+        ));
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+            killed += 1;
+        }
+        let _ = child.wait();
+    }
+    let left_by_kills = temp_files().len();
+    ok(&api.fetch("erin", &[]).await);
+    let left = temp_files();
+    eprintln!(
+        "{rounds} fetches, {killed} killed mid-run (a fetch takes {took:?}); temporary files after the kills: {left_by_kills}, after the next fetch: {}",
+        left.len()
+    );
+    assert!(
+        killed >= rounds / 2,
+        "most rounds were killed mid-run ({killed})"
+    );
+    assert!(left.is_empty(), "temporary files survived: {left:?}");
     api.stop().await;
 }
