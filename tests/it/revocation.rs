@@ -666,16 +666,34 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
         );
         let rotating = kx.rotator_async(&rotate_args, &rotate_env);
         let revoking = async {
-            // Once the rotation is journaled it is in flight; it then stalls at its step.
-            let q = format!("SELECT COUNT(*) FROM issuances WHERE user_name = '{user}'");
-            let q: &'static str = Box::leak(q.into_boxed_str());
-            for _ in 0..200 {
-                if kx.s.count(q).await >= 2 {
+            // Wait until the rotation has reached its step (it then stalls there
+            // for 3 s), so the revoke lands exactly at that step.
+            let reached = |step: &str| {
+                let cond = match step {
+                    "after-plan" => "SELECT COUNT(*) >= 2 FROM issuances WHERE user_name = ?1".to_string(),
+                    "csr-submitted" | "approved" => format!(
+                        "SELECT COUNT(*) >= 1 FROM issuances WHERE user_name = ?1 AND generation = 2 AND step = '{}'",
+                        step.replace('-', "_")
+                    ),
+                    "after-sign" | "before-store" => "SELECT COUNT(*) >= 1 FROM issuances WHERE user_name = ?1 AND generation = 2 AND step = 'issued'".to_string(),
+                    _ => "SELECT COUNT(*) >= 2 FROM credentials WHERE user_name = ?1".to_string(),
+                };
+                cond
+            };
+            let q = reached(point);
+            for _ in 0..400 {
+                let (done,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(q.clone()))
+                    .bind(&user)
+                    .fetch_one(app.store.pool())
+                    .await
+                    .unwrap();
+                let delivered = *point != "after-deliver" || kx.s.path(&out).exists();
+                if done && delivered {
                     break;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             kx.rotator_async(&[action, &user], &[]).await
         };
         let (r, v) = tokio::join!(rotating, revoking);
