@@ -669,7 +669,7 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
             // Wait until the rotation has reached its step (it then stalls there
             // for 3 s), so the revoke lands exactly at that step.
             let reached = |step: &str| {
-                let cond = match step {
+                match step {
                     "after-plan" => "SELECT COUNT(*) >= 2 FROM issuances WHERE user_name = ?1".to_string(),
                     "csr-submitted" | "approved" => format!(
                         "SELECT COUNT(*) >= 1 FROM issuances WHERE user_name = ?1 AND generation = 2 AND step = '{}'",
@@ -677,8 +677,7 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
                     ),
                     "after-sign" | "before-store" => "SELECT COUNT(*) >= 1 FROM issuances WHERE user_name = ?1 AND generation = 2 AND step = 'issued'".to_string(),
                     _ => "SELECT COUNT(*) >= 2 FROM credentials WHERE user_name = ?1".to_string(),
-                };
-                cond
+            }
             };
             let q = reached(point);
             for _ in 0..400 {
