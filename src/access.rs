@@ -120,14 +120,7 @@ async fn wanted(
         Some(u) => (Vec::new(), u.spec.role.clone()),
         None => (Vec::new(), String::new()),
     };
-    let scope = if namespaces
-        .iter()
-        .any(|n| n == crate::policy::ALL_NAMESPACES)
-    {
-        Scope::Cluster
-    } else {
-        Scope::Namespaces(namespaces)
-    };
+    let scope = Scope::of(&namespaces);
     Ok(Wanted {
         scope,
         role,

@@ -1218,15 +1218,7 @@ impl Issuer<'_> {
         let Some(cluster) = self.cluster else {
             return Ok(());
         };
-        let scope = if spec
-            .namespaces
-            .iter()
-            .any(|n| n == crate::policy::ALL_NAMESPACES)
-        {
-            crate::cluster::rbac::Scope::Cluster
-        } else {
-            crate::cluster::rbac::Scope::Namespaces(spec.namespaces.clone())
-        };
+        let scope = crate::cluster::rbac::Scope::of(&spec.namespaces);
         cluster
             .check_user_bindings(&spec.name, &scope, &spec.role)
             .await

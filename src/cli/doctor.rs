@@ -231,16 +231,7 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 // longer bind, shows here before a rotation fails on it.
                 let mut unbindable = Vec::new();
                 for u in users.iter().filter(|u| u.state == "active") {
-                    let scope = if u
-                        .spec
-                        .namespaces
-                        .iter()
-                        .any(|n| n == crate::policy::ALL_NAMESPACES)
-                    {
-                        crate::cluster::rbac::Scope::Cluster
-                    } else {
-                        crate::cluster::rbac::Scope::Namespaces(u.spec.namespaces.clone())
-                    };
+                    let scope = crate::cluster::rbac::Scope::of(&u.spec.namespaces);
                     if let Err(e) = cluster
                         .check_user_bindings(&u.spec.name, &scope, &u.spec.role)
                         .await

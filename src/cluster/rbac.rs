@@ -170,6 +170,20 @@ pub enum Scope {
     Cluster,
 }
 
+impl Scope {
+    /// The scope a user's namespaces (as the database holds them) ask for.
+    pub fn of(namespaces: &[String]) -> Self {
+        if namespaces
+            .iter()
+            .any(|n| n == crate::policy::ALL_NAMESPACES)
+        {
+            Scope::Cluster
+        } else {
+            Scope::Namespaces(namespaces.to_vec())
+        }
+    }
+}
+
 async fn delete_one<K: Binding>(api: &Api<K>, name: &str, what: &str) -> Result<(), ClusterError> {
     retry(&format!("deleting {what}"), Backoff::default(), || async {
         match api.delete(name, &DeleteParams::default()).await {
