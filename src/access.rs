@@ -104,13 +104,9 @@ async fn wanted(
     let mut take_away: Vec<String> = creds
         .iter()
         .filter(|c| !is_granted(c, now, g))
-        .flat_map(|c| {
-            // A group from before suffixes, and today's form, are both taken away.
-            [
-                c.group(),
-                crate::policy::legacy_generation_group(user, c.generation),
-            ]
-        })
+        // Each credential's own group (the legacy `rotator:USER:GEN` only for a
+        // credential that carried it: a suffixed group of another instance is not ours).
+        .map(Credential::group)
         .filter(|grp| !groups.contains(grp))
         .collect();
     take_away.sort();

@@ -403,7 +403,7 @@ impl crate::signer::Progress for Journal<'_> {
                     .and_then(|i| i.error)
                     .unwrap_or_else(|| "abandoned by another process".into());
                 return Err(SignError::Journal(format!(
-                    "issuance {} was ended while it ran ({why}); nothing was issued",
+                    "issuance {} was ended while it ran ({why}); nothing of it is stored or handed out",
                     self.id
                 )));
             }
@@ -449,12 +449,26 @@ impl Issuer<'_> {
             }
         }
         drop(conn);
-        self.issue(spec, Kind::AddUser, sink, actor).await
+        self.issue(spec, Kind::AddUser, None, sink, actor).await
     }
 
     pub async fn rotate(
         &self,
         user: &str,
+        sink: &mut dyn Sink,
+        actor: &str,
+    ) -> Result<Issued, IssueError> {
+        self.rotate_replacing(user, None, sink, actor).await
+    }
+
+    /// A rotation decided from what the database said earlier (the daemon's
+    /// pass): with `replacing`, the attempt is planned only if that credential
+    /// is still current, in the planning transaction, so a revoke that ran
+    /// since the pass read it wins.
+    pub async fn rotate_replacing(
+        &self,
+        user: &str,
+        replacing: Option<&str>,
         sink: &mut dyn Sink,
         actor: &str,
     ) -> Result<Issued, IssueError> {
@@ -466,13 +480,15 @@ impl Issuer<'_> {
         };
         // Policy may have tightened since the user was added: re-check.
         self.settings.policy.check(&u.spec)?;
-        self.issue(u.spec, Kind::Rotate, sink, actor).await
+        self.issue(u.spec, Kind::Rotate, replacing, sink, actor)
+            .await
     }
 
     async fn issue(
         &self,
         spec: UserSpec,
         kind: Kind,
+        replacing: Option<&str>,
         sink: &mut dyn Sink,
         actor: &str,
     ) -> Result<Issued, IssueError> {
@@ -489,7 +505,7 @@ impl Issuer<'_> {
         let id = new_id();
         let _running = self.inflight.enter(&id);
         let generation = self
-            .plan(&id, &spec, kind.as_str(), None, None, actor)
+            .plan(&id, &spec, kind.as_str(), None, None, replacing, actor)
             .await?;
         let span = info_span!("issuance", user = %spec.name, credential = %id, generation);
         self.observed(
@@ -503,6 +519,7 @@ impl Issuer<'_> {
     /// Journals a new attempt (and claims an enrollment token for the client's
     /// key, in the same transaction). With `want`, the attempt must get exactly
     /// that generation: a client's CSR already names it.
+    #[allow(clippy::too_many_arguments)]
     async fn plan(
         &self,
         id: &str,
@@ -510,10 +527,29 @@ impl Issuer<'_> {
         kind: &str,
         want: Option<i64>,
         claim: Option<(&str, &str)>,
+        replacing: Option<&str>,
         actor: &str,
     ) -> Result<i64, IssueError> {
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
+        // The credential this attempt replaces (a renewal's, or the one the
+        // daemon's pass chose) must still be current now, in the transaction a
+        // revoke serializes with: authorized before a revoke is not enough.
+        if let Some(prev) = replacing {
+            let state = credentials::get(&mut tx, prev).await?.map(|c| c.state);
+            if state.as_deref() != Some("current") {
+                drop(tx);
+                return Err(cancelled(
+                    &spec.name,
+                    "",
+                    format!(
+                        "the credential it replaces is {} now",
+                        state.as_deref().unwrap_or("gone")
+                    ),
+                    None,
+                ));
+            }
+        }
         let generation = issuances::plan(
             &mut tx,
             id,
@@ -812,8 +848,16 @@ impl Issuer<'_> {
         let id = new_id();
         let _running = self.inflight.enter(&id);
         let claim = req.token.map(|t| (t, spki.as_str()));
-        self.plan(&id, &spec, "renew", Some(req.generation), claim, req.actor)
-            .await?;
+        self.plan(
+            &id,
+            &spec,
+            "renew",
+            Some(req.generation),
+            claim,
+            req.renewed_from,
+            req.actor,
+        )
+        .await?;
         let span = info_span!("issuance", user = %spec.name, credential = %id, generation = req.generation);
         let attempt = async {
             self.faults.hit(FaultPoint::AfterPlan)?;
@@ -1304,11 +1348,11 @@ fn cancelled(user: &str, serial: &str, reason: String, written: Option<String>) 
             format!(
                 "The kubeconfig had already been written to {to}, but its credential is revoked and grants nothing.\n"
             ),
-            "delete that kubeconfig; a revoke always wins over an issuance in flight (add the user again, or rotate, if access is wanted)",
+            "delete that kubeconfig; the attempt was ended by a revoke, a remove-user or another process (the reason above), and a revoke always wins over an issuance in flight (rotate, or add the user again, if access is wanted)",
         ),
         None => (
             "No kubeconfig was written.\n".to_string(),
-            "nothing to clean up; a revoke always wins over an issuance in flight (add the user again, or rotate, if access is wanted)",
+            "nothing to clean up; the attempt was ended by a revoke, a remove-user or another process (the reason above), and a revoke always wins over an issuance in flight (rotate, or add the user again, if access is wanted)",
         ),
     };
     IssueError::Cancelled {

@@ -49,6 +49,23 @@ pub async fn revoke(
     let now = app.clock.now();
     let mut tx = app.store.begin().await?;
     if users::get(&mut tx, user).await?.is_none() {
+        // A first add-user may be in flight: its user row is written only
+        // when its credential is stored. The revoke wins over it too.
+        if serial.is_none()
+            && end_in_flight(
+                &mut tx,
+                app,
+                user,
+                "the user was revoked while it was added",
+                now,
+            )
+            .await?
+                > 0
+        {
+            crate::store::commit(tx).await?;
+            info!(user, "ended an add-user in flight");
+            return Ok(Vec::new());
+        }
         return Err(LifecycleError::NoSuchUser(user.into()));
     }
     let live: Vec<Credential> = credentials::for_user(&mut tx, user)
@@ -119,7 +136,24 @@ pub async fn remove_user(app: &App, user: &str) -> Result<Vec<Credential>, Lifec
     let mut tx = app.store.begin().await?;
     match users::get(&mut tx, user).await? {
         Some(u) if u.state != "removed" => {}
-        _ => return Err(LifecycleError::NoSuchUser(user.into())),
+        _ => {
+            // An add-user (or a re-add) in flight has no active row yet.
+            if end_in_flight(
+                &mut tx,
+                app,
+                user,
+                "the user was removed while it was added",
+                now,
+            )
+            .await?
+                > 0
+            {
+                crate::store::commit(tx).await?;
+                info!(user, "ended an add-user in flight");
+                return Ok(Vec::new());
+            }
+            return Err(LifecycleError::NoSuchUser(user.into()));
+        }
     }
     let live: Vec<Credential> = credentials::for_user(&mut tx, user)
         .await?
@@ -155,7 +189,7 @@ async fn end_in_flight(
     user: &str,
     reason: &str,
     now: i64,
-) -> Result<(), StoreError> {
+) -> Result<usize, StoreError> {
     let ended = issuances::cancel_open(tx, user, reason, now).await?;
     let tokens = enrollments::revoke_unused(tx, user, now).await?;
     if !ended.is_empty() || !tokens.is_empty() {
@@ -173,7 +207,7 @@ async fn end_in_flight(
         )
         .await?;
     }
-    Ok(())
+    Ok(ended.len())
 }
 
 /// The database is the authority and has already changed; now the cluster follows.

@@ -101,7 +101,11 @@ pub async fn rotate_pass(app: &Arc<App>) -> Result<PassReport, crate::store::Sto
                         return false;
                     }
                 };
-                match app.issuer().rotate(&c.user_name, sink.as_mut(), "daemon").await {
+                match app
+                    .issuer()
+                    .rotate_replacing(&c.user_name, Some(&c.id), sink.as_mut(), "daemon")
+                    .await
+                {
                     Ok(i) => {
                         info!(user = %c.user_name, credential = %i.credential.id, serial = %i.credential.serial, "renewed");
                         true

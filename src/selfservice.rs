@@ -67,6 +67,12 @@ impl From<StoreError> for ApiError {
                 "the server's database is busy",
                 "retry in a few seconds",
             ),
+            StoreError::UserBusy { .. } => ApiError::new(
+                503,
+                "busy",
+                "another request is updating this user's access",
+                "retry in a few seconds",
+            ),
             other => ApiError::internal("reading its database", &other),
         }
     }

@@ -338,7 +338,16 @@ impl Cluster {
             Scope::Cluster => {
                 let api: Api<ClusterRoleBinding> = Api::all(self.client.clone());
                 let what = format!("ClusterRoleBinding {name}");
-                // Reading ClusterRoleBindings by name is not among rotator's verbs; the dry run finds a clash.
+                // Cluster-wide users need rbac-cluster-wide.yaml, which grants `get`.
+                if let Some(b) = read_one(&api, &name, &what).await? {
+                    let owner = self.owner(&b);
+                    if owner != Owner::Us {
+                        return Err(not_ours(&what, &owner));
+                    }
+                    if b.role_ref().name == role {
+                        return Ok(());
+                    }
+                }
                 let mut want = desired::<ClusterRoleBinding>(self, user, role, &probe);
                 want.metadata.name = Some(format!("{name}:dry-run"));
                 dry_run_create(&api, &want, &what, "", role).await?;
@@ -540,10 +549,7 @@ impl Cluster {
                         .await;
                 }
             }
-            Err(e) => report.unswept.push(format!(
-                "RoleBindings (list failed: {})",
-                e.to_string().lines().next().unwrap_or_default()
-            )),
+            Err(e) => sweep_failed(report, "RoleBindings (listing them)".into(), e),
         }
         let crbs: Api<ClusterRoleBinding> = Api::all(self.client.clone());
         match retry("listing ClusterRoleBindings", Backoff::default(), || {
@@ -561,10 +567,7 @@ impl Cluster {
                         .await;
                 }
             }
-            Err(e) => report.unswept.push(format!(
-                "ClusterRoleBindings (list failed: {})",
-                e.to_string().lines().next().unwrap_or_default()
-            )),
+            Err(e) => sweep_failed(report, "ClusterRoleBindings (listing them)".into(), e),
         }
     }
 
@@ -599,12 +602,24 @@ impl Cluster {
                 tracing::warn!(binding = %what, groups = ?taken, "took revoked generation groups out of a binding rotator did not make");
                 report.swept.push(format!("{what} ({})", taken.join(", ")));
             }
-            Err(e) => report.unswept.push(format!(
-                "{what} ({}): {}",
-                taken.join(", "),
-                e.to_string().lines().next().unwrap_or_default()
-            )),
+            Err(e) => sweep_failed(report, format!("{what} ({})", taken.join(", ")), e),
         }
+    }
+}
+
+/// A sweep rotator may not do (a role it may not bind, a verb it lacks) is
+/// `unswept`: reported, never retried into a loop. A conflict or an outage is
+/// `failed`: the removal is not done, and the next pass retries it.
+fn sweep_failed(report: &mut SyncReport, what: String, e: ClusterError) {
+    match e {
+        ClusterError::Api {
+            code: 403 | 422, ..
+        }
+        | ClusterError::Forbidden(_) => report.unswept.push(format!(
+            "{what}: {}",
+            e.to_string().lines().next().unwrap_or_default()
+        )),
+        e => fail(report, what, e),
     }
 }
 

@@ -40,6 +40,14 @@ pub enum StoreError {
         "database schema migration failed: {0}\nfix: the database may be from a newer rotator; use that version or restore a backup"
     )]
     Migrate(String),
+    #[error(
+        "another rotator process has been working on {user:?}'s cluster access for {waited:?} (lock {lock})\nfix: wait for it to finish (a hung API server makes it slow), then run the command again; a process that died holds no lock"
+    )]
+    UserBusy {
+        user: String,
+        waited: Duration,
+        lock: String,
+    },
     #[error("database error: {0}")]
     Query(String),
     #[error("audit key or checkpoint {path}: {reason}\nfix: {fix}")]
@@ -56,6 +64,7 @@ impl ExitStatus for StoreError {
     fn exit(&self) -> Exit {
         match self {
             StoreError::AuditKey { .. } => Exit::Config,
+            StoreError::UserBusy { .. } => Exit::Conflict,
             _ => Exit::Database,
         }
     }
@@ -205,11 +214,21 @@ impl Store {
             .create(&self.locks)
             .map_err(io)?;
         let name = crate::pki::hex(&crate::pki::sha256(user.as_bytes())[..16]);
+        let path = self.locks.join(&name);
+        // Only a regular file (or none): opening a FIFO planted here would block.
+        if let Ok(m) = std::fs::symlink_metadata(&path)
+            && !m.file_type().is_file()
+        {
+            return Err(io(std::io::Error::other(format!(
+                "{} is not a regular file",
+                path.display()
+            ))));
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(self.locks.join(name))
+            .open(&path)
             .map_err(io)?;
         let deadline = std::time::Instant::now() + USER_LOCK_WAIT;
         loop {
@@ -219,8 +238,10 @@ impl Store {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(StoreError::Locked {
+                    return Err(StoreError::UserBusy {
+                        user: user.to_string(),
                         waited: USER_LOCK_WAIT,
+                        lock: path.display().to_string(),
                     });
                 }
                 Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),

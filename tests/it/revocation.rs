@@ -235,7 +235,7 @@ async fn every_interleaving(kubernetes: bool) {
     let mut rounds = 0;
     let mut n = 0;
     let mut bad = Vec::new();
-    for path in ["rotate", "api-renew"] {
+    for path in ["rotate", "api-renew", "add-user"] {
         for action in [Action::Revoke, Action::Remove] {
             for point in ALL_POINTS {
                 n += 1;
@@ -246,17 +246,20 @@ async fn every_interleaving(kubernetes: bool) {
                     path.len()
                 );
                 let first = env.out(&format!("{user}.kubeconfig"));
-                other
-                    .issuer()
-                    .add_user(
-                        spec(&user),
-                        &mut FileSink {
-                            path: first.clone(),
-                        },
-                        "t",
-                    )
-                    .await
-                    .unwrap();
+                // The add-user path races the revoke against the user's very first issuance.
+                if path != "add-user" {
+                    other
+                        .issuer()
+                        .add_user(
+                            spec(&user),
+                            &mut FileSink {
+                                path: first.clone(),
+                            },
+                            "t",
+                        )
+                        .await
+                        .unwrap();
+                }
                 let faults = Arc::new(RevokeAt {
                     point,
                     action,
@@ -272,6 +275,11 @@ async fn every_interleaving(kubernetes: bool) {
                     if path == "rotate" {
                         a.issuer()
                             .rotate(&u, &mut FileSink { path: n }, "t")
+                            .await
+                            .map(|i| i.credential.serial)
+                    } else if path == "add-user" {
+                        a.issuer()
+                            .add_user(spec(&u), &mut FileSink { path: n }, "t")
                             .await
                             .map(|i| i.credential.serial)
                     } else {
@@ -305,7 +313,7 @@ async fn every_interleaving(kubernetes: bool) {
                 // is the rotate path's alone.
                 let reachable = match point {
                     FaultPoint::CsrSubmitted | FaultPoint::Approved => kubernetes,
-                    FaultPoint::AfterDeliver => path == "rotate",
+                    FaultPoint::AfterDeliver => path != "api-renew",
                     _ => true,
                 };
                 assert_eq!(fired, reachable, "{label}: the fault point fired: {fired}");
@@ -358,7 +366,7 @@ async fn every_interleaving(kubernetes: bool) {
         bad.len()
     );
     assert!(bad.is_empty(), "{}", bad.join("\n"));
-    assert_eq!(rounds, if kubernetes { 26 } else { 18 });
+    assert_eq!(rounds, if kubernetes { 40 } else { 28 });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -735,4 +743,73 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
         bad.len()
     );
     assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// Authorized before the revoke, planned after it: an API renewal (whose
+/// client certificate was current when it was checked) and a daemon rotation
+/// (whose pass read the credential before the revoke) must lose too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_or_a_pass_decided_before_a_revoke_is_refused_when_it_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = app(dir.path(), "", Arc::new(NoFaults)).await;
+    for (user, via_api) in [("ren", true), ("pas", false)] {
+        app.issuer()
+            .add_user(
+                spec(user),
+                &mut FileSink {
+                    path: dir.path().join(format!("{user}.kubeconfig")),
+                },
+                "t",
+            )
+            .await
+            .unwrap();
+        let current = rotator::store::credentials::list_for_user(&app.store, user)
+            .await
+            .unwrap()
+            .remove(0);
+        // The API checked the certificate (or the pass chose the credential) here.
+        rotator::lifecycle::revoke(&app, user, None).await.unwrap();
+        let out = dir.path().join(format!("{user}.next.kubeconfig"));
+        let e = if via_api {
+            let (_key, csr, generation) = client_request(&app, user).await;
+            app.issuer()
+                .issue_for_client(ClientRequest {
+                    user,
+                    csr: &csr,
+                    generation,
+                    renewed_from: Some(&current.id),
+                    token: None,
+                    actor: "api:test",
+                    delivered_to: "api 127.0.0.1:1",
+                })
+                .await
+                .unwrap_err()
+        } else {
+            app.issuer()
+                .rotate_replacing(
+                    user,
+                    Some(&current.id),
+                    &mut FileSink { path: out.clone() },
+                    "daemon",
+                )
+                .await
+                .unwrap_err()
+        };
+        assert!(
+            matches!(e, IssueError::Cancelled { .. })
+                && e.to_string().contains("it replaces is revoked"),
+            "{user}: {e}"
+        );
+        assert!(!out.exists());
+        let creds = rotator::store::credentials::list_for_user(&app.store, user)
+            .await
+            .unwrap();
+        assert_eq!(creds.len(), 1, "{user}: nothing was planned or stored");
+        assert_eq!(creds[0].state, "revoked");
+        let mut conn = app.store.conn().await.unwrap();
+        let planned = rotator::store::issuances::for_user(&mut conn, user)
+            .await
+            .unwrap();
+        assert_eq!(planned.len(), 1, "{user}: no generation was burnt");
+    }
 }
