@@ -1229,23 +1229,11 @@ impl Issuer<'_> {
                 return;
             }
         };
-        if names.is_empty() {
-            return;
-        }
-        let open: Vec<String> = match self.store.conn().await {
-            Ok(mut conn) => match issuances::open_for_user(&mut conn, Some(user)).await {
-                Ok(v) => v
-                    .into_iter()
-                    .map(|i| {
-                        i.csr_name
-                            .unwrap_or_else(|| crate::cluster::csr::csr_name(&i.id))
-                    })
-                    .collect(),
-                Err(_) => return,
-            },
+        let stray = match stray_csrs(self.store, names, Some(user)).await {
+            Ok(s) => s,
             Err(_) => return,
         };
-        for n in names.iter().filter(|n| !open.contains(n)) {
+        for n in &stray {
             match cluster.delete_csr(n).await {
                 Ok(()) => info!(csr = %n, "deleted a CSR object an earlier attempt left"),
                 Err(e) => {
@@ -1335,6 +1323,44 @@ impl Issuer<'_> {
         }
         Ok(abandoned)
     }
+}
+
+/// Of the CSR objects listed (after listing them, the journal is read: an
+/// attempt journals itself before it creates its CSR), those no open attempt
+/// waits for. An object without the instance annotation counts only if its
+/// name comes from an issuance in this database.
+pub(crate) async fn stray_csrs(
+    store: &Store,
+    listed: Vec<(String, bool)>,
+    user: Option<&str>,
+) -> Result<Vec<String>, StoreError> {
+    if listed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut conn = store.conn().await?;
+    let open: Vec<String> = issuances::open_for_user(&mut conn, user)
+        .await?
+        .into_iter()
+        .map(|i| {
+            i.csr_name
+                .unwrap_or_else(|| crate::cluster::csr::csr_name(&i.id))
+        })
+        .collect();
+    let mut stray = Vec::new();
+    for (name, annotated) in listed {
+        if open.contains(&name) {
+            continue;
+        }
+        let ours = annotated
+            || match name.strip_prefix("rotator-") {
+                Some(id) => issuances::get(&mut conn, id).await?.is_some(),
+                None => false,
+            };
+        if ours {
+            stray.push(name);
+        }
+    }
+    Ok(stray)
 }
 
 fn cancelled(user: &str, serial: &str, reason: String, written: Option<String>) -> IssueError {

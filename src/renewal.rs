@@ -208,18 +208,8 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
     // its CSR, so a CSR listed here whose attempt is open is in `open`.
     match cluster.managed_csrs(None).await {
         Ok(names) => {
-            let open: Vec<String> = {
-                let mut conn = app.store.conn().await?;
-                crate::store::issuances::open_for_user(&mut conn, None)
-                    .await?
-                    .into_iter()
-                    .map(|i| {
-                        i.csr_name
-                            .unwrap_or_else(|| crate::cluster::csr::csr_name(&i.id))
-                    })
-                    .collect()
-            };
-            for n in names.iter().filter(|n| !open.contains(n)) {
+            let stray = crate::issuer::stray_csrs(&app.store, names, None).await?;
+            for n in &stray {
                 if cluster.delete_csr(n).await.is_ok() {
                     report.stray_csrs += 1;
                 }

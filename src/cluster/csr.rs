@@ -220,9 +220,15 @@ impl Cluster {
     }
 
     /// The CSR objects this rotator instance made (for cleanup and `doctor`),
-    /// for one user or all. Another instance's CSRs (another database) are
-    /// never listed here, so they are never cleaned up from here.
-    pub async fn managed_csrs(&self, user: Option<&str>) -> Result<Vec<String>, ClusterError> {
+    /// for one user or all: `(name, annotated)`. Another instance's CSRs
+    /// (another database) are never listed here. An object with rotator's
+    /// label and no instance annotation (an older rotator) is listed with
+    /// `annotated: false`: callers clean it up only if the issuance its name
+    /// comes from is in their own journal.
+    pub async fn managed_csrs(
+        &self,
+        user: Option<&str>,
+    ) -> Result<Vec<(String, bool)>, ClusterError> {
         let api = self.csrs();
         let mut selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
         if let Some(u) = user {
@@ -237,7 +243,14 @@ impl Cluster {
             .items
             .into_iter()
             .filter(|c| self.owns(&c.metadata))
-            .filter_map(|c| c.metadata.name)
+            .filter_map(|c| {
+                let annotated = c
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(super::INSTANCE_ANNOTATION));
+                c.metadata.name.map(|n| (n, annotated))
+            })
             .collect())
     }
 }

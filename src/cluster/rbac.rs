@@ -113,9 +113,12 @@ fn is_managed<K: Binding>(b: &K) -> bool {
 /// Who made a binding, as far as rotator can tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Owner {
-    /// This instance: its instance annotation, or (bindings from before the
-    /// annotation) rotator's label and no annotation.
+    /// This instance: its instance annotation.
     Us,
+    /// rotator's label and no instance annotation: made before annotations
+    /// existed (or forged). Adopted where the user's own binding belongs, and
+    /// annotated then; never deleted on the label's word alone.
+    Legacy,
     /// Another rotator instance (another database) made it.
     Other(String),
     Foreign,
@@ -131,7 +134,7 @@ impl Cluster {
         match annotated {
             Some(i) if *i == self.instance => Owner::Us,
             Some(i) => Owner::Other(i.clone()),
-            None if is_managed(b) => Owner::Us,
+            None if is_managed(b) => Owner::Legacy,
             None => Owner::Foreign,
         }
     }
@@ -236,7 +239,7 @@ impl Cluster {
         let current = read_one(api, &name, what).await?;
         if let Some(b) = &current {
             let owner = self.owner(b);
-            if owner != Owner::Us {
+            if !matches!(owner, Owner::Us | Owner::Legacy) {
                 return Err(not_ours(what, &owner));
             }
         }
@@ -319,7 +322,7 @@ impl Cluster {
                     match read_one(&api, &name, &what).await {
                         Ok(Some(b)) => {
                             let owner = self.owner(&b);
-                            if owner != Owner::Us {
+                            if !matches!(owner, Owner::Us | Owner::Legacy) {
                                 return Err(not_ours(&what, &owner));
                             }
                             if b.role_ref().name == role {
@@ -341,7 +344,7 @@ impl Cluster {
                 // Cluster-wide users need rbac-cluster-wide.yaml, which grants `get`.
                 if let Some(b) = read_one(&api, &name, &what).await? {
                     let owner = self.owner(&b);
-                    if owner != Owner::Us {
+                    if !matches!(owner, Owner::Us | Owner::Legacy) {
                         return Err(not_ours(&what, &owner));
                     }
                     if b.role_ref().name == role {
@@ -541,7 +544,7 @@ impl Cluster {
                 for b in list.items {
                     let ns = b.metadata.namespace.clone().unwrap_or_default();
                     let n = b.metadata.name.clone().unwrap_or_default();
-                    if n == own && self.owner(&b) == Owner::Us {
+                    if n == own && matches!(self.owner(&b), Owner::Us | Owner::Legacy) {
                         continue;
                     }
                     let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), &ns);
@@ -560,7 +563,7 @@ impl Cluster {
             Ok(list) => {
                 for b in list.items {
                     let n = b.metadata.name.clone().unwrap_or_default();
-                    if n == own && self.owner(&b) == Owner::Us {
+                    if n == own && matches!(self.owner(&b), Owner::Us | Owner::Legacy) {
                         continue;
                     }
                     self.sweep_one(&crbs, b, groups, format!("cluster/{n}"), report)
