@@ -1100,6 +1100,7 @@ async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
         "[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n",
     )
     .await;
+    kx.grant_secret_delivery("team-a", "bob-kubeconfig").await;
     ok(&kx
         .rotator_async(
             &[
@@ -1117,9 +1118,10 @@ async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
             &[],
         )
         .await);
-    // The API server never answers the delivery: the catch-up rotation hangs in it.
+    // The API server never answers the delivery (a replace of the Secret): the
+    // catch-up rotation hangs in it.
     kx.cluster.faults().add(
-        testcluster::FaultRule::on(Some("PATCH"), "/secrets/")
+        testcluster::FaultRule::on(Some("PUT"), "/secrets/")
             .times(u64::MAX)
             .action(testcluster::FaultAction::Hang),
     );
