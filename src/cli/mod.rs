@@ -14,6 +14,7 @@ use crate::issuer::{FaultPoint, Faults, IssueError, NoFaults};
 
 mod admin;
 mod audit;
+mod bulk;
 mod docs;
 mod doctor;
 mod output;
@@ -352,6 +353,9 @@ pub async fn run(cli: Cli) -> CliResult {
                 open_app(&cli, metrics_addr.clone()).await.map(|(a, _)| a)
             })
             .await
+        }
+        Command::AddUser(args) if args.from.is_some() => {
+            bulk::run(open_app(&cli, None).await?.0, args, out).await
         }
         Command::AddUser(args) => admin::add_user(&open_app(&cli, None).await?.0, args, out).await,
         Command::RemoveUser { name } => {
