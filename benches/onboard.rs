@@ -4,6 +4,10 @@
 //!   cargo bench --bench onboard
 //!   ONBOARD_USERS=1000 ONBOARD_CONCURRENCY=16 ONBOARD_SIGNING_RATE=20 HAND_USERS=50 cargo bench --bench onboard
 //!
+//! Three flows: the issuer in process, the real `rotator add-user --from
+//! users.csv` process (BULK_USERS, default ONBOARD_USERS; 0 skips it) into its
+//! own data directory, and the hand-run flow.
+//!
 //! ONBOARD_SIGNING_RATE models kube-controller-manager's client rate limit
 //! (about 20 CSRs/s by default; 0 = unlimited). Prints a table; asserts nothing.
 #[path = "common/shared.rs"]
@@ -110,6 +114,58 @@ async fn run() {
     total_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let rotator_rate = users as f64 / elapsed.as_secs_f64();
 
+    // The real command: one `rotator add-user --from users.csv` process, its
+    // own data directory, the same cluster (other user names).
+    let bulk = env("BULK_USERS", users as u64) as usize;
+    let bulk_elapsed = (bulk > 0).then(|| {
+        let mut csv = String::from("name,namespaces,role,groups,ttl,delivery\n");
+        for i in 0..bulk {
+            csv.push_str(&format!("b{i},team-a,view,,1h,\n"));
+        }
+        let file = dir.path().join("users.csv");
+        std::fs::write(&file, csv).unwrap();
+        let bulk_cfg = dir.path().join("bulk.toml");
+        std::fs::write(
+            &bulk_cfg,
+            format!("data_dir = {:?}\nsigner = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"10m\"\n", dir.path().join("bulk-data"), admin),
+        )
+        .unwrap();
+        let rotator = |args: &[&str]| {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+                .arg("--config")
+                .arg(&bulk_cfg)
+                .args(args)
+                .env_remove("ROTATOR_DATA_DIR")
+                .env_remove("ROTATOR_CONFIG")
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "rotator {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            o.stdout
+        };
+        rotator(&["init"]);
+        let out_dir = dir.path().join("bulk-out");
+        let started = Instant::now();
+        let out = rotator(&[
+            "add-user",
+            "--from",
+            file.to_str().unwrap(),
+            "--out-dir",
+            out_dir.to_str().unwrap(),
+            "--concurrency",
+            &concurrency.to_string(),
+            "--output",
+            "json",
+        ]);
+        let elapsed = started.elapsed();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["summary"]["issued"], bulk, "{v}");
+        elapsed
+    });
+
     // The hand-run flow, one user after another, as a script would do it.
     let hand_elapsed = hand_flow::run(dir.path(), &admin, hand);
     let hand_rate = hand as f64 / hand_elapsed.as_secs_f64();
@@ -134,6 +190,16 @@ async fn run() {
         pct(&total_ms, 0.5),
         pct(&total_ms, 0.99)
     );
+    if let Some(e) = bulk_elapsed {
+        println!(
+            "{:<64} {:>10} {:>12.1} {:>10} {:>10}",
+            format!("rotator add-user --from users.csv, --concurrency {concurrency} (process)"),
+            bulk,
+            bulk as f64 / e.as_secs_f64(),
+            "",
+            ""
+        );
+    }
     println!(
         "{:<64} {:>10} {:>12} {:>10.1} {:>10.1}",
         "rotator: CSR creation to certificate stored",

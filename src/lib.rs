@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod app;
+pub mod bulk;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -20,7 +20,8 @@ use crate::store::{credentials, users};
 #[derive(Debug, Args)]
 pub struct AddUserArgs {
     /// The user name (certificate CN; Kubernetes username).
-    pub name: String,
+    #[arg(required_unless_present = "from")]
+    pub name: Option<String>,
     /// A group (certificate O). Repeat for several.
     #[arg(long = "group", value_name = "GROUP")]
     pub groups: Vec<String>,
@@ -29,7 +30,7 @@ pub struct AddUserArgs {
         long = "namespace",
         short = 'n',
         value_name = "NS",
-        required_unless_present = "cluster_wide",
+        required_unless_present_any = ["cluster_wide", "from"],
         conflicts_with = "cluster_wide"
     )]
     pub namespaces: Vec<String>,
@@ -37,8 +38,8 @@ pub struct AddUserArgs {
     #[arg(long)]
     pub cluster_wide: bool,
     /// The ClusterRole to bind in each namespace (policy.allowed_roles).
-    #[arg(long)]
-    pub role: String,
+    #[arg(long, required_unless_present = "from")]
+    pub role: Option<String>,
     /// Certificate lifetime, such as 30m, 8h, 24h (default policy.default_ttl).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub ttl: Option<Duration>,
@@ -59,6 +60,27 @@ pub struct AddUserArgs {
     /// and fetches a certificate (`rotator fetch --token`).
     #[arg(long, conflicts_with_all = ["out", "deliver"])]
     pub enroll: bool,
+    /// Add every user of a CSV file ("-" for stdin), one row per user:
+    /// name,namespaces,role,groups,ttl,delivery (README, "Bulk onboarding").
+    /// Every row is checked before anything is issued.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["name", "groups", "namespaces", "cluster_wide", "role", "ttl", "out", "deliver", "enroll"]
+    )]
+    pub from: Option<PathBuf>,
+    /// With --from: the directory for the kubeconfigs (NAME.kubeconfig) and
+    /// enrollment tokens (NAME.token); created with mode 0700. Default: the
+    /// current directory.
+    #[arg(long, value_name = "DIR", requires = "from")]
+    pub out_dir: Option<PathBuf>,
+    /// With --from: check the whole file (shape, policy, duplicates, existing
+    /// users) and issue nothing.
+    #[arg(long, requires = "from")]
+    pub dry_run: bool,
+    /// With --from: how many users are onboarded at once.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256), requires = "from")]
+    pub concurrency: u16,
 }
 
 fn parse_key_type(s: &str) -> Result<KeyType, String> {
@@ -123,15 +145,23 @@ fn report_issued(out: OutputFormat, issued: &Issued, to_stdout_taken: bool) {
 
 pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
     let policy = &app.settings.policy;
+    let (Some(name), Some(role)) = (&a.name, &a.role) else {
+        return Err(Failure::new(
+            Exit::Usage,
+            anyhow!(
+                "add-user needs a NAME and --role\nfix: `rotator add-user NAME --role ROLE -n NS`, or --from FILE"
+            ),
+        ));
+    };
     let spec = UserSpec {
-        name: a.name.clone(),
+        name: name.clone(),
         groups: a.groups.clone(),
         namespaces: if a.cluster_wide {
             vec![crate::policy::ALL_NAMESPACES.to_string()]
         } else {
             a.namespaces.clone()
         },
-        role: a.role.clone(),
+        role: role.clone(),
         key_type: a.key_type.unwrap_or(policy.default_key_type),
         ttl_seconds: a.ttl.unwrap_or(policy.default_ttl).as_secs(),
     };
@@ -158,45 +188,55 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
                     ),
                 ));
             }
-            secret_target_usable(app, cluster, namespace, name, &a.name).await?;
+            secret_target_usable(app, cluster, namespace, name, &spec.name).await?;
             Box::new(crate::sink::SecretSink {
                 cluster: cluster.clone(),
                 store: app.store.clone(),
                 namespace: namespace.clone(),
                 name: name.clone(),
-                user: a.name.clone(),
+                user: spec.name.clone(),
             }) as Box<dyn Sink>
         }
-        _ => sink_for(&a.name, &a.out),
+        _ => sink_for(&spec.name, &a.out),
     };
+    let user = spec.name.clone();
     let issued = app
         .issuer()
         .add_user(spec, sink.as_mut(), &app.actor)
         .await?;
     if let Some(t) = &a.deliver {
-        let now = app.clock.now();
-        let mut tx = app.store.begin().await?;
-        users::set_delivery(&mut tx, &a.name, &t.as_string(), now).await?;
-        crate::store::audit::append(
-            &mut tx,
-            now,
-            &app.actor,
-            "user.delivery",
-            &a.name,
-            serde_json::json!({"target": t.as_string()}),
-        )
-        .await?;
-        crate::store::commit(tx).await?;
+        record_delivery(app, &user, t).await?;
     }
     report_issued(out, &issued, sink.describe() == "stdout");
     Ok(())
+}
+
+/// Records where the daemon delivers the user's reissued kubeconfigs.
+pub(super) async fn record_delivery(
+    app: &App,
+    user: &str,
+    t: &crate::sink::Target,
+) -> Result<(), crate::store::StoreError> {
+    let now = app.clock.now();
+    let mut tx = app.store.begin().await?;
+    users::set_delivery(&mut tx, user, &t.as_string(), now).await?;
+    crate::store::audit::append(
+        &mut tx,
+        now,
+        &app.actor,
+        "user.delivery",
+        user,
+        serde_json::json!({"target": t.as_string()}),
+    )
+    .await?;
+    crate::store::commit(tx).await
 }
 
 /// Refuses, before anything is issued, a delivery Secret that rotator could not
 /// write: one rotator's identity is not granted (exit 4; asked first, so the fix
 /// is the grant), one that exists and is not rotator's (exit 6), or one rotator
 /// made for another user (exit 6).
-async fn secret_target_usable(
+pub(super) async fn secret_target_usable(
     app: &App,
     cluster: &crate::cluster::Cluster,
     ns: &str,

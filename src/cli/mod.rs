@@ -14,6 +14,8 @@ use crate::issuer::{FaultPoint, Faults, IssueError, NoFaults};
 
 mod admin;
 mod audit;
+mod bulk;
+mod docs;
 mod doctor;
 mod output;
 mod serve;
@@ -135,6 +137,17 @@ pub enum Command {
     /// (user) kubectl exec plugin: prints a client.authentication.k8s.io
     /// ExecCredential, renewing the cached credential when it is due.
     Credential(user::CredentialArgs),
+    /// Print a shell completion script (bash, zsh or fish) on stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: docs::Shell,
+    },
+    /// Print the man page (roff) on stdout, or with --dir write one page per subcommand there.
+    Man {
+        /// Directory for rotator.1, rotator-add-user.1, ... (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// A failure on its way out of the process: a message chain and an exit code.
@@ -341,6 +354,9 @@ pub async fn run(cli: Cli) -> CliResult {
             })
             .await
         }
+        Command::AddUser(args) if args.from.is_some() => {
+            bulk::run(open_app(&cli, None).await?.0, args, out).await
+        }
         Command::AddUser(args) => admin::add_user(&open_app(&cli, None).await?.0, args, out).await,
         Command::RemoveUser { name } => {
             admin::remove_user(&open_app(&cli, None).await?.0, name, out).await
@@ -358,5 +374,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Doctor => doctor::run(&cli, out).await,
         Command::Fetch(a) => user::fetch(a, cli.kubeconfig.as_ref(), out).await,
         Command::Credential(a) => user::credential(a).await,
+        Command::Completions { shell } => docs::completions(*shell),
+        Command::Man { dir } => docs::man(dir.as_deref()),
     }
 }
