@@ -17,6 +17,7 @@ mod audit;
 mod doctor;
 mod output;
 mod serve;
+mod signer;
 mod token;
 mod user;
 
@@ -135,6 +136,9 @@ pub enum Command {
     /// (user) kubectl exec plugin: prints a client.authentication.k8s.io
     /// ExecCredential, renewing the cached credential when it is due.
     Credential(user::CredentialArgs),
+    /// Run the local CA's signing process: the only process that opens the CA key.
+    /// Listens on a Unix socket (HTTP/1.1 + JSON) and signs under its own policy.
+    Signer(signer::SignerArgs),
 }
 
 /// A failure on its way out of the process: a message chain and an exit code.
@@ -273,7 +277,7 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+    let default_level = if matches!(cli.command, Command::Serve { .. } | Command::Signer(_)) {
         "info"
     } else {
         "warn"
@@ -358,5 +362,6 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Doctor => doctor::run(&cli, out).await,
         Command::Fetch(a) => user::fetch(a, cli.kubeconfig.as_ref(), out).await,
         Command::Credential(a) => user::credential(a).await,
+        Command::Signer(a) => signer::run(&cli, a).await,
     }
 }
