@@ -653,3 +653,51 @@ async fn the_daemon_never_opens_the_key_file() {
         1
     );
 }
+
+#[test]
+fn the_sidecar_manifest_mounts_the_ca_only_into_the_signer() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/local-ca-signer-sidecar.yaml"
+    ))
+    .unwrap();
+    let d: serde_json::Value = serde_saphyr::from_str(&text).expect("the manifest parses");
+    assert_eq!(d["kind"], "Deployment");
+    let pod = &d["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_array().unwrap();
+    let ca = volumes.iter().find(|v| v["name"] == "ca").unwrap();
+    assert_eq!(ca["secret"]["secretName"], "rotator-ca");
+    let socket = volumes
+        .iter()
+        .find(|v| v["name"] == "signer-socket")
+        .unwrap();
+    assert_eq!(socket["emptyDir"]["medium"], "Memory");
+    let containers = pod["containers"].as_array().unwrap();
+    let mounts = |c: &serde_json::Value| -> Vec<String> {
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let by_name = |n: &str| containers.iter().find(|c| c["name"] == n).unwrap();
+    let (daemon, signer) = (by_name("rotator"), by_name("signer"));
+    assert!(mounts(signer).contains(&"ca".to_string()));
+    assert!(!mounts(daemon).contains(&"ca".to_string()));
+    assert!(mounts(daemon).contains(&"signer-socket".to_string()));
+    assert!(mounts(signer).contains(&"signer-socket".to_string()));
+    assert_eq!(signer["args"][0], "signer");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let (a, b) = (
+        &daemon["securityContext"]["runAsUser"],
+        &signer["securityContext"]["runAsUser"],
+    );
+    assert!(a.as_u64().unwrap() > 0 && b.as_u64().unwrap() > 0 && a != b);
+    for c in [daemon, signer] {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true);
+        assert_eq!(sc["allowPrivilegeEscalation"], false);
+        assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    }
+}
