@@ -80,6 +80,7 @@ async fn run() {
             cert_file: dir.path().join("serving-ca.crt"),
             key_file: dir.path().join("serving-ca.key"),
             configured: true,
+            socket: None,
             common_name: "bench serving CA".into(),
             validity: Duration::from_secs(86_400),
         },

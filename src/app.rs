@@ -394,6 +394,10 @@ impl App {
         let mut created_ca = false;
         let mut cluster = None;
         let signer: Arc<dyn Signer> = match kind {
+            SignerKind::LocalCa if settings.local_ca.socket.is_some() => {
+                // The key stays in the `rotator signer` process: never opened here.
+                Arc::new(crate::signer::SocketSigner::connect(&settings.local_ca).await?)
+            }
             SignerKind::LocalCa => {
                 if !settings.local_ca.configured {
                     let dir = settings

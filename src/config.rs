@@ -27,6 +27,7 @@ const SECTIONS: &[&str] = &[
     "schedule",
     "server",
     "sealing",
+    "signer_service",
 ];
 pub const DEFAULT_CONFIG_PATH: &str = "config/rotator.toml";
 
@@ -107,6 +108,7 @@ struct FileConfig {
     server: ServerSection,
     sealing: SealingSection,
     audit: AuditSection,
+    signer_service: SignerServiceSection,
 }
 
 impl Default for FileConfig {
@@ -125,6 +127,7 @@ impl Default for FileConfig {
             server: ServerSection::default(),
             sealing: SealingSection::default(),
             audit: AuditSection::default(),
+            signer_service: SignerServiceSection::default(),
         }
     }
 }
@@ -200,15 +203,61 @@ impl Default for KubernetesSection {
 struct LocalCaSection {
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    socket: Option<PathBuf>,
     common_name: String,
     validity: String,
 }
+
+/// `[signer_service]`: the separate `rotator signer` process that alone holds the
+/// local CA key (the top-level `signer` key already names the signer kind).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct SignerServiceSection {
+    socket: Option<PathBuf>,
+    max_ttl: String,
+    allowed_uids: Vec<u32>,
+    rate_per_second: u32,
+    burst: u32,
+    max_body_bytes: usize,
+    log_file: Option<PathBuf>,
+}
+
+impl Default for SignerServiceSection {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            max_ttl: "24h".into(),
+            allowed_uids: Vec::new(),
+            rate_per_second: 50,
+            burst: 100,
+            max_body_bytes: 64 * 1024,
+            log_file: None,
+        }
+    }
+}
+
+/// What `rotator signer` enforces, whatever the daemon asks.
+#[derive(Debug, Clone)]
+pub struct SignerServiceSettings {
+    pub socket: PathBuf,
+    pub max_ttl: Duration,
+    /// Peer uids (SO_PEERCRED) that may ask; empty: any peer that can open the socket.
+    pub allowed_uids: Vec<u32>,
+    pub rate_per_second: u32,
+    pub burst: u32,
+    pub max_body_bytes: usize,
+    /// Append-only JSON lines of every signature and refusal (0600).
+    pub log_file: PathBuf,
+}
+
+pub const DEFAULT_SIGNER_SOCKET: &str = "/run/rotator/signer.sock";
 
 impl Default for LocalCaSection {
     fn default() -> Self {
         Self {
             cert_file: None,
             key_file: None,
+            socket: None,
             common_name: "rotator local CA".into(),
             validity: "3650d".into(),
         }
@@ -431,6 +480,9 @@ pub struct LocalCaSettings {
     pub key_file: PathBuf,
     /// True when the paths were configured: rotator then never creates them.
     pub configured: bool,
+    /// `local_ca.socket`: sign through a `rotator signer` process; the key file is
+    /// then never read by this process.
+    pub socket: Option<PathBuf>,
     pub common_name: String,
     pub validity: Duration,
 }
@@ -476,6 +528,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub sealing: SealingSettings,
     pub audit: AuditSettings,
+    pub signer_service: SignerServiceSettings,
 }
 
 impl Settings {
@@ -798,6 +851,7 @@ fn validate(
             .unwrap_or_else(|| ca_dir.join("ca.crt")),
         key_file: f.local_ca.key_file.unwrap_or_else(|| ca_dir.join("ca.key")),
         configured,
+        socket: f.local_ca.socket.clone(),
         common_name: f.local_ca.common_name,
         validity: cx.duration("local_ca.validity", &f.local_ca.validity)?,
     };
@@ -1018,6 +1072,39 @@ fn validate(
             .checkpoint_file
             .unwrap_or_else(|| data_dir.join("audit.head")),
     };
+    let ss = &f.signer_service;
+    let signer_service = SignerServiceSettings {
+        socket: ss
+            .socket
+            .clone()
+            .or_else(|| local_ca.socket.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SIGNER_SOCKET)),
+        max_ttl: cx.duration("signer_service.max_ttl", &ss.max_ttl)?,
+        allowed_uids: ss.allowed_uids.clone(),
+        rate_per_second: ss.rate_per_second,
+        burst: ss.burst.max(1),
+        max_body_bytes: ss.max_body_bytes,
+        log_file: ss
+            .log_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("signer.log")),
+    };
+    if signer_service.max_ttl < crate::policy::ABSOLUTE_MIN_TTL {
+        return Err(cx.invalid(
+            "signer_service.max_ttl",
+            &ss.max_ttl,
+            "shorter than Kubernetes' 10-minute minimum certificate lifetime",
+            "use at least \"10m\"; \"24h\" is the default",
+        ));
+    }
+    if signer_service.rate_per_second == 0 {
+        return Err(cx.invalid(
+            "signer_service.rate_per_second",
+            "0",
+            "a signer that may sign nothing",
+            "use a positive number; 50 is the default",
+        ));
+    }
     let kubernetes = KubernetesSettings {
         kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
         context: f.kubernetes.context,
@@ -1039,6 +1126,7 @@ fn validate(
             ca_file: f.cluster.ca_file,
         },
         local_ca,
+        signer_service,
         policy,
         rotation,
         schedule,

@@ -1,5 +1,6 @@
 //! `rotator doctor`: every check, each with what is wrong and how to fix it.
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::anyhow;
@@ -65,6 +66,72 @@ fn owner_only(p: &std::path::Path, want: u32, before: Option<u32>) -> (bool, Str
     }
 }
 
+/// `local_ca.socket`: the signer answers, and its CA is the configured one.
+async fn signer_socket(socket: &Path, ca: &crate::config::LocalCaSettings) -> (bool, String) {
+    use crate::signer::local_ca::socket::{SocketSigner, call, check_same_ca};
+    let shown = socket.display();
+    match call(socket, "GET", "/healthz", Vec::new()).await {
+        Ok((200, _)) => {}
+        Ok((status, _)) => return (false, format!("{shown}: /healthz answered {status}")),
+        Err(e) => {
+            return (
+                false,
+                format!(
+                    "{shown}: {e}; fix: start `rotator signer` and check that this user may open the socket"
+                ),
+            );
+        }
+    }
+    let signer_ca = match SocketSigner::fetch_ca(socket).await {
+        Ok(c) => c,
+        Err(e) => return (false, e.to_string()),
+    };
+    if !ca.configured {
+        return (true, format!("{shown} answers; CA taken from the signer"));
+    }
+    match std::fs::read_to_string(&ca.cert_file)
+        .map_err(|e| e.to_string())
+        .and_then(|want| check_same_ca(&signer_ca, &want, &ca.cert_file).map_err(|e| e.to_string()))
+    {
+        Ok(()) => (
+            true,
+            format!("{shown} answers; its CA is {}", ca.cert_file.display()),
+        ),
+        Err(e) => (false, e),
+    }
+}
+
+/// With `local_ca.socket`, this process must not be able to read the CA key.
+fn key_unreadable(key: &Path) -> (bool, String) {
+    let shown = key.display();
+    match std::fs::File::open(key) {
+        Ok(_) => (
+            false,
+            format!(
+                "{shown} is readable by this process (uid {}); fix: make the key readable only by the signer's user (0600, its own uid) so a compromised daemon cannot take it",
+                uid()
+            ),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            (true, format!("{shown} does not exist here"))
+        }
+        Err(e) => (
+            true,
+            format!(
+                "{shown} cannot be opened by this process (uid {}): {e}",
+                uid()
+            ),
+        ),
+    }
+}
+
+fn uid() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// The check that carries the cluster's grant findings.
 const GRANTS_CHECK: &str = "grants outside rotator";
 
@@ -127,7 +194,19 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 }
                 Err(e) => push("signer CA", false, e.to_string(), Exit::Signer),
             }
-            if app.signer.kind() == "local-ca" {
+            if let Some(socket) = s
+                .local_ca
+                .socket
+                .clone()
+                .filter(|_| app.signer.kind() == "local-ca")
+            {
+                let (ok, detail) = signer_socket(&socket, &s.local_ca).await;
+                push("signer socket", ok, detail, Exit::Signer);
+                if s.local_ca.configured {
+                    let (ok, detail) = key_unreadable(&s.local_ca.key_file);
+                    push("CA key unreadable", ok, detail, Exit::Config);
+                }
+            } else if app.signer.kind() == "local-ca" {
                 let (ok, detail) = private_file(&s.local_ca.key_file, "");
                 push("CA key file", ok, detail, Exit::Config);
             }

@@ -19,6 +19,7 @@ mod docs;
 mod doctor;
 mod output;
 mod serve;
+mod signer;
 mod token;
 mod user;
 
@@ -148,6 +149,9 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Run the local CA's signing process: the only process that opens the CA key.
+    /// Listens on a Unix socket (HTTP/1.1 + JSON) and signs under its own policy.
+    Signer(signer::SignerArgs),
 }
 
 /// A failure on its way out of the process: a message chain and an exit code.
@@ -286,7 +290,7 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+    let default_level = if matches!(cli.command, Command::Serve { .. } | Command::Signer(_)) {
         "info"
     } else {
         "warn"
@@ -376,5 +380,6 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Credential(a) => user::credential(a).await,
         Command::Completions { shell } => docs::completions(*shell),
         Command::Man { dir } => docs::man(dir.as_deref()),
+        Command::Signer(a) => signer::run(&cli, a).await,
     }
 }

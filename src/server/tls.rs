@@ -30,7 +30,7 @@ pub enum TlsError {
         fix: &'static str,
     },
     #[error(
-        "the user API needs a serving certificate, and the kubernetes signer cannot issue one\nfix: set server.tls_cert and server.tls_key"
+        "the user API needs a serving certificate, and neither the kubernetes signer nor a local CA behind local_ca.socket issues one\nfix: set server.tls_cert and server.tls_key"
     )]
     NoServingCert,
     #[error("cannot set up TLS: {0}")]
@@ -59,7 +59,9 @@ fn serving_pem(app: &App) -> Result<(String, zeroize::Zeroizing<String>), TlsErr
         let k = std::fs::read_to_string(key).map_err(|e| file_err("server.tls_key", key, e))?;
         return Ok((c, zeroize::Zeroizing::new(k)));
     }
-    if app.signer.kind() != "local-ca" {
+    // With `local_ca.socket` the key is in the signer process, which issues
+    // client certificates only: the serving certificate must be given.
+    if app.signer.kind() != "local-ca" || app.settings.local_ca.socket.is_some() {
         return Err(TlsError::NoServingCert);
     }
     let dir = app.settings.data_dir.join("server");

@@ -8,9 +8,10 @@ use crate::exit::{Exit, ExitStatus};
 use crate::pki::PkiError;
 
 mod kubernetes;
-mod local_ca;
+pub mod local_ca;
 pub use kubernetes::KubernetesSigner;
 pub use local_ca::LocalCa;
+pub use local_ca::socket::SocketSigner;
 
 use crate::store::issuances::Step;
 

@@ -12,5 +12,6 @@ pub mod kubernetes;
 mod policy_config;
 mod revocation;
 mod security;
+mod signer;
 mod user_api;
 mod with_cluster;

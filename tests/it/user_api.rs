@@ -31,6 +31,7 @@ fn make_ca(dir: &std::path::Path, name: &str) -> rotator::signer::LocalCa {
         cert_file: dir.join(format!("{name}.crt")),
         key_file: dir.join(format!("{name}.key")),
         configured: true,
+        socket: None,
         common_name: name.into(),
         validity: Duration::from_secs(86_400),
     };

@@ -1,14 +1,15 @@
-//! The `local-ca` signer: a CA key rotator holds. The key is read only here.
+//! The `local-ca` signer with the CA key in this process. The key is read only here
+//! (and, for `rotator signer`, only in that process: see `service.rs`).
 use std::path::Path;
 use std::sync::Arc;
 
 use x509_cert::name::Name;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
-use super::{BoxFuture, SignError, SignRequest, Signed, Signer};
 use crate::clock::Clock;
 use crate::config::LocalCaSettings;
 use crate::pki::{self, CertProfile, KeyType, PrivateKey};
+use crate::signer::{BoxFuture, SignError, SignRequest, Signed, Signer};
 
 /// Kubernetes' csrsigning controller backdates by five minutes for clock skew; so do we.
 pub const BACKDATE_SECONDS: i64 = 300;
@@ -250,7 +251,7 @@ impl Signer for LocalCa {
     fn sign<'a>(
         &'a self,
         req: SignRequest<'a>,
-        _: &'a dyn super::Progress,
+        _: &'a dyn crate::signer::Progress,
     ) -> BoxFuture<'a, Result<Signed, SignError>> {
         Box::pin(async move {
             Ok(Signed {

@@ -1,0 +1,61 @@
+//! `rotator signer`: the local CA's signing process (src/signer/local_ca/service.rs).
+//! It reads the configuration for `local_ca.cert_file` / `key_file`,
+//! `policy.denied_groups` and `[signer_service]`, and nothing else: no database,
+//! no cluster, no outgoing connection.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::{Cli, CliResult, Failure};
+use crate::clock::SystemClock;
+use crate::config;
+use crate::exit::Exit;
+use crate::signer::local_ca::service::{self, Service};
+
+#[derive(Debug, clap::Args)]
+pub struct SignerArgs {
+    /// Unix socket to listen on (overrides signer_service.socket; default
+    /// local_ca.socket, then /run/rotator/signer.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+pub async fn run(cli: &Cli, args: &SignerArgs) -> CliResult {
+    let mut settings = config::load(cli.config.as_deref(), &cli.overrides(None))?;
+    if let Some(s) = &args.socket {
+        settings.signer_service.socket = s.clone();
+    }
+    let ss = settings.signer_service.clone();
+    let mut svc = Service::open(
+        &settings.local_ca,
+        &ss,
+        settings.policy.denied_groups.clone(),
+        Arc::new(SystemClock),
+    )?;
+    // rotator's own tests: `ROTATOR_FAULT=signer-sign:sleep-MS` stalls each signature.
+    if let Some(ms) = std::env::var("ROTATOR_FAULT")
+        .ok()
+        .and_then(|v| v.strip_prefix("signer-sign:sleep-")?.parse::<u64>().ok())
+    {
+        svc.delay = Some(std::time::Duration::from_millis(ms.min(60_000)));
+    }
+    let listener = service::bind(&ss.socket)?;
+    let sig = |k| {
+        signal(k).map_err(|e| Failure::new(Exit::Internal, anyhow!("cannot handle signals: {e}")))
+    };
+    let (mut term, mut int) = (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?);
+    tracing::info!(socket = %ss.socket.display(), log = %ss.log_file.display(), "signer listening");
+    eprintln!("signer listening on {}", ss.socket.display());
+    Arc::new(svc)
+        .serve(listener, async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
+        .await;
+    let _ = std::fs::remove_file(&ss.socket);
+    Ok(())
+}

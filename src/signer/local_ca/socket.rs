@@ -1,0 +1,182 @@
+//! The `local-ca` signer through a `rotator signer` process (`local_ca.socket`).
+//! This process never opens the CA key: it sends the CSR over the Unix socket and
+//! gets a certificate or a refusal back. Each request opens a new connection, so
+//! a restarted signer is picked up by the next request.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+use super::wire;
+use crate::config::LocalCaSettings;
+use crate::signer::{BoxFuture, SignError, SignRequest, Signed, Signer};
+
+/// How long one exchange with the signer may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+const FIX: &str = "start `rotator signer` (systemd: rotator-signer.service; Kubernetes: the signer sidecar), and check that this user may open local_ca.socket (mode 0660: same group)";
+
+#[derive(Debug)]
+pub struct SocketSigner {
+    socket: PathBuf,
+    ca_pem: String,
+}
+
+fn unavailable(socket: &Path, reason: impl ToString) -> SignError {
+    SignError::CaUnavailable {
+        path: socket.display().to_string(),
+        reason: reason.to_string(),
+        fix: FIX.to_string(),
+    }
+}
+
+/// One HTTP/1.1 exchange over the Unix socket: the status and the body.
+pub async fn call(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> std::io::Result<(u16, Bytes)> {
+    let io = |e: String| std::io::Error::other(e);
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(socket).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| io(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "signer")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| io(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| io(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| io(e.to_string()))?
+            .to_bytes();
+        Ok::<_, std::io::Error>((status, bytes))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| io(format!("no answer within {REQUEST_TIMEOUT:?}")))?
+}
+
+/// The signer's error object, or a description of a body that is not one.
+fn refusal(status: u16, body: &[u8]) -> String {
+    match serde_json::from_slice::<wire::ErrorBody>(body) {
+        Ok(e) => format!(
+            "{} ({}): {}\nfix: {}",
+            e.error.code, status, e.error.message, e.error.fix
+        ),
+        Err(_) => format!("HTTP {status} with a body that is not a signer error"),
+    }
+}
+
+impl SocketSigner {
+    /// Asks the signer for its CA; when `local_ca.cert_file` is configured, the
+    /// signer's CA must be that certificate.
+    pub async fn connect(settings: &LocalCaSettings) -> Result<Self, SignError> {
+        let socket = settings
+            .socket
+            .clone()
+            .expect("SocketSigner::connect needs local_ca.socket");
+        let ca_pem = Self::fetch_ca(&socket).await?;
+        if settings.configured {
+            let want = std::fs::read_to_string(&settings.cert_file).map_err(|e| {
+                SignError::CaUnavailable {
+                    path: settings.cert_file.display().to_string(),
+                    reason: e.to_string(),
+                    fix: "check local_ca.cert_file, or unset it to take the CA from the signer"
+                        .into(),
+                }
+            })?;
+            check_same_ca(&ca_pem, &want, &settings.cert_file)?;
+        }
+        Ok(Self { socket, ca_pem })
+    }
+
+    pub async fn fetch_ca(socket: &Path) -> Result<String, SignError> {
+        let (status, body) = call(socket, "GET", wire::CA_PATH, Vec::new())
+            .await
+            .map_err(|e| unavailable(socket, e))?;
+        if status != 200 {
+            return Err(unavailable(socket, refusal(status, &body)));
+        }
+        let ca: wire::CaBody = serde_json::from_slice(&body)
+            .map_err(|e| unavailable(socket, format!("GET /v1/ca: {e}")))?;
+        Ok(ca.certificate)
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+/// The signer's CA and the configured one are the same certificate.
+pub fn check_same_ca(signer_pem: &str, configured_pem: &str, path: &Path) -> Result<(), SignError> {
+    let origin = path.display().to_string();
+    let a = crate::pki::parse_cert_pem(signer_pem, "the signer's CA")?;
+    let b = crate::pki::parse_cert_pem(configured_pem, &origin)?;
+    if a.fingerprint != b.fingerprint {
+        return Err(SignError::CaUnavailable {
+            path: origin,
+            reason: format!(
+                "the signer's CA (sha256 {}) is not local_ca.cert_file (sha256 {})",
+                a.fingerprint, b.fingerprint
+            ),
+            fix: "give the daemon and the signer the same CA certificate".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Signer for SocketSigner {
+    fn kind(&self) -> &'static str {
+        "local-ca"
+    }
+
+    fn ca_bundle_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    fn sign<'a>(
+        &'a self,
+        req: SignRequest<'a>,
+        _: &'a dyn crate::signer::Progress,
+    ) -> BoxFuture<'a, Result<Signed, SignError>> {
+        Box::pin(async move {
+            let body = serde_json::to_vec(&wire::SignBody {
+                csr: crate::pki::pem_encode("CERTIFICATE REQUEST", req.csr_der),
+                ttl_seconds: req.ttl.as_secs(),
+            })
+            .expect("sign bodies serialize");
+            let (status, body) = call(&self.socket, "POST", wire::SIGN_PATH, body)
+                .await
+                .map_err(|e| unavailable(&self.socket, e))?;
+            if status != 200 {
+                return Err(SignError::Refused(refusal(status, &body)));
+            }
+            let signed: wire::SignedBody = serde_json::from_slice(&body)
+                .map_err(|e| unavailable(&self.socket, format!("POST /v1/sign answered: {e}")))?;
+            Ok(Signed {
+                certificate_pem: signed.certificate,
+            })
+        })
+    }
+
+    fn cleanup<'a>(&'a self, _credential_id: &'a str) -> BoxFuture<'a, Result<(), SignError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
