@@ -1318,8 +1318,16 @@ impl Issuer<'_> {
             crate::store::commit(tx).await?;
             warn!(user = %i.user_name, credential = %i.id, step = %i.step, "abandoned an interrupted issuance");
         }
+        // Only an attempt that ended without being delivered can have left a
+        // CSR object behind: a user with none (new, or every attempt delivered)
+        // costs no listing of the cluster's CSRs.
         if let (Some(user), Some(cluster)) = (user, self.cluster) {
-            self.remove_stray_csrs(user, cluster).await;
+            let mut conn = self.store.conn().await?;
+            let may_have_left = issuances::any_ended_undelivered(&mut conn, user).await?;
+            drop(conn);
+            if abandoned > 0 || may_have_left {
+                self.remove_stray_csrs(user, cluster).await;
+            }
         }
         Ok(abandoned)
     }

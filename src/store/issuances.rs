@@ -177,6 +177,21 @@ pub async fn cancel(
     Ok(r.rows_affected() == 1)
 }
 
+/// Whether any attempt of `user` ended without being delivered (one that may
+/// have left a CSR object behind).
+pub async fn any_ended_undelivered(
+    conn: &mut SqliteConnection,
+    user: &str,
+) -> Result<bool, StoreError> {
+    let (any,): (bool,) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM issuances WHERE user_name = ? AND step IN ('failed', 'abandoned'))",
+    )
+    .bind(user)
+    .fetch_one(conn)
+    .await?;
+    Ok(any)
+}
+
 pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Issuance>, StoreError> {
     Ok(sqlx::query_as("SELECT * FROM issuances WHERE id = ?")
         .bind(id)
