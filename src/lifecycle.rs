@@ -49,24 +49,17 @@ pub async fn revoke(
     let now = app.clock.now();
     let mut tx = app.store.begin().await?;
     if users::get(&mut tx, user).await?.is_none() {
-        // A first add-user may be in flight: its user row is written only
-        // when its credential is stored. The revoke wins over it too.
-        if serial.is_none()
-            && end_in_flight(
-                &mut tx,
-                app,
-                user,
-                "the user was revoked while it was added",
-                now,
-            )
-            .await?
-                > 0
-        {
-            crate::store::commit(tx).await?;
-            info!(user, "ended an add-user in flight");
-            return Ok(Vec::new());
+        if serial.is_some() {
+            return Err(LifecycleError::NoSuchUser(user.into()));
         }
-        return Err(LifecycleError::NoSuchUser(user.into()));
+        return only_in_flight(
+            tx,
+            app,
+            user,
+            "the user was revoked while it was added",
+            now,
+        )
+        .await;
     }
     let live: Vec<Credential> = credentials::for_user(&mut tx, user)
         .await?
@@ -137,22 +130,14 @@ pub async fn remove_user(app: &App, user: &str) -> Result<Vec<Credential>, Lifec
     match users::get(&mut tx, user).await? {
         Some(u) if u.state != "removed" => {}
         _ => {
-            // An add-user (or a re-add) in flight has no active row yet.
-            if end_in_flight(
-                &mut tx,
+            return only_in_flight(
+                tx,
                 app,
                 user,
                 "the user was removed while it was added",
                 now,
             )
-            .await?
-                > 0
-            {
-                crate::store::commit(tx).await?;
-                info!(user, "ended an add-user in flight");
-                return Ok(Vec::new());
-            }
-            return Err(LifecycleError::NoSuchUser(user.into()));
+            .await;
         }
     }
     let live: Vec<Credential> = credentials::for_user(&mut tx, user)
@@ -179,6 +164,24 @@ pub async fn remove_user(app: &App, user: &str) -> Result<Vec<Credential>, Lifec
     info!(user, revoked = live.len(), "user removed");
     take_away(app, user, "the removal").await?;
     Ok(live)
+}
+
+/// For a user with no (active) row: a first add-user (or a re-add) may be in
+/// flight, its row written only when its credential is stored. The revoke or
+/// removal wins over it too; with nothing in flight the user does not exist.
+async fn only_in_flight(
+    mut tx: crate::store::Tx,
+    app: &App,
+    user: &str,
+    reason: &str,
+    now: i64,
+) -> Result<Vec<Credential>, LifecycleError> {
+    if end_in_flight(&mut tx, app, user, reason, now).await? == 0 {
+        return Err(LifecycleError::NoSuchUser(user.into()));
+    }
+    crate::store::commit(tx).await?;
+    info!(user, "ended an add-user in flight");
+    Ok(Vec::new())
 }
 
 /// Ends the user's open issuances and revokes their unused enrollment tokens,
