@@ -1,5 +1,5 @@
 //! SQLite through sqlx: WAL, foreign keys, a busy timeout, migrations from
-//! `migrations/`. Every state change runs in one `BEGIN IMMEDIATE` transaction
+//! `migrations/sqlite/`. Every state change runs in one `BEGIN IMMEDIATE` transaction
 //! together with its audit event.
 use std::path::Path;
 use std::str::FromStr;
@@ -18,7 +18,7 @@ pub mod meta;
 pub mod tokens;
 pub mod users;
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
