@@ -30,6 +30,9 @@ fn mode_of(p: &std::path::Path) -> Option<u32> {
 
 /// Whether a key file is readable by its owner alone, and what to say about it.
 fn private_file(k: &std::path::Path, note: &str) -> (bool, String) {
+    if let Some(Ok(r)) = crate::vault::VaultRef::from_path(k) {
+        return (true, format!("in Vault, {r} (held in memory only{note})"));
+    }
     match mode_of(k) {
         Some(0o600) | Some(0o400) => (true, format!("{} (mode 600{note})", k.display())),
         m => (

@@ -14,4 +14,5 @@ mod revocation;
 mod security;
 mod signer;
 mod user_api;
+pub mod vault;
 mod with_cluster;
