@@ -881,3 +881,126 @@ async fn vault_ready(app: &rotator::app::App) -> Result<(), String> {
         .expect("a vault check")
         .1
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signer_process_reads_its_ca_key_from_vault_and_signs_with_it() {
+    let Some(bao) =
+        Bao::start("vault::the_signer_process_reads_its_ca_key_from_vault_and_signs_with_it")
+    else {
+        return;
+    };
+    let s = crate::common::Scratch::new();
+    let (key, crt) = (s.path("ca.key.tmp"), s.path("ca.crt.tmp"));
+    crate::common::ok(&crate::common::run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            crt.to_str().unwrap(),
+            "-subj",
+            "/CN=ca from vault",
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        ],
+    ));
+    let ca_pem = std::fs::read_to_string(&crt).unwrap();
+    bao.ok(&[
+        "kv",
+        "put",
+        "secret/rotator/ca",
+        &format!("cert=@{}", crt.display()),
+        &format!("key=@{}", key.display()),
+    ]);
+    std::fs::remove_file(&key).unwrap();
+    std::fs::remove_file(&crt).unwrap();
+    bao.policy("rotator", ROTATOR_POLICY);
+    let token = bao.token("rotator", "1h");
+    let token_file = s.write("vault-token", &token);
+    let socket = s.path("run/signer.sock");
+    let cfg = s.write(
+        "signer.toml",
+        &format!(
+            "data_dir = {:?}\n[signer_service]\nsocket = {socket:?}\n\
+             [local_ca]\ncert_file = \"vault:secret/rotator/ca#cert\"\nkey_file = \"vault:secret/rotator/ca#key\"\n\
+             [vault]\naddress = {:?}\ntoken_file = {token_file:?}\n",
+            s.path("signer-data"),
+            bao.addr
+        ),
+    );
+    let mut signer = Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .args(["--config", cfg.to_str().unwrap(), "signer"])
+        .env_remove("VAULT_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(s.path("signer.stderr")).unwrap())
+        .spawn()
+        .expect("start rotator signer");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if let Some(st) = signer.try_wait().unwrap() {
+            panic!(
+                "the signer exited ({st}): {}",
+                std::fs::read_to_string(s.path("signer.stderr")).unwrap()
+            );
+        }
+        assert!(Instant::now() < deadline, "the signer did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.write(
+        "rotator.toml",
+        &format!("[local_ca]\nsocket = {socket:?}\n"),
+    );
+    crate::common::ok(&s.rotator(&[
+        "--config",
+        "rotator.toml",
+        "add-user",
+        "alice",
+        "--group",
+        "dev",
+        "-n",
+        "team-a",
+        "--role",
+        "view",
+    ]));
+    let (_, _, cert, _) = crate::common::kubeconfig_parts(&s.path("alice.kubeconfig"));
+    let ca_file = s.write("check-ca.pem", &ca_pem);
+    let cert_file = s.write("alice.pem", &cert);
+    let v = crate::common::ok(&crate::common::run(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            ca_file.to_str().unwrap(),
+            cert_file.to_str().unwrap(),
+        ],
+    ));
+    assert!(v.contains(": OK"), "{v}");
+    let _ = signer.kill();
+    let _ = signer.wait();
+    // The key never reached the disk: only the CA certificate was put back for the check.
+    for f in walk(s.dir.path()) {
+        if let Ok(text) = std::fs::read_to_string(&f) {
+            assert!(
+                !text.contains("PRIVATE KEY") || f.ends_with("alice.kubeconfig"),
+                "{} holds a key",
+                f.display()
+            );
+            assert!(
+                !text.contains(&token) || f == token_file,
+                "{} holds the token",
+                f.display()
+            );
+        }
+    }
+}
