@@ -1004,3 +1004,122 @@ async fn the_signer_process_reads_its_ca_key_from_vault_and_signs_with_it() {
         }
     }
 }
+
+#[tokio::test]
+async fn kubernetes_login_sends_the_jwt_file_and_never_shows_it() {
+    let Some(bao) = Bao::start("vault::kubernetes_login_sends_the_jwt_file_and_never_shows_it")
+    else {
+        return;
+    };
+    // OpenBao's kubernetes auth, pointed at an API server that is not there: the
+    // login reaches Vault, which cannot review the JWT and refuses.
+    bao.ok(&["auth", "enable", "kubernetes"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (k, c) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+    crate::common::ok(&crate::common::run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            k.to_str().unwrap(),
+            "-out",
+            c.to_str().unwrap(),
+            "-subj",
+            "/CN=nowhere",
+            "-days",
+            "1",
+        ],
+    ));
+    bao.ok(&[
+        "write",
+        "auth/kubernetes/config",
+        &format!("kubernetes_host=https://127.0.0.1:{}", free_port()),
+        &format!("kubernetes_ca_cert=@{}", c.display()),
+        "disable_local_ca_jwt=true",
+    ]);
+    bao.ok(&[
+        "write",
+        "auth/kubernetes/role/rotator",
+        "bound_service_account_names=rotator",
+        "bound_service_account_namespaces=rotator",
+        "token_policies=default",
+    ]);
+    let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6cm90YXRvcjpyb3RhdG9yIn0.c2lnbmF0dXJlLXNlY3JldA";
+    let jwt_file = dir.path().join("token");
+    let toml = format!(
+        "address = {:?}\nauth_method = \"kubernetes\"\nkubernetes_role = \"rotator\"\njwt_file = {jwt_file:?}",
+        bao.addr
+    );
+    let s = settings(dir.path(), &toml, &[]);
+    // No JWT file: named, with the fix.
+    let e = Vault::connect(s.vault.as_ref().unwrap()).await.unwrap_err();
+    assert!(matches!(e, VaultError::CredentialFile { .. }), "{e}");
+    assert!(e.to_string().contains("jwt_file"), "{e}");
+    std::fs::write(&jwt_file, jwt).unwrap();
+    let e = Vault::connect(s.vault.as_ref().unwrap()).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("kubernetes") && msg.contains("\nfix:"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains(jwt) && !msg.contains("c2lnbmF0dXJlLXNlY3JldA"),
+        "{msg}"
+    );
+    assert_eq!(e.exit(), Exit::Config);
+}
+
+#[tokio::test]
+async fn add_user_with_vault_delivery_and_vault_down_issues_nothing() {
+    let s = crate::common::Scratch::new();
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    s.write(
+        "rotator.toml",
+        &format!("[vault]\naddress = {closed:?}\ntimeout = \"3s\"\n"),
+    );
+    let o = s.rotator_env(
+        &[
+            "--config",
+            "rotator.toml",
+            "add-user",
+            "alice",
+            "--group",
+            "dev",
+            "-n",
+            "team-a",
+            "--role",
+            "view",
+            "--deliver",
+            "vault:secret/kubeconfigs/{user}",
+        ],
+        &[("VAULT_TOKEN", "s.secret-token-value")],
+    );
+    let err = crate::common::fails_with(&o, 3);
+    assert!(
+        err.contains(&closed) && err.contains("cannot be reached"),
+        "{err}"
+    );
+    assert!(!err.contains("s.secret-token-value"), "{err}");
+    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
+    // A delivery target that is not a KV path is refused by the parser.
+    let o = s.rotator(&[
+        "--config",
+        "rotator.toml",
+        "add-user",
+        "bob",
+        "--role",
+        "view",
+        "-n",
+        "team-a",
+        "--deliver",
+        "vault:secret",
+    ]);
+    let err = crate::common::fails_with(&o, 2);
+    assert!(err.contains("vault:MOUNT/PATH"), "{err}");
+}
