@@ -218,6 +218,16 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
             push("sealing key file", ok, detail, Exit::Config);
             let (ok, detail) = private_file(&s.audit.key_file, "");
             push("audit key file", ok, detail, Exit::Config);
+            if let Some(v) = &app.vault {
+                let (ok, detail) = match v.probe().await {
+                    Ok(()) => (
+                        true,
+                        format!("{} (auth {})", v.address(), v.settings().auth.method()),
+                    ),
+                    Err(e) => (false, e.to_string()),
+                };
+                push("vault", ok, detail, Exit::Config);
+            }
             let ep = app.endpoint.clone();
             let checked = ep.source != "local-ca defaults" || s.cluster.server.is_some();
             let verdict = if checked {

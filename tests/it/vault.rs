@@ -675,9 +675,23 @@ async fn secret_reference_errors_name_the_reference_never_the_secret() {
             &[("VAULT_TOKEN", token.as_str())],
         )
     };
-    // It works, and no key file is made.
+    // It works, and no key file is made; doctor says where the key is and that Vault answers.
     crate::common::ok(&init("vault:secret/rotator/seal#key", &bao.addr));
     assert!(!s.path("rotator-data/seal.key").exists());
+    let doctor = s.rotator_env(
+        &["--config", "rotator.toml", "doctor"],
+        &[("VAULT_TOKEN", token.as_str())],
+    );
+    let text = String::from_utf8_lossy(&doctor.stdout).to_string();
+    assert!(
+        text.contains("in Vault, vault:secret/rotator/seal#key"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{} (auth token)", bao.addr)),
+        "{text}"
+    );
+    assert!(!text.contains(&token) && !text.contains(&seal), "{text}");
     for (reference, says) in [
         (
             "vault:secret/rotator/nothing#key",
