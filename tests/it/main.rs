@@ -16,4 +16,5 @@ mod revocation;
 mod security;
 mod signer;
 mod user_api;
+pub mod vault;
 mod with_cluster;
