@@ -109,6 +109,7 @@ struct FileConfig {
     sealing: SealingSection,
     audit: AuditSection,
     signer_service: SignerServiceSection,
+    authz: AuthzSection,
 }
 
 impl Default for FileConfig {
@@ -128,6 +129,7 @@ impl Default for FileConfig {
             sealing: SealingSection::default(),
             audit: AuditSection::default(),
             signer_service: SignerServiceSection::default(),
+            authz: AuthzSection::default(),
         }
     }
 }
@@ -419,6 +421,55 @@ pub struct ServerSettings {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct AuthzSection {
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    hostnames: Vec<String>,
+    client_ca_file: Option<PathBuf>,
+    refresh_interval: String,
+    deny_unknown_users: bool,
+    apiserver_config: Option<PathBuf>,
+}
+
+impl Default for AuthzSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            hostnames: vec!["localhost".into(), "127.0.0.1".into()],
+            client_ca_file: None,
+            refresh_interval: "1s".into(),
+            deny_unknown_users: false,
+            apiserver_config: None,
+        }
+    }
+}
+
+/// The authorization webhook the API server asks about rotator's identities.
+#[derive(Debug, Clone)]
+pub struct AuthzSettings {
+    /// `None`: `serve` runs no webhook.
+    pub listen: Option<SocketAddr>,
+    /// The serving certificate and key; `None`: issued by the local CA.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Names in a serving certificate rotator issues itself.
+    pub hostnames: Vec<String>,
+    /// The CA of the API server's client certificate; a client without a
+    /// certificate from it fails the handshake. `None`: any client (doctor warns).
+    pub client_ca_file: Option<PathBuf>,
+    /// The longest the in-memory states lag a change another process made.
+    pub refresh_interval: Duration,
+    /// Refuse generation groups of users this database never had (one rotator per cluster).
+    pub deny_unknown_users: bool,
+    /// The API server's `--authorization-config` file, when readable here:
+    /// `doctor` checks it asks the webhook.
+    pub apiserver_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct ScheduleSection {
     rotate: String,
     expire: String,
@@ -529,6 +580,7 @@ pub struct Settings {
     pub sealing: SealingSettings,
     pub audit: AuditSettings,
     pub signer_service: SignerServiceSettings,
+    pub authz: AuthzSettings,
 }
 
 impl Settings {
@@ -546,6 +598,8 @@ pub struct Overrides {
     pub kubeconfig: Option<PathBuf>,
     /// `serve --api-addr`.
     pub api_addr: Option<String>,
+    /// `serve --authz-addr`.
+    pub authz_addr: Option<String>,
 }
 
 /// Finds the config file: `--config`, then `ROTATOR_CONFIG`, then
@@ -1054,6 +1108,7 @@ fn validate(
         None
     };
     let server = server_settings(&cx, f.server, ov)?;
+    let authz = authz_settings(&cx, f.authz, ov)?;
     let sealing = SealingSettings {
         configured: f.sealing.key_file.is_some(),
         key_file: f
@@ -1133,6 +1188,55 @@ fn validate(
         server,
         sealing,
         audit,
+        authz,
+    })
+}
+
+fn authz_settings(
+    cx: &Ctx<'_>,
+    f: AuthzSection,
+    ov: &Overrides,
+) -> Result<AuthzSettings, ConfigError> {
+    let listen = match ov.authz_addr.clone().or(f.listen) {
+        Some(raw) => Some(raw.parse::<SocketAddr>().map_err(|e| {
+            cx.invalid(
+                "authz.listen",
+                &raw,
+                e.to_string(),
+                "write an address and port, such as \"0.0.0.0:8444\"",
+            )
+        })?),
+        None => None,
+    };
+    let tls = match (f.tls_cert, f.tls_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(cx.invalid(
+                "authz",
+                "",
+                "tls_cert and tls_key must be set together",
+                "set both authz.tls_cert and authz.tls_key, or neither to have the local CA issue one",
+            ));
+        }
+    };
+    let refresh_interval = cx.duration("authz.refresh_interval", &f.refresh_interval)?;
+    if refresh_interval < Duration::from_millis(50) || refresh_interval > Duration::from_secs(1) {
+        return Err(cx.invalid(
+            "authz.refresh_interval",
+            &f.refresh_interval,
+            "outside [50ms, 1s]",
+            "a revocation made by another process reaches the webhook within this time; \"1s\" is the default",
+        ));
+    }
+    Ok(AuthzSettings {
+        listen,
+        tls,
+        hostnames: f.hostnames,
+        client_ca_file: f.client_ca_file,
+        refresh_interval,
+        deny_unknown_users: f.deny_unknown_users,
+        apiserver_config: f.apiserver_config,
     })
 }
 
