@@ -108,9 +108,9 @@ fn print(rows: &[Row]) {
             r.what.split('@').nth(1).unwrap_or("1"),
             r.n,
             r.n as f64 / r.wall.as_secs_f64(),
-            us(50.0),
-            us(99.0),
-            us(100.0),
+            us(0.50),
+            us(0.99),
+            us(1.0),
         );
     }
 }

@@ -28,6 +28,7 @@ const SECTIONS: &[&str] = &[
     "server",
     "sealing",
     "signer_service",
+    "authz",
 ];
 pub const DEFAULT_CONFIG_PATH: &str = "config/rotator.toml";
 

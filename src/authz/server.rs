@@ -257,6 +257,24 @@ fn respond(status: u16, body: &serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
+/// The largest announced body that is read and dropped before its 400.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// Reads `body` to its end, keeping nothing; false when it errs or is late.
+async fn drain(mut body: Incoming) -> bool {
+    let all = async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(BODY_TIMEOUT, all)
+        .await
+        .unwrap_or(false)
+}
+
 async fn handle(hook: &Webhook, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let app = hook.apps.borrow().clone();
     if req.uri().path() != "/v1/authorize" {
@@ -290,15 +308,19 @@ async fn handle(hook: &Webhook, req: Request<Incoming>) -> Response<Full<Bytes>>
     if let Some(n) = announced.filter(|n| *n > MAX_BODY_BYTES) {
         app.metrics
             .authz_decision("bad_request", "too_large", Duration::ZERO);
+        // Read and dropped (never kept) up to a limit, so the client that is
+        // still writing gets its 400 instead of a reset; past it, closed.
+        let drained = n <= DRAIN_LIMIT && drain(req.into_body()).await;
         let mut r = respond(
             400,
             &review::status(400, "BadRequest", &review::too_large(n).message),
         );
-        // The rest of the body is never read: close rather than drain it.
-        r.headers_mut().insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("close"),
-        );
+        if !drained {
+            r.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
         return r;
     }
     let read = Limited::new(req.into_body(), MAX_BODY_BYTES + 1).collect();

@@ -420,6 +420,13 @@ async fn a_real_daemon_refuses_revoked_superseded_and_unknown_certificates_and_n
             && reason.contains("revoked"),
         "{reason}"
     );
+    // The reason names the credential and the revocation, never key material.
+    let (_, _, _, key2) = kubeconfig_parts(&s.path("alice2.kubeconfig"));
+    let key_body: String = key2.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        !reason.contains("PRIVATE") && !reason.contains(&key_body[..40]),
+        "{reason}"
+    );
     assert_eq!(
         d.decision(&alice1).await,
         None,
@@ -623,4 +630,60 @@ async fn only_the_api_servers_certificate_gets_in_and_bad_reviews_get_400_with_a
         "{m}"
     );
     d.stop().await;
+}
+
+#[test]
+fn doctor_reads_the_api_servers_authorization_config_or_says_it_cannot_tell() {
+    let s = Scratch::new();
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/authz/authorization-config.yaml"
+    );
+    let lax = s.write(
+        "lax.yaml",
+        &std::fs::read_to_string(shipped)
+            .unwrap()
+            .replace("failurePolicy: Deny", "failurePolicy: NoOpinion"),
+    );
+    let check = |extra: &str| -> (bool, String) {
+        s.write(
+            "rotator.toml",
+            &format!("data_dir = \"rotator-data\"\n[authz]\nlisten = \"127.0.0.1:8444\"\nclient_ca_file = \"ca.crt\"\n{extra}"),
+        );
+        let out = s.rotator(&["--config", "rotator.toml", "--output", "json", "doctor"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let c = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "authorization webhook")
+            .unwrap()
+            .clone();
+        (
+            c["ok"].as_bool().unwrap(),
+            c["detail"].as_str().unwrap().to_string(),
+        )
+    };
+    ok(&s.rotator(&["--data-dir", "rotator-data", "init"]));
+    let (good, detail) = check("");
+    assert!(good && detail.contains("cannot tell"), "{detail}");
+    let (good, detail) = check(&format!("apiserver_config = {shipped:?}\n"));
+    assert!(good, "{detail}");
+    assert!(
+        detail.contains("before RBAC") && detail.contains("within 6s"),
+        "{detail}"
+    );
+    let (good, detail) = check(&format!("apiserver_config = {:?}\n", lax.to_str().unwrap()));
+    assert!(
+        !good && detail.contains("failurePolicy NoOpinion"),
+        "{detail}"
+    );
+    let (good, detail) = check("apiserver_config = \"missing.yaml\"\n");
+    assert!(!good && detail.contains("cannot read"), "{detail}");
 }
