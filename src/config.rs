@@ -1483,6 +1483,36 @@ mod tests {
     }
 
     #[test]
+    fn authz_settings_are_checked() {
+        let (_d, p) = write("");
+        let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.authz.listen, None);
+        assert_eq!(s.authz.refresh_interval, Duration::from_secs(1));
+        let env = [(
+            "ROTATOR_AUTHZ__LISTEN".to_string(),
+            "127.0.0.1:8444".to_string(),
+        )];
+        let s = load_with(Some(&p), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.authz.listen, Some("127.0.0.1:8444".parse().unwrap()));
+        for (toml, key) in [
+            ("[authz]\nlisten = \"nowhere\"\n", "authz.listen"),
+            (
+                "[authz]\nrefresh_interval = \"5s\"\n",
+                "authz.refresh_interval",
+            ),
+            ("[authz]\ntls_cert = \"c.pem\"\n", "authz"),
+        ] {
+            let (_d, p) = write(toml);
+            let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Invalid { key: ref k, .. } if k == key),
+                "{toml}: {e}"
+            );
+            assert!(e.to_string().contains("fix:"), "{e}");
+        }
+    }
+
+    #[test]
     fn absurd_durations_are_refused_not_overflowed() {
         let (_d, p) = write("[local_ca]\nvalidity = \"1000000000d\"\n");
         let e = load_with(Some(&p), &[], &Overrides::default())
