@@ -29,6 +29,7 @@ const SECTIONS: &[&str] = &[
     "sealing",
     "signer_service",
     "vault",
+    "authz",
 ];
 pub const DEFAULT_CONFIG_PATH: &str = "config/rotator.toml";
 
@@ -112,6 +113,7 @@ struct FileConfig {
     audit: AuditSection,
     signer_service: SignerServiceSection,
     vault: crate::vault::VaultSection,
+    authz: AuthzSection,
 }
 
 impl Default for FileConfig {
@@ -133,6 +135,7 @@ impl Default for FileConfig {
             audit: AuditSection::default(),
             signer_service: SignerServiceSection::default(),
             vault: crate::vault::VaultSection::default(),
+            authz: AuthzSection::default(),
         }
     }
 }
@@ -424,6 +427,55 @@ pub struct ServerSettings {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct AuthzSection {
+    listen: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    hostnames: Vec<String>,
+    client_ca_file: Option<PathBuf>,
+    refresh_interval: String,
+    deny_unknown_users: bool,
+    apiserver_config: Option<PathBuf>,
+}
+
+impl Default for AuthzSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            tls_cert: None,
+            tls_key: None,
+            hostnames: vec!["localhost".into(), "127.0.0.1".into()],
+            client_ca_file: None,
+            refresh_interval: "1s".into(),
+            deny_unknown_users: false,
+            apiserver_config: None,
+        }
+    }
+}
+
+/// The authorization webhook the API server asks about rotator's identities.
+#[derive(Debug, Clone)]
+pub struct AuthzSettings {
+    /// `None`: `serve` runs no webhook.
+    pub listen: Option<SocketAddr>,
+    /// The serving certificate and key; `None`: issued by the local CA.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Names in a serving certificate rotator issues itself.
+    pub hostnames: Vec<String>,
+    /// The CA of the API server's client certificate; a client without a
+    /// certificate from it fails the handshake. `None`: any client (doctor warns).
+    pub client_ca_file: Option<PathBuf>,
+    /// The longest the in-memory states lag a change another process made.
+    pub refresh_interval: Duration,
+    /// Refuse generation groups of users this database never had (one rotator per cluster).
+    pub deny_unknown_users: bool,
+    /// The API server's `--authorization-config` file, when readable here:
+    /// `doctor` checks it asks the webhook.
+    pub apiserver_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct ScheduleSection {
     rotate: String,
     expire: String,
@@ -539,6 +591,7 @@ pub struct Settings {
     pub signer_service: SignerServiceSettings,
     /// `[vault]`; `None` when `vault.address` is not set.
     pub vault: Option<crate::vault::VaultSettings>,
+    pub authz: AuthzSettings,
 }
 
 impl Settings {
@@ -560,6 +613,8 @@ pub struct Overrides {
     pub kubeconfig: Option<PathBuf>,
     /// `serve --api-addr`.
     pub api_addr: Option<String>,
+    /// `serve --authz-addr`.
+    pub authz_addr: Option<String>,
 }
 
 /// Finds the config file: `--config`, then `ROTATOR_CONFIG`, then
@@ -1111,6 +1166,7 @@ fn validate(
         None
     };
     let server = server_settings(&cx, f.server, ov)?;
+    let authz = authz_settings(&cx, f.authz, ov)?;
     let sealing = SealingSettings {
         configured: f.sealing.key_file.is_some(),
         key_file: f
@@ -1203,6 +1259,55 @@ fn validate(
         server,
         sealing,
         audit,
+        authz,
+    })
+}
+
+fn authz_settings(
+    cx: &Ctx<'_>,
+    f: AuthzSection,
+    ov: &Overrides,
+) -> Result<AuthzSettings, ConfigError> {
+    let listen = match ov.authz_addr.clone().or(f.listen) {
+        Some(raw) => Some(raw.parse::<SocketAddr>().map_err(|e| {
+            cx.invalid(
+                "authz.listen",
+                &raw,
+                e.to_string(),
+                "write an address and port, such as \"0.0.0.0:8444\"",
+            )
+        })?),
+        None => None,
+    };
+    let tls = match (f.tls_cert, f.tls_key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(cx.invalid(
+                "authz",
+                "",
+                "tls_cert and tls_key must be set together",
+                "set both authz.tls_cert and authz.tls_key, or neither to have the local CA issue one",
+            ));
+        }
+    };
+    let refresh_interval = cx.duration("authz.refresh_interval", &f.refresh_interval)?;
+    if refresh_interval < Duration::from_millis(50) || refresh_interval > Duration::from_secs(1) {
+        return Err(cx.invalid(
+            "authz.refresh_interval",
+            &f.refresh_interval,
+            "outside [50ms, 1s]",
+            "a revocation made by another process reaches the webhook within this time; \"1s\" is the default",
+        ));
+    }
+    Ok(AuthzSettings {
+        listen,
+        tls,
+        hostnames: f.hostnames,
+        client_ca_file: f.client_ca_file,
+        refresh_interval,
+        deny_unknown_users: f.deny_unknown_users,
+        apiserver_config: f.apiserver_config,
     })
 }
 
@@ -1436,6 +1541,36 @@ mod tests {
                 "server.header_timeout",
             ),
             ("[server]\nbody_timeout = \"1h\"\n", "server.body_timeout"),
+        ] {
+            let (_d, p) = write(toml);
+            let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Invalid { key: ref k, .. } if k == key),
+                "{toml}: {e}"
+            );
+            assert!(e.to_string().contains("fix:"), "{e}");
+        }
+    }
+
+    #[test]
+    fn authz_settings_are_checked() {
+        let (_d, p) = write("");
+        let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.authz.listen, None);
+        assert_eq!(s.authz.refresh_interval, Duration::from_secs(1));
+        let env = [(
+            "ROTATOR_AUTHZ__LISTEN".to_string(),
+            "127.0.0.1:8444".to_string(),
+        )];
+        let s = load_with(Some(&p), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.authz.listen, Some("127.0.0.1:8444".parse().unwrap()));
+        for (toml, key) in [
+            ("[authz]\nlisten = \"nowhere\"\n", "authz.listen"),
+            (
+                "[authz]\nrefresh_interval = \"5s\"\n",
+                "authz.refresh_interval",
+            ),
+            ("[authz]\ntls_cert = \"c.pem\"\n", "authz"),
         ] {
             let (_d, p) = write(toml);
             let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err();

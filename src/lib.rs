@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod app;
+pub mod authz;
 pub mod bulk;
 pub mod cli;
 pub mod client;

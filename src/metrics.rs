@@ -44,6 +44,10 @@ pub struct Metrics {
     pub api_connections_refused: Family<Labels, Counter>,
     /// 1 for the Vault connection's state (`ready`, `sealed`, `unreachable`, ...), else 0.
     vault_state: Family<Labels, Gauge>,
+    pub authz_decisions: Family<Labels, Counter>,
+    pub authz_duration: Histogram,
+    pub authz_snapshot_refreshed: Gauge<f64, AtomicU64>,
+    pub authz_snapshot_credentials: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -130,7 +134,37 @@ impl Default for Metrics {
             "The Vault connection's state: 1 for the current one (ready, sealed, unreachable, unauthenticated, unknown); absent without [vault]",
             vault_state.clone(),
         );
+        let authz_decisions = Family::<Labels, Counter>::default();
+        registry.register(
+            "authz_decisions",
+            "Authorization webhook answers by decision (denied, no_opinion, bad_request, unavailable) and reason",
+            authz_decisions.clone(),
+        );
+        let authz_duration = Histogram::new([
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
+        ]);
+        registry.register(
+            "authz_decision_duration_seconds",
+            "Time from a review's body read to its answer, in the webhook",
+            authz_duration.clone(),
+        );
+        let authz_snapshot_refreshed = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "authz_snapshot_refreshed_timestamp_seconds",
+            "When the webhook's in-memory credential states last matched the database (alert when it lags)",
+            authz_snapshot_refreshed.clone(),
+        );
+        let authz_snapshot_credentials = Gauge::default();
+        registry.register(
+            "authz_snapshot_credentials",
+            "Credentials the webhook holds in memory",
+            authz_snapshot_credentials.clone(),
+        );
         Self {
+            authz_decisions,
+            authz_duration,
+            authz_snapshot_refreshed,
+            authz_snapshot_credentials,
             vault_state,
             api_requests,
             api_refusals,
@@ -170,6 +204,21 @@ impl Metrics {
     /// A refusal of a request that did not authenticate; `code` is the API's own.
     pub fn api_refusal(&self, code: &str) {
         self.api_refusals.get_or_create(&l(&[("code", code)])).inc();
+    }
+
+    /// One webhook answer; `reason` is one of the decision's bounded labels.
+    pub fn authz_decision(&self, decision: &str, reason: &str, took: Duration) {
+        self.authz_decisions
+            .get_or_create(&l(&[("decision", decision), ("reason", reason)]))
+            .inc();
+        self.authz_duration.observe(took.as_secs_f64());
+    }
+
+    /// The webhook's snapshot matched the database at `now` with `credentials` rows.
+    pub fn authz_snapshot(&self, credentials: usize, now: i64) {
+        self.authz_snapshot_refreshed.set(now as f64);
+        self.authz_snapshot_credentials
+            .set(i64::try_from(credentials).unwrap_or(i64::MAX));
     }
 
     pub fn api_connection_refused(&self, reason: &str) {

@@ -138,6 +138,58 @@ fn uid() -> String {
 /// The check that carries the cluster's grant findings.
 const GRANTS_CHECK: &str = "grants outside rotator";
 
+/// Whether the API server asks the webhook, as far as this host can tell, and
+/// the revocation latency its configuration implies.
+fn authz_check(a: &crate::config::AuthzSettings) -> (bool, String) {
+    let refresh = humantime::format_duration(a.refresh_interval);
+    let listen = match a.listen {
+        Some(l) => format!("serve listens on {l}"),
+        None => "off (authz.listen / serve --authz-addr not set)".into(),
+    };
+    let client = if a.client_ca_file.is_some() || a.listen.is_none() {
+        String::new()
+    } else {
+        "; authz.client_ca_file is not set, so any client may ask it".into()
+    };
+    let Some(path) = &a.apiserver_config else {
+        return (
+            true,
+            format!(
+                "{listen}{client}; cannot tell whether the API server asks it (set authz.apiserver_config to its --authorization-config file to check); with deploy/authz/authorization-config.yaml a revocation refuses its certificate within unauthorizedTTL + {refresh} (5s + {refresh})"
+            ),
+        );
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                false,
+                format!(
+                    "{listen}; cannot read authz.apiserver_config {}: {e}; fix: point it at the API server's --authorization-config file, or unset it",
+                    path.display()
+                ),
+            );
+        }
+    };
+    match crate::authz::setup::inspect(&text, a.refresh_interval) {
+        Ok(s) => (
+            s.ok && a.listen.is_some(),
+            format!(
+                "{listen}{client}; {}: {}",
+                path.display(),
+                s.notes.join("; ")
+            ),
+        ),
+        Err(e) => (
+            false,
+            format!(
+                "{listen}; {}: {e}; fix: point authz.apiserver_config at the API server's AuthorizationConfiguration",
+                path.display()
+            ),
+        ),
+    }
+}
+
 pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     let mut findings: Vec<Finding> = Vec::new();
     let mut checks = Vec::new();
@@ -388,6 +440,8 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 },
                 Err(e) => push("audit chain", false, e.to_string(), e.exit()),
             }
+            let (ok, detail) = authz_check(&app.settings.authz);
+            push("authorization webhook", ok, detail, Exit::Config);
             let mut conn = app.store.conn().await?;
             let open = issuances::open_for_user(&mut conn, None).await?;
             push(

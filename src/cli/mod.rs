@@ -74,6 +74,10 @@ impl Cli {
                 Command::Serve { api_addr, .. } => api_addr.clone(),
                 _ => None,
             },
+            authz_addr: match &self.command {
+                Command::Serve { authz_addr, .. } => authz_addr.clone(),
+                _ => None,
+            },
             metrics_addr,
             signer: self.signer,
             kubeconfig: self.kubeconfig.clone(),
@@ -106,6 +110,9 @@ pub enum Command {
         /// Address for the HTTPS user API (overrides server.listen; off when neither is set).
         #[arg(long, value_name = "ADDR")]
         api_addr: Option<String>,
+        /// Address for the HTTPS authorization webhook (overrides authz.listen; off when neither is set).
+        #[arg(long, value_name = "ADDR")]
+        authz_addr: Option<String>,
     },
     /// Issue a first credential for a new user and write their kubeconfig.
     AddUser(admin::AddUserArgs),

@@ -101,7 +101,7 @@ where
                 Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for the user API: {e}\nfix: pick a free address with --api-addr or server.listen"))
             })?;
             info!(%addr, "user API (HTTPS) at /v1/subject, /v1/enroll, /v1/renew");
-            let mut rx = stop_rx2;
+            let mut rx = stop_rx2.clone();
             Some(tokio::spawn(crate::server::serve(
                 listener,
                 tls,
@@ -117,6 +117,30 @@ where
         }
     };
     let vault_renewer = tokio::spawn(renew_vault(apps_rx.clone()));
+    let authz = match app.settings.authz.listen {
+        Some(addr) => {
+            let tls = crate::authz::server::tls_config(&app)?;
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for the authorization webhook: {e}\nfix: pick a free address with --authz-addr or authz.listen"))
+            })?;
+            if app.settings.authz.client_ca_file.is_none() {
+                warn!(
+                    "authz.client_ca_file is not set: any client may ask the authorization webhook (it only ever denies, but set it to the API server's client CA)"
+                );
+            }
+            info!(%addr, "authorization webhook (HTTPS) at POST /v1/authorize");
+            let mut rx = stop_rx2.clone();
+            Some(tokio::spawn(crate::authz::server::serve(
+                listener,
+                tls,
+                crate::authz::Webhook::new(apps_rx.clone()),
+                async move {
+                    let _ = rx.changed().await;
+                },
+            )))
+        }
+        None => None,
+    };
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
     let watcher = app
         .settings
@@ -163,6 +187,9 @@ where
     let _ = metrics.await;
     if let Some(api) = api {
         let _ = api.await;
+    }
+    if let Some(authz) = authz {
+        let _ = authz.await;
     }
     if let Some(e) = election {
         e.abort();

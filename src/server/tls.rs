@@ -65,6 +65,17 @@ fn serving_pem(app: &App) -> Result<(String, zeroize::Zeroizing<String>), TlsErr
         return Err(TlsError::NoServingCert);
     }
     let dir = app.settings.data_dir.join("server");
+    local_ca_serving_pem(app, &app.settings.server.hostnames, &dir)
+}
+
+/// A serving certificate for `hostnames` from the local CA, kept in `dir` and
+/// reused while two thirds of its life are left and the names are the same.
+/// The caller checks the local CA key is in this process.
+pub fn local_ca_serving_pem(
+    app: &App,
+    hostnames: &[String],
+    dir: &Path,
+) -> Result<(String, zeroize::Zeroizing<String>), TlsError> {
     let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
     let now = app.clock.now();
     let reusable = std::fs::read_to_string(&cert_path)
@@ -78,7 +89,7 @@ fn serving_pem(app: &App) -> Result<(String, zeroize::Zeroizing<String>), TlsErr
         });
     // Names changed in the config: a fresh certificate, so clients can verify them.
     let names_file = dir.join("tls.names");
-    let names = app.settings.server.hostnames.join(",");
+    let names = hostnames.join(",");
     let same_names = std::fs::read_to_string(&names_file).is_ok_and(|n| n == names);
     if let Some((c, k)) = reusable.filter(|_| same_names) {
         return Ok((c, zeroize::Zeroizing::new(k)));
@@ -88,16 +99,16 @@ fn serving_pem(app: &App) -> Result<(String, zeroize::Zeroizing<String>), TlsErr
     let key =
         PrivateKey::generate(KeyType::EcdsaP256).map_err(|e| TlsError::Setup(e.to_string()))?;
     let cert = ca
-        .issue_server(&key, &app.settings.server.hostnames, SERVING_CERT_TTL)
+        .issue_server(&key, hostnames, SERVING_CERT_TTL)
         .map_err(|e| TlsError::Setup(e.to_string()))?;
-    crate::fsutil::ensure_private_dir(&dir).map_err(|e| file_err("directory", &dir, e))?;
+    crate::fsutil::ensure_private_dir(dir).map_err(|e| file_err("directory", dir, e))?;
     crate::fsutil::write_private_atomic(&key_path, key.to_pem().as_bytes())
         .map_err(|e| file_err("serving key", &key_path, e))?;
     crate::fsutil::write_public_atomic(&cert_path, cert.as_bytes())
         .map_err(|e| file_err("serving certificate", &cert_path, e))?;
     crate::fsutil::write_public_atomic(&names_file, names.as_bytes())
         .map_err(|e| file_err("serving names", &names_file, e))?;
-    tracing::info!(path = %cert_path.display(), names = %names, "issued the API's serving certificate from the local CA");
+    tracing::info!(path = %cert_path.display(), names = %names, "issued a serving certificate from the local CA");
     Ok((cert, key.to_pem()))
 }
 

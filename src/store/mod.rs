@@ -15,6 +15,7 @@ pub use engine::{Engine, Location};
 pub type Conn = sqlx::AnyConnection;
 
 pub mod audit;
+pub mod changes;
 pub mod credentials;
 pub mod enrollments;
 pub mod issuances;
@@ -128,6 +129,7 @@ pub struct Tx {
     pub(crate) audit: Option<std::sync::Arc<audit::Keyring>>,
     pub(crate) appended: Option<audit::Head>,
     pool: AnyPool,
+    commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::ops::Deref for Tx {
@@ -156,6 +158,9 @@ pub struct Store {
     /// SQLite: lock files that serialize work on one user across processes.
     locks: std::path::PathBuf,
     audit: Option<std::sync::Arc<audit::Keyring>>,
+    /// Counts this process's committed write transactions: the authorization
+    /// snapshot refreshes on each at once instead of waiting for its next poll.
+    commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Held while one process works on one user's cluster access; released on drop,
@@ -208,6 +213,7 @@ impl Store {
             location: location.clone(),
             locks,
             audit: None,
+            commits: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -222,6 +228,11 @@ impl Store {
     /// Attaches the audit key and checkpoint (`App::open` does, before any write).
     pub fn set_audit(&mut self, keyring: std::sync::Arc<audit::Keyring>) {
         self.audit = Some(keyring);
+    }
+
+    /// Changes each time a write transaction of this process commits.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     pub fn audit_keyring(&self) -> Option<&std::sync::Arc<audit::Keyring>> {
@@ -266,6 +277,7 @@ impl Store {
             audit: self.audit.clone(),
             appended: None,
             pool: self.pool.clone(),
+            commits: self.commits.clone(),
         })
     }
 
@@ -313,8 +325,10 @@ pub async fn commit(tx: Tx) -> Result<(), StoreError> {
         audit,
         appended,
         pool,
+        commits,
     } = tx;
     inner.commit().await?;
+    commits.send_modify(|n| *n += 1);
     if let (Some(ring), Some(head)) = (audit, appended)
         && let Err(e) = audit::advance_checkpoint(ring, head, pool).await
     {

@@ -1,6 +1,7 @@
 //! rotator's integration tests: one binary, so linking stays cheap.
 mod access;
 mod audit;
+mod authz;
 mod bulk;
 mod ca_formats;
 mod cli;

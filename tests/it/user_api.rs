@@ -866,7 +866,7 @@ async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
 /// HTTPS from a chosen loopback source address, below `ApiClient`: the tests of
 /// the listener's limits need to be another client (127.0.0.2 …) than the
 /// flood (127.0.0.1), and to send requests no well-behaved client would.
-mod raw {
+pub mod raw {
     use std::net::SocketAddr;
     use std::sync::Arc;
 

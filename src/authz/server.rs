@@ -1,0 +1,418 @@
+//! The webhook over HTTPS: its own serving certificate, the API server's
+//! client certificate verified against `authz.client_ca_file` (anyone else
+//! fails the handshake), HTTP/1.1 with keep-alive, bodies capped, and a
+//! refresher that keeps the snapshot within `authz.refresh_interval` of the
+//! database (at once for this process's own commits).
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use super::review::{self, MAX_BODY_BYTES};
+use super::snapshot::{Refreshed, Shared};
+use super::{Rules, Verdict};
+use crate::app::App;
+use crate::exit::{Exit, ExitStatus};
+
+/// The API server keeps connections open; these bound what one client holds.
+const MAX_CONNECTIONS: usize = 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle kept-alive connections are closed after this.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthzError {
+    #[error("cannot use {what} {path}: {reason}\nfix: {fix}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+        fix: &'static str,
+    },
+    #[error(
+        "the authorization webhook needs a serving certificate, and neither the kubernetes signer nor a local CA behind local_ca.socket issues one\nfix: set authz.tls_cert and authz.tls_key"
+    )]
+    NoServingCert,
+    #[error("cannot set up the authorization webhook's TLS: {0}")]
+    Setup(String),
+}
+
+impl ExitStatus for AuthzError {
+    fn exit(&self) -> Exit {
+        Exit::Config
+    }
+}
+
+fn file_err(what: &'static str, path: &Path, reason: impl ToString) -> AuthzError {
+    AuthzError::File {
+        what,
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+        fix: "check the path and that it holds PEM; rotator needs to read it",
+    }
+}
+
+/// The rustls configuration: `authz.tls_cert`/`tls_key` or a certificate from
+/// the local CA (kept in `DATA_DIR/authz/`), and client certificates required
+/// and verified against `authz.client_ca_file` when it is set.
+pub fn tls_config(app: &App) -> Result<Arc<ServerConfig>, AuthzError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let s = &app.settings.authz;
+    let (cert_pem, key_pem) = match &s.tls {
+        Some((c, k)) => (
+            std::fs::read_to_string(c).map_err(|e| file_err("authz.tls_cert", c, e))?,
+            zeroize::Zeroizing::new(
+                std::fs::read_to_string(k).map_err(|e| file_err("authz.tls_key", k, e))?,
+            ),
+        ),
+        None => {
+            if app.signer.kind() != "local-ca" || app.settings.local_ca.socket.is_some() {
+                return Err(AuthzError::NoServingCert);
+            }
+            let dir = app.settings.data_dir.join("authz");
+            crate::server::local_ca_serving_pem(app, &s.hostnames, &dir)
+                .map_err(|e| AuthzError::Setup(e.to_string()))?
+        }
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| AuthzError::Setup(format!("serving certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(AuthzError::Setup(
+            "the serving certificate file holds no certificate".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| AuthzError::Setup(format!("serving key: {e}")))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| AuthzError::Setup(e.to_string()))?;
+    let builder = match &s.client_ca_file {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| file_err("authz.client_ca_file", path, e))?;
+            let roots = crate::pki::root_store(&pem)
+                .map_err(|e| file_err("authz.client_ca_file", path, e))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| AuthzError::Setup(format!("client verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| AuthzError::Setup(format!("serving certificate and key do not fit: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The webhook's state: the snapshot and where settings come from.
+#[derive(Clone)]
+pub struct Webhook {
+    pub snapshot: Arc<Shared>,
+    pub apps: tokio::sync::watch::Receiver<Arc<App>>,
+}
+
+impl Webhook {
+    pub fn new(apps: tokio::sync::watch::Receiver<Arc<App>>) -> Self {
+        Self {
+            snapshot: Arc::new(Shared::default()),
+            apps,
+        }
+    }
+
+    fn rules(app: &App) -> Rules {
+        Rules {
+            grace_seconds: i64::try_from(app.settings.rotation.grace_period.as_secs())
+                .unwrap_or(i64::MAX),
+            deny_unknown_users: app.settings.authz.deny_unknown_users,
+        }
+    }
+
+    /// One refresh from the current App's database, with its metrics and logs.
+    pub async fn refresh(&self) -> bool {
+        let app = self.apps.borrow().clone();
+        match self.snapshot.refresh(&app.store).await {
+            Ok(r) => {
+                match r {
+                    Refreshed::Full { credentials } => {
+                        info!(credentials, "authorization snapshot loaded")
+                    }
+                    Refreshed::Changed { credentials, users } => {
+                        debug!(credentials, users, "authorization snapshot refreshed")
+                    }
+                    Refreshed::Unchanged => {}
+                }
+                app.metrics
+                    .authz_snapshot(self.snapshot.read().len(), app.clock.now());
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "authorization snapshot not refreshed; answering from the last one");
+                false
+            }
+        }
+    }
+
+    /// Keeps the snapshot fresh until `shutdown`: on each commit of this
+    /// process's store, and every `authz.refresh_interval` for other processes'.
+    pub async fn keep_fresh(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut apps = self.apps.clone();
+        // Kept across rounds: a commit made while a refresh runs is not lost.
+        let mut commits = apps.borrow_and_update().store.commits();
+        loop {
+            let interval = apps.borrow().settings.authz.refresh_interval;
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(interval) => {}
+                r = commits.changed() => {
+                    if r.is_err() {
+                        // That store is gone (a reload): poll until the new App arrives.
+                        tokio::time::sleep(interval).await;
+                    }
+                }
+                r = apps.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // A reload opened the database again: follow its commits.
+                    commits = apps.borrow_and_update().store.commits();
+                }
+            }
+            self.refresh().await;
+        }
+    }
+
+    /// Answers one review body (the handler's core; benchmarks call it directly).
+    pub fn answer(&self, app: &App, body: &[u8]) -> (u16, serde_json::Value) {
+        let started = Instant::now();
+        let spec = match review::parse(body) {
+            Ok(s) => s,
+            Err(e) => {
+                app.metrics
+                    .authz_decision("bad_request", "bad_request", started.elapsed());
+                debug!(error = %e, "authorization review refused");
+                return (400, review::status(400, "BadRequest", &e.message));
+            }
+        };
+        let now = app.clock.now();
+        let decision = {
+            let snap = self.snapshot.read();
+            if !snap.loaded() {
+                drop(snap);
+                app.metrics
+                    .authz_decision("unavailable", "not_loaded", started.elapsed());
+                return (
+                    503,
+                    review::status(
+                        503,
+                        "ServiceUnavailable",
+                        "rotator has not read its credential states yet; the API server's failurePolicy applies",
+                    ),
+                );
+            }
+            super::decide(&snap, &spec, now, Self::rules(app))
+        };
+        let (label, body) = match &decision.verdict {
+            Verdict::Deny(reason) => {
+                info!(user = %spec.user, credential = decision.credential.as_deref().unwrap_or("-"),
+                      why = decision.why, request = %spec.what(), "authorization webhook denied a request");
+                ("denied", review::answer(true, Some(reason)))
+            }
+            Verdict::NoOpinion => {
+                debug!(user = %spec.user, credential = decision.credential.as_deref().unwrap_or("-"),
+                       why = decision.why, "authorization webhook: no opinion");
+                ("no_opinion", review::answer(false, None))
+            }
+        };
+        app.metrics
+            .authz_decision(label, decision.why, started.elapsed());
+        (200, body)
+    }
+}
+
+fn respond(status: u16, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec(body).expect("json"),
+    )));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// The largest announced body that is read and dropped before its 400.
+const DRAIN_LIMIT: usize = 1024 * 1024;
+
+/// Reads `body` to its end, keeping nothing; false when it errs or is late.
+async fn drain(mut body: Incoming) -> bool {
+    let all = async {
+        while let Some(frame) = body.frame().await {
+            if frame.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(BODY_TIMEOUT, all)
+        .await
+        .unwrap_or(false)
+}
+
+async fn handle(hook: &Webhook, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let app = hook.apps.borrow().clone();
+    if req.uri().path() != "/v1/authorize" {
+        return respond(
+            404,
+            &review::status(
+                404,
+                "NotFound",
+                &format!(
+                    "no endpoint {:?}; the webhook is POST /v1/authorize",
+                    req.uri().path()
+                ),
+            ),
+        );
+    }
+    if req.method() != hyper::Method::POST {
+        return respond(
+            405,
+            &review::status(
+                405,
+                "MethodNotAllowed",
+                "the webhook answers POST /v1/authorize",
+            ),
+        );
+    }
+    let announced = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(n) = announced.filter(|n| *n > MAX_BODY_BYTES) {
+        app.metrics
+            .authz_decision("bad_request", "too_large", Duration::ZERO);
+        // Read and dropped (never kept) up to a limit, so the client that is
+        // still writing gets its 400 instead of a reset; past it, closed.
+        let drained = n <= DRAIN_LIMIT && drain(req.into_body()).await;
+        let mut r = respond(
+            400,
+            &review::status(400, "BadRequest", &review::too_large(n).message),
+        );
+        if !drained {
+            r.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
+        return r;
+    }
+    let read = Limited::new(req.into_body(), MAX_BODY_BYTES + 1).collect();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            let message = if e.is::<http_body_util::LengthLimitError>() {
+                review::too_large(MAX_BODY_BYTES + 1).message
+            } else {
+                format!("the body could not be read: {e}")
+            };
+            app.metrics
+                .authz_decision("bad_request", "unreadable", Duration::ZERO);
+            let mut r = respond(400, &review::status(400, "BadRequest", &message));
+            r.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+            return r;
+        }
+        Err(_) => {
+            return respond(
+                408,
+                &review::status(408, "Timeout", "the body did not arrive in time"),
+            );
+        }
+    };
+    let (status, answer) = hook.answer(&app, &body);
+    respond(status, &answer)
+}
+
+/// Serves the webhook until `shutdown` resolves; loads the snapshot first, so
+/// the first review is answered from the database's states, not refused.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    hook: Webhook,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    if !hook.refresh().await {
+        warn!("the authorization webhook answers 503 until it can read the database");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let fresh = {
+        let hook = hook.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(hook.keep_fresh(async move {
+            let _ = rx.changed().await;
+        }))
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "authorization webhook: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%addr, "authorization webhook: connection refused, all slots held");
+            continue;
+        };
+        let (acceptor, hook) = (acceptor.clone(), hook.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    // A client without a certificate from authz.client_ca_file ends here.
+                    info!(%addr, error = %e, "authorization webhook: TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let hook = hook.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&hook, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(IDLE_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = conn.await;
+        });
+    }
+    let _ = stop_tx.send(true);
+    let _ = fresh.await;
+}

@@ -1,0 +1,689 @@
+//! The authorization webhook (`serve --authz-addr`) over real HTTPS, against a
+//! real daemon whose database other `rotator` processes change: decisions by
+//! certificate fingerprint and by generation group, revocations from another
+//! process within the refresh interval, client-certificate verification of the
+//! API server, and bad input refused with a Status. (Through kubectl and the
+//! test cluster's webhook authorizer: `with_cluster` / `authz_cluster`.)
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{Scratch, kubeconfig_parts, ok, run};
+use crate::user_api::raw::{Conn, config};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The SHA-256 of a PEM certificate's DER, by openssl (independent of rotator).
+pub fn openssl_fingerprint(dir: &std::path::Path, pem: &str) -> String {
+    let f = dir.join(format!("fp-{}.pem", rand_name()));
+    std::fs::write(&f, pem).unwrap();
+    let out = ok(&run(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            f.to_str().unwrap(),
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+        ],
+    ));
+    out.trim()
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .replace(':', "")
+        .to_ascii_lowercase()
+}
+
+fn rand_name() -> String {
+    rotator::pki::hex(&rotator::pki::random_bytes::<6>())
+}
+
+/// The certificate's subject organizations (groups), by openssl.
+pub fn openssl_groups(dir: &std::path::Path, pem: &str) -> Vec<String> {
+    let f = dir.join(format!("subj-{}.pem", rand_name()));
+    std::fs::write(&f, pem).unwrap();
+    let out = ok(&run(
+        "openssl",
+        &[
+            "x509",
+            "-in",
+            f.to_str().unwrap(),
+            "-noout",
+            "-subject",
+            "-nameopt",
+            "RFC2253",
+        ],
+    ));
+    out.trim()
+        .trim_start_matches("subject=")
+        .split(',')
+        .filter_map(|p| p.strip_prefix("O="))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A CA and a client certificate signed by it, made with openssl: the API
+/// server's webhook client identity (or a stranger's). Returns (ca, cert, key) paths.
+pub fn openssl_client(
+    dir: &std::path::Path,
+    name: &str,
+    cn: &str,
+    orgs: &[&str],
+) -> (String, String, String) {
+    let p = |x: &str| {
+        dir.join(format!("{name}-{x}"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    ok(&run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.crt"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} CA"),
+        ],
+    ));
+    let mut subj = format!("/CN={cn}");
+    for o in orgs {
+        subj.push_str(&format!("/O={o}"));
+    }
+    ok(&run(
+        "openssl",
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &p("client.key"),
+            "-out",
+            &p("client.csr"),
+            "-subj",
+            &subj,
+        ],
+    ));
+    let ext = p("ext.cnf");
+    std::fs::write(
+        &ext,
+        "extendedKeyUsage = clientAuth\nbasicConstraints = CA:FALSE\n",
+    )
+    .unwrap();
+    ok(&run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &p("client.csr"),
+            "-CA",
+            &p("ca.crt"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &p("client.crt"),
+            "-extfile",
+            &ext,
+        ],
+    ));
+    (p("ca.crt"), p("client.crt"), p("client.key"))
+}
+
+/// A SubjectAccessReview as kube-apiserver's webhook authorizer sends it.
+pub fn review(user: &str, groups: &[String], fingerprint: Option<&str>) -> Value {
+    let mut all: Vec<String> = groups.to_vec();
+    all.push("system:authenticated".into());
+    let mut spec = json!({
+        "resourceAttributes": {"namespace": "team-a", "verb": "get", "group": "", "version": "v1", "resource": "pods"},
+        "user": user,
+        "groups": all,
+        "uid": "",
+    });
+    if let Some(fp) = fingerprint {
+        spec["extra"] =
+            json!({"authentication.kubernetes.io/credential-id": [format!("X509SHA256={fp}")]});
+    }
+    json!({"kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1", "metadata": {"creationTimestamp": null}, "spec": spec, "status": {"allowed": false}})
+}
+
+/// A credential as the tests present it: the certificate's user, groups and fingerprint.
+#[derive(Debug, Clone)]
+pub struct Presented {
+    pub user: String,
+    pub groups: Vec<String>,
+    pub fingerprint: String,
+}
+
+impl Presented {
+    pub fn from_kubeconfig(
+        dir: &std::path::Path,
+        user: &str,
+        kubeconfig: &std::path::Path,
+    ) -> Self {
+        let (_, _, cert, _) = kubeconfig_parts(kubeconfig);
+        Self::from_pem(dir, user, &cert)
+    }
+
+    pub fn from_pem(dir: &std::path::Path, user: &str, cert: &str) -> Self {
+        Self {
+            user: user.into(),
+            groups: openssl_groups(dir, cert),
+            fingerprint: openssl_fingerprint(dir, cert),
+        }
+    }
+
+    fn review(&self) -> Value {
+        review(&self.user, &self.groups, Some(&self.fingerprint))
+    }
+}
+
+struct Daemon {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    metrics: String,
+    api_server: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl Daemon {
+    async fn start(s: &Scratch, client_ca: &str, api_server: (&str, &str)) -> Self {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+            .current_dir(s.dir.path())
+            .args([
+                "--config",
+                "rotator.toml",
+                "serve",
+                "--authz-addr",
+                &addr.to_string(),
+                "--metrics-addr",
+                &metrics,
+            ])
+            .env_remove("ROTATOR_CONFIG")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut up = false;
+        while let Ok(Ok(Some(l))) =
+            tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+        {
+            if l.contains("authorization webhook (HTTPS)") {
+                up = true;
+                break;
+            }
+        }
+        assert!(up, "the daemon announced its webhook");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ca = std::fs::read_to_string(s.path("rotator-data/ca/ca.crt")).unwrap();
+        let cert = std::fs::read_to_string(api_server.0).unwrap();
+        let key = std::fs::read_to_string(api_server.1).unwrap();
+        let api_server = config(&ca, Some((&cert, &key)));
+        let _ = client_ca;
+        let d = Self {
+            child,
+            addr,
+            metrics,
+            api_server,
+        };
+        // Answers 503 until its first read of the database.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _) = d.ask(&review("nobody", &[], None)).await;
+            if status == 200 || Instant::now() > deadline {
+                assert_eq!(status, 200, "the webhook loaded its snapshot");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        d
+    }
+
+    async fn ask(&self, body: &Value) -> (u16, Value) {
+        let mut c = Conn::new("127.0.0.1", self.addr, self.api_server.clone());
+        let (status, text) = c
+            .send(
+                "POST",
+                "/v1/authorize",
+                "application/json",
+                serde_json::to_vec(body).unwrap(),
+            )
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// `None` for no opinion, `Some(reason)` for a denial; panics on anything else.
+    async fn decision(&self, who: &Presented) -> Option<String> {
+        let (status, v) = self.ask(&who.review()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["apiVersion"], "authorization.k8s.io/v1");
+        assert_eq!(v["kind"], "SubjectAccessReview");
+        assert_eq!(v["status"]["allowed"], false, "rotator never allows: {v}");
+        if v["status"]["denied"] == true {
+            Some(v["status"]["reason"].as_str().unwrap().to_string())
+        } else {
+            assert!(v["status"].get("denied").is_none_or(|d| d == false), "{v}");
+            None
+        }
+    }
+
+    /// Waits (at most `within`) until `who` is denied.
+    async fn until_denied(&self, who: &Presented, within: Duration) -> (String, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(r) = self.decision(who).await {
+                return (r, started.elapsed());
+            }
+            assert!(started.elapsed() < within, "{who:?} still not denied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    async fn stop(mut self) {
+        let _ = run("kill", &["-TERM", &self.child.id().unwrap().to_string()]);
+        let status = tokio::time::timeout(Duration::from_secs(40), self.child.wait()).await;
+        assert!(status.unwrap().unwrap().success());
+    }
+}
+
+fn show(s: &Scratch, user: &str) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&ok(&s.rotator(&[
+        "--config",
+        "rotator.toml",
+        "--output",
+        "json",
+        "show",
+        user,
+    ])))
+    .unwrap();
+    v["credentials"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_daemon_refuses_revoked_superseded_and_unknown_certificates_and_nothing_else() {
+    let s = Scratch::new();
+    let (api_ca, api_cert, api_key) =
+        openssl_client(s.dir.path(), "apiserver", "kube-apiserver", &[]);
+    s.write(
+        "rotator.toml",
+        &format!("data_dir = \"rotator-data\"\n[rotation]\ngrace_period = \"6s\"\n[authz]\nclient_ca_file = {api_ca:?}\n"),
+    );
+    let r = |args: &[&str]| {
+        let mut all = vec!["--config", "rotator.toml"];
+        all.extend_from_slice(args);
+        ok(&s.rotator(&all))
+    };
+    r(&["init"]);
+    r(&[
+        "add-user",
+        "alice",
+        "--group",
+        "dev",
+        "-n",
+        "team-a",
+        "--role",
+        "edit",
+        "--out",
+        "alice1.kubeconfig",
+    ]);
+    r(&[
+        "add-user",
+        "bob",
+        "--group",
+        "dev",
+        "-n",
+        "team-a",
+        "--role",
+        "edit",
+        "--out",
+        "bob.kubeconfig",
+    ]);
+    let d = Daemon::start(&s, &api_ca, (&api_cert, &api_key)).await;
+    let dir = s.dir.path();
+    let alice1 = Presented::from_kubeconfig(dir, "alice", &s.path("alice1.kubeconfig"));
+    let bob = Presented::from_kubeconfig(dir, "bob", &s.path("bob.kubeconfig"));
+    assert!(
+        alice1.groups.contains(&"dev".to_string())
+            && alice1
+                .groups
+                .iter()
+                .any(|g| g.starts_with("rotator:alice:1."))
+    );
+    assert_eq!(
+        d.decision(&alice1).await,
+        None,
+        "a current certificate: no opinion"
+    );
+
+    // Two rotations: alice holds generations 1 and 2 (superseded, within
+    // grace) and 3 (current). Revoking 2 by serial refuses 2 alone.
+    r(&["rotate", "alice", "--out", "alice2.kubeconfig"]);
+    r(&["rotate", "alice", "--out", "alice3.kubeconfig"]);
+    let alice2 = Presented::from_kubeconfig(dir, "alice", &s.path("alice2.kubeconfig"));
+    let alice3 = Presented::from_kubeconfig(dir, "alice", &s.path("alice3.kubeconfig"));
+    let creds = show(&s, "alice");
+    let serial2 = creds.iter().find(|c| c["generation"] == 2).unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    r(&["revoke", "alice", "--serial", &serial2]);
+    let (reason, took) = d.until_denied(&alice2, Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(3),
+        "a revoke by another process reached the webhook in {took:?}"
+    );
+    assert!(
+        reason.contains(&alice2.fingerprint)
+            && reason.contains(&serial2)
+            && reason.contains("revoked"),
+        "{reason}"
+    );
+    // The reason names the credential and the revocation, never key material.
+    let (_, _, _, key2) = kubeconfig_parts(&s.path("alice2.kubeconfig"));
+    let key_body: String = key2.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        !reason.contains("PRIVATE") && !reason.contains(&key_body[..40]),
+        "{reason}"
+    );
+    assert_eq!(
+        d.decision(&alice1).await,
+        None,
+        "superseded within grace still works"
+    );
+    assert_eq!(d.decision(&alice3).await, None);
+    assert_eq!(d.decision(&bob).await, None);
+
+    // Without the credential-id extra (an API server before 1.32), the generation group decides.
+    let by_group = |p: &Presented| review(&p.user, &p.groups, None);
+    let (_, v) = d.ask(&by_group(&alice2)).await;
+    assert_eq!(v["status"]["denied"], true, "{v}");
+    let (_, v) = d.ask(&by_group(&alice3)).await;
+    assert!(v["status"].get("denied").is_none(), "{v}");
+
+    // Past the grace period, generation 1 is refused while 3 keeps working.
+    let (reason, _) = d.until_denied(&alice1, Duration::from_secs(12)).await;
+    assert!(
+        reason.contains("superseded") && reason.contains("grace period ended"),
+        "{reason}"
+    );
+    assert_eq!(d.decision(&alice3).await, None);
+
+    // A certificate rotator never recorded that carries alice's generation
+    // group (signed outside rotator by the same CA): unknown, refused. One
+    // for alice's name and static group only: not a rotator identity.
+    let ca_key = s.path("rotator-data/ca/ca.key");
+    let ca_crt = s.path("rotator-data/ca/ca.crt");
+    let forge = |name: &str, subj: &str| -> String {
+        let p = |x: &str| s.path(&format!("{name}.{x}")).to_str().unwrap().to_string();
+        ok(&run(
+            "openssl",
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &p("key"),
+                "-out",
+                &p("csr"),
+                "-subj",
+                subj,
+            ],
+        ));
+        ok(&run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &p("csr"),
+                "-CA",
+                ca_crt.to_str().unwrap(),
+                "-CAkey",
+                ca_key.to_str().unwrap(),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &p("crt"),
+            ],
+        ));
+        std::fs::read_to_string(p("crt")).unwrap()
+    };
+    let g3 = alice3
+        .groups
+        .iter()
+        .find(|g| g.starts_with("rotator:"))
+        .unwrap()
+        .clone();
+    let forged = Presented::from_pem(
+        dir,
+        "alice",
+        &forge("forged", &format!("/CN=alice/O=dev/O={g3}")),
+    );
+    let reason = d
+        .decision(&forged)
+        .await
+        .expect("a certificate rotator never recorded is refused");
+    assert!(
+        reason.contains("unknown to rotator") && reason.contains(&forged.fingerprint),
+        "{reason}"
+    );
+    let outside = Presented::from_pem(dir, "alice", &forge("outside", "/CN=alice/O=dev"));
+    assert_eq!(
+        d.decision(&outside).await,
+        None,
+        "a certificate made outside rotator is unaffected"
+    );
+
+    // remove-user refuses every certificate of the user, bob keeps working.
+    r(&["remove-user", "alice"]);
+    let (reason, _) = d.until_denied(&alice3, Duration::from_secs(5)).await;
+    assert!(
+        reason.contains("revoked") || reason.contains("removed"),
+        "{reason}"
+    );
+    assert_eq!(d.decision(&bob).await, None);
+
+    let m = d.metrics().await;
+    assert!(
+        m.contains("rotator_authz_decisions_total{decision=\"denied\",reason=\"revoked\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rotator_authz_decisions_total{decision=\"no_opinion\",reason=\"current\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rotator_authz_decision_duration_seconds_count"),
+        "{m}"
+    );
+    assert!(m.contains("rotator_authz_snapshot_credentials 4"), "{m}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_api_servers_certificate_gets_in_and_bad_reviews_get_400_with_a_status() {
+    let s = Scratch::new();
+    let (api_ca, api_cert, api_key) =
+        openssl_client(s.dir.path(), "apiserver", "kube-apiserver", &[]);
+    let (_, other_cert, other_key) =
+        openssl_client(s.dir.path(), "stranger", "kube-apiserver", &[]);
+    s.write(
+        "rotator.toml",
+        &format!("data_dir = \"rotator-data\"\n[authz]\nclient_ca_file = {api_ca:?}\n"),
+    );
+    ok(&s.rotator(&["--config", "rotator.toml", "init"]));
+    let d = Daemon::start(&s, &api_ca, (&api_cert, &api_key)).await;
+
+    // No client certificate, or one from another CA: refused at TLS.
+    let ca = std::fs::read_to_string(s.path("rotator-data/ca/ca.crt")).unwrap();
+    let other = (
+        std::fs::read_to_string(&other_cert).unwrap(),
+        std::fs::read_to_string(&other_key).unwrap(),
+    );
+    for cfg in [config(&ca, None), config(&ca, Some((&other.0, &other.1)))] {
+        let mut c = Conn::new("127.0.0.1", d.addr, cfg);
+        let r = c
+            .send(
+                "POST",
+                "/v1/authorize",
+                "application/json",
+                serde_json::to_vec(&review("u", &[], None)).unwrap(),
+            )
+            .await;
+        assert!(
+            r.is_err(),
+            "a client without the API server's certificate got {r:?}"
+        );
+    }
+
+    let good = review("u", &[], None);
+    let mut wrong_version = good.clone();
+    wrong_version["apiVersion"] = json!("authorization.k8s.io/v1beta1");
+    let mut wrong_kind = good.clone();
+    wrong_kind["kind"] = json!("TokenReview");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            b"{\"kind\": \"SubjectAccessReview\", ".to_vec(),
+            "not a JSON",
+        ),
+        (b"\xff\xfe\x00garbage".to_vec(), "not a JSON"),
+        (
+            serde_json::to_vec(&wrong_version).unwrap(),
+            "subjectAccessReviewVersion: v1",
+        ),
+        (serde_json::to_vec(&wrong_kind).unwrap(), "TokenReview"),
+        (vec![b' '; 300 * 1024], "larger than"),
+    ];
+    let mut c = Conn::new("127.0.0.1", d.addr, d.api_server.clone());
+    for (body, want) in cases {
+        let (status, text) = c
+            .send("POST", "/v1/authorize", "application/json", body)
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(status, 400, "{text}");
+        assert_eq!(
+            (v["kind"].as_str(), v["code"].as_i64(), v["status"].as_str()),
+            (Some("Status"), Some(400), Some("Failure"))
+        );
+        assert!(
+            v["message"].as_str().unwrap().contains(want),
+            "{want:?} in {text}"
+        );
+    }
+    // Still answering after all of that, on a fresh connection and the same one.
+    assert_eq!(d.ask(&good).await.0, 200);
+    let (status, _) = c
+        .send("GET", "/v1/authorize", "application/json", vec![])
+        .await
+        .unwrap();
+    assert_eq!(status, 405);
+    let m = d.metrics().await;
+    assert!(
+        m.contains("rotator_authz_decisions_total{decision=\"bad_request\""),
+        "{m}"
+    );
+    d.stop().await;
+}
+
+#[test]
+fn doctor_reads_the_api_servers_authorization_config_or_says_it_cannot_tell() {
+    let s = Scratch::new();
+    let shipped = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/authz/authorization-config.yaml"
+    );
+    let lax = s.write(
+        "lax.yaml",
+        &std::fs::read_to_string(shipped)
+            .unwrap()
+            .replace("failurePolicy: Deny", "failurePolicy: NoOpinion"),
+    );
+    let check = |extra: &str| -> (bool, String) {
+        s.write(
+            "rotator.toml",
+            &format!("data_dir = \"rotator-data\"\n[authz]\nlisten = \"127.0.0.1:8444\"\nclient_ca_file = \"ca.crt\"\n{extra}"),
+        );
+        let out = s.rotator(&["--config", "rotator.toml", "--output", "json", "doctor"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        let c = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "authorization webhook")
+            .unwrap()
+            .clone();
+        (
+            c["ok"].as_bool().unwrap(),
+            c["detail"].as_str().unwrap().to_string(),
+        )
+    };
+    ok(&s.rotator(&["--data-dir", "rotator-data", "init"]));
+    let (good, detail) = check("");
+    assert!(good && detail.contains("cannot tell"), "{detail}");
+    let (good, detail) = check(&format!("apiserver_config = {shipped:?}\n"));
+    assert!(good, "{detail}");
+    assert!(
+        detail.contains("before RBAC") && detail.contains("within 6s"),
+        "{detail}"
+    );
+    let (good, detail) = check(&format!("apiserver_config = {:?}\n", lax.to_str().unwrap()));
+    assert!(
+        !good && detail.contains("failurePolicy NoOpinion"),
+        "{detail}"
+    );
+    let (good, detail) = check("apiserver_config = \"missing.yaml\"\n");
+    assert!(!good && detail.contains("cannot read"), "{detail}");
+}
