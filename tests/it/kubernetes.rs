@@ -17,6 +17,11 @@ pub struct Kx {
 
 impl Kx {
     pub async fn new(opts: Options, extra_toml: &str) -> Self {
+        Self::with_signer(opts, "kubernetes", extra_toml).await
+    }
+
+    /// As [`Kx::new`] with another signer that needs the cluster (vault-pki).
+    pub async fn with_signer(opts: Options, signer: &str, extra_toml: &str) -> Self {
         let cluster = TestCluster::start(opts).await.unwrap();
         let s = Scratch::new();
         let admin = s.write("admin.kubeconfig", &cluster.admin_kubeconfig());
@@ -35,7 +40,7 @@ impl Kx {
         kx.s.write(
             "rotator.toml",
             &format!(
-                "signer = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"5s\"\n[cluster]\nname = \"test\"\n{extra_toml}",
+                "signer = {signer:?}\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"5s\"\n[cluster]\nname = \"test\"\n{extra_toml}",
                 own
             ),
         );
