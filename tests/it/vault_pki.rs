@@ -80,7 +80,7 @@ pub fn setup_pki(bao: &Bao, kx: &Kx) -> Pki {
 pub fn vault_toml(bao: &Bao, pki: &Pki, role: &str) -> String {
     format!(
         "[vault]\naddress = {:?}\nauth_method = \"token\"\ntoken_file = {:?}\n[vault_pki]\nmount = \"pki\"\nrole = {role:?}\n",
-        bao.address(),
+        bao.addr,
         pki.token_file
     )
 }
@@ -88,8 +88,12 @@ pub fn vault_toml(bao: &Bao, pki: &Pki, role: &str) -> String {
 /// A cluster, an OpenBao with its PKI mount, and rotator configured for vault-pki.
 /// `None` (after saying so loudly) when `bao` is missing and the run allows it.
 pub async fn setup(role: &str) -> Option<(Kx, Bao, Pki)> {
-    let bao = Bao::start_or_skip("vault_pki")?;
-    let kx = Kx::with_signer(Options::default(), "vault-pki", "").await;
+    setup_with(role, "").await
+}
+
+pub async fn setup_with(role: &str, extra_toml: &str) -> Option<(Kx, Bao, Pki)> {
+    let bao = Bao::start("vault_pki")?;
+    let kx = Kx::with_signer(Options::default(), "vault-pki", extra_toml).await;
     let pki = setup_pki(&bao, &kx);
     let cfg = std::fs::read_to_string(kx.s.path("rotator.toml")).unwrap();
     kx.s.write(
@@ -218,4 +222,96 @@ async fn a_role_that_forbids_the_lifetime_is_refused_with_the_roles_message_and_
         0
     );
     assert_eq!(kx.s.count("SELECT COUNT(*) FROM users WHERE state = 'active'").await, 0);
+}
+
+/// Vault stopped in the middle of the daemon's life, then sealed: each rotation
+/// pass fails cleanly (the current credential stays current and keeps working,
+/// nothing half-made is kept), says why, and the next pass after Vault is back
+/// renews.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_mid_pass_fails_cleanly_is_reported_and_the_next_pass_renews() {
+    let Some((kx, mut bao, _pki)) = setup("rotator").await else {
+        return;
+    };
+    use rotator::clock::Clock;
+    let clock = rotator::clock::ManualClock::new(rotator::clock::SystemClock.now());
+    let app = kx.app(&clock).await;
+    let mut sink = rotator::sink::FileSink {
+        path: kx.s.path("first.kubeconfig"),
+    };
+    let mut s = spec("alice");
+    s.ttl_seconds = 3600;
+    app.issuer().add_user(s, &mut sink, "test").await.unwrap();
+    let first_serial = || async {
+        let mut conn = app.store.conn().await.unwrap();
+        rotator::store::credentials::current(&mut conn, "alice")
+            .await
+            .unwrap()
+            .expect("a current credential")
+            .serial
+    };
+    let serial = first_serial().await;
+    // Into the renewal window, rotator's clock and the cluster's together.
+    clock.advance(55 * 60);
+    kx.cluster.advance_clock(55 * 60);
+
+    bao.stop();
+    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    assert_eq!((r.due, r.renewed, r.failed), (1, 0, 1));
+    let e = app
+        .issuer()
+        .rotate_replacing("alice", None, &mut sink, "test")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&bao.addr), "names the address: {e}");
+    assert!(e.contains("sign-verbatim/rotator"), "names what was asked: {e}");
+    assert_eq!(first_serial().await, serial, "the credential in use is kept");
+    assert!(kx.can_list_pods("first.kubeconfig", "team-a").await);
+    assert_eq!(
+        kx.s
+            .count("SELECT COUNT(*) FROM credentials WHERE state IN ('current', 'pending')")
+            .await,
+        1,
+        "nothing half-made"
+    );
+
+    // Back, but sealed: said as such.
+    bao.restart();
+    setup_pki(&bao, &kx);
+    ok(&bao.cli(&["operator", "seal"]));
+    let e = app
+        .issuer()
+        .rotate_replacing("alice", None, &mut sink, "test")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sealed"), "{e}");
+    assert_eq!(first_serial().await, serial);
+
+    // Back for real (a fresh dev server, the same CA imported): the next pass renews.
+    bao.restart();
+    setup_pki(&bao, &kx);
+    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    assert_eq!((r.due, r.renewed, r.failed), (1, 1, 0));
+    assert_ne!(first_serial().await, serial);
+    let delivered = app.settings.rotation.delivery_dir.join("alice.kubeconfig");
+    std::fs::copy(&delivered, kx.s.path("renewed.kubeconfig")).unwrap();
+    assert!(kx.can_list_pods("renewed.kubeconfig", "team-a").await);
+}
+
+// The kubernetes signer's signer-generic tests, through Vault.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_pki_revoke_takes_access_away_at_once_and_remove_user_leaves_nothing() {
+    if let Some((kx, _bao, _)) = setup("rotator").await {
+        crate::kubernetes::revoke_case(&kx).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_pki_rotation_keeps_the_old_credential_for_the_grace_period_only() {
+    if let Some((kx, _bao, _)) = setup_with("rotator", crate::kubernetes::GRACE_TOML).await {
+        crate::kubernetes::grace_period_case(&kx).await;
+    }
 }
