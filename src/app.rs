@@ -56,6 +56,8 @@ pub enum AppError {
     Sign(#[from] SignError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
 }
 
 impl ExitStatus for AppError {
@@ -68,6 +70,7 @@ impl ExitStatus for AppError {
             AppError::Store(e) => e.exit(),
             AppError::Sign(e) => e.exit(),
             AppError::Cluster(e) => e.exit(),
+            AppError::Vault(e) => e.exit(),
         }
     }
 }
@@ -108,6 +111,9 @@ pub struct App {
     /// This database's identity: what the cluster objects rotator makes are
     /// annotated with, so one instance never touches another's.
     pub instance: String,
+    /// `[vault]`: logged in at open only when the configuration reads a secret
+    /// from it; otherwise on first use (and by the daemon's renewer).
+    pub vault: Option<Arc<crate::vault::Vault>>,
 }
 
 /// What rotator read from the cluster at start (the client CA, the endpoint
@@ -225,6 +231,7 @@ impl App {
             leader: self.leader.clone(),
             sealing: self.sealing.clone(),
             instance: self.instance.clone(),
+            vault: self.vault.clone(),
         }
     }
 
@@ -320,9 +327,24 @@ impl App {
             keyring.reset(&audit::Head::genesis(), 1)?;
         }
         store.set_audit(keyring);
+        let vault = match &settings.vault {
+            Some(vs) => Some(Arc::new(crate::vault::Vault::new(vs)?)),
+            None => None,
+        };
         let sealing = Arc::new(
-            crate::pki::SealingKey::load(&settings.sealing.key_file, !settings.sealing.configured)
-                .map_err(SignError::from)?,
+            match crate::vault::secrets::sealing_key_text(&settings.sealing, vault.as_deref())
+                .await?
+            {
+                Some(text) => crate::pki::SealingKey::from_base64(
+                    &text,
+                    &settings.sealing.key_file.display().to_string(),
+                ),
+                None => crate::pki::SealingKey::load(
+                    &settings.sealing.key_file,
+                    !settings.sealing.configured,
+                ),
+            }
+            .map_err(SignError::from)?,
         );
 
         // The signer a data directory was made with sticks to it (`init --signer`).
@@ -399,19 +421,32 @@ impl App {
                 Arc::new(crate::signer::SocketSigner::connect(&settings.local_ca).await?)
             }
             SignerKind::LocalCa => {
-                if !settings.local_ca.configured {
-                    let dir = settings
-                        .local_ca
-                        .key_file
-                        .parent()
-                        .unwrap_or(&settings.data_dir)
-                        .to_path_buf();
-                    crate::fsutil::ensure_private_dir_repaired(&dir)
-                        .map_err(|source| AppError::DataDir { path: dir, source })?;
+                match crate::vault::secrets::local_ca_pems(&settings.local_ca, vault.as_deref())
+                    .await?
+                {
+                    Some((key_pem, cert_pem)) => Arc::new(LocalCa::from_pems(
+                        &key_pem,
+                        &settings.local_ca.key_file.display().to_string(),
+                        cert_pem,
+                        &settings.local_ca.cert_file,
+                        clock.clone(),
+                    )?),
+                    None => {
+                        if !settings.local_ca.configured {
+                            let dir = settings
+                                .local_ca
+                                .key_file
+                                .parent()
+                                .unwrap_or(&settings.data_dir)
+                                .to_path_buf();
+                            crate::fsutil::ensure_private_dir_repaired(&dir)
+                                .map_err(|source| AppError::DataDir { path: dir, source })?;
+                        }
+                        let (ca, created) = LocalCa::ensure(&settings.local_ca, clock.clone())?;
+                        created_ca = created;
+                        Arc::new(ca)
+                    }
                 }
-                let (ca, created) = LocalCa::ensure(&settings.local_ca, clock.clone())?;
-                created_ca = created;
-                Arc::new(ca)
             }
             SignerKind::Kubernetes => {
                 let (c, client_ca) = Self::cluster_and_client_ca(&settings, &instance).await?;
@@ -427,7 +462,7 @@ impl App {
             SignerKind::VaultPki => {
                 let (c, client_ca) = Self::cluster_and_client_ca(&settings, &instance).await?;
                 cluster = Some(c);
-                Arc::new(crate::signer::vault_pki::open(&settings, client_ca).await?)
+                Arc::new(crate::signer::vault_pki::open(&settings, vault.clone(), client_ca).await?)
             }
         };
 
@@ -496,6 +531,7 @@ impl App {
                 leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 sealing,
                 instance,
+                vault,
             },
             report,
         ))

@@ -299,7 +299,8 @@ fn row(
                 }
                 Delivery::Secret { namespace, name }
             }
-            Ok(Target::Client) | Err(_) => {
+            // Vault delivery is per user with `add-user --deliver vault:...` for now.
+            Ok(Target::Client) | Ok(Target::Vault { .. }) | Err(_) => {
                 errors.push(err(
                     "delivery",
                     format!(

@@ -29,6 +29,7 @@ const SECTIONS: &[&str] = &[
     "sealing",
     "signer_service",
     "vault_pki",
+    "vault",
 ];
 pub const DEFAULT_CONFIG_PATH: &str = "config/rotator.toml";
 
@@ -116,6 +117,7 @@ struct FileConfig {
     audit: AuditSection,
     signer_service: SignerServiceSection,
     vault_pki: VaultPkiSection,
+    vault: crate::vault::VaultSection,
 }
 
 impl Default for FileConfig {
@@ -136,6 +138,7 @@ impl Default for FileConfig {
             audit: AuditSection::default(),
             signer_service: SignerServiceSection::default(),
             vault_pki: VaultPkiSection::default(),
+            vault: crate::vault::VaultSection::default(),
         }
     }
 }
@@ -564,6 +567,8 @@ pub struct Settings {
     pub audit: AuditSettings,
     pub signer_service: SignerServiceSettings,
     pub vault_pki: VaultPkiSettings,
+    /// `[vault]`; `None` when `vault.address` is not set.
+    pub vault: Option<crate::vault::VaultSettings>,
 }
 
 impl Settings {
@@ -661,15 +666,58 @@ pub fn load_with(
                 message: e.to_string(),
             })?;
     }
-    let file: FileConfig = table
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin: origin.clone(),
-            message: e.to_string(),
-        })?;
-    let mut settings = validate(file, origin, &from_env, overrides)?;
+    let mut file: FileConfig =
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+    let vault = std::mem::take(&mut file.vault);
+    let mut settings = validate(file, origin.clone(), &from_env, overrides)?;
+    let cx = Ctx {
+        origin: &origin,
+        from_env: &from_env,
+    };
+    settings.vault = vault
+        .validate(env)
+        .map_err(|(key, value, problem, fix)| cx.invalid(key, value, problem, fix))?;
+    vault_references(&cx, &settings)?;
     settings.file = path.map(Path::to_path_buf);
     Ok(settings)
+}
+
+/// Keys that name a secret file may name a `vault:` reference instead: each must
+/// parse, and needs `[vault]`.
+fn vault_references(cx: &Ctx<'_>, s: &Settings) -> Result<(), ConfigError> {
+    use crate::vault::reference::{SHAPE, VaultRef};
+    for (key, path) in [
+        ("local_ca.cert_file", &s.local_ca.cert_file),
+        ("local_ca.key_file", &s.local_ca.key_file),
+        ("sealing.key_file", &s.sealing.key_file),
+    ] {
+        match VaultRef::from_path(path) {
+            None => {}
+            Some(Err(problem)) => {
+                return Err(cx.invalid(
+                    key,
+                    path.display(),
+                    format!("not a Vault reference: {problem}"),
+                    format!("write {SHAPE}, e.g. \"vault:secret/rotator/ca#key\""),
+                ));
+            }
+            Some(Ok(_)) if s.vault.is_none() => {
+                return Err(cx.invalid(
+                    key,
+                    path.display(),
+                    "a vault: reference, but vault.address is not set",
+                    "set [vault] address (and its auth method), or name a file",
+                ));
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    Ok(())
 }
 
 fn parse_env_value(raw: &str) -> toml::Value {
@@ -1164,6 +1212,7 @@ fn validate(
         local_ca,
         signer_service,
         vault_pki,
+        vault: None,
         policy,
         rotation,
         schedule,

@@ -27,3 +27,4 @@ pub mod signer;
 pub mod sink;
 pub mod store;
 pub mod tokens;
+pub mod vault;

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub api_requests: Family<Labels, Counter>,
     pub api_refusals: Family<Labels, Counter>,
     pub api_connections_refused: Family<Labels, Counter>,
+    /// 1 for the Vault connection's state (`ready`, `sealed`, `unreachable`, ...), else 0.
+    vault_state: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -122,7 +124,14 @@ impl Default for Metrics {
             "User API connections closed at once because their address (address) or the listener (total) held all its slots",
             api_connections_refused.clone(),
         );
+        let vault_state = Family::<Labels, Gauge>::default();
+        registry.register(
+            "vault_state",
+            "The Vault connection's state: 1 for the current one (ready, sealed, unreachable, unauthenticated, unknown); absent without [vault]",
+            vault_state.clone(),
+        );
         Self {
+            vault_state,
             api_requests,
             api_refusals,
             api_connections_refused,
@@ -218,6 +227,14 @@ impl Metrics {
                 .get_or_create(&l(&[("user", &user)]))
                 .set(not_after as f64);
         }
+        if let Some(v) = &app.vault {
+            let now = v.status().state;
+            for s in crate::vault::State::ALL {
+                self.vault_state
+                    .get_or_create(&l(&[("state", s.as_str())]))
+                    .set((s == now) as i64);
+            }
+        }
         self.tokens.clear();
         for (state, n) in crate::store::tokens::count_by_state(&app.store).await? {
             self.tokens.get_or_create(&l(&[("state", &state)])).set(n);
@@ -250,6 +267,17 @@ pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
             Err(_) => Err("no answer within 3s".to_string()),
         };
         checks.push(("cluster reachable".to_string(), r));
+    }
+    if let Some(v) = &app.vault {
+        let s = v.status();
+        let r = match s.state {
+            crate::vault::State::Ready => Ok(()),
+            other => Err(match s.detail {
+                Some(d) => format!("{}: {}", other.as_str(), d.lines().next().unwrap_or("")),
+                None => other.as_str().to_string(),
+            }),
+        };
+        checks.push((format!("vault {} ready", v.address()), r));
     }
     let now = app.clock.now();
     if !app.leader.load(std::sync::atomic::Ordering::SeqCst) {

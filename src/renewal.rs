@@ -157,6 +157,14 @@ async fn sink_for(app: &App, user: &str) -> Result<Box<dyn crate::sink::Sink>, S
             name,
             user: user.into(),
         }),
+        crate::sink::Target::Vault { mount, path } => Box::new(crate::vault::kv::VaultSink::new(
+            app.vault
+                .clone()
+                .ok_or("Vault delivery needs [vault] (vault.address) in the configuration")?,
+            &mount,
+            &path,
+            user,
+        )),
     })
 }
 

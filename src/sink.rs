@@ -223,6 +223,9 @@ pub enum Target {
     /// The user renews through the HTTPS API with a key only they hold
     /// (`add-user --enroll`); the daemon never reissues for them.
     Client,
+    /// KV v2 `mount/path` in Vault (`{user}` in the path is the user's name):
+    /// [`crate::vault::kv::VaultSink`].
+    Vault { mount: String, path: String },
 }
 
 impl Target {
@@ -233,9 +236,31 @@ impl Target {
             "client" => return Ok(Target::Client),
             _ => {}
         }
+        if let Some(rest) = s.strip_prefix("vault:") {
+            let (mount, path) = rest
+                .trim_start_matches('/')
+                .split_once('/')
+                .ok_or_else(|| format!("{s:?}: no path after the mount (vault:MOUNT/PATH)"))?;
+            let path = path.trim_end_matches('/');
+            if mount.is_empty()
+                || path.is_empty()
+                || path
+                    .split('/')
+                    .any(|p| p.is_empty() || p == "." || p == "..")
+                || path.contains(['#', '?'])
+            {
+                return Err(format!(
+                    "{s:?} is not a Vault KV v2 path (vault:MOUNT/PATH, e.g. vault:secret/kubeconfigs/{{user}})"
+                ));
+            }
+            return Ok(Target::Vault {
+                mount: mount.into(),
+                path: path.into(),
+            });
+        }
         let Some((ns, name)) = s.strip_prefix("secret:").and_then(|r| r.split_once('/')) else {
             return Err(format!(
-                "{s:?} is not a delivery target (use dir, client or secret:NAMESPACE/NAME)"
+                "{s:?} is not a delivery target (use dir, client, secret:NAMESPACE/NAME or vault:MOUNT/PATH)"
             ));
         };
         crate::policy::validate_dns_label(ns).map_err(|e| format!("namespace {ns:?}: {e}"))?;
@@ -258,6 +283,7 @@ impl Target {
             Target::Directory => "dir".into(),
             Target::Secret { namespace, name } => format!("secret:{namespace}/{name}"),
             Target::Client => "client".into(),
+            Target::Vault { mount, path } => format!("vault:{mount}/{path}"),
         }
     }
 }

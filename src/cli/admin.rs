@@ -52,7 +52,8 @@ pub struct AddUserArgs {
     /// Where the daemon delivers this user's reissued kubeconfigs: `dir` (the
     /// delivery directory, default) or `secret:NAMESPACE/NAME` in one of their
     /// namespaces (the first kubeconfig goes there too; rotator creates that
-    /// Secret and refuses one that already exists).
+    /// Secret and refuses one that already exists), or `vault:MOUNT/PATH`, a KV v2
+    /// secret in Vault (`{user}` in PATH is the user's name; field `kubeconfig`).
     #[arg(long, value_name = "TARGET", value_parser = crate::sink::Target::parse)]
     pub deliver: Option<crate::sink::Target>,
     /// Issue nothing now: print a one-time enrollment token (valid for
@@ -196,6 +197,29 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
                 name: name.clone(),
                 user: spec.name.clone(),
             }) as Box<dyn Sink>
+        }
+        (Some(crate::sink::Target::Vault { mount, path }), _) => {
+            if a.out.is_some() {
+                return Err(Failure::new(
+                    Exit::Usage,
+                    anyhow!(
+                        "--out and --deliver vault:{mount}/{path} both say where the kubeconfig goes\nfix: drop --out: the first kubeconfig goes to Vault too"
+                    ),
+                ));
+            }
+            let Some(vault) = app.vault.clone() else {
+                return Err(Failure::new(
+                    Exit::Config,
+                    anyhow!(
+                        "--deliver vault:{mount}/{path} needs a Vault connection, but vault.address is not set\nfix: configure [vault] (address and auth method; README, \"Vault\")"
+                    ),
+                ));
+            };
+            // Before anything is issued: Vault must be reachable and rotator logged in.
+            vault.probe().await?;
+            Box::new(crate::vault::kv::VaultSink::new(
+                vault, mount, path, &spec.name,
+            )) as Box<dyn Sink>
         }
         _ => sink_for(&spec.name, &a.out),
     };

@@ -30,6 +30,9 @@ fn mode_of(p: &std::path::Path) -> Option<u32> {
 
 /// Whether a key file is readable by its owner alone, and what to say about it.
 fn private_file(k: &std::path::Path, note: &str) -> (bool, String) {
+    if let Some(Ok(r)) = crate::vault::VaultRef::from_path(k) {
+        return (true, format!("in Vault, {r} (held in memory only{note})"));
+    }
     match mode_of(k) {
         Some(0o600) | Some(0o400) => (true, format!("{} (mode 600{note})", k.display())),
         m => (
@@ -225,6 +228,16 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
             push("sealing key file", ok, detail, Exit::Config);
             let (ok, detail) = private_file(&s.audit.key_file, "");
             push("audit key file", ok, detail, Exit::Config);
+            if let Some(v) = &app.vault {
+                let (ok, detail) = match v.probe().await {
+                    Ok(()) => (
+                        true,
+                        format!("{} (auth {})", v.address(), v.settings().auth.method()),
+                    ),
+                    Err(e) => (false, e.to_string()),
+                };
+                push("vault", ok, detail, Exit::Config);
+            }
             let ep = app.endpoint.clone();
             let checked = ep.source != "local-ca defaults" || s.cluster.server.is_some();
             let verdict = if checked {

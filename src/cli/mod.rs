@@ -263,7 +263,10 @@ fn log_filter(
 }
 
 fn init_tracing(format: LogFormat, default: &str) {
-    let filter = log_filter(&|k| std::env::var(k).ok(), default);
+    // vaultrs and rustify log every Vault error response themselves; rotator's
+    // own error says it once, with the fix.
+    let default = format!("{default},vaultrs=off,rustify=off");
+    let filter = log_filter(&|k| std::env::var(k).ok(), &default);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -116,6 +116,7 @@ where
             None
         }
     };
+    let vault_renewer = tokio::spawn(renew_vault(apps_rx.clone()));
     let (changed_tx, mut changed) = tokio::sync::mpsc::channel::<()>(1);
     let watcher = app
         .settings
@@ -169,6 +170,7 @@ where
     if let Some(w) = watcher {
         w.abort();
     }
+    vault_renewer.abort();
     let app = apps_tx.borrow().clone();
     app.store.close().await;
     info!("rotator daemon stopped");
@@ -197,6 +199,23 @@ async fn elect(
             info!(identity, lease = %format!("{}/{}", le.namespace, le.name), "became the leader");
         } else {
             warn!(identity, "lost the leadership; standing by");
+        }
+    }
+}
+
+/// Keeps the current App's Vault token alive (a reload brings a new connection:
+/// the renewer follows it).
+async fn renew_vault(mut apps: tokio::sync::watch::Receiver<Arc<App>>) {
+    loop {
+        let vault = apps.borrow_and_update().vault.clone();
+        let changed = async {
+            if apps.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        match vault {
+            Some(v) => v.run_renewer(changed).await,
+            None => changed.await,
         }
     }
 }

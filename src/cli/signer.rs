@@ -1,7 +1,8 @@
 //! `rotator signer`: the local CA's signing process (src/signer/local_ca/service.rs).
 //! It reads the configuration for `local_ca.cert_file` / `key_file`,
-//! `policy.denied_groups` and `[signer_service]`, and nothing else: no database,
-//! no cluster, no outgoing connection.
+//! `policy.denied_groups` and `[signer_service]` (and `[vault]` when the key is a
+//! `vault:` reference), and nothing else: no database, no cluster, and no
+//! outgoing connection but that one read from Vault at start.
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -28,12 +29,22 @@ pub async fn run(cli: &Cli, args: &SignerArgs) -> CliResult {
         settings.signer_service.socket = s.clone();
     }
     let ss = settings.signer_service.clone();
-    let mut svc = Service::open(
-        &settings.local_ca,
-        &ss,
-        settings.policy.denied_groups.clone(),
-        Arc::new(SystemClock),
-    )?;
+    let denied = settings.policy.denied_groups.clone();
+    let mut svc = match (
+        service::KeySource::from_settings(&settings.local_ca)?,
+        &settings.vault,
+    ) {
+        (service::KeySource::Vault(_), Some(vault)) => {
+            let ca = service::KeySource::load_from_vault(
+                &settings.local_ca,
+                vault,
+                Arc::new(SystemClock),
+            )
+            .await?;
+            Service::open_with(ca, &ss, denied, Arc::new(SystemClock))?
+        }
+        _ => Service::open(&settings.local_ca, &ss, denied, Arc::new(SystemClock))?,
+    };
     // rotator's own tests: `ROTATOR_FAULT=signer-sign:sleep-MS` stalls each signature.
     if let Some(ms) = std::env::var("ROTATOR_FAULT")
         .ok()

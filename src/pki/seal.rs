@@ -98,6 +98,17 @@ impl SealingKey {
         &self.id
     }
 
+    /// The key from its text (base64 of 32 bytes) held in memory: a `vault:`
+    /// reference. `origin` names it in errors.
+    pub fn from_base64(text: &str, origin: &str) -> Result<Self, PkiError> {
+        let bytes = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| err(format!("{origin} is not base64: {e}")))?,
+        );
+        Self::from_bytes(&bytes).map_err(|e| err(format!("{origin}: {e}")))
+    }
+
     /// Reads the key file (base64 of 32 bytes); with `create`, makes one (0600)
     /// when it does not exist.
     pub fn load(path: &Path, create: bool) -> Result<Self, PkiError> {

@@ -35,14 +35,10 @@ pub enum SignError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("the issuance could not record its progress: {0}")]
     Journal(String),
-    #[error(
-        "Vault at {address} failed while {what}: {reason}\nfix: check that Vault is running, unsealed and reachable, and that rotator's token may use the PKI mount; the issuance is retried on the next pass"
-    )]
-    Vault {
-        address: String,
-        what: String,
-        reason: String,
-    },
+    /// Vault (vault-pki) unreachable, sealed, denying: the issuance fails
+    /// cleanly and the next pass retries it.
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
 }
 
 impl ExitStatus for SignError {
@@ -53,7 +49,7 @@ impl ExitStatus for SignError {
             SignError::Pki(e) => e.exit(),
             SignError::Cluster(e) => e.exit(),
             SignError::Journal(_) => Exit::Database,
-            SignError::Vault { .. } => Exit::Signer,
+            SignError::Vault(e) => e.exit(),
         }
     }
 }

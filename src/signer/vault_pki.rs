@@ -10,12 +10,15 @@
 //! key usage are set by the request (`DigitalSignature`, `ClientAuth`). What comes
 //! back is verified by the issuer as for every signer (our key, our subject, the
 //! validity, a chain to the CA the API server trusts).
+use std::sync::Arc;
+
 use serde::Deserialize;
 use x509_parser::prelude::{FromDer, X509Certificate, X509CertificationRequest};
 
 use super::{BoxFuture, Progress, SignError, SignRequest, Signed, Signer};
 use crate::pki;
 use crate::store::issuances::Step;
+use crate::vault::{Vault, VaultError};
 
 /// Vault's warning when a role's `max_ttl` shortened the lifetime asked for
 /// (`TTL "72h0m0s" is longer than permitted maxTTL "48h0m0s", so maxTTL is being used`).
@@ -23,10 +26,10 @@ const MAX_TTL_WARNING: &str = "maxTTL";
 
 /// The body of `POST <mount>/sign-verbatim/<role>`.
 #[derive(Debug, serde::Serialize)]
-struct SignVerbatim<'a> {
+struct SignVerbatim {
     #[serde(skip)]
     path: String,
-    csr: &'a str,
+    csr: String,
     /// Seconds, as Vault's duration syntax.
     ttl: String,
     key_usage: [&'static str; 1],
@@ -50,7 +53,7 @@ struct SignedData {
     ca_chain: Vec<String>,
 }
 
-impl rustify::Endpoint for SignVerbatim<'_> {
+impl rustify::Endpoint for SignVerbatim {
     type Response = Envelope;
     const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
     const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
@@ -146,6 +149,7 @@ fn role_refused(mount: &str, role: &str, what: &str, fix: &str) -> SignError {
 /// now rather than at the first issuance.
 pub async fn open(
     settings: &crate::config::Settings,
+    vault: Option<Arc<Vault>>,
     client_ca_pem: String,
 ) -> Result<VaultPkiSigner, SignError> {
     let vp = &settings.vault_pki;
@@ -154,36 +158,18 @@ pub async fn open(
         reason: "signer = \"vault-pki\" needs the PKI role that signs".into(),
         fix: "set [vault_pki] role (and mount, default \"pki\") to a role allowed to sign-verbatim client certificates".into(),
     })?;
-    let (address, client) = interim_connect()?;
-    let signer = VaultPkiSigner::new(client, address, vp.mount.clone(), role, client_ca_pem);
+    let vault = vault.ok_or_else(|| SignError::CaUnavailable {
+        path: "vault.address".into(),
+        reason: "signer = \"vault-pki\" signs through Vault, but [vault] is not configured".into(),
+        fix: "set [vault] address and its auth method (see config/rotator.toml)".into(),
+    })?;
+    let signer = VaultPkiSigner::new(vault, vp.mount.clone(), role, client_ca_pem);
     signer.mount_ca_chain().await?;
     Ok(signer)
 }
 
-// INTERIM until h-vault's client lands (merge replaces this with crate::vault).
-fn interim_connect() -> Result<(String, vaultrs::client::VaultClient), SignError> {
-    let address = std::env::var("VAULT_ADDR").unwrap_or_default();
-    let token = std::env::var("VAULT_TOKEN").unwrap_or_default();
-    let s = vaultrs::client::VaultClientSettingsBuilder::default()
-        .address(&address)
-        .token(token)
-        .build()
-        .map_err(|e| SignError::Vault {
-            address: address.clone(),
-            what: "connecting".into(),
-            reason: e.to_string(),
-        })?;
-    let c = vaultrs::client::VaultClient::new(s).map_err(|e| SignError::Vault {
-        address: address.clone(),
-        what: "connecting".into(),
-        reason: e.to_string(),
-    })?;
-    Ok((address, c))
-}
-
 pub struct VaultPkiSigner {
-    vault: vaultrs::client::VaultClient,
-    address: String,
+    vault: Arc<Vault>,
     mount: String,
     role: String,
     client_ca_pem: String,
@@ -193,7 +179,7 @@ impl std::fmt::Debug for VaultPkiSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the client: it holds the Vault token.
         f.debug_struct("VaultPkiSigner")
-            .field("address", &self.address)
+            .field("address", &self.vault.address())
             .field("mount", &self.mount)
             .field("role", &self.role)
             .finish_non_exhaustive()
@@ -201,16 +187,9 @@ impl std::fmt::Debug for VaultPkiSigner {
 }
 
 impl VaultPkiSigner {
-    pub fn new(
-        vault: vaultrs::client::VaultClient,
-        address: String,
-        mount: String,
-        role: String,
-        client_ca_pem: String,
-    ) -> Self {
+    pub fn new(vault: Arc<Vault>, mount: String, role: String, client_ca_pem: String) -> Self {
         Self {
             vault,
-            address,
             mount,
             role,
             client_ca_pem,
@@ -223,36 +202,42 @@ impl VaultPkiSigner {
 
     /// The mount's CA chain (`<mount>/cert/ca_chain`), PEM.
     pub async fn mount_ca_chain(&self) -> Result<String, SignError> {
-        let what = format!("reading {}/cert/ca_chain", self.mount);
-        let r = vaultrs::pki::cert::read(&self.vault, &self.mount, "ca_chain")
-            .await
-            .map_err(|e| self.vault_error(&what, e))?;
+        let what = format!("read {}/cert/ca_chain", self.mount);
+        let r = self
+            .vault
+            .call(&what, |c| {
+                let mount = self.mount.clone();
+                async move { vaultrs::pki::cert::read(&*c, &mount, "ca_chain").await }
+            })
+            .await?;
         Ok(r.certificate)
-    }
-
-    fn vault_error(&self, what: &str, e: vaultrs::error::ClientError) -> SignError {
-        SignError::Vault {
-            address: self.address.clone(),
-            what: what.to_string(),
-            reason: e.to_string(),
-        }
     }
 
     async fn sign_verbatim(&self, req: &SignRequest<'_>) -> Result<String, SignError> {
         let csr = pki::pem_encode("CERTIFICATE REQUEST", req.csr_der);
-        let endpoint = SignVerbatim {
-            path: self.endpoint(),
-            csr: &csr,
-            ttl: format!("{}s", req.ttl.as_secs()),
-            key_usage: ["DigitalSignature"],
-            ext_key_usage: ["ClientAuth"],
-            format: "pem",
-        };
-        let what = format!("signing through {}", self.endpoint());
-        let env = match vaultrs::api::exec_with_no_result(&self.vault, endpoint).await {
+        let what = format!("sign through {}", self.endpoint());
+        let signed = self
+            .vault
+            .call(&what, |c| {
+                let endpoint = SignVerbatim {
+                    path: self.endpoint(),
+                    csr: csr.clone(),
+                    ttl: format!("{}s", req.ttl.as_secs()),
+                    key_usage: ["DigitalSignature"],
+                    ext_key_usage: ["ClientAuth"],
+                    format: "pem",
+                };
+                async move { vaultrs::api::exec_with_no_result(&*c, endpoint).await }
+            })
+            .await;
+        let env = match signed {
             Ok(env) => env,
             // A role's refusal (400): its own words, a signer refusal.
-            Err(vaultrs::error::ClientError::APIError { code: 400, errors }) => {
+            Err(VaultError::Server {
+                status: 400,
+                errors,
+                ..
+            }) => {
                 return Err(role_refused(
                     &self.mount,
                     &self.role,
@@ -263,7 +248,7 @@ impl VaultPkiSigner {
                     ),
                 ));
             }
-            Err(e) => return Err(self.vault_error(&what, e)),
+            Err(e) => return Err(e.into()),
         };
         // A role whose max_ttl is shorter than the lifetime asked makes Vault sign
         // for less and only warn; rotator refuses instead of handing out a
@@ -286,10 +271,12 @@ impl VaultPkiSigner {
                 ),
             ));
         }
-        let data = env.data.ok_or_else(|| SignError::Vault {
-            address: self.address.clone(),
+        let data = env.data.ok_or_else(|| VaultError::Server {
+            address: self.vault.address().to_string(),
             what,
-            reason: "the answer holds no certificate".into(),
+            status: 200,
+            errors: vec!["the answer holds no certificate".into()],
+            fix: "check that the mount is a PKI secrets engine".into(),
         })?;
         bundle(&data)
     }

@@ -14,4 +14,6 @@ mod revocation;
 mod security;
 mod signer;
 mod user_api;
+pub mod vault;
+mod vault_pki;
 mod with_cluster;

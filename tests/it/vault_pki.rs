@@ -55,12 +55,7 @@ pub fn setup_pki(bao: &Bao, kx: &Kx) -> Pki {
         "path \"pki/sign-verbatim/rotator\" { capabilities = [\"update\"] }\n\
          path \"pki/sign-verbatim/short\" { capabilities = [\"update\"] }\n",
     );
-    b(&[
-        "policy",
-        "write",
-        "rotator-pki",
-        policy.to_str().unwrap(),
-    ]);
+    b(&["policy", "write", "rotator-pki", policy.to_str().unwrap()]);
     let token = b(&[
         "token",
         "create",
@@ -80,8 +75,7 @@ pub fn setup_pki(bao: &Bao, kx: &Kx) -> Pki {
 pub fn vault_toml(bao: &Bao, pki: &Pki, role: &str) -> String {
     format!(
         "[vault]\naddress = {:?}\nauth_method = \"token\"\ntoken_file = {:?}\n[vault_pki]\nmount = \"pki\"\nrole = {role:?}\n",
-        bao.addr,
-        pki.token_file
+        bao.addr, pki.token_file
     )
 }
 
@@ -138,7 +132,10 @@ async fn a_user_issued_through_vault_works_in_kubectl_with_the_generation_group(
         )
         .await);
     assert!(out.contains("alice"), "{out}");
-    let (user, groups) = whoami(&kx.kubectl_as("alice.kubeconfig", &["auth", "whoami", "-o", "json"]).await);
+    let (user, groups) = whoami(
+        &kx.kubectl_as("alice.kubeconfig", &["auth", "whoami", "-o", "json"])
+            .await,
+    );
     assert_eq!(user, "alice");
     assert!(groups.contains(&"dev".to_string()), "{groups:?}");
     let generation = groups
@@ -170,7 +167,13 @@ async fn a_user_issued_through_vault_works_in_kubectl_with_the_generation_group(
     assert!(v.contains(": OK"), "{v}");
     let text = ok(&run(
         "openssl",
-        &["x509", "-in", cert_file.to_str().unwrap(), "-noout", "-text"],
+        &[
+            "x509",
+            "-in",
+            cert_file.to_str().unwrap(),
+            "-noout",
+            "-text",
+        ],
     ));
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
     assert!(text.contains("Digital Signature"), "{text}");
@@ -179,9 +182,10 @@ async fn a_user_issued_through_vault_works_in_kubectl_with_the_generation_group(
 
     // The credential is recorded as vault-pki's.
     assert_eq!(
-        kx.s
-            .count("SELECT COUNT(*) FROM credentials WHERE signer = 'vault-pki' AND state = 'current'")
-            .await,
+        kx.s.count(
+            "SELECT COUNT(*) FROM credentials WHERE signer = 'vault-pki' AND state = 'current'"
+        )
+        .await,
         1
     );
 }
@@ -218,10 +222,15 @@ async fn a_role_that_forbids_the_lifetime_is_refused_with_the_roles_message_and_
     assert!(rbs.is_empty(), "no binding: {rbs}");
     assert!(csrs.is_empty(), "no CSR object: {csrs}");
     assert_eq!(
-        kx.s.count("SELECT COUNT(*) FROM credentials WHERE state IN ('current', 'pending')").await,
+        kx.s.count("SELECT COUNT(*) FROM credentials WHERE state IN ('current', 'pending')")
+            .await,
         0
     );
-    assert_eq!(kx.s.count("SELECT COUNT(*) FROM users WHERE state = 'active'").await, 0);
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM users WHERE state = 'active'")
+            .await,
+        0
+    );
 }
 
 /// Vault stopped in the middle of the daemon's life, then sealed: each rotation
@@ -265,12 +274,18 @@ async fn an_outage_mid_pass_fails_cleanly_is_reported_and_the_next_pass_renews()
         .unwrap_err()
         .to_string();
     assert!(e.contains(&bao.addr), "names the address: {e}");
-    assert!(e.contains("sign-verbatim/rotator"), "names what was asked: {e}");
-    assert_eq!(first_serial().await, serial, "the credential in use is kept");
+    assert!(
+        e.contains("sign-verbatim/rotator"),
+        "names what was asked: {e}"
+    );
+    assert_eq!(
+        first_serial().await,
+        serial,
+        "the credential in use is kept"
+    );
     assert!(kx.can_list_pods("first.kubeconfig", "team-a").await);
     assert_eq!(
-        kx.s
-            .count("SELECT COUNT(*) FROM credentials WHERE state IN ('current', 'pending')")
+        kx.s.count("SELECT COUNT(*) FROM credentials WHERE state IN ('current', 'pending')")
             .await,
         1,
         "nothing half-made"

@@ -91,6 +91,19 @@ impl LocalCa {
         Self::from_parts(key, cert_pem, &settings.cert_file, clock)
     }
 
+    /// A CA from PEM text held in memory (`vault:` references: nothing of it
+    /// is read from or written to disk). The origins name it in errors.
+    pub fn from_pems(
+        key_pem: &str,
+        key_origin: &str,
+        cert_pem: String,
+        cert_origin: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, SignError> {
+        let key = PrivateKey::from_pem(key_pem, key_origin)?;
+        Self::from_parts(key, cert_pem, cert_origin, clock)
+    }
+
     fn from_parts(
         key: PrivateKey,
         cert_pem: String,

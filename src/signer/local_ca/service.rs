@@ -58,28 +58,54 @@ impl crate::exit::ExitStatus for ServiceError {
     }
 }
 
-/// Where the CA key comes from. A file today; a `vault:` reference is the next
-/// variant (the signer is then still the only process that ever holds the key).
+/// Where the CA key comes from: a file, or a `vault:` KV v2 reference read at
+/// start into this process's memory only (the signer is still the only process
+/// that ever holds the key; it then talks to Vault once, at start).
 #[derive(Debug, Clone)]
 pub enum KeySource {
     File(PathBuf),
+    Vault(crate::vault::VaultRef),
 }
 
 impl KeySource {
     pub fn from_settings(s: &LocalCaSettings) -> Result<Self, ServiceError> {
-        let r = s.key_file.display().to_string();
-        if r.starts_with("vault:") {
-            return Err(ServiceError::KeySource {
-                reference: r,
-                reason: "vault: key references are not supported yet".into(),
-                fix: "point local_ca.key_file at a PEM key file readable only by the signer's user",
-            });
+        match crate::vault::VaultRef::from_path(&s.key_file) {
+            None => Ok(KeySource::File(s.key_file.clone())),
+            Some(Ok(r)) => Ok(KeySource::Vault(r)),
+            Some(Err(reason)) => Err(ServiceError::KeySource {
+                reference: s.key_file.display().to_string(),
+                reason,
+                fix: "write vault:<kv-v2 mount>/<path>#<field>[?version=N], or a PEM key file",
+            }),
         }
-        Ok(KeySource::File(s.key_file.clone()))
+    }
+
+    /// Loads a `vault:` key (the certificate may be a file or a reference too).
+    pub async fn load_from_vault(
+        s: &LocalCaSettings,
+        vault: &crate::vault::VaultSettings,
+        clock: Arc<dyn Clock>,
+    ) -> Result<LocalCa, crate::app::AppError> {
+        let v = crate::vault::Vault::new(vault)?;
+        let (key, cert) = crate::vault::secrets::local_ca_pems(s, Some(&v))
+            .await?
+            .expect("called for a vault: reference");
+        Ok(LocalCa::from_pems(
+            &key,
+            &s.key_file.display().to_string(),
+            cert,
+            &s.cert_file,
+            clock,
+        )?)
     }
 
     fn load(&self, s: &LocalCaSettings, clock: Arc<dyn Clock>) -> Result<LocalCa, ServiceError> {
         match self {
+            KeySource::Vault(r) => Err(ServiceError::KeySource {
+                reference: r.to_string(),
+                reason: "a vault: key is read by Service::open_with (async)".into(),
+                fix: "this is a bug: report it",
+            }),
             KeySource::File(_) => {
                 if !s.configured {
                     let dir = s.key_file.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -254,6 +280,16 @@ impl Service {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ServiceError> {
         let ca = KeySource::from_settings(local_ca)?.load(local_ca, clock.clone())?;
+        Self::open_with(ca, settings, denied, clock)
+    }
+
+    /// A service over a CA already loaded (from Vault: [`KeySource::load_from_vault`]).
+    pub fn open_with(
+        ca: LocalCa,
+        settings: &SignerServiceSettings,
+        denied: Vec<Pattern>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ServiceError> {
         let log = Log::open(&settings.log_file)?;
         Ok(Self {
             ca,
