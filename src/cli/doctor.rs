@@ -256,6 +256,16 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 }
                 Err(e) => push("signer CA", false, e.to_string(), Exit::Signer),
             }
+            if let Some(trust) = app.signer.check_trust().await {
+                let ok = trust.is_ok();
+                let detail = match trust {
+                    Ok(d) => d,
+                    Err(e) => format!(
+                        "{e}; fix: import the cluster's client CA into the mount (pki/config/ca), or set kubernetes.client_ca_file to the CA the API server really trusts"
+                    ),
+                };
+                push("vault CA trusted", ok, detail, Exit::Signer);
+            }
             if let Some(socket) = s
                 .local_ca
                 .socket

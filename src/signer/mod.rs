@@ -9,9 +9,11 @@ use crate::pki::PkiError;
 
 mod kubernetes;
 pub mod local_ca;
+pub mod vault_pki;
 pub use kubernetes::KubernetesSigner;
 pub use local_ca::LocalCa;
 pub use local_ca::socket::SocketSigner;
+pub use vault_pki::VaultPkiSigner;
 
 use crate::store::issuances::Step;
 
@@ -33,6 +35,10 @@ pub enum SignError {
     Cluster(#[from] crate::cluster::ClusterError),
     #[error("the issuance could not record its progress: {0}")]
     Journal(String),
+    /// Vault (vault-pki) unreachable, sealed, denying: the issuance fails
+    /// cleanly and the next pass retries it.
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
 }
 
 impl ExitStatus for SignError {
@@ -43,6 +49,7 @@ impl ExitStatus for SignError {
             SignError::Pki(e) => e.exit(),
             SignError::Cluster(e) => e.exit(),
             SignError::Journal(_) => Exit::Database,
+            SignError::Vault(e) => e.exit(),
         }
     }
 }
@@ -97,4 +104,10 @@ pub trait Signer: Send + Sync {
     /// object): once the certificate is stored, and when an issuance fails or is
     /// abandoned. Idempotent.
     fn cleanup<'a>(&'a self, credential_id: &'a str) -> BoxFuture<'a, Result<(), SignError>>;
+    /// For `doctor`, when what signs is not itself the CA the API server trusts
+    /// (vault-pki): `Ok(detail)` when the API server would accept what this
+    /// signer issues, `Err(why not)` otherwise. `None`: nothing to check.
+    fn check_trust<'a>(&'a self) -> BoxFuture<'a, Option<Result<String, String>>> {
+        Box::pin(async { None })
+    }
 }

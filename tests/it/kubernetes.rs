@@ -17,6 +17,11 @@ pub struct Kx {
 
 impl Kx {
     pub async fn new(opts: Options, extra_toml: &str) -> Self {
+        Self::with_signer(opts, "kubernetes", extra_toml).await
+    }
+
+    /// As [`Kx::new`] with another signer that needs the cluster (vault-pki).
+    pub async fn with_signer(opts: Options, signer: &str, extra_toml: &str) -> Self {
         let cluster = TestCluster::start(opts).await.unwrap();
         let s = Scratch::new();
         let admin = s.write("admin.kubeconfig", &cluster.admin_kubeconfig());
@@ -35,7 +40,7 @@ impl Kx {
         kx.s.write(
             "rotator.toml",
             &format!(
-                "signer = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"5s\"\n[cluster]\nname = \"test\"\n{extra_toml}",
+                "signer = {signer:?}\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"5s\"\n[cluster]\nname = \"test\"\n{extra_toml}",
                 own
             ),
         );
@@ -203,7 +208,13 @@ async fn add_user_grants_exactly_the_namespace_asked_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_the_old_credential_for_the_grace_period_only() {
-    let kx = Kx::new(Options::default(), "[rotation]\ngrace_period = \"10m\"\n").await;
+    grace_period_case(&Kx::new(Options::default(), GRACE_TOML).await).await;
+}
+
+pub const GRACE_TOML: &str = "[rotation]\ngrace_period = \"10m\"\n";
+
+/// Signer-generic (kubernetes here, vault-pki in `vault_pki`): `kx` configured with [`GRACE_TOML`].
+pub async fn grace_period_case(kx: &Kx) {
     // In process, with a clock the test moves.
     let clock =
         rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
@@ -256,7 +267,11 @@ async fn rotation_keeps_the_old_credential_for_the_grace_period_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_takes_access_away_at_once_and_remove_user_leaves_nothing() {
-    let kx = Kx::new(Options::default(), "").await;
+    revoke_case(&Kx::new(Options::default(), "").await).await;
+}
+
+/// Signer-generic (kubernetes here, vault-pki in `vault_pki`).
+pub async fn revoke_case(kx: &Kx) {
     ok(&kx
         .rotator_async(
             &[

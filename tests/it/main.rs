@@ -18,4 +18,5 @@ mod security;
 mod signer;
 mod user_api;
 pub mod vault;
+mod vault_pki;
 mod with_cluster;
