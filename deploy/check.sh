@@ -5,7 +5,10 @@
 #     (kubernetes-validate, strict: unknown fields are errors),
 #   - checkov finds 0 failed checks in it (a skip only as a `checkov.io/skip`
 #     annotation with its reason, in the manifest),
-#   - hadolint finds nothing in the Dockerfile.
+#   - hadolint finds nothing in the Dockerfile,
+#   - the systemd units verify (`systemd-analyze verify`) and keep their
+#     exposure score (`systemd-analyze security`) at or under the recorded one,
+#     when systemd-analyze is present.
 # The Python tools are installed into a throwaway venv, versions pinned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +55,38 @@ done
 
 echo "== Dockerfile"
 if "$bin/hadolint" Dockerfile; then echo "hadolint: clean"; else failed=1; fi
+
+echo "== systemd units"
+if command -v systemd-analyze >/dev/null 2>&1; then
+  # verify insists that ExecStart's binary exists: check a copy of each unit
+  # whose /usr/local/bin/rotator points at the binary the tests just built.
+  rotator_bin=$(realpath "${CARGO_TARGET_DIR:-target}/debug/rotator" 2>/dev/null || true)
+  [[ -x "$rotator_bin" ]] || { cargo build --locked --quiet --bin rotator &&
+    rotator_bin=$(realpath "${CARGO_TARGET_DIR:-target}/debug/rotator"); }
+  mkdir -p "$work/units"
+  # The highest exposure score (systemd-analyze's scale, 10 = 1.0) each unit
+  # may reach; README "Single host with systemd" records the figures.
+  declare -A max_exposure=([rotator.service]=11 [rotator-signer.service]=4)
+  for unit in deploy/*.service; do
+    name=$(basename "$unit")
+    sed "s#/usr/local/bin/rotator#$rotator_bin#g" "$unit" >"$work/units/$name"
+    if out=$(systemd-analyze verify "$work/units/$name" 2>&1) && [[ -z "$out" ]]; then
+      echo "$name: systemd-analyze verify clean"
+    else
+      echo "$name: systemd-analyze verify: $out" >&2
+      failed=1
+    fi
+    score=$(systemd-analyze security --offline=true "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p')
+    if systemd-analyze security --offline=true --threshold="${max_exposure[$name]:-20}" "$unit" >/dev/null 2>&1; then
+      echo "$name: exposure $score (at most $(( ${max_exposure[$name]:-20} / 10 )).$(( ${max_exposure[$name]:-20} % 10 )))"
+    else
+      echo "$name: exposure $score is over $(( ${max_exposure[$name]:-20} / 10 )).$(( ${max_exposure[$name]:-20} % 10 )): a hardening line was lost" >&2
+      failed=1
+    fi
+  done
+else
+  echo "systemd units: NOT checked (no systemd-analyze on this machine)" >&2
+fi
 
 if ((failed)); then
   echo "deploy/check.sh: FAILED (see above)" >&2

@@ -146,83 +146,87 @@ async fn a_bad_row_refuses_the_whole_file_before_anything_is_issued() {
     assert!(!s.path("out").exists());
 }
 
-#[tokio::test]
-async fn a_rerun_changes_nothing_and_a_different_spec_is_a_row_conflict() {
-    let s = Scratch::new();
-    ok(&local(&s, &["init"]));
-    let csv =
-        "alice,team-a,view,dev,1h,\nbob,team-a;team-b,edit,,,dir\ncarol,team-b,view,,,enroll\n";
-    s.write("users.csv", csv);
-    let out = ok(&local(
-        &s,
-        &[
-            "add-user",
-            "--from",
-            "users.csv",
-            "--out-dir",
-            "out",
-            "--output",
-            "json",
-        ],
-    ));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["summary"]["issued"], 2, "{v}");
-    assert_eq!(v["summary"]["enrolled"], 1, "{v}");
-    assert_eq!(mode(&s.path("out")), 0o700);
-    assert_eq!(mode(&s.path("out/alice.kubeconfig")), 0o600);
-    assert_eq!(mode(&s.path("out/bob.kubeconfig")), 0o600);
-    assert_eq!(mode(&s.path("out/carol.token")), 0o600);
-    let alice = std::fs::read(s.path("out/alice.kubeconfig")).unwrap();
-    let token = std::fs::read(s.path("out/carol.token")).unwrap();
-    // One line per user when stderr is not a terminal.
-    let o = local(&s, &["add-user", "--from", "users.csv", "--out-dir", "out"]);
-    let table = ok(&o);
-    assert!(table.contains("3 unchanged"), "{table}");
-    let lines = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(
-        lines.lines().collect::<Vec<_>>(),
-        [
-            "line 1 alice: unchanged",
-            "line 2 bob: unchanged",
-            "line 3 carol: unchanged"
-        ],
-        "{lines}"
-    );
-    assert_eq!(
-        std::fs::read(s.path("out/alice.kubeconfig")).unwrap(),
-        alice
-    );
-    assert_eq!(std::fs::read(s.path("out/carol.token")).unwrap(), token);
-    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 2);
-    assert_eq!(s.count("SELECT COUNT(*) FROM enrollment_tokens").await, 1);
-    // From stdin: a changed row is its own conflict (exit 6); the new one is issued.
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-    c.current_dir(s.dir.path())
-        .args(["add-user", "--from", "-", "--out-dir", "out"])
-        .env("ROTATOR_DATA_DIR", "rotator-data")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"alice,team-a,edit,dev,1h,\ndave,team-a,view,,,\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let err = fails_with(&o, 6);
-    assert!(err.contains("line 2 dave: issued"), "{err}");
-    assert!(err.contains("line 1 alice: failed"), "{err}");
-    let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("different specification"), "{table}");
-    assert!(s.path("out/dave.kubeconfig").exists());
-    assert_eq!(
-        std::fs::read(s.path("out/alice.kubeconfig")).unwrap(),
-        alice
-    );
-    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 3);
+signing_variants! {
+    #[tokio::test]
+    async fn a_rerun_changes_nothing_and_a_different_spec_is_a_row_conflict(signing: Signing) {
+        let s = Scratch::signing(signing);
+        ok(&local(&s, &["init"]));
+        let csv =
+            "alice,team-a,view,dev,1h,\nbob,team-a;team-b,edit,,,dir\ncarol,team-b,view,,,enroll\n";
+        s.write("users.csv", csv);
+        let out = ok(&local(
+            &s,
+            &[
+                "add-user",
+                "--from",
+                "users.csv",
+                "--out-dir",
+                "out",
+                "--output",
+                "json",
+            ],
+        ));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["summary"]["issued"], 2, "{v}");
+        assert_eq!(v["summary"]["enrolled"], 1, "{v}");
+        assert_eq!(mode(&s.path("out")), 0o700);
+        assert_eq!(mode(&s.path("out/alice.kubeconfig")), 0o600);
+        assert_eq!(mode(&s.path("out/bob.kubeconfig")), 0o600);
+        assert_eq!(mode(&s.path("out/carol.token")), 0o600);
+        let alice = std::fs::read(s.path("out/alice.kubeconfig")).unwrap();
+        let token = std::fs::read(s.path("out/carol.token")).unwrap();
+        // One line per user when stderr is not a terminal.
+        let o = local(&s, &["add-user", "--from", "users.csv", "--out-dir", "out"]);
+        let table = ok(&o);
+        assert!(table.contains("3 unchanged"), "{table}");
+        let lines = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            lines.lines().collect::<Vec<_>>(),
+            [
+                "line 1 alice: unchanged",
+                "line 2 bob: unchanged",
+                "line 3 carol: unchanged"
+            ],
+            "{lines}"
+        );
+        assert_eq!(
+            std::fs::read(s.path("out/alice.kubeconfig")).unwrap(),
+            alice
+        );
+        assert_eq!(std::fs::read(s.path("out/carol.token")).unwrap(), token);
+        assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 2);
+        assert_eq!(s.count("SELECT COUNT(*) FROM enrollment_tokens").await, 1);
+        // From stdin: a changed row is its own conflict (exit 6); the new one is issued.
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+        c.current_dir(s.dir.path())
+            .args(["add-user", "--from", "-", "--out-dir", "out"])
+            .env("ROTATOR_DATA_DIR", "rotator-data")
+            .envs(s.signer.iter().map(|p| ("ROTATOR_LOCAL_CA__SOCKET", &p.socket)))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"alice,team-a,edit,dev,1h,\ndave,team-a,view,,,\n")
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        let err = fails_with(&o, 6);
+        assert!(err.contains("line 2 dave: issued"), "{err}");
+        assert!(err.contains("line 1 alice: failed"), "{err}");
+        let table = String::from_utf8_lossy(&o.stdout);
+        assert!(table.contains("different specification"), "{table}");
+        assert!(s.path("out/dave.kubeconfig").exists());
+        assert_eq!(
+            std::fs::read(s.path("out/alice.kubeconfig")).unwrap(),
+            alice
+        );
+        assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 3);
+        s.assert_signed("rotator-data", 3);
+    }
 }
 
 /// A run killed with SIGKILL part-way is finished by the same command: the

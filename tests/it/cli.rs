@@ -1,105 +1,106 @@
 //! The CLI as a new user meets it: quick start, outputs, bad input, exit codes.
 use crate::common::*;
 
-crate::engines! {
-#[test]
-fn quick_start_issues_a_kubeconfig_that_kubectl_and_openssl_accept() {
-    let s = Scratch::new();
-    ok(&s.rotator(&["init"]));
-    let out = ok(&s.rotator(&[
-        "add-user", "alice", "--group", "dev", "-n", "team-a", "--role", "edit", "--ttl", "1h",
-    ]));
-    assert!(out.contains("issued alice generation 1"), "{out}");
-    let kc = s.path("alice.kubeconfig");
-    assert_eq!(mode(&kc), 0o600);
+signing_variants! {
+    #[test]
+    fn quick_start_issues_a_kubeconfig_that_kubectl_and_openssl_accept(signing: Signing) {
+        let s = Scratch::signing(signing);
+        ok(&s.rotator(&["init"]));
+        let out = ok(&s.rotator(&[
+            "add-user", "alice", "--group", "dev", "-n", "team-a", "--role", "edit", "--ttl", "1h",
+        ]));
+        assert!(out.contains("issued alice generation 1"), "{out}");
+        let kc = s.path("alice.kubeconfig");
+        assert_eq!(mode(&kc), 0o600);
 
-    // kubectl reads it back: server, CA, certificate and key round-trip.
-    let view = run(
-        "kubectl",
-        &[
-            "config",
-            "view",
-            "--kubeconfig",
-            kc.to_str().unwrap(),
-            "--raw",
-            "-o",
-            "json",
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_slice(&ok(&view).into_bytes()).unwrap();
-    let (server, ca, cert, key) = kubeconfig_parts(&kc);
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    assert_eq!(v["clusters"][0]["cluster"]["server"], server.as_str());
-    assert_eq!(server, "https://127.0.0.1:6443");
-    assert_eq!(
-        v["clusters"][0]["cluster"]["certificate-authority-data"],
-        b64(&ca).as_str()
-    );
-    assert_eq!(
-        v["users"][0]["user"]["client-certificate-data"],
-        b64(&cert).as_str()
-    );
-    assert_eq!(v["users"][0]["user"]["client-key-data"], b64(&key).as_str());
-    assert_eq!(v["current-context"], "alice@kubernetes");
-    assert_eq!(v["contexts"][0]["context"]["namespace"], "team-a");
-    assert!(key.contains("PRIVATE KEY"));
+        // kubectl reads it back: server, CA, certificate and key round-trip.
+        let view = run(
+            "kubectl",
+            &[
+                "config",
+                "view",
+                "--kubeconfig",
+                kc.to_str().unwrap(),
+                "--raw",
+                "-o",
+                "json",
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&ok(&view).into_bytes()).unwrap();
+        let (server, ca, cert, key) = kubeconfig_parts(&kc);
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(v["clusters"][0]["cluster"]["server"], server.as_str());
+        assert_eq!(server, "https://127.0.0.1:6443");
+        assert_eq!(
+            v["clusters"][0]["cluster"]["certificate-authority-data"],
+            b64(&ca).as_str()
+        );
+        assert_eq!(
+            v["users"][0]["user"]["client-certificate-data"],
+            b64(&cert).as_str()
+        );
+        assert_eq!(v["users"][0]["user"]["client-key-data"], b64(&key).as_str());
+        assert_eq!(v["current-context"], "alice@kubernetes");
+        assert_eq!(v["contexts"][0]["context"]["namespace"], "team-a");
+        assert!(key.contains("PRIVATE KEY"));
 
-    // openssl, independently: the certificate chains to the CA and says what we asked.
-    std::fs::write(s.path("alice.crt"), &cert).unwrap();
-    let ca_path = s.path("rotator-data/ca/ca.crt");
-    ok(&run(
-        "openssl",
-        &[
-            "verify",
-            "-CAfile",
-            ca_path.to_str().unwrap(),
-            s.path("alice.crt").to_str().unwrap(),
-        ],
-    ));
-    let text = ok(&run(
-        "openssl",
-        &[
-            "x509",
-            "-in",
-            s.path("alice.crt").to_str().unwrap(),
-            "-noout",
-            "-subject",
-            "-ext",
-            "basicConstraints,extendedKeyUsage",
-        ],
-    ));
-    assert!(
-        text.contains("O = dev, O = rotator:alice:1.") && text.contains(", CN = alice"),
-        "{text}"
-    );
-    assert!(
-        text.contains("CA:FALSE") && text.contains("TLS Web Client Authentication"),
-        "{text}"
-    );
-    // And the private key matches the certificate.
-    std::fs::write(s.path("alice.key"), &key).unwrap();
-    let pk_cert = ok(&run(
-        "openssl",
-        &[
-            "x509",
-            "-in",
-            s.path("alice.crt").to_str().unwrap(),
-            "-noout",
-            "-pubkey",
-        ],
-    ));
-    let pk_key = ok(&run(
-        "openssl",
-        &[
-            "pkey",
-            "-in",
-            s.path("alice.key").to_str().unwrap(),
-            "-pubout",
-        ],
-    ));
-    assert_eq!(pk_cert, pk_key);
-}
+        // openssl, independently: the certificate chains to the CA and says what we asked.
+        std::fs::write(s.path("alice.crt"), &cert).unwrap();
+        let ca_path = s.ca_cert("rotator-data");
+        ok(&run(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                ca_path.to_str().unwrap(),
+                s.path("alice.crt").to_str().unwrap(),
+            ],
+        ));
+        let text = ok(&run(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                s.path("alice.crt").to_str().unwrap(),
+                "-noout",
+                "-subject",
+                "-ext",
+                "basicConstraints,extendedKeyUsage",
+            ],
+        ));
+        assert!(
+            text.contains("O = dev, O = rotator:alice:1.") && text.contains(", CN = alice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CA:FALSE") && text.contains("TLS Web Client Authentication"),
+            "{text}"
+        );
+        // And the private key matches the certificate.
+        std::fs::write(s.path("alice.key"), &key).unwrap();
+        let pk_cert = ok(&run(
+            "openssl",
+            &[
+                "x509",
+                "-in",
+                s.path("alice.crt").to_str().unwrap(),
+                "-noout",
+                "-pubkey",
+            ],
+        ));
+        let pk_key = ok(&run(
+            "openssl",
+            &[
+                "pkey",
+                "-in",
+                s.path("alice.key").to_str().unwrap(),
+                "-pubout",
+            ],
+        ));
+        assert_eq!(pk_cert, pk_key);
+        s.assert_signed("rotator-data", 1);
+    }
 }
 
 crate::engines! {
@@ -124,91 +125,92 @@ async fn init_twice_changes_nothing() {
 }
 }
 
-crate::engines! {
-#[tokio::test]
-async fn show_list_rotate_revoke_remove_and_audit() {
-    let s = Scratch::new();
-    ok(&s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]));
-    ok(&s.rotator(&["rotate", "alice", "--out", "new.kubeconfig"]));
-    let show = ok(&s.rotator(&["show", "alice", "--output", "json"]));
-    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
-    let states: Vec<&str> = v["credentials"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["state"].as_str().unwrap())
-        .collect();
-    assert_eq!(states, ["superseded", "current"]);
-    let serial = v["credentials"][1]["serial"].as_str().unwrap().to_string();
-    assert_eq!(
-        v["credentials"][1]["fingerprint"].as_str().unwrap().len(),
-        64
-    );
-    // The new kubeconfig carries the current credential.
-    let (_, _, cert, _) = kubeconfig_parts(&s.path("new.kubeconfig"));
-    let info = rotator::pki::parse_cert_pem(&cert, "test").unwrap();
-    assert_eq!(info.serial, serial);
-    assert!(
-        info.organizations
-            .iter()
-            .any(|o| o.starts_with("rotator:alice:2.")),
-        "{:?}",
-        info.organizations
-    );
-
-    let table = ok(&s.rotator(&["list-users"]));
-    assert!(
-        table.starts_with("NAME") && table.contains(&serial),
-        "{table}"
-    );
-
-    ok(&s.rotator(&["revoke", "alice", "--serial", &serial]));
-    assert_eq!(
-        s.count("SELECT COUNT(*) FROM credentials WHERE state = 'revoked'")
-            .await,
-        1
-    );
-    let e = fails_with(&s.rotator(&["revoke", "alice", "--serial", "00ff"]), 5);
-    assert!(e.contains("00ff"), "{e}");
-    ok(&s.rotator(&["remove-user", "alice"]));
-    assert_eq!(
-        s.count(
-            "SELECT COUNT(*) FROM credentials WHERE state IN ('current','superseded','pending')"
-        )
-        .await,
-        0
-    );
-    let listed = ok(&s.rotator(&["list-users", "--output", "json"]));
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&listed)
-            .unwrap()
+signing_variants! {
+    #[tokio::test]
+    async fn show_list_rotate_revoke_remove_and_audit(signing: Signing) {
+        let s = Scratch::signing(signing);
+        ok(&s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]));
+        ok(&s.rotator(&["rotate", "alice", "--out", "new.kubeconfig"]));
+        let show = ok(&s.rotator(&["show", "alice", "--output", "json"]));
+        let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+        let states: Vec<&str> = v["credentials"]
             .as_array()
             .unwrap()
-            .len(),
-        0
-    );
-
-    let log = ok(&s.rotator(&["audit", "log", "--user", "alice", "--output", "json"]));
-    let actions: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&log)
-        .unwrap()
-        .iter()
-        .map(|e| e["action"].as_str().unwrap().to_string())
-        .collect();
-    for a in [
-        "user.add",
-        "credential.issue",
-        "credential.activate",
-        "credential.revoke",
-        "user.remove",
-    ] {
-        assert!(
-            actions.iter().any(|x| x == a),
-            "{a} missing from {actions:?}"
+            .iter()
+            .map(|c| c["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["superseded", "current"]);
+        let serial = v["credentials"][1]["serial"].as_str().unwrap().to_string();
+        assert_eq!(
+            v["credentials"][1]["fingerprint"].as_str().unwrap().len(),
+            64
         );
+        // The new kubeconfig carries the current credential.
+        let (_, _, cert, _) = kubeconfig_parts(&s.path("new.kubeconfig"));
+        let info = rotator::pki::parse_cert_pem(&cert, "test").unwrap();
+        assert_eq!(info.serial, serial);
+        assert!(
+            info.organizations
+                .iter()
+                .any(|o| o.starts_with("rotator:alice:2.")),
+            "{:?}",
+            info.organizations
+        );
+
+        let table = ok(&s.rotator(&["list-users"]));
+        assert!(
+            table.starts_with("NAME") && table.contains(&serial),
+            "{table}"
+        );
+
+        ok(&s.rotator(&["revoke", "alice", "--serial", &serial]));
+        assert_eq!(
+            s.count("SELECT COUNT(*) FROM credentials WHERE state = 'revoked'")
+                .await,
+            1
+        );
+        let e = fails_with(&s.rotator(&["revoke", "alice", "--serial", "00ff"]), 5);
+        assert!(e.contains("00ff"), "{e}");
+        ok(&s.rotator(&["remove-user", "alice"]));
+        assert_eq!(
+            s.count(
+                "SELECT COUNT(*) FROM credentials WHERE state IN ('current','superseded','pending')"
+            )
+            .await,
+            0
+        );
+        let listed = ok(&s.rotator(&["list-users", "--output", "json"]));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&listed)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+
+        let log = ok(&s.rotator(&["audit", "log", "--user", "alice", "--output", "json"]));
+        let actions: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&log)
+            .unwrap()
+            .iter()
+            .map(|e| e["action"].as_str().unwrap().to_string())
+            .collect();
+        for a in [
+            "user.add",
+            "credential.issue",
+            "credential.activate",
+            "credential.revoke",
+            "user.remove",
+        ] {
+            assert!(
+                actions.iter().any(|x| x == a),
+                "{a} missing from {actions:?}"
+            );
+        }
+        let verify = ok(&s.rotator(&["audit", "verify"]));
+        assert!(verify.contains("audit chain intact"), "{verify}");
+        s.assert_signed("rotator-data", 2);
     }
-    let verify = ok(&s.rotator(&["audit", "verify"]));
-    assert!(verify.contains("audit chain intact"), "{verify}");
-}
 }
 
 #[tokio::test]

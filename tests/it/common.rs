@@ -1,8 +1,9 @@
 //! Helpers: run the real `rotator` binary in a scratch directory, run kubectl and
 //! openssl as independent checks, and build an in-process `App` for fault tests.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rotator::app::App;
 use rotator::clock::SystemClock;
@@ -77,6 +78,9 @@ macro_rules! engines {
 }
 
 pub struct Scratch {
+    /// The `rotator signer` this scratch's commands issue through, if any
+    /// (dropped, so killed, before the directory is removed).
+    pub signer: Option<SignerProc>,
     pub dir: tempfile::TempDir,
     /// The PostgreSQL database of this scratch directory (`None`: SQLite in DATA_DIR).
     pub database_url: Option<String>,
@@ -103,13 +107,52 @@ impl Scratch {
                 Some(url)
             }
         };
-        Self { dir, database_url }
+        Self {
+            signer: None,
+            dir,
+            database_url,
+        }
     }
 
     pub fn engine(&self) -> Engine {
         match self.database_url {
             None => Engine::Sqlite,
             Some(_) => Engine::Postgres,
+        }
+    }
+
+    /// A scratch directory whose `rotator` commands sign the way `signing`
+    /// says: with `Signing::Socket`, a real `rotator signer` runs in it and every
+    /// command gets `ROTATOR_LOCAL_CA__SOCKET`.
+    pub fn signing(signing: Signing) -> Self {
+        let mut s = Self::new();
+        s.signer = signing.start(s.dir.path());
+        s
+    }
+
+    /// That the commands really signed the way this scratch says: through the
+    /// signer, `n` signatures in its log and no CA key of the data directory's
+    /// own; in process, the data directory's CA key.
+    pub fn assert_signed(&self, data_dir: &str, n: usize) {
+        let own_key = self.path(data_dir).join("ca/ca.key");
+        match &self.signer {
+            Some(p) => {
+                assert_eq!(
+                    p.signed_serials().len(),
+                    n,
+                    "signatures in the signer's log"
+                );
+                assert!(!own_key.exists(), "no CA key beside the data: {own_key:?}");
+            }
+            None => assert!(own_key.exists(), "the in-process CA key: {own_key:?}"),
+        }
+    }
+
+    /// The CA certificate that local-ca credentials of `data_dir` chain to.
+    pub fn ca_cert(&self, data_dir: &str) -> PathBuf {
+        match &self.signer {
+            Some(p) => p.ca(),
+            None => self.path(data_dir).join("ca/ca.crt"),
         }
     }
 
@@ -140,6 +183,9 @@ impl Scratch {
         }
         if let Some(url) = &self.database_url {
             c.env("ROTATOR_DATABASE_URL", url);
+        }
+        if let Some(p) = &self.signer {
+            c.env("ROTATOR_LOCAL_CA__SOCKET", &p.socket);
         }
         c
     }
@@ -293,3 +339,153 @@ pub fn spec(name: &str) -> rotator::policy::UserSpec {
         ttl_seconds: 3600,
     }
 }
+
+/// A running `rotator signer`, killed on drop.
+pub struct SignerProc {
+    child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub data: PathBuf,
+}
+
+impl SignerProc {
+    pub fn start(dir: &Path, extra: &str, env: &[(&str, &str)]) -> Self {
+        let data = dir.join("signer-data");
+        let socket = dir.join("run/signer.sock");
+        let cfg = dir.join("signer.toml");
+        std::fs::write(
+            &cfg,
+            format!("data_dir = {data:?}\n[signer_service]\nsocket = {socket:?}\n{extra}\n"),
+        )
+        .unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rotator"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+            c.env_remove(k);
+        }
+        let child = c
+            .args(["--config", cfg.to_str().unwrap(), "signer"])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rotator signer");
+        let s = Self {
+            child,
+            log: data.join("signer.log"),
+            socket,
+            data,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&s.socket).is_err() {
+            assert!(Instant::now() < deadline, "the signer did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.data.join("ca/ca.crt")
+    }
+
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("log lines are JSON"))
+            .collect()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SignerProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The two ways a local-ca test issues (#12): the CA key inside the issuing
+/// process, or a real `rotator signer` process over its Unix socket. A test
+/// written once as `async fn NAME(signing: Signing)` inside `signing_variants!`
+/// runs as `NAME::in_process` and `NAME::through_signer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signing {
+    InProcess,
+    Socket,
+}
+
+impl Signing {
+    /// What this way of signing needs, started in `dir`: nothing, or a signer.
+    pub fn start(self, dir: &Path) -> Option<SignerProc> {
+        (self == Signing::Socket).then(|| SignerProc::start(dir, "", &[]))
+    }
+}
+
+/// The config snippet that points `local_ca` at `signer` (empty in process).
+pub fn local_ca_toml(signer: Option<&SignerProc>) -> String {
+    signer
+        .map(|p| format!("[local_ca]\nsocket = {:?}\n", p.socket))
+        .unwrap_or_default()
+}
+
+impl SignerProc {
+    /// The serials the signer logged as signed, in order.
+    pub fn signed_serials(&self) -> Vec<String> {
+        self.log_lines()
+            .into_iter()
+            .filter(|l| l["outcome"] == "signed")
+            .map(|l| l["serial"].as_str().expect("serial").to_string())
+            .collect()
+    }
+}
+
+/// Writes each test given to it twice, once per `Signing`, as a module of
+/// the test's name: `NAME::in_process` and `NAME::through_signer`.
+macro_rules! signing_variants {
+    ($(#[$m:meta])* async fn $name:ident($s:ident: Signing) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            async fn variant($s: $crate::common::Signing) $body
+            $(#[$m])*
+            async fn in_process() {
+                variant($crate::common::Signing::InProcess).await
+            }
+            $(#[$m])*
+            async fn through_signer() {
+                variant($crate::common::Signing::Socket).await
+            }
+            // The store engine is a second axis: PostgreSQL with the in-process
+            // signer (the signer never touches the database).
+            $(#[$m])*
+            async fn postgres() {
+                let Some(_engine) = $crate::common::use_engine($crate::common::Engine::Postgres, concat!(module_path!(), "::postgres")) else { return };
+                variant($crate::common::Signing::InProcess).await
+            }
+        }
+    };
+    ($(#[$m:meta])* fn $name:ident($s:ident: Signing) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn variant($s: $crate::common::Signing) $body
+            $(#[$m])*
+            fn in_process() {
+                variant($crate::common::Signing::InProcess)
+            }
+            $(#[$m])*
+            fn through_signer() {
+                variant($crate::common::Signing::Socket)
+            }
+            $(#[$m])*
+            fn postgres() {
+                let Some(_engine) = $crate::common::use_engine($crate::common::Engine::Postgres, concat!(module_path!(), "::postgres")) else { return };
+                variant($crate::common::Signing::InProcess)
+            }
+        }
+    };
+}
+pub(crate) use signing_variants;

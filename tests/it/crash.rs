@@ -272,62 +272,68 @@ async fn a_process_killed_mid_issuance_is_finished_by_the_next_run() {
 }
 }
 
-crate::engines! {
-#[tokio::test]
-async fn concurrent_rotations_never_leave_two_current_credentials() {
-    let dir = tempfile::tempdir().unwrap();
-    let app = plain_app(dir.path()).await;
-    app.issuer()
-        .add_user(
-            spec("alice"),
-            &mut FileSink {
-                path: dir.path().join("k0"),
-            },
-            "t",
+signing_variants! {
+    #[tokio::test]
+    async fn concurrent_rotations_never_leave_two_current_credentials(signing: Signing) {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = signing.start(dir.path());
+        let app = app(
+            dir.path(),
+            &local_ca_toml(signer.as_ref()),
+            Arc::new(rotator::issuer::NoFaults),
         )
-        .await
-        .unwrap();
-    let mut tasks = Vec::new();
-    let app = Arc::new(app);
-    for i in 0..6 {
-        let app = app.clone();
-        let path = dir.path().join(format!("k{}", i + 1));
-        tasks.push(tokio::spawn(async move {
-            app.issuer()
-                .rotate("alice", &mut FileSink { path }, "t")
-                .await
-                .map(|i| i.credential.generation)
-        }));
-    }
-    let mut gens = Vec::new();
-    for t in tasks {
-        if let Ok(g) = t.await.unwrap() {
-            gens.push(g);
-        }
-    }
-    assert!(!gens.is_empty());
-    gens.sort();
-    gens.dedup();
-    assert_eq!(
-        count(
-            &app,
-            "SELECT COUNT(*) FROM credentials WHERE state = 'current'"
-        )
-        .await,
-        1
-    );
-    assert_eq!(
-        count(&app, "SELECT COUNT(DISTINCT generation) FROM issuances").await,
-        count(&app, "SELECT COUNT(*) FROM issuances").await
-    );
-    assert!(
-        rotator::store::audit::verify(&app.store)
+        .await;
+        app.issuer()
+            .add_user(
+                spec("alice"),
+                &mut FileSink {
+                    path: dir.path().join("k0"),
+                },
+                "t",
+            )
             .await
-            .unwrap()
-            .first_break
-            .is_none()
-    );
-}
+            .unwrap();
+        let mut tasks = Vec::new();
+        let app = Arc::new(app);
+        for i in 0..6 {
+            let app = app.clone();
+            let path = dir.path().join(format!("k{}", i + 1));
+            tasks.push(tokio::spawn(async move {
+                app.issuer()
+                    .rotate("alice", &mut FileSink { path }, "t")
+                    .await
+                    .map(|i| i.credential.generation)
+            }));
+        }
+        let mut gens = Vec::new();
+        for t in tasks {
+            if let Ok(g) = t.await.unwrap() {
+                gens.push(g);
+            }
+        }
+        assert!(!gens.is_empty());
+        gens.sort();
+        gens.dedup();
+        assert_eq!(
+            count(
+                &app,
+                "SELECT COUNT(*) FROM credentials WHERE state = 'current'"
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            count(&app, "SELECT COUNT(DISTINCT generation) FROM issuances").await,
+            count(&app, "SELECT COUNT(*) FROM issuances").await
+        );
+        assert!(
+            rotator::store::audit::verify(&app.store)
+                .await
+                .unwrap()
+                .first_break
+                .is_none()
+        );
+    }
 }
 
 /// Fails its first `failures` deliveries, then writes like a FileSink.

@@ -3,81 +3,14 @@
 //! the socket directly, as a compromised daemon would, is refused and logged.
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotator::pki::{self, KeyType, PrivateKey};
 use rotator::signer::local_ca::socket::call;
 
-use crate::common::{Scratch, fails_with, mode, ok, run};
-
-/// A running `rotator signer`, killed on drop.
-struct SignerProc {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-    data: PathBuf,
-}
-
-impl SignerProc {
-    fn start(dir: &Path, extra: &str, env: &[(&str, &str)]) -> Self {
-        let data = dir.join("signer-data");
-        let socket = dir.join("run/signer.sock");
-        let cfg = dir.join("signer.toml");
-        std::fs::write(
-            &cfg,
-            format!("data_dir = {data:?}\n[signer_service]\nsocket = {socket:?}\n{extra}\n"),
-        )
-        .unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_rotator"));
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
-            c.env_remove(k);
-        }
-        let child = c
-            .args(["--config", cfg.to_str().unwrap(), "signer"])
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start rotator signer");
-        let s = Self {
-            child,
-            log: data.join("signer.log"),
-            socket,
-            data,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&s.socket).is_err() {
-            assert!(Instant::now() < deadline, "the signer did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        s
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.data.join("ca/ca.crt")
-    }
-
-    fn log_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("log lines are JSON"))
-            .collect()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for SignerProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use crate::common::{Scratch, SignerProc, fails_with, mode, ok, run, signing_variants};
 
 /// A PEM CSR for `cn` with `orgs`; `gen` adds cn's generation group for this key.
 fn csr(key: &PrivateKey, cn: &str, orgs: &[&str], generation: Option<i64>) -> String {
@@ -386,12 +319,12 @@ fn kubeconfig_cert_verifies(s: &Scratch, kubeconfig: &str, ca_pem: &str) -> Stri
     pki::parse_cert_pem(&cert, "kubeconfig").unwrap().serial
 }
 
-#[tokio::test]
-async fn cli_add_user_rotate_revoke_in_process_and_through_the_signer() {
-    for through_signer in [false, true] {
-        let s = Scratch::new();
-        let signer = through_signer.then(|| SignerProc::start(s.dir.path(), "", &[]));
-        let cfg = cli_config(&s, signer.as_ref().map(|p| p.socket.as_path()));
+signing_variants! {
+    #[tokio::test]
+    async fn cli_add_user_rotate_revoke(signing: Signing) {
+        let s = Scratch::signing(signing);
+        // The socket comes from the environment (Scratch::signing).
+        let cfg = cli_config(&s, None);
         let cfg = cfg.to_str().unwrap();
         let cli = |args: &[&str]| {
             let mut a = vec!["--config", cfg];
@@ -408,10 +341,7 @@ async fn cli_add_user_rotate_revoke_in_process_and_through_the_signer() {
             "--role",
             "edit",
         ]));
-        let ca_pem = match &signer {
-            Some(p) => std::fs::read_to_string(p.ca()).unwrap(),
-            None => std::fs::read_to_string(s.path("rotator-data/ca/ca.crt")).unwrap(),
-        };
+        let ca_pem = std::fs::read_to_string(s.ca_cert("rotator-data")).unwrap();
         let first = kubeconfig_cert_verifies(&s, "alice.kubeconfig", &ca_pem);
         ok(&cli(&["rotate", "alice"]));
         let second = kubeconfig_cert_verifies(&s, "alice.kubeconfig", &ca_pem);
@@ -419,17 +349,11 @@ async fn cli_add_user_rotate_revoke_in_process_and_through_the_signer() {
         ok(&cli(&["revoke", "alice"]));
         let shown = ok(&cli(&["show", "alice", "--output", "json"]));
         assert!(shown.contains("revoked"), "{shown}");
-        match &signer {
+        match &s.signer {
             Some(p) => {
                 // The daemon side made no CA of its own and read no key.
                 assert!(!s.path("rotator-data/ca").exists());
-                let signed: Vec<_> = p
-                    .log_lines()
-                    .into_iter()
-                    .filter(|l| l["outcome"] == "signed")
-                    .map(|l| l["serial"].as_str().unwrap().to_string())
-                    .collect();
-                assert_eq!(signed, vec![first, second]);
+                assert_eq!(p.signed_serials(), vec![first, second]);
             }
             None => assert!(s.path("rotator-data/ca/ca.key").exists()),
         }

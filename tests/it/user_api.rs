@@ -742,125 +742,158 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal() {
-    let s = Scratch::new();
-    let (api_port, metrics_port) = (free_port(), free_port());
-    let api_addr = format!("127.0.0.1:{api_port}");
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
-    ok(&s.rotator(&["--data-dir", "data", "init"]));
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(s.dir.path())
-        .args([
+signing_variants! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal(signing: Signing) {
+        let s = Scratch::signing(signing);
+        // In process the daemon issues its serving certificate from the local CA;
+        // the signer signs client certificates only, so with it the API is given one.
+        let serving = s.signer.as_ref().map(|_| {
+            let ca = make_ca(s.dir.path(), "serving-ca");
+            let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
+            let cert = ca
+                .issue_server(&key, &["127.0.0.1".into()], Duration::from_secs(3600))
+                .unwrap();
+            (
+                s.write("tls.crt", &cert),
+                s.write("tls.key", &key.to_pem()),
+                s.write("serving-ca.crt", ca.certificate_pem()),
+            )
+        });
+        let server_ca = match &serving {
+            Some((_, _, ca)) => ca.clone(),
+            None => s.path("data/ca/ca.crt"),
+        };
+        let (api_port, metrics_port) = (free_port(), free_port());
+        let api_addr = format!("127.0.0.1:{api_port}");
+        let metrics_addr = format!("127.0.0.1:{metrics_port}");
+        ok(&s.rotator(&["--data-dir", "data", "init"]));
+        let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+            daemon.env_remove(k);
+        }
+        if let Some((cert, key, _)) = &serving {
+            daemon
+                .env("ROTATOR_SERVER__TLS_CERT", cert)
+                .env("ROTATOR_SERVER__TLS_KEY", key);
+        }
+        let mut daemon = daemon
+            .envs(s.signer.iter().map(|p| ("ROTATOR_LOCAL_CA__SOCKET", &p.socket)))
+            .current_dir(s.dir.path())
+            .args([
+                "--data-dir",
+                "data",
+                "serve",
+                "--log-format",
+                "json",
+                "--api-addr",
+                &api_addr,
+                "--metrics-addr",
+                &metrics_addr,
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(daemon.stderr.take().unwrap()).lines();
+        let mut up = false;
+        while let Ok(Ok(Some(l))) =
+            tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
+        {
+            if l.contains("user API (HTTPS)") {
+                up = true;
+                break;
+            }
+        }
+        assert!(up, "the daemon announced its user API");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        if serving.is_none() {
+            // The serving certificate was issued by the local CA, its key kept private.
+            assert_eq!(mode(&s.path("data/server/tls.key")), 0o600);
+        }
+
+        let out = ok(&s.rotator(&[
             "--data-dir",
             "data",
-            "serve",
-            "--log-format",
+            "--output",
             "json",
-            "--api-addr",
-            &api_addr,
-            "--metrics-addr",
-            &metrics_addr,
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(daemon.stderr.take().unwrap()).lines();
-    let mut up = false;
-    while let Ok(Ok(Some(l))) =
-        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await
-    {
-        if l.contains("user API (HTTPS)") {
-            up = true;
-            break;
-        }
-    }
-    assert!(up, "the daemon announced its user API");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    // The serving certificate was issued by the local CA, its key kept private.
-    assert_eq!(mode(&s.path("data/server/tls.key")), 0o600);
-
-    let out = ok(&s.rotator(&[
-        "--data-dir",
-        "data",
-        "--output",
-        "json",
-        "add-user",
-        "frank",
-        "-n",
-        "team-a",
-        "--role",
-        "view",
-        "--enroll",
-    ]));
-    let token = serde_json::from_str::<serde_json::Value>(&out).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let url = format!("https://{api_addr}");
-    let fetch = |extra: &[&str]| {
-        let mut a = vec![
+            "add-user",
+            "frank",
+            "-n",
+            "team-a",
+            "--role",
+            "view",
+            "--enroll",
+        ]));
+        let token = serde_json::from_str::<serde_json::Value>(&out).unwrap()["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let url = format!("https://{api_addr}");
+        let fetch = |extra: &[&str]| {
+            let mut a = vec![
+                "fetch",
+                "--server",
+                &url,
+                "--server-ca",
+                server_ca.to_str().unwrap(),
+                "--state-dir",
+                "state",
+                "--kubeconfig",
+                "kube/config",
+            ];
+            a.extend_from_slice(extra);
+            s.rotator(&a)
+        };
+        assert!(ok(&fetch(&["--token", &token])).contains("generation 1"));
+        // Renewal over mutual TLS; the server CA was remembered, so it is not needed again.
+        let out = ok(&s.rotator(&[
             "fetch",
             "--server",
             &url,
-            "--server-ca",
-            "data/ca/ca.crt",
             "--state-dir",
             "state",
             "--kubeconfig",
             "kube/config",
-        ];
-        a.extend_from_slice(extra);
-        s.rotator(&a)
-    };
-    assert!(ok(&fetch(&["--token", &token])).contains("generation 1"));
-    // Renewal over mutual TLS; the server CA was remembered, so it is not needed again.
-    let out = ok(&s.rotator(&[
-        "fetch",
-        "--server",
-        &url,
-        "--state-dir",
-        "state",
-        "--kubeconfig",
-        "kube/config",
-    ]));
-    assert!(out.contains("generation 2"), "{out}");
-    let (server, _ca, cert, key) = kubeconfig_parts(&s.path("kube/config"));
-    assert_eq!(server, "https://127.0.0.1:6443");
-    assert!(cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"));
-    // openssl agrees the certificate chains to the local CA and names generation 2.
-    std::fs::write(s.path("frank.crt"), &cert).unwrap();
-    let v = run(
-        "openssl",
-        &[
-            "verify",
-            "-CAfile",
-            s.path("data/ca/ca.crt").to_str().unwrap(),
-            s.path("frank.crt").to_str().unwrap(),
-        ],
-    );
-    ok(&v);
-    let subject = ok(&run(
-        "openssl",
-        &[
-            "x509",
-            "-noout",
-            "-subject",
-            "-in",
-            s.path("frank.crt").to_str().unwrap(),
-        ],
-    ));
-    assert!(
-        subject.contains("rotator:frank:2.") && subject.contains("CN = frank"),
-        "{subject}"
-    );
+        ]));
+        assert!(out.contains("generation 2"), "{out}");
+        let (server, _ca, cert, key) = kubeconfig_parts(&s.path("kube/config"));
+        assert_eq!(server, "https://127.0.0.1:6443");
+        assert!(cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"));
+        // openssl agrees the certificate chains to the local CA and names generation 2.
+        std::fs::write(s.path("frank.crt"), &cert).unwrap();
+        let v = run(
+            "openssl",
+            &[
+                "verify",
+                "-CAfile",
+                s.ca_cert("data").to_str().unwrap(),
+                s.path("frank.crt").to_str().unwrap(),
+            ],
+        );
+        ok(&v);
+        let subject = ok(&run(
+            "openssl",
+            &[
+                "x509",
+                "-noout",
+                "-subject",
+                "-in",
+                s.path("frank.crt").to_str().unwrap(),
+            ],
+        ));
+        assert!(
+            subject.contains("rotator:frank:2.") && subject.contains("CN = frank"),
+            "{subject}"
+        );
 
-    std::process::Command::new("kill")
-        .args(["-TERM", &daemon.id().unwrap().to_string()])
-        .status()
-        .unwrap();
-    assert!(daemon.wait().await.unwrap().success());
+        std::process::Command::new("kill")
+            .args(["-TERM", &daemon.id().unwrap().to_string()])
+            .status()
+            .unwrap();
+        assert!(daemon.wait().await.unwrap().success());
+        s.assert_signed("data", 2);
+    }
 }
 
 /// HTTPS from a chosen loopback source address, below `ApiClient`: the tests of

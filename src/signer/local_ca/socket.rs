@@ -1,7 +1,9 @@
 //! The `local-ca` signer through a `rotator signer` process (`local_ca.socket`).
 //! This process never opens the CA key: it sends the CSR over the Unix socket and
-//! gets a certificate or a refusal back. Each request opens a new connection, so
-//! a restarted signer is picked up by the next request.
+//! gets a certificate or a refusal back. Connections are kept open between
+//! requests (HTTP/1.1 keep-alive) and reused one request at a time; one the
+//! signer closed (it restarted, or timed the idle connection out) is dropped and
+//! a new one opened, so a restarted signer is picked up by the next request.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,11 +19,26 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 const FIX: &str = "start `rotator signer` (systemd: rotator-signer.service; Kubernetes: the signer sidecar), and check that this user may open local_ca.socket (mode 0660: same group)";
 
-#[derive(Debug)]
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
 pub struct SocketSigner {
     socket: PathBuf,
     ca_pem: String,
+    /// Open connections no request is using.
+    idle: std::sync::Mutex<Vec<Sender>>,
 }
+
+impl std::fmt::Debug for SocketSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketSigner")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// At most this many idle connections are kept (more in flight is fine: the
+/// extra ones are closed after their request).
+const MAX_IDLE: usize = 32;
 
 fn unavailable(socket: &Path, reason: impl ToString) -> SignError {
     SignError::CaUnavailable {
@@ -31,44 +48,63 @@ fn unavailable(socket: &Path, reason: impl ToString) -> SignError {
     }
 }
 
-/// One HTTP/1.1 exchange over the Unix socket: the status and the body.
+fn io(e: impl ToString) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// A new HTTP/1.1 connection to the signer.
+async fn connect(socket: &Path) -> std::io::Result<Sender> {
+    let stream = tokio::net::UnixStream::connect(socket).await?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(io)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+fn request(
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> std::io::Result<hyper::Request<Full<Bytes>>> {
+    hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "signer")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(io)
+}
+
+/// One exchange on `sender`: the status and the body.
+async fn exchange(
+    sender: &mut Sender,
+    req: hyper::Request<Full<Bytes>>,
+) -> Result<(u16, Bytes), hyper::Error> {
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    Ok((status, bytes))
+}
+
+/// One HTTP/1.1 exchange over the Unix socket on a new connection: the status
+/// and the body.
 pub async fn call(
     socket: &Path,
     method: &str,
     path: &str,
     body: Vec<u8>,
 ) -> std::io::Result<(u16, Bytes)> {
-    let io = |e: String| std::io::Error::other(e);
-    let exchange = async {
-        let stream = tokio::net::UnixStream::connect(socket).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| io(e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "signer")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| io(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
+    let once = async {
+        let mut sender = connect(socket).await?;
+        exchange(&mut sender, request(method, path, body)?)
             .await
-            .map_err(|e| io(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| io(e.to_string()))?
-            .to_bytes();
-        Ok::<_, std::io::Error>((status, bytes))
+            .map_err(io)
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+    tokio::time::timeout(REQUEST_TIMEOUT, once)
         .await
         .map_err(|_| io(format!("no answer within {REQUEST_TIMEOUT:?}")))?
 }
@@ -104,7 +140,51 @@ impl SocketSigner {
             })?;
             check_same_ca(&ca_pem, &want, &settings.cert_file)?;
         }
-        Ok(Self { socket, ca_pem })
+        Ok(Self {
+            socket,
+            ca_pem,
+            idle: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// One exchange, on an idle connection when there is one that is still
+    /// open. A reused connection that fails before any answer came (the signer
+    /// closed it as the request went out) is retried once on a new one; the
+    /// signer logs every signature, so even a request it saw twice is on record.
+    async fn call(&self, method: &str, path: &str, body: Vec<u8>) -> std::io::Result<(u16, Bytes)> {
+        let once = async {
+            let reused = loop {
+                let Some(mut s) = self.idle.lock().expect("idle connections").pop() else {
+                    break None;
+                };
+                if s.ready().await.is_ok() {
+                    break Some(s);
+                }
+            };
+            let (mut sender, was_reused) = match reused {
+                Some(s) => (s, true),
+                None => (connect(&self.socket).await?, false),
+            };
+            let answer = match exchange(&mut sender, request(method, path, body.clone())?).await {
+                Err(e)
+                    if was_reused
+                        && (e.is_closed() || e.is_incomplete_message() || e.is_canceled()) =>
+                {
+                    sender = connect(&self.socket).await?;
+                    exchange(&mut sender, request(method, path, body)?).await
+                }
+                other => other,
+            }
+            .map_err(io)?;
+            let mut idle = self.idle.lock().expect("idle connections");
+            if idle.len() < MAX_IDLE && !sender.is_closed() {
+                idle.push(sender);
+            }
+            Ok::<_, std::io::Error>(answer)
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, once)
+            .await
+            .map_err(|_| io(format!("no answer within {REQUEST_TIMEOUT:?}")))?
     }
 
     pub async fn fetch_ca(socket: &Path) -> Result<String, SignError> {
@@ -162,7 +242,8 @@ impl Signer for SocketSigner {
                 ttl_seconds: req.ttl.as_secs(),
             })
             .expect("sign bodies serialize");
-            let (status, body) = call(&self.socket, "POST", wire::SIGN_PATH, body)
+            let (status, body) = self
+                .call("POST", wire::SIGN_PATH, body)
                 .await
                 .map_err(|e| unavailable(&self.socket, e))?;
             if status != 200 {
