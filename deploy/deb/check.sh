@@ -5,11 +5,13 @@
 #   - builds the .deb (deploy/deb/build.sh: a release build, then cargo deb);
 #   - installs it into a scratch root, container-less: `dpkg --root` with its
 #     own empty package database records the files and the conffiles exactly as
-#     on a real system (no maintainer script runs: there is none before unpack,
-#     and configure would need a whole system in the root);
+#     on a real system (no maintainer script runs there: there is none before
+#     unpack, and configure would need a whole system in the root);
 #   - checks every file and mode, the conffiles, that the maintainer scripts
-#     parse, that the packaged binary runs and its man pages and completions
-#     are its own;
+#     parse, runs the postinst (in a private mount namespace over a copy of
+#     /etc: the users, groups and 0700 directories it makes, without touching
+#     this machine), that the packaged binary runs and its man pages and
+#     completions are its own;
 #   - `systemd-analyze verify` on the installed units and
 #     `systemd-analyze security --offline=true` on each: prints the exposure
 #     score, and fails if a packaged unit scores worse than its source in
@@ -76,6 +78,43 @@ grep -q 'adduser --system --group .* rotator$' "$ctrl/postinst" || fail "postins
 grep -q 'install -d -m 0700 -o rotator -g rotator /var/lib/rotator' "$ctrl/postinst" ||
   fail "postinst does not make /var/lib/rotator 0700 rotator:rotator"
 grep -q 'deb-systemd-helper' "$ctrl/postinst" || fail "postinst lacks the systemd unit handling"
+
+# The postinst, run for real (twice: install, then an upgrade) in a private
+# mount namespace over a copy of /etc and an empty /var/lib, so the users and
+# directories it makes are checked without touching this machine.
+if command -v unshare >/dev/null 2>&1 && unshare --mount --propagation private true 2>/dev/null; then
+  sandbox="$root/sandbox"
+  mkdir -p "$sandbox"
+  cp -a /etc "$sandbox/etc"
+  if out=$(unshare --mount --propagation private env ROOT="$root" SANDBOX="$sandbox" CTRL="$ctrl" sh -euc '
+    mount --bind "$SANDBOX/etc" /etc
+    mount -t tmpfs tmpfs /var/lib
+    mkdir -p /etc/rotator /etc/rotator-signer
+    cp "$ROOT/etc/rotator/rotator.toml" /etc/rotator/
+    cp "$ROOT/etc/rotator-signer/rotator.toml" /etc/rotator-signer/
+    sh "$CTRL/postinst" configure
+    sh "$CTRL/postinst" configure 0.1.0-1
+    getent passwd rotator | cut -d: -f1,3,7
+    id -nG rotator
+    stat -c "%n %a %U:%G" /var/lib/rotator /var/lib/rotator-signer /etc/rotator/rotator.toml /etc/rotator-signer/rotator.toml
+  ' 2>&1); then
+    echo "postinst (run twice in a private mount namespace):"
+    sed 's/^/  /' <<<"$out"
+    uid=$(grep '^rotator:' <<<"$out" | cut -d: -f2)
+    [[ -n "$uid" && "$uid" -lt 1000 ]] || fail "postinst: rotator is not a system user ($out)"
+    grep -q '^rotator:.*:/usr/sbin/nologin$' <<<"$out" || fail "postinst: rotator can log in"
+    grep -Eq '^rotator( [^ :/]+)* rotator-signer( |$)' <<<"$out" ||
+      fail "postinst: rotator is not in the group rotator-signer"
+    grep -q '^/var/lib/rotator 700 rotator:rotator$' <<<"$out" || fail "postinst: /var/lib/rotator is not 0700 rotator:rotator"
+    grep -q '^/var/lib/rotator-signer 700 rotator-signer:rotator-signer$' <<<"$out" ||
+      fail "postinst: /var/lib/rotator-signer is not 0700 rotator-signer:rotator-signer"
+    grep -q '^/etc/rotator/rotator.toml 640 root:rotator$' <<<"$out" || fail "postinst: rotator.toml is not 0640 root:rotator"
+  else
+    fail "postinst failed: $out"
+  fi
+else
+  echo "postinst: NOT run (no unshare with mount namespaces here); only parsed" >&2
+fi
 
 # The packaged binary runs, and its man page and completions are its own.
 version=$("$root/usr/bin/rotator" --version)
