@@ -17,7 +17,10 @@ echo "== cargo build --profile $profile --bin rotator" >&2
 cargo build --locked --profile "$profile" --bin rotator >&2
 target_dir=$(cargo metadata --format-version 1 --no-deps --locked |
   python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-bin="$target_dir/$profile/rotator"
+# Cargo names the dev profile's directory "debug".
+profile_dir="$profile"
+[[ "$profile" == dev ]] && profile_dir=debug
+bin="$target_dir/$profile_dir/rotator"
 
 out=deploy/deb/build
 rm -rf "$out"
