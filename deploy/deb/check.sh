@@ -90,6 +90,8 @@ if command -v unshare >/dev/null 2>&1 && unshare --mount --propagation private t
     DPKG_MAINTSCRIPT_PACKAGE=rotator DPKG_MAINTSCRIPT_NAME=postinst sh -euc '
     mount --bind "$SANDBOX/etc" /etc
     mount -t tmpfs tmpfs /var/lib
+    mount -t tmpfs tmpfs /usr/lib/systemd/system
+    cp "$ROOT"/usr/lib/systemd/system/*.service /usr/lib/systemd/system/
     mkdir -p /etc/rotator /etc/rotator-signer
     cp "$ROOT/etc/rotator/rotator.toml.dpkg-new" /etc/rotator/rotator.toml
     cp "$ROOT/etc/rotator-signer/rotator.toml.dpkg-new" /etc/rotator-signer/rotator.toml
@@ -98,6 +100,9 @@ if command -v unshare >/dev/null 2>&1 && unshare --mount --propagation private t
     getent passwd rotator | cut -d: -f1,3,7
     id -nG rotator
     stat -c "%n %a %U:%G" /var/lib/rotator /var/lib/rotator-signer /etc/rotator/rotator.toml /etc/rotator-signer/rotator.toml
+    for u in rotator rotator-signer; do
+      if [ -e /etc/systemd/system/multi-user.target.wants/$u.service ]; then echo "$u.service enabled"; fi
+    done
   ' 2>&1); then
     echo "postinst (run twice in a private mount namespace):"
     sed 's/^/  /' <<<"$out"
@@ -110,6 +115,8 @@ if command -v unshare >/dev/null 2>&1 && unshare --mount --propagation private t
     grep -q '^/var/lib/rotator-signer 700 rotator-signer:rotator-signer$' <<<"$out" ||
       fail "postinst: /var/lib/rotator-signer is not 0700 rotator-signer:rotator-signer"
     grep -q '^/etc/rotator/rotator.toml 640 root:rotator$' <<<"$out" || fail "postinst: rotator.toml is not 0640 root:rotator"
+    grep -q 'service enabled$' <<<"$out" && fail "postinst enabled a unit (they must wait for the config)"
+    grep -q 'deb-systemd-helper' <<<"$out" && fail "postinst: the systemd snippets complained"
   else
     fail "postinst failed: $out"
   fi
