@@ -1797,51 +1797,8 @@ mod tests {
         assert!(parse_cron("61 * * * *").is_err());
     }
 
-    /// The ROTATOR_* variables an overlay's pod spec sets (`- { name: K, value: V }`).
-    fn overlay_env(overlay: &str) -> Vec<(String, String)> {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("deploy/overlays")
-            .join(overlay)
-            .join("deployment-patch.yaml");
-        let text = std::fs::read_to_string(&p).unwrap();
-        text.lines()
-            .filter_map(|l| {
-                let l = l.trim().strip_prefix("- { name: ")?.strip_suffix(" }")?;
-                let (k, v) = l.split_once(", value: ")?;
-                Some((k.to_string(), v.to_string()))
-            })
-            .collect()
-    }
-
-    #[test]
-    fn kustomize_overlays_configure_their_signer() {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/base/rotator.toml");
-        // kubelet probes /healthz and /readyz on the pod's IP.
-        let metrics: SocketAddr = "0.0.0.0:9464".parse().unwrap();
-
-        let env = overlay_env("kubernetes-signer");
-        assert!(env.iter().any(|(k, _)| k == "ROTATOR_SIGNER"), "{env:?}");
-        let s = load_with(Some(&base), &env, &Overrides::default()).unwrap();
-        assert_eq!(s.signer, Some(SignerKind::Kubernetes));
-        assert_eq!(s.metrics_addr, metrics);
-        let (cert, key) = s
-            .server
-            .tls
-            .expect("the user API's certificate from the overlay");
-        assert_eq!(cert, Path::new("/etc/rotator-tls/tls.crt"));
-        assert_eq!(key, Path::new("/etc/rotator-tls/tls.key"));
-
-        let env = overlay_env("local-ca");
-        let s = load_with(Some(&base), &env, &Overrides::default()).unwrap();
-        assert_eq!(s.signer, Some(SignerKind::LocalCa));
-        assert_eq!(s.metrics_addr, metrics);
-        assert!(s.local_ca.configured);
-        assert_eq!(s.local_ca.key_file, Path::new("/etc/kubernetes/pki/ca.key"));
-        assert_eq!(
-            s.local_ca.cert_file,
-            Path::new("/etc/kubernetes/pki/ca.crt")
-        );
-    }
+    // The overlays' configuration (ConfigMap + ROTATOR_* variables, as
+    // rendered by kubectl kustomize) is loaded by tests/it/deploy_overlays.rs.
 
     #[test]
     fn database_url_comes_from_file_env_or_flag_and_never_shows_its_password() {

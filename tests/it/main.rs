@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod crash;
 mod daemon;
+mod deploy_overlays;
 mod deploy_rbac;
 mod engines;
 pub mod kubernetes;

@@ -1,0 +1,374 @@
+//! deploy/overlays as a cluster would get them: each overlay rendered with the
+//! real `kubectl kustomize` (offline), then the pod checked for what the README
+//! promises, and each container's rotator configuration (its ConfigMap's file
+//! plus its ROTATOR_* variables, exactly as in the pod) loaded by rotator's own
+//! config loader, so a key name or a path that does not match is caught here
+//! rather than by a crash-looping pod.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rotator::config::{self, Overrides, Settings, SignerKind};
+use serde_json::Value;
+
+const OVERLAYS: &[&str] = &[
+    "authz-webhook",
+    "ha-postgres",
+    "kubernetes-signer",
+    "local-ca",
+    "vault",
+];
+
+/// Overlays whose configuration uses keys of features built on other branches
+/// (PostgreSQL and leader election #11, Vault #13, the webhook #14). Their pods
+/// are checked like every other; their configuration is loaded only once those
+/// keys exist in this build. Empty this list when they are merged.
+const CONFIG_AWAITS_MERGE: &[&str] = &["authz-webhook", "ha-postgres", "vault"];
+
+fn render(overlay: &str) -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/overlays")
+        .join(overlay);
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_saphyr::from_multiple::<Value>(&text).expect("the render parses")
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+fn deployment(docs: &[Value]) -> &Value {
+    find(docs, "Deployment", "rotator").expect("the rotator Deployment")
+}
+
+fn containers(pod: &Value) -> Vec<&Value> {
+    pod["containers"].as_array().unwrap().iter().collect()
+}
+
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    containers(pod)
+        .into_iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// (volume name, mount path) of a container.
+fn mounts(c: &Value) -> Vec<(String, String)> {
+    c["volumeMounts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    (
+                        m["name"].as_str().unwrap().to_string(),
+                        m["mountPath"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn volume<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// Whether `path` lies inside one of the container's mounts.
+fn mounted(c: &Value, path: &Path) -> bool {
+    mounts(c)
+        .iter()
+        .any(|(_, m)| path.starts_with(Path::new(m)))
+}
+
+/// The container's environment; a value from a Secret stands in as a
+/// placeholder of the shape the key takes.
+fn env(c: &Value) -> Vec<(String, String)> {
+    c["env"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| {
+                    let name = e["name"].as_str().unwrap().to_string();
+                    let value = match e["value"].as_str() {
+                        Some(v) => v.to_string(),
+                        None => {
+                            assert!(
+                                e["valueFrom"]["secretKeyRef"].is_object(),
+                                "{name}: neither a value nor a Secret"
+                            );
+                            "postgres://rotator@db.example.internal:5432/rotator".to_string()
+                        }
+                    };
+                    (name, value)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Loads a container's rotator configuration: the file its ROTATOR_CONFIG
+/// names, taken from the ConfigMap mounted there, plus its other variables.
+fn load(docs: &[Value], pod: &Value, c: &Value, tmp: &Path) -> Settings {
+    let vars = env(c);
+    let config_path = PathBuf::from(
+        &vars
+            .iter()
+            .find(|(k, _)| k == "ROTATOR_CONFIG")
+            .expect("ROTATOR_CONFIG")
+            .1,
+    );
+    let (vol, mount) = mounts(c)
+        .into_iter()
+        .find(|(_, m)| config_path.starts_with(m))
+        .expect("ROTATOR_CONFIG is in a mount");
+    let cm_name = volume(pod, &vol)["configMap"]["name"]
+        .as_str()
+        .expect("the config is a ConfigMap");
+    let key = config_path
+        .strip_prefix(&mount)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let text = find(docs, "ConfigMap", cm_name).expect("the config's ConfigMap")["data"][&key]
+        .as_str()
+        .expect("the config file in the ConfigMap")
+        .to_string();
+    let file = tmp.join(format!("{}-{key}", c["name"].as_str().unwrap()));
+    std::fs::write(&file, text).unwrap();
+    let vars: Vec<(String, String)> = vars
+        .into_iter()
+        .filter(|(k, _)| k != "ROTATOR_CONFIG")
+        .collect();
+    config::load_with(Some(&file), &vars, &Overrides::default())
+        .unwrap_or_else(|e| panic!("container {}: {e}", c["name"]))
+}
+
+fn uid(pod: &Value, c: &Value) -> u64 {
+    c["securityContext"]["runAsUser"]
+        .as_u64()
+        .or_else(|| pod["securityContext"]["runAsUser"].as_u64())
+        .expect("a runAsUser")
+}
+
+#[test]
+fn every_overlay_runs_a_hardened_pod() {
+    for overlay in OVERLAYS {
+        let docs = render(overlay);
+        let pod = &deployment(&docs)["spec"]["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false, "{overlay}");
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{overlay}");
+        let mut uids = BTreeMap::new();
+        for c in containers(pod) {
+            let name = c["name"].as_str().unwrap();
+            let sc = &c["securityContext"];
+            assert_eq!(sc["readOnlyRootFilesystem"], true, "{overlay}/{name}");
+            assert_eq!(sc["allowPrivilegeEscalation"], false, "{overlay}/{name}");
+            assert_eq!(
+                sc["capabilities"]["drop"],
+                serde_json::json!(["ALL"]),
+                "{overlay}/{name}"
+            );
+            assert_eq!(
+                sc["seccompProfile"]["type"], "RuntimeDefault",
+                "{overlay}/{name}"
+            );
+            let u = uid(pod, c);
+            assert!(u >= 10000, "{overlay}/{name}: uid {u}");
+            assert!(
+                uids.insert(u, name).is_none(),
+                "{overlay}: two containers run as {u}"
+            );
+            for what in ["requests", "limits"] {
+                for r in ["cpu", "memory"] {
+                    assert!(
+                        c["resources"][what][r].is_string(),
+                        "{overlay}/{name}: no {what}.{r}"
+                    );
+                }
+            }
+            let image = c["image"].as_str().unwrap();
+            assert!(
+                image.contains("@sha256:"),
+                "{overlay}/{name}: {image} is not pinned by digest"
+            );
+            // Every file a variable names is in one of the container's mounts.
+            for (k, v) in env(c) {
+                if v.starts_with('/') {
+                    assert!(
+                        mounted(c, Path::new(&v)),
+                        "{overlay}/{name}: {k}={v} is in no mount"
+                    );
+                }
+            }
+        }
+        // The daemon has both probes, on the metrics port.
+        let daemon = container(pod, "rotator");
+        assert_eq!(
+            daemon["livenessProbe"]["httpGet"]["path"], "/healthz",
+            "{overlay}"
+        );
+        assert_eq!(
+            daemon["readinessProbe"]["httpGet"]["path"], "/readyz",
+            "{overlay}"
+        );
+        // The service-account token: into the rotator container alone, and only
+        // where rotator talks to the cluster.
+        let talks_to_cluster = *overlay != "local-ca";
+        for c in containers(pod) {
+            let has_token = mounts(c)
+                .iter()
+                .any(|(_, m)| m == "/var/run/secrets/kubernetes.io/serviceaccount");
+            assert_eq!(
+                has_token,
+                talks_to_cluster && c["name"] == "rotator",
+                "{overlay}/{}: token mounted = {has_token}",
+                c["name"]
+            );
+        }
+        // Egress is restricted (DNS in the base policy), and reaches the API
+        // server only where rotator talks to it.
+        let policies: Vec<&Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "NetworkPolicy")
+            .collect();
+        let base = find(&docs, "NetworkPolicy", "rotator").expect("the base NetworkPolicy");
+        assert!(
+            base["spec"]["policyTypes"]
+                .as_array()
+                .unwrap()
+                .contains(&Value::from("Egress")),
+            "{overlay}"
+        );
+        assert_eq!(
+            policies
+                .iter()
+                .any(|p| p["metadata"]["name"] == "rotator-egress-apiserver"),
+            talks_to_cluster,
+            "{overlay}"
+        );
+    }
+}
+
+#[test]
+fn local_ca_overlay_keeps_the_key_in_the_signer_sidecar() {
+    let docs = render("local-ca");
+    let pod = &deployment(&docs)["spec"]["template"]["spec"];
+    let (daemon, signer) = (container(pod, "rotator"), container(pod, "signer"));
+    let names = |c: &Value| -> Vec<String> { mounts(c).into_iter().map(|(n, _)| n).collect() };
+    assert_eq!(volume(pod, "ca")["secret"]["secretName"], "rotator-ca");
+    assert!(names(signer).contains(&"ca".to_string()));
+    assert!(
+        !names(daemon).contains(&"ca".to_string()),
+        "the daemon mounts the CA"
+    );
+    let socket = volume(pod, "signer-socket");
+    assert_eq!(socket["emptyDir"]["medium"], "Memory");
+    assert!(names(daemon).contains(&"signer-socket".to_string()));
+    assert!(names(signer).contains(&"signer-socket".to_string()));
+    assert_eq!(signer["args"][0], "signer");
+    assert!(signer["ports"].is_null(), "the signer listens on no port");
+    // No RBAC at all: this rotator never talks to the cluster.
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"].as_str().unwrap().contains("Role")),
+        "local-ca grants RBAC"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = load(&docs, pod, daemon, tmp.path());
+    assert_eq!(d.signer, Some(SignerKind::LocalCa));
+    let sock = d
+        .local_ca
+        .socket
+        .clone()
+        .expect("the daemon signs through the socket");
+    assert!(mounted(daemon, &sock));
+    assert!(
+        !d.local_ca.configured || !mounted(daemon, &d.local_ca.key_file),
+        "the daemon's config names a key it can read: {}",
+        d.local_ca.key_file.display()
+    );
+    let s = load(&docs, pod, signer, tmp.path());
+    assert_eq!(
+        s.signer_service.socket, sock,
+        "signer and daemon agree on the socket"
+    );
+    assert!(
+        mounted(signer, &s.local_ca.key_file),
+        "{}",
+        s.local_ca.key_file.display()
+    );
+    assert!(mounted(signer, &s.local_ca.cert_file));
+    assert!(mounted(signer, &s.signer_service.log_file));
+    assert!(
+        !mounted(daemon, &s.signer_service.log_file),
+        "the daemon can reach the signer's log"
+    );
+    // Only the daemon may ask (SO_PEERCRED), and the daemon is not the signer.
+    assert_eq!(s.signer_service.allowed_uids, vec![uid(pod, daemon) as u32]);
+    assert_ne!(uid(pod, daemon), uid(pod, signer));
+    // The key's Secret files are root:fsGroup 0440 under kubelet; the signer
+    // accepts that shape only when the group is its own (pki::read_private).
+    assert_eq!(
+        signer["securityContext"]["runAsGroup"], pod["securityContext"]["fsGroup"],
+        "the signer's group must be the pod's fsGroup, or it refuses the mounted key"
+    );
+}
+
+#[test]
+fn each_overlay_configures_its_signer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut awaiting = Vec::new();
+    for overlay in OVERLAYS {
+        if CONFIG_AWAITS_MERGE.contains(overlay) {
+            awaiting.push(*overlay);
+            continue;
+        }
+        let docs = render(overlay);
+        let pod = &deployment(&docs)["spec"]["template"]["spec"];
+        let daemon = container(pod, "rotator");
+        let s = load(&docs, pod, daemon, tmp.path());
+        // kubelet probes /healthz and /readyz on the pod's IP.
+        assert_eq!(s.metrics_addr, "0.0.0.0:9464".parse().unwrap(), "{overlay}");
+        let expected = match *overlay {
+            "local-ca" => SignerKind::LocalCa,
+            _ => SignerKind::Kubernetes,
+        };
+        assert_eq!(s.signer, Some(expected), "{overlay}");
+        // No overlay's signer issues the user API's certificate: it comes from
+        // the Secret rotator-tls, mounted into the daemon.
+        let (cert, key) = s.server.tls.clone().expect("server.tls_cert/tls_key");
+        assert!(mounted(daemon, &cert) && mounted(daemon, &key), "{overlay}");
+        // The data directory is in the data volume, never the read-only root.
+        assert!(
+            mounted(daemon, &s.data_dir),
+            "{overlay}: {}",
+            s.data_dir.display()
+        );
+    }
+    if !awaiting.is_empty() {
+        eprintln!(
+            "NOTE: the configuration of overlays {awaiting:?} was NOT loaded: its keys \
+             (database_url, [vault], [authz]) come with other branches; empty \
+             CONFIG_AWAITS_MERGE in tests/it/deploy_overlays.rs once they are merged"
+        );
+    }
+}
