@@ -15,6 +15,7 @@ use crate::issuer::{FaultPoint, Faults, IssueError, NoFaults};
 mod admin;
 mod audit;
 mod bulk;
+mod database;
 mod docs;
 mod doctor;
 mod output;
@@ -148,6 +149,12 @@ pub enum Command {
         /// Directory for rotator.1, rotator-add-user.1, ... (created if missing).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+    /// Write a consistent copy of the database to FILE (mode 0600; never replaces
+    /// a file) while the daemon runs, and verify it (integrity, audit chain).
+    Backup {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
     /// Run the local CA's signing process: the only process that opens the CA key.
     /// Listens on a Unix socket (HTTP/1.1 + JSON) and signs under its own policy.
@@ -381,5 +388,8 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Completions { shell } => docs::completions(*shell),
         Command::Man { dir } => docs::man(dir.as_deref()),
         Command::Signer(a) => signer::run(&cli, a).await,
+        Command::Backup { file } => {
+            database::backup(&open_app(&cli, None).await?.0, file, out).await
+        }
     }
 }

@@ -11,6 +11,7 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
 use crate::exit::{Exit, ExitStatus};
 
 pub mod audit;
+pub mod backup;
 pub mod credentials;
 pub mod enrollments;
 pub mod issuances;

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod crash;
 mod daemon;
+mod database;
 mod deploy_rbac;
 pub mod kubernetes;
 mod policy_config;
