@@ -140,6 +140,7 @@ where
                     next.metrics = cur.metrics.clone();
                     next.inflight = cur.inflight.clone();
                     next.leader = cur.leader.clone();
+                    next.fence = cur.fence.clone();
                     log_started(&next, "configuration reloaded");
                     let _ = apps_tx.send(Arc::new(next));
                 }
@@ -182,7 +183,7 @@ async fn elect(
     app: &App,
 ) {
     let now = app.clock.now();
-    let lead = match cluster
+    let mut lead = match cluster
         .try_lease(&le.namespace, &le.name, identity, le.lease_duration, now)
         .await
     {
@@ -192,6 +193,11 @@ async fn elect(
             false
         }
     };
+    if lead {
+        lead = crate::scheduler::hold_epoch(app, identity).await;
+    } else {
+        crate::scheduler::drop_epoch(app);
+    }
     if app.leader.swap(lead, Ordering::SeqCst) != lead {
         if lead {
             info!(identity, lease = %format!("{}/{}", le.namespace, le.name), "became the leader");

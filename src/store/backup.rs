@@ -153,6 +153,7 @@ async fn check_copy(
             pool: pool.clone(),
             locks: PathBuf::from("/nonexistent"),
             audit: live.audit.clone(),
+            fence: None,
         };
         let r = audit::verify_snapshot(&copy_store, checkpoint).await?;
         if let Some(b) = r.first_break {

@@ -14,6 +14,7 @@ pub mod audit;
 pub mod backup;
 pub mod credentials;
 pub mod enrollments;
+pub mod fence;
 pub mod issuances;
 pub mod meta;
 pub mod tokens;
@@ -57,6 +58,14 @@ pub enum StoreError {
         reason: String,
         fix: String,
     },
+    #[error(
+        "refused: this daemon led with epoch {mine}, but {holder:?} leads now (epoch {current}); nothing of this transaction was committed\nfix: nothing to do: the new leader runs the jobs, and this daemon stands by until it wins the Lease again"
+    )]
+    Fenced {
+        mine: i64,
+        current: i64,
+        holder: String,
+    },
     #[error("stored data is invalid: {0}")]
     Invalid(String),
 }
@@ -65,7 +74,7 @@ impl ExitStatus for StoreError {
     fn exit(&self) -> Exit {
         match self {
             StoreError::AuditKey { .. } => Exit::Config,
-            StoreError::UserBusy { .. } => Exit::Conflict,
+            StoreError::UserBusy { .. } | StoreError::Fenced { .. } => Exit::Conflict,
             _ => Exit::Database,
         }
     }
@@ -100,6 +109,7 @@ pub struct Tx {
     pub(crate) audit: Option<std::sync::Arc<audit::Keyring>>,
     pub(crate) appended: Option<audit::Head>,
     pool: SqlitePool,
+    fence: Option<std::sync::Arc<fence::Fence>>,
 }
 
 impl std::ops::Deref for Tx {
@@ -127,6 +137,9 @@ pub struct Store {
     /// Lock files that serialize work on one user across processes.
     locks: std::path::PathBuf,
     audit: Option<std::sync::Arc<audit::Keyring>>,
+    /// With leader election: the epoch every write transaction must still hold
+    /// at its commit (a leader's jobs; see `fence`).
+    fence: Option<std::sync::Arc<fence::Fence>>,
 }
 
 /// Held while one process works on one user's cluster access; released on drop,
@@ -187,7 +200,17 @@ impl Store {
             pool,
             locks,
             audit: None,
+            fence: None,
         })
+    }
+
+    /// The same store whose write transactions commit only while `fence`'s
+    /// epoch is the leader's: what a leader's jobs write through.
+    pub fn fenced(&self, fence: std::sync::Arc<fence::Fence>) -> Store {
+        Store {
+            fence: Some(fence),
+            ..self.clone()
+        }
     }
 
     /// Attaches the audit key and checkpoint (`App::open` does, before any write).
@@ -262,6 +285,7 @@ impl Store {
             audit: self.audit.clone(),
             appended: None,
             pool: self.pool.clone(),
+            fence: self.fence.clone(),
         })
     }
 
@@ -283,11 +307,16 @@ pub(crate) fn json_vec(s: &str) -> Result<Vec<String>, StoreError> {
 /// does; a failed write is logged, and `audit verify` names it.
 pub async fn commit(tx: Tx) -> Result<(), StoreError> {
     let Tx {
-        inner,
+        mut inner,
         audit,
         appended,
         pool,
+        fence,
     } = tx;
+    if let Some(f) = &fence {
+        // Refused: dropping `inner` rolls the whole transaction back.
+        fence::check(&mut inner, f).await?;
+    }
     inner.commit().await?;
     if let (Some(ring), Some(head)) = (audit, appended)
         && let Err(e) = audit::advance_checkpoint(ring, head, pool).await
