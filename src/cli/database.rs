@@ -1,9 +1,12 @@
 //! `rotator backup FILE` and `rotator database …`: copies of the store.
 use std::path::Path;
 
-use super::CliResult;
+use anyhow::anyhow;
+
 use super::output::{self, OutputFormat};
+use super::{CliResult, Failure};
 use crate::app::App;
+use crate::exit::Exit;
 
 pub async fn backup(app: &App, file: &Path, out: OutputFormat) -> CliResult {
     let r = crate::store::backup::backup(&app.store, file).await?;
@@ -26,5 +29,103 @@ pub async fn backup(app: &App, file: &Path, out: OutputFormat) -> CliResult {
         }
     }
     app.store.close().await;
+    Ok(())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DatabaseCommand {
+    /// Copy everything (users, credentials, tokens, enrollment records, issuance
+    /// journal, instance id, audit chain) into an EMPTY database, verify the copy
+    /// (row counts, audit chain) and print what to change in the config. Stop the
+    /// daemon first; the current database is left as it was.
+    Copy {
+        /// The target: `sqlite:///PATH` (or a path).
+        #[arg(long, value_name = "URL")]
+        to: String,
+    },
+}
+
+pub async fn run(cli: &super::Cli, cmd: &DatabaseCommand, out: OutputFormat) -> CliResult {
+    match cmd {
+        DatabaseCommand::Copy { to } => copy(cli, to, out).await,
+    }
+}
+
+/// Held while copying: no daemon may start on the source (or be running) and
+/// write what the copy would miss.
+fn lock_daemon(data_dir: &Path) -> CliResult<Option<std::fs::File>> {
+    let p = data_dir.join("daemon.lock");
+    if !p.exists() {
+        return Ok(None);
+    }
+    crate::fsutil::check_replaceable(&p)
+        .map_err(|e| Failure::new(Exit::Config, anyhow!("cannot open {}: {e}", p.display())))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .map_err(|e| Failure::new(Exit::Config, anyhow!("cannot open {}: {e}", p.display())))?;
+    if f.try_lock().is_err() {
+        return Err(Failure::new(
+            Exit::Conflict,
+            anyhow!(
+                "a rotator daemon is running on {}\nfix: stop it first (what it writes after the copy would not be in the copy), then run the copy again",
+                data_dir.display()
+            ),
+        ));
+    }
+    Ok(Some(f))
+}
+
+async fn copy(cli: &super::Cli, to: &str, out: OutputFormat) -> CliResult {
+    let (app, _) = super::open_app(cli, None).await?;
+    let _daemon = lock_daemon(&app.settings.data_dir)?;
+    let path = std::path::PathBuf::from(to.strip_prefix("sqlite://").unwrap_or(to));
+    let shown = format!("sqlite://{}", path.display());
+    let source = app.settings.database_path();
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(&path, &source) {
+        return Err(crate::store::copy::CopyError::SameDatabase { target: shown }.into());
+    }
+    let target = crate::store::Store::open(&path).await?;
+    // SQLite makes its files 0644 less the umask; this one holds every user's record.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.clone().into_os_string();
+        p.push(suffix);
+        crate::fsutil::restrict_to_owner(Path::new(&p), crate::fsutil::PRIVATE_MODE).map_err(
+            |e| {
+                Failure::new(
+                    Exit::Output,
+                    anyhow!("cannot make {} private: {e}", path.display()),
+                )
+            },
+        )?;
+    }
+    let r = crate::store::copy::copy(&app.store, &target, &shown).await;
+    target.close().await;
+    app.store.close().await;
+    let r = r?;
+    match out {
+        OutputFormat::Json => output::json(&r),
+        OutputFormat::Table => {
+            let rows: Vec<Vec<String>> = r
+                .tables
+                .iter()
+                .map(|(t, n)| vec![t.clone(), n.to_string()])
+                .collect();
+            output::table(&["TABLE", "ROWS"], &rows);
+            println!(
+                "copied into {}: row counts match and the audit chain verifies there ({} events, head {})",
+                r.target, r.audit_events, r.audit_head
+            );
+            println!(
+                "next: set database_url = {:?} in the config (or ROTATOR_DATABASE_URL) of every rotator process, keep audit.key_file, audit.checkpoint_file and sealing.key_file as they are, and start the daemon; {} is left as it was (keep it as a backup)",
+                r.target,
+                source.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@ use crate::exit::{Exit, ExitStatus};
 
 pub mod audit;
 pub mod backup;
+pub mod copy;
 pub mod credentials;
 pub mod enrollments;
 pub mod fence;

@@ -125,3 +125,99 @@ async fn a_backup_taken_while_the_daemon_rotates_opens_and_its_audit_chain_verif
         assert_eq!(two, 0, "{b}");
     }
 }
+
+async fn counts(db: &std::path::Path) -> Vec<(String, i64)> {
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for t in rotator::store::copy::TABLES {
+        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t}")))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        out.push((t.to_string(), n));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_copy_moves_everything_into_an_empty_database_and_refuses_a_used_one() {
+    let s = Scratch::new();
+    for u in ["alice", "bob"] {
+        ok(&s.rotator(&["add-user", u, "-n", "team-a", "--role", "view"]));
+    }
+    ok(&s.rotator(&[
+        "add-user", "carol", "-n", "team-a", "--role", "view", "--enroll",
+    ]));
+    ok(&s.rotator(&["rotate", "alice"]));
+    ok(&s.rotator(&["revoke", "bob"]));
+    std::fs::create_dir(s.path("new")).unwrap();
+    let target = s.path("new/rotator.db");
+    let url = format!("sqlite://{}", target.display());
+    let out = ok(&s.rotator(&["database", "copy", "--to", &url]));
+    assert!(
+        out.contains("row counts match and the audit chain verifies"),
+        "{out}"
+    );
+    assert!(
+        out.contains("database_url"),
+        "it says what to change: {out}"
+    );
+    assert_eq!(mode(&target), 0o600);
+    let source = counts(&s.path("rotator-data/rotator.db")).await;
+    assert_eq!(counts(&target).await, source);
+    for (t, n) in &source {
+        if [
+            "users",
+            "credentials",
+            "issuances",
+            "enrollment_tokens",
+            "audit_events",
+            "meta",
+        ]
+        .contains(&t.as_str())
+        {
+            assert!(*n > 0, "{t} has rows to copy");
+        }
+    }
+    // The copy is the whole database: the same users, and its audit chain
+    // verifies with the same key and checkpoint.
+    let dir = restore_into(&s, &target, "moved");
+    let dd = dir.to_str().unwrap();
+    assert!(ok(&s.rotator(&["--data-dir", dd, "audit", "verify"])).contains("audit chain intact"));
+    let show = ok(&s.rotator(&["--data-dir", dd, "show", "bob", "--output", "json"]));
+    assert!(show.contains("revoked"), "{show}");
+    // A database that is not empty is refused, and left as it was.
+    let e = fails_with(&s.rotator(&["database", "copy", "--to", &url]), 6);
+    assert!(e.contains("is not empty") && e.contains("fix:"), "{e}");
+    assert_eq!(counts(&target).await, source);
+    // So is the database in use.
+    let own = format!("sqlite://{}", s.path("rotator-data/rotator.db").display());
+    fails_with(&s.rotator(&["database", "copy", "--to", &own]), 6);
+    // And a copy while the daemon runs: what it writes afterwards would be lost.
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+        .current_dir(s.dir.path())
+        .args(["serve", "--metrics-addr", "127.0.0.1:0"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let other = format!("sqlite://{}", s.path("new/other.db").display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let e = loop {
+        let o = s.rotator(&["database", "copy", "--to", &other]);
+        if o.status.code() == Some(6) || std::time::Instant::now() > deadline {
+            break fails_with(&o, 6);
+        }
+        // The daemon had not taken its lock yet: start over on a new target.
+        let _ = std::fs::remove_file(s.path("new/other.db"));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(e.contains("daemon is running"), "{e}");
+    std::process::Command::new("kill")
+        .args(["-TERM", &daemon.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    assert!(daemon.wait().await.unwrap().success());
+}
