@@ -98,7 +98,7 @@ pub async fn backup(store: &Store, dest: &Path) -> Result<BackupReport, BackupEr
             )
         })?
         .to_string();
-    sqlx::query("VACUUM INTO ?")
+    sqlx::query("VACUUM INTO $1")
         .bind(&tmp_path)
         .execute(store.pool())
         .await

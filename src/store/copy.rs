@@ -149,7 +149,8 @@ pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyRep
                     .iter()
                     .map(|c| format!("\"{}\"", c.name()))
                     .collect();
-                let marks = vec!["?"; cols.len()].join(", ");
+                let marks: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+                let marks = marks.join(", ");
                 format!("INSERT INTO {t} ({}) VALUES ({marks})", cols.join(", "))
             });
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));

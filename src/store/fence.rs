@@ -71,7 +71,7 @@ pub async fn take_over(
             .fetch_one(&mut *tx)
             .await?;
     let epoch = previous + 1;
-    sqlx::query("UPDATE leader_epoch SET epoch = ?, holder = ?, since = ? WHERE id = 1")
+    sqlx::query("UPDATE leader_epoch SET epoch = $1, holder = $2, since = $3 WHERE id = 1")
         .bind(epoch)
         .bind(holder)
         .bind(now)
@@ -100,7 +100,7 @@ pub(crate) async fn check(
     conn: &mut sqlx::SqliteConnection,
     fence: &Fence,
 ) -> Result<(), StoreError> {
-    let done = sqlx::query("UPDATE leader_epoch SET epoch = epoch WHERE id = 1 AND epoch = ?")
+    let done = sqlx::query("UPDATE leader_epoch SET epoch = epoch WHERE id = 1 AND epoch = $1")
         .bind(fence.epoch)
         .execute(&mut *conn)
         .await?;
