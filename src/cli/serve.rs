@@ -51,6 +51,16 @@ where
     // be handled, not take the default action (ending the process on the spot).
     let mut term = unix_signal(SignalKind::terminate())?;
     let mut hup = unix_signal(SignalKind::hangup())?;
+    if app.settings.leader_election.is_some() && !app.store.shared() {
+        // A standby with its own file would take over knowing none of the users.
+        return Err(Failure::new(
+            Exit::Config,
+            anyhow!(
+                "leader election needs a database every daemon shares, but this daemon's is the SQLite file {}\nfix: point every daemon at one PostgreSQL database (database_url; `rotator database copy --to URL` moves the data there), or set leader_election.enabled = false and run one daemon",
+                app.settings.database_path().display()
+            ),
+        ));
+    }
     log_started(&app, "rotator daemon started");
     let app = Arc::new(app);
     let election = match (&app.settings.leader_election, &app.cluster) {

@@ -86,7 +86,7 @@ pub struct CopyReport {
     pub audit_head: String,
 }
 
-async fn count(conn: &mut sqlx::SqliteConnection, table: &str) -> Result<i64, StoreError> {
+async fn count(conn: &mut super::Conn, table: &str) -> Result<i64, StoreError> {
     let sql = format!("SELECT COUNT(*) FROM {table}");
     let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .fetch_one(&mut *conn)
@@ -100,7 +100,13 @@ enum Value {
     Text(Option<String>),
 }
 
-fn value(row: &sqlx::sqlite::SqliteRow, i: usize) -> Result<Value, StoreError> {
+fn value<R>(row: &R, i: usize) -> Result<Value, StoreError>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
         return Ok(Value::Int(v));
     }

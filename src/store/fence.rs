@@ -96,10 +96,7 @@ pub async fn take_over(
 
 /// The last statement of a fenced transaction: it may commit only while the
 /// epoch is still `fence`'s.
-pub(crate) async fn check(
-    conn: &mut sqlx::SqliteConnection,
-    fence: &Fence,
-) -> Result<(), StoreError> {
+pub(crate) async fn check(conn: &mut super::Conn, fence: &Fence) -> Result<(), StoreError> {
     let done = sqlx::query("UPDATE leader_epoch SET epoch = epoch WHERE id = 1 AND epoch = $1")
         .bind(fence.epoch)
         .execute(&mut *conn)

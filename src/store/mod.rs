@@ -21,6 +21,9 @@ pub mod meta;
 pub mod tokens;
 pub mod users;
 
+/// The connection the engine-neutral modules (fence, copy) take.
+pub type Conn = SqliteConnection;
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +206,12 @@ impl Store {
             audit: None,
             fence: None,
         })
+    }
+
+    /// Whether several daemons can share this database. A SQLite file is one
+    /// machine's; PostgreSQL (once its engine is here) is shared.
+    pub fn shared(&self) -> bool {
+        false
     }
 
     /// The same store whose write transactions commit only while `fence`'s
