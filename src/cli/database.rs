@@ -9,7 +9,8 @@ use crate::app::App;
 use crate::exit::Exit;
 
 pub async fn backup(app: &App, file: &Path, out: OutputFormat) -> CliResult {
-    let r = crate::store::backup::backup(&app.store, file).await?;
+    let shown = app.settings.database_path().display().to_string();
+    let r = crate::store::backup::backup(&app.store, &shown, file).await?;
     match out {
         OutputFormat::Json => output::json(&r),
         OutputFormat::Table => {

@@ -14,6 +14,10 @@ use crate::exit::{Exit, ExitStatus};
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error(
+        "`rotator backup` copies a SQLite database; this one is on PostgreSQL ({database})\nfix: back it up with the server's tools: `pg_dump --format=custom --file=FILE DATABASE` (a consistent snapshot while rotator runs), or `rotator database copy --to sqlite:///FILE` with the daemons stopped"
+    )]
+    Shared { database: String },
+    #[error(
         "{path} already exists; a backup never replaces a file\nfix: name a new file, or move the old one away first"
     )]
     Exists { path: PathBuf },
@@ -39,6 +43,7 @@ impl ExitStatus for BackupError {
     fn exit(&self) -> Exit {
         match self {
             BackupError::Exists { .. } => Exit::Conflict,
+            BackupError::Shared { .. } => Exit::Usage,
             BackupError::Io { .. } => Exit::Output,
             BackupError::Check { what, .. } if *what == "audit chain" => Exit::AuditBroken,
             BackupError::Check { .. } => Exit::Database,
@@ -58,8 +63,14 @@ pub struct BackupReport {
     pub audit_head: String,
 }
 
-/// Copies the database behind `store` to `dest` (see the module comment).
-pub async fn backup(store: &Store, dest: &Path) -> Result<BackupReport, BackupError> {
+/// Copies the database behind `store` (shown to the user as `shown`) to
+/// `dest` (see the module comment).
+pub async fn backup(store: &Store, shown: &str, dest: &Path) -> Result<BackupReport, BackupError> {
+    if store.shared() {
+        return Err(BackupError::Shared {
+            database: shown.to_string(),
+        });
+    }
     if std::fs::symlink_metadata(dest).is_ok() {
         return Err(BackupError::Exists {
             path: dest.to_path_buf(),
@@ -219,11 +230,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = store(d.path()).await;
         let dest = d.path().join("b.db");
-        let r = backup(&s, &dest).await.unwrap();
+        let r = backup(&s, "test", &dest).await.unwrap();
         assert_eq!(r.audit_events, 3);
         let mode = std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let again = backup(&s, &dest).await.unwrap_err();
+        let again = backup(&s, "test", &dest).await.unwrap_err();
         assert!(matches!(again, BackupError::Exists { .. }), "{again}");
         assert_eq!(again.exit(), Exit::Conflict);
         // No temporary file, -wal or -shm left beside it.
@@ -252,7 +263,7 @@ mod tests {
             .unwrap();
         drop(c);
         let dest = d.path().join("b.db");
-        let e = backup(&s, &dest).await.unwrap_err();
+        let e = backup(&s, "test", &dest).await.unwrap_err();
         assert_eq!(e.exit(), Exit::AuditBroken, "{e}");
         assert!(e.to_string().contains("truncated"), "{e}");
         assert!(!dest.exists(), "nothing is written when the check fails");
