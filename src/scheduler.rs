@@ -90,7 +90,8 @@ pub async fn hold_epoch(app: &App, identity: &str) -> bool {
     if held.is_some() {
         return true;
     }
-    match crate::store::fence::take_over(&app.store, identity, app.clock.now(), &app.actor).await {
+    // Audited as the daemon's, like the jobs it is about to run.
+    match crate::store::fence::take_over(&app.store, identity, app.clock.now(), "daemon").await {
         Ok(f) => {
             info!(epoch = f.epoch, identity, "took the leader epoch");
             *lock_fence(app) = Some(f);
