@@ -1,5 +1,5 @@
 //! Everything a command needs, built once from the validated settings.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -37,7 +37,7 @@ pub enum AppError {
     )]
     DatabaseLost {
         dir: PathBuf,
-        db: PathBuf,
+        db: String,
         instance: String,
         what: &'static str,
     },
@@ -46,7 +46,7 @@ pub enum AppError {
     )]
     ForeignDatabase {
         dir: PathBuf,
-        db: PathBuf,
+        db: String,
         found: String,
         expected: String,
     },
@@ -75,7 +75,8 @@ impl ExitStatus for AppError {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct InitReport {
     pub data_dir: PathBuf,
-    pub database: PathBuf,
+    /// The database file, or the PostgreSQL URL without its password.
+    pub database: String,
     pub signer: &'static str,
     /// The local CA certificate, or the cluster's server URL.
     pub signer_detail: String,
@@ -262,54 +263,61 @@ impl App {
         {
             tracing::warn!(dir = %settings.data_dir.display(), mode = format!("{old:03o}"), "the data directory was accessible to group or others; its mode is now 700");
         }
-        let db_path = settings.database_path();
+        let location = settings.database.clone();
+        let shown = location.redacted();
         let marker = read_marker(&settings.data_dir)?;
-        if let (Some(instance), DatabaseMode::Existing) = (&marker, mode) {
-            let what = match std::fs::metadata(&db_path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
-                Ok(m) if m.len() == 0 => Some("empty"),
-                _ => None,
-            };
-            if let Some(what) = what {
-                return Err(AppError::DatabaseLost {
-                    dir: settings.data_dir.clone(),
-                    db: db_path,
-                    instance: instance.clone(),
-                    what,
-                });
+        // The database file's own checks and repairs: SQLite only (a PostgreSQL
+        // database's loss shows as a missing instance id below).
+        if let Some(db_path) = location.file().map(Path::to_path_buf) {
+            if let (Some(instance), DatabaseMode::Existing) = (&marker, mode) {
+                let what = match std::fs::metadata(&db_path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("missing"),
+                    Ok(m) if m.len() == 0 => Some("empty"),
+                    _ => None,
+                };
+                if let Some(what) = what {
+                    return Err(AppError::DatabaseLost {
+                        dir: settings.data_dir.clone(),
+                        db: shown.clone(),
+                        instance: instance.clone(),
+                        what,
+                    });
+                }
+            }
+            if mode == DatabaseMode::New {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut p = db_path.clone().into_os_string();
+                    p.push(suffix);
+                    let p = PathBuf::from(p);
+                    if std::fs::metadata(&p).is_ok_and(|m| m.len() > 0) && suffix.is_empty() {
+                        let aside = db_path.with_extension(format!("db.replaced-{}", clock.now()));
+                        std::fs::rename(&p, &aside).map_err(|source| AppError::DataDir {
+                            path: p.clone(),
+                            source,
+                        })?;
+                        tracing::warn!(kept = %aside.display(), "init --new-database: the previous database was moved aside");
+                    } else {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
             }
         }
-        if mode == DatabaseMode::New {
+        let db_existed = location.file().is_some_and(Path::exists);
+        let mut store = Store::open(&location).await?;
+        if let Some(db_path) = location.file().map(Path::to_path_buf) {
+            // SQLite creates its files 0644 (less the umask); they hold every user's
+            // record and sealed keys, so they are made 0600 (-wal and -shm follow).
             for suffix in ["", "-wal", "-shm"] {
                 let mut p = db_path.clone().into_os_string();
                 p.push(suffix);
                 let p = PathBuf::from(p);
-                if std::fs::metadata(&p).is_ok_and(|m| m.len() > 0) && suffix.is_empty() {
-                    let aside = db_path.with_extension(format!("db.replaced-{}", clock.now()));
-                    std::fs::rename(&p, &aside).map_err(|source| AppError::DataDir {
-                        path: p.clone(),
-                        source,
-                    })?;
-                    tracing::warn!(kept = %aside.display(), "init --new-database: the previous database was moved aside");
-                } else {
-                    let _ = std::fs::remove_file(&p);
+                match crate::fsutil::restrict_to_owner(&p, crate::fsutil::PRIVATE_MODE) {
+                    Ok(Some(old)) if suffix.is_empty() && db_existed => {
+                        tracing::warn!(file = %p.display(), mode = format!("{old:03o}"), "the database was readable by group or others; its mode is now 600")
+                    }
+                    Ok(_) => {}
+                    Err(source) => return Err(AppError::DataDir { path: p, source }),
                 }
-            }
-        }
-        let db_existed = db_path.exists();
-        let mut store = Store::open(&db_path).await?;
-        // SQLite creates its files 0644 (less the umask); they hold every user's
-        // record and sealed keys, so they are made 0600 (-wal and -shm follow).
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = db_path.clone().into_os_string();
-            p.push(suffix);
-            let p = PathBuf::from(p);
-            match crate::fsutil::restrict_to_owner(&p, crate::fsutil::PRIVATE_MODE) {
-                Ok(Some(old)) if suffix.is_empty() && db_existed => {
-                    tracing::warn!(file = %p.display(), mode = format!("{old:03o}"), "the database was readable by group or others; its mode is now 600")
-                }
-                Ok(_) => {}
-                Err(source) => return Err(AppError::DataDir { path: p, source }),
             }
         }
         let keyring = audit::Keyring::open(
@@ -345,7 +353,7 @@ impl App {
             (Some(expected), Some(found), DatabaseMode::Existing) if *expected != found => {
                 return Err(AppError::ForeignDatabase {
                     dir: settings.data_dir.clone(),
-                    db: db_path,
+                    db: shown.clone(),
                     found,
                     expected: expected.clone(),
                 });
@@ -354,7 +362,7 @@ impl App {
             (Some(expected), None, DatabaseMode::Existing) => {
                 return Err(AppError::DatabaseLost {
                     dir: settings.data_dir.clone(),
-                    db: db_path,
+                    db: shown.clone(),
                     instance: expected.clone(),
                     what: "a new, empty one (its instance id is missing)",
                 });
@@ -478,7 +486,7 @@ impl App {
         let endpoint = Self::endpoint(&settings, cluster.as_ref(), signer.as_ref()).await?;
         let report = InitReport {
             data_dir: settings.data_dir.clone(),
-            database: settings.database_path(),
+            database: settings.database.redacted(),
             signer: signer.kind(),
             signer_detail: match &cluster {
                 Some(c) => c.url.clone(),

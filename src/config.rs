@@ -96,6 +96,7 @@ impl FromStr for SignerKind {
 #[serde(deny_unknown_fields, default)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
+    database_url: Option<String>,
     signer: Option<SignerKind>,
     metrics_addr: String,
     cluster: ClusterSection,
@@ -115,6 +116,7 @@ impl Default for FileConfig {
     fn default() -> Self {
         Self {
             data_dir: None,
+            database_url: None,
             signer: None,
             metrics_addr: "127.0.0.1:9464".into(),
             cluster: ClusterSection::default(),
@@ -513,6 +515,9 @@ pub struct Settings {
     /// The file the configuration was read from, if any: `serve` reloads when it changes.
     pub file: Option<PathBuf>,
     pub data_dir: PathBuf,
+    /// Where the database is (`database_url`; default the data directory's
+    /// `rotator.db`). Shown without its password.
+    pub database: crate::store::Location,
     /// The signer asked for; `None` when nothing chose one (the database's record,
     /// or local-ca for a new one, decides).
     pub signer: Option<SignerKind>,
@@ -532,8 +537,10 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("rotator.db")
+    /// The SQLite database file (`DATA_DIR/rotator.db` unless `database_url`
+    /// names another); `None` on PostgreSQL.
+    pub fn database_file(&self) -> Option<PathBuf> {
+        self.database.file().map(Path::to_path_buf)
     }
 }
 
@@ -541,6 +548,8 @@ impl Settings {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub data_dir: Option<PathBuf>,
+    /// `--database-url`.
+    pub database_url: Option<String>,
     pub metrics_addr: Option<String>,
     pub signer: Option<SignerKind>,
     pub kubeconfig: Option<PathBuf>,
@@ -1112,9 +1121,21 @@ fn validate(
         signing_timeout: cx
             .duration("kubernetes.signing_timeout", &f.kubernetes.signing_timeout)?,
     };
+    let database = match ov.database_url.clone().or(f.database_url) {
+        None => crate::store::Location::sqlite_file(&data_dir.join("rotator.db")),
+        Some(url) => crate::store::Location::parse(&url).map_err(|problem| {
+            cx.invalid(
+                "database_url",
+                crate::store::engine::redact(&url),
+                problem,
+                "use sqlite:///PATH, postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=verify-full or postgres:///DB?host=/SOCKET/DIR, or leave database_url unset for DATA_DIR/rotator.db",
+            )
+        })?,
+    };
     Ok(Settings {
         origin,
         file: None,
+        database,
         data_dir,
         signer: ov.signer.or(f.signer),
         kubernetes,
@@ -1563,6 +1584,44 @@ mod tests {
         assert_eq!(
             s.local_ca.cert_file,
             Path::new("/etc/kubernetes/pki/ca.crt")
+        );
+    }
+
+    #[test]
+    fn database_url_comes_from_file_env_or_flag_and_never_shows_its_password() {
+        use crate::store::{Engine, Location};
+        let (_d, p) =
+            write("data_dir = \"/d\"\ndatabase_url = \"postgres://r:file-pw@db/rotator\"\n");
+        let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.database.engine(), Engine::Postgres);
+        assert_eq!(s.database.to_string(), "postgres://r:***@db/rotator");
+        assert!(!format!("{s:?}").contains("file-pw"));
+        assert_eq!(s.database_file(), None);
+        let env = vec![(
+            "ROTATOR_DATABASE_URL".to_string(),
+            "sqlite:///srv/r.db".to_string(),
+        )];
+        let s = load_with(Some(&p), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.database, Location::Sqlite("/srv/r.db".into()));
+        let ov = Overrides {
+            database_url: Some("postgresql:///rotator?host=/run/postgresql".into()),
+            ..Default::default()
+        };
+        let s = load_with(Some(&p), &env, &ov).unwrap();
+        assert_eq!(s.database.engine(), Engine::Postgres);
+        let (_d2, p2) = write("data_dir = \"/d\"\n");
+        let s = load_with(Some(&p2), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.database_file(), Some(PathBuf::from("/d/rotator.db")));
+        let bad = vec![(
+            "ROTATOR_DATABASE_URL".to_string(),
+            "mysql://r:env-pw@db/rotator".to_string(),
+        )];
+        let e = load_with(Some(&p2), &bad, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ROTATOR_DATABASE_URL") && e.contains("fix:") && !e.contains("env-pw"),
+            "{e}"
         );
     }
 

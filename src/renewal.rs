@@ -64,7 +64,7 @@ async fn candidates(app: &App, now: i64) -> Result<Vec<Credential>, crate::store
     let widest = widest_window(window, longest);
     Ok(sqlx::query_as(
         "SELECT c.* FROM credentials c JOIN users u ON u.name = c.user_name
-         WHERE c.state = 'current' AND c.not_after <= ? AND u.state = 'active' AND u.delivery != 'client'
+         WHERE c.state = 'current' AND c.not_after <= $1 AND u.state = 'active' AND u.delivery != 'client'
          ORDER BY c.not_after",
     )
     .bind(now.saturating_add(widest))

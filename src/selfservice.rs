@@ -368,10 +368,7 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
 /// delivered as a kubeconfig, with a key rotator made) never does: a stolen
 /// copy must not become a chain its thief keeps renewing, and the daemon and a
 /// client must not keep superseding each other.
-async fn self_service(
-    conn: &mut sqlx::SqliteConnection,
-    c: &Credential,
-) -> Result<bool, StoreError> {
+async fn self_service(conn: &mut crate::store::Conn, c: &Credential) -> Result<bool, StoreError> {
     if users::delivery(conn, &c.user_name).await? != "client" {
         return Ok(false);
     }
@@ -379,7 +376,7 @@ async fn self_service(
         return Ok(true);
     }
     let (n,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM enrollment_tokens WHERE credential_id = ? AND user_name = ?",
+        "SELECT COUNT(*) FROM enrollment_tokens WHERE credential_id = $1 AND user_name = $2",
     )
     .bind(&c.id)
     .bind(&c.user_name)

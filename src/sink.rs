@@ -115,7 +115,7 @@ pub async fn delivery_secret(
 ) -> Result<Option<(String, String)>, crate::store::StoreError> {
     let mut conn = store.conn().await?;
     Ok(sqlx::query_as::<_, (String, String)>(
-        "SELECT user_name, uid FROM delivery_secrets WHERE namespace = ? AND name = ?",
+        "SELECT user_name, uid FROM delivery_secrets WHERE namespace = $1 AND name = $2",
     )
     .bind(ns)
     .bind(name)
@@ -132,7 +132,7 @@ async fn record_delivery_secret(
 ) -> Result<(), crate::store::StoreError> {
     let mut conn = store.conn().await?;
     sqlx::query(
-        "INSERT INTO delivery_secrets (namespace, name, user_name, uid, created_at) VALUES (?, ?, ?, ?, ?)
+        "INSERT INTO delivery_secrets (namespace, name, user_name, uid, created_at) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (namespace, name) DO UPDATE SET user_name = excluded.user_name, uid = excluded.uid, created_at = excluded.created_at",
     )
     .bind(ns)

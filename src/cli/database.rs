@@ -9,7 +9,7 @@ use crate::app::App;
 use crate::exit::Exit;
 
 pub async fn backup(app: &App, file: &Path, out: OutputFormat) -> CliResult {
-    let shown = app.settings.database_path().display().to_string();
+    let shown = app.settings.database.to_string();
     let r = crate::store::backup::backup(&app.store, &shown, file).await?;
     match out {
         OutputFormat::Json => output::json(&r),
@@ -25,7 +25,7 @@ pub async fn backup(app: &App, file: &Path, out: OutputFormat) -> CliResult {
             );
             println!(
                 "to restore: stop rotator, copy it over {} (remove its -wal and -shm files), then `rotator audit verify`; events after the backup are gone, so verify names the truncation, and `rotator audit reset-checkpoint` records the restore and vouches for the log as restored",
-                app.settings.database_path().display()
+                app.settings.database
             );
         }
     }
@@ -40,7 +40,8 @@ pub enum DatabaseCommand {
     /// (row counts, audit chain) and print what to change in the config. Stop the
     /// daemon first; the current database is left as it was.
     Copy {
-        /// The target: `sqlite:///PATH` (or a path).
+        /// The target: `postgres://USER@HOST/DB?sslmode=verify-full`,
+        /// `postgres:///DB?host=/SOCKET/DIR`, or `sqlite:///PATH` (or a path).
         #[arg(long, value_name = "URL")]
         to: String,
     },
@@ -80,29 +81,48 @@ fn lock_daemon(data_dir: &Path) -> CliResult<Option<std::fs::File>> {
 async fn copy(cli: &super::Cli, to: &str, out: OutputFormat) -> CliResult {
     let (app, _) = super::open_app(cli, None).await?;
     let _daemon = lock_daemon(&app.settings.data_dir)?;
-    let path = std::path::PathBuf::from(to.strip_prefix("sqlite://").unwrap_or(to));
-    let shown = format!("sqlite://{}", path.display());
-    let source = app.settings.database_path();
-    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+    // A bare path is a SQLite file, as in database_url.
+    let to = if to.contains("://") || to.starts_with("sqlite:") {
+        to.to_string()
+    } else {
+        format!("sqlite://{to}")
     };
-    if same(&path, &source) {
+    let location = crate::store::Location::parse(&to).map_err(|problem| {
+        Failure::new(
+            Exit::Usage,
+            anyhow!(
+                "--to {}: {problem}\nfix: give sqlite:///PATH or postgres://USER@HOST/DB",
+                crate::store::engine::redact(&to)
+            ),
+        )
+    })?;
+    let shown = location.to_string();
+    let source = app.settings.database.clone();
+    let same = match (location.file(), source.file()) {
+        (Some(a), Some(b)) => match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        },
+        _ => location == source,
+    };
+    if same {
         return Err(crate::store::copy::CopyError::SameDatabase { target: shown }.into());
     }
-    let target = crate::store::Store::open(&path).await?;
+    let target = crate::store::Store::open(&location).await?;
     // SQLite makes its files 0644 less the umask; this one holds every user's record.
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.clone().into_os_string();
-        p.push(suffix);
-        crate::fsutil::restrict_to_owner(Path::new(&p), crate::fsutil::PRIVATE_MODE).map_err(
-            |e| {
-                Failure::new(
-                    Exit::Output,
-                    anyhow!("cannot make {} private: {e}", path.display()),
-                )
-            },
-        )?;
+    if let Some(path) = location.file() {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.to_path_buf().into_os_string();
+            p.push(suffix);
+            crate::fsutil::restrict_to_owner(Path::new(&p), crate::fsutil::PRIVATE_MODE).map_err(
+                |e| {
+                    Failure::new(
+                        Exit::Output,
+                        anyhow!("cannot make {} private: {e}", path.display()),
+                    )
+                },
+            )?;
+        }
     }
     let r = crate::store::copy::copy(&app.store, &target, &shown).await;
     target.close().await;
@@ -123,8 +143,7 @@ async fn copy(cli: &super::Cli, to: &str, out: OutputFormat) -> CliResult {
             );
             println!(
                 "next: set database_url = {:?} in the config (or ROTATOR_DATABASE_URL) of every rotator process, keep audit.key_file, audit.checkpoint_file and sealing.key_file as they are, and start the daemon; {} is left as it was (keep it as a backup)",
-                r.target,
-                source.display()
+                r.target, source
             );
         }
     }

@@ -153,22 +153,29 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     push("config", true, settings.origin.clone(), Exit::Config);
     // Modes as they were before opening repairs them, so doctor can say so.
     let dir_mode_before = mode_of(&settings.data_dir);
-    let db_mode_before = mode_of(&settings.database_path());
+    let db_mode_before = settings.database_file().and_then(|f| mode_of(&f));
     match App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await {
         Err(e) => push("open", false, e.to_string(), e.exit()),
         Ok((app, _)) => {
             let s = &app.settings;
-            for (name, path, want, before) in [
-                ("data directory", s.data_dir.clone(), 0o700, dir_mode_before),
-                ("database file", s.database_path(), 0o600, db_mode_before),
-            ] {
+            let mut owned = vec![("data directory", s.data_dir.clone(), 0o700, dir_mode_before)];
+            // File modes are SQLite's alone; a PostgreSQL server keeps its own files.
+            if let Some(f) = s.database_file() {
+                owned.push(("database file", f, 0o600, db_mode_before));
+            }
+            for (name, path, want, before) in owned {
                 let (ok, detail) = owner_only(&path, want, before);
                 push(name, ok, detail, Exit::Config);
             }
             push(
                 "database",
                 true,
-                format!("{} (integrity ok)", s.database_path().display()),
+                match s.database.engine() {
+                    crate::store::Engine::Sqlite => format!("{} (integrity ok)", s.database),
+                    crate::store::Engine::Postgres => {
+                        format!("{} (PostgreSQL, schema current)", s.database)
+                    }
+                },
                 Exit::Database,
             );
             let now = app.clock.now();

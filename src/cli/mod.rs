@@ -39,6 +39,10 @@ pub struct Cli {
     /// Directory for the database and the local CA (overrides data_dir and ROTATOR_DATA_DIR).
     #[arg(long, global = true, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Database: sqlite:///PATH or postgres://USER:PASSWORD@HOST/DB (overrides
+    /// database_url and ROTATOR_DATABASE_URL; default DATA_DIR/rotator.db).
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
     /// Signer for a new data directory: local-ca (default) or kubernetes. Recorded
     /// by the first command (usually `init`); later commands use the recorded one.
     #[arg(long, global = true, value_parser = parse_signer)]
@@ -66,6 +70,7 @@ impl Cli {
     pub fn overrides(&self, metrics_addr: Option<String>) -> Overrides {
         Overrides {
             data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
             api_addr: match &self.command {
                 Command::Serve { api_addr, .. } => api_addr.clone(),
                 _ => None,

@@ -50,7 +50,7 @@ pub fn init_report(out: OutputFormat, r: &crate::app::InitReport) {
         OutputFormat::Json => json(r),
         OutputFormat::Table => {
             println!("data directory  {}", r.data_dir.display());
-            println!("database        {}", r.database.display());
+            println!("database        {}", r.database);
             println!("signer          {}", r.signer);
             let what = if r.signer == "kubernetes" {
                 "cluster        "

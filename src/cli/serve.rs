@@ -57,7 +57,7 @@ where
             Exit::Config,
             anyhow!(
                 "leader election needs a database every daemon shares, but this daemon's is the SQLite file {}\nfix: point every daemon at one PostgreSQL database (database_url; `rotator database copy --to URL` moves the data there), or set leader_election.enabled = false and run one daemon",
-                app.settings.database_path().display()
+                app.settings.database
             ),
         ));
     }

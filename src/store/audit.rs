@@ -45,7 +45,7 @@ pub const MAX_ITEMS: usize = 64;
 /// Longest serialized `detail` an event keeps, in bytes.
 pub const MAX_DETAIL: usize = 8192;
 
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AuditEvent {
     pub seq: i64,
     pub time: i64,
@@ -59,6 +59,24 @@ pub struct AuditEvent {
     pub hash: String,
     /// Whether `hash` is an HMAC under the audit key.
     pub keyed: bool,
+}
+
+/// By hand: `keyed` is an integer column on both engines (0/1).
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for AuditEvent {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row;
+        Ok(Self {
+            seq: row.try_get("seq")?,
+            time: row.try_get("time")?,
+            actor: row.try_get("actor")?,
+            action: row.try_get("action")?,
+            subject: row.try_get("subject")?,
+            detail: row.try_get("detail")?,
+            prev_hash: row.try_get("prev_hash")?,
+            hash: row.try_get("hash")?,
+            keyed: row.try_get::<i64, _>("keyed")? != 0,
+        })
+    }
 }
 
 /// A JSON array of scalars has exactly one serialization: unambiguous framing.
@@ -319,7 +337,7 @@ impl Keyring {
 pub(crate) async fn advance_checkpoint(
     ring: Arc<Keyring>,
     head: Head,
-    pool: sqlx::SqlitePool,
+    pool: sqlx::AnyPool,
 ) -> Result<(), StoreError> {
     let r = ring.clone();
     let (lock, state) = tokio::task::spawn_blocking(move || {
@@ -348,7 +366,7 @@ pub(crate) async fn advance_checkpoint(
     };
     if c.seq > 0 {
         let found: Option<(String,)> =
-            sqlx::query_as("SELECT hash FROM audit_events WHERE seq = ?")
+            sqlx::query_as("SELECT hash FROM audit_events WHERE seq = $1")
                 .bind(c.seq)
                 .fetch_optional(&pool)
                 .await?;
@@ -463,7 +481,7 @@ fn create_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, StoreError> {
     Ok(bytes)
 }
 
-async fn head(conn: &mut sqlx::SqliteConnection) -> Result<Head, StoreError> {
+async fn head(conn: &mut super::Conn) -> Result<Head, StoreError> {
     let last: Option<(i64, String)> =
         sqlx::query_as("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
             .fetch_optional(&mut *conn)
@@ -556,7 +574,7 @@ pub async fn append(
         &detail,
         &prev_hash,
     ));
-    sqlx::query("INSERT INTO audit_events (seq, time, actor, action, subject, detail, prev_hash, hash, keyed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1)")
+    sqlx::query("INSERT INTO audit_events (seq, time, actor, action, subject, detail, prev_hash, hash, keyed) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1)")
         .bind(seq)
         .bind(time)
         .bind(&*actor)
@@ -578,12 +596,12 @@ pub async fn list(
 ) -> Result<Vec<AuditEvent>, StoreError> {
     // Newest `limit` events, returned oldest first.
     let mut rows: Vec<AuditEvent> = match subject {
-        Some(s) => {
-            sqlx::query_as("SELECT * FROM audit_events WHERE subject = ? ORDER BY seq DESC LIMIT ?")
-                .bind(s)
-                .bind(limit)
-        }
-        None => sqlx::query_as("SELECT * FROM audit_events ORDER BY seq DESC LIMIT ?").bind(limit),
+        Some(s) => sqlx::query_as(
+            "SELECT * FROM audit_events WHERE subject = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(s)
+        .bind(limit),
+        None => sqlx::query_as("SELECT * FROM audit_events ORDER BY seq DESC LIMIT $1").bind(limit),
     }
     .fetch_all(store.pool())
     .await?;
@@ -602,7 +620,7 @@ const BATCH: i64 = 1000;
 pub fn stream(store: &Store, from: i64) -> BoxStream<'_, Result<AuditEvent, StoreError>> {
     futures_util::stream::try_unfold(from, move |next| async move {
         let batch: Vec<AuditEvent> =
-            sqlx::query_as("SELECT * FROM audit_events WHERE seq >= ? ORDER BY seq LIMIT ?")
+            sqlx::query_as("SELECT * FROM audit_events WHERE seq >= $1 ORDER BY seq LIMIT $2")
                 .bind(next)
                 .bind(BATCH)
                 .fetch_all(store.pool())
@@ -926,11 +944,11 @@ pub async fn reset_checkpoint(
     let keyed_from = match &before {
         CheckpointState::Valid(c) => c.keyed_from,
         _ => {
-            let first: Option<(i64,)> =
+            let (first,): (Option<i64>,) =
                 sqlx::query_as("SELECT MIN(seq) FROM audit_events WHERE keyed = 1")
-                    .fetch_optional(store.pool())
+                    .fetch_one(store.pool())
                     .await?;
-            first.map(|(s,)| s).unwrap_or(r.events + 1)
+            first.unwrap_or(r.events + 1)
         }
     };
     let mut tx = store.begin().await?;

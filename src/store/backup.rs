@@ -6,8 +6,6 @@
 //! as FILE, which must not exist: a backup never replaces anything.
 use std::path::{Path, PathBuf};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
-
 use super::{Store, StoreError, audit};
 use crate::exit::{Exit, ExitStatus};
 
@@ -142,13 +140,10 @@ async fn check_copy(
         reason,
     };
     // Immutable: no lock, no -wal or -shm file made beside the copy.
-    let opts = SqliteConnectOptions::new()
-        .filename(copy)
-        .read_only(true)
-        .immutable(true);
-    let pool = SqlitePoolOptions::new()
+    let url = format!("sqlite://{}?mode=ro&immutable=true", copy.display());
+    let pool: sqlx::AnyPool = sqlx::any::AnyPoolOptions::new()
         .max_connections(1)
-        .connect_with(opts)
+        .connect(&url)
         .await
         .map_err(|e| fail("open", e.to_string()))?;
     let result = async {
@@ -162,6 +157,7 @@ async fn check_copy(
         }
         let copy_store = Store {
             pool: pool.clone(),
+            location: super::Location::sqlite_file(copy),
             locks: PathBuf::from("/nonexistent"),
             audit: live.audit.clone(),
             fence: None,
@@ -203,7 +199,11 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     async fn store(dir: &Path) -> Store {
-        let mut s = Store::open(&dir.join("rotator.db")).await.unwrap();
+        let mut s = Store::open(&crate::store::Location::sqlite_file(
+            &dir.join("rotator.db"),
+        ))
+        .await
+        .unwrap();
         let ring = audit::Keyring::open(&dir.join("audit.key"), &dir.join("audit.head"), true, &s)
             .await
             .unwrap();

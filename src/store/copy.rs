@@ -211,7 +211,11 @@ mod tests {
     #[tokio::test]
     async fn the_copy_covers_every_table() {
         let d = tempfile::tempdir().unwrap();
-        let s = Store::open(&d.path().join("rotator.db")).await.unwrap();
+        let s = Store::open(&crate::store::Location::sqlite_file(
+            &d.path().join("rotator.db"),
+        ))
+        .await
+        .unwrap();
         let names: Vec<(String,)> = sqlx::query_as(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name != '_sqlx_migrations' ORDER BY name",
         )

@@ -1,4 +1,4 @@
-use sqlx::SqliteConnection;
+use super::Conn;
 
 use super::{Store, StoreError};
 
@@ -61,14 +61,14 @@ pub struct NewCredential<'a> {
 }
 
 pub async fn insert_pending(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     c: &NewCredential<'_>,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO credentials (id, user_name, generation, serial, fingerprint, not_before, not_after, state, signer,
            csr_name, key_type, certificate, state_at, created_at, spki_sha256, renewed_from, generation_group)
-         VALUES (?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(c.id)
     .bind(c.user_name)
@@ -93,11 +93,11 @@ pub async fn insert_pending(
 
 /// The credential whose certificate has this SHA-256 fingerprint.
 pub async fn by_fingerprint(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     fingerprint: &str,
 ) -> Result<Option<Credential>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT * FROM credentials WHERE fingerprint = ?")
+        sqlx::query_as("SELECT * FROM credentials WHERE fingerprint = $1")
             .bind(fingerprint)
             .fetch_optional(conn)
             .await?,
@@ -107,12 +107,12 @@ pub async fn by_fingerprint(
 /// The credential a holder of `from` already renewed into with this key, if any:
 /// a retried renewal whose response was lost gets the same certificate again.
 pub async fn renewal_of(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     from: &str,
     spki_sha256: &str,
 ) -> Result<Option<Credential>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT * FROM credentials WHERE renewed_from = ? AND spki_sha256 = ? AND state = 'current'",
+        "SELECT * FROM credentials WHERE renewed_from = $1 AND spki_sha256 = $2 AND state = 'current'",
     )
     .bind(from)
     .bind(spki_sha256)
@@ -121,12 +121,8 @@ pub async fn renewal_of(
 }
 
 /// Stores the sealed key of a pending credential.
-pub async fn set_sealed_key(
-    conn: &mut SqliteConnection,
-    id: &str,
-    sealed: &str,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE credentials SET sealed_key = ? WHERE id = ? AND state = 'pending'")
+pub async fn set_sealed_key(conn: &mut Conn, id: &str, sealed: &str) -> Result<(), StoreError> {
+    sqlx::query("UPDATE credentials SET sealed_key = $1 WHERE id = $2 AND state = 'pending'")
         .bind(sealed)
         .bind(id)
         .execute(conn)
@@ -137,14 +133,14 @@ pub async fn set_sealed_key(
 /// A pending credential of `user` whose delivery can still be retried: its key
 /// is sealed and it is valid past `after`. With its issuance's owner.
 pub async fn redeliverable(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     user: &str,
     after: i64,
 ) -> Result<Option<(Credential, String, String)>, StoreError> {
     let Some((id, sealed, owner)): Option<(String, String, String)> = sqlx::query_as(
         "SELECT c.id, c.sealed_key, i.owner FROM credentials c JOIN issuances i ON i.id = c.id
-         WHERE c.user_name = ? AND c.state = 'pending' AND c.sealed_key IS NOT NULL
-           AND c.not_after > ? AND i.step = 'stored'
+         WHERE c.user_name = $1 AND c.state = 'pending' AND c.sealed_key IS NOT NULL
+           AND c.not_after > $2 AND i.step = 'stored'
          ORDER BY c.generation DESC LIMIT 1",
     )
     .bind(user)
@@ -157,19 +153,16 @@ pub async fn redeliverable(
     Ok(get(conn, &id).await?.map(|c| (c, sealed, owner)))
 }
 
-pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Credential>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM credentials WHERE id = ?")
+pub async fn get(conn: &mut Conn, id: &str) -> Result<Option<Credential>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM credentials WHERE id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?)
 }
 
-pub async fn for_user(
-    conn: &mut SqliteConnection,
-    user: &str,
-) -> Result<Vec<Credential>, StoreError> {
+pub async fn for_user(conn: &mut Conn, user: &str) -> Result<Vec<Credential>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? ORDER BY generation")
+        sqlx::query_as("SELECT * FROM credentials WHERE user_name = $1 ORDER BY generation")
             .bind(user)
             .fetch_all(conn)
             .await?,
@@ -181,12 +174,9 @@ pub async fn list_for_user(store: &Store, user: &str) -> Result<Vec<Credential>,
     for_user(&mut conn, user).await
 }
 
-pub async fn current(
-    conn: &mut SqliteConnection,
-    user: &str,
-) -> Result<Option<Credential>, StoreError> {
+pub async fn current(conn: &mut Conn, user: &str) -> Result<Option<Credential>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT * FROM credentials WHERE user_name = ? AND state = 'current'")
+        sqlx::query_as("SELECT * FROM credentials WHERE user_name = $1 AND state = 'current'")
             .bind(user)
             .fetch_optional(conn)
             .await?,
@@ -196,16 +186,16 @@ pub async fn current(
 /// Changes a credential's state. A sealed key never outlives the pending state:
 /// it goes in the same statement.
 pub async fn set_state(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     state: &str,
     reason: Option<&str>,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE credentials SET state = ?1, state_reason = ?2, state_at = ?3,
-           sealed_key = CASE WHEN ?1 = 'pending' THEN sealed_key END
-         WHERE id = ?4",
+        "UPDATE credentials SET state = $1, state_reason = $2, state_at = $3,
+           sealed_key = CASE WHEN $1 = 'pending' THEN sealed_key END
+         WHERE id = $4",
     )
     .bind(state)
     .bind(reason)
@@ -219,14 +209,10 @@ pub async fn set_state(
 /// Makes a pending credential current, but only if it is still pending and its
 /// user still active: a revoke or remove-user that ran meanwhile wins. False
 /// when the credential was not activated.
-pub async fn activate_pending(
-    conn: &mut SqliteConnection,
-    id: &str,
-    now: i64,
-) -> Result<bool, StoreError> {
+pub async fn activate_pending(conn: &mut Conn, id: &str, now: i64) -> Result<bool, StoreError> {
     let r = sqlx::query(
-        "UPDATE credentials SET state = 'current', state_reason = NULL, state_at = ?, sealed_key = NULL
-         WHERE id = ? AND state = 'pending'
+        "UPDATE credentials SET state = 'current', state_reason = NULL, state_at = $1, sealed_key = NULL
+         WHERE id = $2 AND state = 'pending'
            AND EXISTS (SELECT 1 FROM users u WHERE u.name = credentials.user_name AND u.state = 'active')",
     )
     .bind(now)
@@ -238,12 +224,12 @@ pub async fn activate_pending(
 
 /// Live credentials whose `notAfter` has passed: the expiry job's work list.
 pub async fn expired_live(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     now: i64,
     limit: i64,
 ) -> Result<Vec<Credential>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT * FROM credentials WHERE state IN ('pending', 'current', 'superseded') AND not_after <= ? ORDER BY not_after LIMIT ?",
+        "SELECT * FROM credentials WHERE state IN ('pending', 'current', 'superseded') AND not_after <= $1 ORDER BY not_after LIMIT $2",
     )
     .bind(now)
     .bind(limit)
@@ -263,13 +249,13 @@ pub async fn count_by_state(store: &Store) -> Result<Vec<(String, i64)>, StoreEr
 /// but has not been removed from the cluster yet: revoked, expired, failed, or
 /// superseded longer than `grace` ago.
 pub async fn users_needing_access_removal(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     now: i64,
     grace: i64,
 ) -> Result<Vec<String>, StoreError> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT DISTINCT user_name FROM credentials WHERE access_removed_at IS NULL
-           AND (state IN ('revoked', 'expired', 'failed') OR (state = 'superseded' AND state_at + ? <= ?))",
+           AND (state IN ('revoked', 'expired', 'failed') OR (state = 'superseded' AND state_at + $1 <= $2))",
     )
     .bind(grace)
     .bind(now)
@@ -279,22 +265,32 @@ pub async fn users_needing_access_removal(
 }
 
 /// Marks every credential of `user` that `sync` no longer granted as removed.
+/// The few candidates are filtered here rather than in SQL: neither engine's
+/// JSON functions are the other's.
 pub async fn mark_access_removed(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     user: &str,
     granted: &[i64],
     now: i64,
 ) -> Result<(), StoreError> {
-    let granted = serde_json::to_string(granted).expect("json");
-    sqlx::query(
-        "UPDATE credentials SET access_removed_at = ? WHERE user_name = ? AND access_removed_at IS NULL
-           AND state IN ('revoked', 'expired', 'failed', 'superseded')
-           AND generation NOT IN (SELECT value FROM json_each(?))",
+    let candidates: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT id, generation FROM credentials WHERE user_name = $1 AND access_removed_at IS NULL
+           AND state IN ('revoked', 'expired', 'failed', 'superseded')",
     )
-    .bind(now)
     .bind(user)
-    .bind(granted)
-    .execute(conn)
+    .fetch_all(&mut *conn)
     .await?;
+    for (id, generation) in candidates {
+        if granted.contains(&generation) {
+            continue;
+        }
+        sqlx::query(
+            "UPDATE credentials SET access_removed_at = $1 WHERE id = $2 AND access_removed_at IS NULL",
+        )
+        .bind(now)
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?;
+    }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! One-time enrollment tokens (`add-user --enroll`), stored as hashes.
-use sqlx::SqliteConnection;
+use super::Conn;
 
 use super::StoreError;
 
@@ -19,7 +19,7 @@ pub struct EnrollmentToken {
 }
 
 pub async fn insert(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     user: &str,
     secret_hash: &str,
@@ -29,7 +29,7 @@ pub async fn insert(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO enrollment_tokens (id, user_name, secret_hash, expires_at, state, created_by, created_at, state_at, user_incarnation)
-         VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, (SELECT incarnation FROM users WHERE name = ?2))",
+         VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, (SELECT incarnation FROM users WHERE name = $2))",
     )
     .bind(id)
     .bind(user)
@@ -43,12 +43,9 @@ pub async fn insert(
     Ok(())
 }
 
-pub async fn get(
-    conn: &mut SqliteConnection,
-    id: &str,
-) -> Result<Option<EnrollmentToken>, StoreError> {
+pub async fn get(conn: &mut Conn, id: &str) -> Result<Option<EnrollmentToken>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT * FROM enrollment_tokens WHERE id = ?")
+        sqlx::query_as("SELECT * FROM enrollment_tokens WHERE id = $1")
             .bind(id)
             .fetch_optional(conn)
             .await?,
@@ -57,13 +54,13 @@ pub async fn get(
 
 /// Revokes the user's tokens that were never used; returns their ids.
 pub async fn revoke_unused(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     user: &str,
     now: i64,
 ) -> Result<Vec<String>, StoreError> {
     let rows: Vec<(String,)> = sqlx::query_as(
-        "UPDATE enrollment_tokens SET state = 'revoked', state_at = ?
-         WHERE user_name = ? AND state IN ('active', 'claimed') RETURNING id",
+        "UPDATE enrollment_tokens SET state = 'revoked', state_at = $1
+         WHERE user_name = $2 AND state IN ('active', 'claimed') RETURNING id",
     )
     .bind(now)
     .bind(user)
@@ -77,16 +74,16 @@ pub async fn revoke_unused(
 /// another key meanwhile, or when it was made for an earlier record of the same
 /// user name (removed and added again).
 pub async fn claim(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     spki_sha256: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
     let r = sqlx::query(
-        "UPDATE enrollment_tokens SET state = 'claimed', claimed_spki = ?, state_at = ?
-         WHERE id = ? AND expires_at > ? AND (state = 'active' OR (state = 'claimed' AND claimed_spki = ?))
-           AND user_incarnation IS (SELECT u.incarnation FROM users u
-                                    WHERE u.name = enrollment_tokens.user_name AND u.state = 'active')",
+        "UPDATE enrollment_tokens SET state = 'claimed', claimed_spki = $1, state_at = $2
+         WHERE id = $3 AND expires_at > $4 AND (state = 'active' OR (state = 'claimed' AND claimed_spki = $5))
+           AND user_incarnation IS NOT DISTINCT FROM (SELECT u.incarnation FROM users u
+                                                          WHERE u.name = enrollment_tokens.user_name AND u.state = 'active')",
     )
     .bind(spki_sha256)
     .bind(now)
@@ -100,13 +97,13 @@ pub async fn claim(
 
 /// Burns a claimed token once its credential is current.
 pub async fn mark_used(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     credential_id: &str,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE enrollment_tokens SET state = 'used', credential_id = ?, state_at = ? WHERE id = ?",
+        "UPDATE enrollment_tokens SET state = 'used', credential_id = $1, state_at = $2 WHERE id = $3",
     )
     .bind(credential_id)
     .bind(now)
@@ -117,13 +114,10 @@ pub async fn mark_used(
 }
 
 /// Unused tokens past their expiry: the expire job marks them.
-pub async fn expire_due(
-    conn: &mut SqliteConnection,
-    now: i64,
-) -> Result<Vec<(String, String)>, StoreError> {
+pub async fn expire_due(conn: &mut Conn, now: i64) -> Result<Vec<(String, String)>, StoreError> {
     Ok(sqlx::query_as(
-        "UPDATE enrollment_tokens SET state = 'expired', state_at = ?
-         WHERE state IN ('active', 'claimed') AND expires_at <= ? RETURNING id, user_name",
+        "UPDATE enrollment_tokens SET state = 'expired', state_at = $1
+         WHERE state IN ('active', 'claimed') AND expires_at <= $2 RETURNING id, user_name",
     )
     .bind(now)
     .bind(now)
@@ -131,12 +125,9 @@ pub async fn expire_due(
     .await?)
 }
 
-pub async fn for_user(
-    conn: &mut SqliteConnection,
-    user: &str,
-) -> Result<Vec<EnrollmentToken>, StoreError> {
+pub async fn for_user(conn: &mut Conn, user: &str) -> Result<Vec<EnrollmentToken>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT * FROM enrollment_tokens WHERE user_name = ? ORDER BY created_at, id",
+        "SELECT * FROM enrollment_tokens WHERE user_name = $1 ORDER BY created_at, id",
     )
     .bind(user)
     .fetch_all(conn)

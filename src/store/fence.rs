@@ -128,7 +128,11 @@ mod tests {
     use crate::exit::ExitStatus;
 
     async fn open(path: &std::path::Path) -> Store {
-        let mut s = Store::open(&path.join("rotator.db")).await.unwrap();
+        let mut s = Store::open(&crate::store::Location::sqlite_file(
+            &path.join("rotator.db"),
+        ))
+        .await
+        .unwrap();
         let ring =
             audit::Keyring::open(&path.join("audit.key"), &path.join("audit.head"), true, &s)
                 .await

@@ -1,5 +1,5 @@
 //! The issuance saga's journal.
-use sqlx::SqliteConnection;
+use super::Conn;
 
 use super::StoreError;
 use crate::policy::UserSpec;
@@ -56,9 +56,9 @@ impl Issuance {
 
 /// The generation the user's next attempt gets. Generations are never reused,
 /// even for abandoned attempts.
-pub async fn next_generation(conn: &mut SqliteConnection, user: &str) -> Result<i64, StoreError> {
+pub async fn next_generation(conn: &mut Conn, user: &str) -> Result<i64, StoreError> {
     let (generation,): (i64,) = sqlx::query_as(
-        "SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = ?",
+        "SELECT COALESCE(MAX(generation), 0) + 1 FROM issuances WHERE user_name = $1",
     )
     .bind(user)
     .fetch_one(&mut *conn)
@@ -68,7 +68,7 @@ pub async fn next_generation(conn: &mut SqliteConnection, user: &str) -> Result<
 
 /// Records a new attempt with the next generation for the user.
 pub async fn plan(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     spec: &UserSpec,
     kind: &str,
@@ -79,7 +79,7 @@ pub async fn plan(
     let generation = next_generation(conn, &spec.name).await?;
     sqlx::query(
         "INSERT INTO issuances (id, user_name, generation, kind, spec, step, signer, owner, created_at, updated_at)
-         VALUES (?, ?, ?, ?, ?, 'planned', ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, 'planned', $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(&spec.name)
@@ -98,15 +98,15 @@ pub async fn plan(
 /// Moves an attempt to `step` unless it already ended (another process may have
 /// abandoned it as stale). Returns false when it had ended: the caller must stop.
 pub async fn set_step(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     step: Step,
     error: Option<&str>,
     now: i64,
 ) -> Result<bool, StoreError> {
     let r = sqlx::query(
-        "UPDATE issuances SET step = ?, error = COALESCE(?, error), updated_at = ?
-         WHERE id = ? AND step NOT IN ('delivered', 'failed', 'abandoned')",
+        "UPDATE issuances SET step = $1, error = COALESCE($2, error), updated_at = $3
+         WHERE id = $4 AND step NOT IN ('delivered', 'failed', 'abandoned')",
     )
     .bind(step.as_str())
     .bind(error)
@@ -120,14 +120,14 @@ pub async fn set_step(
 /// Moves a stored attempt from a process that is gone to this one. False when
 /// it is no longer at `stored` or another process took it first.
 pub async fn take_over(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     from: &str,
     to: &str,
     now: i64,
 ) -> Result<bool, StoreError> {
     let r = sqlx::query(
-        "UPDATE issuances SET owner = ?, updated_at = ? WHERE id = ? AND owner = ? AND step = 'stored'",
+        "UPDATE issuances SET owner = $1, updated_at = $2 WHERE id = $3 AND owner = $4 AND step = 'stored'",
     )
     .bind(to)
     .bind(now)
@@ -142,14 +142,14 @@ pub async fn take_over(
 /// them): each later step of theirs finds its attempt ended and stops, and its
 /// credential can never become current. Returns the attempts ended.
 pub async fn cancel_open(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     user: &str,
     reason: &str,
     now: i64,
 ) -> Result<Vec<Issuance>, StoreError> {
     Ok(sqlx::query_as(
-        "UPDATE issuances SET step = 'failed', error = ?, updated_at = ?
-         WHERE user_name = ? AND step NOT IN ('delivered', 'failed', 'abandoned') RETURNING *",
+        "UPDATE issuances SET step = 'failed', error = $1, updated_at = $2
+         WHERE user_name = $3 AND step NOT IN ('delivered', 'failed', 'abandoned') RETURNING *",
     )
     .bind(reason)
     .bind(now)
@@ -159,15 +159,10 @@ pub async fn cancel_open(
 }
 
 /// Ends one unfinished attempt (its credential was revoked by serial).
-pub async fn cancel(
-    conn: &mut SqliteConnection,
-    id: &str,
-    reason: &str,
-    now: i64,
-) -> Result<bool, StoreError> {
+pub async fn cancel(conn: &mut Conn, id: &str, reason: &str, now: i64) -> Result<bool, StoreError> {
     let r = sqlx::query(
-        "UPDATE issuances SET step = 'failed', error = ?, updated_at = ?
-         WHERE id = ? AND step NOT IN ('delivered', 'failed', 'abandoned')",
+        "UPDATE issuances SET step = 'failed', error = $1, updated_at = $2
+         WHERE id = $3 AND step NOT IN ('delivered', 'failed', 'abandoned')",
     )
     .bind(reason)
     .bind(now)
@@ -179,33 +174,31 @@ pub async fn cancel(
 
 /// Whether any attempt of `user` ended without being delivered (one that may
 /// have left a CSR object behind).
-pub async fn any_ended_undelivered(
-    conn: &mut SqliteConnection,
-    user: &str,
-) -> Result<bool, StoreError> {
-    let (any,): (bool,) = sqlx::query_as(
-        "SELECT EXISTS (SELECT 1 FROM issuances WHERE user_name = ? AND step IN ('failed', 'abandoned'))",
+pub async fn any_ended_undelivered(conn: &mut Conn, user: &str) -> Result<bool, StoreError> {
+    // An integer, not a boolean: SQLite has none.
+    let (any,): (i64,) = sqlx::query_as(
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM issuances WHERE user_name = $1 AND step IN ('failed', 'abandoned')) THEN 1 ELSE 0 END",
     )
     .bind(user)
     .fetch_one(conn)
     .await?;
-    Ok(any)
+    Ok(any == 1)
 }
 
-pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<Issuance>, StoreError> {
-    Ok(sqlx::query_as("SELECT * FROM issuances WHERE id = ?")
+pub async fn get(conn: &mut Conn, id: &str) -> Result<Option<Issuance>, StoreError> {
+    Ok(sqlx::query_as("SELECT * FROM issuances WHERE id = $1")
         .bind(id)
         .fetch_optional(conn)
         .await?)
 }
 
 pub async fn set_csr_name(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     id: &str,
     csr_name: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE issuances SET csr_name = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE issuances SET csr_name = $1, updated_at = $2 WHERE id = $3")
         .bind(csr_name)
         .bind(now)
         .bind(id)
@@ -216,11 +209,11 @@ pub async fn set_csr_name(
 
 /// Attempts that have not reached a terminal step, oldest first.
 pub async fn open_for_user(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     user: Option<&str>,
 ) -> Result<Vec<Issuance>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT * FROM issuances WHERE step NOT IN ('delivered', 'failed', 'abandoned') AND (? IS NULL OR user_name = ?) ORDER BY created_at, id",
+        "SELECT * FROM issuances WHERE step NOT IN ('delivered', 'failed', 'abandoned') AND ($1 IS NULL OR user_name = $2) ORDER BY created_at, id",
     )
     .bind(user)
     .bind(user)
@@ -228,12 +221,9 @@ pub async fn open_for_user(
     .await?)
 }
 
-pub async fn for_user(
-    conn: &mut SqliteConnection,
-    user: &str,
-) -> Result<Vec<Issuance>, StoreError> {
+pub async fn for_user(conn: &mut Conn, user: &str) -> Result<Vec<Issuance>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT * FROM issuances WHERE user_name = ? ORDER BY generation")
+        sqlx::query_as("SELECT * FROM issuances WHERE user_name = $1 ORDER BY generation")
             .bind(user)
             .fetch_all(conn)
             .await?,

@@ -1,20 +1,20 @@
-use sqlx::SqliteConnection;
+use super::Conn;
 
 use super::StoreError;
 
 /// The `meta` key under which a database keeps its instance id.
 pub const INSTANCE_ID: &str = "instance_id";
 
-pub async fn get(conn: &mut SqliteConnection, key: &str) -> Result<Option<String>, StoreError> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = ?")
+pub async fn get(conn: &mut Conn, key: &str) -> Result<Option<String>, StoreError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT value FROM meta WHERE key = $1")
         .bind(key)
         .fetch_optional(conn)
         .await?;
     Ok(row.map(|r| r.0))
 }
 
-pub async fn set(conn: &mut SqliteConnection, key: &str, value: &str) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+pub async fn set(conn: &mut Conn, key: &str, value: &str) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
         .bind(key)
         .bind(value)
         .execute(conn)

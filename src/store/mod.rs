@@ -1,14 +1,18 @@
-//! SQLite through sqlx: WAL, foreign keys, a busy timeout, migrations from
-//! `migrations/sqlite/`. Every state change runs in one `BEGIN IMMEDIATE` transaction
-//! together with its audit event.
-use std::path::Path;
-use std::str::FromStr;
+//! rotator's state through sqlx, on SQLite (the embedded default) or PostgreSQL
+//! (`database_url`); what differs between the two is in [`engine`]. Every
+//! state change runs in one write transaction together with its audit event,
+//! and write transactions run one at a time on either engine.
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, SqliteConnection, SqlitePool, Transaction};
+use sqlx::AnyPool;
+use sqlx::{Any, Transaction};
 
 use crate::exit::{Exit, ExitStatus};
+
+pub use engine::{Engine, Location};
+
+/// The connection every query module takes: the engine is chosen at run time.
+pub type Conn = sqlx::AnyConnection;
 
 pub mod audit;
 pub mod backup;
@@ -21,10 +25,10 @@ pub mod meta;
 pub mod tokens;
 pub mod users;
 
-/// The connection the engine-neutral modules (fence, copy) take.
-pub type Conn = SqliteConnection;
+pub mod engine;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+pub static MIGRATOR_POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -54,6 +58,22 @@ pub enum StoreError {
         waited: Duration,
         lock: String,
     },
+    #[error(
+        "database {database} was migrated by a newer rotator (it has schema migration {version}, this rotator knows up to {known})\nfix: run the rotator version that last used this database, or restore a backup made with this version"
+    )]
+    Newer {
+        database: String,
+        version: i64,
+        known: i64,
+    },
+    #[error(
+        "cannot connect to the database {url}: {reason}\nfix: check that the PostgreSQL server is running and reachable, and the user, password, database name and sslmode in database_url (ROTATOR_DATABASE_URL, --database-url)"
+    )]
+    Unreachable { url: String, reason: String },
+    #[error(
+        "the database ended this transaction because it conflicted with a concurrent one: {0}\nfix: run the command again"
+    )]
+    Conflict(String),
     #[error("database error: {0}")]
     Query(String),
     #[error("audit key or checkpoint {path}: {reason}\nfix: {fix}")]
@@ -89,19 +109,25 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e {
-            let code = db.code().unwrap_or_default();
-            // SQLite primary result codes: 5 BUSY, 6 LOCKED, 11 CORRUPT, 26 NOTADB.
-            match code.parse::<i32>().map(|c| c & 0xff) {
-                Ok(5) | Ok(6) => {
-                    return StoreError::Locked {
-                        waited: BUSY_TIMEOUT,
-                    };
-                }
-                Ok(11) | Ok(26) => return StoreError::Corrupt(db.message().to_string()),
-                _ => {}
+            let mapped = if let Some(db) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+                engine::sqlite::map(db)
+            } else if let Some(db) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                engine::postgres::map(db)
+            } else {
+                None
+            };
+            if let Some(m) = mapped {
+                return m;
             }
         }
         StoreError::Query(e.to_string())
+    }
+}
+
+impl StoreError {
+    /// Whether running the same transaction again may succeed (a lost race).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Conflict(_) | StoreError::Locked { .. })
     }
 }
 
@@ -109,22 +135,22 @@ impl From<sqlx::Error> for StoreError {
 /// `audit::append` can MAC, and the head it appended so `commit` can move the
 /// audit checkpoint forward once the transaction is durable.
 pub struct Tx {
-    inner: Transaction<'static, Sqlite>,
+    inner: Transaction<'static, Any>,
     pub(crate) audit: Option<std::sync::Arc<audit::Keyring>>,
     pub(crate) appended: Option<audit::Head>,
-    pool: SqlitePool,
+    pool: AnyPool,
     fence: Option<std::sync::Arc<fence::Fence>>,
 }
 
 impl std::ops::Deref for Tx {
-    type Target = SqliteConnection;
-    fn deref(&self) -> &SqliteConnection {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
         &self.inner
     }
 }
 
 impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
+    fn deref_mut(&mut self) -> &mut Conn {
         &mut self.inner
     }
 }
@@ -137,8 +163,9 @@ impl Tx {
 
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
-    /// Lock files that serialize work on one user across processes.
+    pool: AnyPool,
+    location: Location,
+    /// SQLite: lock files that serialize work on one user across processes.
     locks: std::path::PathBuf,
     audit: Option<std::sync::Arc<audit::Keyring>>,
     /// With leader election: the epoch every write transaction must still hold
@@ -147,61 +174,53 @@ pub struct Store {
 }
 
 /// Held while one process works on one user's cluster access; released on drop,
-/// and by the kernel when the process dies (no stale lock survives a crash).
+/// and when the process dies (no stale lock survives a crash): a flock on
+/// SQLite, a session advisory lock (on a connection of its own) on PostgreSQL.
 #[derive(Debug)]
 pub struct UserLock {
-    _file: std::fs::File,
+    _held: Held,
+}
+
+enum Held {
+    File(#[allow(dead_code)] std::fs::File),
+    Session(#[allow(dead_code)] Conn),
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Held::File(_) => "Held::File",
+            Held::Session(_) => "Held::Session",
+        })
+    }
 }
 
 /// How long a command waits for another process working on the same user.
 pub const USER_LOCK_WAIT: Duration = Duration::from_secs(120);
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database at `path`.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(|e| StoreError::Open {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-                fix: "check data_dir",
-            })?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(opts)
-            .await
-            .map_err(|e| match StoreError::from(e) {
-                StoreError::Query(reason) => StoreError::Open {
-                    path: path.display().to_string(),
-                    reason,
-                    fix: "check that the data directory exists and rotator may write to it",
-                },
-                other => other,
-            })?;
-        MIGRATOR.run(&pool).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(inner) => match StoreError::from(inner) {
-                StoreError::Query(m) => StoreError::Migrate(m),
-                other => other,
-            },
-            other => StoreError::Migrate(other.to_string()),
-        })?;
-        // A corrupt file can still open and migrate lazily; ask SQLite outright.
-        let (check,): (String,) = sqlx::query_as("PRAGMA quick_check")
-            .fetch_one(&pool)
-            .await?;
-        if check != "ok" {
-            return Err(StoreError::Corrupt(check));
+    /// Opens (creating if needed, on SQLite) and migrates the database.
+    pub async fn open(location: &Location) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let shown = location.redacted();
+        let (pool, migrator) = match location {
+            Location::Sqlite(path) => (engine::sqlite::connect(path).await?, &MIGRATOR),
+            Location::Postgres(url) => (
+                engine::postgres::connect(url, &shown).await?,
+                &MIGRATOR_POSTGRES,
+            ),
+        };
+        migrate(migrator, &pool, &shown).await?;
+        if location.engine() == Engine::Sqlite {
+            engine::sqlite::check(&pool).await?;
         }
-        let locks = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.join("locks"),
-            _ => std::path::PathBuf::from("locks"),
+        let locks = match location {
+            Location::Sqlite(path) => engine::sqlite::locks_dir(path),
+            Location::Postgres(_) => std::path::PathBuf::new(),
         };
         Ok(Self {
             pool,
+            location: location.clone(),
             locks,
             audit: None,
             fence: None,
@@ -209,9 +228,9 @@ impl Store {
     }
 
     /// Whether several daemons can share this database. A SQLite file is one
-    /// machine's; PostgreSQL (once its engine is here) is shared.
+    /// machine's; PostgreSQL is shared.
     pub fn shared(&self) -> bool {
-        false
+        self.engine() == Engine::Postgres
     }
 
     /// The same store whose write transactions commit only while `fence`'s
@@ -223,6 +242,14 @@ impl Store {
         }
     }
 
+    pub fn location(&self) -> &Location {
+        &self.location
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.location.engine()
+    }
+
     /// Attaches the audit key and checkpoint (`App::open` does, before any write).
     pub fn set_audit(&mut self, keyring: std::sync::Arc<audit::Keyring>) {
         self.audit = Some(keyring);
@@ -232,66 +259,41 @@ impl Store {
         self.audit.as_ref()
     }
 
-    /// Serializes, across every process on this data directory, the work that
-    /// makes the cluster follow the database for `user`: whoever holds it reads
-    /// the database after taking it, so nobody writes what they read earlier.
+    /// Serializes, across every process on this database, the work that makes
+    /// the cluster follow the database for `user`: whoever holds it reads the
+    /// database after taking it, so nobody writes what they read earlier.
     pub async fn lock_user(&self, user: &str) -> Result<UserLock, StoreError> {
-        use std::os::unix::fs::DirBuilderExt;
-        let io = |e: std::io::Error| StoreError::Open {
-            path: self.locks.display().to_string(),
-            reason: e.to_string(),
-            fix: "make the data directory writable by rotator",
+        let held = match &self.location {
+            Location::Sqlite(_) => Held::File(engine::sqlite::lock_user(&self.locks, user).await?),
+            Location::Postgres(url) => Held::Session(
+                engine::postgres::lock_user(url, &self.location.redacted(), user).await?,
+            ),
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.locks)
-            .map_err(io)?;
-        let name = crate::pki::hex(&crate::pki::sha256(user.as_bytes())[..16]);
-        let path = self.locks.join(&name);
-        // Only a regular file (or none): opening a FIFO planted here would block.
-        if let Ok(m) = std::fs::symlink_metadata(&path)
-            && !m.file_type().is_file()
-        {
-            return Err(io(std::io::Error::other(format!(
-                "{} is not a regular file",
-                path.display()
-            ))));
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        let deadline = std::time::Instant::now() + USER_LOCK_WAIT;
-        loop {
-            match file.try_lock() {
-                Ok(()) => return Ok(UserLock { _file: file }),
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(StoreError::UserBusy {
-                        user: user.to_string(),
-                        waited: USER_LOCK_WAIT,
-                        lock: path.display().to_string(),
-                    });
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-            }
-        }
+        Ok(UserLock { _held: held })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
+    pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
 
-    /// A write transaction that takes SQLite's write lock at once, so two writers
-    /// queue on the busy timeout instead of failing halfway through.
+    /// A write transaction. It waits for any other writer (SQLite's write lock,
+    /// PostgreSQL's writer advisory lock) up to the busy timeout, so two writers
+    /// queue instead of failing halfway through.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
+        let inner = match self.engine() {
+            Engine::Sqlite => self.pool.begin_with(engine::sqlite::BEGIN).await?,
+            Engine::Postgres => {
+                // READ COMMITTED whatever the server's default: each statement's
+                // snapshot must start after the writer lock is granted.
+                let mut tx = self.pool.begin_with(engine::postgres::BEGIN).await?;
+                sqlx::query(engine::postgres::LOCK_WRITERS)
+                    .execute(&mut *tx)
+                    .await?;
+                tx
+            }
+        };
         Ok(Tx {
-            inner: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            inner,
             audit: self.audit.clone(),
             appended: None,
             pool: self.pool.clone(),
@@ -299,13 +301,35 @@ impl Store {
         })
     }
 
-    pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Sqlite>, StoreError> {
+    pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<Any>, StoreError> {
         Ok(self.pool.acquire().await?)
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Applies the engine's migrations; a database that has one this rotator does
+/// not know was written by a newer rotator and is refused.
+async fn migrate(
+    migrator: &sqlx::migrate::Migrator,
+    pool: &AnyPool,
+    shown: &str,
+) -> Result<(), StoreError> {
+    let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    migrator.run(pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::VersionMissing(version) => StoreError::Newer {
+            database: shown.to_string(),
+            version,
+            known,
+        },
+        sqlx::migrate::MigrateError::Execute(inner) => match StoreError::from(inner) {
+            StoreError::Query(m) => StoreError::Migrate(m),
+            other => other,
+        },
+        other => StoreError::Migrate(other.to_string()),
+    })
 }
 
 pub(crate) fn json_vec(s: &str) -> Result<Vec<String>, StoreError> {

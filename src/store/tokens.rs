@@ -1,4 +1,4 @@
-use sqlx::SqliteConnection;
+use super::Conn;
 
 use super::{Store, StoreError};
 
@@ -28,13 +28,13 @@ pub struct NewToken<'a> {
 }
 
 pub async fn insert_creating(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     t: &NewToken<'_>,
     now: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO bootstrap_tokens (id, secret_hash, description, groups, usages, expires_at, state, created_by, created_at, state_at)
-         VALUES (?, ?, ?, ?, ?, ?, 'creating', ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, 'creating', $7, $8, $9)",
     )
     .bind(t.id)
     .bind(t.secret_hash)
@@ -50,13 +50,8 @@ pub async fn insert_creating(
     Ok(())
 }
 
-pub async fn set_state(
-    conn: &mut SqliteConnection,
-    id: &str,
-    state: &str,
-    now: i64,
-) -> Result<(), StoreError> {
-    sqlx::query("UPDATE bootstrap_tokens SET state = ?, state_at = ? WHERE id = ?")
+pub async fn set_state(conn: &mut Conn, id: &str, state: &str, now: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE bootstrap_tokens SET state = $1, state_at = $2 WHERE id = $3")
         .bind(state)
         .bind(now)
         .bind(id)
@@ -65,9 +60,9 @@ pub async fn set_state(
     Ok(())
 }
 
-pub async fn get(conn: &mut SqliteConnection, id: &str) -> Result<Option<TokenRow>, StoreError> {
+pub async fn get(conn: &mut Conn, id: &str) -> Result<Option<TokenRow>, StoreError> {
     Ok(
-        sqlx::query_as("SELECT * FROM bootstrap_tokens WHERE id = ?")
+        sqlx::query_as("SELECT * FROM bootstrap_tokens WHERE id = $1")
             .bind(id)
             .fetch_optional(conn)
             .await?,
@@ -85,13 +80,13 @@ pub async fn list(store: &Store) -> Result<Vec<TokenRow>, StoreError> {
 /// Tokens whose Secret must go: active ones past expiry, and creations that
 /// never finished (older than `stale_before`).
 pub async fn due(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     now: i64,
     stale_before: i64,
 ) -> Result<Vec<TokenRow>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT * FROM bootstrap_tokens WHERE (state = 'active' AND expires_at IS NOT NULL AND expires_at <= ?)
-            OR (state = 'creating' AND created_at <= ?) ORDER BY id",
+        "SELECT * FROM bootstrap_tokens WHERE (state = 'active' AND expires_at IS NOT NULL AND expires_at <= $1)
+            OR (state = 'creating' AND created_at <= $2) ORDER BY id",
     )
     .bind(now)
     .bind(stale_before)

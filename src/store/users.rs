@@ -1,4 +1,4 @@
-use sqlx::SqliteConnection;
+use super::Conn;
 
 use super::{Store, StoreError, json_vec};
 use crate::pki::KeyType;
@@ -47,8 +47,8 @@ impl TryFrom<Row> for User {
     }
 }
 
-pub async fn get(conn: &mut SqliteConnection, name: &str) -> Result<Option<User>, StoreError> {
-    let row: Option<Row> = sqlx::query_as("SELECT * FROM users WHERE name = ?")
+pub async fn get(conn: &mut Conn, name: &str) -> Result<Option<User>, StoreError> {
+    let row: Option<Row> = sqlx::query_as("SELECT * FROM users WHERE name = $1")
         .bind(name)
         .fetch_optional(conn)
         .await?;
@@ -62,7 +62,7 @@ pub async fn find(store: &Store, name: &str) -> Result<Option<User>, StoreError>
 
 pub async fn list(store: &Store, include_removed: bool) -> Result<Vec<User>, StoreError> {
     let rows: Vec<Row> =
-        sqlx::query_as("SELECT * FROM users WHERE state != 'removed' OR ? ORDER BY name")
+        sqlx::query_as("SELECT * FROM users WHERE state != 'removed' OR $1 ORDER BY name")
             .bind(include_removed)
             .fetch_all(store.pool())
             .await?;
@@ -72,14 +72,10 @@ pub async fn list(store: &Store, include_removed: bool) -> Result<Vec<User>, Sto
 /// Inserts the user, or reactivates a removed one with the new spec. A new or
 /// re-added user gets a new incarnation (nothing made for the old record, such
 /// as an enrollment token, carries over); an active one keeps its own.
-pub async fn upsert_active(
-    conn: &mut SqliteConnection,
-    spec: &UserSpec,
-    now: i64,
-) -> Result<(), StoreError> {
+pub async fn upsert_active(conn: &mut Conn, spec: &UserSpec, now: i64) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO users (name, groups, namespaces, role, key_type, ttl_seconds, state, created_at, updated_at, incarnation)
-         VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?)
+         VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9)
          ON CONFLICT (name) DO UPDATE SET groups = excluded.groups, namespaces = excluded.namespaces,
            role = excluded.role, key_type = excluded.key_type, ttl_seconds = excluded.ttl_seconds,
            incarnation = CASE WHEN users.state = 'active' AND users.incarnation IS NOT NULL
@@ -101,12 +97,9 @@ pub async fn upsert_active(
 }
 
 /// The user record's incarnation (changes when a removed name is added again).
-pub async fn incarnation(
-    conn: &mut SqliteConnection,
-    name: &str,
-) -> Result<Option<String>, StoreError> {
+pub async fn incarnation(conn: &mut Conn, name: &str) -> Result<Option<String>, StoreError> {
     let row: Option<(Option<String>,)> =
-        sqlx::query_as("SELECT incarnation FROM users WHERE name = ?")
+        sqlx::query_as("SELECT incarnation FROM users WHERE name = $1")
             .bind(name)
             .fetch_optional(conn)
             .await?;
@@ -114,12 +107,12 @@ pub async fn incarnation(
 }
 
 pub async fn set_state(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     name: &str,
     state: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE users SET state = ?, updated_at = ? WHERE name = ?")
+    sqlx::query("UPDATE users SET state = $1, updated_at = $2 WHERE name = $3")
         .bind(state)
         .bind(now)
         .bind(name)
@@ -128,8 +121,8 @@ pub async fn set_state(
     Ok(())
 }
 
-pub async fn delivery(conn: &mut SqliteConnection, name: &str) -> Result<String, StoreError> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT delivery FROM users WHERE name = ?")
+pub async fn delivery(conn: &mut Conn, name: &str) -> Result<String, StoreError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT delivery FROM users WHERE name = $1")
         .bind(name)
         .fetch_optional(conn)
         .await?;
@@ -137,12 +130,12 @@ pub async fn delivery(conn: &mut SqliteConnection, name: &str) -> Result<String,
 }
 
 pub async fn set_delivery(
-    conn: &mut SqliteConnection,
+    conn: &mut Conn,
     name: &str,
     target: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE users SET delivery = ?, updated_at = ? WHERE name = ?")
+    sqlx::query("UPDATE users SET delivery = $1, updated_at = $2 WHERE name = $3")
         .bind(target)
         .bind(now)
         .bind(name)

@@ -1,6 +1,7 @@
 //! The CLI as a new user meets it: quick start, outputs, bad input, exit codes.
 use crate::common::*;
 
+crate::engines! {
 #[test]
 fn quick_start_issues_a_kubeconfig_that_kubectl_and_openssl_accept() {
     let s = Scratch::new();
@@ -99,7 +100,9 @@ fn quick_start_issues_a_kubeconfig_that_kubectl_and_openssl_accept() {
     ));
     assert_eq!(pk_cert, pk_key);
 }
+}
 
+crate::engines! {
 #[tokio::test]
 async fn init_twice_changes_nothing() {
     let s = Scratch::new();
@@ -119,7 +122,9 @@ async fn init_twice_changes_nothing() {
     assert_eq!(mode(&s.path("rotator-data")), 0o700);
     assert_eq!(mode(&s.path("rotator-data/ca/ca.key")), 0o600);
 }
+}
 
+crate::engines! {
 #[tokio::test]
 async fn show_list_rotate_revoke_remove_and_audit() {
     let s = Scratch::new();
@@ -204,6 +209,7 @@ async fn show_list_rotate_revoke_remove_and_audit() {
     let verify = ok(&s.rotator(&["audit", "verify"]));
     assert!(verify.contains("audit chain intact"), "{verify}");
 }
+}
 
 #[tokio::test]
 async fn audit_verify_names_the_first_altered_event() {
@@ -253,6 +259,7 @@ async fn audit_events_cannot_be_updated_or_deleted_through_sql() {
     assert!(e.contains("append-only"), "{e}");
 }
 
+crate::engines! {
 #[tokio::test]
 async fn bad_input_gets_a_clear_message_a_distinct_code_and_changes_nothing() {
     let s = Scratch::new();
@@ -359,6 +366,7 @@ async fn bad_input_gets_a_clear_message_a_distinct_code_and_changes_nothing() {
     );
     assert!(e.contains("rotator rotate alice"), "{e}");
 }
+}
 
 #[test]
 fn a_broken_config_names_the_file_the_key_and_the_fix() {
@@ -418,6 +426,7 @@ fn a_corrupt_database_is_refused_without_being_written() {
     );
 }
 
+crate::engines! {
 #[test]
 fn stdout_delivery_keeps_stdout_for_the_kubeconfig() {
     let s = Scratch::new();
@@ -429,7 +438,9 @@ fn stdout_delivery_keeps_stdout_for_the_kubeconfig() {
     assert_eq!(kc.current_context.as_deref(), Some("bob@kubernetes"));
     assert!(String::from_utf8_lossy(&o.stderr).contains("issued bob"));
 }
+}
 
+crate::engines! {
 #[test]
 fn doctor_reports_a_world_readable_ca_key() {
     let s = Scratch::new();
@@ -459,13 +470,14 @@ fn doctor_reports_a_world_readable_ca_key() {
     let e = fails_with(&s.rotator(&["doctor"]), 3);
     assert!(e.contains("seal.key has mode 640"), "{e}");
 }
+}
 
+crate::engines! {
 #[test]
 fn serve_runs_until_sigterm_and_a_second_daemon_refuses_to_start() {
     use std::io::BufRead;
     let s = Scratch::new();
-    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(s.dir.path())
+    let mut daemon = s.command()
         .args(["serve"])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -478,8 +490,7 @@ fn serve_runs_until_sigterm_and_a_second_daemon_refuses_to_start() {
             .map_while(Result::ok)
             .any(|l| l.contains("rotator daemon started"))
     );
-    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(s.dir.path())
+    let mut second = s.command()
         .args(["serve"])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -508,6 +519,7 @@ fn serve_runs_until_sigterm_and_a_second_daemon_refuses_to_start() {
         status.success(),
         "SIGTERM ends the daemon cleanly: {status:?}"
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,14 +558,10 @@ fn rotator_within(
     args: &[&str],
     limit: std::time::Duration,
 ) -> Option<std::process::Output> {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-    c.current_dir(s.dir.path())
-        .args(args)
+    let mut c = s.command();
+    c.args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
-        c.env_remove(k);
-    }
     let mut child = c.spawn().unwrap();
     let deadline = std::time::Instant::now() + limit;
     while std::time::Instant::now() < deadline {
@@ -567,6 +575,7 @@ fn rotator_within(
     None
 }
 
+crate::engines! {
 #[test]
 fn add_user_out_a_fifo_or_a_device_is_refused_with_exit_10_and_nothing_written() {
     use std::os::unix::fs::FileTypeExt;
@@ -636,6 +645,7 @@ fn add_user_out_a_fifo_or_a_device_is_refused_with_exit_10_and_nothing_written()
         .filter(|e| e.file_name().to_string_lossy().starts_with(".rotator-"))
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
+}
 }
 
 #[test]

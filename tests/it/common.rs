@@ -9,14 +9,107 @@ use rotator::clock::SystemClock;
 use rotator::config::{self, Overrides};
 use rotator::issuer::{Faults, NoFaults};
 
+pub use rotator::store::Engine;
+
+thread_local! {
+    /// The engine `Scratch::new` gives its database: set by [`engines!`] per variant.
+    static ENGINE: std::cell::Cell<Engine> = const { std::cell::Cell::new(Engine::Sqlite) };
+}
+
+/// Scratch directories on PostgreSQL and their database URLs, for [`app`].
+static DATABASES: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// Puts the engine back when the test ends.
+pub struct EngineGuard;
+
+impl Drop for EngineGuard {
+    fn drop(&mut self) {
+        ENGINE.with(|e| e.set(Engine::Sqlite));
+    }
+}
+
+/// Makes `Scratch::new` on this thread use `engine`; `None` when PostgreSQL is
+/// not there (and the test must not run: `pg::server_or_skip` said so).
+pub fn use_engine(engine: Engine, test: &str) -> Option<EngineGuard> {
+    if engine == Engine::Postgres {
+        crate::pg::server_or_skip(test)?;
+    }
+    ENGINE.with(|e| e.set(engine));
+    Some(EngineGuard)
+}
+
+/// Runs each test once per engine, as `NAME::sqlite` and `NAME::postgres`:
+/// `Scratch::new()` inside it gets a fresh database on that engine, and every
+/// `rotator` it runs (and [`app`]) uses it.
+#[macro_export]
+macro_rules! engines {
+    () => {};
+    ($(#[$m:meta])* async fn $name:ident() $body:block $($rest:tt)*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$m])* async fn sqlite() {
+                let Some(_engine) = $crate::common::use_engine($crate::common::Engine::Sqlite, concat!(module_path!(), "::sqlite")) else { return };
+                $body
+            }
+            $(#[$m])* async fn postgres() {
+                let Some(_engine) = $crate::common::use_engine($crate::common::Engine::Postgres, concat!(module_path!(), "::postgres")) else { return };
+                $body
+            }
+        }
+        $crate::engines! { $($rest)* }
+    };
+    ($(#[$m:meta])* fn $name:ident() $body:block $($rest:tt)*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$m])* fn sqlite() {
+                let Some(_engine) = $crate::common::use_engine($crate::common::Engine::Sqlite, concat!(module_path!(), "::sqlite")) else { return };
+                $body
+            }
+            $(#[$m])* fn postgres() {
+                let Some(_engine) = $crate::common::use_engine($crate::common::Engine::Postgres, concat!(module_path!(), "::postgres")) else { return };
+                $body
+            }
+        }
+        $crate::engines! { $($rest)* }
+    };
+}
+
 pub struct Scratch {
     pub dir: tempfile::TempDir,
+    /// The PostgreSQL database of this scratch directory (`None`: SQLite in DATA_DIR).
+    pub database_url: Option<String>,
 }
 
 impl Scratch {
+    /// A scratch directory with a database on this thread's engine (SQLite unless
+    /// inside an [`engines!`] PostgreSQL variant).
     pub fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("tempdir"),
+        Self::on(ENGINE.with(|e| e.get()))
+    }
+
+    pub fn on(engine: Engine) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database_url = match engine {
+            Engine::Sqlite => None,
+            Engine::Postgres => {
+                let server = crate::pg::server().expect("PostgreSQL server");
+                let url = server.create_database();
+                DATABASES
+                    .lock()
+                    .unwrap()
+                    .push((dir.path().to_path_buf(), url.clone()));
+                Some(url)
+            }
+        };
+        Self { dir, database_url }
+    }
+
+    pub fn engine(&self) -> Engine {
+        match self.database_url {
+            None => Engine::Sqlite,
+            Some(_) => Engine::Postgres,
         }
     }
 
@@ -31,13 +124,24 @@ impl Scratch {
     }
 
     pub fn rotator_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = self.command();
+        c.args(args);
+        c.envs(env.iter().copied());
+        c.output().expect("run rotator")
+    }
+
+    /// The `rotator` command in the scratch directory, on its database, with no
+    /// other configuration leaking in from the environment.
+    pub fn command(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_rotator"));
-        c.current_dir(self.dir.path()).args(args);
+        c.current_dir(self.dir.path());
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
             c.env_remove(k);
         }
-        c.envs(env.iter().copied());
-        c.output().expect("run rotator")
+        if let Some(url) = &self.database_url {
+            c.env("ROTATOR_DATABASE_URL", url);
+        }
+        c
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
@@ -46,15 +150,24 @@ impl Scratch {
         p
     }
 
-    /// A database connection for assertions that the CLI does not expose.
-    pub async fn count(&self, sql: &'static str) -> i64 {
-        let url = format!(
-            "sqlite://{}?mode=ro",
-            self.path("rotator-data/rotator.db").display()
-        );
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+    /// A connection to this scratch directory's database, whichever the engine.
+    pub async fn db(&self) -> sqlx::AnyConnection {
+        sqlx::any::install_default_drivers();
+        let url = match &self.database_url {
+            Some(u) => u.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.path("rotator-data/rotator.db").display()
+            ),
+        };
+        <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
             .await
-            .expect("open db");
+            .expect("open db")
+    }
+
+    /// A count for assertions that the CLI does not expose (SQL both engines speak).
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        let mut conn = self.db().await;
         let (n,): (i64,) = sqlx::query_as(sql)
             .fetch_one(&mut conn)
             .await
@@ -128,12 +241,35 @@ pub fn kubeconfig_parts(path: &Path) -> (String, String, String, String) {
     )
 }
 
+/// The PostgreSQL database of the scratch directory `dir` is in; inside a
+/// PostgreSQL variant, a directory made without `Scratch` gets one on first use.
+pub fn database_for(dir: &Path) -> Option<String> {
+    let mut dbs = DATABASES.lock().unwrap();
+    if let Some((_, url)) = dbs.iter().find(|(d, _)| dir.starts_with(d)) {
+        return Some(url.clone());
+    }
+    if ENGINE.with(|e| e.get()) != Engine::Postgres {
+        return None;
+    }
+    let url = crate::pg::server()
+        .expect("PostgreSQL server")
+        .create_database();
+    dbs.push((dir.to_path_buf(), url.clone()));
+    Some(url)
+}
+
 /// An in-process App over a scratch data directory.
 pub async fn app(dir: &Path, toml: &str, faults: Arc<dyn Faults>) -> App {
     let cfg = dir.join("rotator.toml");
+    let database = database_for(dir)
+        .map(|url| format!("database_url = {url:?}\n"))
+        .unwrap_or_default();
     std::fs::write(
         &cfg,
-        format!("data_dir = {:?}\n{toml}", dir.join("rotator-data")),
+        format!(
+            "data_dir = {:?}\n{database}{toml}",
+            dir.join("rotator-data")
+        ),
     )
     .unwrap();
     let settings = config::load_with(Some(&cfg), &[], &Overrides::default()).expect("config");

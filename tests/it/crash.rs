@@ -32,6 +32,7 @@ async fn count(app: &rotator::app::App, sql: &'static str) -> i64 {
     n
 }
 
+crate::engines! {
 #[tokio::test]
 async fn a_failure_after_signing_leaves_no_row_and_no_file_and_the_rerun_succeeds_once() {
     for point in [
@@ -111,7 +112,9 @@ async fn a_failure_after_signing_leaves_no_row_and_no_file_and_the_rerun_succeed
         );
     }
 }
+}
 
+crate::engines! {
 #[tokio::test]
 async fn a_crash_between_store_and_delivery_is_resumed_with_the_same_credential() {
     let dir = tempfile::tempdir().unwrap();
@@ -234,7 +237,9 @@ async fn a_crash_between_store_and_delivery_is_resumed_with_the_same_credential(
         pending_serial
     );
 }
+}
 
+crate::engines! {
 #[tokio::test]
 async fn a_process_killed_mid_issuance_is_finished_by_the_next_run() {
     let s = Scratch::new();
@@ -265,7 +270,9 @@ async fn a_process_killed_mid_issuance_is_finished_by_the_next_run() {
     );
     assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 1);
 }
+}
 
+crate::engines! {
 #[tokio::test]
 async fn concurrent_rotations_never_leave_two_current_credentials() {
     let dir = tempfile::tempdir().unwrap();
@@ -321,6 +328,7 @@ async fn concurrent_rotations_never_leave_two_current_credentials() {
             .is_none()
     );
 }
+}
 
 /// Fails its first `failures` deliveries, then writes like a FileSink.
 struct FlakySink {
@@ -373,6 +381,7 @@ async fn alice_with_a_flaky_sink(
     (app, sink)
 }
 
+crate::engines! {
 #[tokio::test]
 async fn a_failed_delivery_is_retried_with_the_same_credential() {
     let dir = tempfile::tempdir().unwrap();
@@ -441,7 +450,9 @@ async fn a_failed_delivery_is_retried_with_the_same_credential() {
             .is_none()
     );
 }
+}
 
+crate::engines! {
 #[tokio::test]
 async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -464,6 +475,7 @@ async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key() {
         0
     );
 }
+}
 
 /// `.rotator-*.tmp` files under `dir`, recursively.
 fn temp_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -480,6 +492,7 @@ fn temp_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+crate::engines! {
 #[test]
 fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a_key() {
     use std::time::{Duration, Instant};
@@ -519,8 +532,7 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         } else {
             vec!["rotate", "alice", "--out", "out/alice.kubeconfig"]
         };
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-            .current_dir(s.dir.path())
+        let mut child = s.command()
             .args(&args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -549,4 +561,5 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         "most rounds were killed mid-run ({killed})"
     );
     assert!(left.is_empty(), "temporary files survived: {left:?}");
+}
 }
