@@ -107,6 +107,9 @@ pub struct App {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Whether this daemon may run the jobs (always, without leader election).
     pub leader: Arc<std::sync::atomic::AtomicBool>,
+    /// With leader election: the epoch this daemon took in the database when it
+    /// became the leader; its jobs write only through it (`store::fence`).
+    pub fence: Arc<std::sync::Mutex<Option<Arc<crate::store::fence::Fence>>>>,
     /// Seals the key of a credential stored but not yet delivered.
     pub sealing: Arc<crate::pki::SealingKey>,
     /// This database's identity: what the cluster objects rotator makes are
@@ -230,6 +233,7 @@ impl App {
             inflight: self.inflight.clone(),
             metrics: self.metrics.clone(),
             leader: self.leader.clone(),
+            fence: self.fence.clone(),
             sealing: self.sealing.clone(),
             instance: self.instance.clone(),
             vault: self.vault.clone(),
@@ -537,6 +541,7 @@ impl App {
                 inflight,
                 metrics: Arc::new(crate::metrics::Metrics::default()),
                 leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                fence: Arc::default(),
                 sealing,
                 instance,
                 vault,

@@ -179,6 +179,50 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// An empty, locked 0600 temporary file in a directory, with a name, for a
+/// writer that must be given a path (SQLite's `VACUUM INTO`). Removed on drop
+/// unless [`PrivateTmp::persist_new`] linked it in; while it exists its lock
+/// keeps orphan sweeps off it, and once its writer dies a sweep removes it.
+pub struct PrivateTmp {
+    tmp: Tmp,
+}
+
+impl PrivateTmp {
+    pub fn new_in(dir: &Path) -> io::Result<Self> {
+        remove_orphans(dir);
+        let (f, p) = tempfile::Builder::new()
+            .prefix(TMP_PREFIX)
+            .suffix(TMP_SUFFIX)
+            .tempfile_in(dir)?
+            .keep()
+            .map_err(|e| e.error)?;
+        let t = Tmp { file: f, path: p };
+        t.file.try_lock().map_err(io::Error::other)?;
+        t.file
+            .set_permissions(Permissions::from_mode(PRIVATE_MODE))?;
+        Ok(Self { tmp: t })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.tmp.path
+    }
+
+    /// Syncs the file and gives it the name `path`, which must not exist (an
+    /// existing file is never replaced: `AlreadyExists`).
+    pub fn persist_new(self, path: &Path) -> io::Result<()> {
+        // Sync through a fresh handle: the writer may have replaced the content
+        // through its own descriptor; the inode is the same.
+        File::open(&self.tmp.path)?.sync_all()?;
+        fs::hard_link(&self.tmp.path, path)?;
+        // The temporary name goes with `self`; the content stays under `path`.
+        drop(self);
+        if let Ok(d) = File::open(parent_of(path)) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
 /// A named temporary file we hold locked; removed on drop unless renamed.
 struct Tmp {
     file: File,

@@ -81,13 +81,69 @@ pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, Stri
     }
 }
 
+/// With leader election: makes sure this daemon, which holds the Lease, also
+/// holds the leader epoch in the database (taking a new one when it has none,
+/// or was fenced out of its old one). False when it could not: it then runs
+/// no job this round.
+pub async fn hold_epoch(app: &App, identity: &str) -> bool {
+    let held = lock_fence(app).clone().filter(|f| !f.deposed());
+    if held.is_some() {
+        return true;
+    }
+    // Audited as the daemon's, like the jobs it is about to run.
+    match crate::store::fence::take_over(&app.store, identity, app.clock.now(), "daemon").await {
+        Ok(f) => {
+            info!(epoch = f.epoch, identity, "took the leader epoch");
+            *lock_fence(app) = Some(f);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "holds the Lease but could not take the leader epoch in the database; standing by");
+            false
+        }
+    }
+}
+
+/// Lost the Lease: the epoch this daemon held is no longer its to write with.
+pub fn drop_epoch(app: &App) {
+    lock_fence(app).take();
+}
+
+fn lock_fence(app: &App) -> std::sync::MutexGuard<'_, Option<Arc<crate::store::fence::Fence>>> {
+    app.fence.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The App a job runs with: without leader election the daemon's own; with it,
+/// one whose store commits only under this daemon's leader epoch (None when it
+/// holds none: not the leader).
+fn job_app(app: &Arc<App>) -> Option<(Arc<App>, Option<Arc<crate::store::fence::Fence>>)> {
+    if app.settings.leader_election.is_none() {
+        return Some((app.clone(), None));
+    }
+    let fence = lock_fence(app).clone().filter(|f| !f.deposed())?;
+    let mut fenced = app.acting_as(&app.actor);
+    fenced.store = app.store.fenced(fence.clone());
+    Some((Arc::new(fenced), Some(fence)))
+}
+
 pub async fn run_logged(app: &Arc<App>, job: Job) {
-    if !app.leader.load(std::sync::atomic::Ordering::SeqCst) {
+    let leads = app.leader.load(std::sync::atomic::Ordering::SeqCst);
+    let Some((job_app, fence)) = job_app(app).filter(|_| leads) else {
         tracing::debug!(job = job.name(), "not the leader; skipping");
         return;
-    }
+    };
     let started = std::time::Instant::now();
-    let result = run_job(app, job).await;
+    let result = run_job(&job_app, job).await;
+    if fence.as_ref().is_some_and(|f| f.deposed()) {
+        // Another daemon took a newer epoch: every commit of ours is refused
+        // from now on, so stand by until this one wins the Lease again.
+        app.leader.store(false, std::sync::atomic::Ordering::SeqCst);
+        drop_epoch(app);
+        error!(
+            job = job.name(),
+            "fenced: another daemon leads now; this job's changes after that were refused; standing by"
+        );
+    }
     // A pass that had per-item failures (a user it could not renew) is not a success.
     let ok = result
         .as_ref()

@@ -15,6 +15,7 @@ use crate::issuer::{FaultPoint, Faults, IssueError, NoFaults};
 mod admin;
 mod audit;
 mod bulk;
+mod database;
 mod docs;
 mod doctor;
 mod output;
@@ -161,6 +162,15 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Write a consistent copy of the database to FILE (mode 0600; never replaces
+    /// a file) while the daemon runs, and verify it (integrity, audit chain).
+    Backup {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Copies of the whole database: `database copy --to URL`.
+    #[command(subcommand)]
+    Database(database::DatabaseCommand),
     /// Run the local CA's signing process: the only process that opens the CA key.
     /// Listens on a Unix socket (HTTP/1.1 + JSON) and signs under its own policy.
     Signer(signer::SignerArgs),
@@ -336,7 +346,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn open_app(
+pub(crate) async fn open_app(
     cli: &Cli,
     metrics_addr: Option<String>,
 ) -> CliResult<(App, crate::app::InitReport)> {
@@ -396,5 +406,9 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Completions { shell } => docs::completions(*shell),
         Command::Man { dir } => docs::man(dir.as_deref()),
         Command::Signer(a) => signer::run(&cli, a).await,
+        Command::Database(cmd) => database::run(&cli, cmd, out).await,
+        Command::Backup { file } => {
+            database::backup(&open_app(&cli, None).await?.0, file, out).await
+        }
     }
 }

@@ -51,6 +51,16 @@ where
     // be handled, not take the default action (ending the process on the spot).
     let mut term = unix_signal(SignalKind::terminate())?;
     let mut hup = unix_signal(SignalKind::hangup())?;
+    if app.settings.leader_election.is_some() && !app.store.shared() {
+        // A standby with its own file would take over knowing none of the users.
+        return Err(Failure::new(
+            Exit::Config,
+            anyhow!(
+                "leader election needs a database every daemon shares, but this daemon's is the SQLite file {}\nfix: point every daemon at one PostgreSQL database (database_url; `rotator database copy --to URL` moves the data there), or set leader_election.enabled = false and run one daemon",
+                app.settings.database
+            ),
+        ));
+    }
     log_started(&app, "rotator daemon started");
     let app = Arc::new(app);
     let election = match (&app.settings.leader_election, &app.cluster) {
@@ -165,6 +175,7 @@ where
                     next.metrics = cur.metrics.clone();
                     next.inflight = cur.inflight.clone();
                     next.leader = cur.leader.clone();
+                    next.fence = cur.fence.clone();
                     log_started(&next, "configuration reloaded");
                     let _ = apps_tx.send(Arc::new(next));
                 }
@@ -211,7 +222,7 @@ async fn elect(
     app: &App,
 ) {
     let now = app.clock.now();
-    let lead = match cluster
+    let mut lead = match cluster
         .try_lease(&le.namespace, &le.name, identity, le.lease_duration, now)
         .await
     {
@@ -221,6 +232,11 @@ async fn elect(
             false
         }
     };
+    if lead {
+        lead = crate::scheduler::hold_epoch(app, identity).await;
+    } else {
+        crate::scheduler::drop_epoch(app);
+    }
     if app.leader.swap(lead, Ordering::SeqCst) != lead {
         if lead {
             info!(identity, lease = %format!("{}/{}", le.namespace, le.name), "became the leader");

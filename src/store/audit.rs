@@ -22,7 +22,6 @@
 //! and every string in `detail` to [`MAX_TEXT`] bytes (marked with the original
 //! length) and the whole detail to [`MAX_DETAIL`] bytes.
 use std::borrow::Cow;
-use std::io::Read;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -434,18 +433,20 @@ fn read_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
             "point audit.key_file at the 0600 file rotator created",
         ));
     }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(key_err(
-            path,
-            format!("it is readable or writable by group or others (mode {mode:04o})"),
-            format!("chmod 600 {}", path.display()),
-        ));
-    }
-    let mut f = std::fs::File::open(path).map_err(|e| key_err(path, e, "check audit.key_file"))?;
-    let mut text = Zeroizing::new(String::new());
-    f.read_to_string(&mut text)
-        .map_err(|e| key_err(path, e, "check audit.key_file"))?;
+    // The sealing key's rule: 0600, or the shape kubelet gives a Secret volume's
+    // file under fsGroup (root-owned, at most 0440, this process's own group), so
+    // replicas that share one key can mount it from a Secret.
+    let text = crate::pki::read_private(path, "audit key").map_err(|e| match e {
+        crate::pki::ReadPrivate::Mode(_) => {
+            let mode = meta.permissions().mode() & 0o777;
+            key_err(
+                path,
+                format!("it is readable or writable by group or others (mode {mode:04o})"),
+                format!("chmod 600 {}", path.display()),
+            )
+        }
+        crate::pki::ReadPrivate::Io(e) => key_err(path, e, "check audit.key_file"),
+    })?;
     let bytes = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
             .decode(text.trim())
@@ -722,6 +723,32 @@ pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
     // before the read snapshot starts, so a concurrent commit cannot look like a
     // truncation.
     let checkpoint = read_checkpoint(&ring).await?;
+    verify_against(store, ring, checkpoint, false).await
+}
+
+/// Reads the head checkpoint now (before taking a copy of the log).
+pub async fn checkpoint_now(store: &Store) -> Result<CheckpointState, StoreError> {
+    read_checkpoint(&ring_of(store)?).await
+}
+
+/// Verifies a copy of the log (a backup, `database copy`'s target) made after
+/// `checkpoint` was read from the live one: every event the checkpoint vouches
+/// for must be there as recorded, and the copy may go past it (commits whose
+/// checkpoint write came after the read). Every hash and MAC is checked as usual.
+pub async fn verify_snapshot(
+    store: &Store,
+    checkpoint: CheckpointState,
+) -> Result<VerifyReport, StoreError> {
+    let ring = ring_of(store)?;
+    verify_against(store, ring, checkpoint, true).await
+}
+
+async fn verify_against(
+    store: &Store,
+    ring: Arc<Keyring>,
+    checkpoint: CheckpointState,
+    snapshot: bool,
+) -> Result<VerifyReport, StoreError> {
     let cp = match &checkpoint {
         CheckpointState::Valid(c) => Some(c.clone()),
         _ => None,
@@ -835,6 +862,7 @@ pub async fn verify(store: &Store) -> Result<VerifyReport, StoreError> {
                 c.seq - last
             ),
         }),
+        CheckpointState::Valid(c) if c.seq < last && snapshot => None,
         CheckpointState::Valid(c) if c.seq < last => {
             // A commit may have landed between our checkpoint read and the rows:
             // look again before calling it old.

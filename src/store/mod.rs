@@ -16,8 +16,11 @@ pub type Conn = sqlx::AnyConnection;
 
 pub mod audit;
 pub mod changes;
+pub mod backup;
+pub mod copy;
 pub mod credentials;
 pub mod enrollments;
+pub mod fence;
 pub mod issuances;
 pub mod meta;
 pub mod tokens;
@@ -80,6 +83,14 @@ pub enum StoreError {
         reason: String,
         fix: String,
     },
+    #[error(
+        "refused: this daemon led with epoch {mine}, but {holder:?} leads now (epoch {current}); nothing of this transaction was committed\nfix: nothing to do: the new leader runs the jobs, and this daemon stands by until it wins the Lease again"
+    )]
+    Fenced {
+        mine: i64,
+        current: i64,
+        holder: String,
+    },
     #[error("stored data is invalid: {0}")]
     Invalid(String),
 }
@@ -88,7 +99,7 @@ impl ExitStatus for StoreError {
     fn exit(&self) -> Exit {
         match self {
             StoreError::AuditKey { .. } => Exit::Config,
-            StoreError::UserBusy { .. } => Exit::Conflict,
+            StoreError::UserBusy { .. } | StoreError::Fenced { .. } => Exit::Conflict,
             _ => Exit::Database,
         }
     }
@@ -130,6 +141,7 @@ pub struct Tx {
     pub(crate) appended: Option<audit::Head>,
     pool: AnyPool,
     commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    fence: Option<std::sync::Arc<fence::Fence>>,
 }
 
 impl std::ops::Deref for Tx {
@@ -161,6 +173,9 @@ pub struct Store {
     /// Counts this process's committed write transactions: the authorization
     /// snapshot refreshes on each at once instead of waiting for its next poll.
     commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// With leader election: the epoch every write transaction must still hold
+    /// at its commit (a leader's jobs; see `fence`).
+    fence: Option<std::sync::Arc<fence::Fence>>,
 }
 
 /// Held while one process works on one user's cluster access; released on drop,
@@ -214,7 +229,23 @@ impl Store {
             locks,
             audit: None,
             commits: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
+            fence: None,
         })
+    }
+
+    /// Whether several daemons can share this database. A SQLite file is one
+    /// machine's; PostgreSQL is shared.
+    pub fn shared(&self) -> bool {
+        self.engine() == Engine::Postgres
+    }
+
+    /// The same store whose write transactions commit only while `fence`'s
+    /// epoch is the leader's: what a leader's jobs write through.
+    pub fn fenced(&self, fence: std::sync::Arc<fence::Fence>) -> Store {
+        Store {
+            fence: Some(fence),
+            ..self.clone()
+        }
     }
 
     pub fn location(&self) -> &Location {
@@ -278,6 +309,7 @@ impl Store {
             appended: None,
             pool: self.pool.clone(),
             commits: self.commits.clone(),
+            fence: self.fence.clone(),
         })
     }
 
@@ -321,12 +353,17 @@ pub(crate) fn json_vec(s: &str) -> Result<Vec<String>, StoreError> {
 /// does; a failed write is logged, and `audit verify` names it.
 pub async fn commit(tx: Tx) -> Result<(), StoreError> {
     let Tx {
-        inner,
+        mut inner,
         audit,
         appended,
         pool,
         commits,
+        fence,
     } = tx;
+    if let Some(f) = &fence {
+        // Refused: dropping `inner` rolls the whole transaction back.
+        fence::check(&mut inner, f).await?;
+    }
     inner.commit().await?;
     commits.send_modify(|n| *n += 1);
     if let (Some(ring), Some(head)) = (audit, appended)

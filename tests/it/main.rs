@@ -9,6 +9,7 @@ mod common;
 mod crash;
 mod daemon;
 mod deploy_overlays;
+mod database;
 mod deploy_rbac;
 mod engines;
 pub mod kubernetes;

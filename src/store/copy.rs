@@ -1,0 +1,233 @@
+//! `rotator database copy --to URL`: everything in the current database (users,
+//! credentials, issuance journal, enrollment and bootstrap tokens, delivery
+//! Secrets, meta with the instance id, the audit chain, the leader epoch) into
+//! an empty one, in one write transaction on the target read from one snapshot
+//! of the source, then checked: the same row count in every table, and the
+//! audit chain verified on the target against the checkpoint read before the
+//! copy (same audit key: the key and checkpoint live outside the database).
+//!
+//! Rows are copied value by value as integers, text or NULL (the only types
+//! rotator's schema uses on either engine), so the copy works between engines.
+use sqlx::{Column, Row};
+
+use super::{Store, StoreError, audit};
+use crate::exit::{Exit, ExitStatus};
+
+/// Every table, in the order a copy fills them (what a row references first).
+/// `the_copy_covers_every_table` fails when a migration adds one not listed.
+pub const TABLES: &[&str] = &[
+    "meta",
+    "users",
+    "issuances",
+    "credentials",
+    "enrollment_tokens",
+    "bootstrap_tokens",
+    "delivery_secrets",
+    "audit_events",
+    "leader_epoch",
+];
+
+/// Tables a migration fills by itself; replaced, not refused, on the target.
+const SEEDED: &[&str] = &["leader_epoch"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(
+        "the target database {target} is not empty: table {table} has {rows} rows\nfix: copy into a new, empty database (for PostgreSQL: `createdb NAME`); rotator never merges two databases"
+    )]
+    NotEmpty {
+        target: String,
+        table: &'static str,
+        rows: i64,
+    },
+    #[error(
+        "the target {target} is the database rotator is using now\nfix: name another database with --to"
+    )]
+    SameDatabase { target: String },
+    #[error(
+        "the copy in {target} does not match: table {table} has {copied} rows there but {source_rows} here; the target transaction was rolled back\nfix: run the copy again into an empty database; report it if it repeats"
+    )]
+    Mismatch {
+        target: String,
+        table: &'static str,
+        copied: i64,
+        source_rows: i64,
+    },
+    #[error(
+        "the audit chain in the copy {target} does not verify: event {seq} ({kind}): {reason}\nfix: run `rotator audit verify` on the current database; a copy of a damaged log keeps the damage"
+    )]
+    Audit {
+        target: String,
+        seq: i64,
+        kind: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ExitStatus for CopyError {
+    fn exit(&self) -> Exit {
+        match self {
+            CopyError::NotEmpty { .. } | CopyError::SameDatabase { .. } => Exit::Conflict,
+            CopyError::Mismatch { .. } => Exit::Database,
+            CopyError::Audit { .. } => Exit::AuditBroken,
+            CopyError::Store(e) => e.exit(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CopyReport {
+    pub target: String,
+    /// Rows per table, in copy order.
+    pub tables: Vec<(String, i64)>,
+    pub audit_events: i64,
+    pub audit_head: String,
+}
+
+async fn count(conn: &mut super::Conn, table: &str) -> Result<i64, StoreError> {
+    let sql = format!("SELECT COUNT(*) FROM {table}");
+    let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(n)
+}
+
+/// One stored value: rotator's schema has integers, text and NULLs only.
+enum Value {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+fn value<R>(row: &R, i: usize) -> Result<Value, StoreError>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+        return Ok(Value::Int(v));
+    }
+    row.try_get::<Option<String>, _>(i)
+        .map(Value::Text)
+        .map_err(|e| StoreError::Invalid(format!("column {i}: neither integer nor text: {e}")))
+}
+
+/// Copies `source` into `target` (an empty rotator database, migrated), which
+/// is shown to the user as `shown`.
+pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyReport, CopyError> {
+    let mut tconn = target.conn().await?;
+    for &t in TABLES.iter().filter(|t| !SEEDED.contains(t)) {
+        let rows = count(&mut tconn, t).await?;
+        if rows > 0 {
+            return Err(CopyError::NotEmpty {
+                target: shown.to_string(),
+                table: t,
+                rows,
+            });
+        }
+    }
+    drop(tconn);
+    // Before the snapshot: everything the checkpoint vouches for is in the copy.
+    let checkpoint = audit::checkpoint_now(source).await?;
+    // One read transaction: the copy is a single point in the source's history.
+    let mut src = source.pool().begin().await.map_err(StoreError::from)?;
+    let mut tx = target.begin().await?;
+    let mut counts = Vec::new();
+    for &t in TABLES {
+        if SEEDED.contains(&t) {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {t}")))
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::from)?;
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {t}")))
+            .fetch_all(&mut *src)
+            .await
+            .map_err(StoreError::from)?;
+        let mut insert = None;
+        for row in &rows {
+            let sql = insert.get_or_insert_with(|| {
+                let cols: Vec<String> = row
+                    .columns()
+                    .iter()
+                    .map(|c| format!("\"{}\"", c.name()))
+                    .collect();
+                let marks: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+                let marks = marks.join(", ");
+                format!("INSERT INTO {t} ({}) VALUES ({marks})", cols.join(", "))
+            });
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
+            for i in 0..row.columns().len() {
+                q = match value(row, i)? {
+                    Value::Int(v) => q.bind(v),
+                    Value::Text(v) => q.bind(v),
+                };
+            }
+            q.execute(&mut *tx).await.map_err(StoreError::from)?;
+        }
+        let source_rows = rows.len() as i64;
+        let copied = count(&mut tx, t).await?;
+        if copied != source_rows {
+            return Err(CopyError::Mismatch {
+                target: shown.to_string(),
+                table: t,
+                copied,
+                source_rows,
+            });
+        }
+        counts.push((t.to_string(), copied));
+    }
+    drop(src);
+    super::commit(tx).await?;
+    // The target verified on its own: read back from it, under the same key.
+    let mut check = target.clone();
+    if let Some(ring) = source.audit_keyring() {
+        check.set_audit(ring.clone());
+    }
+    let r = audit::verify_snapshot(&check, checkpoint).await?;
+    if let Some(b) = r.first_break {
+        return Err(CopyError::Audit {
+            target: shown.to_string(),
+            seq: b.seq,
+            kind: b.kind.name(),
+            reason: b.reason,
+        });
+    }
+    Ok(CopyReport {
+        target: shown.to_string(),
+        tables: counts,
+        audit_events: r.events,
+        audit_head: r.head,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_copy_covers_every_table() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(&crate::store::Location::sqlite_file(
+            &d.path().join("rotator.db"),
+        ))
+        .await
+        .unwrap();
+        let names: Vec<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name != '_sqlx_migrations' ORDER BY name",
+        )
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+        let mut listed: Vec<&str> = TABLES.to_vec();
+        listed.sort();
+        let names: Vec<String> = names.into_iter().map(|n| n.0).collect();
+        assert_eq!(
+            names, listed,
+            "a migration added or dropped a table: list it in TABLES (after what it references)"
+        );
+    }
+}

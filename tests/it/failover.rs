@@ -1,0 +1,283 @@
+//! Two real `rotator serve` processes on one PostgreSQL database with the test
+//! cluster's Lease: the leader fenced out after it was paused past its lease,
+//! and the leader SIGKILLed at each issuance step while the standby finishes.
+//!
+//! NOT YET A MODULE of tests/it/main.rs: it needs the PostgreSQL engine
+//! (`database_url`) and the test harness (`pg`, `use_engine`, `Scratch::command`)
+//! of branch h-pg; `mod failover;` goes in with that merge.
+use std::process::Stdio;
+use std::time::Duration;
+
+use testcluster::Options;
+use tokio::io::AsyncBufReadExt;
+
+use crate::common::*;
+use crate::kubernetes::Kx;
+
+const LEASE: &str = "[leader_election]\nenabled = true\nlease_duration = \"2s\"\n";
+
+/// A daemon and its log lines (JSON), read by a task into a channel, so a test
+/// can wait for a line and still see everything it logged.
+struct Daemon {
+    child: tokio::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    log: Vec<serde_json::Value>,
+}
+
+impl Daemon {
+    fn pid(&self) -> String {
+        self.child.id().expect("running").to_string()
+    }
+
+    /// Waits for a line whose message is `msg` (and that `also` accepts).
+    async fn wait_for(
+        &mut self,
+        msg: &str,
+        within: Duration,
+        also: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let found = tokio::time::timeout(within, async {
+            while let Some(v) = self.lines.recv().await {
+                self.log.push(v.clone());
+                if v["fields"]["message"] == msg && also(&v) {
+                    return Some(v);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(v)) => v,
+            Ok(None) => panic!("the daemon ended before {msg:?}:\n{:#?}", self.log),
+            Err(_) => panic!("no {msg:?} within {within:?}:\n{:#?}", self.log),
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        std::process::Command::new("kill")
+            .args([sig, &self.pid()])
+            .status()
+            .unwrap();
+    }
+
+    async fn stop(mut self) -> std::process::ExitStatus {
+        if self.child.id().is_some() {
+            self.signal("-TERM");
+        }
+        self.child.wait().await.unwrap()
+    }
+}
+
+/// The audit and sealing keys every daemon on the database shares (made by the
+/// first command, in d1), as every replica mounts them from one Secret.
+fn shared_keys(kx: &Kx) -> Vec<(String, String)> {
+    let d1 = kx.s.path("d1");
+    vec![
+        (
+            "ROTATOR_AUDIT__KEY_FILE".into(),
+            d1.join("audit.key").display().to_string(),
+        ),
+        (
+            "ROTATOR_AUDIT__CHECKPOINT_FILE".into(),
+            d1.join("audit.head").display().to_string(),
+        ),
+        (
+            "ROTATOR_SEALING__KEY_FILE".into(),
+            d1.join("seal.key").display().to_string(),
+        ),
+    ]
+}
+
+fn spawn(kx: &Kx, dir: &str, env: &[(&str, &str)]) -> Daemon {
+    let mut c = tokio::process::Command::from(kx.s.command());
+    c.args([
+        "--config",
+        "rotator.toml",
+        "--data-dir",
+        dir,
+        "serve",
+        "--log-format",
+        "json",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    for (k, v) in shared_keys(kx) {
+        c.env(k, v);
+    }
+    c.envs(env.iter().copied()).stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut raw = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = raw.next_line().await {
+            let v = serde_json::from_str(&l).unwrap_or(serde_json::json!({"raw": l}));
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    Daemon {
+        child,
+        lines,
+        log: Vec::new(),
+    }
+}
+
+/// The invariants counted after every scenario.
+async fn assert_invariants(kx: &Kx, users: usize, what: &str) {
+    let c = |sql: &'static str| kx.s.count(sql);
+    assert_eq!(
+        c("SELECT COUNT(DISTINCT user_name) FROM credentials WHERE state = 'current'").await,
+        users as i64,
+        "{what}: every user has a current credential"
+    );
+    assert_eq!(
+        c("SELECT COUNT(*) FROM (SELECT user_name FROM credentials WHERE state = 'current' GROUP BY user_name HAVING COUNT(*) > 1) t").await,
+        0,
+        "{what}: nobody has two"
+    );
+    assert_eq!(
+        c("SELECT COUNT(*) FROM (SELECT user_name, generation FROM issuances GROUP BY user_name, generation HAVING COUNT(*) > 1) t").await,
+        0,
+        "{what}: no generation reused"
+    );
+    assert_eq!(kx.rotator_objects().await.1, "", "{what}: no stray CSR");
+    let env: Vec<(String, String)> = shared_keys(kx);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    ok(&kx
+        .s
+        .rotator_env(&["--config", "rotator.toml", "--data-dir", "d1", "audit", "verify"], &env));
+}
+
+async fn setup(kx: &Kx, users: &[&str]) {
+    for u in users {
+        ok(&kx.s.rotator(&[
+            "--config", "rotator.toml", "--data-dir", "d1", "add-user", u, "-n", "team-a",
+            "--role", "view", "--ttl", "1h",
+        ]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_cannot_commit_when_it_resumes() {
+    let Some(_pg) = use_engine(Engine::Postgres, "failover::a_leader_paused_past_its_lease")
+    else {
+        return;
+    };
+    // Every credential is always due; rotate ticks every 2 s.
+    let kx = Kx::new(
+        Options::default(),
+        &format!("{LEASE}[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"*/2 * * * * *\"\n"),
+    )
+    .await;
+    setup(&kx, &["alice"]).await;
+    // The leader stalls in its first issuance, signed but not yet stored.
+    let mut a = spawn(&kx, "d1", &[("ROTATOR_FAULT", "before-store:sleep-6000")]);
+    a.wait_for("became the leader", Duration::from_secs(30), |_| true)
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while kx
+        .s
+        .count("SELECT COUNT(*) FROM issuances WHERE step IN ('approved', 'issued')")
+        .await
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "a reaches the stall");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Paused past its lease (SIGSTOP): the standby takes over and a new epoch.
+    a.signal("-STOP");
+    let mut b = spawn(&kx, "d2", &[]);
+    b.wait_for("took the leader epoch", Duration::from_secs(30), |v| {
+        v["fields"]["epoch"] == 2
+    })
+    .await;
+    // The old leader resumes mid-job, believing it still leads: refused.
+    a.signal("-CONT");
+    let refused = a
+        .wait_for(
+            "a deposed leader's transaction was refused: another daemon leads now",
+            Duration::from_secs(30),
+            |_| true,
+        )
+        .await;
+    assert_eq!(refused["fields"]["mine"], 1);
+    assert_eq!(refused["fields"]["current"], 2);
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM credentials WHERE state = 'current'")
+            .await,
+        1,
+        "its credential was never stored: still the one from add-user"
+    );
+    // Once it is gone its attempt is abandoned, and the leader renews alice.
+    a.stop().await;
+    b.wait_for("renewed", Duration::from_secs(60), |v| {
+        v["fields"]["user"] == "alice"
+    })
+    .await;
+    assert!(b.stop().await.success());
+    assert_invariants(&kx, 1, "after the fence").await;
+    assert_eq!(
+        kx.s.count("SELECT COUNT(*) FROM audit_events WHERE action = 'leader.epoch'")
+            .await,
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(_pg) = use_engine(Engine::Postgres, "failover::the_standby_finishes_the_pass")
+    else {
+        return;
+    };
+    let kx = Kx::new(
+        Options::default(),
+        &format!("{LEASE}[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"*/2 * * * * *\"\n"),
+    )
+    .await;
+    let users = ["alice", "bob"];
+    setup(&kx, &users).await;
+    for step in [
+        "after-plan",
+        "csr-submitted",
+        "approved",
+        "after-sign",
+        "before-store",
+        "after-store",
+        "after-deliver",
+    ] {
+        let mut a = spawn(&kx, "d1", &[("ROTATOR_FAULT", &format!("{step}:kill"))]);
+        a.wait_for("became the leader", Duration::from_secs(30), |_| true)
+            .await;
+        let mut b = spawn(&kx, "d2", &[]);
+        b.wait_for("rotator daemon started", Duration::from_secs(30), |_| true)
+            .await;
+        let st = a.child.wait().await.unwrap();
+        assert_eq!(st.signal(), Some(9), "{step}: the leader died mid-issuance");
+        // Within the lease and one rotate period (plus the pass itself): the
+        // standby leads and a whole pass renews every user.
+        b.wait_for("became the leader", Duration::from_secs(2 + 2 + 10), |_| true)
+            .await;
+        b.wait_for("job done", Duration::from_secs(30), |v| {
+            v["fields"]["job"] == "rotate"
+                && v["fields"]["summary"]
+                    .as_str()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+                    .is_some_and(|s| s["failed"] == 0 && s["renewed"] == users.len())
+        })
+        .await;
+        let holder = kx
+            .admin_kubectl(&[
+                "get", "lease", "rotator", "-n", "rotator", "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ])
+            .await;
+        assert!(
+            String::from_utf8_lossy(&holder.stdout).ends_with(&format!("-{}", b.pid())),
+            "{step}: the standby holds the Lease"
+        );
+        assert!(b.stop().await.success(), "{step}");
+        assert_invariants(&kx, users.len(), step).await;
+    }
+}
