@@ -160,6 +160,7 @@ async fn check_copy(
             location: super::Location::sqlite_file(copy),
             locks: PathBuf::from("/nonexistent"),
             audit: live.audit.clone(),
+            commits: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             fence: None,
         };
         let r = audit::verify_snapshot(&copy_store, checkpoint).await?;

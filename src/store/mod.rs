@@ -15,8 +15,8 @@ pub use engine::{Engine, Location};
 pub type Conn = sqlx::AnyConnection;
 
 pub mod audit;
-pub mod changes;
 pub mod backup;
+pub mod changes;
 pub mod copy;
 pub mod credentials;
 pub mod enrollments;
