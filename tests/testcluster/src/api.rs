@@ -40,7 +40,7 @@ impl ApiError {
             details: None,
         }
     }
-    fn with_details(mut self, d: Value) -> Self {
+    pub(crate) fn with_details(mut self, d: Value) -> Self {
         self.details = Some(d);
         self
     }
@@ -387,6 +387,8 @@ async fn route(
         (&Method::GET, true) => "list",
         (&Method::GET, false) => "get",
         (&Method::POST, true) => "create",
+        // TokenRequest: a create on a named object's subresource.
+        (&Method::POST, false) if rq.sub == "token" => "create",
         (&Method::PUT, false) => "update",
         (&Method::PATCH, false) => "patch",
         (&Method::DELETE, false) => "delete",
@@ -453,6 +455,10 @@ async fn route(
             Ok(respond(200, &list_doc(rq.res, items, rv)))
         }
         "watch" => watch(cx, rq.res, (!rq.ns.is_empty()).then(|| rq.ns.clone())),
+        "create" if rq.sub == "token" => {
+            crate::tokens::token_request(cx.sh, &rq.ns, &rq.name, &parse_body(body)?)
+                .map(|(code, v)| respond(code, &v))
+        }
         "create" => create(cx, &rq, body).map(|(code, v)| respond(code, &v)),
         "update" => {
             let new: Value = parse_body(body)?;
@@ -728,7 +734,7 @@ fn watch(
                 c = notify.changed() => if c.is_err() { return },
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = tx.closed() => return,
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait_for(|s| *s) => return,
             }
         }
     });
@@ -798,8 +804,15 @@ fn generate_suffix() -> String {
 fn create(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiError> {
     let mut obj = parse_body(body)?;
     match rq.res.plural {
+        "tokenreviews" => return crate::tokens::token_review(cx.sh, obj),
         "selfsubjectreviews" => {
-            let ui = json!({"username": cx.user.username, "groups": cx.user.groups});
+            let mut ui = json!({"username": cx.user.username, "groups": cx.user.groups});
+            if !cx.user.uid.is_empty() {
+                ui["uid"] = json!(cx.user.uid);
+            }
+            if !cx.user.extra.is_empty() {
+                ui["extra"] = json!(cx.user.extra);
+            }
             return Ok((
                 201,
                 json!({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",

@@ -4,6 +4,7 @@
 //! The TLS layer accepts any client certificate whose holder proves its key; the
 //! chain and validity are checked here, so a bad certificate is a 401 with a
 //! Status body, as on a real API server, not a TLS alert.
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine;
@@ -17,6 +18,11 @@ pub struct UserInfo {
     pub username: String,
     pub uid: String,
     pub groups: Vec<String>,
+    /// `user.extra`: for a client certificate its fingerprint, for a bound
+    /// service-account token its JWT ID, under
+    /// `authentication.kubernetes.io/credential-id` (fact 28).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, Vec<String>>,
 }
 
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -38,11 +44,22 @@ pub fn authenticate(
         return cert_user(sh, der);
     }
     let token = authorization?.strip_prefix("Bearer ")?.trim();
+    match crate::tokens::check(sh, token, &sh.opts.api_audiences) {
+        crate::tokens::Verdict::User(u, _) => Some(u),
+        crate::tokens::Verdict::Rejected(_) => None,
+        crate::tokens::Verdict::NotMine => other_token_user(sh, token),
+    }
+}
+
+/// The authenticators that know nothing of audiences: the static admin token,
+/// legacy service-account token Secrets, bootstrap tokens.
+pub(crate) fn other_token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
     if constant_time_eq(token.as_bytes(), sh.opts.admin_token.as_bytes()) {
         return Some(UserInfo {
             username: "admin".into(),
             uid: String::new(),
             groups: vec!["system:masters".into(), "system:authenticated".into()],
+            extra: BTreeMap::new(),
         });
     }
     crate::serviceaccounts::token_user(sh, token).or_else(|| bootstrap_token_user(sh, token))
@@ -80,10 +97,16 @@ fn cert_user(sh: &Shared, der: &[u8]) -> Option<UserInfo> {
         .filter_map(|o| o.as_str().ok().map(str::to_string))
         .collect();
     groups.push("system:authenticated".into());
+    let fingerprint =
+        crate::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref());
     Some(UserInfo {
         username,
         uid: String::new(),
         groups,
+        extra: BTreeMap::from([(
+            crate::tokens::CREDENTIAL_ID.to_string(),
+            vec![format!("X509SHA256={fingerprint}")],
+        )]),
     })
 }
 
@@ -140,6 +163,7 @@ fn bootstrap_token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
         username: format!("system:bootstrap:{id}"),
         uid: String::new(),
         groups,
+        extra: BTreeMap::new(),
     };
     let ttl = sh.opts.token_cache_ttl.as_secs() as i64;
     if ttl > 0 {

@@ -23,6 +23,7 @@ pub mod resources;
 pub mod serviceaccounts;
 pub mod store;
 mod table;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -73,7 +74,15 @@ pub struct Options {
     /// signs the serving certificate and every client certificate, so the
     /// kubeconfig's `certificate-authority-data` also verifies issued certificates.
     pub separate_client_ca: bool,
+    /// `--service-account-issuer`: the `iss` of the tokens TokenRequest mints.
+    pub service_account_issuer: String,
+    /// `--api-audiences`: the audiences a token must name to authenticate a
+    /// request to this server (kube-apiserver defaults them to the issuer).
+    pub api_audiences: Vec<String>,
 }
+
+/// kubeadm's `--service-account-issuer`.
+pub const DEFAULT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 impl Default for Options {
     fn default() -> Self {
@@ -90,6 +99,8 @@ impl Default for Options {
             cleaner_interval: Duration::from_secs(1),
             drop_expiration_seconds: false,
             separate_client_ca: false,
+            service_account_issuer: DEFAULT_ISSUER.into(),
+            api_audiences: vec![DEFAULT_ISSUER.into()],
         }
     }
 }
@@ -104,6 +115,8 @@ pub struct Shared {
     pub store: store::Store,
     pub serving_ca: Ca,
     pub client_ca: Ca,
+    /// The service-account token signing key.
+    pub sa_signer: tokens::TokenSigner,
     pub faults: Faults,
     pub signer_mode: Mutex<SignerMode>,
     pub(crate) token_cache: Mutex<HashMap<String, (UserInfo, i64)>>,
@@ -142,6 +155,7 @@ pub struct Snapshot {
     data: store::Data,
     serving: (String, Vec<u8>),
     client: (String, Vec<u8>),
+    sa_key: Vec<u8>,
     opts: Options,
 }
 
@@ -234,6 +248,7 @@ impl TestCluster {
             data: store::Data::default(),
             serving,
             client,
+            sa_key: tokens::TokenSigner::generate().pkcs8().to_vec(),
             opts,
         };
         Self::start_from(snap, true).await
@@ -267,6 +282,7 @@ impl TestCluster {
             store: store::Store::new(snap.data),
             serving_ca,
             client_ca,
+            sa_signer: tokens::TokenSigner::from_pkcs8(&snap.sa_key),
             faults: Faults::default(),
             token_cache: Mutex::new(HashMap::new()),
             clock_offset: AtomicI64::new(0),
@@ -300,6 +316,7 @@ impl TestCluster {
             data,
             serving: ca_parts(&self.sh.serving_ca),
             client: ca_parts(&self.sh.client_ca),
+            sa_key: self.sh.sa_signer.pkcs8().to_vec(),
             opts: self.sh.opts.clone(),
         }
     }
@@ -348,6 +365,68 @@ impl TestCluster {
         &self.sh.store
     }
 
+    /// Creates a ServiceAccount (and its namespace if missing); returns its uid.
+    /// An account that exists already is kept.
+    pub fn create_service_account(&self, ns: &str, name: &str) -> String {
+        bootstrap::ensure_namespace(&self.sh.store, ns, &self.sh.serving_ca.cert_pem);
+        let _ = self.sh.store.create(
+            ("", "serviceaccounts"),
+            ns,
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
+        );
+        let sa = self
+            .sh
+            .store
+            .get(("", "serviceaccounts"), ns, name)
+            .expect("service account");
+        sa["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// A token for an existing ServiceAccount, as TokenRequest mints it
+    /// (`audiences` empty = [`Options::api_audiences`]). `None` if the account
+    /// does not exist.
+    pub fn service_account_token(
+        &self,
+        ns: &str,
+        name: &str,
+        audiences: &[&str],
+        expiration: Duration,
+    ) -> Option<String> {
+        let aud: Vec<String> = audiences.iter().map(|a| a.to_string()).collect();
+        tokens::mint(&self.sh, ns, name, &aud, expiration.as_secs() as i64).map(|(t, _)| t)
+    }
+
+    /// What Vault's or OpenBao's kubernetes auth method needs to check pods'
+    /// tokens against this cluster (`auth/kubernetes/config`): creates the
+    /// ServiceAccount `kube-system/token-reviewer`, binds it to
+    /// `system:auth-delegator` (TokenReview) and mints its token.
+    pub fn vault_kubernetes_auth(&self) -> VaultKubernetesAuth {
+        self.create_service_account("kube-system", "token-reviewer");
+        let _ = self.sh.store.create(
+            ("rbac.authorization.k8s.io", "clusterrolebindings"),
+            "",
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": "token-reviewer-auth-delegator"},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:auth-delegator"},
+                   "subjects": [{"kind": "ServiceAccount", "name": "token-reviewer", "namespace": "kube-system"}]}),
+        );
+        VaultKubernetesAuth {
+            kubernetes_host: self.sh.url.clone(),
+            kubernetes_ca_cert: self.ca_pem().to_string(),
+            token_reviewer_jwt: self
+                .service_account_token(
+                    "kube-system",
+                    "token-reviewer",
+                    &[],
+                    Duration::from_secs(24 * 3600),
+                )
+                .expect("reviewer account"),
+        }
+    }
+
     fn kubeconfig(&self, user: serde_json::Value) -> String {
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         let kc = json!({
@@ -378,6 +457,22 @@ impl TestCluster {
     pub fn user_kubeconfig(&self, cn: &str, groups: &[&str]) -> String {
         let (cert, key) = self.sh.client_ca.client_cert(cn, groups, 86400);
         self.kubeconfig_for_cert(&cert, &key)
+    }
+}
+
+/// The values of Vault's/OpenBao's `auth/kubernetes/config` for this cluster
+/// (see [`TestCluster::vault_kubernetes_auth`]). `Debug` leaves out the JWT.
+pub struct VaultKubernetesAuth {
+    pub kubernetes_host: String,
+    pub kubernetes_ca_cert: String,
+    pub token_reviewer_jwt: String,
+}
+
+impl std::fmt::Debug for VaultKubernetesAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultKubernetesAuth")
+            .field("kubernetes_host", &self.kubernetes_host)
+            .finish_non_exhaustive()
     }
 }
 
@@ -417,7 +512,8 @@ async fn serve(
                         .await;
                 });
             }
-            _ = stop.changed() => break,
+            // `wait_for` sees a stop sent before this task first ran.
+            _ = stop.wait_for(|s| *s) => break,
         }
     }
     conns.abort_all();
@@ -444,7 +540,7 @@ async fn controllers(sh: Arc<Shared>) {
         tokio::select! {
             _ = changes.changed() => {}
             _ = tokio::time::sleep(tick) => {}
-            _ = stop.changed() => return,
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

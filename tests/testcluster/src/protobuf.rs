@@ -149,6 +149,43 @@ const CONFIGMAP: &[F] = &[
     F(4, "immutable", Bool, false),
 ];
 
+const OBJECT_REF: &[F] = &[
+    F(1, "kind", Str, false),
+    F(2, "namespace", Str, false),
+    F(3, "name", Str, false),
+    F(4, "uid", Str, false),
+    F(5, "apiVersion", Str, false),
+    F(6, "resourceVersion", Str, false),
+    F(7, "fieldPath", Str, false),
+];
+const LOCAL_REF: &[F] = &[F(1, "name", Str, false)];
+const SERVICE_ACCOUNT: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "secrets", Msg(OBJECT_REF), true),
+    F(3, "imagePullSecrets", Msg(LOCAL_REF), true),
+    F(4, "automountServiceAccountToken", Bool, false),
+];
+const BOUND_REF: &[F] = &[
+    F(1, "kind", Str, false),
+    F(2, "apiVersion", Str, false),
+    F(3, "name", Str, false),
+    F(4, "uid", Str, false),
+];
+const TOKEN_REQUEST_SPEC: &[F] = &[
+    F(1, "audiences", Str, true),
+    F(4, "expirationSeconds", Int, false),
+    F(3, "boundObjectRef", Msg(BOUND_REF), false),
+];
+const TOKEN_REQUEST: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "spec", Msg(TOKEN_REQUEST_SPEC), false),
+];
+const TOKEN_REVIEW_SPEC: &[F] = &[F(1, "token", Str, false), F(2, "audiences", Str, true)];
+const TOKEN_REVIEW: &[F] = &[
+    F(1, "metadata", Msg(META), false),
+    F(2, "spec", Msg(TOKEN_REVIEW_SPEC), false),
+];
+
 fn schema(kind: &str) -> Option<&'static [F]> {
     Some(match kind {
         "Namespace" => NAMESPACE,
@@ -159,6 +196,9 @@ fn schema(kind: &str) -> Option<&'static [F]> {
         "CertificateSigningRequest" => CSR,
         "Secret" => SECRET,
         "ConfigMap" => CONFIGMAP,
+        "ServiceAccount" => SERVICE_ACCOUNT,
+        "TokenRequest" => TOKEN_REQUEST,
+        "TokenReview" => TOKEN_REVIEW,
         _ => return None,
     })
 }

@@ -80,7 +80,7 @@ pub static RESOURCES: &[Resource] = &[
         namespaced: true,
         verbs: CRUD,
         short_names: &["sa"],
-        subresources: &[],
+        subresources: &["token"],
     },
     Resource {
         group: "rbac.authorization.k8s.io",
@@ -154,6 +154,17 @@ pub static RESOURCES: &[Resource] = &[
         kind: "SelfSubjectReview",
         plural: "selfsubjectreviews",
         singular: "selfsubjectreview",
+        namespaced: false,
+        verbs: &["create"],
+        short_names: &[],
+        subresources: &[],
+    },
+    Resource {
+        group: "authentication.k8s.io",
+        version: "v1",
+        kind: "TokenReview",
+        plural: "tokenreviews",
+        singular: "tokenreview",
         namespaced: false,
         verbs: &["create"],
         short_names: &[],
@@ -252,6 +263,11 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         out.push(json!({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind,
                         "verbs": r.verbs, "shortNames": r.short_names}));
         for s in r.subresources {
+            if *s == "token" {
+                out.push(json!({"name": format!("{}/token", r.plural), "singularName": "", "namespaced": r.namespaced,
+                                "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
+                continue;
+            }
             out.push(json!({"name": format!("{}/{}", r.plural, s), "singularName": "", "namespaced": r.namespaced,
                             "kind": r.kind, "verbs": ["get", "patch", "update"]}));
         }

@@ -88,5 +88,6 @@ pub fn token_user(sh: &Shared, token: &str) -> Option<UserInfo> {
             format!("system:serviceaccounts:{ns}"),
             "system:authenticated".into(),
         ],
+        extra: Default::default(),
     })
 }

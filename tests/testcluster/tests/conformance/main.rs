@@ -4,3 +4,4 @@
 mod common;
 mod scenarios;
 mod server;
+mod tokens;
