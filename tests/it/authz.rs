@@ -698,7 +698,7 @@ struct Wired {
 }
 
 impl Wired {
-    async fn new() -> Self {
+    async fn new(grace: &str) -> Self {
         use testcluster::authz::{Authorizer, FailurePolicy, WebhookConfig};
         let serving_ca = testcluster::pki::Ca::new("rotator-authz-ca");
         let (tls_cert, tls_key) = serving_ca.serving_cert();
@@ -717,13 +717,15 @@ impl Wired {
         .unauthorized_ttl(Duration::from_secs(1))
         .match_condition("request.groups.exists(g, g.startsWith('rotator:'))");
         // Relative to the data directory's folder, where rotator runs; written below.
-        let extra = "[rotation]\ngrace_period = \"6s\"\n[authz]\ntls_cert = \"authz.crt\"\ntls_key = \"authz.key\"\nclient_ca_file = \"apiserver-ca.crt\"\n";
+        let extra = format!(
+            "[rotation]\ngrace_period = \"{grace}\"\n[authz]\ntls_cert = \"authz.crt\"\ntls_key = \"authz.key\"\nclient_ca_file = \"apiserver-ca.crt\"\n"
+        );
         let kx = crate::kubernetes::Kx::new(
             testcluster::Options {
                 authorizers: vec![Authorizer::Webhook(hook), Authorizer::Rbac],
                 ..Default::default()
             },
-            extra,
+            &extra,
         )
         .await;
         for (n, t) in [
@@ -790,7 +792,7 @@ impl Wired {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_kubectl_a_revoked_certificate_is_refused_whatever_binds_it() {
-    let w = Wired::new().await;
+    let w = Wired::new("6s").await;
     let r = |args: &[&str]| ok(&w.kx.rotator(args));
     for u in ["alice", "bob"] {
         r(&[
@@ -859,4 +861,109 @@ async fn through_kubectl_a_revoked_certificate_is_refused_whatever_binds_it() {
     // Another member of `dev` keeps both its own and the hand-made permissions.
     ok(&w.kubectl("bob.kubeconfig", &in_ns).await);
     ok(&w.kubectl("bob.kubeconfig", &cluster_wide).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_kubectl_grace_fingerprints_outsiders_and_rotator_down() {
+    let w = Wired::new("10s").await;
+    let r = |args: &[&str]| ok(&w.kx.rotator(args));
+    r(&[
+        "add-user",
+        "alice",
+        "--group",
+        "dev",
+        "-n",
+        "team-a",
+        "--role",
+        "edit",
+        "--out",
+        "alice1.kubeconfig",
+    ]);
+    // A hand-made binding by user name: only the webhook can take it away.
+    ok(&w
+        .kx
+        .admin_kubectl(&[
+            "create",
+            "rolebinding",
+            "alice-by-name",
+            "--clusterrole=edit",
+            "--user=alice",
+            "-n",
+            "team-a",
+        ])
+        .await);
+    ok(&w
+        .kx
+        .admin_kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "dev-view",
+            "--clusterrole=view",
+            "--group=dev",
+        ])
+        .await);
+    let mut daemon = w.serve();
+    let in_ns = ["get", "configmaps", "-n", "team-a"];
+    w.until("alice1.kubeconfig", &in_ns, true, Duration::from_secs(20))
+        .await;
+
+    // Superseded: works within the grace period.
+    r(&["rotate", "alice", "--out", "alice2.kubeconfig"]);
+    ok(&w.kubectl("alice1.kubeconfig", &in_ns).await);
+    // A certificate another process just issued is unknown to the daemon until
+    // its next refresh (<= 1 s), and that denial is cached for unauthorizedTTL.
+    let fresh = Duration::from_secs(4);
+    w.until("alice2.kubeconfig", &in_ns, true, fresh).await;
+
+    // Three valid certificates; revoking one by serial refuses that one alone
+    // (the credential-id fingerprint decides).
+    r(&["rotate", "alice", "--out", "alice3.kubeconfig"]);
+    w.until("alice3.kubeconfig", &in_ns, true, fresh).await;
+    let serial2 = show(&w.kx.s, "alice")
+        .iter()
+        .find(|c| c["generation"] == 2)
+        .unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    r(&["revoke", "alice", "--serial", &serial2]);
+    let o = w
+        .until("alice2.kubeconfig", &in_ns, false, Duration::from_secs(5))
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("revoked") && err.contains(&serial2), "{err}");
+    ok(&w.kubectl("alice1.kubeconfig", &in_ns).await);
+    ok(&w.kubectl("alice3.kubeconfig", &in_ns).await);
+
+    // Past the grace period the superseded generation 1 is refused; 3 works.
+    let o = w
+        .until("alice1.kubeconfig", &in_ns, false, Duration::from_secs(16))
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("superseded"), "{err}");
+    ok(&w.kubectl("alice3.kubeconfig", &in_ns).await);
+
+    // A certificate made outside rotator (same cluster CA, group dev, even the
+    // name alice) is not a rotator identity: the webhook is not asked.
+    w.kx.s.write(
+        "outside.kubeconfig",
+        &w.kx.cluster.user_kubeconfig("alice", &["dev"]),
+    );
+    ok(&w.kubectl("outside.kubeconfig", &in_ns).await);
+
+    // rotator down, failurePolicy Deny: rotator identities are refused (after
+    // the 1 s TTL), everyone else is unaffected.
+    daemon.kill().await.unwrap();
+    let o = w
+        .until("alice3.kubeconfig", &in_ns, false, Duration::from_secs(5))
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("InternalError") || err.contains("Internal error"),
+        "{err}"
+    );
+    ok(&w.kubectl("outside.kubeconfig", &in_ns).await);
+    ok(&w
+        .kubectl("outside.kubeconfig", &["get", "configmaps", "-n", "team-b"])
+        .await);
 }
