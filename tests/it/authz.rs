@@ -687,3 +687,283 @@ fn doctor_reads_the_api_servers_authorization_config_or_says_it_cannot_tell() {
     let (good, detail) = check("apiserver_config = \"missing.yaml\"\n");
     assert!(!good && detail.contains("cannot read"), "{detail}");
 }
+
+/// The test cluster with rotator's real webhook before RBAC (fact 29):
+/// `matchConditions` send only rotator identities, `failurePolicy: Deny`, 1 s
+/// TTLs; the daemon's serving certificate and the API server's client
+/// certificate come from two throwaway CAs.
+struct Wired {
+    kx: crate::kubernetes::Kx,
+    addr: std::net::SocketAddr,
+}
+
+impl Wired {
+    async fn new(grace: &str) -> Self {
+        use testcluster::authz::{Authorizer, FailurePolicy, WebhookConfig};
+        let serving_ca = testcluster::pki::Ca::new("rotator-authz-ca");
+        let (tls_cert, tls_key) = serving_ca.serving_cert();
+        let api_ca = testcluster::pki::Ca::new("apiserver-client-ca");
+        let (api_cert, api_key) = api_ca.client_cert("kube-apiserver", &[], 86400);
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let hook = WebhookConfig::new(
+            "rotator",
+            &format!("https://{addr}/v1/authorize"),
+            &serving_ca.cert_pem,
+        )
+        .client_cert(&api_cert, &api_key)
+        .failure_policy(FailurePolicy::Deny)
+        .timeout(Duration::from_secs(2))
+        .authorized_ttl(Duration::from_secs(1))
+        .unauthorized_ttl(Duration::from_secs(1))
+        .match_condition("request.groups.exists(g, g.startsWith('rotator:'))");
+        // Relative to the data directory's folder, where rotator runs; written below.
+        let extra = format!(
+            "[rotation]\ngrace_period = \"{grace}\"\n[authz]\ntls_cert = \"authz.crt\"\ntls_key = \"authz.key\"\nclient_ca_file = \"apiserver-ca.crt\"\n"
+        );
+        let kx = crate::kubernetes::Kx::new(
+            testcluster::Options {
+                authorizers: vec![Authorizer::Webhook(hook), Authorizer::Rbac],
+                ..Default::default()
+            },
+            &extra,
+        )
+        .await;
+        for (n, t) in [
+            ("authz.crt", &tls_cert),
+            ("authz.key", &tls_key),
+            ("apiserver-ca.crt", &api_ca.cert_pem),
+        ] {
+            kx.s.write(n, t);
+        }
+        ok(&kx.rotator(&["init"]));
+        Self { kx, addr }
+    }
+
+    fn serve(&self) -> tokio::process::Child {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+        c.current_dir(self.kx.s.dir.path())
+            .args(["--config", "rotator.toml", "serve", "--authz-addr"])
+            .arg(self.addr.to_string())
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+            c.env_remove(k);
+        }
+        let log = std::fs::File::create(self.kx.s.path("serve.log")).unwrap();
+        c.stderr(log).kill_on_drop(true).spawn().unwrap()
+    }
+
+    async fn kubectl(&self, kc: &str, args: &[&str]) -> std::process::Output {
+        let kc = self.kx.s.path(kc);
+        let mut a = vec![
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "--request-timeout=10s",
+        ];
+        a.extend_from_slice(args);
+        crate::common::run_async("kubectl", &a).await
+    }
+
+    /// Waits (at most `within`) until `kubectl ARGS` as `kc` succeeds (`want`)
+    /// or fails; returns the last output.
+    async fn until(
+        &self,
+        kc: &str,
+        args: &[&str],
+        want: bool,
+        within: Duration,
+    ) -> std::process::Output {
+        let started = Instant::now();
+        loop {
+            let o = self.kubectl(kc, args).await;
+            if o.status.success() == want {
+                return o;
+            }
+            assert!(
+                started.elapsed() < within,
+                "kubectl {args:?} as {kc}: still {} after {within:?}: {}\nrotator serve: {}",
+                if want { "refused" } else { "allowed" },
+                String::from_utf8_lossy(&o.stderr),
+                std::fs::read_to_string(self.kx.s.path("serve.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_kubectl_a_revoked_certificate_is_refused_whatever_binds_it() {
+    let w = Wired::new("6s").await;
+    let r = |args: &[&str]| ok(&w.kx.rotator(args));
+    for u in ["alice", "bob"] {
+        r(&[
+            "add-user",
+            u,
+            "--group",
+            "dev",
+            "-n",
+            "team-a",
+            "--role",
+            "edit",
+            "--out",
+            &format!("{u}.kubeconfig"),
+        ]);
+    }
+    // Bindings rotator did not make: its static group and its user name.
+    ok(&w
+        .kx
+        .admin_kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "dev-view",
+            "--clusterrole=view",
+            "--group=dev",
+        ])
+        .await);
+    ok(&w
+        .kx
+        .admin_kubectl(&[
+            "create",
+            "rolebinding",
+            "alice-by-name",
+            "--clusterrole=edit",
+            "--user=alice",
+            "-n",
+            "team-a",
+        ])
+        .await);
+    let _daemon = w.serve();
+    let in_ns = ["get", "configmaps", "-n", "team-a"];
+    let cluster_wide = ["get", "configmaps", "-n", "team-b"];
+    let up = Duration::from_secs(20);
+    w.until("alice.kubeconfig", &in_ns, true, up).await;
+    w.until("alice.kubeconfig", &cluster_wide, true, up).await;
+    w.until("bob.kubeconfig", &cluster_wide, true, up).await;
+
+    r(&["revoke", "alice"]);
+    // Snapshot refresh (<= 1 s) plus the 1 s TTLs bound how long this takes.
+    let o = w
+        .until("alice.kubeconfig", &in_ns, false, Duration::from_secs(5))
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("Forbidden") || err.contains("forbidden"),
+        "{err}"
+    );
+    assert!(
+        err.contains("revoked"),
+        "the webhook's reason reaches kubectl: {err}"
+    );
+    let o = w.kubectl("alice.kubeconfig", &cluster_wide).await;
+    assert!(
+        !o.status.success(),
+        "the static group's binding does not help"
+    );
+    // Another member of `dev` keeps both its own and the hand-made permissions.
+    ok(&w.kubectl("bob.kubeconfig", &in_ns).await);
+    ok(&w.kubectl("bob.kubeconfig", &cluster_wide).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_kubectl_grace_fingerprints_outsiders_and_rotator_down() {
+    let w = Wired::new("10s").await;
+    let r = |args: &[&str]| ok(&w.kx.rotator(args));
+    r(&[
+        "add-user",
+        "alice",
+        "--group",
+        "dev",
+        "-n",
+        "team-a",
+        "--role",
+        "edit",
+        "--out",
+        "alice1.kubeconfig",
+    ]);
+    // A hand-made binding by user name: only the webhook can take it away.
+    ok(&w
+        .kx
+        .admin_kubectl(&[
+            "create",
+            "rolebinding",
+            "alice-by-name",
+            "--clusterrole=edit",
+            "--user=alice",
+            "-n",
+            "team-a",
+        ])
+        .await);
+    ok(&w
+        .kx
+        .admin_kubectl(&[
+            "create",
+            "clusterrolebinding",
+            "dev-view",
+            "--clusterrole=view",
+            "--group=dev",
+        ])
+        .await);
+    let mut daemon = w.serve();
+    let in_ns = ["get", "configmaps", "-n", "team-a"];
+    w.until("alice1.kubeconfig", &in_ns, true, Duration::from_secs(20))
+        .await;
+
+    // Superseded: works within the grace period.
+    r(&["rotate", "alice", "--out", "alice2.kubeconfig"]);
+    ok(&w.kubectl("alice1.kubeconfig", &in_ns).await);
+    // A certificate another process just issued is unknown to the daemon until
+    // its next refresh (<= 1 s), and that denial is cached for unauthorizedTTL.
+    let fresh = Duration::from_secs(4);
+    w.until("alice2.kubeconfig", &in_ns, true, fresh).await;
+
+    // Three valid certificates; revoking one by serial refuses that one alone
+    // (the credential-id fingerprint decides).
+    r(&["rotate", "alice", "--out", "alice3.kubeconfig"]);
+    w.until("alice3.kubeconfig", &in_ns, true, fresh).await;
+    let serial2 = show(&w.kx.s, "alice")
+        .iter()
+        .find(|c| c["generation"] == 2)
+        .unwrap()["serial"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    r(&["revoke", "alice", "--serial", &serial2]);
+    let o = w
+        .until("alice2.kubeconfig", &in_ns, false, Duration::from_secs(5))
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("revoked") && err.contains(&serial2), "{err}");
+    ok(&w.kubectl("alice1.kubeconfig", &in_ns).await);
+    ok(&w.kubectl("alice3.kubeconfig", &in_ns).await);
+
+    // Past the grace period the superseded generation 1 is refused; 3 works.
+    let o = w
+        .until("alice1.kubeconfig", &in_ns, false, Duration::from_secs(16))
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("superseded"), "{err}");
+    ok(&w.kubectl("alice3.kubeconfig", &in_ns).await);
+
+    // A certificate made outside rotator (same cluster CA, group dev, even the
+    // name alice) is not a rotator identity: the webhook is not asked.
+    w.kx.s.write(
+        "outside.kubeconfig",
+        &w.kx.cluster.user_kubeconfig("alice", &["dev"]),
+    );
+    ok(&w.kubectl("outside.kubeconfig", &in_ns).await);
+
+    // rotator down, failurePolicy Deny: rotator identities are refused (after
+    // the 1 s TTL), everyone else is unaffected.
+    daemon.kill().await.unwrap();
+    let o = w
+        .until("alice3.kubeconfig", &in_ns, false, Duration::from_secs(5))
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("InternalError") || err.contains("Internal error"),
+        "{err}"
+    );
+    ok(&w.kubectl("outside.kubeconfig", &in_ns).await);
+    ok(&w
+        .kubectl("outside.kubeconfig", &["get", "configmaps", "-n", "team-b"])
+        .await);
+}

@@ -248,15 +248,27 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn authorize(&self, a: &Attrs, qualified: &str) -> Result<(), ApiError> {
-        if rbac::authorize(&self.sh.store, self.user, a) {
-            return Ok(());
+    /// Asks the authorizer chain (crate::authz), as kube-apiserver's
+    /// `WithAuthorization` filter does: Allow passes; any other decision after an
+    /// authorizer failed is a 500; Deny or no opinion is a 403 carrying the reason.
+    async fn authorize(&self, a: &Attrs, qualified: &str) -> Result<(), ApiError> {
+        let out = crate::authz::authorize(self.sh, self.user, a).await;
+        let reason = match out.decision {
+            crate::authz::Decision::Allow(_) => return Ok(()),
+            crate::authz::Decision::Deny(r) | crate::authz::Decision::NoOpinion(r) => r,
+        };
+        if !out.errors.is_empty() {
+            return Err(ApiError::new(
+                500,
+                "InternalError",
+                format!("Internal error occurred: {}", out.errors.join(", ")),
+            ));
         }
-        let mut e = ApiError::new(
-            403,
-            "Forbidden",
-            rbac::forbidden_message(self.user, a, qualified),
-        );
+        let mut msg = rbac::forbidden_message(self.user, a, qualified);
+        if !reason.is_empty() {
+            msg = format!("{msg}: {reason}");
+        }
+        let mut e = ApiError::new(403, "Forbidden", msg);
         if a.path.is_none() {
             e = e.with_details(json!({"name": a.name, "group": a.group, "kind": a.resource}));
         }
@@ -343,7 +355,7 @@ async fn route(
             path: Some(path.to_string()),
             ..Default::default()
         };
-        cx.authorize(&a, "")?;
+        cx.authorize(&a, "").await?;
         return match doc {
             Some(Value::String(s)) => Ok(Response::builder()
                 .status(200)
@@ -364,7 +376,7 @@ async fn route(
             path: Some(path.to_string()),
             ..Default::default()
         };
-        cx.authorize(&a, "")?;
+        cx.authorize(&a, "").await?;
         return Err(ApiError::new(
             404,
             "NotFound",
@@ -415,9 +427,10 @@ async fn route(
         subresource: rq.sub.clone(),
         namespace: rq.ns.clone(),
         name: rq.name.clone(),
+        version: rq.res.version.into(),
         path: None,
     };
-    cx.authorize(&attrs, &rq.res.qualified())?;
+    cx.authorize(&attrs, &rq.res.qualified()).await?;
     let store_ns = if rq.res.namespaced {
         rq.ns.as_str()
     } else {
@@ -464,7 +477,9 @@ async fn route(
             let new: Value = parse_body(body)?;
             update(cx, &rq, new).map(|v| respond(200, &v))
         }
-        "patch" => patch(cx, &rq, body).map(|(code, v)| respond(code, &v)),
+        "patch" => patch(cx, &rq, body)
+            .await
+            .map(|(code, v)| respond(code, &v)),
         "delete" => {
             let obj = cx
                 .sh
@@ -1138,7 +1153,7 @@ fn json_patch(target: &mut Value, ops: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn patch(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiError> {
+async fn patch(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiError> {
     let ct = cx.content_type.split(';').next().unwrap_or_default().trim();
     let store_ns = if rq.res.namespaced {
         rq.ns.as_str()
@@ -1162,7 +1177,8 @@ fn patch(cx: &Ctx<'_>, rq: &ResReq, body: &Bytes) -> Result<(u16, Value), ApiErr
                     ..Default::default()
                 },
                 &rq.res.qualified(),
-            )?;
+            )
+            .await?;
             return create(
                 cx,
                 &ResReq {
@@ -1220,6 +1236,7 @@ fn access_review(cx: &Ctx<'_>, mut req: Value) -> Value {
                 subresource: s("subresource"),
                 namespace: s("namespace"),
                 name: s("name"),
+                version: s("version"),
                 path: None,
             },
         )

@@ -13,6 +13,7 @@
 
 pub mod api;
 mod authn;
+pub mod authz;
 pub mod bootstrap;
 pub mod csr;
 pub mod faults;
@@ -79,6 +80,10 @@ pub struct Options {
     /// `--api-audiences`: the audiences a token must name to authenticate a
     /// request to this server (kube-apiserver defaults them to the issuer).
     pub api_audiences: Vec<String>,
+    /// `--authorization-config`'s `authorizers`, in order (after the
+    /// `system:masters` shortcut). Empty means `[RBAC]`, kubeadm's chain; a
+    /// chain with webhooks is checked when the cluster starts (see README).
+    pub authorizers: Vec<authz::Authorizer>,
 }
 
 /// kubeadm's `--service-account-issuer`.
@@ -101,6 +106,7 @@ impl Default for Options {
             separate_client_ca: false,
             service_account_issuer: DEFAULT_ISSUER.into(),
             api_audiences: vec![DEFAULT_ISSUER.into()],
+            authorizers: Vec::new(),
         }
     }
 }
@@ -124,6 +130,8 @@ pub struct Shared {
     bucket: Mutex<(f64, Instant)>,
     pub(crate) shutdown: tokio::sync::watch::Sender<bool>,
     pub url: String,
+    /// The authorizer chain built from `opts.authorizers`.
+    pub(crate) authorizers: Vec<authz::Entry>,
 }
 
 impl Shared {
@@ -276,6 +284,11 @@ impl TestCluster {
         let (shutdown, _) = tokio::sync::watch::channel(false);
         let mut opts = snap.opts;
         opts.port = addr.port();
+        let authorizers = if opts.authorizers.is_empty() {
+            vec![authz::Entry::Rbac]
+        } else {
+            authz::build(&opts.authorizers)?
+        };
         let sh = Arc::new(Shared {
             signer_mode: Mutex::new(opts.signer_mode),
             opts,
@@ -289,6 +302,7 @@ impl TestCluster {
             bucket: Mutex::new((0.0, Instant::now())),
             shutdown,
             url,
+            authorizers,
         });
         if seed {
             bootstrap::seed(

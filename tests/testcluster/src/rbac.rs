@@ -11,6 +11,8 @@ use crate::store::Store;
 pub struct Attrs {
     pub verb: String,
     pub group: String,
+    /// The API version of the request (sent to webhooks; RBAC ignores it).
+    pub version: String,
     pub resource: String,
     pub subresource: String,
     pub namespace: String,
@@ -272,6 +274,7 @@ pub fn may_bind(
                             namespace: namespace.into(),
                             name: n.clone(),
                             path: None,
+                            ..Default::default()
                         };
                         held.iter().any(|h| rule_allows(h, &a))
                     })
