@@ -197,6 +197,31 @@ impl Webhook {
         }
     }
 
+    /// Answers one review body, first reading the database's changes when the
+    /// snapshot does not know the certificate or generation: a credential
+    /// another process (the CLI) has just issued is not in the snapshot until
+    /// the next refresh, and a denial would be cached by the API server for
+    /// `unauthorizedTTL`, so a new user's first requests would fail. The look
+    /// is one counter read when nothing changed, bounded in time.
+    pub async fn answer_fresh(&self, app: &App, body: &[u8]) -> (u16, serde_json::Value) {
+        if self.unknown_to_snapshot(app, body) {
+            let _ = tokio::time::timeout(FRESH_LOOK, self.refresh()).await;
+        }
+        self.answer(app, body)
+    }
+
+    fn unknown_to_snapshot(&self, app: &App, body: &[u8]) -> bool {
+        let Ok(spec) = review::parse(body) else {
+            return false;
+        };
+        let snap = self.snapshot.read();
+        snap.loaded()
+            && matches!(
+                super::decide(&snap, &spec, app.clock.now(), Self::rules(app)).why,
+                "unknown_certificate" | "unknown_generation"
+            )
+    }
+
     /// Answers one review body (the handler's core; benchmarks call it directly).
     pub fn answer(&self, app: &App, body: &[u8]) -> (u16, serde_json::Value) {
         let started = Instant::now();
@@ -256,6 +281,10 @@ fn respond(status: u16, body: &serde_json::Value) -> Response<Full<Bytes>> {
     );
     r
 }
+
+/// How long a review waits for the database when the snapshot does not know its
+/// certificate (well inside the API server's webhook timeout).
+const FRESH_LOOK: Duration = Duration::from_millis(500);
 
 /// The largest announced body that is read and dropped before its 400.
 const DRAIN_LIMIT: usize = 1024 * 1024;
@@ -348,7 +377,7 @@ async fn handle(hook: &Webhook, req: Request<Incoming>) -> Response<Full<Bytes>>
             );
         }
     };
-    let (status, answer) = hook.answer(&app, &body);
+    let (status, answer) = hook.answer_fresh(&app, &body).await;
     respond(status, &answer)
 }
 

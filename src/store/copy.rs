@@ -25,7 +25,13 @@ pub const TABLES: &[&str] = &[
     "delivery_secrets",
     "audit_events",
     "leader_epoch",
+    "change_counter",
 ];
+
+/// Tables the target's own triggers keep (migration 0013's change counter
+/// stamps every copied credential and user row as it is inserted): not copied,
+/// so the counter matches the stamps in the target.
+const KEPT: &[&str] = &["change_counter"];
 
 /// Tables a migration fills by itself; replaced, not refused, on the target.
 const SEEDED: &[&str] = &["leader_epoch"];
@@ -119,7 +125,10 @@ where
 /// is shown to the user as `shown`.
 pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyReport, CopyError> {
     let mut tconn = target.conn().await?;
-    for &t in TABLES.iter().filter(|t| !SEEDED.contains(t)) {
+    for &t in TABLES
+        .iter()
+        .filter(|t| !SEEDED.contains(t) && !KEPT.contains(t))
+    {
         let rows = count(&mut tconn, t).await?;
         if rows > 0 {
             return Err(CopyError::NotEmpty {
@@ -137,6 +146,9 @@ pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyRep
     let mut tx = target.begin().await?;
     let mut counts = Vec::new();
     for &t in TABLES {
+        if KEPT.contains(&t) {
+            continue;
+        }
         if SEEDED.contains(&t) {
             sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {t}")))
                 .execute(&mut *tx)
