@@ -1036,7 +1036,15 @@ impl Issuer<'_> {
             }),
         )
         .await?;
-        crate::store::commit(tx).await?;
+        if let Err(e) = crate::store::commit(tx).await {
+            // Not stored (a deposed leader's fenced commit, a lost database): the
+            // CSR object is stray now. Had the commit landed after all, the CSR
+            // would have done its job: deleting it is right either way.
+            if let Err(c) = self.signer.cleanup(id).await {
+                warn!(error = %c, "could not delete the CSR object; the next command for the user or the next reconcile removes it");
+            }
+            return Err(e.into());
+        }
         info!(serial = %cert.serial, not_after = cert.not_after, "credential stored");
         self.faults.hit(FaultPoint::AfterStore)?;
         // The certificate is ours now; the CSR object has done its job.

@@ -144,24 +144,41 @@ async fn assert_invariants(kx: &Kx, users: usize, what: &str) {
     assert_eq!(kx.rotator_objects().await.1, "", "{what}: no stray CSR");
     let env: Vec<(String, String)> = shared_keys(kx);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    ok(&kx
-        .s
-        .rotator_env(&["--config", "rotator.toml", "--data-dir", "d1", "audit", "verify"], &env));
+    ok(&kx.s.rotator_env(
+        &[
+            "--config",
+            "rotator.toml",
+            "--data-dir",
+            "d1",
+            "audit",
+            "verify",
+        ],
+        &env,
+    ));
 }
 
 async fn setup(kx: &Kx, users: &[&str]) {
     for u in users {
         ok(&kx.s.rotator(&[
-            "--config", "rotator.toml", "--data-dir", "d1", "add-user", u, "-n", "team-a",
-            "--role", "view", "--ttl", "1h",
+            "--config",
+            "rotator.toml",
+            "--data-dir",
+            "d1",
+            "add-user",
+            u,
+            "-n",
+            "team-a",
+            "--role",
+            "view",
+            "--ttl",
+            "1h",
         ]));
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_paused_past_its_lease_cannot_commit_when_it_resumes() {
-    let Some(_pg) = use_engine(Engine::Postgres, "failover::a_leader_paused_past_its_lease")
-    else {
+    let Some(_pg) = use_engine(Engine::Postgres, "failover::a_leader_paused_past_its_lease") else {
         return;
     };
     // Every credential is always due; rotate ticks every 2 s.
@@ -227,8 +244,7 @@ async fn a_leader_paused_past_its_lease_cannot_commit_when_it_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step() {
     use std::os::unix::process::ExitStatusExt;
-    let Some(_pg) = use_engine(Engine::Postgres, "failover::the_standby_finishes_the_pass")
-    else {
+    let Some(_pg) = use_engine(Engine::Postgres, "failover::the_standby_finishes_the_pass") else {
         return;
     };
     let kx = Kx::new(
@@ -257,8 +273,10 @@ async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step(
         assert_eq!(st.signal(), Some(9), "{step}: the leader died mid-issuance");
         // Within the lease and one rotate period (plus the pass itself): the
         // standby leads and a whole pass renews every user.
-        b.wait_for("became the leader", Duration::from_secs(2 + 2 + 10), |_| true)
-            .await;
+        b.wait_for("became the leader", Duration::from_secs(2 + 2 + 10), |_| {
+            true
+        })
+        .await;
         b.wait_for("job done", Duration::from_secs(30), |v| {
             v["fields"]["job"] == "rotate"
                 && v["fields"]["summary"]
@@ -269,7 +287,12 @@ async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step(
         .await;
         let holder = kx
             .admin_kubectl(&[
-                "get", "lease", "rotator", "-n", "rotator", "-o",
+                "get",
+                "lease",
+                "rotator",
+                "-n",
+                "rotator",
+                "-o",
                 "jsonpath={.spec.holderIdentity}",
             ])
             .await;

@@ -12,6 +12,7 @@ mod database;
 mod deploy_overlays;
 mod deploy_rbac;
 mod engines;
+mod failover;
 pub mod kubernetes;
 mod pg;
 mod policy_config;
