@@ -20,7 +20,7 @@ use sqlx::{Connection, Executor};
 use crate::store::{BUSY_TIMEOUT, StoreError, USER_LOCK_WAIT};
 
 /// The advisory lock key every write transaction takes ("rotator" in ASCII).
-pub(crate) const WRITER_LOCK: i64 = 0x726f_7461_746f_72;
+pub(crate) const WRITER_LOCK: i64 = 0x0072_6f74_6174_6f72;
 
 /// A write transaction: READ COMMITTED, so that every statement after the
 /// writer lock sees what the previous writer committed (a REPEATABLE READ or
