@@ -206,6 +206,7 @@ async fn an_edited_chain_re_hashed_without_the_key_is_named() {
     verify_fails(&s, "altered");
 }
 
+crate::engines! {
 #[tokio::test]
 async fn a_missing_checkpoint_stays_visible_until_reset() {
     let s = Scratch::new();
@@ -228,6 +229,7 @@ async fn a_missing_checkpoint_stays_visible_until_reset() {
     ok(&s.rotator(&["add-user", "dave", "-n", "team-a", "--role", "view"]));
     ok(&s.rotator(&["audit", "verify"]));
 }
+}
 
 #[tokio::test]
 async fn an_old_checkpoint_put_back_or_a_forged_one_is_named() {
@@ -247,16 +249,15 @@ async fn an_old_checkpoint_put_back_or_a_forged_one_is_named() {
     verify_fails(&s, "checkpoint_invalid");
 }
 
+crate::engines! {
 #[tokio::test]
 async fn concurrent_writers_never_move_the_checkpoint_back() {
     let s = Scratch::new();
     ok(&s.rotator(&["init"]));
-    let bin = env!("CARGO_BIN_EXE_rotator");
     let mut kids = Vec::new();
     for i in 0..8 {
         kids.push(
-            tokio::process::Command::new(bin)
-                .current_dir(s.dir.path())
+            tokio::process::Command::from(s.command())
                 .args([
                     "add-user",
                     &format!("u{i}"),
@@ -275,6 +276,7 @@ async fn concurrent_writers_never_move_the_checkpoint_back() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["checkpoint"], v["events"], "{v}");
     assert!(v["first_break"].is_null(), "{v}");
+}
 }
 
 #[tokio::test]

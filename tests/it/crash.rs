@@ -498,7 +498,6 @@ fn temp_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found
 }
 
-crate::engines! {
 #[test]
 fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a_key() {
     use std::time::{Duration, Instant};
@@ -538,7 +537,8 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         } else {
             vec!["rotate", "alice", "--out", "out/alice.kubeconfig"]
         };
-        let mut child = s.command()
+        let mut child = s
+            .command()
             .args(&args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -567,5 +567,4 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         "most rounds were killed mid-run ({killed})"
     );
     assert!(left.is_empty(), "temporary files survived: {left:?}");
-}
 }

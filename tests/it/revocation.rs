@@ -689,13 +689,14 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
             };
             let q = reached(point);
             for _ in 0..400 {
-                let (done,): (bool,) = sqlx::query_as(sqlx::AssertSqlSafe(q.clone()))
+                // An integer: through sqlx's Any driver SQLite has no booleans.
+                let (done,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(q.clone()))
                     .bind(&user)
                     .fetch_one(app.store.pool())
                     .await
                     .unwrap();
                 let delivered = *point != "after-deliver" || kx.s.path(&out).exists();
-                if done && delivered {
+                if done != 0 && delivered {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -745,6 +746,7 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
+crate::engines! {
 /// Authorized before the revoke, planned after it: an API renewal (whose
 /// client certificate was current when it was checked) and a daemon rotation
 /// (whose pass read the credential before the revoke) must lose too.
@@ -812,4 +814,5 @@ async fn a_renewal_or_a_pass_decided_before_a_revoke_is_refused_when_it_plans() 
             .unwrap();
         assert_eq!(planned.len(), 1, "{user}: no generation was burnt");
     }
+}
 }
