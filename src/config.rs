@@ -13,7 +13,13 @@ use crate::pki::KeyType;
 use crate::policy::{Pattern, Policy};
 
 /// Environment variables that are not configuration keys.
-const RESERVED_ENV: &[&str] = &["ROTATOR_CONFIG", "ROTATOR_LOG", "ROTATOR_FAULT"];
+/// `ROTATOR_REQUIRE_ALL` is the test suite's (scripts/test): every test must run.
+const RESERVED_ENV: &[&str] = &[
+    "ROTATOR_CONFIG",
+    "ROTATOR_LOG",
+    "ROTATOR_FAULT",
+    "ROTATOR_REQUIRE_ALL",
+];
 /// The config file's sections. `ROTATOR_<SECTION>` alone is never configuration
 /// (a section is not a value): `ROTATOR_SERVER` is `fetch --server`'s variable,
 /// and only `ROTATOR_SERVER__<KEY>` sets a key of `[server]`.

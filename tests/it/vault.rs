@@ -41,11 +41,15 @@ fn free_port() -> u16 {
 impl Bao {
     /// `None` (after saying so loudly) when `bao` is not installed.
     pub fn start(test: &str) -> Option<Bao> {
-        Self::start_on(test, free_port())
+        Self::start_at(test, free_port(), false)
     }
 
     /// On a port chosen by the caller (an address a daemon was configured with).
     pub fn start_on(test: &str, port: u16) -> Option<Bao> {
+        Self::start_at(test, port, true)
+    }
+
+    fn start_at(test: &str, port: u16, fixed: bool) -> Option<Bao> {
         if Command::new("bao")
             .arg("version")
             .stdout(Stdio::null())
@@ -63,11 +67,22 @@ impl Bao {
             port,
             home: tempfile::tempdir().unwrap(),
         };
-        b.spawn();
-        Some(b)
+        // A port picked free may be taken before the server binds it: try another
+        // (only when the caller did not choose it).
+        for _ in 0..5 {
+            match b.spawn() {
+                Ok(()) => return Some(b),
+                Err(log) if log.contains("address already in use") && !fixed => {
+                    b.port = free_port();
+                    b.addr = format!("http://127.0.0.1:{}", b.port);
+                }
+                Err(log) => panic!("bao server exited:\n{log}"),
+            }
+        }
+        panic!("bao server found no free port in 5 tries");
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self.home.path().join("bao.log")).unwrap();
         let child = Command::new("bao")
             .args([
@@ -89,14 +104,21 @@ impl Bao {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.cli(&["status"]).status.success() {
-                return;
-            }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "bao server exited ({st}):\n{}",
+                self.child = None;
+                return Err(format!(
+                    "({st}) {}",
                     std::fs::read_to_string(self.home.path().join("bao.log")).unwrap_or_default()
-                );
+                ));
+            }
+            // Answering, and still running: a server that failed to bind exits at
+            // once, so the answer is not another test's server on the same port.
+            if self.cli(&["status"]).status.success() {
+                std::thread::sleep(Duration::from_millis(200));
+                if self.child.as_mut().unwrap().try_wait().unwrap().is_none() {
+                    return Ok(());
+                }
+                continue;
             }
             assert!(
                 Instant::now() < deadline,
@@ -117,7 +139,9 @@ impl Bao {
 
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        if let Err(log) = self.spawn() {
+            panic!("bao server did not restart on {}:\n{log}", self.addr);
+        }
     }
 
     /// `bao ARGS` as root against this server.
