@@ -197,11 +197,10 @@ signing_variants! {
         assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 2);
         assert_eq!(s.count("SELECT COUNT(*) FROM enrollment_tokens").await, 1);
         // From stdin: a changed row is its own conflict (exit 6); the new one is issued.
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-        c.current_dir(s.dir.path())
-            .args(["add-user", "--from", "-", "--out-dir", "out"])
+        // The scratch's command: its database (engine) and signer socket.
+        let mut c = s.command();
+        c.args(["add-user", "--from", "-", "--out-dir", "out"])
             .env("ROTATOR_DATA_DIR", "rotator-data")
-            .envs(s.signer.iter().map(|p| ("ROTATOR_LOCAL_CA__SOCKET", &p.socket)))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());

@@ -768,18 +768,14 @@ signing_variants! {
         let api_addr = format!("127.0.0.1:{api_port}");
         let metrics_addr = format!("127.0.0.1:{metrics_port}");
         ok(&s.rotator(&["--data-dir", "data", "init"]));
-        let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
-            daemon.env_remove(k);
-        }
+        // The scratch's command: its database (engine) and signer socket.
+        let mut daemon = tokio::process::Command::from(s.command());
         if let Some((cert, key, _)) = &serving {
             daemon
                 .env("ROTATOR_SERVER__TLS_CERT", cert)
                 .env("ROTATOR_SERVER__TLS_KEY", key);
         }
         let mut daemon = daemon
-            .envs(s.signer.iter().map(|p| ("ROTATOR_LOCAL_CA__SOCKET", &p.socket)))
-            .current_dir(s.dir.path())
             .args([
                 "--data-dir",
                 "data",
