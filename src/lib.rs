@@ -14,6 +14,7 @@ pub mod config;
 pub mod enrollment;
 pub mod exit;
 pub mod fsutil;
+pub mod health;
 pub mod issuer;
 pub mod kubeconfig;
 pub mod lifecycle;

@@ -1,21 +1,27 @@
-//! Prometheus metrics, and the plain-HTTP listener for `/healthz`, `/readyz`
-//! and `/metrics` (separate from any user-facing endpoint).
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! Prometheus metrics: what the daemon counts. A leaf: the flows report into
+//! it, and `health` fills the database gauges at scrape time and serves it.
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::app::App;
+/// The gauges that describe the database and Vault, read at scrape time so
+/// they are never stale.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Credentials by state.
+    pub credentials: Vec<(String, i64)>,
+    /// The earliest notAfter of each active user's current credentials.
+    pub expiry: Vec<(String, i64)>,
+    /// Bootstrap and enrollment tokens by state.
+    pub tokens: Vec<(String, i64)>,
+    /// Every Vault state, and the current one (when Vault is configured).
+    pub vault: Option<(Vec<&'static str>, &'static str)>,
+}
 
 type Labels = Vec<(String, String)>;
 
@@ -227,6 +233,13 @@ impl Metrics {
             .inc();
     }
 
+    /// When `job` last succeeded (Unix seconds), 0 when it never has.
+    pub fn last_success(&self, job: &str) -> f64 {
+        self.job_last_success
+            .get_or_create(&l(&[("job", job)]))
+            .get()
+    }
+
     pub fn job(&self, job: &str, ok: bool, took: Duration, now: i64) {
         self.job_runs
             .get_or_create(&l(&[
@@ -244,8 +257,9 @@ impl Metrics {
         }
     }
 
-    /// Refreshes the database-backed gauges and renders the text format.
-    pub async fn render(&self, app: &App) -> Result<String, crate::store::StoreError> {
+    /// Sets the gauges that describe the database and Vault from `now`,
+    /// then renders the text format.
+    pub fn render(&self, now: &Gauges) -> Result<String, std::fmt::Error> {
         self.credentials.clear();
         for state in [
             "pending",
@@ -259,175 +273,30 @@ impl Metrics {
                 .get_or_create(&l(&[("state", state)]))
                 .set(0);
         }
-        for (state, n) in crate::store::credentials::count_by_state(&app.store).await? {
+        for (state, n) in &now.credentials {
             self.credentials
-                .get_or_create(&l(&[("state", &state)]))
-                .set(n);
+                .get_or_create(&l(&[("state", state)]))
+                .set(*n);
         }
         self.expiry.clear();
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT c.user_name, MIN(c.not_after) FROM credentials c JOIN users u ON u.name = c.user_name
-             WHERE c.state = 'current' AND u.state = 'active' GROUP BY c.user_name",
-        )
-        .fetch_all(app.store.pool())
-        .await?;
-        for (user, not_after) in rows {
+        for (user, not_after) in &now.expiry {
             self.expiry
-                .get_or_create(&l(&[("user", &user)]))
-                .set(not_after as f64);
+                .get_or_create(&l(&[("user", user)]))
+                .set(*not_after as f64);
         }
-        if let Some(v) = &app.vault {
-            let now = v.status().state;
-            for s in crate::vault::State::ALL {
+        if let Some((states, current)) = &now.vault {
+            for s in states {
                 self.vault_state
-                    .get_or_create(&l(&[("state", s.as_str())]))
-                    .set((s == now) as i64);
+                    .get_or_create(&l(&[("state", s)]))
+                    .set((s == current) as i64);
             }
         }
         self.tokens.clear();
-        for (state, n) in crate::store::tokens::count_by_state(&app.store).await? {
-            self.tokens.get_or_create(&l(&[("state", &state)])).set(n);
+        for (state, n) in &now.tokens {
+            self.tokens.get_or_create(&l(&[("state", state)])).set(*n);
         }
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .map_err(|e| crate::store::StoreError::Invalid(e.to_string()))?;
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
-}
-
-/// What `/readyz` checks, each with the reason it fails.
-pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
-    let mut checks = Vec::new();
-    let db = async {
-        let mut tx = app.store.begin().await.map_err(|e| e.to_string())?;
-        sqlx::query("SELECT 1")
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| e.to_string())?;
-        tx.rollback().await.map_err(|e| e.to_string())
-    }
-    .await;
-    checks.push(("database writable".to_string(), db));
-    if let Some(c) = &app.cluster {
-        let r = tokio::time::timeout(Duration::from_secs(3), c.client.apiserver_version()).await;
-        let r = match r {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("no answer within 3s".to_string()),
-        };
-        checks.push(("cluster reachable".to_string(), r));
-    }
-    if let Some(v) = &app.vault {
-        let s = v.status();
-        let r = match s.state {
-            crate::vault::State::Ready => Ok(()),
-            other => Err(match s.detail {
-                Some(d) => format!("{}: {}", other.as_str(), d.lines().next().unwrap_or("")),
-                None => other.as_str().to_string(),
-            }),
-        };
-        checks.push((format!("vault {} ready", v.address()), r));
-    }
-    let now = app.clock.now();
-    if !app.leader.load(std::sync::atomic::Ordering::SeqCst) {
-        checks.push(("jobs".to_string(), Ok(())));
-        return checks; // a standby runs no job: nothing can be late
-    }
-    for job in crate::scheduler::Job::ALL {
-        let last = app
-            .metrics
-            .job_last_success
-            .get_or_create(&l(&[("job", job.name())]))
-            .get();
-        // A job is late when it has not succeeded since two of its ticks ago.
-        let sched = &job.schedule(app).schedule;
-        let ok = match (sched.upcoming(chrono::Utc).next(), last) {
-            _ if last == 0.0 => Err("has not succeeded yet".to_string()),
-            (Some(next), l) => {
-                let period = sched
-                    .after(&next)
-                    .next()
-                    .map(|n| (n - next).num_seconds())
-                    .unwrap_or(60);
-                if (now as f64) - l > (2 * period + 60) as f64 {
-                    Err(format!("last success {}s ago", now - l as i64))
-                } else {
-                    Ok(())
-                }
-            }
-            (None, _) => Ok(()),
-        };
-        checks.push((format!("job {} on schedule", job.name()), ok));
-    }
-    checks
-}
-
-type Body = Full<Bytes>;
-
-fn text(code: u16, body: String) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "text/plain; charset=utf-8")
-        .body(Full::new(Bytes::from(body)))
-        .expect("response")
-}
-
-async fn route(
-    app: Arc<App>,
-    req: Request<hyper::body::Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    Ok(match req.uri().path() {
-        "/healthz" => text(200, "ok\n".into()),
-        "/readyz" => {
-            let checks = readiness(&app).await;
-            let ready = checks.iter().all(|(_, r)| r.is_ok());
-            let body: String = checks
-                .iter()
-                .map(|(n, r)| match r {
-                    Ok(()) => format!("ok   {n}\n"),
-                    Err(e) => format!("FAIL {n}: {e}\n"),
-                })
-                .collect();
-            text(if ready { 200 } else { 503 }, body)
-        }
-        "/metrics" => match app.metrics.render(&app).await {
-            Ok(m) => Response::builder()
-                .status(200)
-                .header(
-                    "content-type",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .body(Full::new(Bytes::from(m)))
-                .expect("response"),
-            Err(e) => text(500, format!("cannot read the database: {e}\n")),
-        },
-        _ => text(404, "not found: try /healthz, /readyz or /metrics\n".into()),
-    })
-}
-
-/// Serves health and metrics on `addr` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    apps: tokio::sync::watch::Receiver<Arc<App>>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => {
-                let Ok((tcp, _)) = r else { continue };
-                // The current configuration, also after a reload.
-                let app = apps.borrow().clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| route(app.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;
-                });
-            }
-        }
-    }
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

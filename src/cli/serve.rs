@@ -89,14 +89,14 @@ where
         _ => None,
     };
     let addr = app.settings.metrics_addr;
-    let listener = crate::metrics::bind(addr).await.map_err(|e| {
+    let listener = crate::health::bind(addr).await.map_err(|e| {
         Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for health and metrics: {e}\nfix: pick a free address with --metrics-addr or metrics_addr"))
     })?;
     info!(%addr, "health and metrics at /healthz, /readyz, /metrics");
     let (apps_tx, apps_rx) = tokio::sync::watch::channel(app.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx2 = stop_rx.clone();
-    let metrics = tokio::spawn(crate::metrics::serve(
+    let metrics = tokio::spawn(crate::health::serve(
         listener,
         apps_rx.clone(),
         async move {

@@ -639,7 +639,7 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
     assert_eq!(api.credentials_of("alice").await.len(), 1);
     let (_, csrs) = api.kx.rotator_objects().await;
     assert!(csrs.is_empty(), "no CSR left in the cluster: {csrs}");
-    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    let metrics = rotator::health::metrics_text(&api.app).await.unwrap();
     for series in [
         r#"rotator_api_requests_total{endpoint="/v1/enroll",outcome="ok"} 1"#,
         r#"rotator_api_requests_total{endpoint="/v1/enroll",outcome="403"} 2"#,
@@ -1234,7 +1234,7 @@ async fn one_address_holding_hundreds_of_idle_and_slow_connections_starves_no_on
     let took = started.elapsed();
     let _ = stop.send(true);
     let (idle_opened, slow_opened) = (idle.await.unwrap(), slow.await.unwrap());
-    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    let metrics = rotator::health::metrics_text(&api.app).await.unwrap();
     let turned_away = metric(
         &metrics,
         r#"rotator_api_connections_refused_total{reason="address"}"#,
@@ -1419,7 +1419,7 @@ async fn unauthenticated_refusals_are_counted_and_summarized_not_logged_row_by_r
         (s, v["error"]["code"].as_str()),
         (409, Some("generation_stale"))
     );
-    let metrics = api.app.metrics.render(&api.app).await.unwrap();
+    let metrics = rotator::health::metrics_text(&api.app).await.unwrap();
     // Stopping the listener writes the last summary.
     let _ = api.stop.send(true);
     (&mut api.served).await.unwrap();

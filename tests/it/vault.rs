@@ -866,7 +866,7 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
         why.starts_with("unreachable") && why.contains(&bao.addr),
         "{why}"
     );
-    let metrics = app.metrics.render(&app).await.unwrap();
+    let metrics = rotator::health::metrics_text(&app).await.unwrap();
     assert!(
         metrics.contains("rotator_vault_state{state=\"unreachable\"} 1"),
         "{metrics}"
@@ -884,8 +884,7 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
     let why = vault_ready(&app).await.unwrap_err();
     assert!(why.starts_with("sealed"), "{why}");
     assert!(
-        app.metrics
-            .render(&app)
+        rotator::health::metrics_text(&app)
             .await
             .unwrap()
             .contains("rotator_vault_state{state=\"sealed\"} 1")
@@ -916,7 +915,7 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
 
 /// What `/readyz` says of Vault.
 async fn vault_ready(app: &rotator::app::App) -> Result<(), String> {
-    rotator::metrics::readiness(app)
+    rotator::health::readiness(app)
         .await
         .into_iter()
         .find(|(n, _)| n.starts_with("vault "))

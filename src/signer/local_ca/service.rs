@@ -46,12 +46,15 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     Ca(#[from] crate::signer::SignError),
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
 }
 
 impl crate::exit::ExitStatus for ServiceError {
     fn exit(&self) -> crate::exit::Exit {
         match self {
             ServiceError::Ca(e) => e.exit(),
+            ServiceError::Vault(e) => e.exit(),
             ServiceError::KeySource { .. } => crate::exit::Exit::Config,
             _ => crate::exit::Exit::Signer,
         }
@@ -85,7 +88,7 @@ impl KeySource {
         s: &LocalCaSettings,
         vault: &crate::vault::VaultSettings,
         clock: Arc<dyn Clock>,
-    ) -> Result<LocalCa, crate::app::AppError> {
+    ) -> Result<LocalCa, ServiceError> {
         let v = crate::vault::Vault::new(vault)?;
         let (key, cert) = crate::vault::secrets::local_ca_pems(s, Some(&v))
             .await?

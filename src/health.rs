@@ -1,0 +1,182 @@
+//! The plain-HTTP listener for `/healthz`, `/readyz` and `/metrics`, separate
+//! from any user-facing endpoint: what it checks and what it reads at scrape time.
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response};
+
+use crate::app::App;
+use crate::metrics::Gauges;
+use crate::store::StoreError;
+
+/// The `/metrics` text: the counters, and the gauges read from the database now.
+pub async fn metrics_text(app: &App) -> Result<String, StoreError> {
+    let g = gauges(app).await?;
+    app.metrics
+        .render(&g)
+        .map_err(|e| StoreError::Invalid(format!("rendering the metrics: {e}")))
+}
+
+/// Reads the gauges that describe the database and Vault.
+pub async fn gauges(app: &App) -> Result<Gauges, StoreError> {
+    let credentials = crate::store::credentials::count_by_state(&app.store).await?;
+    let expiry: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT c.user_name, MIN(c.not_after) FROM credentials c JOIN users u ON u.name = c.user_name
+         WHERE c.state = 'current' AND u.state = 'active' GROUP BY c.user_name",
+    )
+    .fetch_all(app.store.pool())
+    .await?;
+    let tokens = crate::store::tokens::count_by_state(&app.store).await?;
+    let vault = app.vault.as_ref().map(|v| {
+        (
+            crate::vault::State::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect(),
+            v.status().state.as_str(),
+        )
+    });
+    Ok(Gauges {
+        credentials,
+        expiry,
+        tokens,
+        vault,
+    })
+}
+
+/// What `/readyz` checks, each with the reason it fails.
+pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
+    let mut checks = Vec::new();
+    let db = async {
+        let mut tx = app.store.begin().await.map_err(|e| e.to_string())?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.rollback().await.map_err(|e| e.to_string())
+    }
+    .await;
+    checks.push(("database writable".to_string(), db));
+    if let Some(c) = &app.cluster {
+        let r = tokio::time::timeout(Duration::from_secs(3), c.client.apiserver_version()).await;
+        let r = match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 3s".to_string()),
+        };
+        checks.push(("cluster reachable".to_string(), r));
+    }
+    if let Some(v) = &app.vault {
+        let s = v.status();
+        let r = match s.state {
+            crate::vault::State::Ready => Ok(()),
+            other => Err(match s.detail {
+                Some(d) => format!("{}: {}", other.as_str(), d.lines().next().unwrap_or("")),
+                None => other.as_str().to_string(),
+            }),
+        };
+        checks.push((format!("vault {} ready", v.address()), r));
+    }
+    let now = app.clock.now();
+    if !app.leader.load(std::sync::atomic::Ordering::SeqCst) {
+        checks.push(("jobs".to_string(), Ok(())));
+        return checks; // a standby runs no job: nothing can be late
+    }
+    for job in crate::scheduler::Job::ALL {
+        let last = app.metrics.last_success(job.name());
+        // A job is late when it has not succeeded since two of its ticks ago.
+        let sched = &job.schedule(app).schedule;
+        let ok = match (sched.upcoming(chrono::Utc).next(), last) {
+            _ if last == 0.0 => Err("has not succeeded yet".to_string()),
+            (Some(next), l) => {
+                let period = sched
+                    .after(&next)
+                    .next()
+                    .map(|n| (n - next).num_seconds())
+                    .unwrap_or(60);
+                if (now as f64) - l > (2 * period + 60) as f64 {
+                    Err(format!("last success {}s ago", now - l as i64))
+                } else {
+                    Ok(())
+                }
+            }
+            (None, _) => Ok(()),
+        };
+        checks.push((format!("job {} on schedule", job.name()), ok));
+    }
+    checks
+}
+
+type Body = Full<Bytes>;
+
+fn text(code: u16, body: String) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("response")
+}
+
+async fn route(
+    app: Arc<App>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match req.uri().path() {
+        "/healthz" => text(200, "ok\n".into()),
+        "/readyz" => {
+            let checks = readiness(&app).await;
+            let ready = checks.iter().all(|(_, r)| r.is_ok());
+            let body: String = checks
+                .iter()
+                .map(|(n, r)| match r {
+                    Ok(()) => format!("ok   {n}\n"),
+                    Err(e) => format!("FAIL {n}: {e}\n"),
+                })
+                .collect();
+            text(if ready { 200 } else { 503 }, body)
+        }
+        "/metrics" => match metrics_text(&app).await {
+            Ok(m) => Response::builder()
+                .status(200)
+                .header(
+                    "content-type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(Full::new(Bytes::from(m)))
+                .expect("response"),
+            Err(e) => text(500, format!("cannot read the database: {e}\n")),
+        },
+        _ => text(404, "not found: try /healthz, /readyz or /metrics\n".into()),
+    })
+}
+
+/// Serves health and metrics on `addr` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    apps: tokio::sync::watch::Receiver<Arc<App>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => {
+                let Ok((tcp, _)) = r else { continue };
+                // The current configuration, also after a reload.
+                let app = apps.borrow().clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| route(app.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tcp), svc).await;
+                });
+            }
+        }
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
