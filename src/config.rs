@@ -1306,34 +1306,54 @@ fn validate(
     })
 }
 
+/// `SECTION.listen`: an address and port, when set.
+fn listener(
+    cx: &Ctx<'_>,
+    section: &str,
+    raw: Option<String>,
+    example_port: u16,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    raw.map(|raw| {
+        raw.parse::<SocketAddr>().map_err(|e| {
+            cx.invalid(
+                &format!("{section}.listen"),
+                &raw,
+                e.to_string(),
+                format!("write an address and port, such as \"0.0.0.0:{example_port}\""),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// `SECTION.tls_cert` and `SECTION.tls_key`: both or neither.
+fn tls_pair(
+    cx: &Ctx<'_>,
+    section: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (cert, key) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        _ => Err(cx.invalid(
+            section,
+            "",
+            "tls_cert and tls_key must be set together",
+            format!(
+                "set both {section}.tls_cert and {section}.tls_key, or neither to have the local CA issue one"
+            ),
+        )),
+    }
+}
+
 fn authz_settings(
     cx: &Ctx<'_>,
     f: AuthzSection,
     ov: &Overrides,
 ) -> Result<AuthzSettings, ConfigError> {
-    let listen = match ov.authz_addr.clone().or(f.listen) {
-        Some(raw) => Some(raw.parse::<SocketAddr>().map_err(|e| {
-            cx.invalid(
-                "authz.listen",
-                &raw,
-                e.to_string(),
-                "write an address and port, such as \"0.0.0.0:8444\"",
-            )
-        })?),
-        None => None,
-    };
-    let tls = match (f.tls_cert, f.tls_key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
-        _ => {
-            return Err(cx.invalid(
-                "authz",
-                "",
-                "tls_cert and tls_key must be set together",
-                "set both authz.tls_cert and authz.tls_key, or neither to have the local CA issue one",
-            ));
-        }
-    };
+    let listen = listener(cx, "authz", ov.authz_addr.clone().or(f.listen), 8444)?;
+    let tls = tls_pair(cx, "authz", f.tls_cert, f.tls_key)?;
     let refresh_interval = cx.duration("authz.refresh_interval", &f.refresh_interval)?;
     if refresh_interval < Duration::from_millis(50) || refresh_interval > Duration::from_secs(1) {
         return Err(cx.invalid(
@@ -1394,29 +1414,8 @@ fn server_settings(
     f: ServerSection,
     ov: &Overrides,
 ) -> Result<ServerSettings, ConfigError> {
-    let listen = match ov.api_addr.clone().or(f.listen) {
-        Some(raw) => Some(raw.parse::<SocketAddr>().map_err(|e| {
-            cx.invalid(
-                "server.listen",
-                &raw,
-                e.to_string(),
-                "write an address and port, such as \"0.0.0.0:8443\"",
-            )
-        })?),
-        None => None,
-    };
-    let tls = match (f.tls_cert, f.tls_key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
-        _ => {
-            return Err(cx.invalid(
-                "server",
-                "",
-                "tls_cert and tls_key must be set together",
-                "set both server.tls_cert and server.tls_key, or neither to have the local CA issue one",
-            ));
-        }
-    };
+    let listen = listener(cx, "server", ov.api_addr.clone().or(f.listen), 8443)?;
+    let tls = tls_pair(cx, "server", f.tls_cert, f.tls_key)?;
     for h in &f.hostnames {
         let ok = h.parse::<std::net::IpAddr>().is_ok()
             || (!h.is_empty()

@@ -14,8 +14,6 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
@@ -41,10 +39,8 @@ pub enum AuthzError {
         reason: String,
         fix: &'static str,
     },
-    #[error(
-        "the authorization webhook needs a serving certificate, and neither the kubernetes signer nor a local CA behind local_ca.socket issues one\nfix: set authz.tls_cert and authz.tls_key"
-    )]
-    NoServingCert,
+    #[error(transparent)]
+    Serving(#[from] crate::server::TlsError),
     #[error("cannot set up the authorization webhook's TLS: {0}")]
     Setup(String),
 }
@@ -70,32 +66,15 @@ fn file_err(what: &'static str, path: &Path, reason: impl ToString) -> AuthzErro
 pub fn tls_config(app: &App) -> Result<Arc<ServerConfig>, AuthzError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let s = &app.settings.authz;
-    let (cert_pem, key_pem) = match &s.tls {
-        Some((c, k)) => (
-            std::fs::read_to_string(c).map_err(|e| file_err("authz.tls_cert", c, e))?,
-            zeroize::Zeroizing::new(
-                std::fs::read_to_string(k).map_err(|e| file_err("authz.tls_key", k, e))?,
-            ),
-        ),
-        None => {
-            if app.signer.kind() != "local-ca" || app.settings.local_ca.socket.is_some() {
-                return Err(AuthzError::NoServingCert);
-            }
-            let dir = app.settings.data_dir.join("authz");
-            crate::server::local_ca_serving_pem(app, &s.hostnames, &dir)
-                .map_err(|e| AuthzError::Setup(e.to_string()))?
-        }
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| AuthzError::Setup(format!("serving certificate: {e}")))?;
-    if chain.is_empty() {
-        return Err(AuthzError::Setup(
-            "the serving certificate file holds no certificate".into(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| AuthzError::Setup(format!("serving key: {e}")))?;
+    let (chain, key) = crate::server::serving_identity(
+        app,
+        &crate::server::Serving {
+            section: "authz",
+            purpose: "the authorization webhook",
+            files: &s.tls,
+            hostnames: &s.hostnames,
+        },
+    )?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| AuthzError::Setup(e.to_string()))?;

@@ -28,7 +28,7 @@ mod tls;
 pub use ratelimit::RateLimiter;
 pub use refusals::Refusals;
 pub use slots::{ConnectionSlots, Full as SlotsFull, Slot, client_key};
-pub use tls::{TlsError, local_ca_serving_pem, server_config};
+pub use tls::{Serving, TlsError, local_ca_serving_pem, server_config, serving_identity};
 
 /// The longest one connection is served, whatever it does.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);

@@ -24,15 +24,18 @@ const SERVING_CERT_TTL: Duration = Duration::from_secs(90 * 86_400);
 pub enum TlsError {
     #[error("cannot use {what} {path}: {reason}\nfix: {fix}")]
     File {
-        what: &'static str,
+        what: String,
         path: PathBuf,
         reason: String,
         fix: &'static str,
     },
     #[error(
-        "the user API needs a serving certificate, and neither the kubernetes signer nor a local CA behind local_ca.socket issues one\nfix: set server.tls_cert and server.tls_key"
+        "{purpose} needs a serving certificate, and neither the kubernetes signer nor a local CA behind local_ca.socket issues one\nfix: set {section}.tls_cert and {section}.tls_key"
     )]
-    NoServingCert,
+    NoServingCert {
+        purpose: &'static str,
+        section: &'static str,
+    },
     #[error("cannot set up TLS: {0}")]
     Setup(String),
 }
@@ -43,29 +46,66 @@ impl ExitStatus for TlsError {
     }
 }
 
-fn file_err(what: &'static str, path: &Path, reason: impl ToString) -> TlsError {
+fn file_err(what: impl Into<String>, path: &Path, reason: impl ToString) -> TlsError {
     TlsError::File {
-        what,
+        what: what.into(),
         path: path.to_path_buf(),
         reason: reason.to_string(),
         fix: "check the path and that it holds PEM; rotator needs to read it",
     }
 }
 
-/// The serving certificate chain and key, as PEM.
-fn serving_pem(app: &App) -> Result<(String, zeroize::Zeroizing<String>), TlsError> {
-    if let Some((cert, key)) = &app.settings.server.tls {
-        let c = std::fs::read_to_string(cert).map_err(|e| file_err("server.tls_cert", cert, e))?;
-        let k = std::fs::read_to_string(key).map_err(|e| file_err("server.tls_key", key, e))?;
-        return Ok((c, zeroize::Zeroizing::new(k)));
+/// Where one TLS listener's serving certificate comes from.
+pub struct Serving<'a> {
+    /// The config section (`server`, `authz`): named in errors and fixes.
+    pub section: &'static str,
+    /// What listens, for errors ("the user API").
+    pub purpose: &'static str,
+    /// `SECTION.tls_cert` and `tls_key`, when configured.
+    pub files: &'a Option<(PathBuf, PathBuf)>,
+    /// The names a certificate from the local CA is issued for.
+    pub hostnames: &'a [String],
+}
+
+/// The serving chain and key: the configured files, or a certificate from the
+/// local CA kept in `DATA_DIR/SECTION/`.
+pub fn serving_identity(
+    app: &App,
+    s: &Serving<'_>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let (cert_pem, key_pem) = match s.files {
+        Some((cert, key)) => (
+            std::fs::read_to_string(cert)
+                .map_err(|e| file_err(format!("{}.tls_cert", s.section), cert, e))?,
+            zeroize::Zeroizing::new(
+                std::fs::read_to_string(key)
+                    .map_err(|e| file_err(format!("{}.tls_key", s.section), key, e))?,
+            ),
+        ),
+        None => {
+            // With `local_ca.socket` the key is in the signer process, which
+            // issues client certificates only: the serving certificate must be given.
+            if app.signer.kind() != "local-ca" || app.settings.local_ca.socket.is_some() {
+                return Err(TlsError::NoServingCert {
+                    purpose: s.purpose,
+                    section: s.section,
+                });
+            }
+            let dir = app.settings.data_dir.join(s.section);
+            local_ca_serving_pem(app, s.hostnames, &dir)?
+        }
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Setup(format!("serving certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError::Setup(
+            "the serving certificate file holds no certificate".into(),
+        ));
     }
-    // With `local_ca.socket` the key is in the signer process, which issues
-    // client certificates only: the serving certificate must be given.
-    if app.signer.kind() != "local-ca" || app.settings.local_ca.socket.is_some() {
-        return Err(TlsError::NoServingCert);
-    }
-    let dir = app.settings.data_dir.join("server");
-    local_ca_serving_pem(app, &app.settings.server.hostnames, &dir)
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError::Setup(format!("serving key: {e}")))?;
+    Ok((chain, key))
 }
 
 /// A serving certificate for `hostnames` from the local CA, kept in `dir` and
@@ -115,17 +155,15 @@ pub fn local_ca_serving_pem(
 /// The rustls configuration for the user API.
 pub fn server_config(app: &App) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let (cert_pem, key_pem) = serving_pem(app)?;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Setup(format!("serving certificate: {e}")))?;
-    if chain.is_empty() {
-        return Err(TlsError::Setup(
-            "the serving certificate file holds no certificate".into(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| TlsError::Setup(format!("serving key: {e}")))?;
+    let (chain, key) = serving_identity(
+        app,
+        &Serving {
+            section: "server",
+            purpose: "the user API",
+            files: &app.settings.server.tls,
+            hostnames: &app.settings.server.hostnames,
+        },
+    )?;
     let roots = crate::pki::root_store(app.signer.ca_bundle_pem())
         .map_err(|e| TlsError::Setup(format!("client CA: {e}")))?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
