@@ -82,6 +82,8 @@ fn history(s: &Scratch) {
     ok(&s.rotator(&["rotate", "alice"]));
     ok(&s.rotator(&["add-user", "bob", "-n", "team-a", "--role", "view"]));
     ok(&s.rotator(&["revoke", "bob"]));
+    // Three certificates, signed the way the scratch says (in process or by the signer).
+    s.assert_signed("rotator-data", 3);
 }
 
 fn verify_fails(s: &Scratch, kind: &str) -> String {
@@ -120,9 +122,13 @@ async fn rehash_unkeyed(conn: &mut sqlx::SqliteConnection, from: i64, edit: bool
     }
 }
 
+signing_variants! {
+// SQLite only: the tampering edits the SQLite file itself (triggers dropped,
+// as the file's owner can); the signing variants still both run.
+sqlite_only:
 #[tokio::test]
-async fn deleting_the_last_events_is_named_a_truncation() {
-    let s = Scratch::new();
+async fn deleting_the_last_events_is_named_a_truncation(signing: Signing) {
+    let s = Scratch::signing(signing);
     history(&s);
     ok(&s.rotator(&["audit", "verify"]));
     let mut conn = tamper(&s).await;
@@ -152,10 +158,15 @@ async fn deleting_the_last_events_is_named_a_truncation() {
     ok(&s.rotator(&["audit", "reset-checkpoint"]));
     ok(&s.rotator(&["audit", "verify"]));
 }
+}
 
+signing_variants! {
+// SQLite only: the tampering edits the SQLite file itself (triggers dropped,
+// as the file's owner can); the signing variants still both run.
+sqlite_only:
 #[tokio::test]
-async fn deleting_every_event_is_named() {
-    let s = Scratch::new();
+async fn deleting_every_event_is_named(signing: Signing) {
+    let s = Scratch::signing(signing);
     history(&s);
     let mut conn = tamper(&s).await;
     sqlx::query("DELETE FROM audit_events")
@@ -166,11 +177,16 @@ async fn deleting_every_event_is_named() {
     let e = verify_fails(&s, "emptied");
     assert!(e.contains("every event was deleted"), "{e}");
 }
+}
 
+signing_variants! {
+// SQLite only: the tampering edits the SQLite file itself (triggers dropped,
+// as the file's owner can); the signing variants still both run.
+sqlite_only:
 #[tokio::test]
-async fn an_edited_chain_re_hashed_without_the_key_is_named() {
+async fn an_edited_chain_re_hashed_without_the_key_is_named(signing: Signing) {
     // Edit event 3 and recompute the chain from there with the unkeyed formula.
-    let s = Scratch::new();
+    let s = Scratch::signing(signing);
     history(&s);
     let mut conn = tamper(&s).await;
     rehash_unkeyed(&mut conn, 3, true).await;
@@ -179,7 +195,7 @@ async fn an_edited_chain_re_hashed_without_the_key_is_named() {
     assert!(e.contains("broken at event 3"), "{e}");
 
     // The whole chain recomputed, the checkpoint deleted too: still named.
-    let s = Scratch::new();
+    let s = Scratch::signing(signing);
     history(&s);
     let mut conn = tamper(&s).await;
     rehash_unkeyed(&mut conn, 1, true).await;
@@ -190,7 +206,7 @@ async fn an_edited_chain_re_hashed_without_the_key_is_named() {
     verify_fails(&s, "checkpoint_missing");
 
     // Edited but left keyed: its MAC no longer holds.
-    let s = Scratch::new();
+    let s = Scratch::signing(signing);
     history(&s);
     let mut conn = tamper(&s).await;
     let r = &rows(&mut conn).await[2];
@@ -205,11 +221,12 @@ async fn an_edited_chain_re_hashed_without_the_key_is_named() {
     drop(conn);
     verify_fails(&s, "altered");
 }
+}
 
-crate::engines! {
+signing_variants! {
 #[tokio::test]
-async fn a_missing_checkpoint_stays_visible_until_reset() {
-    let s = Scratch::new();
+async fn a_missing_checkpoint_stays_visible_until_reset(signing: Signing) {
+    let s = Scratch::signing(signing);
     history(&s);
     let head = s.path("rotator-data/audit.head");
     std::fs::remove_file(&head).unwrap();
@@ -231,9 +248,10 @@ async fn a_missing_checkpoint_stays_visible_until_reset() {
 }
 }
 
+signing_variants! {
 #[tokio::test]
-async fn an_old_checkpoint_put_back_or_a_forged_one_is_named() {
-    let s = Scratch::new();
+async fn an_old_checkpoint_put_back_or_a_forged_one_is_named(signing: Signing) {
+    let s = Scratch::signing(signing);
     ok(&s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]));
     let head = s.path("rotator-data/audit.head");
     let old = std::fs::read(&head).unwrap();
@@ -248,11 +266,12 @@ async fn an_old_checkpoint_put_back_or_a_forged_one_is_named() {
     std::fs::write(&head, v.to_string()).unwrap();
     verify_fails(&s, "checkpoint_invalid");
 }
+}
 
-crate::engines! {
+signing_variants! {
 #[tokio::test]
-async fn concurrent_writers_never_move_the_checkpoint_back() {
-    let s = Scratch::new();
+async fn concurrent_writers_never_move_the_checkpoint_back(signing: Signing) {
+    let s = Scratch::signing(signing);
     ok(&s.rotator(&["init"]));
     let mut kids = Vec::new();
     for i in 0..8 {
@@ -279,9 +298,13 @@ async fn concurrent_writers_never_move_the_checkpoint_back() {
 }
 }
 
+signing_variants! {
+// SQLite only: the tampering edits the SQLite file itself (triggers dropped,
+// as the file's owner can); the signing variants still both run.
+sqlite_only:
 #[tokio::test]
-async fn an_older_database_with_unkeyed_events_still_verifies_and_is_protected() {
-    let s = Scratch::new();
+async fn an_older_database_with_unkeyed_events_still_verifies_and_is_protected(signing: Signing) {
+    let s = Scratch::signing(signing);
     history(&s);
     // Make it look like a database from before keyed events: every event unkeyed,
     // no key, no checkpoint.
@@ -308,11 +331,13 @@ async fn an_older_database_with_unkeyed_events_still_verifies_and_is_protected()
     // (rehash_unkeyed rewrote the keyed tail as unkeyed too: named at the first.)
     verify_fails(&s, "rehashed");
 }
+}
 
+signing_variants! {
 #[tokio::test]
-async fn a_key_readable_by_others_is_refused_and_a_lost_key_is_not_replaced() {
+async fn a_key_readable_by_others_is_refused_and_a_lost_key_is_not_replaced(signing: Signing) {
     use std::os::unix::fs::PermissionsExt;
-    let s = Scratch::new();
+    let s = Scratch::signing(signing);
     history(&s);
     let key = s.path("rotator-data/audit.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -323,10 +348,15 @@ async fn a_key_readable_by_others_is_refused_and_a_lost_key_is_not_replaced() {
     assert!(e.contains("keyed events") && e.contains("restore"), "{e}");
     assert!(!key.exists());
 }
+}
 
+signing_variants! {
+// SQLite only: the tampering edits the SQLite file itself (triggers dropped,
+// as the file's owner can); the signing variants still both run.
+sqlite_only:
 #[tokio::test]
-async fn export_streams_every_event_as_a_json_line_that_verifies() {
-    let s = Scratch::new();
+async fn export_streams_every_event_as_a_json_line_that_verifies(signing: Signing) {
+    let s = Scratch::signing(signing);
     history(&s);
     let out = ok(&s.rotator(&["audit", "export", "--out", "audit.jsonl"]));
     assert!(out.is_empty(), "the export goes to the file: {out}");
@@ -370,6 +400,7 @@ async fn export_streams_every_event_as_a_json_line_that_verifies() {
         &s.rotator(&["audit", "export", "--out", fifo.to_str().unwrap()]),
         10,
     );
+}
 }
 
 #[tokio::test]
@@ -449,20 +480,22 @@ async fn verify_and_export_page_through_a_long_log() {
     assert_eq!((b.seq, b.kind.name()), (1001, "gap"), "{b:?}");
 }
 
+signing_variants! {
+// SQLite only: the tampering edits the SQLite file itself (triggers dropped,
+// as the file's owner can); the signing variants still both run.
+sqlite_only:
 #[tokio::test]
-async fn processes_starting_together_on_an_unkeyed_log_share_one_new_key() {
-    let s = Scratch::new();
+async fn processes_starting_together_on_an_unkeyed_log_share_one_new_key(signing: Signing) {
+    let s = Scratch::signing(signing);
     ok(&s.rotator(&["init"]));
     let mut conn = tamper(&s).await;
     rehash_unkeyed(&mut conn, 1, false).await;
     drop(conn);
     std::fs::remove_file(s.path("rotator-data/audit.key")).unwrap();
     std::fs::remove_file(s.path("rotator-data/audit.head")).unwrap();
-    let bin = env!("CARGO_BIN_EXE_rotator");
     let kids: Vec<_> = (0..6)
         .map(|i| {
-            tokio::process::Command::new(bin)
-                .current_dir(s.dir.path())
+            tokio::process::Command::from(s.command())
                 .args([
                     "add-user",
                     &format!("u{i}"),
@@ -481,4 +514,5 @@ async fn processes_starting_together_on_an_unkeyed_log_share_one_new_key() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["first_break"].is_null(), "{v}");
     assert_eq!(v["checkpoint"], v["events"], "{v}");
+}
 }

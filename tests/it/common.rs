@@ -443,9 +443,46 @@ impl SignerProc {
 }
 
 /// Writes each test given to it twice, once per `Signing`, as a module of
-/// the test's name: `NAME::in_process` and `NAME::through_signer`.
+/// the test's name: `NAME::in_process` and `NAME::through_signer` (and
+/// `NAME::postgres`, in process on PostgreSQL). Takes any number of tests; one
+/// written `sqlite_only: async fn ...` gets the two signing variants only, on
+/// SQLite (for a test that reads or edits the SQLite file itself, or one too
+/// slow to run a third time: the test says which in a comment).
 macro_rules! signing_variants {
-    ($(#[$m:meta])* async fn $name:ident($s:ident: Signing) $body:block) => {
+    () => {};
+    (sqlite_only: $(#[$m:meta])* async fn $name:ident($s:ident: Signing) $body:block $($rest:tt)*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            async fn variant($s: $crate::common::Signing) $body
+            $(#[$m])*
+            async fn in_process() {
+                variant($crate::common::Signing::InProcess).await
+            }
+            $(#[$m])*
+            async fn through_signer() {
+                variant($crate::common::Signing::Socket).await
+            }
+        }
+        $crate::common::signing_variants! { $($rest)* }
+    };
+    (sqlite_only: $(#[$m:meta])* fn $name:ident($s:ident: Signing) $body:block $($rest:tt)*) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            fn variant($s: $crate::common::Signing) $body
+            $(#[$m])*
+            fn in_process() {
+                variant($crate::common::Signing::InProcess)
+            }
+            $(#[$m])*
+            fn through_signer() {
+                variant($crate::common::Signing::Socket)
+            }
+        }
+        $crate::common::signing_variants! { $($rest)* }
+    };
+    ($(#[$m:meta])* async fn $name:ident($s:ident: Signing) $body:block $($rest:tt)*) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -466,8 +503,9 @@ macro_rules! signing_variants {
                 variant($crate::common::Signing::InProcess).await
             }
         }
+        $crate::common::signing_variants! { $($rest)* }
     };
-    ($(#[$m:meta])* fn $name:ident($s:ident: Signing) $body:block) => {
+    ($(#[$m:meta])* fn $name:ident($s:ident: Signing) $body:block $($rest:tt)*) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -486,6 +524,26 @@ macro_rules! signing_variants {
                 variant($crate::common::Signing::InProcess)
             }
         }
+        $crate::common::signing_variants! { $($rest)* }
     };
 }
 pub(crate) use signing_variants;
+
+/// That an in-process [`app`] over `dir` signed the way `signer` says: through
+/// the signer, `n` signatures in its log and no CA key beside the data; in
+/// process, the data directory's own CA key (what [`Scratch::assert_signed`]
+/// checks for CLI runs).
+pub fn assert_signed_at(dir: &Path, signer: Option<&SignerProc>, n: usize) {
+    let own_key = dir.join("rotator-data/ca/ca.key");
+    match signer {
+        Some(p) => {
+            assert_eq!(
+                p.signed_serials().len(),
+                n,
+                "signatures in the signer's log"
+            );
+            assert!(!own_key.exists(), "no CA key beside the data: {own_key:?}");
+        }
+        None => assert!(own_key.exists(), "the in-process CA key: {own_key:?}"),
+    }
+}

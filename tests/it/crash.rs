@@ -32,18 +32,19 @@ async fn count(app: &rotator::app::App, sql: &'static str) -> i64 {
     n
 }
 
-crate::engines! {
+signing_variants! {
 #[tokio::test]
-async fn a_failure_after_signing_leaves_no_row_and_no_file_and_the_rerun_succeeds_once() {
+async fn a_failure_after_signing_leaves_no_row_and_no_file_and_the_rerun_succeeds_once(signing: Signing) {
     for point in [
         FaultPoint::AfterPlan,
         FaultPoint::AfterSign,
         FaultPoint::BeforeStore,
     ] {
         let dir = tempfile::tempdir().unwrap();
+        let signer = signing.start(dir.path());
         let app = app(
             dir.path(),
-            "",
+            &local_ca_toml(signer.as_ref()),
             Arc::new(Once {
                 point,
                 armed: AtomicBool::new(true),
@@ -87,6 +88,18 @@ async fn a_failure_after_signing_leaves_no_row_and_no_file_and_the_rerun_succeed
         // The interrupted attempt's generation is burnt: a certificate the signer may
         // have made for it must never gain the new credential's permissions.
         assert_eq!(issued.credential.generation, 2, "{point:?}");
+        // Through the signer, the attempt that died after signing stays on the
+        // signer's own record (a daemon cannot hide what it had signed), and
+        // the rerun's certificate is the one more there.
+        let died_after_signing = usize::from(point != FaultPoint::AfterPlan);
+        assert_signed_at(dir.path(), signer.as_ref(), died_after_signing + 1);
+        if let Some(p) = &signer {
+            assert_eq!(
+                p.signed_serials().last(),
+                Some(&issued.credential.serial),
+                "{point:?}"
+            );
+        }
         assert_eq!(
             count(
                 &app,
@@ -114,13 +127,15 @@ async fn a_failure_after_signing_leaves_no_row_and_no_file_and_the_rerun_succeed
 }
 }
 
-crate::engines! {
+signing_variants! {
 #[tokio::test]
-async fn a_crash_between_store_and_delivery_is_resumed_with_the_same_credential() {
+async fn a_crash_between_store_and_delivery_is_resumed_with_the_same_credential(signing: Signing) {
     let dir = tempfile::tempdir().unwrap();
+    let signer = signing.start(dir.path());
+    let local_ca = local_ca_toml(signer.as_ref());
     let app = app(
         dir.path(),
-        "",
+        &local_ca,
         Arc::new(Once {
             point: FaultPoint::AfterStore,
             armed: AtomicBool::new(false),
@@ -137,7 +152,7 @@ async fn a_crash_between_store_and_delivery_is_resumed_with_the_same_credential(
     // Rotation dies after storing the new certificate, before delivering it.
     let app2 = crate::common::app(
         dir.path(),
-        "",
+        &local_ca,
         Arc::new(Once {
             point: FaultPoint::AfterStore,
             armed: AtomicBool::new(true),
@@ -236,13 +251,19 @@ async fn a_crash_between_store_and_delivery_is_resumed_with_the_same_credential(
             .serial,
         pending_serial
     );
+    // Two certificates signed in all (alice's first, the resumed one), none
+    // for the rerun: it delivered what was stored.
+    assert_signed_at(dir.path(), signer.as_ref(), 2);
+    if let Some(p) = &signer {
+        assert_eq!(p.signed_serials().last(), Some(&pending_serial));
+    }
 }
 }
 
-crate::engines! {
+signing_variants! {
 #[tokio::test]
-async fn a_process_killed_mid_issuance_is_finished_by_the_next_run() {
-    let s = Scratch::new();
+async fn a_process_killed_mid_issuance_is_finished_by_the_next_run(signing: Signing) {
+    let s = Scratch::signing(signing);
     // SIGABRT between signing and storing: the process dies with the key in memory.
     let o = s.rotator_env(
         &["add-user", "alice", "-n", "team-a", "--role", "view"],
@@ -269,6 +290,8 @@ async fn a_process_killed_mid_issuance_is_finished_by_the_next_run() {
         6,
     );
     assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 1);
+    // The aborted run's certificate and the one kept: both on the signer's record.
+    s.assert_signed("rotator-data", 2);
 }
 }
 
@@ -373,8 +396,14 @@ impl rotator::sink::Sink for FlakySink {
 async fn alice_with_a_flaky_sink(
     dir: &std::path::Path,
     failures: usize,
+    signer: Option<&SignerProc>,
 ) -> (rotator::app::App, FlakySink) {
-    let app = plain_app(dir).await;
+    let app = app(
+        dir,
+        &local_ca_toml(signer),
+        Arc::new(rotator::issuer::NoFaults),
+    )
+    .await;
     let out = dir.join("k");
     app.issuer()
         .add_user(spec("alice"), &mut FileSink { path: out.clone() }, "t")
@@ -387,11 +416,12 @@ async fn alice_with_a_flaky_sink(
     (app, sink)
 }
 
-crate::engines! {
+signing_variants! {
 #[tokio::test]
-async fn a_failed_delivery_is_retried_with_the_same_credential() {
+async fn a_failed_delivery_is_retried_with_the_same_credential(signing: Signing) {
     let dir = tempfile::tempdir().unwrap();
-    let (app, mut sink) = alice_with_a_flaky_sink(dir.path(), 2).await;
+    let signer = signing.start(dir.path());
+    let (app, mut sink) = alice_with_a_flaky_sink(dir.path(), 2, signer.as_ref()).await;
     let out = sink.inner.path.clone();
     for _ in 0..2 {
         let e = app
@@ -448,6 +478,8 @@ async fn a_failed_delivery_is_retried_with_the_same_credential() {
         rotator::pki::parse_cert_pem(&cert, "k").unwrap().spki_der,
         "the key that was sealed"
     );
+    // Signed twice (alice's first, the rotation), not once per delivery attempt.
+    assert_signed_at(dir.path(), signer.as_ref(), 2);
     assert!(
         rotator::store::audit::verify(&app.store)
             .await
@@ -458,11 +490,12 @@ async fn a_failed_delivery_is_retried_with_the_same_credential() {
 }
 }
 
-crate::engines! {
+signing_variants! {
 #[tokio::test]
-async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key() {
+async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key(signing: Signing) {
     let dir = tempfile::tempdir().unwrap();
-    let (app, mut sink) = alice_with_a_flaky_sink(dir.path(), 1).await;
+    let signer = signing.start(dir.path());
+    let (app, mut sink) = alice_with_a_flaky_sink(dir.path(), 1, signer.as_ref()).await;
     app.issuer()
         .rotate("alice", &mut sink, "t")
         .await
@@ -480,6 +513,7 @@ async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key() {
         .await,
         0
     );
+    assert_signed_at(dir.path(), signer.as_ref(), 2);
 }
 }
 
@@ -498,10 +532,14 @@ fn temp_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+signing_variants! {
+// SQLite only: a third run on PostgreSQL took 32 s (100 processes, each
+// connecting), and the temporary files it looks for do not depend on the engine.
+sqlite_only:
 #[test]
-fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a_key() {
+fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a_key(signing: Signing) {
     use std::time::{Duration, Instant};
-    let s = Scratch::new();
+    let s = Scratch::signing(signing);
     ok(&s.rotator(&["init"]));
     std::fs::create_dir_all(s.path("out")).unwrap();
     ok(&s.rotator(&[
@@ -567,4 +605,10 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         "most rounds were killed mid-run ({killed})"
     );
     assert!(left.is_empty(), "temporary files survived: {left:?}");
+    if let Some(p) = &s.signer {
+        // Every run signed through the signer: the four that ran to the end at least.
+        assert!(p.signed_serials().len() >= 4);
+        assert!(!s.path("rotator-data/ca/ca.key").exists());
+    }
+}
 }

@@ -1,5 +1,11 @@
 //! The daemon's jobs: renewal inside the window driven by an injectable clock,
 //! drift repair by reconcile, and a real `rotator serve` renewing on its own.
+//!
+//! Every test here runs over the kubernetes signer (`Kx`: the test cluster's
+//! CSR API signs and its client CA is what kubectl is checked against), so none
+//! has local-ca signing variants: no local CA key is involved. The daemon
+//! issuing with the local CA, in process and through `rotator signer`, is
+//! `user_api::a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal`.
 
 use testcluster::Options;
 

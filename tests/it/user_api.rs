@@ -15,6 +15,11 @@ use testcluster::Options;
 use crate::common::*;
 use crate::kubernetes::Kx;
 
+/// The user API in process over the kubernetes signer (`Kx`): the test
+/// cluster's CSR API signs, so the tests built on it have no local-ca signing
+/// variants (no local CA key is involved; #12 is about that key). The local-ca
+/// user API, in process and through a real `rotator signer`, is
+/// `a_real_daemon_with_the_local_ca_serves_enrollment_and_renewal`.
 struct Api {
     kx: Kx,
     app: Arc<App>,

@@ -237,6 +237,10 @@ impl Signer for SocketSigner {
         _: &'a dyn crate::signer::Progress,
     ) -> BoxFuture<'a, Result<Signed, SignError>> {
         Box::pin(async move {
+            // The signer checks its own policy, not what this issuer decided for
+            // the user: a CSR whose subject is not exactly that is refused here,
+            // before it leaves, as the in-process CA refuses it.
+            super::in_process::check_subject(&req)?;
             let body = serde_json::to_vec(&wire::SignBody {
                 csr: crate::pki::pem_encode("CERTIFICATE REQUEST", req.csr_der),
                 ttl_seconds: req.ttl.as_secs(),
