@@ -668,7 +668,14 @@ impl Service {
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > max) {
+        if let Some(n) = declared.filter(|&n| n > max) {
+            // Read and drop a body of bounded size before answering: a client
+            // still writing it when the connection closes never sees the 413.
+            if n <= DRAIN_LIMIT {
+                let mut body = req.into_body();
+                let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+            }
             return early(too_large()).await;
         }
         let body = match Limited::new(req.into_body(), max).collect().await {
@@ -716,6 +723,12 @@ impl Service {
         }
     }
 }
+
+/// The largest announced body read and dropped before its 413; a larger one
+/// is refused with the connection closed.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+/// How long a refused body may take to arrive.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn json<T: Serialize>(status: u16, body: &T) -> Response<Full<Bytes>> {
     Response::builder()
