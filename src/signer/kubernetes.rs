@@ -48,6 +48,7 @@ impl Signer for KubernetesSigner {
         progress: &'a dyn Progress,
     ) -> BoxFuture<'a, Result<Signed, SignError>> {
         Box::pin(async move {
+            req.checked_csr()?;
             let name = csr_name(req.credential_id);
             // Recorded before the object exists, so a crash after creating it still finds it.
             progress.step(Step::CsrSubmitted, Some(&name)).await?;

@@ -65,6 +65,31 @@ pub struct SignRequest<'a> {
     pub ttl: Duration,
 }
 
+impl SignRequest<'_> {
+    /// The CSR, parsed, once its subject is exactly the user and groups the
+    /// issuer decided, with a key rotator issues for: the contract every
+    /// signer keeps before anything leaves the process.
+    pub fn checked_csr(&self) -> Result<crate::pki::CsrInfo, SignError> {
+        let csr = crate::pki::parse_csr(self.csr_der)?;
+        if csr.common_name != self.user {
+            return Err(SignError::Refused(format!(
+                "CSR common name {:?} is not the user {:?}",
+                csr.common_name, self.user
+            )));
+        }
+        let (mut got, mut want) = (csr.organizations.clone(), self.organizations.to_vec());
+        got.sort();
+        want.sort();
+        if got != want {
+            return Err(SignError::Refused(format!(
+                "CSR groups {got:?} are not the allowed groups {want:?}"
+            )));
+        }
+        csr.key_type()?;
+        Ok(csr)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Signed {
     /// The leaf certificate, PEM (intermediates may follow).

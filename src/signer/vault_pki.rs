@@ -76,22 +76,7 @@ impl rustify::Endpoint for SignVerbatim {
 /// The CSR as this signer will let Vault copy it: exactly `user` and
 /// `organizations` in the subject, no requested extension.
 pub fn check_csr(req: &SignRequest<'_>) -> Result<(), SignError> {
-    let csr = pki::parse_csr(req.csr_der)?;
-    if csr.common_name != req.user {
-        return Err(SignError::Refused(format!(
-            "CSR common name {:?} is not the user {:?}",
-            csr.common_name, req.user
-        )));
-    }
-    let (mut got, mut want) = (csr.organizations.clone(), req.organizations.to_vec());
-    got.sort();
-    want.sort();
-    if got != want {
-        return Err(SignError::Refused(format!(
-            "CSR groups {got:?} are not the allowed groups {want:?}"
-        )));
-    }
-    csr.key_type()?;
+    let csr = req.checked_csr()?;
     let (_, parsed) = X509CertificationRequest::from_der(&csr.der)
         .map_err(|e| SignError::Refused(format!("the CSR does not parse: {e}")))?;
     // sign-verbatim would copy these (SANs, constraints...) into the certificate.

@@ -14,29 +14,6 @@ use crate::signer::{BoxFuture, SignError, SignRequest, Signed, Signer};
 /// Kubernetes' csrsigning controller backdates by five minutes for clock skew; so do we.
 pub const BACKDATE_SECONDS: i64 = 300;
 
-/// The CSR of `req`, parsed, once its subject is exactly the user and groups
-/// the issuer decided, with a key rotator issues for (the [`SignRequest`]
-/// contract, kept by both local-ca shapes).
-pub(super) fn check_subject(req: &SignRequest<'_>) -> Result<pki::CsrInfo, SignError> {
-    let csr = pki::parse_csr(req.csr_der)?;
-    if csr.common_name != req.user {
-        return Err(SignError::Refused(format!(
-            "CSR common name {:?} is not the user {:?}",
-            csr.common_name, req.user
-        )));
-    }
-    let (mut got, mut want) = (csr.organizations.clone(), req.organizations.to_vec());
-    got.sort();
-    want.sort();
-    if got != want {
-        return Err(SignError::Refused(format!(
-            "CSR groups {got:?} are not the allowed groups {want:?}"
-        )));
-    }
-    csr.key_type()?;
-    Ok(csr)
-}
-
 pub struct LocalCa {
     key: PrivateKey,
     cert_pem: String,
@@ -210,7 +187,7 @@ impl LocalCa {
     /// The issuing profile: subject, validity, serial and every extension are set
     /// here; the CSR contributes only its public key, once its subject matched.
     pub fn issue(&self, req: &SignRequest<'_>, profile: CertProfile) -> Result<String, SignError> {
-        let csr = check_subject(req)?;
+        let csr = req.checked_csr()?;
         let now = self.clock.now();
         let not_after = (now + req.ttl.as_secs() as i64).min(self.not_after);
         if not_after <= now {

@@ -240,7 +240,7 @@ impl Signer for SocketSigner {
             // The signer checks its own policy, not what this issuer decided for
             // the user: a CSR whose subject is not exactly that is refused here,
             // before it leaves, as the in-process CA refuses it.
-            super::in_process::check_subject(&req)?;
+            req.checked_csr()?;
             let body = serde_json::to_vec(&wire::SignBody {
                 csr: crate::pki::pem_encode("CERTIFICATE REQUEST", req.csr_der),
                 ttl_seconds: req.ttl.as_secs(),
