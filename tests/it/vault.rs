@@ -184,6 +184,16 @@ impl Bao {
         out.trim().to_string()
     }
 
+    /// `secret/rotator/probe` (value=hello) and a policy `reader` that may read
+    /// `secret/rotator/*` only: what the auth tests log in for.
+    pub fn probe_and_reader(&self) {
+        self.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
+        self.policy(
+            "reader",
+            "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
+        );
+    }
+
     /// A policy from HCL text.
     pub fn policy(&self, name: &str, hcl: &str) {
         let f = self.home.path().join(format!("{name}.hcl"));
@@ -221,11 +231,7 @@ async fn token_auth_reads_kv_and_never_shows_the_token() {
     let Some(bao) = Bao::start("vault::token_auth_reads_kv_and_never_shows_the_token") else {
         return;
     };
-    bao.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
-    bao.policy(
-        "reader",
-        "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
-    );
+    bao.probe_and_reader();
     let token = bao.token("reader", "1h");
     let dir = tempfile::tempdir().unwrap();
     // From a file, and from VAULT_TOKEN.
@@ -245,13 +251,7 @@ async fn token_auth_reads_kv_and_never_shows_the_token() {
         let vs = s.vault.clone().expect("[vault] configured");
         let v = Vault::connect(&vs).await.expect("token login");
         assert_eq!(v.status().state, State::Ready);
-        let data: std::collections::HashMap<String, String> = v
-            .call("read secret/rotator/probe", |c| async move {
-                vaultrs::kv2::read(&*c, "secret", "rotator/probe").await
-            })
-            .await
-            .expect("read");
-        assert_eq!(data["value"], "hello");
+        assert_eq!(read_probe(&v).await.expect("read"), "hello");
         // The token was renewable with a TTL: the renewer has a time for it.
         assert!(v.renew_at().await.is_some());
         for shown in [format!("{v:?}"), format!("{vs:?}"), format!("{s:?}")] {
@@ -315,6 +315,17 @@ async fn a_bad_token_and_an_unreachable_server_are_clear_errors() {
     assert!(e.to_string().contains("VAULT_TOKEN"), "{e}");
 }
 
+/// Reads `secret/rotator/probe` through `v` (see [`Bao::probe_and_reader`]):
+/// its `value`.
+async fn read_probe(v: &Vault) -> Result<String, VaultError> {
+    let data: std::collections::HashMap<String, String> = v
+        .call("read secret/rotator/probe", |c| async move {
+            vaultrs::kv2::read(&*c, "secret", "rotator/probe").await
+        })
+        .await?;
+    Ok(data["value"].clone())
+}
+
 /// `bao token lookup` of `token` as root: its remaining TTL, or `None` when
 /// the token is gone.
 fn token_ttl(bao: &Bao, token: &str) -> Option<i64> {
@@ -333,11 +344,7 @@ async fn a_short_token_is_renewed_and_a_revoked_one_replaced_or_named() {
     else {
         return;
     };
-    bao.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
-    bao.policy(
-        "reader",
-        "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
-    );
+    bao.probe_and_reader();
     let token = bao.token("reader", "4s");
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("vault-token");
@@ -356,26 +363,20 @@ async fn a_short_token_is_renewed_and_a_revoked_one_replaced_or_named() {
     tokio::time::sleep(Duration::from_secs(7)).await;
     let ttl = token_ttl(&bao, &token).expect("the token outlived its 4 s TTL");
     assert!(ttl > 0, "ttl {ttl}");
-    let read = |v: std::sync::Arc<Vault>| async move {
-        v.call("read secret/rotator/probe", |c| async move {
-            vaultrs::kv2::read::<serde_json::Value>(&*c, "secret", "rotator/probe").await
-        })
-        .await
-    };
-    read(v.clone()).await.expect("read with the renewed token");
+    read_probe(&v).await.expect("read with the renewed token");
 
     // Revoked, and a new token in the file: the next call logs in again with it.
     bao.ok(&["token", "revoke", &token]);
     let token2 = bao.token("reader", "1h");
     std::fs::write(&token_file, &token2).unwrap();
-    read(v.clone())
+    read_probe(&v)
         .await
         .expect("logged in again with the new token");
     assert_eq!(v.status().state, State::Ready);
 
     // Revoked with nothing better in the file: a clear error that names the file.
     bao.ok(&["token", "revoke", &token2]);
-    let e = read(v.clone()).await.unwrap_err();
+    let e = read_probe(&v).await.unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, VaultError::Login { .. }), "{msg}");
     assert!(
@@ -424,11 +425,7 @@ async fn approle_logs_in_again_when_its_short_token_runs_out() {
     let Some(bao) = Bao::start("vault::approle_logs_in_again_when_its_short_token_runs_out") else {
         return;
     };
-    bao.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
-    bao.policy(
-        "reader",
-        "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
-    );
+    bao.probe_and_reader();
     // Renewable, but never past 4 s: the renewer must log in again.
     let (role_id, secret_id) = approle(&bao, "2s", "4s");
     let dir = tempfile::tempdir().unwrap();
@@ -462,13 +459,12 @@ async fn approle_logs_in_again_when_its_short_token_runs_out() {
     let first = v.client().await.settings.token.clone();
     tokio::time::sleep(Duration::from_secs(9)).await;
     // Well past the max TTL: still reading, with a token from a newer login.
-    let data: std::collections::HashMap<String, String> = v
-        .call("read secret/rotator/probe", |c| async move {
-            vaultrs::kv2::read(&*c, "secret", "rotator/probe").await
-        })
-        .await
-        .expect("read after the first token's max TTL");
-    assert_eq!(data["value"], "hello");
+    assert_eq!(
+        read_probe(&v)
+            .await
+            .expect("read after the first token's max TTL"),
+        "hello"
+    );
     assert_ne!(v.client().await.settings.token, first, "logged in again");
     assert!(token_ttl(&bao, &first).is_none(), "the first token expired");
     let _ = stop_tx.send(true);
@@ -477,13 +473,12 @@ async fn approle_logs_in_again_when_its_short_token_runs_out() {
     // Revoked by an operator (`bao token revoke`): the next call logs in again.
     let current = v.client().await.settings.token.clone();
     bao.ok(&["token", "revoke", &current]);
-    let again: std::collections::HashMap<String, String> = v
-        .call("read secret/rotator/probe", |c| async move {
-            vaultrs::kv2::read(&*c, "secret", "rotator/probe").await
-        })
-        .await
-        .expect("read after the token was revoked");
-    assert_eq!(again["value"], "hello");
+    assert_eq!(
+        read_probe(&v)
+            .await
+            .expect("read after the token was revoked"),
+        "hello"
+    );
     assert_ne!(v.client().await.settings.token, current, "logged in again");
 
     // A wrong secret id: refused, naming the method and the fix, never the id.
