@@ -1336,6 +1336,36 @@ async fn add_user_with_vault_delivery_and_vault_down_issues_nothing() {
     ]);
     let err = crate::common::fails_with(&o, 2);
     assert!(err.contains("vault:MOUNT/PATH"), "{err}");
+
+    // add-user --from: a vault: row with Vault down stops the whole file before
+    // anything is issued, even its other rows; without [vault] it names the line.
+    s.write(
+        "users.csv",
+        "carol,team-a,view\ndave,team-a,view,,,vault:secret/kubeconfigs/{user}\n",
+    );
+    let from = [
+        "--config",
+        "rotator.toml",
+        "add-user",
+        "--from",
+        "users.csv",
+    ];
+    let err = crate::common::fails_with(
+        &s.rotator_env(&from, &[("VAULT_TOKEN", "s.secret-token-value")]),
+        3,
+    );
+    assert!(
+        err.contains(&closed) && err.contains("cannot be reached"),
+        "{err}"
+    );
+    assert!(!err.contains("s.secret-token-value"), "{err}");
+    s.write("rotator.toml", "");
+    let err = crate::common::fails_with(&s.rotator(&from), 3);
+    assert!(
+        err.contains("users.csv: line(s) 2 deliver to Vault") && err.contains("vault.address"),
+        "{err}"
+    );
+    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
 }
 
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
