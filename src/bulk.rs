@@ -5,8 +5,9 @@
 //! `namespaces` and `groups` are `;`-separated (`*` alone: cluster-wide);
 //! `groups`, `ttl` and `delivery` may be empty or left off. `delivery` is empty
 //! (the kubeconfig goes to the output directory), `dir`, `secret:NS/NAME`,
-//! `vault:MOUNT/PATH` (KV v2, `{user}` in PATH is the user's name) or `enroll`. A first line starting with `name` is a header; lines starting
-//! with `#` are comments.
+//! `vault:MOUNT/PATH` (KV v2, `{user}` in PATH is the user's name) or `enroll`.
+//! A first line starting with `name` is a header; lines starting with `#` are
+//! comments.
 use std::collections::HashMap;
 use std::time::Duration;
 

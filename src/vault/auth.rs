@@ -65,11 +65,11 @@ fn read_private_credential(
             reason: e.to_string(),
             fix: fix.into(),
         },
-        crate::pki::ReadPrivate::Mode(_) => {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path)
-                .map(|m| m.permissions().mode() & 0o777)
-                .unwrap_or(0);
+        crate::pki::ReadPrivate::Mode(e) => {
+            let mode = match e {
+                crate::pki::PkiError::KeyFileMode { mode, .. } => mode,
+                _ => 0,
+            };
             VaultError::CredentialFile {
                 what,
                 path: path.into(),
