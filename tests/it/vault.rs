@@ -530,6 +530,21 @@ fn put_cluster_ca(bao: &Bao, cluster: &testcluster::TestCluster, s: &crate::comm
     std::fs::remove_file(&ca_key).unwrap();
 }
 
+/// An OpenBao server, a test cluster whose client CA is in `secret/rotator/ca`,
+/// rotator's policy `rotator` ([`ROTATOR_POLICY`]), and a scratch directory.
+async fn bao_and_cluster_with_the_ca_in_kv(
+    test: &str,
+) -> Option<(Bao, testcluster::TestCluster, crate::common::Scratch)> {
+    let bao = Bao::start(test)?;
+    let cluster = testcluster::TestCluster::start(testcluster::Options::default())
+        .await
+        .unwrap();
+    let s = crate::common::Scratch::new();
+    put_cluster_ca(&bao, &cluster, &s);
+    bao.policy("rotator", ROTATOR_POLICY);
+    Some((bao, cluster, s))
+}
+
 /// `[cluster]` for the test cluster and `[local_ca]` read from Vault
 /// (`secret/rotator/ca`); namespace `team-a` is created for the users.
 async fn cluster_with_vault_ca_toml(
@@ -618,21 +633,16 @@ async fn fetch_and_whoami(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_in_kubectl() {
-    let Some(bao) = Bao::start(
+    let Some((bao, cluster, s)) = bao_and_cluster_with_the_ca_in_kv(
         "vault::ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_in_kubectl",
-    ) else {
+    )
+    .await
+    else {
         return;
     };
-    let cluster = testcluster::TestCluster::start(testcluster::Options::default())
-        .await
-        .unwrap();
-    let s = crate::common::Scratch::new();
-    // The cluster's client CA goes into Vault; no file of it stays here.
-    put_cluster_ca(&bao, &cluster, &s);
     use base64::Engine;
     let seal = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
     bao.ok(&["kv", "put", "secret/rotator/seal", &format!("key={seal}")]);
-    bao.policy("rotator", ROTATOR_POLICY);
     let token = bao.token("rotator", "1h");
     let cluster_toml = cluster_with_vault_ca_toml(&cluster, &s).await;
     s.write(
@@ -1197,15 +1207,9 @@ impl Bao {
 async fn kubernetes_login_through_token_review_reads_the_ca_key_and_refuses_other_accounts() {
     let test =
         "vault::kubernetes_login_through_token_review_reads_the_ca_key_and_refuses_other_accounts";
-    let Some(bao) = Bao::start(test) else {
+    let Some((bao, cluster, s)) = bao_and_cluster_with_the_ca_in_kv(test).await else {
         return;
     };
-    let cluster = testcluster::TestCluster::start(testcluster::Options::default())
-        .await
-        .unwrap();
-    let s = crate::common::Scratch::new();
-    put_cluster_ca(&bao, &cluster, &s);
-    bao.policy("rotator", ROTATOR_POLICY);
     bao.kubernetes_auth(&cluster, "rotator", "rotator", "rotator", "rotator");
     cluster.create_service_account("rotator", "rotator");
     cluster.create_service_account("rotator", "intruder");
