@@ -4,9 +4,10 @@
 //! Columns, in this order: `name, namespaces, role, groups, ttl, delivery`.
 //! `namespaces` and `groups` are `;`-separated (`*` alone: cluster-wide);
 //! `groups`, `ttl` and `delivery` may be empty or left off. `delivery` is empty
-//! (the kubeconfig goes to the output directory), `dir`, `secret:NS/NAME` or
-//! `enroll`. A first line starting with `name` is a header; lines starting
-//! with `#` are comments.
+//! (the kubeconfig goes to the output directory), `dir`, `secret:NS/NAME`,
+//! `vault:MOUNT/PATH` (KV v2, `{user}` in PATH is the user's name) or `enroll`.
+//! A first line starting with `name` is a header; lines starting with `#` are
+//! comments.
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub enum Delivery {
     Dir,
     /// The Secret `namespace/name` (kubernetes signer).
     Secret { namespace: String, name: String },
+    /// KV v2 `mount/path` in Vault (`{user}` in the path is the row's name).
+    Vault { mount: String, path: String },
     /// An enrollment token; the user's machine makes the key.
     Enroll,
 }
@@ -36,6 +39,7 @@ impl Delivery {
             Delivery::Default => String::new(),
             Delivery::Dir => "dir".into(),
             Delivery::Secret { namespace, name } => format!("secret:{namespace}/{name}"),
+            Delivery::Vault { mount, path } => format!("vault:{mount}/{path}"),
             Delivery::Enroll => "enroll".into(),
         }
     }
@@ -47,6 +51,10 @@ impl Delivery {
             Delivery::Secret { namespace, name } => Some(Target::Secret {
                 namespace: namespace.clone(),
                 name: name.clone(),
+            }),
+            Delivery::Vault { mount, path } => Some(Target::Vault {
+                mount: mount.clone(),
+                path: path.clone(),
             }),
         }
     }
@@ -299,12 +307,17 @@ fn row(
                 }
                 Delivery::Secret { namespace, name }
             }
-            // Vault delivery is per user with `add-user --deliver vault:...` for now.
-            Ok(Target::Client) | Ok(Target::Vault { .. }) | Err(_) => {
+            Ok(Target::Vault { mount, path }) => Delivery::Vault { mount, path },
+            // The parser's own message says what is wrong with a vault: value.
+            Err(e) if d.starts_with("vault:") => {
+                errors.push(err("delivery", e));
+                Delivery::Default
+            }
+            Ok(Target::Client) | Err(_) => {
                 errors.push(err(
                     "delivery",
                     format!(
-                        "{d:?} is not a delivery (empty, dir, secret:NAMESPACE/NAME or enroll)"
+                        "{d:?} is not a delivery (empty, dir, secret:NAMESPACE/NAME, vault:MOUNT/PATH or enroll)"
                     ),
                 ));
                 Delivery::Default
@@ -404,6 +417,43 @@ mod tests {
         assert_eq!(rows[0].delivery, Delivery::Dir);
         assert_eq!(rows[1].delivery, Delivery::Default);
         assert!(rows[1].spec.groups.is_empty());
+    }
+
+    #[test]
+    fn a_vault_delivery_column_keeps_its_user_placeholder() {
+        let csv = "alice,dev,view,,,vault:secret/kubeconfigs/{user}\nbob,dev,view,,,vault:secret\n";
+        let Err(BulkError::Invalid { errors, .. }) =
+            parse("t.csv", csv.as_bytes(), &policy(), None)
+        else {
+            panic!("must refuse bob's row")
+        };
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!((errors[0].line, errors[0].field), (2, "delivery"));
+        assert!(
+            errors[0].message.contains("vault:MOUNT/PATH"),
+            "{}",
+            errors[0].message
+        );
+        let rows = parse(
+            "t.csv",
+            "alice,dev,view,,,vault:secret/kubeconfigs/{user}\n".as_bytes(),
+            &policy(),
+            None,
+        )
+        .unwrap();
+        let d = &rows[0].delivery;
+        assert_eq!(
+            d,
+            &Delivery::Vault {
+                mount: "secret".into(),
+                path: "kubeconfigs/{user}".into()
+            }
+        );
+        assert_eq!(d.as_str(), "vault:secret/kubeconfigs/{user}");
+        assert_eq!(
+            d.target().map(|t| t.as_string()).as_deref(),
+            Some("vault:secret/kubeconfigs/{user}")
+        );
     }
 
     #[test]

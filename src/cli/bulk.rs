@@ -171,6 +171,31 @@ async fn plan(app: &App, row: &Row) -> CliResult<Plan> {
     Ok(Plan::Issue)
 }
 
+/// Rows delivering to Vault need a Vault connection, reachable and logged in,
+/// as `add-user --deliver vault:` does: checked once for the file, before
+/// anything is issued.
+async fn vault_usable(app: &App, source: &str, rows: &[Row]) -> CliResult {
+    let lines: Vec<String> = rows
+        .iter()
+        .filter(|r| matches!(r.delivery, Delivery::Vault { .. }))
+        .map(|r| r.line.to_string())
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let Some(vault) = app.vault.as_ref() else {
+        return Err(Failure::new(
+            Exit::Config,
+            anyhow!(
+                "{source}: line(s) {} deliver to Vault, but vault.address is not set; nothing was issued\nfix: configure [vault] (address and auth method; README, \"Vault\")",
+                lines.join(", ")
+            ),
+        ));
+    };
+    vault.probe().await?;
+    Ok(())
+}
+
 async fn onboard(app: &App, row: &Row, out_dir: &Path) -> Outcome {
     match onboard_inner(app, row, out_dir).await {
         Ok(o) => o,
@@ -213,6 +238,24 @@ async fn onboard_inner(app: &App, row: &Row, out_dir: &Path) -> CliResult<Outcom
             name: name.clone(),
             user: row.spec.name.clone(),
         }),
+        (Delivery::Vault { mount, path }, _) => match app.vault.clone() {
+            Some(vault) => Box::new(crate::vault::kv::VaultSink::new(
+                vault,
+                mount,
+                path,
+                &row.spec.name,
+            )),
+            // vault_usable refused such a file before anything was issued.
+            None => {
+                return Err(Failure::new(
+                    Exit::Config,
+                    anyhow!(
+                        "{}: --deliver vault:{mount}/{path} needs [vault]\nfix: configure [vault] (README, \"Vault\")",
+                        row.spec.name
+                    ),
+                ));
+            }
+        },
         _ => Box::new(FileSink {
             path: out_dir.join(format!("{}.kubeconfig", row.spec.name)),
         }),
@@ -237,6 +280,7 @@ pub async fn run(app: App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
     let (source, bytes) = read_input(&from)?;
     let rows = bulk::parse(&source, bytes.as_slice(), &app.settings.policy, a.key_type)?;
     // Everything that can be checked is checked before anything is issued.
+    vault_usable(&app, &source, &rows).await?;
     let mut refused = Vec::new();
     let mut plans = Vec::with_capacity(rows.len());
     for row in &rows {

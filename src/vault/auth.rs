@@ -38,21 +38,65 @@ fn read_credential(
         what,
         path: path.into(),
         reason: e.to_string(),
-        fix,
+        fix: fix.into(),
     })?);
     let text = std::str::from_utf8(&bytes).map_err(|_| VaultError::CredentialFile {
         what,
         path: path.into(),
         reason: "not UTF-8 text".into(),
-        fix,
+        fix: fix.into(),
     })?;
+    nonempty(what, path, text, fix)
+}
+
+/// Like [`read_credential`], for a secret rotator's operator puts in a file
+/// (the AppRole secret id): refused when group or others may read it, by the
+/// rule of the CA and sealing keys ([`crate::pki::read_private`]), since the
+/// secret id and the role id together are a login.
+fn read_private_credential(
+    what: &'static str,
+    path: &Path,
+    fix: &'static str,
+) -> Result<SecretString, VaultError> {
+    let text = crate::pki::read_private(path, what).map_err(|e| match e {
+        crate::pki::ReadPrivate::Io(e) => VaultError::CredentialFile {
+            what,
+            path: path.into(),
+            reason: e.to_string(),
+            fix: fix.into(),
+        },
+        crate::pki::ReadPrivate::Mode(e) => {
+            let mode = match e {
+                crate::pki::PkiError::KeyFileMode { mode, .. } => mode,
+                _ => 0,
+            };
+            VaultError::CredentialFile {
+                what,
+                path: path.into(),
+                reason: format!("it is readable or writable by group or others (mode {mode:04o})"),
+                fix: format!(
+                    "chmod 600 {} (only rotator's user may read the secret id)",
+                    path.display()
+                ),
+            }
+        }
+    })?;
+    nonempty(what, path, &text, fix)
+}
+
+fn nonempty(
+    what: &'static str,
+    path: &Path,
+    text: &str,
+    fix: &'static str,
+) -> Result<SecretString, VaultError> {
     let t = text.trim();
     if t.is_empty() {
         return Err(VaultError::CredentialFile {
             what,
             path: path.into(),
             reason: "the file is empty".into(),
-            fix,
+            fix: fix.into(),
         });
     }
     Ok(SecretString::from(t.to_string()))
@@ -95,7 +139,7 @@ pub async fn login(
             role_id,
             secret_id_file,
         } => {
-            let secret_id = read_credential(
+            let secret_id = read_private_credential(
                 "AppRole secret id file",
                 secret_id_file,
                 "check vault.secret_id_file: it must hold a secret id of vault.role_id (bao write -f auth/approle/role/NAME/secret-id)",

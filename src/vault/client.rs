@@ -198,8 +198,19 @@ impl Vault {
                     Ok(i) => i,
                     Err(LoginFailure::Local(e)) => return Err(e),
                     Err(LoginFailure::Vault(e)) => {
+                        // Vault's reason ("service account name not authorized",
+                        // "invalid role or secret ID") is the operator's clue;
+                        // it never echoes the JWT or the secret id.
+                        let said = match &e {
+                            ClientError::APIError { errors, .. } if !errors.is_empty() => {
+                                format!(": {}", errors.join("; "))
+                            }
+                            _ => String::new(),
+                        };
                         return Err(match self.classify(&format!("{method} login"), e) {
-                            VaultError::Denied { .. } => refused("permission denied".into()),
+                            VaultError::Denied { .. } => {
+                                refused(format!("permission denied{said}"))
+                            }
                             VaultError::Server { errors, status, .. } if status < 500 => {
                                 refused(if errors.is_empty() {
                                     format!("status {status}")

@@ -31,7 +31,7 @@ pub enum VaultError {
         what: &'static str,
         path: PathBuf,
         reason: String,
-        fix: &'static str,
+        fix: String,
     },
     #[error(
         "Vault at {address}: permission denied for {what}\nfix: grant rotator's Vault policy access to it (bao policy read POLICY), or use another path"

@@ -1,6 +1,7 @@
 //! KV v2 as a delivery target (`--deliver vault:<mount>/<path>`): each kubeconfig
 //! goes to the field `kubeconfig`, its credential's serial, notAfter and
-//! generation to the secret's custom metadata. Writes are check-and-set: rotator
+//! generation to the fields `serial`, `not_after` and `generation` of the same
+//! version and to the secret's custom metadata. Writes are check-and-set: rotator
 //! writes on the version it read, so a writer that came in between wins and is
 //! never overwritten; a secret that already holds a newer generation is left alone.
 use std::collections::HashMap;
@@ -83,10 +84,24 @@ pub async fn write_kubeconfig(
             expected: current,
         });
     }
-    let data = HashMap::from([(
-        "kubeconfig",
-        zeroize::Zeroizing::new(kubeconfig.to_string()),
-    )]);
+    // The credential's serial, notAfter and generation go into the version itself,
+    // beside the kubeconfig, so a reader of any version sees the values that match
+    // it (the custom metadata below is a second write, not atomic with this one).
+    let data = HashMap::from([
+        (
+            "kubeconfig",
+            zeroize::Zeroizing::new(kubeconfig.to_string()),
+        ),
+        ("serial", zeroize::Zeroizing::new(d.serial.clone())),
+        (
+            "not_after",
+            zeroize::Zeroizing::new(d.not_after.to_string()),
+        ),
+        (
+            "generation",
+            zeroize::Zeroizing::new(d.generation.to_string()),
+        ),
+    ]);
     let data = &data;
     let written = vault
         .call(&format!("write {mount}/{path}"), |c| async move {

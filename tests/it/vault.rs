@@ -184,6 +184,16 @@ impl Bao {
         out.trim().to_string()
     }
 
+    /// `secret/rotator/probe` (value=hello) and a policy `reader` that may read
+    /// `secret/rotator/*` only: what the auth tests log in for.
+    pub fn probe_and_reader(&self) {
+        self.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
+        self.policy(
+            "reader",
+            "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
+        );
+    }
+
     /// A policy from HCL text.
     pub fn policy(&self, name: &str, hcl: &str) {
         let f = self.home.path().join(format!("{name}.hcl"));
@@ -221,11 +231,7 @@ async fn token_auth_reads_kv_and_never_shows_the_token() {
     let Some(bao) = Bao::start("vault::token_auth_reads_kv_and_never_shows_the_token") else {
         return;
     };
-    bao.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
-    bao.policy(
-        "reader",
-        "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
-    );
+    bao.probe_and_reader();
     let token = bao.token("reader", "1h");
     let dir = tempfile::tempdir().unwrap();
     // From a file, and from VAULT_TOKEN.
@@ -245,13 +251,7 @@ async fn token_auth_reads_kv_and_never_shows_the_token() {
         let vs = s.vault.clone().expect("[vault] configured");
         let v = Vault::connect(&vs).await.expect("token login");
         assert_eq!(v.status().state, State::Ready);
-        let data: std::collections::HashMap<String, String> = v
-            .call("read secret/rotator/probe", |c| async move {
-                vaultrs::kv2::read(&*c, "secret", "rotator/probe").await
-            })
-            .await
-            .expect("read");
-        assert_eq!(data["value"], "hello");
+        assert_eq!(read_probe(&v).await.expect("read"), "hello");
         // The token was renewable with a TTL: the renewer has a time for it.
         assert!(v.renew_at().await.is_some());
         for shown in [format!("{v:?}"), format!("{vs:?}"), format!("{s:?}")] {
@@ -315,6 +315,17 @@ async fn a_bad_token_and_an_unreachable_server_are_clear_errors() {
     assert!(e.to_string().contains("VAULT_TOKEN"), "{e}");
 }
 
+/// Reads `secret/rotator/probe` through `v` (see [`Bao::probe_and_reader`]):
+/// its `value`.
+async fn read_probe(v: &Vault) -> Result<String, VaultError> {
+    let data: std::collections::HashMap<String, String> = v
+        .call("read secret/rotator/probe", |c| async move {
+            vaultrs::kv2::read(&*c, "secret", "rotator/probe").await
+        })
+        .await?;
+    Ok(data["value"].clone())
+}
+
 /// `bao token lookup` of `token` as root: its remaining TTL, or `None` when
 /// the token is gone.
 fn token_ttl(bao: &Bao, token: &str) -> Option<i64> {
@@ -333,11 +344,7 @@ async fn a_short_token_is_renewed_and_a_revoked_one_replaced_or_named() {
     else {
         return;
     };
-    bao.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
-    bao.policy(
-        "reader",
-        "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
-    );
+    bao.probe_and_reader();
     let token = bao.token("reader", "4s");
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("vault-token");
@@ -356,26 +363,20 @@ async fn a_short_token_is_renewed_and_a_revoked_one_replaced_or_named() {
     tokio::time::sleep(Duration::from_secs(7)).await;
     let ttl = token_ttl(&bao, &token).expect("the token outlived its 4 s TTL");
     assert!(ttl > 0, "ttl {ttl}");
-    let read = |v: std::sync::Arc<Vault>| async move {
-        v.call("read secret/rotator/probe", |c| async move {
-            vaultrs::kv2::read::<serde_json::Value>(&*c, "secret", "rotator/probe").await
-        })
-        .await
-    };
-    read(v.clone()).await.expect("read with the renewed token");
+    read_probe(&v).await.expect("read with the renewed token");
 
     // Revoked, and a new token in the file: the next call logs in again with it.
     bao.ok(&["token", "revoke", &token]);
     let token2 = bao.token("reader", "1h");
     std::fs::write(&token_file, &token2).unwrap();
-    read(v.clone())
+    read_probe(&v)
         .await
         .expect("logged in again with the new token");
     assert_eq!(v.status().state, State::Ready);
 
     // Revoked with nothing better in the file: a clear error that names the file.
     bao.ok(&["token", "revoke", &token2]);
-    let e = read(v.clone()).await.unwrap_err();
+    let e = read_probe(&v).await.unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, VaultError::Login { .. }), "{msg}");
     assert!(
@@ -424,11 +425,7 @@ async fn approle_logs_in_again_when_its_short_token_runs_out() {
     let Some(bao) = Bao::start("vault::approle_logs_in_again_when_its_short_token_runs_out") else {
         return;
     };
-    bao.ok(&["kv", "put", "secret/rotator/probe", "value=hello"]);
-    bao.policy(
-        "reader",
-        "path \"secret/data/rotator/*\" { capabilities = [\"read\"] }",
-    );
+    bao.probe_and_reader();
     // Renewable, but never past 4 s: the renewer must log in again.
     let (role_id, secret_id) = approle(&bao, "2s", "4s");
     let dir = tempfile::tempdir().unwrap();
@@ -439,6 +436,18 @@ async fn approle_logs_in_again_when_its_short_token_runs_out() {
         bao.addr
     );
     let s = settings(dir.path(), &toml, &[]);
+    // Readable by others (the umask's 0644): refused before it is sent, like a CA key.
+    use std::os::unix::fs::PermissionsExt;
+    let e = Vault::connect(s.vault.as_ref().unwrap()).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, VaultError::CredentialFile { .. }), "{msg}");
+    assert!(
+        msg.contains("mode 0644")
+            && msg.contains(&format!("fix: chmod 600 {}", sid_file.display())),
+        "{msg}"
+    );
+    assert!(!msg.contains(&secret_id), "{msg}");
+    std::fs::set_permissions(&sid_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let v = Vault::connect(s.vault.as_ref().unwrap())
         .await
         .expect("approle login");
@@ -450,17 +459,27 @@ async fn approle_logs_in_again_when_its_short_token_runs_out() {
     let first = v.client().await.settings.token.clone();
     tokio::time::sleep(Duration::from_secs(9)).await;
     // Well past the max TTL: still reading, with a token from a newer login.
-    let data: std::collections::HashMap<String, String> = v
-        .call("read secret/rotator/probe", |c| async move {
-            vaultrs::kv2::read(&*c, "secret", "rotator/probe").await
-        })
-        .await
-        .expect("read after the first token's max TTL");
-    assert_eq!(data["value"], "hello");
+    assert_eq!(
+        read_probe(&v)
+            .await
+            .expect("read after the first token's max TTL"),
+        "hello"
+    );
     assert_ne!(v.client().await.settings.token, first, "logged in again");
     assert!(token_ttl(&bao, &first).is_none(), "the first token expired");
     let _ = stop_tx.send(true);
     renewer.await.unwrap();
+
+    // Revoked by an operator (`bao token revoke`): the next call logs in again.
+    let current = v.client().await.settings.token.clone();
+    bao.ok(&["token", "revoke", &current]);
+    assert_eq!(
+        read_probe(&v)
+            .await
+            .expect("read after the token was revoked"),
+        "hello"
+    );
+    assert_ne!(v.client().await.settings.token, current, "logged in again");
 
     // A wrong secret id: refused, naming the method and the fix, never the id.
     std::fs::write(&sid_file, "00000000-1111-2222-3333-444444444444").unwrap();
@@ -495,18 +514,9 @@ path "secret/data/kubeconfigs/*" { capabilities = ["create", "update", "read"] }
 path "secret/metadata/kubeconfigs/*" { capabilities = ["read", "update"] }
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_in_kubectl() {
-    let Some(bao) = Bao::start(
-        "vault::ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_in_kubectl",
-    ) else {
-        return;
-    };
-    let cluster = testcluster::TestCluster::start(testcluster::Options::default())
-        .await
-        .unwrap();
-    let s = crate::common::Scratch::new();
-    // The cluster's client CA goes into Vault; no file of it stays here.
+/// The test cluster's client CA put into `secret/rotator/ca` (fields `cert`,
+/// `key`); no file of it stays in the scratch directory.
+fn put_cluster_ca(bao: &Bao, cluster: &testcluster::TestCluster, s: &crate::common::Scratch) {
     let ca_crt = s.write("ca.crt.tmp", cluster.client_ca_pem());
     let ca_key = s.write("ca.key.tmp", &cluster.client_ca_key_pem());
     bao.ok(&[
@@ -518,39 +528,63 @@ async fn ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_
     ]);
     std::fs::remove_file(&ca_crt).unwrap();
     std::fs::remove_file(&ca_key).unwrap();
-    use base64::Engine;
-    let seal = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-    bao.ok(&["kv", "put", "secret/rotator/seal", &format!("key={seal}")]);
+}
+
+/// An OpenBao server, a test cluster whose client CA is in `secret/rotator/ca`,
+/// rotator's policy `rotator` ([`ROTATOR_POLICY`]), and a scratch directory.
+async fn bao_and_cluster_with_the_ca_in_kv(
+    test: &str,
+) -> Option<(Bao, testcluster::TestCluster, crate::common::Scratch)> {
+    let bao = Bao::start(test)?;
+    let cluster = testcluster::TestCluster::start(testcluster::Options::default())
+        .await
+        .unwrap();
+    let s = crate::common::Scratch::new();
+    put_cluster_ca(&bao, &cluster, &s);
     bao.policy("rotator", ROTATOR_POLICY);
-    let token = bao.token("rotator", "1h");
+    Some((bao, cluster, s))
+}
+
+/// `[cluster]` for the test cluster and `[local_ca]` read from Vault
+/// (`secret/rotator/ca`); namespace `team-a` is created for the users.
+async fn cluster_with_vault_ca_toml(
+    cluster: &testcluster::TestCluster,
+    s: &crate::common::Scratch,
+) -> String {
     let serving = s.write("serving-ca.crt", cluster.ca_pem());
-    s.write(
-        "rotator.toml",
-        &format!(
-            "[cluster]\nname = \"test\"\nserver = \"{}\"\nca_file = {serving:?}\n\
-             [local_ca]\ncert_file = \"vault:secret/rotator/ca#cert\"\nkey_file = \"vault:secret/rotator/ca#key\"\n\
-             [sealing]\nkey_file = \"vault:secret/rotator/seal#key\"\n\
-             [vault]\naddress = {:?}\n",
-            cluster.url(),
-            bao.addr
-        ),
-    );
-    let env = [("VAULT_TOKEN", token.as_str())];
     let admin = s.write("admin.kubeconfig", &cluster.admin_kubeconfig());
-    let admin_s = admin.to_str().unwrap();
     crate::common::ok(
         &crate::common::run_async(
             "kubectl",
-            &["--kubeconfig", admin_s, "create", "namespace", "team-a"],
+            &[
+                "--kubeconfig",
+                admin.to_str().unwrap(),
+                "create",
+                "namespace",
+                "team-a",
+            ],
         )
         .await,
     );
-    let out = crate::common::ok(&s.rotator_env(
+    format!(
+        "[cluster]\nname = \"test\"\nserver = \"{}\"\nca_file = {serving:?}\n\
+         [local_ca]\ncert_file = \"vault:secret/rotator/ca#cert\"\nkey_file = \"vault:secret/rotator/ca#key\"\n",
+        cluster.url()
+    )
+}
+
+/// `add-user USER ... --deliver vault:secret/kubeconfigs/{user}` with `env`.
+fn add_user_to_vault(
+    s: &crate::common::Scratch,
+    user: &str,
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    s.rotator_env(
         &[
             "--config",
             "rotator.toml",
             "add-user",
-            "alice",
+            user,
             "--group",
             "dev",
             "-n",
@@ -560,11 +594,86 @@ async fn ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_
             "--deliver",
             "vault:secret/kubeconfigs/{user}",
         ],
+        env,
+    )
+}
+
+/// What a user does: `bao kv get -field=kubeconfig secret/kubeconfigs/USER` into a
+/// file, then `kubectl auth whoami` with it. The kubeconfig, its file, and the
+/// userInfo the API server saw.
+async fn fetch_and_whoami(
+    bao: &Bao,
+    s: &crate::common::Scratch,
+    user: &str,
+) -> (String, std::path::PathBuf, serde_json::Value) {
+    let kc = bao.ok(&[
+        "kv",
+        "get",
+        "-field=kubeconfig",
+        &format!("secret/kubeconfigs/{user}"),
+    ]);
+    let kc_path = s.write(&format!("fetched-{user}.kubeconfig"), &kc);
+    let who = crate::common::ok(
+        &crate::common::run_async(
+            "kubectl",
+            &[
+                "--kubeconfig",
+                kc_path.to_str().unwrap(),
+                "auth",
+                "whoami",
+                "-o",
+                "json",
+            ],
+        )
+        .await,
+    );
+    let v: serde_json::Value = serde_json::from_str(&who).unwrap();
+    (kc, kc_path, v["status"]["userInfo"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_in_kubectl() {
+    let Some((bao, cluster, s)) = bao_and_cluster_with_the_ca_in_kv(
+        "vault::ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_in_kubectl",
+    )
+    .await
+    else {
+        return;
+    };
+    use base64::Engine;
+    let seal = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    bao.ok(&["kv", "put", "secret/rotator/seal", &format!("key={seal}")]);
+    let token = bao.token("rotator", "1h");
+    let cluster_toml = cluster_with_vault_ca_toml(&cluster, &s).await;
+    s.write(
+        "rotator.toml",
+        &format!(
+            "{cluster_toml}[sealing]\nkey_file = \"vault:secret/rotator/seal#key\"\n\
+             [vault]\naddress = {:?}\n",
+            bao.addr
+        ),
+    );
+    let env = [("VAULT_TOKEN", token.as_str())];
+    let out = crate::common::ok(&add_user_to_vault(&s, "alice", &env));
+    assert!(out.contains("vault:secret/kubeconfigs/alice"), "{out}");
+    // The same from a CSV file (add-user --from): the delivery column names Vault.
+    s.write(
+        "users.csv",
+        "name,namespaces,role,groups,ttl,delivery\nbob,team-a,view,dev,,vault:secret/kubeconfigs/{user}\n",
+    );
+    crate::common::ok(&s.rotator_env(
+        &[
+            "--config",
+            "rotator.toml",
+            "add-user",
+            "--from",
+            "users.csv",
+        ],
         &env,
     ));
-    assert!(out.contains("vault:secret/kubeconfigs/alice"), "{out}");
-    // Nothing of the CA, the sealing key or the kubeconfig was written to disk.
+    // Nothing of the CA, the sealing key or the kubeconfigs was written to disk.
     assert!(!s.path("alice.kubeconfig").exists());
+    assert!(!s.path("bob.kubeconfig").exists());
     for f in walk(s.dir.path()) {
         let name = f.file_name().unwrap().to_string_lossy().to_string();
         assert!(
@@ -584,27 +693,35 @@ async fn ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_
         }
     }
 
-    // The user reads it with the bao CLI and uses it in kubectl.
-    let kc = bao.ok(&["kv", "get", "-field=kubeconfig", "secret/kubeconfigs/alice"]);
-    let kc_path = s.write("fetched.kubeconfig", &kc);
-    let who = crate::common::ok(
-        &crate::common::run_async(
-            "kubectl",
-            &[
-                "--kubeconfig",
-                kc_path.to_str().unwrap(),
-                "auth",
-                "whoami",
-                "-o",
-                "json",
-            ],
-        )
-        .await,
+    // The users read theirs with the bao CLI and use them in kubectl.
+    let (_, _, bob) = fetch_and_whoami(&bao, &s, "bob").await;
+    assert_eq!(bob["username"], "bob");
+    assert!(
+        bob["groups"].to_string().contains("rotator:bob:1."),
+        "{bob}"
     );
-    let v: serde_json::Value = serde_json::from_str(&who).unwrap();
-    assert_eq!(v["status"]["userInfo"]["username"], "alice");
-    let groups = v["status"]["userInfo"]["groups"].to_string();
+    // The daemon delivers bob's reissues there too.
+    let (delivery,): (String,) = sqlx::query_as("SELECT delivery FROM users WHERE name = 'bob'")
+        .fetch_one(&mut s.db().await)
+        .await
+        .unwrap();
+    assert_eq!(delivery, "vault:secret/kubeconfigs/{user}");
+    let (kc, kc_path, alice) = fetch_and_whoami(&bao, &s, "alice").await;
+    assert_eq!(alice["username"], "alice");
+    let groups = alice["groups"].to_string();
     assert!(groups.contains("rotator:alice:1."), "{groups}");
+
+    // The version itself holds serial, not_after and generation beside the
+    // kubeconfig, so a reader of any version sees values that match it.
+    let (_, _, cert, _) = crate::common::kubeconfig_parts(&kc_path);
+    let info = rotator::pki::parse_cert_pem(&cert, "delivered").unwrap();
+    let got: serde_json::Value =
+        serde_json::from_str(&bao.ok(&["kv", "get", "-format=json", "secret/kubeconfigs/alice"]))
+            .unwrap();
+    let data = &got["data"]["data"];
+    assert_eq!(data["serial"], info.serial.as_str(), "{data}");
+    assert_eq!(data["not_after"], info.not_after.to_string().as_str());
+    assert_eq!(data["generation"], "1");
 
     // Custom metadata: serial, not_after and generation of the credential.
     let meta = bao.ok(&[
@@ -617,8 +734,6 @@ async fn ca_and_sealing_key_from_vault_and_a_kubeconfig_delivered_to_vault_work_
     let m: serde_json::Value = serde_json::from_str(&meta).unwrap();
     let cm = &m["data"]["custom_metadata"];
     assert_eq!(cm["generation"], "1", "{m}");
-    let (_, _, cert, _) = crate::common::kubeconfig_parts(&kc_path);
-    let info = rotator::pki::parse_cert_pem(&cert, "delivered").unwrap();
     assert_eq!(cm["serial"], info.serial.as_str());
     assert_eq!(cm["not_after"], info.not_after.to_string().as_str());
 
@@ -1046,74 +1161,135 @@ async fn the_signer_process_reads_its_ca_key_from_vault_and_signs_with_it() {
     }
 }
 
-#[tokio::test]
-async fn kubernetes_login_sends_the_jwt_file_and_never_shows_it() {
-    let Some(bao) = Bao::start("vault::kubernetes_login_sends_the_jwt_file_and_never_shows_it")
-    else {
+impl Bao {
+    /// OpenBao's kubernetes auth at `auth/kubernetes`, pointed at `cluster` (its
+    /// TokenReview, with the reviewer account the cluster makes), and a role
+    /// `role` binding the service account `ns/sa` (audience `vault`) to `policy`.
+    pub fn kubernetes_auth(
+        &self,
+        cluster: &testcluster::TestCluster,
+        role: &str,
+        ns: &str,
+        sa: &str,
+        policy: &str,
+    ) {
+        let auth = cluster.vault_kubernetes_auth();
+        let ca = self.home.path().join("kubernetes-ca.pem");
+        let reviewer = self.home.path().join("reviewer.jwt");
+        std::fs::write(&ca, &auth.kubernetes_ca_cert).unwrap();
+        std::fs::write(&reviewer, &auth.token_reviewer_jwt).unwrap();
+        self.ok(&["auth", "enable", "kubernetes"]);
+        self.ok(&[
+            "write",
+            "auth/kubernetes/config",
+            &format!("kubernetes_host={}", auth.kubernetes_host),
+            &format!("kubernetes_ca_cert=@{}", ca.display()),
+            &format!("token_reviewer_jwt=@{}", reviewer.display()),
+        ]);
+        self.ok(&[
+            "write",
+            &format!("auth/kubernetes/role/{role}"),
+            &format!("bound_service_account_names={sa}"),
+            &format!("bound_service_account_namespaces={ns}"),
+            "audience=vault",
+            &format!("token_policies={policy}"),
+            "token_ttl=10m",
+        ]);
+    }
+}
+
+/// rotator logs in to OpenBao with its own service-account token, which
+/// OpenBao checks through the test cluster's TokenReview; then it reads its CA
+/// key from KV and delivers a kubeconfig there. A wrong role, or another
+/// account's token, is refused naming the role, never the JWT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_login_through_token_review_reads_the_ca_key_and_refuses_other_accounts() {
+    let test =
+        "vault::kubernetes_login_through_token_review_reads_the_ca_key_and_refuses_other_accounts";
+    let Some((bao, cluster, s)) = bao_and_cluster_with_the_ca_in_kv(test).await else {
         return;
     };
-    // OpenBao's kubernetes auth, pointed at an API server that is not there: the
-    // login reaches Vault, which cannot review the JWT and refuses.
-    bao.ok(&["auth", "enable", "kubernetes"]);
-    let dir = tempfile::tempdir().unwrap();
-    let (k, c) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
-    crate::common::ok(&crate::common::run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            k.to_str().unwrap(),
-            "-out",
-            c.to_str().unwrap(),
-            "-subj",
-            "/CN=nowhere",
-            "-days",
-            "1",
-        ],
-    ));
-    bao.ok(&[
-        "write",
-        "auth/kubernetes/config",
-        &format!("kubernetes_host=https://127.0.0.1:{}", free_port()),
-        &format!("kubernetes_ca_cert=@{}", c.display()),
-        "disable_local_ca_jwt=true",
-    ]);
-    bao.ok(&[
-        "write",
-        "auth/kubernetes/role/rotator",
-        "bound_service_account_names=rotator",
-        "bound_service_account_namespaces=rotator",
-        "token_policies=default",
-    ]);
-    let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6cm90YXRvcjpyb3RhdG9yIn0.c2lnbmF0dXJlLXNlY3JldA";
-    let jwt_file = dir.path().join("token");
-    let toml = format!(
-        "address = {:?}\nauth_method = \"kubernetes\"\nkubernetes_role = \"rotator\"\njwt_file = {jwt_file:?}",
-        bao.addr
-    );
-    let s = settings(dir.path(), &toml, &[]);
-    // No JWT file: named, with the fix.
-    let e = Vault::connect(s.vault.as_ref().unwrap()).await.unwrap_err();
-    assert!(matches!(e, VaultError::CredentialFile { .. }), "{e}");
-    assert!(e.to_string().contains("jwt_file"), "{e}");
-    std::fs::write(&jwt_file, jwt).unwrap();
-    let e = Vault::connect(s.vault.as_ref().unwrap()).await.unwrap_err();
-    let msg = e.to_string();
+    bao.kubernetes_auth(&cluster, "rotator", "rotator", "rotator", "rotator");
+    cluster.create_service_account("rotator", "rotator");
+    cluster.create_service_account("rotator", "intruder");
+    let mint = |sa: &str| {
+        cluster
+            .service_account_token("rotator", sa, &["vault"], Duration::from_secs(3600))
+            .expect("service account")
+    };
+    // The projected token file a pod has; kubelet writes it 0644, so no mode rule.
+    let jwt = mint("rotator");
+    let jwt_file = s.path("sa-token");
+    let cluster_toml = cluster_with_vault_ca_toml(&cluster, &s).await;
+    let config = |role: &str| {
+        s.write(
+            "rotator.toml",
+            &format!(
+                "{cluster_toml}[vault]\naddress = {:?}\nauth_method = \"kubernetes\"\n\
+                 kubernetes_role = {role:?}\njwt_file = {jwt_file:?}\n",
+                bao.addr
+            ),
+        );
+    };
+    config("rotator");
+    // No token file yet: the error names the file and jwt_file.
+    let err = crate::common::fails_with(&add_user_to_vault(&s, "alice", &[]), 3);
     assert!(
-        msg.contains("kubernetes") && msg.contains("\nfix:"),
-        "{msg}"
+        err.contains(jwt_file.to_str().unwrap()) && err.contains("vault.jwt_file"),
+        "{err}"
     );
+    std::fs::write(&jwt_file, &jwt).unwrap();
+    // Logged in by TokenReview, rotator reads its CA from Vault and delivers there.
+    let out = crate::common::ok(&add_user_to_vault(&s, "alice", &[]));
+    assert!(out.contains("vault:secret/kubeconfigs/alice"), "{out}");
+    let (_, _, who) = fetch_and_whoami(&bao, &s, "alice").await;
+    assert_eq!(who["username"], "alice");
     assert!(
-        !msg.contains(jwt) && !msg.contains("c2lnbmF0dXJlLXNlY3JldA"),
-        "{msg}"
+        who["groups"].to_string().contains("rotator:alice:1."),
+        "{who}"
     );
-    assert_eq!(e.exit(), Exit::Config);
+    // The library sees the login's token as renewable with a TTL, and hides the JWT.
+    let settings =
+        config::load_with(Some(&s.path("rotator.toml")), &[], &Overrides::default()).unwrap();
+    let vs = settings.vault.clone().unwrap();
+    let v = Vault::connect(&vs).await.expect("kubernetes login");
+    assert_eq!(v.status().state, State::Ready);
+    assert!(v.renew_at().await.is_some());
+    for shown in [format!("{v:?}"), format!("{vs:?}")] {
+        assert!(!shown.contains(&jwt), "the JWT leaked into Debug: {shown}");
+    }
+
+    // Refused: a role that does not exist, and a token of another account of
+    // the namespace. Each names the role and the mount, never the JWT.
+    let intruder = mint("intruder");
+    for (role, token, vault_says) in [
+        ("no-such-role", jwt.as_str(), "invalid role name"),
+        ("rotator", intruder.as_str(), "not authorized"),
+    ] {
+        config(role);
+        std::fs::write(&jwt_file, token).unwrap();
+        let o = add_user_to_vault(&s, "bob", &[]);
+        let err = crate::common::fails_with(&o, 3);
+        assert!(
+            err.contains("refused the kubernetes login")
+                && err.contains(vault_says)
+                && err.contains(&format!("role {role:?} exists at auth/kubernetes"))
+                && err.contains("\nfix: "),
+            "{role}: {err}"
+        );
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        for secret in [&jwt, &intruder] {
+            // A JWT's signature is its secret part: not even that appears.
+            let sig = secret.rsplit('.').next().unwrap();
+            assert!(!err.contains(sig) && !stdout.contains(sig), "{err}");
+        }
+    }
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM users WHERE name = 'bob'")
+            .await,
+        0,
+        "a refused login issued nothing"
+    );
 }
 
 #[tokio::test]
@@ -1163,6 +1339,36 @@ async fn add_user_with_vault_delivery_and_vault_down_issues_nothing() {
     ]);
     let err = crate::common::fails_with(&o, 2);
     assert!(err.contains("vault:MOUNT/PATH"), "{err}");
+
+    // add-user --from: a vault: row with Vault down stops the whole file before
+    // anything is issued, even its other rows; without [vault] it names the line.
+    s.write(
+        "users.csv",
+        "carol,team-a,view\ndave,team-a,view,,,vault:secret/kubeconfigs/{user}\n",
+    );
+    let from = [
+        "--config",
+        "rotator.toml",
+        "add-user",
+        "--from",
+        "users.csv",
+    ];
+    let err = crate::common::fails_with(
+        &s.rotator_env(&from, &[("VAULT_TOKEN", "s.secret-token-value")]),
+        3,
+    );
+    assert!(
+        err.contains(&closed) && err.contains("cannot be reached"),
+        "{err}"
+    );
+    assert!(!err.contains("s.secret-token-value"), "{err}");
+    s.write("rotator.toml", "");
+    let err = crate::common::fails_with(&s.rotator(&from), 3);
+    assert!(
+        err.contains("users.csv: line(s) 2 deliver to Vault") && err.contains("vault.address"),
+        "{err}"
+    );
+    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
 }
 
 async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
