@@ -47,14 +47,24 @@ impl Kx {
         kx
     }
 
+    /// What an in-process App is configured with besides the file: the data
+    /// directory, and the scratch's database when it is not SQLite's default.
+    fn app_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "ROTATOR_DATA_DIR".to_string(),
+            self.s.path("rotator-data").display().to_string(),
+        )];
+        if let Some(url) = &self.s.database_url {
+            env.push(("ROTATOR_DATABASE_URL".to_string(), url.clone()));
+        }
+        env
+    }
+
     /// The App in process, over the same configuration and data directory, with
     /// a clock the test moves.
     pub async fn app(&self, clock: &rotator::clock::ManualClock) -> Arc<rotator::app::App> {
         let cfg = self.s.path("rotator.toml");
-        let env = [(
-            "ROTATOR_DATA_DIR".to_string(),
-            self.s.path("rotator-data").display().to_string(),
-        )];
+        let env = self.app_env();
         let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
         let app = rotator::app::App::open(
             settings,
@@ -68,10 +78,7 @@ impl Kx {
     /// The App in process with `faults`, on the system clock.
     pub async fn app_with(&self, faults: Arc<dyn rotator::issuer::Faults>) -> rotator::app::App {
         let cfg = self.s.path("rotator.toml");
-        let env = [(
-            "ROTATOR_DATA_DIR".to_string(),
-            self.s.path("rotator-data").display().to_string(),
-        )];
+        let env = self.app_env();
         let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
         rotator::app::App::open(
             settings,
@@ -91,13 +98,9 @@ impl Kx {
     }
 
     pub async fn rotator_async(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-        c.current_dir(self.s.dir.path())
-            .args(["--config", "rotator.toml"])
-            .args(args);
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
-            c.env_remove(k);
-        }
+        // The scratch's command: on its database, whichever the engine.
+        let mut c = tokio::process::Command::from(self.s.command());
+        c.args(["--config", "rotator.toml"]).args(args);
         c.envs(env.iter().copied());
         c.output().await.unwrap()
     }
