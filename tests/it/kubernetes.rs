@@ -151,6 +151,7 @@ impl Kx {
     }
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_user_grants_exactly_the_namespace_asked_for() {
     let kx = Kx::new(Options::default(), "").await;
@@ -208,10 +209,13 @@ async fn add_user_grants_exactly_the_namespace_asked_for() {
     let info = rotator::pki::parse_cert_pem(&cert, "t").unwrap();
     assert_eq!(info.lifetime_seconds(), 3600 + 300);
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_the_old_credential_for_the_grace_period_only() {
     grace_period_case(&Kx::new(Options::default(), GRACE_TOML).await).await;
+}
 }
 
 pub const GRACE_TOML: &str = "[rotation]\ngrace_period = \"10m\"\n";
@@ -268,9 +272,11 @@ pub async fn grace_period_case(kx: &Kx) {
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_takes_access_away_at_once_and_remove_user_leaves_nothing() {
     revoke_case(&Kx::new(Options::default(), "").await).await;
+}
 }
 
 /// Signer-generic (kubernetes here, vault-pki in `vault_pki`).
@@ -306,6 +312,7 @@ pub async fn revoke_case(kx: &Kx) {
     assert!(log.contains("rbac.sync"), "binding changes are audited");
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_api_failures_are_retried_and_a_crash_mid_issuance_leaves_one_credential() {
     let kx = Kx::new(Options::default(), "").await;
@@ -374,6 +381,7 @@ async fn transient_api_failures_are_retried_and_a_crash_mid_issuance_leaves_one_
         "its generation was burnt"
     );
 }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denying_or_silent_signer_is_a_clear_error_in_bounded_time() {
@@ -419,6 +427,7 @@ async fn a_denying_or_silent_signer_is_a_clear_error_in_bounded_time() {
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bindings_rotator_did_not_make_are_never_changed() {
     let kx = Kx::new(Options::default(), "").await;
@@ -458,6 +467,7 @@ async fn bindings_rotator_did_not_make_are_never_changed() {
             .await,
         0
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -613,6 +623,7 @@ async fn bootstrap_tokens_are_created_like_kubeadm_listed_revoked_and_expired() 
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokencleaner() {
     let kx = Kx::new(
@@ -653,6 +664,7 @@ async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokenclean
         0,
         "each token is deleted once"
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,6 +736,7 @@ async fn init_records_the_kubernetes_signer_and_doctor_checks_the_cluster() {
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_living_longer_than_policy_allows_is_refused_and_discarded() {
     // An old API server drops expirationSeconds: the signer's one-year default comes back.
@@ -757,6 +770,7 @@ async fn a_certificate_living_longer_than_policy_allows_is_refused_and_discarded
         (String::new(), String::new()),
         "no CSR and no binding is left"
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
