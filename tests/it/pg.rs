@@ -64,7 +64,10 @@ fn as_nobody(bin: &Path, prog: &str) -> Command {
     c
 }
 
-fn start() -> Result<Server, String> {
+/// A new server. `durable`: fsync and synchronous commits on, as in
+/// production; without, a crash (`stop -m immediate`) loses commits the client
+/// was told were done, which only a server that is never crashed can afford.
+fn start(durable: bool) -> Result<Server, String> {
     let bin = bin_dir().ok_or(
         "initdb not found on PATH or under /usr/lib/postgresql/*/bin (Debian package `postgresql`)",
     )?;
@@ -118,8 +121,13 @@ fn start() -> Result<Server, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("reaper: {e}"))?;
+    let fast = if durable {
+        ""
+    } else {
+        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    };
     let opts = format!(
-        "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=16MB",
+        "-k {} -c listen_addresses=''{fast} -c max_connections=300 -c shared_buffers=16MB",
         dir.display()
     );
     let server = Server {
@@ -134,14 +142,18 @@ fn start() -> Result<Server, String> {
 
 /// The server, started on first use.
 pub fn server() -> Result<&'static Server, String> {
-    SERVER.get_or_init(start).as_ref().map_err(Clone::clone)
+    SERVER
+        .get_or_init(|| start(false))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
-/// A server of the caller's own, which it may [`Server::stop`] and
+/// A durable server of the caller's own, which it may [`Server::stop`] and
 /// [`Server::start`] again; stopped and removed when dropped. `None` after
 /// saying loudly that `test` did not run (as [`server_or_skip`]).
 pub fn private(test: &str) -> Option<Server> {
-    match start() {
+    // Durable: it is crashed, and what it acknowledged must survive that.
+    match start(true) {
         Ok(s) => Some(s),
         Err(why) => {
             skipped(test, &why);
