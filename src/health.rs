@@ -52,6 +52,11 @@ pub async fn gauges(app: &App) -> Result<Gauges, StoreError> {
 pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
     let mut checks = Vec::new();
     let db = async {
+        // Unreachable (a server restarting): why, at once, not the pool's timeout.
+        app.store
+            .health()
+            .await
+            .map_err(|e| e.to_string().replace('\n', "; "))?;
         let mut tx = app.store.begin().await.map_err(|e| e.to_string())?;
         sqlx::query("SELECT 1")
             .execute(&mut *tx)

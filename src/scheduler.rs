@@ -98,7 +98,13 @@ pub async fn hold_epoch(app: &App, identity: &str) -> bool {
             true
         }
         Err(e) => {
-            tracing::warn!(error = %e, "holds the Lease but could not take the leader epoch in the database; standing by");
+            // An unreachable database is logged once per outage (by `health`),
+            // not at every election round.
+            if app.store.health().await.is_ok() {
+                tracing::warn!(error = %e, "holds the Lease but could not take the leader epoch in the database; standing by");
+            } else {
+                tracing::debug!(error = %e, "no leader epoch while the database is unreachable; standing by");
+            }
             false
         }
     }
@@ -126,11 +132,56 @@ fn job_app(app: &Arc<App>) -> Option<(Arc<App>, Option<Arc<crate::store::fence::
     Some((Arc::new(fenced), Some(fence)))
 }
 
+/// The first wait before the database is asked again after it did not
+/// answer, doubled each time up to [`DB_RETRY_MAX`].
+pub const DB_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+pub const DB_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How many times one tick's job is run again after the database came back
+/// from an outage that made it fail.
+const DB_RERUNS: usize = 3;
+
+/// Waits while the database does not answer, asking again with backoff
+/// ([`DB_RETRY_FIRST`] doubling to [`DB_RETRY_MAX`]); true when it had to.
+/// The outage's start and end are logged once each (by `Store::health`).
+async fn wait_for_database(app: &App) -> bool {
+    if app.store.health().await.is_ok() {
+        return false;
+    }
+    let mut wait = DB_RETRY_FIRST;
+    loop {
+        tokio::time::sleep(wait).await;
+        if app.store.health().await.is_ok() {
+            return true;
+        }
+        wait = (wait * 2).min(DB_RETRY_MAX);
+    }
+}
+
+/// Runs `job` if this daemon leads. A job is not started while the database
+/// is unreachable (it waits, with backoff, for it to come back), and a job
+/// that failed because the database went away in the middle runs again as
+/// soon as it is back, instead of at its next tick: every user the pass had not
+/// reached is renewed once the outage ends.
 pub async fn run_logged(app: &Arc<App>, job: Job) {
+    for rerun in 0..=DB_RERUNS {
+        if wait_for_database(app).await {
+            info!(job = job.name(), "database back: running the job");
+        }
+        let ok = run_once(app, job).await;
+        match ok {
+            Some(false) if rerun < DB_RERUNS && app.store.health().await.is_err() => continue,
+            _ => return,
+        }
+    }
+}
+
+/// One run; `None` when this daemon does not lead, else whether it succeeded.
+async fn run_once(app: &Arc<App>, job: Job) -> Option<bool> {
     let leads = app.leader.load(std::sync::atomic::Ordering::SeqCst);
     let Some((job_app, fence)) = job_app(app).filter(|_| leads) else {
         tracing::debug!(job = job.name(), "not the leader; skipping");
-        return;
+        return None;
     };
     let started = std::time::Instant::now();
     let result = run_job(&job_app, job).await;
@@ -159,6 +210,7 @@ pub async fn run_logged(app: &Arc<App>, job: Job) {
         }
         Err(e) => error!(job = job.name(), error = %e, "job failed"),
     }
+    Some(ok)
 }
 
 /// Runs the schedules until `shutdown` resolves; a job in flight gets

@@ -145,6 +145,12 @@ async fn copy(cli: &super::Cli, to: &str, out: OutputFormat) -> CliResult {
                 "next: set database_url = {:?} in the config (or ROTATOR_DATABASE_URL) of every rotator process, keep audit.key_file, audit.checkpoint_file and sealing.key_file as they are, and start the daemon; {} is left as it was (keep it as a backup)",
                 r.target, source
             );
+            if source.engine() == crate::store::Engine::Postgres {
+                // Other machines' daemons are not stopped by the lock above.
+                println!(
+                    "{source} was read in one consistent snapshot (REPEATABLE READ): whatever another rotator process wrote after it is not in the copy; stop every daemon on {source} before switching"
+                );
+            }
         }
     }
     Ok(())

@@ -190,6 +190,27 @@ fn authz_check(a: &crate::config::AuthzSettings) -> (bool, String) {
     }
 }
 
+/// On a database several hosts share, what the audit head checkpoint (a file,
+/// deliberately outside the database) can vouch for: each process moves the
+/// checkpoint it is configured with after its own commits only.
+fn shared_checkpoint_note(s: &crate::config::Settings) -> Option<String> {
+    if s.database.engine() != crate::store::Engine::Postgres {
+        return None;
+    }
+    let cp = &s.audit.checkpoint_file;
+    Some(if cp.starts_with(&s.data_dir) {
+        format!(
+            "{} is in this host's data directory, but the database is PostgreSQL: every other daemon or admin host keeps its own checkpoint, moved only by its own commits, so this one vouches for the chain only up to the last event written from here: `audit verify` here reports checkpoint_old whenever another host wrote last, and cannot tell a deletion of the others' last events from their not having been written; fix: put audit.checkpoint_file (with audit.key_file) on storage every rotator process on this database shares (deploy/components/ha-postgres mounts the ReadWriteMany volume rotator-shared), or run `rotator audit verify` from the host whose checkpoint is the newest",
+            cp.display()
+        )
+    } else {
+        format!(
+            "{} is outside the data directory: every rotator process on this PostgreSQL database must use this same file (shared storage with flock, e.g. the rotator-shared volume of deploy/components/ha-postgres); a process with a checkpoint of its own vouches only for the events it wrote",
+            cp.display()
+        )
+    })
+}
+
 pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
     let mut findings: Vec<Finding> = Vec::new();
     let mut checks = Vec::new();
@@ -449,6 +470,9 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                     ),
                 },
                 Err(e) => push("audit chain", false, e.to_string(), e.exit()),
+            }
+            if let Some(detail) = shared_checkpoint_note(s) {
+                push("audit checkpoint", true, detail, Exit::Config);
             }
             let (ok, detail) = authz_check(&app.settings.authz);
             push("authorization webhook", ok, detail, Exit::Config);

@@ -121,6 +121,21 @@ where
         .map_err(|e| StoreError::Invalid(format!("column {i}: neither integer nor text: {e}")))
 }
 
+/// How a copy's read transaction begins on the source, so that every table is
+/// read from one snapshot while other processes write. SQLite (WAL): a
+/// deferred transaction's snapshot is taken at its first read and kept.
+/// PostgreSQL: READ COMMITTED (the default) takes a new snapshot per
+/// statement, so a user added between two tables' reads would be copied
+/// without its credential; REPEATABLE READ keeps the first statement's
+/// snapshot for the whole transaction (READ ONLY: it never takes a row lock or
+/// the writer lock, and cannot fail with a serialization error).
+pub fn snapshot(engine: super::Engine) -> &'static str {
+    match engine {
+        super::Engine::Sqlite => "BEGIN DEFERRED",
+        super::Engine::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    }
+}
+
 /// Copies `source` into `target` (an empty rotator database, migrated), which
 /// is shown to the user as `shown`.
 pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyReport, CopyError> {
@@ -142,7 +157,11 @@ pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyRep
     // Before the snapshot: everything the checkpoint vouches for is in the copy.
     let checkpoint = audit::checkpoint_now(source).await?;
     // One read transaction: the copy is a single point in the source's history.
-    let mut src = source.pool().begin().await.map_err(StoreError::from)?;
+    let mut src = source
+        .pool()
+        .begin_with(snapshot(source.engine()))
+        .await
+        .map_err(StoreError::from)?;
     let mut tx = target.begin().await?;
     let mut counts = Vec::new();
     for &t in TABLES {

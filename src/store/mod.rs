@@ -176,6 +176,9 @@ pub struct Store {
     /// With leader election: the epoch every write transaction must still hold
     /// at its commit (a leader's jobs; see `fence`).
     fence: Option<std::sync::Arc<fence::Fence>>,
+    /// Since when [`Store::health`] has found the database unreachable: one log
+    /// line when an outage starts and one when it ends, whoever noticed.
+    outage: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// Held while one process works on one user's cluster access; released on drop,
@@ -202,6 +205,10 @@ impl std::fmt::Debug for Held {
 
 /// How long a command waits for another process working on the same user.
 pub const USER_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// How long [`Store::health`] waits for an answer (the pool itself would wait
+/// its acquire timeout, longer than a readiness probe's).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl Store {
     /// Opens (creating if needed, on SQLite) and migrates the database.
@@ -230,7 +237,74 @@ impl Store {
             audit: None,
             commits: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             fence: None,
+            outage: Default::default(),
         })
+    }
+
+    /// Whether the database answers now (a pooled connection runs `SELECT 1`
+    /// within [`HEALTH_TIMEOUT`]). The pool reconnects by itself once the
+    /// server is back; meanwhile it only says it timed out, so on PostgreSQL a
+    /// failure is probed with a connection of its own, whose error says why
+    /// (refused, shutting down, starting up, authentication), URL redacted.
+    /// Logs once when an outage starts and once when it ends.
+    pub async fn health(&self) -> Result<(), StoreError> {
+        let r = self.probe().await;
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        match (&r, *outage) {
+            (Err(e), None) => {
+                *outage = Some(std::time::Instant::now());
+                tracing::error!(database = %self.location, error = %e, "database unreachable: jobs and requests that need it fail until it is back; retrying with backoff");
+            }
+            (Ok(()), Some(since)) => {
+                *outage = None;
+                tracing::info!(database = %self.location, down_ms = since.elapsed().as_millis() as u64, "database reachable again");
+            }
+            _ => {}
+        }
+        r
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        let pooled = || async {
+            match tokio::time::timeout(HEALTH_TIMEOUT, async {
+                let mut c = self.pool.acquire().await?;
+                sqlx::query("SELECT 1").execute(&mut *c).await?;
+                Ok::<_, sqlx::Error>(())
+            })
+            .await
+            {
+                Ok(r) => r.map_err(StoreError::from),
+                Err(_) => Err(StoreError::Query(format!(
+                    "no connection answered within {HEALTH_TIMEOUT:?}"
+                ))),
+            }
+        };
+        let err = match pooled().await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let Location::Postgres(url) = &self.location else {
+            return Err(err);
+        };
+        let shown = self.location.redacted();
+        match tokio::time::timeout(
+            HEALTH_TIMEOUT,
+            <sqlx::AnyConnection as sqlx::Connection>::connect(url),
+        )
+        .await
+        {
+            // The server answers: the pool's connection was one it had closed;
+            // the pool replaces it on the next try.
+            Ok(Ok(c)) => {
+                let _ = sqlx::Connection::close(c).await;
+                pooled().await
+            }
+            Ok(Err(e)) => Err(engine::postgres::unreachable(&shown, e)),
+            Err(_) => Err(StoreError::Unreachable {
+                url: shown,
+                reason: format!("no answer within {HEALTH_TIMEOUT:?}"),
+            }),
+        }
     }
 
     /// Whether several daemons can share this database. A SQLite file is one

@@ -1,7 +1,7 @@
 //! The kubernetes signer's bindings under damage: a deleted namespace, a
 //! stripped label, a generation group copied into someone else's binding, a
 //! clashing binding, a role rotator may not bind, and other instances' CSRs.
-//! Checked with kubectl, never with rotator's own view.
+//! Checked with kubectl, never with rotator's own view. Each on both engines.
 use testcluster::Options;
 
 use crate::common::*;
@@ -53,6 +53,7 @@ async fn subjects(kx: &Kx, ns: &str, name: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_namespace_blocks_neither_other_namespaces_nor_removals_and_costs_no_certificate()
 {
@@ -305,4 +306,5 @@ async fn with_the_api_server_down_a_revoke_is_still_recorded() {
             .await,
         1
     );
+}
 }

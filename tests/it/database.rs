@@ -221,3 +221,148 @@ async fn database_copy_moves_everything_into_an_empty_database_and_refuses_a_use
         .unwrap();
     assert!(daemon.wait().await.unwrap().success());
 }
+
+/// Row counts per copied table of the database at `url`, whichever the engine.
+async fn counts_at(url: &str) -> Vec<(String, i64)> {
+    sqlx::any::install_default_drivers();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for t in rotator::store::copy::TABLES {
+        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {t}")))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        out.push((t.to_string(), n));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_copy_moves_sqlite_to_postgres_and_back_and_rotator_runs_on_each_copy() {
+    let Some(pg) =
+        crate::pg::server_or_skip("database::database_copy_moves_sqlite_to_postgres_and_back")
+    else {
+        return;
+    };
+    let s = Scratch::on(Engine::Sqlite);
+    for u in ["alice", "bob"] {
+        ok(&s.rotator(&["add-user", u, "-n", "team-a", "--role", "view"]));
+    }
+    ok(&s.rotator(&[
+        "add-user", "carol", "-n", "team-a", "--role", "view", "--enroll",
+    ]));
+    ok(&s.rotator(&["rotate", "alice"]));
+    ok(&s.rotator(&["revoke", "bob"]));
+    // On SQLite the checkpoint beside the database is the whole story.
+    let on_sqlite: serde_json::Value =
+        serde_json::from_str(&ok(&s.rotator(&["doctor", "--output", "json"]))).unwrap();
+    assert!(
+        !on_sqlite
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["check"] == "audit checkpoint"),
+        "{on_sqlite:#}"
+    );
+    let sqlite = format!("sqlite://{}", s.path("rotator-data/rotator.db").display());
+    let source = counts_at(&sqlite).await;
+    // SQLite -> PostgreSQL.
+    let url = pg.create_database();
+    let out = ok(&s.rotator(&["database", "copy", "--to", &url]));
+    assert!(
+        out.contains("row counts match and the audit chain verifies"),
+        "{out}"
+    );
+    assert_eq!(counts_at(&url).await, source);
+    for t in [
+        "users",
+        "credentials",
+        "issuances",
+        "enrollment_tokens",
+        "audit_events",
+        "meta",
+    ] {
+        assert!(
+            source.iter().any(|(n, c)| n == t && *c > 0),
+            "{t} has rows to copy"
+        );
+    }
+    // rotator runs on the copy: the same users, the chain verifies, a rotate works.
+    let on_pg = |args: &[&str]| s.rotator_env(args, &[("ROTATOR_DATABASE_URL", &url)]);
+    assert!(ok(&on_pg(&["audit", "verify"])).contains("audit chain intact"));
+    let bob = ok(&on_pg(&["show", "bob", "--output", "json"]));
+    assert!(bob.contains("revoked"), "{bob}");
+    ok(&on_pg(&["rotate", "alice", "--out", "alice-pg.kc"]));
+    assert!(ok(&on_pg(&["audit", "verify"])).contains("audit chain intact"));
+    // doctor says what a checkpoint in the data directory means on a shared database.
+    let doctor: serde_json::Value =
+        serde_json::from_str(&ok(&on_pg(&["doctor", "--output", "json"]))).unwrap();
+    let note = doctor
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "audit checkpoint")
+        .unwrap_or_else(|| panic!("no audit checkpoint check: {doctor:#}"));
+    let detail = note["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("this host's data directory")
+            && detail.contains("checkpoint_old")
+            && detail.contains("fix:"),
+        "{detail}"
+    );
+    // PostgreSQL as the source: read in one snapshot (a row committed after the
+    // snapshot's first read is not seen by its later reads) ...
+    let snap = rotator::store::copy::snapshot(Engine::Postgres);
+    let mut reader = <sqlx::AnyConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    sqlx::Executor::execute(&mut reader, snap).await.unwrap();
+    async fn users(c: &mut sqlx::AnyConnection) -> i64 {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM users")
+            .fetch_one(c)
+            .await
+            .unwrap();
+        n
+    }
+    let before = users(&mut reader).await;
+    ok(&on_pg(&[
+        "add-user", "dave", "-n", "team-a", "--role", "view",
+    ]));
+    assert_eq!(users(&mut reader).await, before, "the snapshot moved");
+    drop(reader);
+    // ... and copied into SQLite.
+    std::fs::create_dir(s.path("back")).unwrap();
+    let back = s.path("back/rotator.db");
+    let out = ok(&on_pg(&[
+        "database",
+        "copy",
+        "--to",
+        &format!("sqlite://{}", back.display()),
+    ]));
+    assert!(
+        out.contains("row counts match and the audit chain verifies"),
+        "{out}"
+    );
+    assert!(out.contains("one consistent snapshot"), "{out}");
+    assert_eq!(mode(&back), 0o600);
+    assert_eq!(
+        counts_at(&format!("sqlite://{}", back.display())).await,
+        counts_at(&url).await
+    );
+    let dir = restore_into(&s, &back, "moved-back");
+    let dd = dir.to_str().unwrap();
+    assert!(ok(&s.rotator(&["--data-dir", dd, "audit", "verify"])).contains("audit chain intact"));
+    let dave = ok(&s.rotator(&["--data-dir", dd, "show", "dave", "--output", "json"]));
+    assert!(dave.contains("current"), "{dave}");
+    ok(&s.rotator(&[
+        "--data-dir",
+        dd,
+        "rotate",
+        "alice",
+        "--out",
+        "alice-back.kc",
+    ]));
+    assert!(ok(&s.rotator(&["--data-dir", dd, "audit", "verify"])).contains("audit chain intact"));
+}

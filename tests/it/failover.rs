@@ -1,10 +1,7 @@
 //! Two real `rotator serve` processes on one PostgreSQL database with the test
 //! cluster's Lease: the leader fenced out after it was paused past its lease,
-//! and the leader SIGKILLed at each issuance step while the standby finishes.
-//!
-//! NOT YET A MODULE of tests/it/main.rs: it needs the PostgreSQL engine
-//! (`database_url`) and the test harness (`pg`, `use_engine`, `Scratch::command`)
-//! of branch h-pg; `mod failover;` goes in with that merge.
+//! the leader SIGKILLed at each issuance step while the standby finishes, and
+//! the PostgreSQL server itself stopped and started again mid-pass.
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -60,6 +57,22 @@ impl Daemon {
             .unwrap();
     }
 
+    /// Every line logged so far, the ones not yet waited for too.
+    fn drain(&mut self) -> &[serde_json::Value] {
+        while let Ok(v) = self.lines.try_recv() {
+            self.log.push(v);
+        }
+        &self.log
+    }
+
+    /// How many lines so far have the message `msg`.
+    fn count(&mut self, msg: &str) -> usize {
+        self.drain()
+            .iter()
+            .filter(|v| v["fields"]["message"] == msg)
+            .count()
+    }
+
     async fn stop(mut self) -> std::process::ExitStatus {
         if self.child.id().is_some() {
             self.signal("-TERM");
@@ -89,6 +102,11 @@ fn shared_keys(kx: &Kx) -> Vec<(String, String)> {
 }
 
 fn spawn(kx: &Kx, dir: &str, env: &[(&str, &str)]) -> Daemon {
+    spawn_on(kx, dir, env, "127.0.0.1:0")
+}
+
+/// As [`spawn`], with health and metrics on `metrics`.
+fn spawn_on(kx: &Kx, dir: &str, env: &[(&str, &str)], metrics: &str) -> Daemon {
     let mut c = tokio::process::Command::from(kx.s.command());
     c.args([
         "--config",
@@ -99,7 +117,7 @@ fn spawn(kx: &Kx, dir: &str, env: &[(&str, &str)]) -> Daemon {
         "--log-format",
         "json",
         "--metrics-addr",
-        "127.0.0.1:0",
+        metrics,
     ]);
     for (k, v) in shared_keys(kx) {
         c.env(k, v);
@@ -302,5 +320,145 @@ async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step(
         );
         assert!(b.stop().await.success(), "{step}");
         assert_invariants(&kx, users.len(), step).await;
+    }
+}
+
+/// A free local port (bound and released: the daemon binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn readyz(port: u16) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, buf.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// Polls `/readyz` until `want` accepts its answer.
+async fn readyz_until(port: u16, what: &str, want: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        if let Some((code, body)) = readyz(port).await {
+            if want(code, &body) {
+                return body;
+            }
+            last = Some((code, body));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("/readyz on {port}: never {what}; last answer {last:?}");
+}
+
+const UNREACHABLE: &str = "database unreachable: jobs and requests that need it fail until it is back; retrying with backoff";
+const REACHABLE: &str = "database reachable again";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pass_finishes_when_the_postgres_server_restarts_mid_pass() {
+    // A server of this test's own: it is stopped twice under the daemons.
+    let Some(pg) =
+        crate::pg::private("failover::the_pass_finishes_when_the_postgres_server_restarts")
+    else {
+        return;
+    };
+    let mut kx = Kx::new(
+        Options::default(),
+        &format!("{LEASE}[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"*/2 * * * * *\"\n"),
+    )
+    .await;
+    // A password in the URL (unused: the server trusts its socket) that must
+    // never be shown, in /readyz or in a log line.
+    kx.s.database_url = Some(format!("{}&password=s3cret-pw", pg.create_database()));
+    let users = ["alice", "bob", "carol"];
+    setup(&kx, &users).await;
+    for mode in ["fast", "immediate"] {
+        // The leader stalls 2 s before storing each certificate: a pass is
+        // long enough to lose the server in the middle of it.
+        let (pa, pb) = (free_port(), free_port());
+        let mut a = spawn_on(
+            &kx,
+            "d1",
+            &[("ROTATOR_FAULT", "before-store:sleep-2000")],
+            &format!("127.0.0.1:{pa}"),
+        );
+        a.wait_for("became the leader", Duration::from_secs(30), |_| true)
+            .await;
+        let mut b = spawn_on(&kx, "d2", &[], &format!("127.0.0.1:{pb}"));
+        b.wait_for("rotator daemon started", Duration::from_secs(30), |_| true)
+            .await;
+        // Mid-pass: an issuance signed and waiting to be stored.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while kx
+            .s
+            .count("SELECT COUNT(*) FROM issuances WHERE step IN ('approved', 'issued')")
+            .await
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode}: a reaches the stall"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pg.stop(mode).unwrap();
+        // Meanwhile both daemons say what is wrong, without the password.
+        for port in [pa, pb] {
+            let body = readyz_until(port, "503 naming the database", |code, body| {
+                code == 503
+                    && body.contains("FAIL database writable: cannot connect to the database")
+            })
+            .await;
+            assert!(body.contains("password=***"), "{mode}: {body}");
+            assert!(!body.contains("s3cret-pw"), "{mode}: {body}");
+            assert!(body.contains("fix:"), "{mode}: {body}");
+        }
+        a.wait_for(UNREACHABLE, Duration::from_secs(30), |_| true)
+            .await;
+        // Down for a few seconds, as a restart or a failover of the server.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        pg.start().unwrap();
+        a.wait_for(REACHABLE, Duration::from_secs(60), |_| true)
+            .await;
+        // The pass runs again at once and renews everyone.
+        a.wait_for("job done", Duration::from_secs(60), |v| {
+            v["fields"]["job"] == "rotate"
+                && v["fields"]["summary"]
+                    .as_str()
+                    .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+                    .is_some_and(|s| s["failed"] == 0 && s["renewed"] == users.len())
+        })
+        .await;
+        // (Only the database: a leader that won the Lease after its start-up
+        // catch-up has not run reconcile yet, and says so.)
+        for port in [pa, pb] {
+            readyz_until(port, "the database writable again", |_, body| {
+                body.contains("ok   database writable")
+            })
+            .await;
+        }
+        // One line when the outage began and one when it ended, not one per attempt.
+        assert_eq!(a.count(UNREACHABLE), 1, "{mode}: a's outage lines");
+        assert_eq!(a.count(REACHABLE), 1, "{mode}");
+        assert!(b.count(UNREACHABLE) <= 1, "{mode}: b's outage lines");
+        let logs = format!("{:?}{:?}", a.drain(), b.drain());
+        assert!(
+            !logs.contains("s3cret-pw"),
+            "{mode}: a log line shows the password"
+        );
+        assert!(b.stop().await.success(), "{mode}");
+        assert!(a.stop().await.success(), "{mode}");
+        assert_invariants(&kx, users.len(), mode).await;
     }
 }

@@ -47,14 +47,24 @@ impl Kx {
         kx
     }
 
+    /// What an in-process App is configured with besides the file: the data
+    /// directory, and the scratch's database when it is not SQLite's default.
+    fn app_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "ROTATOR_DATA_DIR".to_string(),
+            self.s.path("rotator-data").display().to_string(),
+        )];
+        if let Some(url) = &self.s.database_url {
+            env.push(("ROTATOR_DATABASE_URL".to_string(), url.clone()));
+        }
+        env
+    }
+
     /// The App in process, over the same configuration and data directory, with
     /// a clock the test moves.
     pub async fn app(&self, clock: &rotator::clock::ManualClock) -> Arc<rotator::app::App> {
         let cfg = self.s.path("rotator.toml");
-        let env = [(
-            "ROTATOR_DATA_DIR".to_string(),
-            self.s.path("rotator-data").display().to_string(),
-        )];
+        let env = self.app_env();
         let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
         let app = rotator::app::App::open(
             settings,
@@ -68,10 +78,7 @@ impl Kx {
     /// The App in process with `faults`, on the system clock.
     pub async fn app_with(&self, faults: Arc<dyn rotator::issuer::Faults>) -> rotator::app::App {
         let cfg = self.s.path("rotator.toml");
-        let env = [(
-            "ROTATOR_DATA_DIR".to_string(),
-            self.s.path("rotator-data").display().to_string(),
-        )];
+        let env = self.app_env();
         let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
         rotator::app::App::open(
             settings,
@@ -91,13 +98,9 @@ impl Kx {
     }
 
     pub async fn rotator_async(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-        c.current_dir(self.s.dir.path())
-            .args(["--config", "rotator.toml"])
-            .args(args);
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
-            c.env_remove(k);
-        }
+        // The scratch's command: on its database, whichever the engine.
+        let mut c = tokio::process::Command::from(self.s.command());
+        c.args(["--config", "rotator.toml"]).args(args);
         c.envs(env.iter().copied());
         c.output().await.unwrap()
     }
@@ -148,6 +151,7 @@ impl Kx {
     }
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_user_grants_exactly_the_namespace_asked_for() {
     let kx = Kx::new(Options::default(), "").await;
@@ -205,10 +209,13 @@ async fn add_user_grants_exactly_the_namespace_asked_for() {
     let info = rotator::pki::parse_cert_pem(&cert, "t").unwrap();
     assert_eq!(info.lifetime_seconds(), 3600 + 300);
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_keeps_the_old_credential_for_the_grace_period_only() {
     grace_period_case(&Kx::new(Options::default(), GRACE_TOML).await).await;
+}
 }
 
 pub const GRACE_TOML: &str = "[rotation]\ngrace_period = \"10m\"\n";
@@ -265,9 +272,11 @@ pub async fn grace_period_case(kx: &Kx) {
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_takes_access_away_at_once_and_remove_user_leaves_nothing() {
     revoke_case(&Kx::new(Options::default(), "").await).await;
+}
 }
 
 /// Signer-generic (kubernetes here, vault-pki in `vault_pki`).
@@ -303,6 +312,7 @@ pub async fn revoke_case(kx: &Kx) {
     assert!(log.contains("rbac.sync"), "binding changes are audited");
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_api_failures_are_retried_and_a_crash_mid_issuance_leaves_one_credential() {
     let kx = Kx::new(Options::default(), "").await;
@@ -371,6 +381,7 @@ async fn transient_api_failures_are_retried_and_a_crash_mid_issuance_leaves_one_
         "its generation was burnt"
     );
 }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denying_or_silent_signer_is_a_clear_error_in_bounded_time() {
@@ -416,6 +427,7 @@ async fn a_denying_or_silent_signer_is_a_clear_error_in_bounded_time() {
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bindings_rotator_did_not_make_are_never_changed() {
     let kx = Kx::new(Options::default(), "").await;
@@ -455,6 +467,7 @@ async fn bindings_rotator_did_not_make_are_never_changed() {
             .await,
         0
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -610,6 +623,7 @@ async fn bootstrap_tokens_are_created_like_kubeadm_listed_revoked_and_expired() 
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokencleaner() {
     let kx = Kx::new(
@@ -650,6 +664,7 @@ async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokenclean
         0,
         "each token is deleted once"
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -721,6 +736,7 @@ async fn init_records_the_kubernetes_signer_and_doctor_checks_the_cluster() {
     );
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_living_longer_than_policy_allows_is_refused_and_discarded() {
     // An old API server drops expirationSeconds: the signer's one-year default comes back.
@@ -754,6 +770,7 @@ async fn a_certificate_living_longer_than_policy_allows_is_refused_and_discarded
         (String::new(), String::new()),
         "no CSR and no binding is left"
     );
+}
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,9 @@
 //! reaper process waits on a pipe whose write end only this process holds, and
 //! stops the server (and removes its directory) when the pipe closes.
 //!
+//! A test that must stop and start its server (connections lost mid-pass) gets
+//! a [`private`] one of its own, on the same terms; the shared one is left alone.
+//!
 //! Without `initdb` the PostgreSQL variants say loudly that they did not run,
 //! and fail when `ROTATOR_REQUIRE_ALL=1` (scripts/test sets it).
 use std::io::Write;
@@ -16,6 +19,9 @@ pub struct Server {
     /// Socket directory (and the data directory's parent).
     pub dir: PathBuf,
     bin: PathBuf,
+    /// The server's options (`pg_ctl -o`), for a restart.
+    opts: String,
+    /// Dropping it closes the reaper's pipe: the server stops, its directory goes.
     _reaper: Mutex<Child>,
 }
 
@@ -58,7 +64,10 @@ fn as_nobody(bin: &Path, prog: &str) -> Command {
     c
 }
 
-fn start() -> Result<Server, String> {
+/// A new server. `durable`: fsync and synchronous commits on, as in
+/// production; without, a crash (`stop -m immediate`) loses commits the client
+/// was told were done, which only a server that is never crashed can afford.
+fn start(durable: bool) -> Result<Server, String> {
     let bin = bin_dir().ok_or(
         "initdb not found on PATH or under /usr/lib/postgresql/*/bin (Debian package `postgresql`)",
     )?;
@@ -112,38 +121,91 @@ fn start() -> Result<Server, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("reaper: {e}"))?;
+    let fast = if durable {
+        ""
+    } else {
+        " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    };
     let opts = format!(
-        "-k {} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c shared_buffers=16MB",
+        "-k {} -c listen_addresses=''{fast} -c max_connections=300 -c shared_buffers=16MB",
         dir.display()
     );
-    let out = as_nobody(&bin, "pg_ctl")
-        .current_dir(&dir)
-        .args(["-D", data.to_str().unwrap(), "-o", &opts])
-        .args(["-l", dir.join("log").to_str().unwrap(), "-w", "start"])
-        .stdout(Stdio::null())
-        .output()
-        .map_err(|e| format!("pg_ctl: {e}"))?;
     let server = Server {
         dir: dir.clone(),
         bin,
+        opts,
         _reaper: Mutex::new(reaper),
     };
-    if !out.status.success() {
-        let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
-        return Err(format!(
-            "pg_ctl start failed: {}{log}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    server.start()?;
     Ok(server)
 }
 
 /// The server, started on first use.
 pub fn server() -> Result<&'static Server, String> {
-    SERVER.get_or_init(start).as_ref().map_err(Clone::clone)
+    SERVER
+        .get_or_init(|| start(false))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A durable server of the caller's own, which it may [`Server::stop`] and
+/// [`Server::start`] again; stopped and removed when dropped. `None` after
+/// saying loudly that `test` did not run (as [`server_or_skip`]).
+pub fn private(test: &str) -> Option<Server> {
+    // Durable: it is crashed, and what it acknowledged must survive that.
+    match start(true) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            skipped(test, &why);
+            None
+        }
+    }
 }
 
 impl Server {
+    /// `pg_ctl start`, waiting until it accepts connections.
+    pub fn start(&self) -> Result<(), String> {
+        let out = as_nobody(&self.bin, "pg_ctl")
+            .current_dir(&self.dir)
+            .args([
+                "-D",
+                self.dir.join("data").to_str().unwrap(),
+                "-o",
+                &self.opts,
+            ])
+            .args(["-l", self.dir.join("log").to_str().unwrap(), "-w", "start"])
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("pg_ctl: {e}"))?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(self.dir.join("log")).unwrap_or_default();
+            return Err(format!(
+                "pg_ctl start failed: {}{log}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// `pg_ctl stop -m MODE` (`fast`: sessions are terminated, a clean shutdown;
+    /// `immediate`: as a crash, recovery at the next start), waiting until it is down.
+    pub fn stop(&self, mode: &str) -> Result<(), String> {
+        let out = as_nobody(&self.bin, "pg_ctl")
+            .current_dir(&self.dir)
+            .args(["-D", self.dir.join("data").to_str().unwrap()])
+            .args(["-m", mode, "-w", "stop"])
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("pg_ctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "pg_ctl stop -m {mode} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+
     /// `psql` as the superuser on database `db`.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(self.bin.join("psql"))
@@ -187,16 +249,21 @@ pub fn server_or_skip(test: &str) -> Option<&'static Server> {
     match server() {
         Ok(s) => Some(s),
         Err(why) => {
-            if require_all() {
-                panic!("PostgreSQL test {test} cannot run: {why} (ROTATOR_REQUIRE_ALL=1)");
-            }
-            let n = SKIPPED.fetch_add(1, Ordering::SeqCst) + 1;
-            let mut err = std::io::stderr().lock();
-            let _ = writeln!(
-                err,
-                "\n!!! PostgreSQL test {test} did NOT run: {why}\n!!! ({n} PostgreSQL tests skipped so far; install postgresql or run scripts/test, which also sets ROTATOR_REQUIRE_ALL=1)"
-            );
+            skipped(test, &why);
             None
         }
     }
+}
+
+/// Says loudly that `test` did not run, or panics when every test must run.
+fn skipped(test: &str, why: &str) {
+    if require_all() {
+        panic!("PostgreSQL test {test} cannot run: {why} (ROTATOR_REQUIRE_ALL=1)");
+    }
+    let n = SKIPPED.fetch_add(1, Ordering::SeqCst) + 1;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "\n!!! PostgreSQL test {test} did NOT run: {why}\n!!! ({n} PostgreSQL tests skipped so far; install postgresql or run scripts/test, which also sets ROTATOR_REQUIRE_ALL=1)"
+    );
 }
