@@ -91,20 +91,31 @@ pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
         checks.push(("jobs".to_string(), Ok(())));
         return checks; // a standby runs no job: nothing can be late
     }
+    // A daemon that became the leader after its start (a failover) runs each
+    // job at its next tick: it is late only once two ticks have passed since.
+    let since = app.metrics.leader_since();
     for job in crate::scheduler::Job::ALL {
         let last = app.metrics.last_success(job.name());
         // A job is late when it has not succeeded since two of its ticks ago.
         let sched = &job.schedule(app).schedule;
         let ok = match (sched.upcoming(chrono::Utc).next(), last) {
-            _ if last == 0.0 => Err("has not succeeded yet".to_string()),
+            _ if last == 0.0 && since == 0.0 => Err("has not succeeded yet".to_string()),
             (Some(next), l) => {
                 let period = sched
                     .after(&next)
                     .next()
                     .map(|n| (n - next).num_seconds())
                     .unwrap_or(60);
-                if (now as f64) - l > (2 * period + 60) as f64 {
-                    Err(format!("last success {}s ago", now - l as i64))
+                let from = l.max(since);
+                if (now as f64) - from > (2 * period + 60) as f64 {
+                    Err(if l == 0.0 {
+                        format!(
+                            "has not succeeded since this daemon became the leader {}s ago",
+                            now - since as i64
+                        )
+                    } else {
+                        format!("last success {}s ago", now - l as i64)
+                    })
                 } else {
                     Ok(())
                 }

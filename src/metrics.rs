@@ -54,6 +54,8 @@ pub struct Metrics {
     pub authz_duration: Histogram,
     pub authz_snapshot_refreshed: Gauge<f64, AtomicU64>,
     pub authz_snapshot_credentials: Gauge,
+    /// When this daemon last became the leader (Unix seconds), 0 while it is not.
+    leader_since: Gauge<f64, AtomicU64>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -65,6 +67,12 @@ impl std::fmt::Debug for Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("rotator");
+        let leader_since = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "leader_since_timestamp_seconds",
+            "When this daemon became the leader (0 while it stands by; without leader election, its start)",
+            leader_since.clone(),
+        );
         let credentials = Family::<Labels, Gauge>::default();
         registry.register("credentials", "Credentials by state", credentials.clone());
         let expiry = Family::<Labels, Gauge<f64, AtomicU64>>::default();
@@ -171,6 +179,7 @@ impl Default for Metrics {
             authz_duration,
             authz_snapshot_refreshed,
             authz_snapshot_credentials,
+            leader_since,
             vault_state,
             api_requests,
             api_refusals,
@@ -231,6 +240,16 @@ impl Metrics {
         self.api_connections_refused
             .get_or_create(&l(&[("reason", reason)]))
             .inc();
+    }
+
+    /// This daemon leads from `now` on (`None`: it stands by).
+    pub fn leading_since(&self, now: Option<i64>) {
+        self.leader_since.set(now.unwrap_or(0) as f64);
+    }
+
+    /// When this daemon became the leader, 0 while it is not.
+    pub fn leader_since(&self) -> f64 {
+        self.leader_since.get()
     }
 
     /// When `job` last succeeded (Unix seconds), 0 when it never has.

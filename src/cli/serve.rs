@@ -238,6 +238,7 @@ async fn elect(
         crate::scheduler::drop_epoch(app);
     }
     if app.leader.swap(lead, Ordering::SeqCst) != lead {
+        app.metrics.leading_since(lead.then_some(now));
         if lead {
             info!(identity, lease = %format!("{}/{}", le.namespace, le.name), "became the leader");
         } else {

@@ -284,7 +284,8 @@ async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step(
         let mut a = spawn(&kx, "d1", &[("ROTATOR_FAULT", &format!("{step}:kill"))]);
         a.wait_for("became the leader", Duration::from_secs(30), |_| true)
             .await;
-        let mut b = spawn(&kx, "d2", &[]);
+        let b_port = free_port();
+        let mut b = spawn_on(&kx, "d2", &[], &format!("127.0.0.1:{b_port}"));
         b.wait_for("rotator daemon started", Duration::from_secs(30), |_| true)
             .await;
         let st = a.child.wait().await.unwrap();
@@ -303,6 +304,9 @@ async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step(
                     .is_some_and(|s| s["failed"] == 0 && s["renewed"] == users.len())
         })
         .await;
+        // Ready as the new leader, although its other jobs (reconcile, every
+        // 10 minutes) have not run since it took over: late only after two ticks.
+        readyz_until(b_port, "200 as the new leader", |code, _| code == 200).await;
         let holder = kx
             .admin_kubectl(&[
                 "get",
