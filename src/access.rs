@@ -26,6 +26,10 @@ pub enum AccessError {
         user: String,
         failed: Vec<SyncFailure>,
     },
+    #[error(
+        "{user}'s RoleBindings were synced three times and each time the database session holding the user's lock ended before the sync did\nfix: check the database server (restarting? killing sessions?); the daemon's next pass syncs again"
+    )]
+    LockLost { user: String },
 }
 
 fn describe_failures(user: &str, failed: &[SyncFailure]) -> String {
@@ -50,6 +54,7 @@ impl crate::exit::ExitStatus for AccessError {
             AccessError::Cluster(e) => e.exit(),
             AccessError::Store(e) => e.exit(),
             AccessError::Partial { .. } => crate::exit::Exit::Signer,
+            AccessError::LockLost { .. } => crate::exit::Exit::Database,
         }
     }
 }
@@ -148,15 +153,36 @@ pub async fn sync_user(
     actor: &str,
     sweep: Sweep,
 ) -> Result<SyncReport, AccessError> {
-    let _lock = store.lock_user(user).await?;
-    let w = wanted(store, user, now, grace).await?;
-    let take_away: &[String] = match sweep {
-        Sweep::Everywhere => &w.take_away,
-        Sweep::Own => &[],
+    let (w, report) = {
+        let mut attempt = 1;
+        loop {
+            let mut lock = store.lock_user(user).await?;
+            let w = wanted(store, user, now, grace).await?;
+            let take_away: &[String] = match sweep {
+                Sweep::Everywhere => &w.take_away,
+                Sweep::Own => &[],
+            };
+            let report = cluster
+                .sync_user_bindings(user, &w.scope, &w.role, &w.groups, take_away)
+                .await;
+            if lock.still_held().await {
+                break (w, report);
+            }
+            // Another process may have synced this user meanwhile from a newer
+            // state (a revoke): sync again, from what the database says now.
+            tracing::warn!(
+                user,
+                attempt,
+                "the user lock's database session ended during the sync; syncing again"
+            );
+            if attempt == 3 {
+                return Err(AccessError::LockLost {
+                    user: user.to_string(),
+                });
+            }
+            attempt += 1;
+        }
     };
-    let report = cluster
-        .sync_user_bindings(user, &w.scope, &w.role, &w.groups, take_away)
-        .await;
     let mut tx = store.begin().await?;
     // A generation counts as taken away only once every binding was updated.
     if report.failed.is_empty() {

@@ -191,7 +191,25 @@ pub struct UserLock {
 
 enum Held {
     File(#[allow(dead_code)] std::fs::File),
-    Session(#[allow(dead_code)] Conn),
+    Session(Conn),
+}
+
+impl UserLock {
+    /// Whether the lock is still held. A flock lasts as long as this process;
+    /// a session advisory lock as long as its connection, which a server
+    /// restart or a killed backend ends without telling anyone: a sync that
+    /// finds it gone may have interleaved with another process's and must run
+    /// again under a new lock.
+    pub async fn still_held(&mut self) -> bool {
+        match &mut self._held {
+            Held::File(_) => true,
+            Held::Session(conn) => {
+                tokio::time::timeout(HEALTH_TIMEOUT, sqlx::query("SELECT 1").execute(&mut *conn))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Held {

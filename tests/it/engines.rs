@@ -136,3 +136,86 @@ fn an_unreachable_server_is_named_without_its_password() {
         "{e}"
     );
 }
+
+crate::engines! {
+#[tokio::test]
+async fn change_stamps_follow_commits_and_a_reader_never_skips_an_open_transaction() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    for u in ["alice", "bob", "carol"] {
+        ok(&s.rotator(&["add-user", u, "-n", "team-a", "--role", "view", "--out", &format!("{u}.kc")]));
+    }
+    let counter = "SELECT seq FROM change_counter WHERE id = 1";
+    let before = s.count(counter).await;
+    // A writer touches every user twice in one transaction and has not
+    // committed: a reader still sees the counter as it was, so the rows it
+    // cannot see yet are not behind the `since` it will ask from next.
+    let mut writer = s.db().await;
+    let mut tx = sqlx::Connection::begin(&mut writer).await.unwrap();
+    for _ in 0..2 {
+        sqlx::query("UPDATE users SET state = state").execute(&mut *tx).await.unwrap();
+    }
+    assert_eq!(s.count(counter).await, before, "an open transaction's stamps are not visible");
+    tx.commit().await.unwrap();
+    let after = s.count(counter).await;
+    assert!(after > before);
+    let stamped = users_stamped(&s, before, after).await;
+    assert_eq!(stamped, 3, "every row the transaction changed is after the counter it was read at");
+    // The next transaction's stamps are all after this one's.
+    let mut tx = sqlx::Connection::begin(&mut writer).await.unwrap();
+    sqlx::query("UPDATE users SET state = state WHERE name = 'bob'").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let later = users_stamped(&s, after, i64::MAX).await;
+    assert_eq!(later, 1);
+}
+}
+
+/// Users whose change stamp is in (`after`, `upto`].
+async fn users_stamped(s: &Scratch, after: i64, upto: i64) -> i64 {
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM users WHERE change_seq > $1 AND change_seq <= $2")
+            .bind(after)
+            .bind(upto)
+            .fetch_one(&mut s.db().await)
+            .await
+            .unwrap();
+    n
+}
+
+/// A user lock whose database session ends (a server restart, a killed
+/// backend) says so, and the lock is free for another process at once: a sync
+/// that held it must run again (`access::sync_user` does).
+#[tokio::test]
+async fn a_user_lock_whose_session_ended_says_so() {
+    let Some(_pg) = use_engine(
+        Engine::Postgres,
+        "engines::a_user_lock_whose_session_ended_says_so",
+    ) else {
+        return;
+    };
+    let s = Scratch::new();
+    let app = plain_app(s.dir.path()).await;
+    let mut lock = app.store.lock_user("alice").await.unwrap();
+    assert!(lock.still_held().await);
+    // The lock's own backend, killed from another session.
+    let (killed,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut s.db().await)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the user lock's session");
+    assert!(
+        !lock.still_held().await,
+        "a lock whose session ended is not held"
+    );
+    // Another process could take it now: so can this one.
+    let mut again = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        app.store.lock_user("alice"),
+    )
+    .await
+    .expect("the lock is free")
+    .unwrap();
+    assert!(again.still_held().await);
+}
