@@ -51,10 +51,7 @@ async fn run() {
         .contains("postgres")
         .then(|| pg::start_or_say("onboard"))
         .flatten();
-    let engines: Vec<Engine> = pg::engines(server.as_ref())
-        .into_iter()
-        .filter(|e| wanted.contains(&e.name().to_lowercase()))
-        .collect();
+    let engines = pg::engines(&wanted, server.as_ref());
     let load_start = load_average();
     let cluster = TestCluster::start(Options {
         signing_rate: (rate > 0).then_some(rate as f64),

@@ -185,10 +185,7 @@ async fn run() {
         .contains("postgres")
         .then(|| pg::start_or_say("rotate_pass"))
         .flatten();
-    let engines: Vec<Engine> = pg::engines(server.as_ref())
-        .into_iter()
-        .filter(|e| wanted.contains(&e.name().to_lowercase()))
-        .collect();
+    let engines = pg::engines(&wanted, server.as_ref());
     let due_label = format!("renews {due}");
     println!(
         "\nrotate pass, {} (load average at start: {})",

@@ -182,6 +182,14 @@ impl Engine {
         }
     }
 
+    /// As BENCH_ENGINES names it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
+        }
+    }
+
     /// The config line that puts a fresh database on this engine (none for
     /// SQLite: the data directory's rotator.db).
     pub fn database_toml(self, pg: Option<&Server>) -> String {
@@ -192,11 +200,12 @@ impl Engine {
     }
 }
 
-/// SQLite, and PostgreSQL when its server runs.
-pub fn engines(pg: Option<&Server>) -> Vec<Engine> {
-    let mut e = vec![Engine::Sqlite];
-    if pg.is_some() {
-        e.push(Engine::Postgres);
-    }
-    e
+/// The engines BENCH_ENGINES names (default both), PostgreSQL only when its
+/// server runs.
+pub fn engines(wanted: &str, pg: Option<&Server>) -> Vec<Engine> {
+    [Engine::Sqlite, Engine::Postgres]
+        .into_iter()
+        .filter(|e| wanted.split(',').any(|w| w.trim() == e.key()))
+        .filter(|e| *e == Engine::Sqlite || pg.is_some())
+        .collect()
 }
