@@ -100,8 +100,15 @@ pub fn start() -> Result<Server, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("reaper: {e}"))?;
+    // BENCH_PG_SYNCHRONOUS_COMMIT=off measures what the commits' WAL flushes cost.
+    let sync = std::env::var("BENCH_PG_SYNCHRONOUS_COMMIT").unwrap_or_else(|_| "on".into());
+    if !["on", "off", "local", "remote_write", "remote_apply"].contains(&sync.as_str()) {
+        return Err(format!(
+            "BENCH_PG_SYNCHRONOUS_COMMIT={sync:?} is not a synchronous_commit value (on, off, local)"
+        ));
+    }
     let opts = format!(
-        "-k {} -c listen_addresses='' -c max_connections=200",
+        "-k {} -c listen_addresses='' -c max_connections=200 -c synchronous_commit={sync}",
         dir.display()
     );
     let out = as_nobody(&bin.join("pg_ctl"))
