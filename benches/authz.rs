@@ -11,7 +11,6 @@
 //!
 //! Prints a table; asserts nothing.
 #[path = "common/shared.rs"]
-#[allow(dead_code)] // the hand-run flow helpers serve the other benches
 mod shared;
 
 use shared::{env, pct};

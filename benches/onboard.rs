@@ -6,14 +6,19 @@
 //!
 //! Three flows: the issuer in process, the real `rotator add-user --from
 //! users.csv` process (BULK_USERS, default ONBOARD_USERS; 0 skips it) into its
-//! own data directory, and the hand-run flow.
+//! own database, each on SQLite and on PostgreSQL (BENCH_ENGINES, default
+//! both; a throwaway server, see common/pg.rs: without `initdb` the bench says
+//! loudly that PostgreSQL was not measured), and the hand-run flow once.
 //!
 //! ONBOARD_SIGNING_RATE models kube-controller-manager's client rate limit
 //! (about 20 CSRs/s by default; 0 = unlimited). Prints a table; asserts nothing.
+#[path = "common/pg.rs"]
+mod pg;
 #[path = "common/shared.rs"]
 mod shared;
 
-use shared::{env, hand_flow, pct};
+use pg::Engine;
+use shared::{env, hand_flow, load_average, pct};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,11 +30,29 @@ fn main() {
     shared::run_bench(run);
 }
 
+/// What one engine's flows measured.
+struct Measured {
+    engine: Engine,
+    users: usize,
+    rate: f64,
+    total_ms: Vec<f64>,
+    signing_ms: Vec<f64>,
+    bulk: Option<(usize, f64)>,
+}
+
 async fn run() {
     let users = env("ONBOARD_USERS", 1000) as usize;
     let concurrency = env("ONBOARD_CONCURRENCY", 16) as usize;
     let rate = env("ONBOARD_SIGNING_RATE", 20);
     let hand = env("HAND_USERS", 50) as usize;
+    let bulk = env("BULK_USERS", users as u64) as usize;
+    let wanted = std::env::var("BENCH_ENGINES").unwrap_or_else(|_| "sqlite,postgres".into());
+    let server = wanted
+        .contains("postgres")
+        .then(|| pg::start_or_say("onboard"))
+        .flatten();
+    let engines = pg::engines(&wanted, server.as_ref());
+    let load_start = load_average();
     let cluster = TestCluster::start(Options {
         signing_rate: (rate > 0).then_some(rate as f64),
         ..Default::default()
@@ -39,12 +62,124 @@ async fn run() {
     let dir = tempfile::tempdir().unwrap();
     let admin = dir.path().join("admin.kubeconfig");
     std::fs::write(&admin, cluster.admin_kubeconfig()).unwrap();
-    let k = |args: &[&str]| hand_flow::kubectl(&admin, args);
-    k(&["create", "namespace", "team-a"]);
-    let cfg = dir.path().join("rotator.toml");
+    hand_flow::kubectl(&admin, &["create", "namespace", "team-a"]);
+
+    let mut measured = Vec::new();
+    for &engine in &engines {
+        // User names differ per engine and flow: all share one cluster.
+        let tag = match engine {
+            Engine::Sqlite => "s",
+            Engine::Postgres => "p",
+        };
+        let db = engine.database_toml(server.as_ref());
+        let (rate_in, total_ms, signing_ms) =
+            in_process(dir.path(), &admin, &db, tag, users, concurrency).await;
+        let bulk_rate = (bulk > 0).then(|| {
+            let bulk_db = engine.database_toml(server.as_ref());
+            let e = bulk_process(dir.path(), &admin, &bulk_db, tag, bulk, concurrency);
+            (bulk, bulk as f64 / e.as_secs_f64())
+        });
+        measured.push(Measured {
+            engine,
+            users,
+            rate: rate_in,
+            total_ms,
+            signing_ms,
+            bulk: bulk_rate,
+        });
+    }
+
+    // The hand-run flow, one user after another, as a script would do it.
+    let hand_elapsed = hand_flow::run(dir.path(), &admin, hand);
+    let hand_rate = hand as f64 / hand_elapsed.as_secs_f64();
+
+    println!(
+        "\nonboarding against the test server (signing rate limit: {}; {concurrency} in flight; load average {load_start} at start, {} at end)",
+        if rate > 0 {
+            format!("{rate}/s")
+        } else {
+            "none".into()
+        },
+        load_average()
+    );
+    if server.is_none() && wanted.contains("postgres") {
+        println!("!!! PostgreSQL was NOT measured (see above)");
+    }
+    println!(
+        "{:<11} {:<58} {:>7} {:>9} {:>9} {:>9} {:>10}",
+        "engine", "flow", "users", "users/s", "p50 ms", "p99 ms", "x hand-run"
+    );
+    for m in &measured {
+        println!(
+            "{:<11} {:<58} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10.1}",
+            m.engine.name(),
+            "rotator in process: add-user end to end",
+            m.users,
+            m.rate,
+            pct(&m.total_ms, 0.5),
+            pct(&m.total_ms, 0.99),
+            m.rate / hand_rate
+        );
+        println!(
+            "{:<11} {:<58} {:>7} {:>9} {:>9.1} {:>9.1} {:>10}",
+            m.engine.name(),
+            "rotator in process: CSR creation to certificate stored",
+            m.users,
+            "",
+            pct(&m.signing_ms, 0.5),
+            pct(&m.signing_ms, 0.99),
+            ""
+        );
+        if let Some((n, r)) = m.bulk {
+            println!(
+                "{:<11} {:<58} {:>7} {:>9.1} {:>9} {:>9} {:>10.1}",
+                m.engine.name(),
+                "rotator add-user --from users.csv (one process)",
+                n,
+                r,
+                "",
+                "",
+                r / hand_rate
+            );
+        }
+    }
+    println!(
+        "{:<11} {:<58} {:>7} {:>9.1} {:>9.1} {:>9} {:>10.1}",
+        "-",
+        "hand-run: openssl + kubectl create/approve/wait/get, serial",
+        hand,
+        hand_rate,
+        hand_elapsed.as_secs_f64() * 1000.0 / hand as f64,
+        "",
+        1.0
+    );
+    if let [s, p] = &measured[..] {
+        println!(
+            "PostgreSQL / SQLite, users per second: in process {:.2}{}",
+            p.rate / s.rate,
+            match (s.bulk, p.bulk) {
+                (Some((_, a)), Some((_, b))) => format!(", add-user --from {:.2}", b / a),
+                _ => String::new(),
+            }
+        );
+    }
+}
+
+/// `users` onboarded by the issuer in process, `concurrency` at a time, into a
+/// fresh database (`db`: its config line); users/s, sorted end-to-end and
+/// signing latencies (ms).
+async fn in_process(
+    dir: &std::path::Path,
+    admin: &std::path::Path,
+    db: &str,
+    tag: &str,
+    users: usize,
+    concurrency: usize,
+) -> (f64, Vec<f64>, Vec<f64>) {
+    let cfg = dir.join(format!("{tag}-rotator.toml"));
     std::fs::write(
         &cfg,
-        format!("data_dir = {:?}\nsigner = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"10m\"\n", dir.path().join("data"), admin),
+        format!("{db}data_dir = {:?}\nsigner = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"10m\"\n", dir.join(format!("{tag}-data")), admin),
     )
     .unwrap();
     let settings = rotator::config::load_with(Some(&cfg), &[], &Default::default()).unwrap();
@@ -60,12 +195,17 @@ async fn run() {
         .0,
     );
 
-    // rotator: bounded concurrency over a queue of users.
+    // Bounded concurrency over a queue of users.
     let queue = Arc::new(std::sync::Mutex::new((0..users).collect::<Vec<_>>()));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (app, queue, dir) = (app.clone(), queue.clone(), dir.path().to_path_buf());
+        let (app, queue, dir, tag) = (
+            app.clone(),
+            queue.clone(),
+            dir.to_path_buf(),
+            tag.to_string(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -73,7 +213,7 @@ async fn run() {
                     break;
                 };
                 let spec = UserSpec {
-                    name: format!("u{i}"),
+                    name: format!("{tag}u{i}"),
                     groups: vec![],
                     namespaces: vec!["team-a".into()],
                     role: "view".into(),
@@ -82,7 +222,7 @@ async fn run() {
                 };
                 let t = Instant::now();
                 let mut sink = rotator::sink::FileSink {
-                    path: dir.join(format!("u{i}.kubeconfig")),
+                    path: dir.join(format!("{tag}u{i}.kubeconfig")),
                 };
                 app.issuer()
                     .add_user(spec, &mut sink, "bench")
@@ -110,116 +250,64 @@ async fn run() {
             serde_json::from_str::<serde_json::Value>(d).ok()?["signing_ms"].as_f64()
         })
         .collect();
+    app.store.close().await;
     signing.sort_by(|a, b| a.partial_cmp(b).unwrap());
     total_ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let rotator_rate = users as f64 / elapsed.as_secs_f64();
+    (users as f64 / elapsed.as_secs_f64(), total_ms, signing)
+}
 
-    // The real command: one `rotator add-user --from users.csv` process, its
-    // own data directory, the same cluster (other user names).
-    let bulk = env("BULK_USERS", users as u64) as usize;
-    let bulk_elapsed = (bulk > 0).then(|| {
-        let mut csv = String::from("name,namespaces,role,groups,ttl,delivery\n");
-        for i in 0..bulk {
-            csv.push_str(&format!("b{i},team-a,view,,1h,\n"));
-        }
-        let file = dir.path().join("users.csv");
-        std::fs::write(&file, csv).unwrap();
-        let bulk_cfg = dir.path().join("bulk.toml");
-        std::fs::write(
-            &bulk_cfg,
-            format!("data_dir = {:?}\nsigner = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"10m\"\n", dir.path().join("bulk-data"), admin),
-        )
-        .unwrap();
-        let rotator = |args: &[&str]| {
-            let o = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-                .arg("--config")
-                .arg(&bulk_cfg)
-                .args(args)
-                .env_remove("ROTATOR_DATA_DIR")
-                .env_remove("ROTATOR_CONFIG")
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "rotator {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            o.stdout
-        };
-        rotator(&["init"]);
-        let out_dir = dir.path().join("bulk-out");
-        let started = Instant::now();
-        let out = rotator(&[
-            "add-user",
-            "--from",
-            file.to_str().unwrap(),
-            "--out-dir",
-            out_dir.to_str().unwrap(),
-            "--concurrency",
-            &concurrency.to_string(),
-            "--output",
-            "json",
-        ]);
-        let elapsed = started.elapsed();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["summary"]["issued"], bulk, "{v}");
-        elapsed
-    });
-
-    // The hand-run flow, one user after another, as a script would do it.
-    let hand_elapsed = hand_flow::run(dir.path(), &admin, hand);
-    let hand_rate = hand as f64 / hand_elapsed.as_secs_f64();
-
-    println!(
-        "\nonboarding against the test server (signing rate limit: {})",
-        if rate > 0 {
-            format!("{rate}/s")
-        } else {
-            "none".into()
-        }
-    );
-    println!(
-        "{:<64} {:>10} {:>12} {:>10} {:>10}",
-        "flow", "users", "users/s", "p50 ms", "p99 ms"
-    );
-    println!(
-        "{:<64} {:>10} {:>12.1} {:>10.1} {:>10.1}",
-        format!("rotator add-user, {concurrency} in flight: add-user end to end"),
-        users,
-        rotator_rate,
-        pct(&total_ms, 0.5),
-        pct(&total_ms, 0.99)
-    );
-    if let Some(e) = bulk_elapsed {
-        println!(
-            "{:<64} {:>10} {:>12.1} {:>10} {:>10}",
-            format!("rotator add-user --from users.csv, --concurrency {concurrency} (process)"),
-            bulk,
-            bulk as f64 / e.as_secs_f64(),
-            "",
-            ""
-        );
+/// The real command: one `rotator add-user --from users.csv` process on a
+/// fresh database (`db`), the same cluster; its wall time.
+fn bulk_process(
+    dir: &std::path::Path,
+    admin: &std::path::Path,
+    db: &str,
+    tag: &str,
+    bulk: usize,
+    concurrency: usize,
+) -> std::time::Duration {
+    let mut csv = String::from("name,namespaces,role,groups,ttl,delivery\n");
+    for i in 0..bulk {
+        csv.push_str(&format!("{tag}b{i},team-a,view,,1h,\n"));
     }
-    println!(
-        "{:<64} {:>10} {:>12} {:>10.1} {:>10.1}",
-        "rotator: CSR creation to certificate stored",
-        users,
-        "",
-        pct(&signing, 0.5),
-        pct(&signing, 0.99)
-    );
-    println!(
-        "{:<64} {:>10} {:>12.1} {:>10.1} {:>10}",
-        "hand-run: openssl + kubectl create/approve/wait/get, serial",
-        hand,
-        hand_rate,
-        hand_elapsed.as_secs_f64() * 1000.0 / hand as f64,
-        ""
-    );
-    println!(
-        "{:<64} {:>10} {:>12.1}",
-        "ratio rotator / hand-run (users per second)",
-        "",
-        rotator_rate / hand_rate
-    );
+    let file = dir.join(format!("{tag}-users.csv"));
+    std::fs::write(&file, csv).unwrap();
+    let bulk_cfg = dir.join(format!("{tag}-bulk.toml"));
+    std::fs::write(
+        &bulk_cfg,
+        format!("{db}data_dir = {:?}\nsigner = \"kubernetes\"\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"10m\"\n", dir.join(format!("{tag}-bulk-data")), admin),
+    )
+    .unwrap();
+    let rotator = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
+        c.arg("--config").arg(&bulk_cfg).args(args);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("ROTATOR_")) {
+            c.env_remove(k);
+        }
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success(),
+            "rotator {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.stdout
+    };
+    rotator(&["init"]);
+    let out_dir = dir.join(format!("{tag}-bulk-out"));
+    let started = Instant::now();
+    let out = rotator(&[
+        "add-user",
+        "--from",
+        file.to_str().unwrap(),
+        "--out-dir",
+        out_dir.to_str().unwrap(),
+        "--concurrency",
+        &concurrency.to_string(),
+        "--output",
+        "json",
+    ]);
+    let elapsed = started.elapsed();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["summary"]["issued"], bulk, "{v}");
+    elapsed
 }

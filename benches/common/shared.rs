@@ -3,6 +3,7 @@
 //! today for one user's certificate: `openssl req` for a P-256 key and CSR, then
 //! `kubectl create -f csr.yaml`, `kubectl certificate approve`, `kubectl wait` and
 //! `kubectl get csr -o jsonpath`.
+#![allow(dead_code)]
 
 /// Runs a benchmark's body on a multi-threaded runtime, only under `cargo
 /// bench` (which passes --bench); `cargo test --benches` runs nothing.
@@ -31,6 +32,14 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
         return 0.0;
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The 1-minute load average (the machine is shared: every table says it).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 pub mod hand_flow {
