@@ -156,8 +156,7 @@ async fn a_real_daemon_renews_what_is_due_and_delivers_it() {
             &[],
         )
         .await);
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut daemon = tokio::process::Command::from(kx.s.command())
         .args(["--config", "rotator.toml", "serve", "--log-format", "json"])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -265,8 +264,7 @@ async fn health_readiness_and_metrics_through_an_api_outage() {
         .local_addr()
         .unwrap()
         .port();
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut daemon = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -410,8 +408,9 @@ async fn serve_once(
     until: &str,
 ) -> (std::process::ExitStatus, String) {
     use tokio::io::AsyncBufReadExt;
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-    c.current_dir(kx.s.dir.path()).args([
+    // The scratch's command: its database, no ROTATOR_* from the environment.
+    let mut c = tokio::process::Command::from(kx.s.command());
+    c.args([
         "--config",
         "rotator.toml",
         "serve",
@@ -679,8 +678,7 @@ async fn sighup_or_an_edited_file_reloads_the_config_and_a_broken_one_is_refused
         )
         .await);
     let base = std::fs::read_to_string(kx.s.path("rotator.toml")).unwrap();
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -803,8 +801,7 @@ async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
             &[],
         )
         .await);
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -969,8 +966,7 @@ async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigte
     let fifo = dir.join("alice.kubeconfig");
     let _ = std::fs::remove_file(&fifo);
     ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -1080,8 +1076,7 @@ async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
             .times(u64::MAX)
             .action(testcluster::FaultAction::Hang),
     );
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
