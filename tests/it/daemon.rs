@@ -12,6 +12,7 @@ use testcluster::Options;
 use crate::common::*;
 use crate::kubernetes::Kx;
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_are_renewed_inside_their_window_and_the_old_one_loses_access_after_grace() {
     let kx = Kx::new(
@@ -67,7 +68,9 @@ async fn credentials_are_renewed_inside_their_window_and_the_old_one_loses_acces
     );
     assert!(kx.can_list_pods("renewed.kubeconfig", "team-a").await);
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_restores_a_hand_deleted_binding_and_audits_the_repair() {
     let kx = Kx::new(Options::default(), "").await;
@@ -134,7 +137,9 @@ async fn reconcile_restores_a_hand_deleted_binding_and_audits_the_repair() {
         .unwrap();
     assert_eq!(r["repaired"], serde_json::json!([]));
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_daemon_renews_what_is_due_and_delivers_it() {
     // renew_before longer than the lifetime: every credential is due at once.
@@ -151,8 +156,7 @@ async fn a_real_daemon_renews_what_is_due_and_delivers_it() {
             &[],
         )
         .await);
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut daemon = tokio::process::Command::from(kx.s.command())
         .args(["--config", "rotator.toml", "serve", "--log-format", "json"])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -190,6 +194,7 @@ async fn a_real_daemon_renews_what_is_due_and_delivers_it() {
         .status()
         .unwrap();
     assert!(daemon.wait().await.unwrap().success());
+}
 }
 
 async fn http_get(port: u16, path: &str) -> (u16, String) {
@@ -237,6 +242,7 @@ async fn scrape(port: u16) -> prometheus_parse::Scrape {
         .expect("Prometheus text parses")
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_through_an_api_outage() {
     // Rotation always due and ticking every second, so the outage is felt at once.
@@ -258,8 +264,7 @@ async fn health_readiness_and_metrics_through_an_api_outage() {
         .local_addr()
         .unwrap()
         .port();
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut daemon = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -393,6 +398,7 @@ async fn health_readiness_and_metrics_through_an_api_outage() {
         1
     );
 }
+}
 
 /// Runs `rotator serve` until it logs `until` (then SIGTERMs it) or dies; returns
 /// its exit status and what it logged.
@@ -402,8 +408,9 @@ async fn serve_once(
     until: &str,
 ) -> (std::process::ExitStatus, String) {
     use tokio::io::AsyncBufReadExt;
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"));
-    c.current_dir(kx.s.dir.path()).args([
+    // The scratch's command: its database, no ROTATOR_* from the environment.
+    let mut c = tokio::process::Command::from(kx.s.command());
+    c.args([
         "--config",
         "rotator.toml",
         "serve",
@@ -442,6 +449,7 @@ async fn serve_once(
     (d.wait().await.unwrap(), log)
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_sigkilled_at_each_step_of_an_issuance_recovers_with_one_credential() {
     use std::os::unix::process::ExitStatusExt;
@@ -533,7 +541,9 @@ async fn a_daemon_sigkilled_at_each_step_of_an_issuance_recovers_with_one_creden
     );
     ok(&kx.rotator(&["audit", "verify"]));
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespace() {
     let kx = Kx::new(
@@ -652,7 +662,9 @@ async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespac
         .contains("rotator:bob:3.")
     );
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_or_an_edited_file_reloads_the_config_and_a_broken_one_is_refused() {
     use tokio::io::AsyncBufReadExt;
@@ -666,8 +678,7 @@ async fn sighup_or_an_edited_file_reloads_the_config_and_a_broken_one_is_refused
         )
         .await);
     let base = std::fs::read_to_string(kx.s.path("rotator.toml")).unwrap();
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -746,7 +757,9 @@ async fn sighup_or_an_edited_file_reloads_the_config_and_a_broken_one_is_refused
         .unwrap();
     assert!(d.wait().await.unwrap().success());
 }
+}
 
+// SQLite only: the refusal of leader election on SQLite is what it checks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_election_on_sqlite_is_refused() {
     // Two daemons with a file each would each believe they hold every user:
@@ -771,6 +784,7 @@ async fn leader_election_on_sqlite_is_refused() {
     assert!(!lease.status.success(), "no Lease was taken");
 }
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
     // rotate and expire tie every 3 s; reconcile every 5 s ties with both on :00, :15, :30, :45.
@@ -787,8 +801,7 @@ async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
             &[],
         )
         .await);
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -859,7 +872,9 @@ async fn tied_and_overlapping_schedules_run_every_job_at_each_of_its_ticks() {
         assert!(n >= 3, "{job}: the window holds several ticks");
     }
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_expire_pass_is_audited_as_the_daemon() {
     let kx = Kx::new(Options::default(), "[rotation]\ngrace_period = \"5m\"\n").await;
@@ -923,7 +938,9 @@ async fn the_expire_pass_is_audited_as_the_daemon() {
         );
     }
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigterm() {
     use std::os::unix::fs::FileTypeExt;
@@ -949,8 +966,7 @@ async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigte
     let fifo = dir.join("alice.kubeconfig");
     let _ = std::fs::remove_file(&fifo);
     ok(&run("mkfifo", &[fifo.to_str().unwrap()]));
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -1024,7 +1040,9 @@ async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigte
             .is_fifo()
     );
 }
+}
 
+crate::engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
     use tokio::io::AsyncBufReadExt;
@@ -1058,8 +1076,7 @@ async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
             .times(u64::MAX)
             .action(testcluster::FaultAction::Hang),
     );
-    let mut d = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
-        .current_dir(kx.s.dir.path())
+    let mut d = tokio::process::Command::from(kx.s.command())
         .args([
             "--config",
             "rotator.toml",
@@ -1113,4 +1130,5 @@ async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
     );
     assert!(took >= rotator::scheduler::STOP_GRACE, "{took:?}");
     kx.cluster.faults().clear();
+}
 }

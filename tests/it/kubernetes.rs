@@ -37,10 +37,18 @@ impl Kx {
             &["system:serviceaccounts"],
         );
         let own = kx.s.write("rotator.kubeconfig", &own);
+        // The scratch's database (PostgreSQL inside an `engines!` variant) goes
+        // into the config, so every `--config rotator.toml` process and the
+        // in-process App open it.
+        let database =
+            kx.s.database_url
+                .as_ref()
+                .map(|url| format!("database_url = {url:?}\n"))
+                .unwrap_or_default();
         kx.s.write(
             "rotator.toml",
             &format!(
-                "signer = {signer:?}\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"5s\"\n[cluster]\nname = \"test\"\n{extra_toml}",
+                "{database}signer = {signer:?}\n[kubernetes]\nkubeconfig = {:?}\nsigning_timeout = \"5s\"\n[cluster]\nname = \"test\"\n{extra_toml}",
                 own
             ),
         );
