@@ -563,9 +563,15 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         seed ^= seed << 17;
         seed
     };
-    let rounds = 100;
-    let mut killed = 0;
-    for round in 0..rounds {
+    // Kill points drawn over the fastest whole run seen so far (a slow first
+    // run on a loaded machine would leave most rounds finishing before their
+    // kill); rounds go on until 50 were killed mid-run.
+    let mut fastest = took;
+    let (want_killed, max_rounds) = (50, 400);
+    let (mut rounds, mut killed) = (0, 0);
+    while killed < want_killed && rounds < max_rounds {
+        let round = rounds;
+        rounds += 1;
         let name = format!("k{round}");
         let out = format!("out/{name}.kubeconfig");
         let args: Vec<&str> = if round % 2 == 0 {
@@ -575,6 +581,7 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         } else {
             vec!["rotate", "alice", "--out", "out/alice.kubeconfig"]
         };
+        let started = Instant::now();
         let mut child = s
             .command()
             .args(&args)
@@ -582,14 +589,15 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Anywhere from the start to a little past a whole run.
-        let at = Duration::from_micros(next() % (took.as_micros() as u64 * 6 / 5 + 1));
+        let at = Duration::from_micros(next() % (fastest.as_micros() as u64 + 1));
         std::thread::sleep(at);
         if child.try_wait().unwrap().is_none() {
             let _ = child.kill(); // SIGKILL
             killed += 1;
+            let _ = child.wait();
+        } else {
+            fastest = fastest.min(started.elapsed());
         }
-        let _ = child.wait();
     }
     let left_by_kills = temp_files(s.dir.path()).len();
     // The next run writing into each directory cleans up after the killed ones.
@@ -601,8 +609,8 @@ fn add_user_and_rotate_sigkilled_at_random_points_leave_no_temporary_file_with_a
         left.len()
     );
     assert!(
-        killed >= rounds / 2,
-        "most rounds were killed mid-run ({killed})"
+        killed >= want_killed,
+        "only {killed} of {rounds} runs were killed mid-run"
     );
     assert!(left.is_empty(), "temporary files survived: {left:?}");
     if let Some(p) = &s.signer {
