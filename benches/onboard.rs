@@ -8,6 +8,9 @@
 //! users.csv` process (BULK_USERS, default ONBOARD_USERS; 0 skips it) into its
 //! own data directory, and the hand-run flow.
 //!
+//! ROTATOR_BIN runs another `rotator` binary for the process flow (a build
+//! from before a change, to compare both in the same conditions).
+//!
 //! ONBOARD_SIGNING_RATE models kube-controller-manager's client rate limit
 //! (about 20 CSRs/s by default; 0 = unlimited). Prints a table; asserts nothing.
 #[path = "common/shared.rs"]
@@ -131,7 +134,9 @@ async fn run() {
         )
         .unwrap();
         let rotator = |args: &[&str]| {
-            let o = std::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
+            let bin = std::env::var_os("ROTATOR_BIN")
+                .unwrap_or_else(|| env!("CARGO_BIN_EXE_rotator").into());
+            let o = std::process::Command::new(bin)
                 .arg("--config")
                 .arg(&bulk_cfg)
                 .args(args)
