@@ -107,6 +107,13 @@ pub struct Keyring {
     key: hmac::Key,
     key_file: PathBuf,
     checkpoint: PathBuf,
+    /// The newest head a commit of this process made: what the next
+    /// checkpoint write of this process writes.
+    newest: std::sync::Mutex<Option<Head>>,
+    /// This process's turn to write the checkpoint, with the seq it last saw
+    /// the checkpoint reach. Commits that arrive while a write runs are covered
+    /// by the next one (group commit): one write for all of them.
+    written: tokio::sync::Mutex<i64>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -240,6 +247,8 @@ impl Keyring {
             key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
             key_file: key_file.to_path_buf(),
             checkpoint: checkpoint.to_path_buf(),
+            newest: std::sync::Mutex::new(None),
+            written: tokio::sync::Mutex::new(0),
         }
     }
 
@@ -329,12 +338,48 @@ impl Keyring {
     }
 }
 
-/// After a commit that appended events: moves the checkpoint forward to `head`,
-/// never back (another process may have written a newer one), only while the log
-/// still holds the event the checkpoint recorded (so events deleted at the end and
+/// After a commit that appended events: returns once the checkpoint is at
+/// `head` or beyond. The commits of one process take turns; the one whose turn
+/// it is writes the newest head any of them committed, so commits that queued
+/// behind a write find themselves covered and write nothing. Each write is
+/// [`move_checkpoint`]'s: forward only, under the cross-process lock.
+pub(crate) async fn advance_checkpoint(
+    ring: Arc<Keyring>,
+    head: Head,
+    pool: sqlx::AnyPool,
+) -> Result<(), StoreError> {
+    let seq = head.seq;
+    {
+        // Published after the commit: every head here is committed.
+        let mut newest = ring.newest.lock().unwrap_or_else(|e| e.into_inner());
+        if newest.as_ref().is_none_or(|n| n.seq < seq) {
+            *newest = Some(head);
+        }
+    }
+    let mut written = ring.written.lock().await;
+    if *written >= seq {
+        return Ok(()); // a write since this commit covered it
+    }
+    let target = ring
+        .newest
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .filter(|n| n.seq >= seq)
+        .ok_or_else(|| StoreError::Invalid("the newest audit head went back".into()))?;
+    let target_seq = target.seq;
+    move_checkpoint(ring.clone(), target, pool).await?;
+    // The checkpoint is at `target` or beyond (another process's newer one).
+    *written = (*written).max(target_seq);
+    Ok(())
+}
+
+/// Moves the checkpoint forward to `head`, never back (another process may have
+/// written a newer one: compared under the lock), only while the log still
+/// holds the event the checkpoint recorded (so events deleted at the end and
 /// then written anew are not papered over), and never recreates a missing or
 /// replaces an invalid one (that would hide the damage).
-pub(crate) async fn advance_checkpoint(
+async fn move_checkpoint(
     ring: Arc<Keyring>,
     head: Head,
     pool: sqlx::AnyPool,

@@ -163,6 +163,7 @@ async fn check_copy(
             commits: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             fence: None,
             outage: Default::default(),
+            writers: Default::default(),
         };
         let r = audit::verify_snapshot(&copy_store, checkpoint).await?;
         if let Some(b) = r.first_break {

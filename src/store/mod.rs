@@ -142,6 +142,8 @@ pub struct Tx {
     pool: AnyPool,
     commits: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
     fence: Option<std::sync::Arc<fence::Fence>>,
+    /// SQLite: this process's writer turn, held until the commit.
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl std::ops::Deref for Tx {
@@ -179,6 +181,10 @@ pub struct Store {
     /// Since when [`Store::health`] has found the database unreachable: one log
     /// line when an outage starts and one when it ends, whoever noticed.
     outage: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// SQLite: one writer of this process at a time, queued here in order. Left
+    /// to SQLite's busy handler, the writers of one process poll the write lock
+    /// with sleeps of up to 100 ms, and the lock stands idle between them.
+    writers: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Held while one process works on one user's cluster access; released on drop,
@@ -256,6 +262,7 @@ impl Store {
             commits: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
             fence: None,
             outage: Default::default(),
+            writers: std::sync::Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -383,8 +390,20 @@ impl Store {
     /// PostgreSQL's writer advisory lock) up to the busy timeout, so two writers
     /// queue instead of failing halfway through.
     pub async fn begin(&self) -> Result<Tx, StoreError> {
+        let mut turn = None;
         let inner = match self.engine() {
-            Engine::Sqlite => self.pool.begin_with(engine::sqlite::BEGIN).await?,
+            Engine::Sqlite => {
+                // Taken before a connection, so queued writers hold none; bounded
+                // by the busy timeout as SQLite's own wait is.
+                turn = Some(
+                    tokio::time::timeout(BUSY_TIMEOUT, self.writers.clone().lock_owned())
+                        .await
+                        .map_err(|_| StoreError::Locked {
+                            waited: BUSY_TIMEOUT,
+                        })?,
+                );
+                self.pool.begin_with(engine::sqlite::BEGIN).await?
+            }
             Engine::Postgres => {
                 // READ COMMITTED whatever the server's default: each statement's
                 // snapshot must start after the writer lock is granted.
@@ -402,6 +421,7 @@ impl Store {
             pool: self.pool.clone(),
             commits: self.commits.clone(),
             fence: self.fence.clone(),
+            turn,
         })
     }
 
@@ -451,12 +471,15 @@ pub async fn commit(tx: Tx) -> Result<(), StoreError> {
         pool,
         commits,
         fence,
+        turn,
     } = tx;
     if let Some(f) = &fence {
         // Refused: dropping `inner` rolls the whole transaction back.
         fence::check(&mut inner, f).await?;
     }
     inner.commit().await?;
+    // The next writer may start while this one moves the checkpoint.
+    drop(turn);
     commits.send_modify(|n| *n += 1);
     if let (Some(ring), Some(head)) = (audit, appended)
         && let Err(e) = audit::advance_checkpoint(ring, head, pool).await

@@ -39,8 +39,10 @@ pub(crate) async fn connect(path: &Path) -> Result<AnyPool, StoreError> {
         fix: "check that the data directory exists and rotator may write to it",
     };
     let busy_ms = BUSY_TIMEOUT.as_millis();
+    // Readers run beside the one writer (WAL): enough connections that the
+    // reads of 16 onboardings in flight do not queue behind each other.
     let pool = AnyPoolOptions::new()
-        .max_connections(4)
+        .max_connections(8)
         .after_connect(move |conn, _| {
             Box::pin(async move {
                 // The driver's defaults already turn foreign keys on and wait 5 s on
