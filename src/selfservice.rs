@@ -61,7 +61,7 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Locked { .. } => ApiError::new(
+            StoreError::Locked { .. } | StoreError::Queued { .. } => ApiError::new(
                 503,
                 "busy",
                 "the server's database is busy",

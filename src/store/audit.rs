@@ -107,13 +107,18 @@ pub struct Keyring {
     key: hmac::Key,
     key_file: PathBuf,
     checkpoint: PathBuf,
-    /// The newest head a commit of this process made: what the next
-    /// checkpoint write of this process writes.
-    newest: std::sync::Mutex<Option<Head>>,
-    /// This process's turn to write the checkpoint, with the seq it last saw
-    /// the checkpoint reach. Commits that arrive while a write runs are covered
-    /// by the next one (group commit): one write for all of them.
-    written: tokio::sync::Mutex<i64>,
+    /// The newest head a commit of this process made (what the next checkpoint
+    /// write of this process writes), and the ticket of the last commit that
+    /// published one.
+    newest: std::sync::Mutex<(Option<Head>, u64)>,
+    /// This process's turn to write the checkpoint, with the ticket of the last
+    /// commit its writes covered. Commits that arrive while a write runs are
+    /// covered by the next one (group commit): one write for all of them.
+    /// Tickets, not seqs, say what is covered: seqs can go back while the
+    /// process runs (the log's last events deleted, `audit reset-checkpoint`
+    /// from another process), and a commit covered "by seq" would then return
+    /// with the checkpoint behind it.
+    written: tokio::sync::Mutex<u64>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -247,7 +252,7 @@ impl Keyring {
             key: hmac::Key::new(hmac::HMAC_SHA256, bytes),
             key_file: key_file.to_path_buf(),
             checkpoint: checkpoint.to_path_buf(),
-            newest: std::sync::Mutex::new(None),
+            newest: std::sync::Mutex::new((None, 0)),
             written: tokio::sync::Mutex::new(0),
         }
     }
@@ -338,40 +343,46 @@ impl Keyring {
     }
 }
 
-/// After a commit that appended events: returns once the checkpoint is at
-/// `head` or beyond. The commits of one process take turns; the one whose turn
+/// After a commit that appended events and published its head as ticket
+/// `mine` ([`Keyring::publish`]): returns once the checkpoint is at that head
+/// or beyond. The commits of one process take turns; the one whose turn
 /// it is writes the newest head any of them committed, so commits that queued
 /// behind a write find themselves covered and write nothing. Each write is
 /// [`move_checkpoint`]'s: forward only, under the cross-process lock.
 pub(crate) async fn advance_checkpoint(
     ring: Arc<Keyring>,
-    head: Head,
+    mine: u64,
     pool: sqlx::AnyPool,
 ) -> Result<(), StoreError> {
-    let seq = head.seq;
-    {
-        // Published after the commit: every head here is committed.
-        let mut newest = ring.newest.lock().unwrap_or_else(|e| e.into_inner());
-        if newest.as_ref().is_none_or(|n| n.seq < seq) {
-            *newest = Some(head);
-        }
-    }
     let mut written = ring.written.lock().await;
-    if *written >= seq {
-        return Ok(()); // a write since this commit covered it
+    if *written >= mine {
+        return Ok(()); // a write since this commit was published covered it
     }
-    let target = ring
-        .newest
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .filter(|n| n.seq >= seq)
-        .ok_or_else(|| StoreError::Invalid("the newest audit head went back".into()))?;
-    let target_seq = target.seq;
+    let (target, upto) = {
+        let n = ring.newest.lock().unwrap_or_else(|e| e.into_inner());
+        (n.0.clone(), n.1)
+    };
+    let target = target.ok_or_else(|| StoreError::Invalid("no audit head published".into()))?;
     move_checkpoint(ring.clone(), target, pool).await?;
-    // The checkpoint is at `target` or beyond (another process's newer one).
-    *written = (*written).max(target_seq);
+    // The checkpoint is at `target` or beyond (another process's newer one),
+    // which is at or after every head published up to ticket `upto`.
+    *written = (*written).max(upto);
     Ok(())
+}
+
+impl Keyring {
+    /// Publishes a committed head; returns its ticket. `in_order`: commits
+    /// publish in commit order (SQLite, before the writer turn is released),
+    /// so the last one is the newest even when seqs went back; otherwise
+    /// (PostgreSQL, after its commit) the highest seq is.
+    pub(crate) fn publish(&self, head: Head, in_order: bool) -> u64 {
+        let mut n = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        if in_order || n.0.as_ref().is_none_or(|h| h.seq < head.seq) {
+            n.0 = Some(head);
+        }
+        n.1 += 1;
+        n.1
+    }
 }
 
 /// Moves the checkpoint forward to `head`, never back (another process may have

@@ -44,6 +44,10 @@ pub enum StoreError {
     )]
     Locked { waited: Duration },
     #[error(
+        "this process's other writes kept the database busy for {waited:?} (they queue one at a time)\nfix: retry; if it keeps happening, run fewer operations at once (--concurrency) or put the database on a faster disk"
+    )]
+    Queued { waited: Duration },
+    #[error(
         "database file is corrupt or not a rotator database: {0}\nfix: restore it from a backup; rotator will not write to it"
     )]
     Corrupt(String),
@@ -128,7 +132,10 @@ impl From<sqlx::Error> for StoreError {
 impl StoreError {
     /// Whether running the same transaction again may succeed (a lost race).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Conflict(_) | StoreError::Locked { .. })
+        matches!(
+            self,
+            StoreError::Conflict(_) | StoreError::Locked { .. } | StoreError::Queued { .. }
+        )
     }
 }
 
@@ -398,7 +405,7 @@ impl Store {
                 turn = Some(
                     tokio::time::timeout(BUSY_TIMEOUT, self.writers.clone().lock_owned())
                         .await
-                        .map_err(|_| StoreError::Locked {
+                        .map_err(|_| StoreError::Queued {
                             waited: BUSY_TIMEOUT,
                         })?,
                 );
@@ -478,11 +485,19 @@ pub async fn commit(tx: Tx) -> Result<(), StoreError> {
         fence::check(&mut inner, f).await?;
     }
     inner.commit().await?;
+    // Published while the turn is held (SQLite): in commit order.
+    let published = match (audit, appended) {
+        (Some(ring), Some(head)) => {
+            let ticket = ring.publish(head, turn.is_some());
+            Some((ring, ticket))
+        }
+        _ => None,
+    };
     // The next writer may start while this one moves the checkpoint.
     drop(turn);
     commits.send_modify(|n| *n += 1);
-    if let (Some(ring), Some(head)) = (audit, appended)
-        && let Err(e) = audit::advance_checkpoint(ring, head, pool).await
+    if let Some((ring, ticket)) = published
+        && let Err(e) = audit::advance_checkpoint(ring, ticket, pool).await
     {
         tracing::error!(error = %e, "audit checkpoint not updated");
     }

@@ -516,3 +516,67 @@ async fn processes_starting_together_on_an_unkeyed_log_share_one_new_key(signing
     assert_eq!(v["checkpoint"], v["events"], "{v}");
 }
 }
+
+/// The checkpoint's seq, read from its file.
+fn checkpoint_seq(s: &Scratch) -> i64 {
+    let text = std::fs::read_to_string(s.path("rotator-data/audit.head")).unwrap();
+    serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()["seq"]
+        .as_i64()
+        .unwrap()
+}
+
+/// One event committed through `app`'s store.
+async fn event(app: &rotator::app::App, subject: &str) {
+    let mut tx = app.store.begin().await.unwrap();
+    rotator::store::audit::append(
+        &mut tx,
+        app.clock.now(),
+        "test",
+        "test.event",
+        subject,
+        serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    rotator::store::commit(tx).await.unwrap();
+}
+
+/// A long-running process (the daemon) whose log lost its last events and
+/// whose checkpoint another process reset behind them: each commit it makes
+/// afterwards still returns only once the checkpoint covers it (what it
+/// remembered of the checkpoint from before is not trusted: seqs went back).
+// SQLite only: the tampering edits the SQLite file itself.
+#[tokio::test]
+async fn a_running_process_keeps_covering_its_commits_after_the_checkpoint_was_reset_behind_it() {
+    let s = Scratch::on(crate::common::Engine::Sqlite);
+    ok(&s.rotator(&["init"]));
+    let app = crate::common::plain_app(s.dir.path()).await;
+    for i in 0..5 {
+        event(&app, &format!("before-{i}")).await;
+    }
+    let n = checkpoint_seq(&s);
+    let mut conn = tamper(&s).await;
+    sqlx::query("DELETE FROM audit_events WHERE seq > ?")
+        .bind(n - 3)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    ok(&s.rotator(&["audit", "reset-checkpoint"]));
+    // The reset is itself an audited event, committed by the CLI.
+    let reset = checkpoint_seq(&s);
+    assert!(reset < n, "the checkpoint went back ({reset} < {n})");
+    for i in 0..3 {
+        event(&app, &format!("after-{i}")).await;
+        let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            checkpoint_seq(&s),
+            last,
+            "commit {i} after the reset returned with the checkpoint behind it"
+        );
+    }
+    ok(&s.rotator(&["audit", "verify"]));
+}

@@ -199,7 +199,9 @@ async fn a_user_lock_whose_session_ended_says_so() {
     assert!(lock.still_held().await);
     // The lock's own backend, killed from another session.
     let (killed,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()",
+        // This test's database only: the server is shared with other tests.
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .fetch_one(&mut s.db().await)
     .await
