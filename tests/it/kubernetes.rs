@@ -55,17 +55,13 @@ impl Kx {
         kx
     }
 
-    /// What an in-process App is configured with besides the file: the data
-    /// directory, and the scratch's database when it is not SQLite's default.
+    /// What an in-process App is configured with besides the file (which
+    /// names the scratch's database): the data directory.
     fn app_env(&self) -> Vec<(String, String)> {
-        let mut env = vec![(
+        vec![(
             "ROTATOR_DATA_DIR".to_string(),
             self.s.path("rotator-data").display().to_string(),
-        )];
-        if let Some(url) = &self.s.database_url {
-            env.push(("ROTATOR_DATABASE_URL".to_string(), url.clone()));
-        }
-        env
+        )]
     }
 
     /// The App in process, over the same configuration and data directory, with
