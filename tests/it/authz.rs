@@ -765,6 +765,31 @@ impl Wired {
         crate::common::run_async("kubectl", &a).await
     }
 
+    /// Bindings rotator did not make, which only the webhook can take away:
+    /// group `dev` may view everywhere, user `alice` may edit in `team-a`.
+    async fn hand_made_bindings(&self) {
+        for args in [
+            &[
+                "create",
+                "clusterrolebinding",
+                "dev-view",
+                "--clusterrole=view",
+                "--group=dev",
+            ][..],
+            &[
+                "create",
+                "rolebinding",
+                "alice-by-name",
+                "--clusterrole=edit",
+                "--user=alice",
+                "-n",
+                "team-a",
+            ],
+        ] {
+            ok(&self.kx.admin_kubectl(args).await);
+        }
+    }
+
     /// `kubectl ARGS` as `kc` succeeds; otherwise fails with its error and
     /// the daemon's log (which names the webhook's decision).
     async fn allowed(&self, kc: &str, args: &[&str]) {
@@ -822,29 +847,7 @@ async fn through_kubectl_a_revoked_certificate_is_refused_whatever_binds_it() {
             &format!("{u}.kubeconfig"),
         ]);
     }
-    // Bindings rotator did not make: its static group and its user name.
-    ok(&w
-        .kx
-        .admin_kubectl(&[
-            "create",
-            "clusterrolebinding",
-            "dev-view",
-            "--clusterrole=view",
-            "--group=dev",
-        ])
-        .await);
-    ok(&w
-        .kx
-        .admin_kubectl(&[
-            "create",
-            "rolebinding",
-            "alice-by-name",
-            "--clusterrole=edit",
-            "--user=alice",
-            "-n",
-            "team-a",
-        ])
-        .await);
+    w.hand_made_bindings().await;
     let _daemon = w.serve();
     let in_ns = ["get", "configmaps", "-n", "team-a"];
     let cluster_wide = ["get", "configmaps", "-n", "team-b"];
@@ -867,11 +870,18 @@ async fn through_kubectl_a_revoked_certificate_is_refused_whatever_binds_it() {
         err.contains("revoked"),
         "the webhook's reason reaches kubectl: {err}"
     );
-    let o = w.kubectl("alice.kubeconfig", &cluster_wide).await;
-    assert!(
-        !o.status.success(),
-        "the static group's binding does not help"
-    );
+    // The static group's binding does not help either, once the API server's
+    // cached "allowed" for this request (authorizedTTL, 1 s) has run out.
+    let o = w
+        .until(
+            "alice.kubeconfig",
+            &cluster_wide,
+            false,
+            Duration::from_secs(5),
+        )
+        .await;
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("revoked"), "refused by the webhook: {err}");
     // Another member of `dev` keeps both its own and the hand-made permissions.
     w.allowed("bob.kubeconfig", &in_ns).await;
     w.allowed("bob.kubeconfig", &cluster_wide).await;
@@ -893,29 +903,7 @@ async fn through_kubectl_grace_fingerprints_outsiders_and_rotator_down() {
         "--out",
         "alice1.kubeconfig",
     ]);
-    // A hand-made binding by user name: only the webhook can take it away.
-    ok(&w
-        .kx
-        .admin_kubectl(&[
-            "create",
-            "rolebinding",
-            "alice-by-name",
-            "--clusterrole=edit",
-            "--user=alice",
-            "-n",
-            "team-a",
-        ])
-        .await);
-    ok(&w
-        .kx
-        .admin_kubectl(&[
-            "create",
-            "clusterrolebinding",
-            "dev-view",
-            "--clusterrole=view",
-            "--group=dev",
-        ])
-        .await);
+    w.hand_made_bindings().await;
     let mut daemon = w.serve();
     let in_ns = ["get", "configmaps", "-n", "team-a"];
     w.until("alice1.kubeconfig", &in_ns, true, Duration::from_secs(20))
