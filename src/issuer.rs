@@ -1,7 +1,9 @@
 //! The issuance saga: one state machine for add-user, rotate and renewals.
 //!
 //! `planned → (csr_submitted → approved →) issued → stored → delivered`, or
-//! `failed` / `abandoned`. The journal row is written before each external step.
+//! `failed` / `abandoned`. The journal row is written before each external step;
+//! `issued` has no write of its own (nothing external happens between it and
+//! `stored`): the transaction that stores the certificate moves the journal on.
 //! A private key made here lives only in memory; an attempt that dies before
 //! `delivered` can never be finished (its key is gone), so the next attempt for
 //! the same user abandons it (deleting its CSR object, failing its stored

@@ -70,7 +70,6 @@ impl Signer for KubernetesSigner {
                 .cluster
                 .wait_for_certificate(&name, self.timeout)
                 .await?;
-            progress.step(Step::Issued, None).await?;
             Ok(Signed { certificate_pem })
         })
     }

@@ -9,6 +9,11 @@ pub enum Step {
     Planned,
     CsrSubmitted,
     Approved,
+    /// Never written on its own: nothing external happens between a signer
+    /// handing back the certificate and the transaction that stores it (and
+    /// refuses an attempt a revoke ended meanwhile), so that one transaction
+    /// moves the journal past `issued` to `stored`; a commit of its own would
+    /// only add one to every issuance. Kept for the rows older rotators wrote.
     Issued,
     Stored,
     Delivered,

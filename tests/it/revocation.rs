@@ -161,6 +161,24 @@ async fn problems(app: &App, user: &str, kx: Option<&Kx>) -> Vec<String> {
     bad
 }
 
+/// Whether the cluster has signed the CSR object of `user`'s generation-2
+/// attempt (the step after `approved`, which the journal does not record).
+async fn certificate_issued(kx: &Kx, app: &App, user: &str) -> bool {
+    let row: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT csr_name FROM issuances WHERE user_name = $1 AND generation = 2")
+            .bind(user)
+            .fetch_optional(app.store.pool())
+            .await
+            .unwrap();
+    let Some((Some(name),)) = row else {
+        return false;
+    };
+    let o = kx
+        .admin_kubectl(&["get", "csr", &name, "-o", "jsonpath={.status.certificate}"])
+        .await;
+    o.status.success() && !o.stdout.is_empty()
+}
+
 fn ok_bytes(o: &std::process::Output) -> Vec<u8> {
     ok(o);
     o.stdout.clone()
@@ -683,7 +701,9 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
                         "SELECT COUNT(*) >= 1 FROM issuances WHERE user_name = ?1 AND generation = 2 AND step = '{}'",
                         step.replace('-', "_")
                     ),
-                    "after-sign" | "before-store" => "SELECT COUNT(*) >= 1 FROM issuances WHERE user_name = ?1 AND generation = 2 AND step = 'issued'".to_string(),
+                    // `issued` is not journaled on its own: the signer's last
+                    // journaled step, then the certificate in the CSR object.
+                    "after-sign" | "before-store" => "SELECT COUNT(*) >= 1 FROM issuances WHERE user_name = ?1 AND generation = 2 AND step = 'approved'".to_string(),
                     _ => "SELECT COUNT(*) >= 2 FROM credentials WHERE user_name = ?1".to_string(),
             }
             };
@@ -696,7 +716,9 @@ async fn through_the_cli_a_revoke_wins_over_a_rotation_in_another_process() {
                     .await
                     .unwrap();
                 let delivered = *point != "after-deliver" || kx.s.path(&out).exists();
-                if done != 0 && delivered {
+                let signed = !matches!(*point, "after-sign" | "before-store")
+                    || (done != 0 && certificate_issued(&kx, &app, &user).await);
+                if done != 0 && delivered && signed {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
