@@ -466,3 +466,63 @@ async fn the_pass_finishes_when_the_postgres_server_restarts_mid_pass() {
         assert_invariants(&kx, users.len(), mode).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_database_outage_stops_the_daemon_at_once() {
+    // A server of this test's own: it is stopped under the daemon.
+    let Some(pg) = crate::pg::private("failover::sigterm_during_a_database_outage") else {
+        return;
+    };
+    let mut kx = Kx::new(
+        Options::default(),
+        &format!("{LEASE}[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"*/2 * * * * *\"\n"),
+    )
+    .await;
+    kx.s.database_url = Some(pg.create_database());
+    setup(&kx, &["alice"]).await;
+    let mut a = spawn(&kx, "d1", &[]);
+    a.wait_for("became the leader", Duration::from_secs(30), |_| true)
+        .await;
+    a.wait_for("job done", Duration::from_secs(30), |v| {
+        v["fields"]["job"] == "rotate"
+    })
+    .await;
+    pg.stop("fast").unwrap();
+    a.wait_for(UNREACHABLE, Duration::from_secs(30), |_| true)
+        .await;
+    // Well into its wait: probes between backoff sleeps of 0.5, 1 and 2 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let signalled = std::time::Instant::now();
+    a.signal("-TERM");
+    let st = tokio::time::timeout(
+        rotator::scheduler::STOP_GRACE + Duration::from_secs(10),
+        a.child.wait(),
+    )
+    .await
+    .expect("the daemon ends after SIGTERM")
+    .unwrap();
+    let took = signalled.elapsed();
+    eprintln!("stopped {took:?} after SIGTERM during a database outage");
+    assert!(st.success(), "{st:?}: {:#?}", a.drain());
+    // A job waiting for the database has nothing to finish: it does not get
+    // the grace a job in flight gets (30 s).
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}, the stop grace is {:?}",
+        rotator::scheduler::STOP_GRACE
+    );
+    a.wait_for(
+        "stopped while waiting for the database",
+        Duration::from_secs(5),
+        |v| v["fields"]["job"].is_string(),
+    )
+    .await;
+    a.wait_for("rotator daemon stopped", Duration::from_secs(5), |_| true)
+        .await;
+    assert_eq!(
+        a.count("job still running after the stop grace period; stopping anyway"),
+        0
+    );
+    pg.start().unwrap();
+    assert_invariants(&kx, 1, "after a stop during the outage").await;
+}
