@@ -91,3 +91,24 @@ impl Cluster {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_times_keep_their_microseconds() {
+        let t = 1_796_148_000_900_001; // 2026-12-01T18:00:00.900001Z
+        assert_eq!(micro_time(t), "2026-12-01T18:00:00.900001Z");
+        assert_eq!(parse_time(&json!(micro_time(t))), Some(t));
+        // What the API server writes for a MicroTime, and a plain second.
+        assert_eq!(
+            parse_time(&json!("2026-12-01T18:00:00.900000Z")),
+            Some(t - 1)
+        );
+        assert_eq!(
+            parse_time(&json!("2026-12-01T18:00:00Z")),
+            Some(t - 900_001)
+        );
+    }
+}
