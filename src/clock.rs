@@ -16,6 +16,11 @@ pub fn rfc3339(t: UnixTime) -> String {
 
 pub trait Clock: Send + Sync {
     fn now(&self) -> UnixTime;
+    /// Unix microseconds, for what is compared finer than the second (a
+    /// Lease's renewTime). A clock that only knows seconds says the second.
+    fn now_micros(&self) -> i64 {
+        self.now() * 1_000_000
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -26,6 +31,12 @@ impl Clock for SystemClock {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+    fn now_micros(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
             .unwrap_or(0)
     }
 }

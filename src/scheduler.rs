@@ -141,20 +141,72 @@ pub const DB_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30)
 /// from an outage that made it fail.
 const DB_RERUNS: usize = 3;
 
+/// Tells a job that the daemon is stopping. A job that is only waiting for the
+/// database (a backoff sleep, a health probe) has nothing to finish and gives
+/// up its wait at once; work in flight does not look, and runs on within the
+/// stop grace.
+#[derive(Debug, Clone)]
+pub struct Stopping(tokio::sync::watch::Receiver<bool>);
+
+impl Stopping {
+    /// `fut`'s output, or `None` (and `fut` dropped) once the daemon is stopping.
+    pub async fn unless<T>(&self, fut: impl Future<Output = T>) -> Option<T> {
+        let mut rx = self.0.clone();
+        let stopping = async move {
+            // A sender gone without a stop: nobody can stop this job any more.
+            if rx.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stopping => None,
+            v = fut => Some(v),
+        }
+    }
+}
+
+/// What a wait for the database came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    /// It answered at once.
+    Up,
+    /// It answered after an outage.
+    Back,
+    /// The daemon is stopping and the database had not answered.
+    Stopped,
+}
+
 /// Waits while the database does not answer, asking again with backoff
-/// ([`DB_RETRY_FIRST`] doubling to [`DB_RETRY_MAX`]); true when it had to.
-/// The outage's start and end are logged once each (by `Store::health`).
-async fn wait_for_database(app: &App) -> bool {
-    if app.store.health().await.is_ok() {
-        return false;
+/// ([`DB_RETRY_FIRST`] doubling to [`DB_RETRY_MAX`]), until it does or the
+/// daemon stops. The outage's start and end are logged once each (by
+/// `Store::health`).
+async fn wait_for_database(app: &App, stopping: &Stopping) -> Waited {
+    wait_until(|| async { app.store.health().await.is_ok() }, stopping).await
+}
+
+/// [`wait_for_database`] with the question asked by `up`.
+async fn wait_until<F, Fut>(mut up: F, stopping: &Stopping) -> Waited
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    match stopping.unless(up()).await {
+        None => return Waited::Stopped,
+        Some(true) => return Waited::Up,
+        Some(false) => {}
     }
     let mut wait = DB_RETRY_FIRST;
     loop {
-        tokio::time::sleep(wait).await;
-        if app.store.health().await.is_ok() {
-            return true;
+        let asked = stopping.unless(async {
+            tokio::time::sleep(wait).await;
+            up().await
+        });
+        match asked.await {
+            None => return Waited::Stopped,
+            Some(true) => return Waited::Back,
+            Some(false) => wait = (wait * 2).min(DB_RETRY_MAX),
         }
-        wait = (wait * 2).min(DB_RETRY_MAX);
     }
 }
 
@@ -162,16 +214,25 @@ async fn wait_for_database(app: &App) -> bool {
 /// is unreachable (it waits, with backoff, for it to come back), and a job
 /// that failed because the database went away in the middle runs again as
 /// soon as it is back, instead of at its next tick: every user the pass had not
-/// reached is renewed once the outage ends.
-pub async fn run_logged(app: &Arc<App>, job: Job) {
+/// reached is renewed once the outage ends. A stop ends such a wait at once
+/// (`stopping`); a run in progress is not interrupted by it.
+pub async fn run_logged(app: &Arc<App>, job: Job, stopping: &Stopping) {
+    let stopped = || info!(job = job.name(), "stopped while waiting for the database");
     for rerun in 0..=DB_RERUNS {
-        if wait_for_database(app).await {
-            info!(job = job.name(), "database back: running the job");
+        match wait_for_database(app, stopping).await {
+            Waited::Up => {}
+            Waited::Back => info!(job = job.name(), "database back: running the job"),
+            Waited::Stopped => return stopped(),
         }
         let ok = run_once(app, job).await;
-        match ok {
-            Some(false) if rerun < DB_RERUNS && app.store.health().await.is_err() => continue,
-            _ => return,
+        if ok != Some(false) || rerun == DB_RERUNS {
+            return;
+        }
+        // Failed: because the database went away? Then wait for it and run again.
+        match stopping.unless(app.store.health()).await {
+            None => return stopped(),
+            Some(Ok(())) => return,
+            Some(Err(_)) => continue,
         }
     }
 }
@@ -214,15 +275,16 @@ async fn run_once(app: &Arc<App>, job: Job) -> Option<bool> {
 }
 
 /// Runs the schedules until `shutdown` resolves; a job in flight gets
-/// [`STOP_GRACE`] to finish. A new `App` on `apps` (SIGHUP) takes effect at
-/// once: its schedules decide the next tick.
+/// [`STOP_GRACE`] to finish, one waiting for the database stops at once. A
+/// new `App` on `apps` (SIGHUP) takes effect at once: its schedules decide the
+/// next tick.
 pub async fn run(apps: tokio::sync::watch::Receiver<Arc<App>>, shutdown: impl Future<Output = ()>) {
     drive(
         apps,
         shutdown,
         &WallTime,
         STOP_GRACE,
-        |app: Arc<App>, job| async move { run_logged(&app, job).await },
+        |app: Arc<App>, job, stopping| async move { run_logged(&app, job, &stopping).await },
     )
     .await
 }
@@ -272,6 +334,7 @@ fn slot(job: Job) -> usize {
 /// fell while another ran is run as soon as that one ends, once however many
 /// of its ticks it missed, and no schedule can starve another. A tick waits at
 /// most for the run in progress and one run of each job with an older tick.
+/// Each run is told through its [`Stopping`] when `shutdown` resolves.
 pub async fn drive<P, T, R, F>(
     mut plans: tokio::sync::watch::Receiver<P>,
     shutdown: impl Future<Output = ()>,
@@ -281,16 +344,27 @@ pub async fn drive<P, T, R, F>(
 ) where
     P: Plan,
     T: Time,
-    R: FnMut(P, Job) -> F,
+    R: FnMut(P, Job, Stopping) -> F,
     F: Future<Output = ()>,
 {
     tokio::pin!(shutdown);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stopping = Stopping(stopping);
     let mut plan = plans.borrow_and_update().clone();
     let mut mark = [time.now(); 3];
     // Catch up once at start: whatever fell due while the daemon was down.
     for job in [Job::Expire, Job::Reconcile, Job::Rotate] {
         mark[slot(job)] = time.now();
-        if run_within(&mut shutdown, time, grace, job, run(plan.clone(), job)).await {
+        if run_within(
+            &mut shutdown,
+            &stop,
+            time,
+            grace,
+            job,
+            run(plan.clone(), job, stopping.clone()),
+        )
+        .await
+        {
             return;
         }
     }
@@ -332,19 +406,30 @@ pub async fn drive<P, T, R, F>(
         // Ticks up to now are all served by this run; a tick that falls while
         // it runs makes the job due again at once.
         mark[slot(job)] = now.max(at);
-        if run_within(&mut shutdown, time, grace, job, run(plan.clone(), job)).await {
+        if run_within(
+            &mut shutdown,
+            &stop,
+            time,
+            grace,
+            job,
+            run(plan.clone(), job, stopping.clone()),
+        )
+        .await
+        {
             return;
         }
     }
 }
 
-/// Runs `job`; true when the scheduler must stop. A job in flight gets `grace`
-/// after a stop signal to finish; past that it is dropped, which an issuance
+/// Runs `job`; true when the scheduler must stop. On a stop signal the job is
+/// told (`stop`): one only waiting for the database returns at once, one in
+/// flight gets `grace` to finish; past that it is dropped, which an issuance
 /// survives like any crash (its journal says where it was). File I/O in jobs
 /// runs on blocking threads, so a job stuck in a system call still lets this
 /// future see the signal.
 async fn run_within<T: Time>(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    stop: &tokio::sync::watch::Sender<bool>,
     time: &T,
     grace: std::time::Duration,
     job: Job,
@@ -353,7 +438,7 @@ async fn run_within<T: Time>(
     let mut stopping = false;
     tokio::select! {
         _ = fut => {}
-        _ = async { shutdown.as_mut().await; stopping = true; time.sleep(grace).await } => {
+        _ = async { shutdown.as_mut().await; stopping = true; stop.send_replace(true); time.sleep(grace).await } => {
             tracing::warn!(job = job.name(), ?grace, "job still running after the stop grace period; stopping anyway");
             return true;
         }
@@ -418,7 +503,7 @@ mod tests {
             },
             &time,
             Duration::from_secs(30),
-            |_, job| {
+            |_, job, _| {
                 let at = time.now();
                 if at > end {
                     if let Some(tx) = stop_tx.borrow_mut().take() {
@@ -528,5 +613,143 @@ mod tests {
         // Rotation takes longer than its period, so every cycle is rotate + expire
         // (5 s): each runs once per cycle, reconcile every other one.
         assert_eq!(n, [63, 63, 31], "runs per job (rotate, expire, reconcile)");
+    }
+}
+
+/// Stopping on real (tokio) time: what a job waiting for the database and a
+/// job in flight each do when the daemon is told to stop.
+#[cfg(test)]
+mod stop_tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+    use std::str::FromStr;
+    use std::time::{Duration, Instant};
+
+    #[derive(Clone)]
+    struct Never(cron::Schedule);
+
+    impl Plan for Never {
+        fn schedule(&self, _: Job) -> &cron::Schedule {
+            &self.0
+        }
+    }
+
+    fn never() -> tokio::sync::watch::Receiver<Never> {
+        let (tx, rx) = tokio::sync::watch::channel(Never(
+            cron::Schedule::from_str("0 0 0 1 1 * 2099").unwrap(),
+        ));
+        std::mem::forget(tx); // the plan never changes
+        rx
+    }
+
+    #[tokio::test]
+    async fn a_job_waiting_for_the_database_stops_at_once_on_the_signal() {
+        let stop = tokio::sync::Notify::new();
+        let probes = Cell::new(0);
+        let waited = RefCell::new(Vec::new());
+        let (stop, probes, waited) = (&stop, &probes, &waited);
+        // The grace is far longer than the test may take: only a wait that
+        // gives up at the signal lets the loop end in time.
+        let grace = Duration::from_secs(3600);
+        let started = Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            drive(
+                never(),
+                stop.notified(),
+                &WallTime,
+                grace,
+                |_, _, stopping| async move {
+                    let w = wait_until(
+                        || async {
+                            probes.set(probes.get() + 1);
+                            // The signal comes while the job sleeps before its third probe.
+                            if probes.get() == 2 {
+                                stop.notify_one();
+                            }
+                            false
+                        },
+                        &stopping,
+                    )
+                    .await;
+                    waited.borrow_mut().push(w);
+                },
+            ),
+        )
+        .await
+        .expect("the loop stopped without waiting out the grace");
+        assert_eq!(
+            *waited.borrow(),
+            [Waited::Stopped],
+            "one run, stopped in its wait"
+        );
+        assert_eq!(probes.get(), 2, "no probe after the signal");
+        // The first backoff sleep (0.5 s) was waited for, the second (1 s) was not.
+        let took = started.elapsed();
+        assert!(
+            took >= DB_RETRY_FIRST && took < DB_RETRY_FIRST * 3,
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_database_answering_again_ends_the_wait() {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let stopping = Stopping(rx);
+        assert_eq!(wait_until(|| async { true }, &stopping).await, Waited::Up);
+        let answers = RefCell::new(vec![true, false, false]);
+        let started = Instant::now();
+        let w = wait_until(|| async { answers.borrow_mut().pop().unwrap() }, &stopping).await;
+        assert_eq!(w, Waited::Back);
+        assert!(answers.borrow().is_empty(), "asked three times");
+        assert!(started.elapsed() >= DB_RETRY_FIRST * 3, "0.5 s, then 1 s");
+        // Already stopping: not even asked.
+        tx.send_replace(true);
+        let asked = Cell::new(false);
+        let w = wait_until(
+            || async {
+                asked.set(true);
+                true
+            },
+            &stopping,
+        )
+        .await;
+        assert_eq!((w, asked.get()), (Waited::Stopped, false));
+    }
+
+    #[tokio::test]
+    async fn a_job_in_flight_keeps_its_grace_and_is_dropped_after_it() {
+        let grace = Duration::from_millis(300);
+        for (work, finishes) in [
+            (Duration::from_millis(100), true),
+            (Duration::from_secs(3600), false),
+        ] {
+            let stop = tokio::sync::Notify::new();
+            let (runs, done) = (Cell::new(0), Cell::new(false));
+            let (stop, runs, done) = (&stop, &runs, &done);
+            let started = Instant::now();
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                drive(
+                    never(),
+                    stop.notified(),
+                    &WallTime,
+                    grace,
+                    |_, _, _| async move {
+                        runs.set(runs.get() + 1);
+                        stop.notify_one();
+                        // Work that does not look at `stopping`.
+                        tokio::time::sleep(work).await;
+                        done.set(true);
+                    },
+                ),
+            )
+            .await
+            .expect("the loop stopped");
+            let took = started.elapsed();
+            assert_eq!(runs.get(), 1, "no job is started after the signal");
+            assert_eq!(done.get(), finishes, "{work:?}");
+            assert!(took >= work.min(grace), "{work:?}: stopped after {took:?}");
+        }
     }
 }

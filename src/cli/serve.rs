@@ -223,7 +223,13 @@ async fn elect(
 ) {
     let now = app.clock.now();
     let mut lead = match cluster
-        .try_lease(&le.namespace, &le.name, identity, le.lease_duration, now)
+        .try_lease(
+            &le.namespace,
+            &le.name,
+            identity,
+            le.lease_duration,
+            app.clock.now_micros(),
+        )
         .await
     {
         Ok(b) => b,

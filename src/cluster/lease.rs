@@ -14,24 +14,26 @@ fn micro_time(unix_micros: i64) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
+/// A MicroTime in Unix microseconds: a lease is compared to the microsecond it
+/// was renewed, not the second (a standby would take over up to 1 s early).
 fn parse_time(v: &serde_json::Value) -> Option<i64> {
     humantime::parse_rfc3339_weak(v.as_str()?)
         .ok()?
         .duration_since(std::time::UNIX_EPOCH)
         .ok()
-        .map(|d| d.as_secs() as i64)
+        .map(|d| d.as_micros() as i64)
 }
 
 impl Cluster {
-    /// One election round at `now` (Unix seconds): returns whether `identity`
-    /// holds the lease afterwards.
+    /// One election round at `now_micros` (Unix microseconds): returns whether
+    /// `identity` holds the lease afterwards.
     pub async fn try_lease(
         &self,
         ns: &str,
         name: &str,
         identity: &str,
         duration: Duration,
-        now: i64,
+        now_micros: i64,
     ) -> Result<bool, ClusterError> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), ns);
         let pp = PostParams::default();
@@ -47,7 +49,7 @@ impl Cluster {
             },
         )
         .await?;
-        let stamp = micro_time(now * 1_000_000);
+        let stamp = micro_time(now_micros);
         let secs = duration.as_secs().max(1) as i64;
         let Some(cur) = current else {
             let lease: Lease = serde_json::from_value(json!({
@@ -67,7 +69,7 @@ impl Cluster {
         let renewed = parse_time(&spec["renewTime"]).unwrap_or(0);
         let held_for = spec["leaseDurationSeconds"].as_i64().unwrap_or(secs);
         let mine = holder == identity;
-        if !mine && !holder.is_empty() && renewed + held_for > now {
+        if !mine && !holder.is_empty() && renewed + held_for * 1_000_000 > now_micros {
             return Ok(false);
         }
         let mut next =
@@ -87,5 +89,26 @@ impl Cluster {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false), // someone else renewed or took it first
             Err(e) => Err(super::describe(&format!("updating Lease {ns}/{name}"), e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_times_keep_their_microseconds() {
+        let t = 1_796_148_000_900_001; // 2026-12-01T18:00:00.900001Z
+        assert_eq!(micro_time(t), "2026-12-01T18:00:00.900001Z");
+        assert_eq!(parse_time(&json!(micro_time(t))), Some(t));
+        // What the API server writes for a MicroTime, and a plain second.
+        assert_eq!(
+            parse_time(&json!("2026-12-01T18:00:00.900000Z")),
+            Some(t - 1)
+        );
+        assert_eq!(
+            parse_time(&json!("2026-12-01T18:00:00Z")),
+            Some(t - 900_001)
+        );
     }
 }

@@ -523,7 +523,7 @@ async fn rbac_yaml_grants_exactly_what_the_flows_use() {
         .await);
     rotator::renewal::reconcile_pass(&app).await.unwrap();
     let cluster = app.cluster.as_ref().unwrap();
-    let now = rotator::clock::Clock::now(&clock);
+    let now = rotator::clock::Clock::now_micros(&clock);
     let lease = std::time::Duration::from_secs(15);
     assert!(
         cluster
@@ -533,7 +533,7 @@ async fn rbac_yaml_grants_exactly_what_the_flows_use() {
     );
     assert!(
         cluster
-            .try_lease("rotator", "rotator", "me", lease, now + 5)
+            .try_lease("rotator", "rotator", "me", lease, now + 5_000_000)
             .await
             .unwrap()
     );

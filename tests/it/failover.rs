@@ -1,7 +1,8 @@
 //! Two real `rotator serve` processes on one PostgreSQL database with the test
 //! cluster's Lease: the leader fenced out after it was paused past its lease,
 //! the leader SIGKILLed at each issuance step while the standby finishes, and
-//! the PostgreSQL server itself stopped and started again mid-pass.
+//! the PostgreSQL server itself stopped and started again mid-pass; a SIGTERM
+//! while it is down, and the Lease read to the microsecond.
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -465,4 +466,107 @@ async fn the_pass_finishes_when_the_postgres_server_restarts_mid_pass() {
         assert!(a.stop().await.success(), "{mode}");
         assert_invariants(&kx, users.len(), mode).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_database_outage_stops_the_daemon_at_once() {
+    // A server of this test's own: it is stopped under the daemon.
+    let Some(pg) = crate::pg::private("failover::sigterm_during_a_database_outage") else {
+        return;
+    };
+    let mut kx = Kx::new(
+        Options::default(),
+        &format!("{LEASE}[rotation]\nrenew_before = \"2h\"\njitter = 0.0\n[schedule]\nrotate = \"*/2 * * * * *\"\n"),
+    )
+    .await;
+    kx.s.database_url = Some(pg.create_database());
+    setup(&kx, &["alice"]).await;
+    let mut a = spawn(&kx, "d1", &[]);
+    a.wait_for("became the leader", Duration::from_secs(30), |_| true)
+        .await;
+    a.wait_for("job done", Duration::from_secs(30), |v| {
+        v["fields"]["job"] == "rotate"
+    })
+    .await;
+    pg.stop("fast").unwrap();
+    a.wait_for(UNREACHABLE, Duration::from_secs(30), |_| true)
+        .await;
+    // Well into its wait: probes between backoff sleeps of 0.5, 1 and 2 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let signalled = std::time::Instant::now();
+    a.signal("-TERM");
+    let st = tokio::time::timeout(
+        rotator::scheduler::STOP_GRACE + Duration::from_secs(10),
+        a.child.wait(),
+    )
+    .await
+    .expect("the daemon ends after SIGTERM")
+    .unwrap();
+    let took = signalled.elapsed();
+    eprintln!("stopped {took:?} after SIGTERM during a database outage");
+    assert!(st.success(), "{st:?}: {:#?}", a.drain());
+    // A job waiting for the database has nothing to finish: it does not get
+    // the grace a job in flight gets (30 s).
+    assert!(
+        took < Duration::from_secs(10),
+        "took {took:?}, the stop grace is {:?}",
+        rotator::scheduler::STOP_GRACE
+    );
+    a.wait_for(
+        "stopped while waiting for the database",
+        Duration::from_secs(5),
+        |v| v["fields"]["job"].is_string(),
+    )
+    .await;
+    a.wait_for("rotator daemon stopped", Duration::from_secs(5), |_| true)
+        .await;
+    assert_eq!(
+        a.count("job still running after the stop grace period; stopping anyway"),
+        0
+    );
+    pg.start().unwrap();
+    assert_invariants(&kx, 1, "after a stop during the outage").await;
+}
+
+/// The Lease is compared to the microsecond it was renewed: renewed 0.9 s into
+/// a second with a 2 s lease, it is held until 2.9 s (read to the second, it
+/// would look renewed at 0 s and lapse at 2 s, and a standby would take over
+/// early) and free just after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_held_to_the_microsecond_it_was_renewed() {
+    use rotator::clock::Clock;
+    let kx = Kx::new(Options::default(), "").await;
+    let clock = rotator::clock::ManualClock::new(rotator::clock::SystemClock.now());
+    let app = kx.app(&clock).await;
+    let cluster = app.cluster.as_ref().unwrap();
+    let lease = Duration::from_secs(2);
+    // A whole second, and instants after it.
+    let t = clock.now_micros();
+    let at = |ms: i64| t + ms * 1000;
+    let round = |who: &'static str, ms: i64| async move {
+        cluster
+            .try_lease("rotator", "rotator", who, lease, at(ms))
+            .await
+            .unwrap()
+    };
+    assert!(round("a", 900).await, "a takes the free Lease");
+    let renewed = kx
+        .admin_kubectl(&[
+            "get",
+            "lease",
+            "rotator",
+            "-n",
+            "rotator",
+            "-o",
+            "jsonpath={.spec.renewTime}",
+        ])
+        .await;
+    let renewed = String::from_utf8_lossy(&renewed.stdout).to_string();
+    assert!(renewed.ends_with(".900000Z"), "renewTime {renewed}");
+    assert!(!round("b", 2500).await, "held at 2.5 s: renewed at 0.9 s");
+    assert!(!round("b", 2899).await, "held at 2.899 s");
+    assert!(round("b", 2950).await, "lapsed at 2.95 s: b takes over");
+    // a, renewing late, finds b's: held by b until 4.95 s.
+    assert!(!round("a", 4900).await, "b holds it at 4.9 s");
+    assert!(round("a", 4951).await, "a takes it back at 4.951 s");
 }
