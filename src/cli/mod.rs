@@ -60,6 +60,10 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+    /// The audit keyrings this command opened, so that it can say at the end
+    /// when one of its commits left the audit checkpoint behind.
+    #[arg(skip)]
+    pub(crate) keyrings: std::sync::Arc<std::sync::Mutex<Vec<Arc<crate::store::audit::Keyring>>>>,
 }
 
 fn parse_signer(s: &str) -> Result<SignerKind, String> {
@@ -351,10 +355,35 @@ pub(crate) async fn open_app(
     metrics_addr: Option<String>,
 ) -> CliResult<(App, crate::app::InitReport)> {
     let settings = config::load(cli.config.as_deref(), &cli.overrides(metrics_addr))?;
-    Ok(App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?)
+    let opened = App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?;
+    if let Some(ring) = opened.0.store.audit_keyring() {
+        let mut rings = cli.keyrings.lock().unwrap_or_else(|e| e.into_inner());
+        rings.push(ring.clone());
+    }
+    Ok(opened)
 }
 
+/// Runs the command. One whose change committed but whose audit checkpoint
+/// write failed still succeeds (exit 0): the change stands, and a failure
+/// would have a script run it again; it ends with a warning on stderr instead.
 pub async fn run(cli: Cli) -> CliResult {
+    let keyrings = cli.keyrings.clone();
+    let result = run_command(cli).await;
+    let rings = keyrings.lock().unwrap_or_else(|e| e.into_inner());
+    for ring in rings.iter() {
+        if let Some(b) = ring.checkpoint_health().behind {
+            eprintln!(
+                "warning: the change is committed (and audited), but the audit checkpoint {} is behind it (event {}): {}\n`rotator audit verify` reports checkpoint_old until the next change any rotator process commits after the fix",
+                ring.checkpoint_path().display(),
+                b.seq,
+                b.error
+            );
+        }
+    }
+    result
+}
+
+async fn run_command(cli: Cli) -> CliResult {
     let out = cli.output;
     match &cli.command {
         Command::Init { new_database } => {
