@@ -356,11 +356,18 @@ pub(crate) async fn open_app(
 ) -> CliResult<(App, crate::app::InitReport)> {
     let settings = config::load(cli.config.as_deref(), &cli.overrides(metrics_addr))?;
     let opened = App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?;
-    if let Some(ring) = opened.0.store.audit_keyring() {
-        let mut rings = cli.keyrings.lock().unwrap_or_else(|e| e.into_inner());
-        rings.push(ring.clone());
-    }
+    cli.opened(&opened.0);
     Ok(opened)
+}
+
+impl Cli {
+    /// Remembers `app`'s audit keyring, for what [`run`] says at the end.
+    fn opened(&self, app: &App) {
+        if let Some(ring) = app.store.audit_keyring() {
+            let mut rings = self.keyrings.lock().unwrap_or_else(|e| e.into_inner());
+            rings.push(ring.clone());
+        }
+    }
 }
 
 /// Runs the command. One whose change committed but whose audit checkpoint
@@ -369,8 +376,17 @@ pub(crate) async fn open_app(
 pub async fn run(cli: Cli) -> CliResult {
     let keyrings = cli.keyrings.clone();
     let result = run_command(cli).await;
-    let rings = keyrings.lock().unwrap_or_else(|e| e.into_inner());
-    for ring in rings.iter() {
+    let rings = keyrings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for ring in &rings {
+        // A write whose commit's caller was dropped (a daemon job past its
+        // stop grace) still runs in a task: let it end before the runtime
+        // stops, which would drop it.
+        if !ring.settle(std::time::Duration::from_secs(5)).await {
+            eprintln!(
+                "warning: an audit checkpoint write was still running after 5s (is {} on a hung file system?); `rotator audit verify` reports checkpoint_old until the next change",
+                ring.checkpoint_path().display()
+            );
+        }
         if let Some(b) = ring.checkpoint_health().behind {
             eprintln!(
                 "warning: the change is committed (and audited), but the audit checkpoint {} is behind it (event {}): {}\n`rotator audit verify` reports checkpoint_old until the next change any rotator process commits after the fix",
@@ -401,6 +417,7 @@ async fn run_command(cli: Cli) -> CliResult {
                 mode,
             )
             .await?;
+            cli.opened(&app);
             output::init_report(out, &report);
             app.store.close().await;
             Ok(())

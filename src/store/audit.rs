@@ -122,6 +122,9 @@ pub struct Keyring {
     /// Checkpoint writes of this process that failed, and the commit the
     /// checkpoint is behind since the last of them (until a write covers it).
     trouble: std::sync::Mutex<CheckpointHealth>,
+    /// Checkpoint writes [`cover`] started and that have not ended: what
+    /// [`Keyring::settle`] waits for before the process ends.
+    pending: tokio::sync::watch::Sender<usize>,
 }
 
 /// This process's checkpoint writes: what `/readyz`, `/metrics` and the log
@@ -281,7 +284,19 @@ impl Keyring {
             newest: std::sync::Mutex::new((None, 0)),
             written: tokio::sync::Mutex::new(0),
             trouble: Default::default(),
+            pending: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Waits, at most `limit`, until every checkpoint write a commit of this
+    /// process started has ended (done or failed), also those of commits whose
+    /// callers were dropped: what a process does before its runtime stops (it
+    /// would drop them). False when some were still running at `limit`.
+    pub async fn settle(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.pending.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// This process's checkpoint writes: failures so far, and whether the
@@ -493,13 +508,37 @@ pub(crate) async fn advance_checkpoint(
 /// when the write is done; a failure is logged and counted, never returned:
 /// the change is committed, and an error would tell the caller it was not.
 pub(crate) async fn cover(ring: Arc<Keyring>, mine: u64, pool: sqlx::AnyPool) {
-    let task = tokio::spawn(advance_logged(ring.clone(), mine, pool.clone()));
+    let pending = Pending::start(ring.clone());
+    let task = tokio::spawn({
+        let (ring, pool) = (ring.clone(), pool.clone());
+        async move {
+            let _pending = pending; // ends with the task, also when it is dropped
+            advance_logged(ring, mine, pool).await
+        }
+    });
     match task.await {
         Ok(()) => {}
         // The runtime is shutting down and dropped the task before it ran:
         // write from here while this future is still polled.
         Err(e) if e.is_cancelled() => advance_logged(ring, mine, pool).await,
         Err(e) => tracing::error!(error = %e, "audit checkpoint write panicked"),
+    }
+}
+
+/// One checkpoint write [`cover`] started, counted in `Keyring::pending`
+/// until dropped.
+struct Pending(Arc<Keyring>);
+
+impl Pending {
+    fn start(ring: Arc<Keyring>) -> Self {
+        ring.pending.send_modify(|n| *n += 1);
+        Self(ring)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
