@@ -187,7 +187,7 @@ impl Default for Metrics {
         let audit_checkpoint_failures = Counter::default();
         registry.register(
             "audit_checkpoint_write_failures",
-            "Audit checkpoint writes that failed after their change was committed (the change stands; `audit verify` reports checkpoint_old until a later write covers it)",
+            "Attempts to move the audit checkpoint forward that failed (after a commit, or a retry at a scrape); the changes stand, and `audit verify` reports checkpoint_old until a later write covers them",
             audit_checkpoint_failures.clone(),
         );
         let audit_checkpoint_behind = Gauge::default();
