@@ -40,12 +40,41 @@ pub async fn gauges(app: &App) -> Result<Gauges, StoreError> {
             v.status().state.as_str(),
         )
     });
+    let audit_checkpoint = crate::store::audit::catch_up(&app.store)
+        .await
+        .map(|h| (h.failures, h.behind.is_some()));
     Ok(Gauges {
         credentials,
         expiry,
         tokens,
         vault,
+        audit_checkpoint,
     })
+}
+
+/// What `/readyz` reports without failing: the daemon works, but something
+/// needs an operator. An audit checkpoint behind a commit of this process is
+/// one (retried here first): every change is still committed with its audit
+/// event, only the check of the log's end lags, so taking the daemon out of
+/// service (on a shared checkpoint volume, every replica at once) would not
+/// help; alert on `rotator_audit_checkpoint_behind` instead.
+pub async fn warnings(app: &App) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(h) = crate::store::audit::catch_up(&app.store).await
+        && let Some(b) = h.behind
+    {
+        out.push((
+            "audit checkpoint".to_string(),
+            format!(
+                "behind event {} since {}s ago ({} failed writes): {}; the changes are committed and audited, and the checkpoint catches up at the next commit or scrape once that is fixed (until then `rotator audit verify` reports checkpoint_old)",
+                b.seq,
+                (app.clock.now() - b.since).max(0),
+                h.failures,
+                b.error.replace('\n', "; ")
+            ),
+        ));
+    }
+    out
 }
 
 /// What `/readyz` checks, each with the reason it fails.
@@ -146,13 +175,16 @@ async fn route(
         "/readyz" => {
             let checks = readiness(&app).await;
             let ready = checks.iter().all(|(_, r)| r.is_ok());
-            let body: String = checks
+            let mut body: String = checks
                 .iter()
                 .map(|(n, r)| match r {
                     Ok(()) => format!("ok   {n}\n"),
                     Err(e) => format!("FAIL {n}: {e}\n"),
                 })
                 .collect();
+            for (n, w) in warnings(&app).await {
+                body.push_str(&format!("WARN {n}: {w}\n"));
+            }
             text(if ready { 200 } else { 503 }, body)
         }
         "/metrics" => match metrics_text(&app).await {

@@ -21,6 +21,9 @@ pub struct Gauges {
     pub tokens: Vec<(String, i64)>,
     /// Every Vault state, and the current one (when Vault is configured).
     pub vault: Option<(Vec<&'static str>, &'static str)>,
+    /// This process's audit checkpoint writes: how many failed, and whether
+    /// the checkpoint is behind one of its commits now (with an audit key).
+    pub audit_checkpoint: Option<(u64, bool)>,
 }
 
 type Labels = Vec<(String, String)>;
@@ -56,6 +59,13 @@ pub struct Metrics {
     pub authz_snapshot_credentials: Gauge,
     /// When this daemon last became the leader (Unix seconds), 0 while it is not.
     leader_since: Gauge<f64, AtomicU64>,
+    /// Failed audit checkpoint writes. The store counts them (it knows no
+    /// metrics); each scrape adds what it counted since the last one.
+    audit_checkpoint_failures: Counter,
+    /// The store's count at the last scrape.
+    audit_checkpoint_seen: AtomicU64,
+    /// 1 while the audit checkpoint is behind a commit of this process.
+    audit_checkpoint_behind: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -174,7 +184,22 @@ impl Default for Metrics {
             "Credentials the webhook holds in memory",
             authz_snapshot_credentials.clone(),
         );
+        let audit_checkpoint_failures = Counter::default();
+        registry.register(
+            "audit_checkpoint_write_failures",
+            "Attempts to move the audit checkpoint forward that failed (after a commit, or a retry at a scrape); the changes stand, and `audit verify` reports checkpoint_old until a later write covers them",
+            audit_checkpoint_failures.clone(),
+        );
+        let audit_checkpoint_behind = Gauge::default();
+        registry.register(
+            "audit_checkpoint_behind",
+            "1 while the audit checkpoint is behind a commit of this process (its write failed; retried at each commit and scrape)",
+            audit_checkpoint_behind.clone(),
+        );
         Self {
+            audit_checkpoint_failures,
+            audit_checkpoint_seen: AtomicU64::new(0),
+            audit_checkpoint_behind,
             authz_decisions,
             authz_duration,
             authz_snapshot_refreshed,
@@ -313,6 +338,14 @@ impl Metrics {
         self.tokens.clear();
         for (state, n) in &now.tokens {
             self.tokens.get_or_create(&l(&[("state", state)])).set(*n);
+        }
+        if let Some((failures, behind)) = now.audit_checkpoint {
+            use std::sync::atomic::Ordering;
+            let seen = self.audit_checkpoint_seen.swap(failures, Ordering::SeqCst);
+            // Fewer than last time: a reload brought a new store, counting from 0.
+            self.audit_checkpoint_failures
+                .inc_by(failures.checked_sub(seen).unwrap_or(failures));
+            self.audit_checkpoint_behind.set(behind as i64);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;

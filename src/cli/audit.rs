@@ -88,8 +88,9 @@ pub async fn run(app: &App, cmd: &AuditCommand, out: OutputFormat) -> CliResult 
                         b.reason,
                         b.seq,
                         match b.kind {
+                            audit::BreakKind::CheckpointOld =>
+                                "; `rotator doctor` checks that the checkpoint can be written (a failed write leaves it behind: the process that committed logged `audit checkpoint not updated`), and once it can, the next change any rotator process commits covers these events; if no write failed and no process died, an older checkpoint was put back: compare with an exported copy (`rotator audit export`), and once explained `rotator audit reset-checkpoint` vouches for the log as it is",
                             audit::BreakKind::CheckpointMissing
-                            | audit::BreakKind::CheckpointOld
                             | audit::BreakKind::CheckpointInvalid
                             | audit::BreakKind::Truncated
                             | audit::BreakKind::Replaced

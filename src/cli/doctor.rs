@@ -471,6 +471,26 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 },
                 Err(e) => push("audit chain", false, e.to_string(), e.exit()),
             }
+            if let Some(ring) = app.store.audit_keyring().cloned() {
+                // What a commit's checkpoint write needs: a write that fails
+                // leaves the change committed and the checkpoint behind.
+                let shown = ring.checkpoint_path().display().to_string();
+                let r = tokio::task::spawn_blocking(move || ring.probe_writable())
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                let ok = r.is_ok();
+                push(
+                    "audit checkpoint writable",
+                    ok,
+                    match r {
+                        Ok(()) => format!("{shown} can be replaced atomically under its lock"),
+                        Err(e) => format!(
+                            "{shown}: {e}; until then every commit leaves the checkpoint behind (the change itself is committed; `audit verify` reports checkpoint_old), and the first commit after the fix moves it forward"
+                        ),
+                    },
+                    Exit::Config,
+                );
+            }
             if let Some(detail) = shared_checkpoint_note(s) {
                 push("audit checkpoint", true, detail, Exit::Config);
             }

@@ -60,6 +60,10 @@ pub struct Cli {
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+    /// The audit keyrings this command opened, so that it can say at the end
+    /// when one of its commits left the audit checkpoint behind.
+    #[arg(skip)]
+    pub(crate) keyrings: std::sync::Arc<std::sync::Mutex<Vec<Arc<crate::store::audit::Keyring>>>>,
 }
 
 fn parse_signer(s: &str) -> Result<SignerKind, String> {
@@ -351,10 +355,51 @@ pub(crate) async fn open_app(
     metrics_addr: Option<String>,
 ) -> CliResult<(App, crate::app::InitReport)> {
     let settings = config::load(cli.config.as_deref(), &cli.overrides(metrics_addr))?;
-    Ok(App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?)
+    let opened = App::open(settings, Arc::new(SystemClock), faults_from_env(), actor()).await?;
+    cli.opened(&opened.0);
+    Ok(opened)
 }
 
+impl Cli {
+    /// Remembers `app`'s audit keyring, for what [`run`] says at the end.
+    fn opened(&self, app: &App) {
+        if let Some(ring) = app.store.audit_keyring() {
+            let mut rings = self.keyrings.lock().unwrap_or_else(|e| e.into_inner());
+            rings.push(ring.clone());
+        }
+    }
+}
+
+/// Runs the command. One whose change committed but whose audit checkpoint
+/// write failed still succeeds (exit 0): the change stands, and a failure
+/// would have a script run it again; it ends with a warning on stderr instead.
 pub async fn run(cli: Cli) -> CliResult {
+    let keyrings = cli.keyrings.clone();
+    let result = run_command(cli).await;
+    let rings = keyrings.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for ring in &rings {
+        // A write whose commit's caller was dropped (a daemon job past its
+        // stop grace) still runs in a task: let it end before the runtime
+        // stops, which would drop it.
+        if !ring.settle(std::time::Duration::from_secs(5)).await {
+            eprintln!(
+                "warning: an audit checkpoint write was still running after 5s (is {} on a hung file system?); `rotator audit verify` reports checkpoint_old until the next change",
+                ring.checkpoint_path().display()
+            );
+        }
+        if let Some(b) = ring.checkpoint_health().behind {
+            eprintln!(
+                "warning: the change is committed (and audited), but the audit checkpoint {} is behind it (event {}): {}\n`rotator audit verify` reports checkpoint_old until the next change any rotator process commits after the fix",
+                ring.checkpoint_path().display(),
+                b.seq,
+                b.error
+            );
+        }
+    }
+    result
+}
+
+async fn run_command(cli: Cli) -> CliResult {
     let out = cli.output;
     match &cli.command {
         Command::Init { new_database } => {
@@ -372,6 +417,7 @@ pub async fn run(cli: Cli) -> CliResult {
                 mode,
             )
             .await?;
+            cli.opened(&app);
             output::init_report(out, &report);
             app.store.close().await;
             Ok(())

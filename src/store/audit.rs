@@ -119,6 +119,35 @@ pub struct Keyring {
     /// from another process), and a commit covered "by seq" would then return
     /// with the checkpoint behind it.
     written: tokio::sync::Mutex<u64>,
+    /// Checkpoint writes of this process that failed, and the commit the
+    /// checkpoint is behind since the last of them (until a write covers it).
+    trouble: std::sync::Mutex<CheckpointHealth>,
+    /// Checkpoint writes [`cover`] started and that have not ended: what
+    /// [`Keyring::settle`] waits for before the process ends.
+    pending: tokio::sync::watch::Sender<usize>,
+}
+
+/// This process's checkpoint writes: what `/readyz`, `/metrics` and the log
+/// say when one failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckpointHealth {
+    /// Attempts to move the checkpoint forward that failed (a commit's, or a retry).
+    pub failures: u64,
+    /// Set while the checkpoint is behind a commit of this process.
+    pub behind: Option<Behind>,
+}
+
+/// The checkpoint is behind a commit of this process: its write failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Behind {
+    /// The newest event this process committed that the checkpoint does not cover.
+    pub seq: i64,
+    /// When the first write that left it behind failed (Unix seconds).
+    pub since: i64,
+    /// Why the last attempt failed (with its fix).
+    pub error: String,
+    /// The publish ticket that write was for: a write covering it clears this.
+    ticket: u64,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -254,6 +283,97 @@ impl Keyring {
             checkpoint: checkpoint.to_path_buf(),
             newest: std::sync::Mutex::new((None, 0)),
             written: tokio::sync::Mutex::new(0),
+            trouble: Default::default(),
+            pending: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Waits, at most `limit`, until every checkpoint write a commit of this
+    /// process started has ended (done or failed), also those of commits whose
+    /// callers were dropped: what a process does before its runtime stops (it
+    /// would drop them). False when some were still running at `limit`.
+    pub async fn settle(&self, limit: std::time::Duration) -> bool {
+        let mut rx = self.pending.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// This process's checkpoint writes: failures so far, and whether the
+    /// checkpoint is behind one of its commits now.
+    pub fn checkpoint_health(&self) -> CheckpointHealth {
+        self.trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn write_failed(&self, seq: i64, ticket: u64, e: &StoreError) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut t = self.trouble.lock().unwrap_or_else(|e| e.into_inner());
+        t.failures += 1;
+        let since = t.behind.as_ref().map_or(now, |b| b.since);
+        t.behind = Some(Behind {
+            seq,
+            since,
+            error: e.to_string(),
+            ticket,
+        });
+    }
+
+    /// A write covered every head published up to `ticket`.
+    fn covered(&self, ticket: u64) {
+        let mut t = self.trouble.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = t.behind.take_if(|b| b.ticket <= ticket) {
+            tracing::info!(
+                checkpoint = %self.checkpoint.display(),
+                seq = b.seq,
+                "audit checkpoint up to date again"
+            );
+        }
+    }
+
+    /// Whether rotator can write the checkpoint here: the lock file opens for
+    /// writing, and a file can be made beside the checkpoint (what its atomic
+    /// replacement needs). Blocking; writes nothing that stays.
+    pub fn probe_writable(&self) -> Result<(), String> {
+        let mut lock = self.checkpoint.clone().into_os_string();
+        lock.push(".lock");
+        let lock = PathBuf::from(lock);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock)
+            .map_err(|e| {
+                format!(
+                    "cannot open its lock file {}: {e}; fix: make it a regular file rotator may write (remove whatever is at that path: rotator makes it again)",
+                    lock.display()
+                )
+            })?;
+        let dir = match self.checkpoint.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        tempfile::Builder::new()
+            .prefix(".rotator-")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(|e| {
+                format!(
+                    "cannot make a file in {} to replace it atomically: {e}; fix: make that directory writable by rotator (and free some space)",
+                    dir.display()
+                )
+            })?;
+        match std::fs::symlink_metadata(&self.checkpoint) {
+            Ok(m) if !m.is_file() => Err(format!(
+                "{} is not a regular file; fix: move it away and run `rotator audit reset-checkpoint`",
+                self.checkpoint.display()
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -348,7 +468,9 @@ impl Keyring {
 /// or beyond. The commits of one process take turns; the one whose turn
 /// it is writes the newest head any of them committed, so commits that queued
 /// behind a write find themselves covered and write nothing. Each write is
-/// [`move_checkpoint`]'s: forward only, under the cross-process lock.
+/// [`move_checkpoint`]'s: forward only, under the cross-process lock. A
+/// failure is counted and kept in [`Keyring::checkpoint_health`] until a
+/// later write (the next commit's, or [`catch_up`]) covers it.
 pub(crate) async fn advance_checkpoint(
     ring: Arc<Keyring>,
     mine: u64,
@@ -363,11 +485,85 @@ pub(crate) async fn advance_checkpoint(
         (n.0.clone(), n.1)
     };
     let target = target.ok_or_else(|| StoreError::Invalid("no audit head published".into()))?;
-    move_checkpoint(ring.clone(), target, pool).await?;
-    // The checkpoint is at `target` or beyond (another process's newer one),
-    // which is at or after every head published up to ticket `upto`.
-    *written = (*written).max(upto);
-    Ok(())
+    let seq = target.seq;
+    match move_checkpoint(ring.clone(), target, pool).await {
+        Ok(()) => {
+            // The checkpoint is at `target` or beyond (another process's newer
+            // one), which is at or after every head published up to ticket `upto`.
+            *written = (*written).max(upto);
+            ring.covered(upto);
+            Ok(())
+        }
+        Err(e) => {
+            ring.write_failed(seq, upto, &e);
+            Err(e)
+        }
+    }
+}
+
+/// What `store::commit` runs once a commit that appended events published
+/// `mine`: [`advance_checkpoint`] in a task of its own, so the checkpoint
+/// still covers the commit when the caller's future is dropped between the
+/// COMMIT and this write (a daemon job cut off at its stop grace). Returns
+/// when the write is done; a failure is logged and counted, never returned:
+/// the change is committed, and an error would tell the caller it was not.
+pub(crate) async fn cover(ring: Arc<Keyring>, mine: u64, pool: sqlx::AnyPool) {
+    let pending = Pending::start(ring.clone());
+    let task = tokio::spawn({
+        let (ring, pool) = (ring.clone(), pool.clone());
+        async move {
+            let _pending = pending; // ends with the task, also when it is dropped
+            advance_logged(ring, mine, pool).await
+        }
+    });
+    match task.await {
+        Ok(()) => {}
+        // The runtime is shutting down and dropped the task before it ran:
+        // write from here while this future is still polled.
+        Err(e) if e.is_cancelled() => advance_logged(ring, mine, pool).await,
+        Err(e) => tracing::error!(error = %e, "audit checkpoint write panicked"),
+    }
+}
+
+/// One checkpoint write [`cover`] started, counted in `Keyring::pending`
+/// until dropped.
+struct Pending(Arc<Keyring>);
+
+impl Pending {
+    fn start(ring: Arc<Keyring>) -> Self {
+        ring.pending.send_modify(|n| *n += 1);
+        Self(ring)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+async fn advance_logged(ring: Arc<Keyring>, mine: u64, pool: sqlx::AnyPool) {
+    if let Err(e) = advance_checkpoint(ring.clone(), mine, pool).await {
+        tracing::error!(
+            checkpoint = %ring.checkpoint.display(),
+            error = %e,
+            "audit checkpoint not updated: the change is committed and audited, but `rotator audit verify` reports checkpoint_old until a later write covers it (the next commit of any rotator process, or the daemon's next /readyz or /metrics scrape); counted in rotator_audit_checkpoint_write_failures_total"
+        );
+    }
+}
+
+/// Retries the checkpoint write when one of this process's failed (what the
+/// daemon's `/readyz` and `/metrics` do, so a daemon that commits nothing for
+/// a while still heals once the cause is fixed), then says how it stands.
+/// `None` without an audit key.
+pub async fn catch_up(store: &Store) -> Option<CheckpointHealth> {
+    let ring = store.audit.clone()?;
+    if ring.checkpoint_health().behind.is_some() {
+        let ticket = ring.newest.lock().unwrap_or_else(|e| e.into_inner()).1;
+        // A failure is recorded in the health it returns.
+        let _ = advance_checkpoint(ring.clone(), ticket, store.pool().clone()).await;
+    }
+    Some(ring.checkpoint_health())
 }
 
 impl Keyring {
@@ -458,7 +654,16 @@ fn lock_file(checkpoint: &Path) -> Result<std::fs::File, StoreError> {
         .write(true)
         .mode(0o600)
         .open(&p)
-        .map_err(|e| key_err(&p, e, "make the checkpoint's directory writable by rotator"))?;
+        .map_err(|e| {
+            key_err(
+                &p,
+                e,
+                format!(
+                    "make the checkpoint's directory writable by rotator, and {} a regular file (remove anything else at that path: rotator makes it again)",
+                    p.display()
+                ),
+            )
+        })?;
     f.lock()
         .map_err(|e| key_err(&p, e, "make the checkpoint's directory writable by rotator"))?;
     Ok(f)
@@ -928,7 +1133,7 @@ async fn verify_against(
                     seq: c.seq + 1,
                     kind: BreakKind::CheckpointOld,
                     reason: format!(
-                        "the checkpoint {shown} records events up to {} but the log goes to {last}: an older checkpoint was put back, or a rotator process died between a commit and its checkpoint",
+                        "the checkpoint {shown} records events up to {} but the log goes to {last}: an older checkpoint was put back, a rotator process died (or its commit was cut off) between a commit and its checkpoint write, or that write failed (the process logged `audit checkpoint not updated`, counts it in rotator_audit_checkpoint_write_failures_total and shows it in /readyz); once the cause is fixed, the next change any rotator process commits moves the checkpoint forward",
                         c.seq
                     ),
                 }),

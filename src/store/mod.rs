@@ -468,8 +468,11 @@ pub(crate) fn json_vec(s: &str) -> Result<Vec<String>, StoreError> {
 }
 
 /// Commits, then (if the transaction appended audit events) moves the audit
-/// checkpoint forward. The change is committed whatever the checkpoint write
-/// does; a failed write is logged, and `audit verify` names it.
+/// checkpoint forward ([`audit::cover`]: in a task of its own, so a caller
+/// dropped after the COMMIT still gets its head covered). The change is
+/// committed whatever the checkpoint write does: a failed write is logged,
+/// counted in [`audit::Keyring::checkpoint_health`] (the daemon's `/metrics`
+/// and `/readyz`), retried by the next commit, and named by `audit verify`.
 pub async fn commit(tx: Tx) -> Result<(), StoreError> {
     let Tx {
         mut inner,
@@ -496,10 +499,8 @@ pub async fn commit(tx: Tx) -> Result<(), StoreError> {
     // The next writer may start while this one moves the checkpoint.
     drop(turn);
     commits.send_modify(|n| *n += 1);
-    if let Some((ring, ticket)) = published
-        && let Err(e) = audit::advance_checkpoint(ring, ticket, pool).await
-    {
-        tracing::error!(error = %e, "audit checkpoint not updated");
+    if let Some((ring, ticket)) = published {
+        audit::cover(ring, ticket, pool).await;
     }
     Ok(())
 }

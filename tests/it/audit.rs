@@ -580,3 +580,203 @@ async fn a_running_process_keeps_covering_its_commits_after_the_checkpoint_was_r
     }
     ok(&s.rotator(&["audit", "verify"]));
 }
+
+/// The seq of the checkpoint at `path`.
+fn checkpoint_seq_at(path: &std::path::Path) -> i64 {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str::<serde_json::Value>(text.trim()).unwrap()["seq"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn last_seq(app: &rotator::app::App) -> i64 {
+    let (last,): (i64,) = sqlx::query_as("SELECT MAX(seq) FROM audit_events")
+        .fetch_one(app.store.pool())
+        .await
+        .unwrap();
+    last
+}
+
+/// Makes every checkpoint write of `data` fail: a directory where its lock
+/// file goes (we run as root, so file modes would not stop a write).
+fn break_checkpoint_lock(data: &std::path::Path) -> std::path::PathBuf {
+    let lock = data.join("audit.head.lock");
+    let _ = std::fs::remove_file(&lock);
+    std::fs::create_dir(&lock).unwrap();
+    lock
+}
+
+/// The value of the sample `name` (no labels) in a metrics text.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+crate::engines! {
+/// A command whose change committed but whose checkpoint write failed exits 0
+/// (the change stands: a failure would make a script run it again) and says so
+/// on stderr with the fix; `audit verify` and `doctor` name it; the next
+/// change after the fix brings the checkpoint up to date.
+#[tokio::test]
+async fn a_failed_checkpoint_write_is_reported_and_the_next_commit_heals_it() {
+    let s = Scratch::new();
+    ok(&s.rotator(&["init"]));
+    let before = checkpoint_seq(&s);
+    let lock = break_checkpoint_lock(&s.path("rotator-data"));
+    let o = s.rotator(&["add-user", "alice", "-n", "team-a", "--role", "view"]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("audit checkpoint not updated")
+            && err.contains("warning: the change is committed (and audited), but the audit checkpoint")
+            && err.contains("rotator-data/audit.head.lock: Is a directory")
+            && err.contains("fix:"),
+        "{err}"
+    );
+    ok(&s.rotator(&["show", "alice"]));
+    assert_eq!(checkpoint_seq(&s), before, "the checkpoint did not move");
+    let e = verify_fails(&s, "checkpoint_old");
+    assert!(e.contains("that write failed"), "{e}");
+    let o = s.rotator(&["doctor", "--output", "json"]);
+    fails_with(&o, 11);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let checks: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let w = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "audit checkpoint writable")
+        .unwrap_or_else(|| panic!("{checks}"));
+    assert_eq!(w["ok"], false, "{w}");
+    let detail = w["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("rotator-data/audit.head.lock") && detail.contains("fix:"),
+        "{detail}"
+    );
+    // Fixed, but nothing written since: still behind until the next change.
+    std::fs::remove_dir(&lock).unwrap();
+    verify_fails(&s, "checkpoint_old");
+    let o = s.rotator(&["add-user", "bob", "-n", "team-a", "--role", "view"]);
+    ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("checkpoint not updated") && !err.contains("warning:"),
+        "{err}"
+    );
+    ok(&s.rotator(&["audit", "verify"]));
+    let out = ok(&s.rotator(&["doctor", "--output", "json"]));
+    assert!(out.contains("can be replaced atomically"), "{out}");
+}
+}
+
+crate::engines! {
+/// In a daemon: the failure is counted in /metrics and shown in /readyz (which
+/// stays ready: the change is committed), and a scrape after the fix retries the
+/// write and heals it without waiting for another commit.
+#[tokio::test]
+async fn a_failed_checkpoint_write_is_counted_and_shown_until_a_retry_heals_it() {
+    let d = tempfile::tempdir().unwrap();
+    let app = plain_app(d.path()).await;
+    let data = d.path().join("rotator-data");
+    let head = data.join("audit.head");
+    event(&app, "before").await;
+    assert_eq!(checkpoint_seq_at(&head), last_seq(&app).await);
+    let m = rotator::health::metrics_text(&app).await.unwrap();
+    assert_eq!(sample(&m, "rotator_audit_checkpoint_write_failures_total"), 0.0);
+    assert_eq!(sample(&m, "rotator_audit_checkpoint_behind"), 0.0);
+    assert!(rotator::health::warnings(&app).await.is_empty());
+
+    let lock = break_checkpoint_lock(&data);
+    event(&app, "while broken").await; // committed: commit returns Ok
+    let last = last_seq(&app).await;
+    assert!(checkpoint_seq_at(&head) < last);
+    let h = app.store.audit_keyring().unwrap().checkpoint_health();
+    assert_eq!(h.failures, 1, "{h:?}");
+    assert_eq!(h.behind.as_ref().map(|b| b.seq), Some(last), "{h:?}");
+    let m = rotator::health::metrics_text(&app).await.unwrap();
+    // The scrape retried once, and failed again.
+    assert_eq!(sample(&m, "rotator_audit_checkpoint_write_failures_total"), 2.0);
+    assert_eq!(sample(&m, "rotator_audit_checkpoint_behind"), 1.0);
+    let w = rotator::health::warnings(&app).await;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].0, "audit checkpoint");
+    assert!(
+        w[0].1.contains(&format!("behind event {last}"))
+            && w[0].1.contains(&lock.display().to_string())
+            && w[0].1.contains("fix:")
+            && w[0].1.contains("committed"),
+        "{w:?}"
+    );
+    assert!(
+        rotator::store::audit::verify(&app.store)
+            .await
+            .unwrap()
+            .first_break
+            .is_some_and(|b| b.kind.name() == "checkpoint_old")
+    );
+
+    std::fs::remove_dir(&lock).unwrap();
+    assert!(rotator::health::warnings(&app).await.is_empty(), "healed by the retry");
+    assert_eq!(checkpoint_seq_at(&head), last);
+    let m = rotator::health::metrics_text(&app).await.unwrap();
+    assert_eq!(sample(&m, "rotator_audit_checkpoint_write_failures_total"), 3.0);
+    assert_eq!(sample(&m, "rotator_audit_checkpoint_behind"), 0.0);
+    let r = rotator::store::audit::verify(&app.store).await.unwrap();
+    assert!(r.first_break.is_none(), "{r:?}");
+}
+}
+
+crate::engines! {
+/// A commit future dropped after its COMMIT, while it waits for the
+/// checkpoint (a daemon job cut off at its stop grace): the checkpoint still
+/// comes to cover it, without waiting for another commit, and `settle` (what
+/// the CLI awaits before its runtime stops) waits for that write.
+#[tokio::test]
+async fn a_commit_dropped_before_its_checkpoint_write_is_still_covered() {
+    let d = tempfile::tempdir().unwrap();
+    let app = plain_app(d.path()).await;
+    let data = d.path().join("rotator-data");
+    let head = data.join("audit.head");
+    event(&app, "before").await;
+    // Another process's checkpoint write holds the lock.
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open(data.join("audit.head.lock"))
+        .unwrap();
+    held.lock().unwrap();
+    let mut tx = app.store.begin().await.unwrap();
+    rotator::store::audit::append(&mut tx, app.clock.now(), "test", "test.event", "cut", serde_json::json!({}))
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        rotator::store::commit(tx),
+    )
+    .await;
+    assert!(cut.is_err(), "the commit waited for the checkpoint lock");
+    let last = last_seq(&app).await;
+    assert!(checkpoint_seq_at(&head) < last, "committed, not yet covered");
+    let ring = app.store.audit_keyring().unwrap();
+    // What a process waits for before its runtime stops: the write goes on.
+    assert!(
+        !ring.settle(std::time::Duration::from_millis(200)).await,
+        "the write waits for the lock"
+    );
+    drop(held);
+    assert!(
+        ring.settle(std::time::Duration::from_secs(10)).await,
+        "the write ended"
+    );
+    assert_eq!(
+        checkpoint_seq_at(&head),
+        last,
+        "the dropped commit's head was never covered"
+    );
+    let r = rotator::store::audit::verify(&app.store).await.unwrap();
+    assert!(r.first_break.is_none(), "{r:?}");
+}
+}
