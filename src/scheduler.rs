@@ -684,12 +684,11 @@ mod stop_tests {
             "one run, stopped in its wait"
         );
         assert_eq!(probes.get(), 2, "no probe after the signal");
-        // The first backoff sleep (0.5 s) was waited for, the second (1 s) was not.
+        // The first backoff sleep (0.5 s) was waited for; that the second was
+        // not is the probe count above (an upper bound on wall time would only
+        // measure how loaded the machine is).
         let took = started.elapsed();
-        assert!(
-            took >= DB_RETRY_FIRST && took < DB_RETRY_FIRST * 3,
-            "{took:?}"
-        );
+        assert!(took >= DB_RETRY_FIRST, "{took:?}");
     }
 
     #[tokio::test]

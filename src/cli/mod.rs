@@ -381,7 +381,10 @@ pub async fn run(cli: Cli) -> CliResult {
         // A write whose commit's caller was dropped (a daemon job past its
         // stop grace) still runs in a task: let it end before the runtime
         // stops, which would drop it.
-        if !ring.settle(std::time::Duration::from_secs(5)).await {
+        if !ring
+            .settle(crate::store::audit::Keyring::SETTLE_LIMIT)
+            .await
+        {
             eprintln!(
                 "warning: an audit checkpoint write was still running after 5s (is {} on a hung file system?); `rotator audit verify` reports checkpoint_old until the next change",
                 ring.checkpoint_path().display()

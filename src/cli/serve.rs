@@ -176,6 +176,17 @@ where
                     next.inflight = cur.inflight.clone();
                     next.leader = cur.leader.clone();
                     next.fence = cur.fence.clone();
+                    // So is the audit keyring while it reads the same files: its
+                    // tickets order this process's checkpoint writes, and a write
+                    // that failed stays reported (and retried) until one heals it.
+                    if let (Some(old), Some(new)) =
+                        (cur.store.audit_keyring(), next.store.audit_keyring())
+                        && old.key_path() == new.key_path()
+                        && old.checkpoint_path() == new.checkpoint_path()
+                    {
+                        let old = old.clone();
+                        next.store.set_audit(old);
+                    }
                     log_started(&next, "configuration reloaded");
                     let _ = apps_tx.send(Arc::new(next));
                 }
@@ -210,6 +221,17 @@ where
     }
     vault_renewer.abort();
     let app = apps_tx.borrow().clone();
+    // A job cut off at its grace may still be writing the audit checkpoint
+    // for a commit it made: that write needs the pool, so it ends first.
+    if let Some(ring) = app.store.audit_keyring()
+        && !ring
+            .settle(crate::store::audit::Keyring::SETTLE_LIMIT)
+            .await
+    {
+        warn!(
+            "an audit checkpoint write was still running at exit; the next change any rotator process commits covers it"
+        );
+    }
     app.store.close().await;
     info!("rotator daemon stopped");
     Ok(())

@@ -288,6 +288,9 @@ impl Keyring {
         }
     }
 
+    /// How long a process that is ending waits for its checkpoint writes.
+    pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
     /// Waits, at most `limit`, until every checkpoint write a commit of this
     /// process started has ended (done or failed), also those of commits whose
     /// callers were dropped: what a process does before its runtime stops (it
@@ -476,7 +479,17 @@ pub(crate) async fn advance_checkpoint(
     mine: u64,
     pool: sqlx::AnyPool,
 ) -> Result<(), StoreError> {
-    let mut written = ring.written.lock().await;
+    let written = ring.written.lock().await;
+    advance_locked(ring.clone(), written, mine, pool).await
+}
+
+/// [`advance_checkpoint`] once this process's turn to write is held.
+async fn advance_locked(
+    ring: Arc<Keyring>,
+    mut written: tokio::sync::MutexGuard<'_, u64>,
+    mine: u64,
+    pool: sqlx::AnyPool,
+) -> Result<(), StoreError> {
     if *written >= mine {
         return Ok(()); // a write since this commit was published covered it
     }
@@ -552,16 +565,25 @@ async fn advance_logged(ring: Arc<Keyring>, mine: u64, pool: sqlx::AnyPool) {
     }
 }
 
+/// How long a probe's retry of a failed checkpoint write may take.
+const CATCH_UP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Retries the checkpoint write when one of this process's failed (what the
 /// daemon's `/readyz` and `/metrics` do, so a daemon that commits nothing for
 /// a while still heals once the cause is fixed), then says how it stands.
 /// `None` without an audit key.
 pub async fn catch_up(store: &Store) -> Option<CheckpointHealth> {
     let ring = store.audit.clone()?;
-    if ring.checkpoint_health().behind.is_some() {
+    // Not behind a write that is running (it records its own outcome), and not
+    // longer than a probe may take: a checkpoint on a hung file system must not
+    // hang /readyz too, which would take every replica out at once.
+    if ring.checkpoint_health().behind.is_some()
+        && let Ok(written) = ring.written.try_lock()
+    {
         let ticket = ring.newest.lock().unwrap_or_else(|e| e.into_inner()).1;
         // A failure is recorded in the health it returns.
-        let _ = advance_checkpoint(ring.clone(), ticket, store.pool().clone()).await;
+        let retry = advance_locked(ring.clone(), written, ticket, store.pool().clone());
+        let _ = tokio::time::timeout(CATCH_UP_LIMIT, retry).await;
     }
     Some(ring.checkpoint_health())
 }

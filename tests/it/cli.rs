@@ -479,8 +479,10 @@ crate::engines! {
 fn serve_runs_until_sigterm_and_a_second_daemon_refuses_to_start() {
     use std::io::BufRead;
     let s = Scratch::new();
+    // Ports of their own (the default is other tests' too): the second daemon
+    // must be refused for the lock, not for the port.
     let mut daemon = s.command()
-        .args(["serve"])
+        .args(["serve", "--metrics-addr", "127.0.0.1:0"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -493,7 +495,7 @@ fn serve_runs_until_sigterm_and_a_second_daemon_refuses_to_start() {
             .any(|l| l.contains("rotator daemon started"))
     );
     let mut second = s.command()
-        .args(["serve"])
+        .args(["serve", "--metrics-addr", "127.0.0.1:0"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

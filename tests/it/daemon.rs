@@ -157,13 +157,15 @@ async fn a_real_daemon_renews_what_is_due_and_delivers_it() {
         )
         .await);
     let mut daemon = tokio::process::Command::from(kx.s.command())
-        .args(["--config", "rotator.toml", "serve", "--log-format", "json"])
+        // A port of its own: the default (9464) is another test's too.
+        .args(["--config", "rotator.toml", "serve", "--log-format", "json", "--metrics-addr", "127.0.0.1:0"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(daemon.stderr.take().unwrap()).lines();
     let mut renewed = None;
+    let mut seen = Vec::new();
     while let Ok(Some(l)) =
         tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
             .await
@@ -174,8 +176,16 @@ async fn a_real_daemon_renews_what_is_due_and_delivers_it() {
             renewed = Some(v);
             break;
         }
+        seen.push(l);
     }
-    let renewed = renewed.expect("the catch-up rotate pass renewed alice");
+    let Some(renewed) = renewed else {
+        let _ = daemon.start_kill();
+        let status = daemon.wait().await;
+        panic!(
+            "the catch-up rotate pass did not renew alice (the daemon: {status:?}); its log:\n{}",
+            seen.join("\n")
+        );
+    };
     // Structured logs carry the user and the credential.
     assert_eq!(renewed["fields"]["user"], "alice");
     assert!(
