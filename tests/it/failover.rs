@@ -308,24 +308,30 @@ async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step(
         // Ready as the new leader, although its other jobs (reconcile, every
         // 10 minutes) have not run since it took over: late only after two ticks.
         readyz_until(b_port, "200 as the new leader", |code, _| code == 200).await;
-        let holder = kx
-            .admin_kubectl(&[
-                "get",
-                "lease",
-                "rotator",
-                "-n",
-                "rotator",
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .await;
+        let holder = lease_field(&kx, "holderIdentity").await;
         assert!(
-            String::from_utf8_lossy(&holder.stdout).ends_with(&format!("-{}", b.pid())),
+            holder.ends_with(&format!("-{}", b.pid())),
             "{step}: the standby holds the Lease"
         );
         assert!(b.stop().await.success(), "{step}");
         assert_invariants(&kx, users.len(), step).await;
     }
+}
+
+/// One `spec` field of the daemons' Lease, as kubectl reads it.
+async fn lease_field(kx: &Kx, field: &str) -> String {
+    let o = kx
+        .admin_kubectl(&[
+            "get",
+            "lease",
+            "rotator",
+            "-n",
+            "rotator",
+            "-o",
+            &format!("jsonpath={{.spec.{field}}}"),
+        ])
+        .await;
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// A free local port (bound and released: the daemon binds it next).
@@ -550,18 +556,7 @@ async fn a_lease_is_held_to_the_microsecond_it_was_renewed() {
             .unwrap()
     };
     assert!(round("a", 900).await, "a takes the free Lease");
-    let renewed = kx
-        .admin_kubectl(&[
-            "get",
-            "lease",
-            "rotator",
-            "-n",
-            "rotator",
-            "-o",
-            "jsonpath={.spec.renewTime}",
-        ])
-        .await;
-    let renewed = String::from_utf8_lossy(&renewed.stdout).to_string();
+    let renewed = lease_field(&kx, "renewTime").await;
     assert!(renewed.ends_with(".900000Z"), "renewTime {renewed}");
     assert!(!round("b", 2500).await, "held at 2.5 s: renewed at 0.9 s");
     assert!(!round("b", 2899).await, "held at 2.899 s");
