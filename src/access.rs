@@ -184,8 +184,10 @@ pub async fn sync_user(
         }
     };
     let mut tx = store.begin().await?;
-    // A generation counts as taken away only once every binding was updated.
-    if report.failed.is_empty() {
+    // A generation counts as taken away only once every binding was updated;
+    // one whose namespace (or object) does not exist grants nothing, so it
+    // does not hold that back (else every pass would retry it for ever).
+    if report.failed.iter().all(|f| f.not_found) {
         credentials::mark_access_removed(&mut tx, user, &w.granted, now).await?;
     }
     if !report.is_empty() || !report.failed.is_empty() || !report.unswept.is_empty() {
@@ -215,26 +217,46 @@ pub async fn sync_user(
 
 /// Takes away every group the database says must no longer be granted. Safe to
 /// run at any time and repeatedly; a user whose sync fails is retried next time.
+/// Returns each user synced with the bindings it found without a namespace.
 pub async fn remove_stale_access(
     store: &Store,
     cluster: &Cluster,
     grace: Duration,
     now: i64,
     actor: &str,
-) -> Result<usize, AccessError> {
+) -> Result<Vec<(String, Vec<String>)>, AccessError> {
     let users = {
         let mut conn = store.conn().await?;
         credentials::users_needing_access_removal(&mut conn, now, grace.as_secs() as i64).await?
     };
     let mut first_err = None;
+    let mut synced = Vec::new();
     for u in &users {
-        if let Err(e) = sync_user(store, cluster, grace, now, u, actor, Sweep::Everywhere).await {
-            tracing::warn!(user = %u, error = %e, "could not remove stale access; will retry");
-            first_err.get_or_insert(e);
+        match sync_user(store, cluster, grace, now, u, actor, Sweep::Everywhere).await {
+            Ok(_) => synced.push((u.clone(), Vec::new())),
+            Err(e) => match missing_only(&e) {
+                Some(missing) => synced.push((u.clone(), missing)),
+                None => {
+                    tracing::warn!(user = %u, error = %e, "could not remove stale access; will retry");
+                    first_err.get_or_insert(e);
+                }
+            },
         }
     }
     match first_err {
         Some(e) => Err(e),
-        None => Ok(users.len()),
+        None => Ok(synced),
+    }
+}
+
+/// The bindings a sync could not write only because their namespace (or
+/// object) does not exist: a finding, not a failure (nothing is granted there).
+/// `None` for any other error.
+pub fn missing_only(e: &AccessError) -> Option<Vec<String>> {
+    match e {
+        AccessError::Partial { failed, .. } if failed.iter().all(|f| f.not_found) => {
+            Some(failed.iter().map(|f| f.binding.clone()).collect())
+        }
+        _ => None,
     }
 }

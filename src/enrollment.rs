@@ -107,6 +107,14 @@ pub async fn add_user(app: &App, spec: &UserSpec) -> Result<Created, EnrollError
     let now = app.clock.now();
     let mut tx = app.store.begin().await?;
     let existing = users::get(&mut tx, &spec.name).await?;
+    if let Some(r) = existing.as_ref().and_then(|u| u.revoked.clone()) {
+        return Err(IssueError::Revoked {
+            user: spec.name.clone(),
+            at: r.at,
+            by: r.by,
+        }
+        .into());
+    }
     if let Some(u) = existing.as_ref().filter(|u| u.state == "active") {
         if credentials::current(&mut tx, &spec.name).await?.is_some() {
             return Err(IssueError::UserExists(spec.name.clone()).into());
@@ -163,6 +171,25 @@ pub async fn add_user(app: &App, spec: &UserSpec) -> Result<Created, EnrollError
         id,
         expires_at,
     })
+}
+
+/// Records, audited, that token `id` reached its holder (`to`: where it went).
+/// Until then a rerun of a bulk onboarding replaces it: a token whose file a
+/// killed run never wrote is active but nobody holds it.
+pub async fn delivered(app: &App, id: &str, user: &str, to: &str) -> Result<(), StoreError> {
+    let now = app.clock.now();
+    let mut tx = app.store.begin().await?;
+    enrollments::mark_delivered(&mut tx, id, now).await?;
+    audit::append(
+        &mut tx,
+        now,
+        &app.actor,
+        "enrollment_token.deliver",
+        user,
+        json!({"token": id, "to": to}),
+    )
+    .await?;
+    crate::store::commit(tx).await
 }
 
 /// Why a presented token was refused.

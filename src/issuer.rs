@@ -86,6 +86,11 @@ pub enum IssueError {
         "no active user {0:?}\nfix: `rotator list-users` shows who exists; `rotator add-user` creates one"
     )]
     NoSuchUser(String),
+    #[error(
+        "user {user:?} was revoked at {} by {by}; nothing is issued to them until an administrator reinstates them\nfix: `rotator rotate {user} --reinstate` ends the revocation and issues a new credential, if that is intended",
+        crate::clock::rfc3339(*.at)
+    )]
+    Revoked { user: String, at: i64, by: String },
     #[error(transparent)]
     Sign(#[from] SignError),
     #[error(transparent)]
@@ -143,6 +148,7 @@ impl IssueError {
             IssueError::UserExists(_)
             | IssueError::SpecMismatch { .. }
             | IssueError::NoSuchUser(_) => "request",
+            IssueError::Revoked { .. } => "revoked",
             IssueError::Sign(crate::signer::SignError::Cluster(
                 crate::cluster::ClusterError::Denied { .. },
             )) => "denied",
@@ -176,6 +182,7 @@ impl ExitStatus for IssueError {
             IssueError::Policy(e) => e.exit(),
             IssueError::UserExists(_) | IssueError::SpecMismatch { .. } => Exit::Conflict,
             IssueError::NoSuchUser(_) => Exit::NotFound,
+            IssueError::Revoked { .. } => Exit::Refused,
             IssueError::Sign(e) => e.exit(),
             IssueError::Pki(e) => e.exit(),
             IssueError::LifetimeTooLong { .. } => Exit::Verification,
@@ -423,6 +430,29 @@ impl crate::signer::Progress for Journal<'_> {
     }
 }
 
+/// The user an issuance may be planned for: active, or revoked with a
+/// credential to replace (a renewal or a pass that chose it before the revoke:
+/// planning then says that credential is revoked, and refuses the user in any
+/// case). A revoked user is refused with when and by whom.
+fn issuable(
+    found: Option<users::User>,
+    name: &str,
+    replacing: Option<&str>,
+) -> Result<users::User, IssueError> {
+    match found {
+        Some(u) if u.state == "active" => Ok(u),
+        Some(u) if u.state == "disabled" && replacing.is_some() => Ok(u),
+        Some(users::User {
+            revoked: Some(r), ..
+        }) => Err(IssueError::Revoked {
+            user: name.to_string(),
+            at: r.at,
+            by: r.by,
+        }),
+        _ => Err(IssueError::NoSuchUser(name.to_string())),
+    }
+}
+
 fn new_id() -> String {
     pki::hex(&pki::random_bytes::<16>())
 }
@@ -436,7 +466,15 @@ impl Issuer<'_> {
     ) -> Result<Issued, IssueError> {
         self.settings.policy.check(&spec)?;
         let mut conn = self.store.conn().await?;
-        if let Some(existing) = users::get(&mut conn, &spec.name).await?
+        let existing = users::get(&mut conn, &spec.name).await?;
+        if let Some(r) = existing.as_ref().and_then(|u| u.revoked.clone()) {
+            return Err(IssueError::Revoked {
+                user: spec.name,
+                at: r.at,
+                by: r.by,
+            });
+        }
+        if let Some(existing) = existing
             && existing.state == "active"
         {
             if credentials::current(&mut conn, &spec.name).await?.is_some() {
@@ -474,12 +512,7 @@ impl Issuer<'_> {
         sink: &mut dyn Sink,
         actor: &str,
     ) -> Result<Issued, IssueError> {
-        let u = users::find(self.store, user)
-            .await?
-            .filter(|u| u.state == "active");
-        let Some(u) = u else {
-            return Err(IssueError::NoSuchUser(user.to_string()));
-        };
+        let u = issuable(users::find(self.store, user).await?, user, replacing)?;
         // Policy may have tightened since the user was added: re-check.
         self.settings.policy.check(&u.spec)?;
         self.issue(u.spec, Kind::Rotate, replacing, sink, actor)
@@ -551,6 +584,17 @@ impl Issuer<'_> {
                     None,
                 ));
             }
+        }
+        // A revoke of the user that committed before this transaction wins
+        // (one that commits after it ends this attempt itself).
+        if let Some(u) = users::get(&mut tx, &spec.name).await?
+            && let Some(r) = u.revoked
+        {
+            return Err(IssueError::Revoked {
+                user: spec.name.clone(),
+                at: r.at,
+                by: r.by,
+            });
         }
         let generation = issuances::plan(
             &mut tx,
@@ -826,12 +870,11 @@ impl Issuer<'_> {
     /// it names, and the key of the type the user is set up for. The credential is
     /// current once stored and bound: the API response is its delivery.
     pub async fn issue_for_client(&self, req: ClientRequest<'_>) -> Result<Issued, IssueError> {
-        let u = users::find(self.store, req.user)
-            .await?
-            .filter(|u| u.state == "active");
-        let Some(u) = u else {
-            return Err(IssueError::NoSuchUser(req.user.to_string()));
-        };
+        let u = issuable(
+            users::find(self.store, req.user).await?,
+            req.user,
+            req.renewed_from,
+        )?;
         let spec = u.spec;
         self.settings.policy.check(&spec)?;
         let mut organizations = spec.groups.clone();
@@ -1154,6 +1197,15 @@ impl Issuer<'_> {
         if stored.is_some() || i.kind != "add-user" {
             match users::get(&mut conn, &i.user_name).await? {
                 Some(u) if u.state == "active" => {}
+                Some(users::User {
+                    revoked: Some(r), ..
+                }) => {
+                    return Ok(Some(format!(
+                        "the user was revoked at {} by {}",
+                        crate::clock::rfc3339(r.at),
+                        r.by
+                    )));
+                }
                 Some(u) => return Ok(Some(format!("the user is {}", u.state))),
                 None => return Ok(Some("the user does not exist".into())),
             }

@@ -29,4 +29,5 @@ pub mod signer;
 pub mod sink;
 pub mod store;
 pub mod tokens;
+pub mod unbindable;
 pub mod vault;

@@ -116,11 +116,51 @@ pub async fn revoke(
             now,
         )
         .await?;
+        // Sticky: nothing issues to the user again until an administrator
+        // reinstates them, checked where an issuance plans and activates.
+        if users::set_revoked(&mut tx, user, &app.actor, now).await? {
+            audit::append(
+                &mut tx,
+                now,
+                &app.actor,
+                "user.revoke",
+                user,
+                json!({"revoked": live.iter().map(|c| &c.serial).collect::<Vec<_>>()}),
+            )
+            .await?;
+        }
     }
     crate::store::commit(tx).await?;
     info!(user, revoked = live.len(), "revoked");
     take_away(app, user, "the revocation").await?;
     Ok(live)
+}
+
+/// Ends a user's revocation on purpose (`rotate --reinstate`), audited. False
+/// when the user was not revoked.
+pub async fn reinstate(app: &App, user: &str) -> Result<bool, LifecycleError> {
+    let now = app.clock.now();
+    let mut tx = app.store.begin().await?;
+    let revoked = match users::get(&mut tx, user).await? {
+        Some(u) if u.state != "removed" => u.revoked,
+        _ => return Err(LifecycleError::NoSuchUser(user.into())),
+    };
+    let Some(r) = revoked else {
+        return Ok(false);
+    };
+    users::reinstate(&mut tx, user, now).await?;
+    audit::append(
+        &mut tx,
+        now,
+        &app.actor,
+        "user.reinstate",
+        user,
+        json!({"revoked_at": r.at, "revoked_by": r.by}),
+    )
+    .await?;
+    crate::store::commit(tx).await?;
+    info!(user, "reinstated");
+    Ok(true)
 }
 
 /// Marks the user removed and revokes every live credential, in one transaction.
@@ -241,7 +281,7 @@ pub async fn remove_stale_access(app: &App) -> Result<usize, LifecycleError> {
     let Some(cluster) = &app.cluster else {
         return Ok(0);
     };
-    crate::access::remove_stale_access(
+    let synced = crate::access::remove_stale_access(
         &app.store,
         cluster,
         app.settings.rotation.grace_period,
@@ -252,7 +292,12 @@ pub async fn remove_stale_access(app: &App) -> Result<usize, LifecycleError> {
     .map_err(|source| LifecycleError::Access {
         what: "expiry".into(),
         source,
-    })
+    })?;
+    let n = synced.len();
+    for (user, missing) in synced {
+        app.metrics.unbindable.report(&user, missing);
+    }
+    Ok(n)
 }
 
 /// Marks live credentials past `notAfter` expired. Safe to run concurrently and

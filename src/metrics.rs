@@ -66,6 +66,8 @@ pub struct Metrics {
     audit_checkpoint_seen: AtomicU64,
     /// 1 while the audit checkpoint is behind a commit of this process.
     audit_checkpoint_behind: Gauge,
+    /// Users' bindings whose namespace no longer exists.
+    pub unbindable: crate::unbindable::Unbindable,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,6 +87,12 @@ impl Default for Metrics {
         );
         let credentials = Family::<Labels, Gauge>::default();
         registry.register("credentials", "Credentials by state", credentials.clone());
+        let unbindable = crate::unbindable::Unbindable::default();
+        registry.register(
+            "bindings_namespace_missing",
+            "Users' RoleBindings that cannot be written because their namespace no longer exists (`rotator doctor` names them)",
+            unbindable.gauge(),
+        );
         let expiry = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "credential_expiry_timestamp_seconds",
@@ -219,6 +227,7 @@ impl Default for Metrics {
             job_last_success,
             job_duration,
             drift_repairs,
+            unbindable,
         }
     }
 }

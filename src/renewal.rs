@@ -201,11 +201,19 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
         )
         .await
         {
-            Ok(r) if !r.is_empty() => {
-                warn!(user = %u.spec.name, changes = ?r, "RoleBinding drift repaired");
-                report.repaired.push(u.spec.name.clone());
+            Ok(r) => {
+                app.metrics.unbindable.report(&u.spec.name, Vec::new());
+                if !r.is_empty() {
+                    warn!(user = %u.spec.name, changes = ?r, "RoleBinding drift repaired");
+                    report.repaired.push(u.spec.name.clone());
+                }
             }
-            Ok(_) => {}
+            // A namespace that is gone: logged once per change, not once per
+            // pass; `doctor` lists it.
+            Err(e) if crate::access::missing_only(&e).is_some() => {
+                let missing = crate::access::missing_only(&e).unwrap_or_default();
+                app.metrics.unbindable.report(&u.spec.name, missing);
+            }
             Err(e) => {
                 warn!(user = %u.spec.name, error = %e, "reconcile failed for this user");
                 report.failed += 1;

@@ -230,10 +230,25 @@ fn refusal(r: Refusal) -> ApiError {
     }
 }
 
+/// A revoked user's refusal: sticky until an administrator reinstates them.
+/// Who revoked is for the administrators' audit log, not for the API.
+fn revoked(user: &str, at: i64) -> ApiError {
+    ApiError::new(
+        403,
+        "user_revoked",
+        format!(
+            "user {user:?} was revoked at {}; nothing is issued to it until an administrator reinstates it",
+            crate::clock::rfc3339(at)
+        ),
+        "ask your administrator; only they can reinstate your access",
+    )
+}
+
 fn issue_error(e: IssueError) -> ApiError {
     use crate::cluster::ClusterError;
     use crate::signer::SignError;
     match e {
+        IssueError::Revoked { user, at, .. } => revoked(&user, at),
         IssueError::NoSuchUser(u) => ApiError::new(
             403,
             "user_inactive",
@@ -310,16 +325,19 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
             "enroll with a token from your administrator: `rotator fetch --token T`",
         ));
     };
-    let user_active = users::get(&mut conn, &c.user_name)
-        .await?
-        .is_some_and(|u| u.state == "active");
-    if !user_active {
-        return Err(ApiError::new(
-            403,
-            "user_inactive",
-            format!("user {:?} is not active", c.user_name),
-            "ask your administrator whether your access was removed",
-        ));
+    match users::get(&mut conn, &c.user_name).await? {
+        Some(u) if u.state == "active" => {}
+        Some(users::User {
+            revoked: Some(r), ..
+        }) => return Err(revoked(&c.user_name, r.at)),
+        _ => {
+            return Err(ApiError::new(
+                403,
+                "user_inactive",
+                format!("user {:?} is not active", c.user_name),
+                "ask your administrator whether your access was removed",
+            ));
+        }
     }
     if !self_service(&mut conn, &c).await? {
         return Err(ApiError::new(

@@ -94,6 +94,10 @@ pub struct RotateArgs {
     /// Where to write the new kubeconfig (mode 0600); "-" for stdout. Default ./NAME.kubeconfig.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// End the user's revocation (audited) and issue a new credential: the
+    /// only way a revoked user gets access again.
+    #[arg(long)]
+    pub reinstate: bool,
 }
 
 fn sink_for(name: &str, out: &Option<PathBuf>) -> Box<dyn Sink> {
@@ -298,6 +302,17 @@ pub(super) async fn secret_target_usable(
 
 async fn enroll(app: &App, spec: &UserSpec, out: OutputFormat) -> CliResult {
     let created = crate::enrollment::add_user(app, spec).await?;
+    print_token(app, spec, &created, out);
+    crate::enrollment::delivered(app, &created.id, &spec.name, "stdout").await?;
+    Ok(())
+}
+
+fn print_token(
+    app: &App,
+    spec: &UserSpec,
+    created: &crate::enrollment::Created,
+    out: OutputFormat,
+) {
     let server = app
         .settings
         .server
@@ -322,11 +337,13 @@ async fn enroll(app: &App, spec: &UserSpec, out: OutputFormat) -> CliResult {
             }
         }
     }
-    Ok(())
 }
 
 pub async fn rotate(app: &App, a: &RotateArgs, out: OutputFormat) -> CliResult {
     let mut sink = sink_for(&a.name, &a.out);
+    if a.reinstate && lifecycle::reinstate(app, &a.name).await? {
+        eprintln!("reinstated {}: its revocation is over", a.name);
+    }
     let issued = app
         .issuer()
         .rotate(&a.name, sink.as_mut(), &app.actor)
@@ -365,7 +382,20 @@ fn revoked_report(
 pub async fn revoke(app: &App, name: &str, serial: Option<&str>, out: OutputFormat) -> CliResult {
     let revoked = lifecycle::revoke(app, name, serial).await?;
     revoked_report(out, "revoke", name, &revoked, app.signer.kind());
+    if serial.is_none() && out == OutputFormat::Table {
+        println!(
+            "  {name} stays revoked: nothing is issued to them (rotate, renewal, bulk rerun, daemon) until `rotator rotate {name} --reinstate`"
+        );
+    }
     Ok(())
+}
+
+/// The STATE column: a revoked user says since when and by whom.
+fn state_text(u: &users::User) -> String {
+    match &u.revoked {
+        Some(r) => format!("revoked {} by {}", time(r.at), r.by),
+        None => u.state.clone(),
+    }
 }
 
 pub async fn remove_user(app: &App, name: &str, out: OutputFormat) -> CliResult {
@@ -383,7 +413,7 @@ pub async fn list_users(app: &App, all: bool, out: OutputFormat) -> CliResult {
         let current = creds.iter().find(|c| c.state == "current");
         rows.push(vec![
             u.spec.name.clone(),
-            u.state.clone(),
+            state_text(u),
             u.spec.role.clone(),
             u.spec.namespaces.join(","),
             u.spec.groups.join(","),
@@ -428,7 +458,12 @@ pub async fn show(app: &App, name: &str, out: OutputFormat) -> CliResult {
         OutputFormat::Json => output::json(&json!({"user": u, "credentials": creds})),
         OutputFormat::Table => {
             println!("user        {}", u.spec.name);
-            println!("state       {}", u.state);
+            println!("state       {}", state_text(&u));
+            if u.revoked.is_some() {
+                println!(
+                    "            nothing is issued to {name} until `rotator rotate {name} --reinstate`"
+                );
+            }
             println!(
                 "role        {} in {}",
                 u.spec.role,

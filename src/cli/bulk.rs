@@ -6,7 +6,8 @@
 //! a user that exists with the same specification and a current credential
 //! (or an enrollment) is `unchanged`; one whose add-user died half-way is
 //! finished by the issuer (the same spec resumes it); one that exists with a
-//! different specification is a per-row conflict (exit 6).
+//! different specification is a per-row conflict (exit 6); a revoked user is
+//! `revoked` and left alone (a rerun never reinstates anyone).
 //!
 //! Exit code: 0 when every row is issued, enrolled or unchanged; otherwise the
 //! most severe failed row's code (crate::bulk::severity: internal 1, database
@@ -28,12 +29,14 @@ use crate::bulk::{self, Delivery, Row};
 use crate::exit::Exit;
 use crate::issuer::IssueError;
 use crate::sink::{FileSink, SecretSink, Sink};
-use crate::store::{credentials, users};
+use crate::store::{credentials, enrollments, users};
 
 /// What the checks before issuance decided for a row.
 enum Plan {
     Issue,
     Unchanged,
+    /// The user was revoked: a rerun never reinstates (`rotate --reinstate` does).
+    Revoked(String),
     Conflict(Failure),
 }
 
@@ -41,7 +44,7 @@ enum Plan {
 struct Outcome {
     line: u64,
     user: String,
-    /// issued, enrolled, unchanged, would-issue, would-enroll, failed.
+    /// issued, enrolled, unchanged, revoked, would-issue, would-enroll, failed.
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     serial: Option<String>,
@@ -52,6 +55,9 @@ struct Outcome {
     delivered_to: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    /// Why a row was left alone (a revoked user).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
     exit_code: u8,
     #[serde(skip)]
     exit: Exit,
@@ -67,6 +73,7 @@ impl Outcome {
             not_after: None,
             delivered_to: None,
             error: None,
+            note: None,
             exit_code: 0,
             exit: Exit::Ok,
         }
@@ -88,13 +95,17 @@ impl Outcome {
                 e.lines().next().unwrap_or_default()
             ),
             None => format!(
-                "line {} {}: {}{}",
+                "line {} {}: {}{}{}",
                 self.line,
                 self.user,
                 self.status,
                 self.delivered_to
                     .as_ref()
                     .map(|d| format!(" -> {d}"))
+                    .unwrap_or_default(),
+                self.note
+                    .as_ref()
+                    .map(|n| format!(": {n}"))
                     .unwrap_or_default()
             ),
         }
@@ -129,10 +140,16 @@ fn read_input(from: &Path) -> CliResult<(String, Vec<u8>)> {
 /// The checks that need the database and the cluster: an existing user, a
 /// delivery Secret rotator may write.
 async fn plan(app: &App, row: &Row) -> CliResult<Plan> {
-    if let Some(u) = users::find(&app.store, &row.spec.name)
-        .await?
-        .filter(|u| u.state == "active")
-    {
+    let found = users::find(&app.store, &row.spec.name).await?;
+    if let Some(r) = found.as_ref().and_then(|u| u.revoked.as_ref()) {
+        return Ok(Plan::Revoked(format!(
+            "revoked at {} by {}; not reissued (fix: `rotator rotate {} --reinstate`, if intended)",
+            time(r.at),
+            r.by,
+            row.spec.name
+        )));
+    }
+    if let Some(u) = found.filter(|u| u.state == "active") {
         if u.spec != row.spec {
             let e = IssueError::SpecMismatch {
                 user: row.spec.name.clone(),
@@ -147,9 +164,11 @@ async fn plan(app: &App, row: &Row) -> CliResult<Plan> {
         let delivery = users::delivery(&mut conn, &row.spec.name).await?;
         drop(conn);
         let enrolled = row.delivery == Delivery::Enroll && delivery == "client";
-        if has_current || enrolled {
+        if has_current || (enrolled && !token_lost(app, &row.spec.name).await?) {
             return Ok(Plan::Unchanged);
         }
+        // A token a killed run never delivered: enrolled again below (the new
+        // token revokes the lost one, audited with it).
         // Same spec, no current credential: an interrupted add-user; finished below.
     }
     if let Delivery::Secret { namespace, name } = &row.delivery {
@@ -169,6 +188,19 @@ async fn plan(app: &App, row: &Row) -> CliResult<Plan> {
         }
     }
     Ok(Plan::Issue)
+}
+
+/// Whether the user's only usable enrollment tokens were never delivered (a run
+/// killed between the token's commit and its file): nobody holds them.
+async fn token_lost(app: &App, user: &str) -> CliResult<bool> {
+    let now = app.clock.now();
+    let mut conn = app.store.conn().await?;
+    let live: Vec<_> = enrollments::for_user(&mut conn, user)
+        .await?
+        .into_iter()
+        .filter(|t| matches!(t.state.as_str(), "active" | "claimed") && t.expires_at > now)
+        .collect();
+    Ok(!live.is_empty() && live.iter().all(|t| t.delivered_at.is_none()))
 }
 
 /// Rows delivering to Vault need a Vault connection, reachable and logged in,
@@ -224,6 +256,8 @@ async fn onboard_inner(app: &App, row: &Row, out_dir: &Path) -> CliResult<Outcom
                 ),
             )
         })?;
+        let to = path.display().to_string();
+        crate::enrollment::delivered(app, &created.id, &row.spec.name, &to).await?;
         return Ok(Outcome {
             not_after: Some(time(created.expires_at)),
             delivered_to: Some(path.display().to_string()),
@@ -312,6 +346,10 @@ pub async fn run(app: App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
     for (row, plan) in rows.into_iter().zip(plans) {
         match plan {
             Plan::Unchanged => outcomes.push(Outcome::new(&row, "unchanged")),
+            Plan::Revoked(note) => outcomes.push(Outcome {
+                note: Some(note),
+                ..Outcome::new(&row, "revoked")
+            }),
             Plan::Conflict(f) => outcomes.push(Outcome::failed(&row, &f)),
             Plan::Issue if a.dry_run => outcomes.push(Outcome::new(
                 &row,
@@ -436,6 +474,7 @@ fn report(out: OutputFormat, source: &str, outcomes: &[Outcome], dry_run: bool) 
                 "issued": count("issued"),
                 "enrolled": count("enrolled"),
                 "unchanged": count("unchanged"),
+                "revoked": count("revoked"),
                 "would_issue": count("would-issue") + count("would-enroll"),
                 "failed": count("failed"),
             },
@@ -453,6 +492,7 @@ fn report(out: OutputFormat, source: &str, outcomes: &[Outcome], dry_run: bool) 
                         o.delivered_to.clone().unwrap_or_else(|| "-".into()),
                         o.error
                             .as_deref()
+                            .or(o.note.as_deref())
                             .and_then(|e| e.lines().next())
                             .unwrap_or("")
                             .to_string(),
@@ -464,11 +504,12 @@ fn report(out: OutputFormat, source: &str, outcomes: &[Outcome], dry_run: bool) 
                 &rows,
             );
             println!(
-                "\n{} row(s): {} issued, {} enrolled, {} unchanged, {} failed{}",
+                "\n{} row(s): {} issued, {} enrolled, {} unchanged, {} revoked, {} failed{}",
                 outcomes.len(),
                 count("issued"),
                 count("enrolled"),
                 count("unchanged"),
+                count("revoked"),
                 count("failed"),
                 if dry_run {
                     format!(

@@ -133,7 +133,8 @@ pub enum Command {
     Show { name: String },
     /// Issue a new credential for a user; the old one is superseded once the new one is delivered.
     Rotate(admin::RotateArgs),
-    /// Revoke a user's credentials (all live ones, or one by serial).
+    /// Revoke a user's credentials (all live ones, or one by serial). Revoking
+    /// a user is sticky: nothing is issued to them until `rotate --reinstate`.
     Revoke {
         name: String,
         /// Revoke only the credential with this serial (hex, as `show` prints it).

@@ -16,6 +16,9 @@ pub struct EnrollmentToken {
     pub created_by: String,
     pub created_at: i64,
     pub state_at: i64,
+    /// When the token reached its holder (printed, or its file written); NULL
+    /// while it may have been lost (a run killed after the token committed).
+    pub delivered_at: Option<i64>,
 }
 
 pub async fn insert(
@@ -93,6 +96,16 @@ pub async fn claim(
     .execute(conn)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// Records that the token reached its holder.
+pub async fn mark_delivered(conn: &mut Conn, id: &str, now: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE enrollment_tokens SET delivered_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Burns a claimed token once its credential is current.

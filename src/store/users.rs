@@ -15,6 +15,8 @@ struct Row {
     state: String,
     created_at: i64,
     updated_at: i64,
+    revoked_at: Option<i64>,
+    revoked_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -23,6 +25,16 @@ pub struct User {
     pub state: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Set while the user is revoked (state `disabled`): nothing is issued to
+    /// them until an administrator reinstates them.
+    pub revoked: Option<Revoked>,
+}
+
+/// When and by whom a user was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Revoked {
+    pub at: i64,
+    pub by: String,
 }
 
 impl TryFrom<Row> for User {
@@ -40,6 +52,10 @@ impl TryFrom<Row> for User {
                     .map_err(|e| StoreError::Invalid(e.to_string()))?,
                 ttl_seconds: r.ttl_seconds as u64,
             },
+            revoked: (r.state == "disabled").then(|| Revoked {
+                at: r.revoked_at.unwrap_or(r.updated_at),
+                by: r.revoked_by.unwrap_or_default(),
+            }),
             state: r.state,
             created_at: r.created_at,
             updated_at: r.updated_at,
@@ -69,7 +85,8 @@ pub async fn list(store: &Store, include_removed: bool) -> Result<Vec<User>, Sto
     rows.into_iter().map(User::try_from).collect()
 }
 
-/// Inserts the user, or reactivates a removed one with the new spec. A new or
+/// Inserts the user, or reactivates a removed one with the new spec; a revoked
+/// (disabled) user stays disabled: only a reinstatement ends that. A new or
 /// re-added user gets a new incarnation (nothing made for the old record, such
 /// as an enrollment token, carries over); an active one keeps its own.
 pub async fn upsert_active(conn: &mut Conn, spec: &UserSpec, now: i64) -> Result<(), StoreError> {
@@ -80,7 +97,8 @@ pub async fn upsert_active(conn: &mut Conn, spec: &UserSpec, now: i64) -> Result
            role = excluded.role, key_type = excluded.key_type, ttl_seconds = excluded.ttl_seconds,
            incarnation = CASE WHEN users.state = 'active' AND users.incarnation IS NOT NULL
                               THEN users.incarnation ELSE excluded.incarnation END,
-           state = 'active', updated_at = excluded.updated_at",
+           state = CASE WHEN users.state = 'disabled' THEN 'disabled' ELSE 'active' END,
+           updated_at = excluded.updated_at",
     )
     .bind(&spec.name)
     .bind(serde_json::to_string(&spec.groups).expect("json"))
@@ -106,19 +124,61 @@ pub async fn incarnation(conn: &mut Conn, name: &str) -> Result<Option<String>, 
     Ok(row.and_then(|r| r.0))
 }
 
+/// Sets the state; any state but `disabled` ends a revocation's record (a
+/// removed user's record ends, and its revocation with it).
 pub async fn set_state(
     conn: &mut Conn,
     name: &str,
     state: &str,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE users SET state = $1, updated_at = $2 WHERE name = $3")
-        .bind(state)
-        .bind(now)
-        .bind(name)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE users SET state = $1, updated_at = $2,
+           revoked_at = CASE WHEN $1 = 'disabled' THEN revoked_at END,
+           revoked_by = CASE WHEN $1 = 'disabled' THEN revoked_by END
+         WHERE name = $3",
+    )
+    .bind(state)
+    .bind(now)
+    .bind(name)
+    .execute(conn)
+    .await?;
     Ok(())
+}
+
+/// Marks an active user revoked (sticky until reinstated). False when the user
+/// was not active: a second revoke keeps the first one's time and actor.
+pub async fn set_revoked(
+    conn: &mut Conn,
+    name: &str,
+    actor: &str,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE users SET state = 'disabled', revoked_at = $1, revoked_by = $2, updated_at = $3
+         WHERE name = $4 AND state = 'active'",
+    )
+    .bind(now)
+    .bind(actor)
+    .bind(now)
+    .bind(name)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Ends a revocation: the user is active again. False when the user was not
+/// revoked (nothing changed).
+pub async fn reinstate(conn: &mut Conn, name: &str, now: i64) -> Result<bool, StoreError> {
+    let r = sqlx::query(
+        "UPDATE users SET state = 'active', revoked_at = NULL, revoked_by = NULL, updated_at = $1
+         WHERE name = $2 AND state = 'disabled'",
+    )
+    .bind(now)
+    .bind(name)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
 }
 
 pub async fn delivery(conn: &mut Conn, name: &str) -> Result<String, StoreError> {

@@ -115,6 +115,73 @@ async fn a_missing_namespace_blocks_neither_other_namespaces_nor_removals_and_co
     );
 }
 
+/// A namespace deleted under a user whose old generation must be taken away
+/// (#22 item 11): every expire pass succeeds, the other namespaces and users
+/// lose what they must, the binding is a finding (a gauge, one audited sync,
+/// doctor) and is not retried into an ERROR on every pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_namespace_is_a_finding_and_every_expire_pass_succeeds() {
+    use rotator::scheduler::{Job, run_job};
+    let kx = Kx::new(Options::default(), "").await;
+    let clock =
+        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let app = kx.app(&clock).await;
+    let mut nina = spec("nina");
+    nina.namespaces = vec!["team-a".into(), "team-b".into()];
+    let sink = |name: &str| rotator::sink::FileSink {
+        path: kx.s.path(&format!("{name}.kubeconfig")),
+    };
+    app.issuer().add_user(nina, &mut sink("nina"), "t").await.unwrap();
+    let mut olga = spec("olga");
+    olga.namespaces = vec!["team-b".into()];
+    app.issuer().add_user(olga, &mut sink("olga"), "t").await.unwrap();
+    clock.advance(60);
+    for user in ["nina", "olga"] {
+        app.issuer()
+            .rotate(user, &mut sink(&format!("{user}2")), "t")
+            .await
+            .unwrap();
+    }
+    ok(&kx.admin_kubectl(&["delete", "namespace", "team-a"]).await);
+    // Past the grace period: both users' generation 1 must go.
+    clock.advance(11 * 60);
+    for pass in 0..4 {
+        let r = run_job(&app, Job::Expire).await;
+        let r = r.unwrap_or_else(|e| panic!("expire pass {pass} failed: {e}"));
+        let want = if pass == 0 { 2 } else { 0 };
+        assert_eq!(r["access_removed_for_users"], want, "pass {pass}: {r}");
+    }
+    for user in ["nina", "olga"] {
+        assert!(
+            !kx.can_list_pods(&format!("{user}.kubeconfig"), "team-b").await,
+            "{user}'s generation 1 lost team-b"
+        );
+        assert!(kx.can_list_pods(&format!("{user}2.kubeconfig"), "team-b").await);
+    }
+    let metrics = app
+        .metrics
+        .render(&rotator::metrics::Gauges::default())
+        .unwrap();
+    assert!(
+        metrics.contains("rotator_bindings_namespace_missing 1\n"),
+        "{metrics}"
+    );
+    // Recorded once, not once per pass.
+    assert_eq!(
+        kx.s.count(
+            "SELECT COUNT(*) FROM audit_events WHERE subject = 'nina' AND action = 'rbac.sync' AND detail LIKE '%not_found%'"
+        )
+        .await,
+        1
+    );
+    let o = kx.rotator_async(&["doctor"], &[]).await;
+    let report = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        report.contains("user bindings") && report.contains("nina") && report.contains("team-a"),
+        "{report}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stripped_label_or_a_copied_group_does_not_stop_a_revocation() {
     let kx = Kx::new(Options::default(), "").await;

@@ -369,3 +369,114 @@ async fn an_interrupted_run_is_finished_by_a_rerun() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["summary"]["unchanged"], N, "{v}");
 }
+
+/// Users whose usable enrollment token is not the one in `out/NAME.token`:
+/// active in the database, yet nobody holds it (#22 item 5).
+async fn tokens_not_delivered(s: &Scratch, users: &[String]) -> Vec<String> {
+    let mut db = s.db().await;
+    let mut lost = Vec::new();
+    for u in users {
+        let live: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, secret_hash FROM enrollment_tokens WHERE user_name = $1 AND state IN ('active', 'claimed')",
+        )
+        .bind(u)
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
+        let file = std::fs::read_to_string(s.path(&format!("out/{u}.token"))).unwrap_or_default();
+        let (id, secret) = file.trim().split_once('.').unwrap_or_default();
+        let hash = rotator::pki::hex(&rotator::pki::sha256(secret.as_bytes()));
+        for (live_id, live_hash) in live {
+            if live_id != id || live_hash != hash {
+                lost.push(format!(
+                    "{u}: token {live_id} is active but out/{u}.token holds {id:?}"
+                ));
+            }
+        }
+    }
+    lost
+}
+
+/// `add-user --from` with enroll rows, SIGKILLed at random points, then run
+/// again: every user ends with exactly the token in its file, and a token a
+/// killed run never wrote is revoked (audited) and replaced.
+#[tokio::test]
+async fn a_killed_bulk_enrollment_leaves_no_token_active_but_undelivered() {
+    let s = Scratch::new();
+    ok(&local(&s, &["init"]));
+    let (rounds, n) = (24, 24);
+    let mut seed: u64 = std::process::id() as u64 ^ 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut lost, mut killed, mut replaced) = (Vec::new(), 0, 0);
+    let mut fastest: Option<Duration> = None;
+    for round in 0..rounds {
+        let users: Vec<String> = (0..n).map(|i| format!("r{round}u{i:02}")).collect();
+        let csv: String = users
+            .iter()
+            .map(|u| format!("{u},team-a,view,,,enroll\n"))
+            .collect();
+        s.write("users.csv", &csv);
+        let args = ["add-user", "--from", "users.csv", "--out-dir", "out"];
+        let started = Instant::now();
+        let mut child = s
+            .command()
+            .args(args)
+            .env("ROTATOR_DATA_DIR", "rotator-data")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // The first round runs to the end: how long a whole run takes.
+        if let Some(f) = fastest {
+            std::thread::sleep(Duration::from_micros(next() % (f.as_micros() as u64 + 1)));
+            if child.try_wait().unwrap().is_none() {
+                let _ = child.kill(); // SIGKILL
+                killed += 1;
+            }
+        }
+        let status = child.wait().unwrap();
+        if status.success() {
+            fastest = Some(fastest.map_or(started.elapsed(), |f| f.min(started.elapsed())));
+        }
+        let o = local(&s, &args);
+        ok(&o);
+        let rerun = String::from_utf8_lossy(&o.stderr);
+        replaced += rerun
+            .lines()
+            .filter(|l| l.ends_with(".token") && l.contains(": enrolled"))
+            .count();
+        lost.extend(tokens_not_delivered(&s, &users).await);
+    }
+    let (revoked,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM enrollment_tokens WHERE state = 'revoked' AND delivered_at IS NULL",
+    )
+    .fetch_one(&mut s.db().await)
+    .await
+    .unwrap();
+    eprintln!(
+        "{rounds} rounds of {n} enroll rows, {killed} runs killed; tokens a killed run never delivered, replaced by the rerun: {revoked} (rows enrolled by reruns: {replaced}); users with an active token nobody holds: {}",
+        lost.len()
+    );
+    assert!(lost.is_empty(), "{}", lost.join("\n"));
+    assert!(
+        killed >= rounds / 2,
+        "only {killed} of {rounds} runs were killed mid-run"
+    );
+    // Not vacuous: some kill fell between a token's commit and its file.
+    assert!(
+        revoked > 0,
+        "no kill hit the window between a token's commit and its file"
+    );
+    let (audited,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM audit_events WHERE action = 'enrollment_token.create' AND detail LIKE '%\"revoked\":[\"%'",
+    )
+    .fetch_one(&mut s.db().await)
+    .await
+    .unwrap();
+    assert!(audited > 0, "the replacement of a lost token is audited");
+}

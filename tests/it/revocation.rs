@@ -186,13 +186,13 @@ fn ok_bytes(o: &std::process::Output) -> Vec<u8> {
 
 /// A data directory with its App factory: local-ca in a temp dir, or the
 /// kubernetes signer against a fresh test cluster.
-enum Env {
+pub enum Env {
     Local(tempfile::TempDir),
     Kube(Box<Kx>),
 }
 
 impl Env {
-    async fn new(kubernetes: bool) -> Self {
+    pub async fn new(kubernetes: bool) -> Self {
         if kubernetes {
             Env::Kube(Box::new(Kx::new(Options::default(), "").await))
         } else {
@@ -200,28 +200,28 @@ impl Env {
         }
     }
 
-    async fn app(&self, faults: Arc<dyn Faults>) -> App {
+    pub async fn app(&self, faults: Arc<dyn Faults>) -> App {
         match self {
             Env::Local(d) => app(d.path(), "", faults).await,
             Env::Kube(kx) => kx.app_with(faults).await,
         }
     }
 
-    fn kx(&self) -> Option<&Kx> {
+    pub fn kx(&self) -> Option<&Kx> {
         match self {
             Env::Kube(kx) => Some(kx),
             Env::Local(_) => None,
         }
     }
 
-    fn out(&self, name: &str) -> std::path::PathBuf {
+    pub fn out(&self, name: &str) -> std::path::PathBuf {
         match self {
             Env::Local(d) => d.path().join(name),
             Env::Kube(kx) => kx.s.path(name),
         }
     }
 
-    fn label(&self) -> &'static str {
+    pub fn label(&self) -> &'static str {
         match self {
             Env::Local(_) => "local-ca",
             Env::Kube(_) => "kubernetes",
