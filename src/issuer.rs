@@ -87,7 +87,7 @@ pub enum IssueError {
     )]
     NoSuchUser(String),
     #[error(
-        "user {user:?} was revoked at {} by {by}; nothing is issued to them until an administrator reinstates them\nfix: `rotator rotate {user} --reinstate` ends the revocation and issues a new credential, if that is intended",
+        "user {user:?} was revoked at {} by {by}; nothing is issued to them until an administrator reinstates them\nfix: if that is intended, `rotator rotate {user} --reinstate` ends the revocation and issues a new credential (`rotator add-user {user} ... --enroll --reinstate` for a new enrollment token)",
         crate::clock::rfc3339(*.at)
     )]
     Revoked { user: String, at: i64, by: String },

@@ -238,7 +238,7 @@ fn revoked(user: &str, at: i64) -> ApiError {
         "user_revoked",
         format!(
             "user {user:?} was revoked at {}; nothing is issued to it until an administrator reinstates it",
-            crate::clock::rfc3339(at)
+            rfc3339(at)
         ),
         "ask your administrator; only they can reinstate your access",
     )
@@ -325,11 +325,13 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
             "enroll with a token from your administrator: `rotator fetch --token T`",
         ));
     };
-    match users::get(&mut conn, &c.user_name).await? {
-        Some(u) if u.state == "active" => {}
+    // A revoked user's certificate is refused below, saying why (its own
+    // state first: that is what the client presented).
+    let revoked_at = match users::get(&mut conn, &c.user_name).await? {
+        Some(u) if u.state == "active" => None,
         Some(users::User {
             revoked: Some(r), ..
-        }) => return Err(revoked(&c.user_name, r.at)),
+        }) => Some(r.at),
         _ => {
             return Err(ApiError::new(
                 403,
@@ -338,7 +340,7 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
                 "ask your administrator whether your access was removed",
             ));
         }
-    }
+    };
     if !self_service(&mut conn, &c).await? {
         return Err(ApiError::new(
             403,
@@ -348,12 +350,13 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
                 c.serial, c.generation
             ),
             format!(
-                "ask your administrator for a new kubeconfig, or to switch you to enrollment: `rotator revoke {u}` then `rotator add-user {u} --enroll` with the same access, and run `rotator fetch --token T`",
+                "ask your administrator for a new kubeconfig, or to switch you to enrollment: `rotator revoke {u}` then `rotator add-user {u} --enroll --reinstate` with the same access, and run `rotator fetch --token T`",
                 u = c.user_name
             ),
         ));
     }
     if c.state == "superseded"
+        && revoked_at.is_none()
         && let Some(s) = spki
         && let Some(next) = credentials::renewal_of(&mut conn, &c.id, s).await?
     {
@@ -361,12 +364,19 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
     }
     let now = app.clock.now();
     if c.state != "current" || c.not_after <= now {
-        let why = match c.state.as_str() {
+        let mut why = match c.state.as_str() {
             "current" => format!("it expired at {}", rfc3339(c.not_after)),
             "revoked" => "it was revoked".to_string(),
             "superseded" => "a newer credential replaced it".to_string(),
             other => format!("its state is {other}"),
         };
+        if let Some(at) = revoked_at {
+            why.push_str(&format!(
+                "; user {:?} was revoked at {}: nothing is issued to it until an administrator reinstates it",
+                c.user_name,
+                rfc3339(at)
+            ));
+        }
         return Err(ApiError::new(
             403,
             "credential_not_current",
@@ -376,6 +386,9 @@ async fn identify(app: &App, der: &[u8], spki: Option<&str>) -> Result<CertIdent
             ),
             "renew with your newest credential, or enroll again with a token from your administrator",
         ));
+    }
+    if let Some(at) = revoked_at {
+        return Err(revoked(&c.user_name, at));
     }
     Ok(CertIdentity::Current(c))
 }

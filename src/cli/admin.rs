@@ -61,13 +61,17 @@ pub struct AddUserArgs {
     /// and fetches a certificate (`rotator fetch --token`).
     #[arg(long, conflicts_with_all = ["out", "deliver"])]
     pub enroll: bool,
+    /// End the user's revocation (audited) and add them again: without it a
+    /// revoked user is refused. Not with --from: a bulk rerun never reinstates.
+    #[arg(long)]
+    pub reinstate: bool,
     /// Add every user of a CSV file ("-" for stdin), one row per user:
     /// name,namespaces,role,groups,ttl,delivery (README, "Bulk onboarding").
     /// Every row is checked before anything is issued.
     #[arg(
         long,
         value_name = "FILE",
-        conflicts_with_all = ["name", "groups", "namespaces", "cluster_wide", "role", "ttl", "out", "deliver", "enroll"]
+        conflicts_with_all = ["name", "groups", "namespaces", "cluster_wide", "role", "ttl", "out", "deliver", "enroll", "reinstate"]
     )]
     pub from: Option<PathBuf>,
     /// With --from: the directory for the kubeconfigs (NAME.kubeconfig) and
@@ -179,6 +183,9 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
                 "cannot deliver to a Secret in namespace {namespace:?}\nfix: Secret delivery needs the kubernetes signer and one of the user's namespaces"
             ),
         ));
+    }
+    if a.reinstate {
+        reinstate(app, &spec.name, true).await?;
     }
     if a.enroll {
         return enroll(app, &spec, out).await;
@@ -339,10 +346,23 @@ fn print_token(
     }
 }
 
+/// Ends a revocation on purpose (`--reinstate`); a user who was not revoked is
+/// left as it is.
+async fn reinstate(app: &App, name: &str, adding: bool) -> CliResult {
+    match lifecycle::reinstate(app, name).await {
+        Ok(true) => eprintln!("reinstated {name}: its revocation is over"),
+        Ok(false) => {}
+        // add-user --reinstate of a new (or removed) user: nothing to end.
+        Err(lifecycle::LifecycleError::NoSuchUser(_)) if adding => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
 pub async fn rotate(app: &App, a: &RotateArgs, out: OutputFormat) -> CliResult {
     let mut sink = sink_for(&a.name, &a.out);
-    if a.reinstate && lifecycle::reinstate(app, &a.name).await? {
-        eprintln!("reinstated {}: its revocation is over", a.name);
+    if a.reinstate {
+        reinstate(app, &a.name, false).await?;
     }
     let issued = app
         .issuer()

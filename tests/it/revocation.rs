@@ -72,8 +72,8 @@ const ALL_POINTS: [FaultPoint; 7] = [
 /// Returns the problems found (empty: none).
 async fn problems(app: &App, user: &str, kx: Option<&Kx>) -> Vec<String> {
     let mut bad = Vec::new();
-    // A rotation planned after the revoke committed is a new, legitimate one
-    // (revoke does not disable the user); one planned before must have lost.
+    // One planned before the revoke must have lost. (None planned after it
+    // succeeds either: the revoke disables the user; tests/it/sticky.rs.)
     let revoked_at = "(SELECT MIN(seq) FROM audit_events WHERE subject = ?1
                         AND action IN ('credential.revoke', 'user.remove', 'issuance.cancel'))";
     let planned_before = format!(

@@ -1661,9 +1661,17 @@ async fn an_admin_issued_credential_cannot_renew_itself_through_the_api() {
         2
     );
 
-    // The fix the error gives works: revoke, re-add with --enroll, fetch, renew.
+    // The fix the error gives works: revoke, re-add with --enroll --reinstate
+    // (the revoke sticks: without --reinstate the re-add is refused), fetch, renew.
+    assert!(e.fix.contains("--reinstate"), "{}", e.fix);
     ok(&api.kx.rotator_async(&["revoke", "bob"], &[]).await);
-    let token = api.enroll_user("bob", &[]).await;
+    let o = api
+        .kx
+        .rotator_async(&["add-user", "bob", "--group", "dev", "-n", "team-a", "--role", "view", "--enroll"], &[])
+        .await;
+    let err = fails_with(&o, 4);
+    assert!(err.contains("was revoked") && err.contains("--reinstate"), "{err}");
+    let token = api.enroll_user("bob", &["--reinstate"]).await;
     ok(&api.fetch("bob", &["--token", &token]).await);
     let out = ok(&api.fetch("bob", &[]).await);
     assert!(out.contains("generation 3"), "{out}");
