@@ -189,6 +189,15 @@ async fn database_copy_moves_everything_into_an_empty_database_and_refuses_a_use
     assert!(ok(&s.rotator(&["--data-dir", dd, "audit", "verify"])).contains("audit chain intact"));
     let show = ok(&s.rotator(&["--data-dir", dd, "show", "bob", "--output", "json"]));
     assert!(show.contains("revoked"), "{show}");
+    // bob's revocation is the user's too, and sticks in the copy.
+    let v: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(v["user"]["state"], "disabled", "{show}");
+    assert!(v["user"]["revoked"]["at"].as_i64().unwrap() > 0, "{show}");
+    assert!(
+        !v["user"]["revoked"]["by"].as_str().unwrap().is_empty(),
+        "{show}"
+    );
+    fails_with(&s.rotator(&["--data-dir", dd, "rotate", "bob"]), 4);
     // A database that is not empty is refused, and left as it was.
     let e = fails_with(&s.rotator(&["database", "copy", "--to", &url]), 6);
     assert!(e.contains("is not empty") && e.contains("fix:"), "{e}");

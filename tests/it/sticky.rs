@@ -207,3 +207,78 @@ async fn a_revoked_user_stays_revoked_through_racing_rotations_local_ca() {
 async fn a_revoked_user_stays_revoked_through_racing_rotations_kubernetes() {
     race(true).await;
 }
+
+const LIVE: &str = "SELECT COUNT(*) FROM credentials WHERE user_name = 'alice' AND state IN ('current', 'pending')";
+
+/// Through the CLI: what a revoked user looks like, and everything that would
+/// issue to them refused (rotate, add-user, add-user --enroll, a bulk rerun),
+/// until `rotate --reinstate`.
+#[tokio::test]
+async fn the_cli_shows_a_revoked_user_refuses_them_and_reinstates_only_on_purpose() {
+    let s = Scratch::new();
+    let add = ["add-user", "alice", "-n", "team-a", "--role", "view"];
+    ok(&s.rotator(&add));
+    ok(&s.rotator(&["add-user", "bob", "-n", "team-a", "--role", "view"]));
+    let out = ok(&s.rotator(&["revoke", "alice"]));
+    assert!(out.contains("rotate alice --reinstate"), "{out}");
+    let show = ok(&s.rotator(&["show", "alice"]));
+    assert!(
+        show.contains("revoked ") && show.contains(" by ") && show.contains("--reinstate"),
+        "{show}"
+    );
+    let list = ok(&s.rotator(&["list-users"]));
+    let line = list.lines().find(|l| l.starts_with("alice")).unwrap();
+    assert!(line.contains("revoked") && line.contains(" by "), "{list}");
+    for args in [
+        &["rotate", "alice"][..],
+        &add[..],
+        &[
+            "add-user", "alice", "-n", "team-a", "--role", "view", "--enroll",
+        ][..],
+    ] {
+        let err = fails_with(&s.rotator(args), 4);
+        assert!(
+            err.contains("was revoked at") && err.contains("--reinstate") && err.contains("fix:"),
+            "{args:?}: {err}"
+        );
+    }
+    // A bulk rerun of the onboarding file leaves her alone and says so.
+    s.write("team.csv", "alice,team-a,view\nbob,team-a,view\n");
+    let o = s.rotator(&["add-user", "--from", "team.csv", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&ok(&o)).unwrap();
+    assert_eq!(v["summary"]["revoked"], 1, "{v}");
+    assert_eq!(v["summary"]["unchanged"], 1, "{v}");
+    assert!(
+        v["users"][0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("--reinstate"),
+        "{v}"
+    );
+    // `--reinstate` is no option of a bulk run.
+    fails_with(
+        &s.rotator(&["add-user", "--from", "team.csv", "--reinstate"]),
+        2,
+    );
+    assert_eq!(s.count(LIVE).await, 0, "nothing was issued to alice");
+    assert_eq!(
+        s.count(
+            "SELECT COUNT(*) FROM audit_events WHERE subject = 'alice' AND action = 'user.revoke'"
+        )
+        .await,
+        1
+    );
+    // The deliberate act: reinstated (audited) and issued at once.
+    let o = s.rotator(&["rotate", "alice", "--reinstate"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reinstated alice"));
+    assert_eq!(s.count(LIVE).await, 1);
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM audit_events WHERE subject = 'alice' AND action = 'user.reinstate'")
+            .await,
+        1
+    );
+    let list = ok(&s.rotator(&["list-users"]));
+    let line = list.lines().find(|l| l.starts_with("alice")).unwrap();
+    assert!(line.contains("active"), "{list}");
+}

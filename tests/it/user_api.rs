@@ -350,6 +350,12 @@ async fn renewal_needs_the_current_certificate_of_an_active_user_from_our_ca() {
     let e = refused(cur.post("/v1/renew", &serde_json::json!({"csr": csr("alice", &["dev", "rotator:alice:3"], KeyType::EcdsaP256)})).await);
     assert_eq!((e.status, e.code.as_str()), (403, "credential_not_current"));
     assert!(e.message.contains("revoked"), "{}", e.message);
+    // The user's revocation sticks, and the refusal says so.
+    assert!(
+        e.message.contains("user \"alice\" was revoked at") && e.message.contains("reinstates"),
+        "{}",
+        e.message
+    );
     let err = fails_with(&api.fetch("alice", &[]).await, 4);
     assert!(err.contains("credential_not_current"), "{err}");
     assert_eq!(api.credentials_of("alice").await.len(), 2, "nothing issued");
