@@ -8,7 +8,7 @@
 //!
 //! Rows are copied value by value as integers, text or NULL (the only types
 //! rotator's schema uses on either engine), so the copy works between engines.
-use sqlx::{Column, Row};
+use sqlx::{Column, Row, TypeInfo};
 
 use super::{Store, StoreError, audit};
 use crate::exit::{Exit, ExitStatus};
@@ -114,11 +114,24 @@ where
     for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+        // A NULL decodes as anything: bound as an integer into a text column,
+        // it would fix that parameter's type in the prepared INSERT, and the
+        // next row's text would be refused (PostgreSQL: "incorrect binary data
+        // format"). The column's declared type decides for a NULL.
+        if v.is_none() && is_text(row.columns()[i].type_info().name()) {
+            return Ok(Value::Text(None));
+        }
         return Ok(Value::Int(v));
     }
     row.try_get::<Option<String>, _>(i)
         .map(Value::Text)
         .map_err(|e| StoreError::Invalid(format!("column {i}: neither integer nor text: {e}")))
+}
+
+/// Whether a column's declared type (either engine's name for it) holds text.
+fn is_text(declared: &str) -> bool {
+    let d = declared.to_ascii_uppercase();
+    d.contains("TEXT") || d.contains("CHAR")
 }
 
 /// How a copy's read transaction begins on the source, so that every table is

@@ -303,7 +303,12 @@ pub async fn revoke_case(kx: &Kx) {
     );
     assert!(!kx.can_list_pods("alice.kubeconfig", "team-a").await);
     assert!(!kx.can_list_pods("alice.kubeconfig", "team-b").await);
-    ok(&kx.rotator_async(&["rotate", "alice"], &[]).await);
+    // The revoke sticks: a plain rotate is refused; only a reinstatement issues.
+    fails_with(&kx.rotator_async(&["rotate", "alice"], &[]).await, 4);
+    assert!(!kx.can_list_pods("alice.kubeconfig", "team-b").await);
+    ok(&kx
+        .rotator_async(&["rotate", "alice", "--reinstate"], &[])
+        .await);
     assert!(kx.can_list_pods("alice.kubeconfig", "team-b").await);
     ok(&kx.rotator_async(&["remove-user", "alice"], &[]).await);
     assert!(!kx.can_list_pods("alice.kubeconfig", "team-a").await);
