@@ -404,7 +404,7 @@ async fn tokens_not_delivered(s: &Scratch, users: &[String]) -> Vec<String> {
 async fn a_killed_bulk_enrollment_leaves_no_token_active_but_undelivered() {
     let s = Scratch::new();
     ok(&local(&s, &["init"]));
-    let (rounds, n) = (24, 24);
+    let (rounds, n) = (16, 24);
     let mut seed: u64 = std::process::id() as u64 ^ 0x2545_f491_4f6c_dd1d;
     let mut next = move || {
         seed ^= seed << 13;
