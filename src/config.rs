@@ -1418,7 +1418,7 @@ fn vault_pki_settings(cx: &Ctx<'_>, f: &VaultPkiSection) -> Result<VaultPkiSetti
         return Err(cx.invalid(
             "vault_pki.in_process",
             "true",
-            &format!(
+            format!(
                 "vault_pki.socket ({}) says a `rotator signer` process signs, in_process says this one does",
                 socket.display()
             ),
