@@ -544,6 +544,37 @@ async fn the_daemons_vault_token_cannot_sign_and_privileged_subjects_are_refused
     let (rbs, csrs) = kx.rotator_objects().await;
     assert!(rbs.is_empty() && csrs.is_empty(), "{rbs} {csrs}");
 
+    // doctor says which token signs, and fails when the daemon's own token
+    // could sign too (here: the signer's token given to the daemon by mistake).
+    let signing_check = |o: &Output| -> serde_json::Value {
+        let checks: serde_json::Value =
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "vault signing token")
+            .unwrap_or_else(|| panic!("no signing-token check in {checks}"))
+            .clone()
+    };
+    let doctor = ["--output", "json", "doctor"];
+    let c = signing_check(&kx.rotator_async(&doctor, &[]).await);
+    assert_eq!(c["ok"], true, "{c}");
+    let detail = c["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`rotator signer` at") && detail.contains("may call none"),
+        "{c}"
+    );
+    std::fs::write(&pki.token_file, signer_token.trim()).unwrap();
+    let c = signing_check(&kx.rotator_async(&doctor, &[]).await);
+    assert_eq!(c["ok"], false, "{c}");
+    let detail = c["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("pki/sign-verbatim/rotator-client") && detail.contains("fix:"),
+        "{c}"
+    );
+    std::fs::write(&pki.token_file, daemon_token.trim()).unwrap();
+
     // 4. A daemon configured to sign with its own token refuses to start, and
     // says why; on purpose (in_process = true) it may.
     let cfg = std::fs::read_to_string(kx.s.path("rotator.toml")).unwrap();
