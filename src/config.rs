@@ -1586,6 +1586,25 @@ mod tests {
     }
 
     #[test]
+    fn vault_pki_socket_and_in_process_together_are_refused() {
+        let (_d, p) = write("[vault_pki]\nsocket = \"/run/s.sock\"\nin_process = true\n");
+        let e = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vault_pki.in_process") && e.contains("/run/s.sock"),
+            "{e}"
+        );
+        assert!(e.contains("fix:"), "{e}");
+        let (_d, p) = write("[vault_pki]\nsocket = \"/run/s.sock\"\n");
+        let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.vault_pki.socket, Some(PathBuf::from("/run/s.sock")));
+        assert!(!s.vault_pki.in_process);
+        // The signer listens where the daemon looks when nothing else says.
+        assert_eq!(s.signer_service.socket, PathBuf::from("/run/s.sock"));
+    }
+
+    #[test]
     fn unknown_key_names_file_and_key() {
         let (_d, p) = write("[policy]\nmax_tll = \"1d\"\n");
         let e = load_with(Some(&p), &[], &Overrides::default())
