@@ -50,6 +50,10 @@ pub enum AppError {
         found: String,
         expected: String,
     },
+    #[error(
+        "signer = \"vault-pki\" would sign in this process, with this process's Vault token: a token that may call {endpoint} gets any subject signed that it asks for, O=system:masters (cluster-admin that no revoke takes back) included, whatever rotator's policy says\nfix: run `rotator signer` with signer = \"vault-pki\" and the only token that may sign, and set vault_pki.socket here to its socket (docs/deploy-vault.md); or, if this process is the signing process on purpose, set vault_pki.in_process = true"
+    )]
+    VaultSigningInProcess { endpoint: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -63,9 +67,10 @@ pub enum AppError {
 impl ExitStatus for AppError {
     fn exit(&self) -> Exit {
         match self {
-            AppError::DataDir { .. } | AppError::File { .. } | AppError::SignerMismatch { .. } => {
-                Exit::Config
-            }
+            AppError::DataDir { .. }
+            | AppError::File { .. }
+            | AppError::SignerMismatch { .. }
+            | AppError::VaultSigningInProcess { .. } => Exit::Config,
             AppError::DatabaseLost { .. } | AppError::ForeignDatabase { .. } => Exit::Database,
             AppError::Store(e) => e.exit(),
             AppError::Sign(e) => e.exit(),
@@ -471,10 +476,30 @@ impl App {
             }
             // Vault signs; the cluster is still where bindings live and what
             // decides which CA a certificate must chain to.
+            // The token that may sign stays behind the signer process's
+            // policy: sign-verbatim itself would sign any subject (#22).
             SignerKind::VaultPki => {
+                let vp = &settings.vault_pki;
+                if vp.socket.is_none() && !vp.in_process {
+                    return Err(AppError::VaultSigningInProcess {
+                        endpoint: format!(
+                            "{}/sign-verbatim/{}",
+                            vp.mount,
+                            vp.role.as_deref().unwrap_or("ROLE")
+                        ),
+                    });
+                }
                 let (c, client_ca) = Self::cluster_and_client_ca(&settings, &instance).await?;
                 cluster = Some(c);
-                Arc::new(crate::signer::vault_pki::open(&settings, vault.clone(), client_ca).await?)
+                match &vp.socket {
+                    Some(socket) => Arc::new(
+                        crate::signer::SocketSigner::connect_vault(socket.clone(), client_ca)
+                            .await?,
+                    ),
+                    None => Arc::new(
+                        crate::signer::vault_pki::open(&settings, vault.clone(), client_ca).await?,
+                    ),
+                }
             }
         };
 

@@ -265,6 +265,8 @@ impl Default for SignerServiceSection {
 struct VaultPkiSection {
     mount: String,
     role: Option<String>,
+    socket: Option<PathBuf>,
+    in_process: bool,
 }
 
 impl Default for VaultPkiSection {
@@ -272,6 +274,8 @@ impl Default for VaultPkiSection {
         Self {
             mount: "pki".into(),
             role: None,
+            socket: None,
+            in_process: false,
         }
     }
 }
@@ -282,6 +286,12 @@ pub struct VaultPkiSettings {
     pub mount: String,
     /// `None` when not configured: the vault-pki signer then refuses to start.
     pub role: Option<String>,
+    /// Sign through the `rotator signer` process listening here, which alone
+    /// holds a Vault token that may sign.
+    pub socket: Option<PathBuf>,
+    /// This process signs with its own Vault token, on purpose: that token can
+    /// then have Vault sign any subject (`O=system:masters` included).
+    pub in_process: bool,
 }
 
 /// What `rotator signer` enforces, whatever the daemon asks.
@@ -1232,6 +1242,7 @@ fn validate(
             .socket
             .clone()
             .or_else(|| local_ca.socket.clone())
+            .or_else(|| f.vault_pki.socket.clone())
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SIGNER_SOCKET)),
         max_ttl: cx.duration("signer_service.max_ttl", &ss.max_ttl)?,
         allowed_uids: ss.allowed_uids.clone(),
@@ -1403,9 +1414,22 @@ fn vault_pki_settings(cx: &Ctx<'_>, f: &VaultPkiSection) -> Result<VaultPkiSetti
             "name the role that may sign-verbatim (`bao list pki/roles` shows them)",
         ));
     }
+    if let (Some(socket), true) = (&f.socket, f.in_process) {
+        return Err(cx.invalid(
+            "vault_pki.in_process",
+            "true",
+            format!(
+                "vault_pki.socket ({}) says a `rotator signer` process signs, in_process says this one does",
+                socket.display()
+            ),
+            "keep vault_pki.socket (the signer holds the signing token) and remove in_process",
+        ));
+    }
     Ok(VaultPkiSettings {
         mount: mount.to_string(),
         role: f.role.clone(),
+        socket: f.socket.clone(),
+        in_process: f.in_process,
     })
 }
 
@@ -1559,6 +1583,25 @@ mod tests {
         assert_eq!(s.policy.allowed_roles, d.policy.allowed_roles);
         assert_eq!(s.schedule.rotate.expression, d.schedule.rotate.expression);
         assert_eq!(s.rotation.grace_period, d.rotation.grace_period);
+    }
+
+    #[test]
+    fn vault_pki_socket_and_in_process_together_are_refused() {
+        let (_d, p) = write("[vault_pki]\nsocket = \"/run/s.sock\"\nin_process = true\n");
+        let e = load_with(Some(&p), &[], &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vault_pki.in_process") && e.contains("/run/s.sock"),
+            "{e}"
+        );
+        assert!(e.contains("fix:"), "{e}");
+        let (_d, p) = write("[vault_pki]\nsocket = \"/run/s.sock\"\n");
+        let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.vault_pki.socket, Some(PathBuf::from("/run/s.sock")));
+        assert!(!s.vault_pki.in_process);
+        // The signer listens where the daemon looks when nothing else says.
+        assert_eq!(s.signer_service.socket, PathBuf::from("/run/s.sock"));
     }
 
     #[test]

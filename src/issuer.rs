@@ -528,6 +528,7 @@ impl Issuer<'_> {
         actor: &str,
     ) -> Result<Issued, IssueError> {
         sink.prepare()?;
+        sink.preflight().await?;
         if let Some(done) = self.redeliver(&spec, kind, sink, actor).await? {
             return Ok(done);
         }

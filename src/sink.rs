@@ -22,6 +22,13 @@ impl ExitStatus for SinkError {
 pub trait Sink: Send {
     fn describe(&self) -> String;
     fn prepare(&self) -> Result<(), SinkError>;
+    /// Asks the target's server, before anything is issued, whether it would
+    /// refuse the delivery (a Vault policy): a refusal found only at the end
+    /// would leave a user with a credential nobody received. An outage is not
+    /// a refusal here; the delivery itself reports it.
+    fn preflight(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(async { Ok(()) })
+    }
     fn deliver<'a>(&'a mut self, kubeconfig: &'a str) -> BoxFuture<'a, Result<(), SinkError>>;
 }
 

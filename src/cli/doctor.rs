@@ -287,6 +287,11 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 };
                 push("vault CA trusted", ok, detail, Exit::Signer);
             }
+            if app.signer.kind() == "vault-pki" {
+                let (ok, detail) =
+                    super::doctor_vault::signing_token(s, app.vault.as_deref()).await;
+                push("vault signing token", ok, detail, Exit::Config);
+            }
             if let Some(socket) = s
                 .local_ca
                 .socket

@@ -18,6 +18,7 @@ mod bulk;
 mod database;
 mod docs;
 mod doctor;
+mod doctor_vault;
 mod output;
 mod serve;
 mod signer;

@@ -152,6 +152,18 @@ pub async fn open(
     Ok(signer)
 }
 
+/// The vault-pki backend of `rotator signer`: the same mount and role, and
+/// the mount's own CA chain as the CA it reports (the signer process has no
+/// cluster to ask for the client CA; the daemon checks the two match).
+pub async fn open_for_signer_process(
+    settings: &crate::config::Settings,
+    vault: Option<Arc<Vault>>,
+) -> Result<VaultPkiSigner, SignError> {
+    let mut signer = open(settings, vault, String::new()).await?;
+    signer.client_ca_pem = signer.mount_ca_chain().await?;
+    Ok(signer)
+}
+
 pub struct VaultPkiSigner {
     vault: Arc<Vault>,
     mount: String,
@@ -197,7 +209,10 @@ impl VaultPkiSigner {
         Ok(r.certificate)
     }
 
-    async fn sign_verbatim(&self, req: &SignRequest<'_>) -> Result<String, SignError> {
+    /// The certificate Vault signs for `req`, with no check of its own: the
+    /// caller has checked the CSR ([`check_csr`], and in `rotator signer` the
+    /// signer's policy).
+    pub(crate) async fn sign_verbatim(&self, req: &SignRequest<'_>) -> Result<String, SignError> {
         let csr = pki::pem_encode("CERTIFICATE REQUEST", req.csr_der);
         let what = format!("sign through {}", self.endpoint());
         let signed = self

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 
+use super::capabilities;
 use super::client::Vault;
 use super::error::VaultError;
 use crate::sink::{Sink, SinkError};
@@ -180,12 +181,46 @@ impl VaultSink {
     }
 }
 
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+impl VaultSink {
+    /// Refuses, before anything is issued, a path the token's policy does not
+    /// let it write (`write_kubeconfig` reads the metadata, writes the data,
+    /// then the metadata). When Vault cannot say (down, or
+    /// sys/capabilities-self denied by a policy without `default`), the
+    /// delivery itself is the check, as before.
+    async fn check_policy(&self) -> Result<(), SinkError> {
+        let data = format!("{}/data/{}", self.mount, self.path);
+        let meta = format!("{}/metadata/{}", self.mount, self.path);
+        let caps = match capabilities::of_self(&self.vault, &[data.clone(), meta.clone()]).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(target = %self.describe(), error = %e, "cannot ask Vault what the token may do here; the delivery will tell");
+                return Ok(());
+            }
+        };
+        let (d, m) = (&caps[&data], &caps[&meta]);
+        if capabilities::can_write(d) && capabilities::can_write(m) && capabilities::can_read(m) {
+            return Ok(());
+        }
+        Err(self.err(
+            format!(
+                "rotator's Vault token may not write there: its policy gives {data} {d:?} and {meta} {m:?} (it needs create or update on the first, read and create or update on the second)"
+            ),
+            "grant rotator's Vault policy [\"create\", \"update\", \"read\"] on MOUNT/data/PATH and MOUNT/metadata/PATH (docs/deploy-vault.md), then run the same command again: nothing was issued",
+        ))
+    }
+}
+
 impl Sink for VaultSink {
     fn describe(&self) -> String {
         format!("vault:{}/{}", self.mount, self.path)
     }
     fn prepare(&self) -> Result<(), SinkError> {
         Ok(())
+    }
+    fn preflight(&self) -> BoxFuture<'_, Result<(), SinkError>> {
+        Box::pin(self.check_policy())
     }
     fn deliver<'a>(
         &'a mut self,

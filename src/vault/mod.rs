@@ -1,7 +1,9 @@
 //! Vault (or OpenBao): the connection and its auth methods ([`client`], [`auth`]),
 //! `vault:` secret references in the configuration ([`reference`], [`secrets`]),
-//! and KV v2 as a delivery target ([`kv`]).
+//! KV v2 as a delivery target ([`kv`]), and what the token's policy allows
+//! ([`capabilities`]).
 pub mod auth;
+pub mod capabilities;
 pub mod client;
 pub mod error;
 pub mod kv;

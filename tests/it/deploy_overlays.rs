@@ -373,3 +373,54 @@ fn each_overlay_configures_its_signer() {
         );
     }
 }
+
+/// #22 item 1: in the vault overlay the daemon signs through the signer
+/// sidecar, and only the sidecar holds the token (audience vault-signer)
+/// that logs in to the Vault role allowed to sign.
+#[test]
+fn vault_overlay_keeps_the_signing_token_in_the_signer_sidecar() {
+    let docs = render("vault");
+    let pod = &deployment(&docs)["spec"]["template"]["spec"];
+    let (daemon, signer) = (container(pod, "rotator"), container(pod, "signer"));
+    let names = |c: &Value| -> Vec<String> { mounts(c).into_iter().map(|(n, _)| n).collect() };
+    let token = volume(pod, "vault-signer-token");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "vault-signer"
+    );
+    assert!(names(signer).contains(&"vault-signer-token".to_string()));
+    assert!(
+        !names(daemon).contains(&"vault-signer-token".to_string()),
+        "the daemon mounts the signer's Vault token"
+    );
+    assert!(signer["ports"].is_null(), "the signer listens on no port");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = load(&docs, pod, daemon, tmp.path());
+    let s = load(&docs, pod, signer, tmp.path());
+    assert_eq!(d.signer, Some(SignerKind::VaultPki));
+    assert!(!d.vault_pki.in_process);
+    let sock = d.vault_pki.socket.clone().expect("vault_pki.socket");
+    assert_eq!(s.signer, Some(SignerKind::VaultPki));
+    assert_eq!(s.signer_service.socket, sock, "signer and daemon agree");
+    assert_eq!(
+        (d.vault_pki.mount.as_str(), d.vault_pki.role.as_deref()),
+        (s.vault_pki.mount.as_str(), s.vault_pki.role.as_deref())
+    );
+    let login = |v: Option<rotator::vault::VaultSettings>| match v.expect("[vault]").auth {
+        rotator::vault::VaultAuth::Kubernetes { role, jwt_file, .. } => (role, jwt_file),
+        other => panic!("not the kubernetes auth method: {other:?}"),
+    };
+    let ((d_role, _), (s_role, s_jwt)) = (login(d.vault.clone()), login(s.vault.clone()));
+    assert_eq!(d_role, "rotator", "the daemon's role (policy without pki)");
+    assert_eq!(s_role, "rotator-signer");
+    assert!(
+        mounted(signer, &s_jwt) && !mounted(daemon, &s_jwt),
+        "{}",
+        s_jwt.display()
+    );
+    assert!(mounted(signer, &s.signer_service.log_file));
+    assert!(!mounted(daemon, &s.signer_service.log_file));
+    assert_eq!(s.signer_service.allowed_uids, vec![uid(pod, daemon) as u32]);
+    assert_ne!(uid(pod, daemon), uid(pod, signer));
+}

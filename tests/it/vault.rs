@@ -1458,3 +1458,82 @@ async fn the_daemon_starts_without_vault_says_so_and_connects_when_it_comes_up()
         "{log}"
     );
 }
+
+/// #22 item 8: a `--deliver vault:PATH` the token's policy does not let it
+/// write is refused before anything is made (no user, credential, binding or
+/// CSR), with the path and the fix; once the policy allows the path, the same
+/// command works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vault_delivery_the_policy_refuses_makes_nothing_and_works_once_allowed() {
+    let test = "vault::a_vault_delivery_the_policy_refuses_makes_nothing_and_works_once_allowed";
+    let Some((bao, cluster, s)) = bao_and_cluster_with_the_ca_in_kv(test).await else {
+        return;
+    };
+    let token = bao.token("rotator", "1h");
+    let cluster_toml = cluster_with_vault_ca_toml(&cluster, &s).await;
+    s.write(
+        "rotator.toml",
+        &format!("{cluster_toml}[vault]\naddress = {:?}\n", bao.addr),
+    );
+    let env = [("VAULT_TOKEN", token.as_str())];
+    let add = |s: &crate::common::Scratch| {
+        s.rotator_env(
+            &[
+                "--config",
+                "rotator.toml",
+                "add-user",
+                "alice",
+                "--group",
+                "dev",
+                "-n",
+                "team-a",
+                "--role",
+                "view",
+                "--deliver",
+                "vault:secret/forbidden/{user}",
+            ],
+            &env,
+        )
+    };
+    let err = crate::common::fails_with(&add(&s), 10);
+    assert!(err.contains("secret/data/forbidden/alice"), "{err}");
+    assert!(err.contains("fix:") && err.contains("policy"), "{err}");
+    assert!(!err.contains(&token), "{err}");
+    assert_eq!(s.count("SELECT COUNT(*) FROM users").await, 0, "no user");
+    assert_eq!(s.count("SELECT COUNT(*) FROM credentials").await, 0);
+    assert_eq!(s.count("SELECT COUNT(*) FROM issuances").await, 0);
+    let admin = s.path("admin.kubeconfig");
+    let kubectl = |args: &[&str]| {
+        let mut a = vec!["--kubeconfig", admin.to_str().unwrap()];
+        a.extend_from_slice(args);
+        crate::common::run("kubectl", &a)
+    };
+    let rbs = crate::common::ok(&kubectl(&[
+        "get",
+        "rolebindings",
+        "-n",
+        "team-a",
+        "-o",
+        "name",
+    ]));
+    assert!(rbs.trim().is_empty(), "no binding: {rbs}");
+    let csrs = crate::common::ok(&kubectl(&["get", "csr", "-o", "name"]));
+    assert!(csrs.trim().is_empty(), "no CSR: {csrs}");
+
+    // The policy fixed as the message says: the same command works.
+    bao.policy(
+        "rotator",
+        &format!(
+            "{ROTATOR_POLICY}path \"secret/data/forbidden/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n\
+             path \"secret/metadata/forbidden/*\" {{ capabilities = [\"create\", \"update\", \"read\"] }}\n"
+        ),
+    );
+    crate::common::ok(&add(&s));
+    let kc = bao.ok(&["kv", "get", "-field=kubeconfig", "secret/forbidden/alice"]);
+    assert!(kc.contains("client-certificate-data"), "delivered");
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM credentials WHERE state = 'current'")
+            .await,
+        1
+    );
+}

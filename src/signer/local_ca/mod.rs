@@ -6,7 +6,10 @@
 //! - [`service`]: that `rotator signer` process: it alone loads the key (from a
 //!   file today; a `vault:` reference is the [`service::KeySource`] seam) and
 //!   enforces its own policy whatever its caller asks.
+//! - [`backend`]: what that process signs with: the CA key, or Vault's PKI
+//!   engine through the one token that may sign (`signer = "vault-pki"`).
 //! - [`wire`]: the HTTP/1.1 + JSON protocol both sides speak.
+pub mod backend;
 pub mod in_process;
 pub mod service;
 pub mod socket;

@@ -16,11 +16,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::UnixListener;
 
+use super::backend::Backend;
 use super::in_process::LocalCa;
 use super::wire::{self, Code, ErrorBody, ErrorDetail};
 use crate::clock::Clock;
 use crate::config::{LocalCaSettings, SignerServiceSettings};
-use crate::pki::{self, CertProfile, CsrInfo};
+use crate::pki::{self, CsrInfo};
 use crate::policy::{self, Pattern};
 use crate::signer::SignRequest;
 
@@ -319,7 +320,7 @@ impl Bucket {
 }
 
 pub struct Service {
-    ca: LocalCa,
+    backend: Backend,
     settings: SignerServiceSettings,
     denied: Vec<Pattern>,
     log: Log,
@@ -347,9 +348,19 @@ impl Service {
         denied: Vec<Pattern>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ServiceError> {
+        Self::open_backend(Backend::LocalCa(ca), settings, denied, clock)
+    }
+
+    /// A service over any backend: the same policy, rate limit and log.
+    pub fn open_backend(
+        backend: Backend,
+        settings: &SignerServiceSettings,
+        denied: Vec<Pattern>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ServiceError> {
         let log = Log::open(&settings.log_file)?;
         Ok(Self {
-            ca,
+            backend,
             settings: settings.clone(),
             denied,
             log,
@@ -365,7 +376,7 @@ impl Service {
     }
 
     pub fn ca_pem(&self) -> &str {
-        self.ca.certificate_pem()
+        self.backend.ca_pem()
     }
 
     /// The signer's policy, on a CSR whose self-signature verified.
@@ -577,10 +588,7 @@ impl Service {
             csr_der: &csr.der,
             ttl: Duration::from_secs(req.ttl_seconds),
         };
-        let pem = self
-            .ca
-            .issue(&sign_req, CertProfile::Client)
-            .map_err(|e| refuse(Code::CaExpired, e.to_string(), "see the message"))?;
+        let pem = self.backend.issue(&sign_req).await?;
         let info = pki::parse_cert_pem(&pem, "issued")
             .map_err(|e| refuse(Code::Internal, e.to_string(), "report this as a bug"))?;
         Ok(wire::SignedBody {

@@ -17,12 +17,16 @@ use crate::signer::{BoxFuture, SignError, SignRequest, Signed, Signer};
 /// How long one exchange with the signer may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-const FIX: &str = "start `rotator signer` (systemd: rotator-signer.service; Kubernetes: the signer sidecar), and check that this user may open local_ca.socket (mode 0660: same group)";
+const FIX: &str = "start `rotator signer` (systemd: rotator-signer.service; Kubernetes: the signer sidecar), and check that this user may open local_ca.socket or vault_pki.socket (mode 0660: same group)";
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 pub struct SocketSigner {
     socket: PathBuf,
+    /// `local-ca`, or `vault-pki` when the signer signs through Vault.
+    kind: &'static str,
+    /// What issued certificates must chain to: the signer's CA (local-ca), or
+    /// the cluster's client CA (vault-pki).
     ca_pem: String,
     /// Open connections no request is using.
     idle: std::sync::Mutex<Vec<Sender>>,
@@ -140,11 +144,25 @@ impl SocketSigner {
             })?;
             check_same_ca(&ca_pem, &want, &settings.cert_file)?;
         }
-        Ok(Self {
+        Ok(Self::new(socket, "local-ca", ca_pem))
+    }
+
+    fn new(socket: PathBuf, kind: &'static str, ca_pem: String) -> Self {
+        Self {
             socket,
+            kind,
             ca_pem,
             idle: std::sync::Mutex::new(Vec::new()),
-        })
+        }
+    }
+
+    /// The vault-pki signer through `rotator signer` (`vault_pki.socket`): the
+    /// signer holds the only Vault token that may sign. It must answer now,
+    /// so a missing signer is a clear error at start; whether its Vault CA is
+    /// the cluster's client CA is `doctor`'s check (`check_trust`).
+    pub async fn connect_vault(socket: PathBuf, client_ca_pem: String) -> Result<Self, SignError> {
+        Self::fetch_ca(&socket).await?;
+        Ok(Self::new(socket, "vault-pki", client_ca_pem))
     }
 
     /// One exchange, on an idle connection when there is one that is still
@@ -224,7 +242,19 @@ pub fn check_same_ca(signer_pem: &str, configured_pem: &str, path: &Path) -> Res
 
 impl Signer for SocketSigner {
     fn kind(&self) -> &'static str {
-        "local-ca"
+        self.kind
+    }
+
+    fn check_trust<'a>(&'a self) -> BoxFuture<'a, Option<Result<String, String>>> {
+        Box::pin(async move {
+            if self.kind != "vault-pki" {
+                return None;
+            }
+            Some(match Self::fetch_ca(&self.socket).await {
+                Ok(chain) => crate::signer::vault_pki::vault_ca_trusted(&chain, &self.ca_pem),
+                Err(e) => Err(e.to_string()),
+            })
+        })
     }
 
     fn ca_bundle_pem(&self) -> &str {

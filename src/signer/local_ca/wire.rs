@@ -5,6 +5,9 @@
 //! - `GET /v1/ca` -> `{"certificate": "<PEM>"}`
 //! - `GET /healthz` -> `{"status": "ok"}`
 //! - any error -> `{"error": {"code", "message", "fix"}}`; the codes are stable.
+//!
+//! The same protocol whatever signs behind it (the local CA key, or Vault's
+//! PKI engine: `signer = "vault-pki"` in the signer's configuration).
 use serde::{Deserialize, Serialize};
 
 pub const SIGN_PATH: &str = "/v1/sign";
@@ -55,9 +58,15 @@ pub enum Code {
     GenerationGroupMissing,
     GenerationGroupMismatch,
     CaRequested,
+    /// vault-pki: the CSR asks for extensions Vault would copy.
+    ExtensionRequested,
     TtlTooLong,
     TtlTooShort,
     CaExpired,
+    /// vault-pki: Vault refused what the signer asked (its role's words).
+    VaultRefused,
+    /// vault-pki: Vault unreachable, sealed or denying the signer's token.
+    VaultUnavailable,
     Internal,
 }
 
@@ -75,9 +84,12 @@ impl Code {
             Code::GenerationGroupMissing => "generation_group_missing",
             Code::GenerationGroupMismatch => "generation_group_mismatch",
             Code::CaRequested => "ca_requested",
+            Code::ExtensionRequested => "extension_requested",
             Code::TtlTooLong => "ttl_too_long",
             Code::TtlTooShort => "ttl_too_short",
             Code::CaExpired => "ca_expired",
+            Code::VaultRefused => "vault_refused",
+            Code::VaultUnavailable => "vault_unavailable",
             Code::Internal => "internal",
         }
     }
@@ -90,6 +102,7 @@ impl Code {
             Code::BodyTooLarge => 413,
             Code::RateLimited => 429,
             Code::Internal | Code::CaExpired => 500,
+            Code::VaultUnavailable => 503,
             _ => 422,
         }
     }
