@@ -13,6 +13,7 @@ mod deploy_overlays;
 mod deploy_rbac;
 mod engines;
 mod failover;
+mod first_start;
 pub mod kubernetes;
 mod pg;
 mod policy_config;
