@@ -83,7 +83,8 @@ pub struct InitReport {
     /// The database file, or the PostgreSQL URL without its password.
     pub database: String,
     pub signer: &'static str,
-    /// The local CA certificate, or the cluster's server URL.
+    /// The local CA certificate (or, through a socket without
+    /// `local_ca.cert_file`, where the signer is), or the cluster's server URL.
     pub signer_detail: String,
     pub created_ca: bool,
     /// The database's instance id (also in `DATA_DIR/instance`).
@@ -475,9 +476,12 @@ impl App {
             data_dir: settings.data_dir.clone(),
             database: settings.database.redacted(),
             signer: signer.kind(),
-            signer_detail: match &cluster {
-                Some(c) => c.url.clone(),
-                None => settings.local_ca.cert_file.display().to_string(),
+            signer_detail: match (&cluster, &settings.local_ca.socket) {
+                (Some(c), _) => c.url.clone(),
+                (None, Some(socket)) if !settings.local_ca.configured => {
+                    format!("the signer's, from {}", socket.display())
+                }
+                (None, _) => settings.local_ca.cert_file.display().to_string(),
             },
             created_ca,
             instance: instance.clone(),

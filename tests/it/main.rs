@@ -11,6 +11,7 @@ mod daemon;
 mod database;
 mod deploy_overlays;
 mod deploy_rbac;
+mod docs;
 mod engines;
 mod failover;
 mod first_start;
