@@ -104,9 +104,13 @@ fn refuse_unless_safe(
     }
     let found = match (has_checkpoint, log.events) {
         (true, 0) => format!("a checkpoint at {}", checkpoint.display()),
-        (true, n) => format!("{n} events and a checkpoint at {}", checkpoint.display()),
+        (true, n) => format!(
+            "{n} events ({} keyed events) and a checkpoint at {}",
+            log.keyed,
+            checkpoint.display()
+        ),
         (false, 0) => "an instance id".to_string(),
-        (false, n) => format!("{n} events ({} keyed)", log.keyed),
+        (false, n) => format!("{n} events ({} keyed events)", log.keyed),
     };
     Err(key_err(
         key_file,
@@ -271,7 +275,7 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(e.contains("already has 1 events (1 keyed)"), "{e}");
+        assert!(e.contains("already has 1 events (1 keyed events)"), "{e}");
         assert!(
             e.contains("fix: restore the audit key from its backup"),
             "{e}"
