@@ -12,6 +12,8 @@ use crate::issuer::{Faults, Inflight, Issuer, ProcessIdentity};
 use crate::signer::{KubernetesSigner, LocalCa, SignError, Signer};
 use crate::store::{Store, StoreError, audit, meta};
 
+mod instance;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(
@@ -86,7 +88,8 @@ pub struct InitReport {
     /// The database file, or the PostgreSQL URL without its password.
     pub database: String,
     pub signer: &'static str,
-    /// The local CA certificate, or the cluster's server URL.
+    /// The local CA certificate (or, through a socket without
+    /// `local_ca.cert_file`, where the signer is), or the cluster's server URL.
     pub signer_detail: String,
     pub created_ca: bool,
     /// The database's instance id (also in `DATA_DIR/instance`).
@@ -167,41 +170,6 @@ pub enum DatabaseMode {
     New,
 }
 
-/// `DATA_DIR/instance`: written at the first initialization, so a lost or
-/// emptied database is noticed instead of silently recreated.
-fn marker_path(data_dir: &std::path::Path) -> PathBuf {
-    data_dir.join("instance")
-}
-
-fn read_marker(data_dir: &std::path::Path) -> Result<Option<String>, AppError> {
-    let path = marker_path(data_dir);
-    match std::fs::read_to_string(&path) {
-        Ok(s) => Ok(s
-            .lines()
-            .find_map(|l| l.strip_prefix("instance "))
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(AppError::File {
-            what: "instance marker",
-            path,
-            reason: e.to_string(),
-            fix: "make the data directory readable by rotator",
-        }),
-    }
-}
-
-fn write_marker(data_dir: &std::path::Path, instance: &str) -> Result<(), AppError> {
-    let path = marker_path(data_dir);
-    let text = format!(
-        "# rotator data directory: the database here belongs to this instance.\n# Do not edit; a database without it is refused.\ninstance {instance}\n"
-    );
-    crate::fsutil::write_public_atomic(&path, text.as_bytes()).map_err(|source| AppError::DataDir {
-        path: path.clone(),
-        source,
-    })
-}
-
 fn read_pem(what: &'static str, path: &PathBuf, fix: &'static str) -> Result<String, AppError> {
     let pem = std::fs::read_to_string(path).map_err(|e| AppError::File {
         what,
@@ -277,7 +245,7 @@ impl App {
         }
         let location = settings.database.clone();
         let shown = location.redacted();
-        let marker = read_marker(&settings.data_dir)?;
+        let marker = instance::read_marker(&settings.data_dir)?;
         // The database file's own checks and repairs: SQLite only (a PostgreSQL
         // database's loss shows as a missing instance id below).
         if let Some(db_path) = location.file().map(Path::to_path_buf) {
@@ -332,6 +300,21 @@ impl App {
                 }
             }
         }
+        // Refused before anything is made for it: a lost or foreign database.
+        let found_instance = {
+            let mut conn = store.conn().await?;
+            meta::get(&mut conn, meta::INSTANCE_ID).await?
+        };
+        instance::check(
+            &settings,
+            &shown,
+            marker.as_ref(),
+            found_instance.as_ref(),
+            mode,
+        )?;
+        // A database no process initialized yet gets its keys even where they
+        // are configured (an empty shared volume); see `audit::first_start`.
+        let fresh = audit::LogState::read(&store).await?.fresh();
         let keyring = audit::Keyring::open(
             &settings.audit.key_file,
             &settings.audit.checkpoint_file,
@@ -358,7 +341,7 @@ impl App {
                 ),
                 None => crate::pki::SealingKey::load(
                     &settings.sealing.key_file,
-                    !settings.sealing.configured,
+                    !settings.sealing.configured || fresh,
                 ),
             }
             .map_err(SignError::from)?,
@@ -372,48 +355,12 @@ impl App {
                 meta::get(&mut conn, "kubeconfig").await?,
             )
         };
-        let found_instance = {
-            let mut conn = store.conn().await?;
-            meta::get(&mut conn, meta::INSTANCE_ID).await?
-        };
-        let instance = match (&marker, found_instance, mode) {
-            (Some(expected), Some(found), DatabaseMode::Existing) if *expected != found => {
-                return Err(AppError::ForeignDatabase {
-                    dir: settings.data_dir.clone(),
-                    db: shown.clone(),
-                    found,
-                    expected: expected.clone(),
-                });
-            }
-            // A database with tables but no instance: recreated behind rotator's back.
-            (Some(expected), None, DatabaseMode::Existing) => {
-                return Err(AppError::DatabaseLost {
-                    dir: settings.data_dir.clone(),
-                    db: shown.clone(),
-                    instance: expected.clone(),
-                    what: "a new, empty one (its instance id is missing)",
-                });
-            }
-            (_, Some(found), _) => found,
-            (_, None, _) => {
-                let id = crate::pki::hex(&crate::pki::random_bytes::<8>());
-                let mut tx = store.begin().await?;
-                meta::set(&mut tx, meta::INSTANCE_ID, &id).await?;
-                audit::append(
-                    &mut tx,
-                    clock.now(),
-                    &actor,
-                    "store.instance",
-                    "rotator",
-                    json!({"instance": id, "previous": marker, "new_database": mode == DatabaseMode::New}),
-                )
-                .await?;
-                crate::store::commit(tx).await?;
-                id
-            }
+        let instance = match found_instance {
+            Some(found) => found,
+            None => instance::claim(&store, clock.now(), &actor, marker.as_deref(), mode).await?,
         };
         if marker.as_deref() != Some(instance.as_str()) {
-            write_marker(&settings.data_dir, &instance)?;
+            instance::write_marker(&settings.data_dir, &instance)?;
         }
         let kind = match (settings.signer, recorded.as_deref()) {
             (Some(asked), Some(r)) if asked.as_str() != r => {
@@ -506,8 +453,20 @@ impl App {
         let now = clock.now();
         if recorded.is_none() || created_ca {
             let mut tx = store.begin().await?;
-            if recorded.is_none() {
-                meta::set(&mut tx, "signer", kind.as_str()).await?;
+            // Another process starting on the new database at the same time may
+            // have recorded it first: then it is checked, not recorded again.
+            let first =
+                recorded.is_none() && meta::insert_new(&mut tx, "signer", kind.as_str()).await?;
+            if recorded.is_none() && !first {
+                let theirs = meta::get(&mut tx, "signer").await?.unwrap_or_default();
+                if theirs != kind.as_str() {
+                    return Err(AppError::SignerMismatch {
+                        recorded: theirs,
+                        asked: kind.as_str().into(),
+                    });
+                }
+            }
+            if first {
                 if let Some(k) = &settings.kubernetes.kubeconfig {
                     meta::set(&mut tx, "kubeconfig", &k.display().to_string()).await?;
                 }
@@ -542,9 +501,12 @@ impl App {
             data_dir: settings.data_dir.clone(),
             database: settings.database.redacted(),
             signer: signer.kind(),
-            signer_detail: match &cluster {
-                Some(c) => c.url.clone(),
-                None => settings.local_ca.cert_file.display().to_string(),
+            signer_detail: match (&cluster, &settings.local_ca.socket) {
+                (Some(c), _) => c.url.clone(),
+                (None, Some(socket)) if !settings.local_ca.configured => {
+                    format!("the signer's, from {}", socket.display())
+                }
+                (None, _) => settings.local_ca.cert_file.display().to_string(),
             },
             created_ca,
             instance: instance.clone(),

@@ -586,6 +586,7 @@ pub struct LocalCaSettings {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     /// True when the paths were configured: rotator then never creates them.
+    /// With `socket`: when `cert_file` was, the CA the signer must have.
     pub configured: bool,
     /// `local_ca.socket`: sign through a `rotator signer` process; the key file is
     /// then never read by this process.
@@ -998,8 +999,19 @@ fn validate(
     })?;
 
     let ca_dir = data_dir.join("ca");
-    let configured = f.local_ca.cert_file.is_some() || f.local_ca.key_file.is_some();
-    if configured && (f.local_ca.cert_file.is_none() || f.local_ca.key_file.is_none()) {
+    // Through a socket the key is the signer's: cert_file alone pins the CA the
+    // signer must have (and key_file, if set, is only what doctor checks this
+    // process cannot read).
+    let through_socket = f.local_ca.socket.is_some();
+    let configured = if through_socket {
+        f.local_ca.cert_file.is_some()
+    } else {
+        f.local_ca.cert_file.is_some() || f.local_ca.key_file.is_some()
+    };
+    if !through_socket
+        && configured
+        && (f.local_ca.cert_file.is_none() || f.local_ca.key_file.is_none())
+    {
         return Err(cx.invalid(
             "local_ca",
             "",
@@ -1363,7 +1375,7 @@ fn authz_settings(
     f: AuthzSection,
     ov: &Overrides,
 ) -> Result<AuthzSettings, ConfigError> {
-    let listen = listener(cx, "authz", ov.authz_addr.clone().or(f.listen), 8444)?;
+    let listen = listener(cx, "authz", ov.authz_addr.clone().or(f.listen), 9443)?;
     let tls = tls_pair(cx, "authz", f.tls_cert, f.tls_key)?;
     let refresh_interval = cx.duration("authz.refresh_interval", &f.refresh_interval)?;
     if refresh_interval < Duration::from_millis(50) || refresh_interval > Duration::from_secs(1) {

@@ -38,6 +38,21 @@ pub fn write_public_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, bytes, PUBLIC_MODE)
 }
 
+/// Creates `path` (0600, complete and synced) only if nothing is there: the
+/// content is linked in under its name, which never replaces a file, so when
+/// several processes (two replicas on one shared volume) create the same key
+/// at once exactly one wins and the others read its key. False when something
+/// was there already (left untouched).
+pub fn create_private_new(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    let mut tmp = PrivateTmp::new_in(parent_of(path))?;
+    fill(&mut tmp.tmp.file, bytes, PRIVATE_MODE)?;
+    match tmp.persist_new(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -458,6 +473,24 @@ mod tests {
             leftovers.is_empty(),
             "temporary files left behind: {leftovers:?}"
         );
+    }
+
+    #[test]
+    fn a_new_private_file_never_replaces_one_that_is_there() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("k");
+        assert!(create_private_new(&p, b"first").unwrap());
+        assert!(!create_private_new(&p, b"second").unwrap());
+        assert_eq!(fs::read(&p).unwrap(), b"first");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["k"], "temporary files left behind");
     }
 
     #[test]

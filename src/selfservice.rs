@@ -155,7 +155,7 @@ pub fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError>
             400,
             "bad_request",
             format!("the body is not the JSON this endpoint takes: {e}"),
-            "send a JSON object with the fields the API documents (README, \"User API\")",
+            "send a JSON object with the fields the API documents (README, \"The user API\")",
         )
     })
 }

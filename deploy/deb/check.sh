@@ -8,10 +8,12 @@
 #     on a real system (no maintainer script runs there: there is none before
 #     unpack, and configure would need a whole system in the root);
 #   - checks every file and mode, the conffiles, that the maintainer scripts
-#     parse, runs the postinst (in a private mount namespace over a copy of
-#     /etc: the users, groups and 0700 directories it makes, without touching
-#     this machine), that the packaged binary runs and its man pages and
-#     completions are its own;
+#     parse, runs the postinst (deploy/deb/check-postinst.sh: in a private
+#     mount namespace over a copy of /etc, the users, groups and 0700
+#     directories it makes, an admin's narrower config mode kept across a
+#     reconfigure, the daemon's user kept out of the signer's config and key
+#     but able to reach its socket), that the packaged binary runs and its man
+#     pages and completions are its own;
 #   - `systemd-analyze verify` on the installed units and
 #     `systemd-analyze security --offline=true` on each: prints the exposure
 #     score, and fails if a packaged unit scores worse than its source in
@@ -78,51 +80,10 @@ done
 grep -q 'deb-systemd-helper update-state rotator.service' "$ctrl/postinst" ||
   fail "postinst lacks cargo-deb's systemd unit handling"
 
-# The postinst, run for real (twice: install, then an upgrade) in a private
-# mount namespace over a copy of /etc and an empty /var/lib, so the users and
-# directories it makes are checked without touching this machine.
-if command -v unshare >/dev/null 2>&1 && unshare --mount --propagation private true 2>/dev/null; then
-  sandbox="$root/sandbox"
-  mkdir -p "$sandbox"
-  cp -a /etc "$sandbox/etc"
-  # DPKG_MAINTSCRIPT_*: cargo-deb's deb-systemd-helper snippets run as under dpkg.
-  if out=$(unshare --mount --propagation private env ROOT="$root" SANDBOX="$sandbox" CTRL="$ctrl" \
-    DPKG_MAINTSCRIPT_PACKAGE=rotator DPKG_MAINTSCRIPT_NAME=postinst sh -euc '
-    mount --bind "$SANDBOX/etc" /etc
-    mount -t tmpfs tmpfs /var/lib
-    mount -t tmpfs tmpfs /usr/lib/systemd/system
-    cp "$ROOT"/usr/lib/systemd/system/*.service /usr/lib/systemd/system/
-    mkdir -p /etc/rotator /etc/rotator-signer
-    cp "$ROOT/etc/rotator/rotator.toml.dpkg-new" /etc/rotator/rotator.toml
-    cp "$ROOT/etc/rotator-signer/rotator.toml.dpkg-new" /etc/rotator-signer/rotator.toml
-    sh "$CTRL/postinst" configure
-    sh "$CTRL/postinst" configure 0.1.0-1
-    getent passwd rotator | cut -d: -f1,3,7
-    id -nG rotator
-    stat -c "%n %a %U:%G" /var/lib/rotator /var/lib/rotator-signer /etc/rotator/rotator.toml /etc/rotator-signer/rotator.toml
-    for u in rotator rotator-signer; do
-      if [ -e /etc/systemd/system/multi-user.target.wants/$u.service ]; then echo "$u.service enabled"; fi
-    done
-  ' 2>&1); then
-    echo "postinst (run twice in a private mount namespace):"
-    sed 's/^/  /' <<<"$out"
-    uid=$(grep '^rotator:' <<<"$out" | cut -d: -f2)
-    [[ -n "$uid" && "$uid" -lt 1000 ]] || fail "postinst: rotator is not a system user ($out)"
-    grep -q '^rotator:.*:/usr/sbin/nologin$' <<<"$out" || fail "postinst: rotator can log in"
-    grep -Eq '^rotator( [^ :/]+)* rotator-signer( |$)' <<<"$out" ||
-      fail "postinst: rotator is not in the group rotator-signer"
-    grep -q '^/var/lib/rotator 700 rotator:rotator$' <<<"$out" || fail "postinst: /var/lib/rotator is not 0700 rotator:rotator"
-    grep -q '^/var/lib/rotator-signer 700 rotator-signer:rotator-signer$' <<<"$out" ||
-      fail "postinst: /var/lib/rotator-signer is not 0700 rotator-signer:rotator-signer"
-    grep -q '^/etc/rotator/rotator.toml 640 root:rotator$' <<<"$out" || fail "postinst: rotator.toml is not 0640 root:rotator"
-    grep -q 'service enabled$' <<<"$out" && fail "postinst enabled a unit (they must wait for the config)"
-    grep -q 'deb-systemd-helper' <<<"$out" && fail "postinst: the systemd snippets complained"
-  else
-    fail "postinst failed: $out"
-  fi
-else
-  echo "postinst: NOT run (no unshare with mount namespaces here); only parsed" >&2
-fi
+# The postinst, run for real (install, then an upgrade over an admin's
+# narrower config modes) in a private mount namespace, and the two users kept
+# apart around the signer's socket: deploy/deb/check-postinst.sh.
+deploy/deb/check-postinst.sh "$root" "$ctrl" || fail "postinst: see above"
 
 # The packaged binary runs, and its man page and completions are its own.
 version=$("$root/usr/bin/rotator" --version)

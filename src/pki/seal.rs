@@ -110,7 +110,8 @@ impl SealingKey {
     }
 
     /// Reads the key file (base64 of 32 bytes); with `create`, makes one (0600)
-    /// when it does not exist.
+    /// when it does not exist, and reads the one another process made at the
+    /// same moment instead of replacing it.
     pub fn load(path: &Path, create: bool) -> Result<Self, PkiError> {
         let shown = path.display();
         match read_private(path, "sealing key file") {
@@ -126,8 +127,13 @@ impl SealingKey {
             Err(ReadPrivate::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && create => {
                 let bytes = Zeroizing::new(super::random_bytes::<32>());
                 let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*bytes));
-                crate::fsutil::write_private_atomic(path, text.as_bytes())
+                // Linked in without replacing: of replicas that start at once
+                // on one shared volume, one makes the key and the others read it.
+                let created = crate::fsutil::create_private_new(path, text.as_bytes())
                     .map_err(|e| err(format!("cannot create {shown}: {e}")))?;
+                if !created {
+                    return Self::load(path, false);
+                }
                 Self::from_bytes(&*bytes)
             }
             Err(ReadPrivate::Io(e)) => Err(err(format!("cannot read {shown}: {e}"))),

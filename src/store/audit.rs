@@ -14,9 +14,10 @@
 //! The checkpoint (`audit.checkpoint_file`) holds the last seq and hash, MACed, and
 //! is written after each commit that appended events (under a lock, never going
 //! back to an older seq). It is what makes truncation, deletion of every event and
-//! re-hashing visible: none of them can match it. It is created once, with the key;
-//! a writer never recreates a missing one, so its loss stays visible until an
-//! operator runs `rotator audit reset-checkpoint`.
+//! re-hashing visible: none of them can match it. It is created once, with the key
+//! or at a fresh database's first start (`first_start`); a writer never recreates
+//! a missing one, so its loss stays visible until an operator runs
+//! `rotator audit reset-checkpoint`.
 //!
 //! Client-supplied text never makes a large row: `append` cuts the actor, subject
 //! and every string in `detail` to [`MAX_TEXT`] bytes (marked with the original
@@ -35,6 +36,9 @@ use zeroize::Zeroizing;
 
 use super::{Store, StoreError, Tx};
 use crate::pki::{hex, sha256};
+
+mod first_start;
+pub(crate) use first_start::LogState;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -212,68 +216,18 @@ pub enum CheckpointState {
 }
 
 impl Keyring {
-    /// Loads the audit key (creating it, 0600, when `create` and it does not exist)
-    /// and, when it was just created, writes the first checkpoint at the current head.
+    /// Loads the audit key; on a database's first start (see [`first_start`])
+    /// creates it (0600) and the first checkpoint. `default_path`: the key
+    /// is rotator's own `DATA_DIR/audit.key`, not a configured one.
     pub async fn open(
         key_file: &Path,
         checkpoint: &Path,
-        create: bool,
+        default_path: bool,
         store: &Store,
     ) -> Result<Arc<Self>, StoreError> {
-        let kf = key_file.to_path_buf();
-        let loaded = tokio::task::spawn_blocking(move || read_key(&kf))
+        first_start::open(key_file, checkpoint, default_path, store)
             .await
-            .map_err(|e| StoreError::Invalid(e.to_string()))??;
-        let key = match loaded {
-            Some(k) => k,
-            None => {
-                if !create {
-                    return Err(key_err(
-                        key_file,
-                        "it does not exist",
-                        "restore the audit key from its backup (events it keyed cannot be verified without it), or unset audit.key_file so rotator creates DATA_DIR/audit.key",
-                    ));
-                }
-                let mut conn = store.conn().await?;
-                let (keyed,): (i64,) =
-                    sqlx::query_as("SELECT COUNT(*) FROM audit_events WHERE keyed = 1")
-                        .fetch_one(&mut *conn)
-                        .await?;
-                if keyed > 0 || checkpoint.exists() {
-                    return Err(key_err(
-                        key_file,
-                        format!(
-                            "it is missing, but the audit log already has {keyed} keyed events{}",
-                            if checkpoint.exists() {
-                                format!(" and a checkpoint at {}", checkpoint.display())
-                            } else {
-                                String::new()
-                            }
-                        ),
-                        "restore the audit key from its backup; a new key would make the whole log unverifiable",
-                    ));
-                }
-                let head = head(&mut conn).await?;
-                drop(conn);
-                // Under the checkpoint lock, looking again: two processes starting
-                // at once on a new data directory must not each make a key.
-                let (kf, cp) = (key_file.to_path_buf(), checkpoint.to_path_buf());
-                let ring = tokio::task::spawn_blocking(move || {
-                    let _lock = lock_file(&cp)?;
-                    if let Some(k) = read_key(&kf)? {
-                        return Ok::<_, StoreError>(Self::from_bytes(&k, &kf, &cp));
-                    }
-                    let bytes = create_key(&kf)?;
-                    let ring = Self::from_bytes(&bytes, &kf, &cp);
-                    ring.write_checkpoint(&head, Some(head.seq + 1))?;
-                    Ok(ring)
-                })
-                .await
-                .map_err(|e| StoreError::Invalid(e.to_string()))??;
-                return Ok(Arc::new(ring));
-            }
-        };
-        Ok(Arc::new(Self::from_bytes(&key, key_file, checkpoint)))
+            .map(Arc::new)
     }
 
     fn from_bytes(bytes: &[u8], key_file: &Path, checkpoint: &Path) -> Self {
@@ -749,19 +703,6 @@ fn read_key(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
         ));
     }
     Ok(Some(bytes))
-}
-
-fn create_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, StoreError> {
-    let bytes = Zeroizing::new(crate::pki::random_bytes::<32>().to_vec());
-    let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*bytes));
-    crate::fsutil::write_private_atomic(path, text.as_bytes()).map_err(|e| {
-        key_err(
-            path,
-            format!("cannot create it: {e}"),
-            "make the data directory writable by rotator",
-        )
-    })?;
-    Ok(bytes)
 }
 
 async fn head(conn: &mut super::Conn) -> Result<Head, StoreError> {

@@ -21,3 +21,15 @@ pub async fn set(conn: &mut Conn, key: &str, value: &str) -> Result<(), StoreErr
         .await?;
     Ok(())
 }
+
+/// Sets `key` only if it has no value; false when it had one (committed by
+/// another process, which a concurrent insert waits for), left as it was.
+pub async fn insert_new(conn: &mut Conn, key: &str, value: &str) -> Result<bool, StoreError> {
+    let done =
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(conn)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}

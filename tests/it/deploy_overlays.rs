@@ -122,9 +122,9 @@ fn env(c: &Value) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Loads a container's rotator configuration: the file its ROTATOR_CONFIG
-/// names, taken from the ConfigMap mounted there, plus its other variables.
-fn load(docs: &[Value], pod: &Value, c: &Value, tmp: &Path) -> Settings {
+/// A container's rotator configuration file (the ConfigMap's text mounted
+/// where its ROTATOR_CONFIG points) and the name of its key there.
+fn config_file(docs: &[Value], pod: &Value, c: &Value) -> (String, String) {
     let vars = env(c);
     let config_path = PathBuf::from(
         &vars
@@ -150,9 +150,31 @@ fn load(docs: &[Value], pod: &Value, c: &Value, tmp: &Path) -> Settings {
         .as_str()
         .expect("the config file in the ConfigMap")
         .to_string();
+    (key, text)
+}
+
+/// What `overlay` gives its `container`, as the pod would see it: the
+/// configuration file's text and the other ROTATOR_* variables (a value
+/// from a Secret as a placeholder, see [`env`]).
+pub fn shipped(overlay: &str, container_name: &str) -> (String, Vec<(String, String)>) {
+    let docs = render(overlay);
+    let pod = &deployment(&docs)["spec"]["template"]["spec"];
+    let c = container(pod, container_name);
+    let (_, text) = config_file(&docs, pod, c);
+    let vars = env(c)
+        .into_iter()
+        .filter(|(k, _)| k != "ROTATOR_CONFIG")
+        .collect();
+    (text, vars)
+}
+
+/// Loads a container's rotator configuration: the file its ROTATOR_CONFIG
+/// names, taken from the ConfigMap mounted there, plus its other variables.
+fn load(docs: &[Value], pod: &Value, c: &Value, tmp: &Path) -> Settings {
+    let (key, text) = config_file(docs, pod, c);
     let file = tmp.join(format!("{}-{key}", c["name"].as_str().unwrap()));
     std::fs::write(&file, text).unwrap();
-    let vars: Vec<(String, String)> = vars
+    let vars: Vec<(String, String)> = env(c)
         .into_iter()
         .filter(|(k, _)| k != "ROTATOR_CONFIG")
         .collect();

@@ -16,19 +16,19 @@ const LEASE: &str = "[leader_election]\nenabled = true\nlease_duration = \"2s\"\
 
 /// A daemon and its log lines (JSON), read by a task into a channel, so a test
 /// can wait for a line and still see everything it logged.
-struct Daemon {
+pub struct Daemon {
     child: tokio::process::Child,
     lines: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
     log: Vec<serde_json::Value>,
 }
 
 impl Daemon {
-    fn pid(&self) -> String {
+    pub fn pid(&self) -> String {
         self.child.id().expect("running").to_string()
     }
 
     /// Waits for a line whose message is `msg` (and that `also` accepts).
-    async fn wait_for(
+    pub async fn wait_for(
         &mut self,
         msg: &str,
         within: Duration,
@@ -51,7 +51,7 @@ impl Daemon {
         }
     }
 
-    fn signal(&self, sig: &str) {
+    pub fn signal(&self, sig: &str) {
         std::process::Command::new("kill")
             .args([sig, &self.pid()])
             .status()
@@ -59,7 +59,7 @@ impl Daemon {
     }
 
     /// Every line logged so far, the ones not yet waited for too.
-    fn drain(&mut self) -> &[serde_json::Value] {
+    pub fn drain(&mut self) -> &[serde_json::Value] {
         while let Ok(v) = self.lines.try_recv() {
             self.log.push(v);
         }
@@ -67,14 +67,14 @@ impl Daemon {
     }
 
     /// How many lines so far have the message `msg`.
-    fn count(&mut self, msg: &str) -> usize {
+    pub fn count(&mut self, msg: &str) -> usize {
         self.drain()
             .iter()
             .filter(|v| v["fields"]["message"] == msg)
             .count()
     }
 
-    async fn stop(mut self) -> std::process::ExitStatus {
+    pub async fn stop(mut self) -> std::process::ExitStatus {
         if self.child.id().is_some() {
             self.signal("-TERM");
         }
@@ -123,22 +123,30 @@ fn spawn_on(kx: &Kx, dir: &str, env: &[(&str, &str)], metrics: &str) -> Daemon {
     for (k, v) in shared_keys(kx) {
         c.env(k, v);
     }
-    c.envs(env.iter().copied()).stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    let mut raw = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = raw.next_line().await {
-            let v = serde_json::from_str(&l).unwrap_or(serde_json::json!({"raw": l}));
-            if tx.send(v).is_err() {
-                break;
+    c.envs(env.iter().copied());
+    Daemon::start(c)
+}
+
+impl Daemon {
+    /// Runs `c` (a `rotator serve --log-format json`), reading its log.
+    pub fn start(mut c: tokio::process::Command) -> Daemon {
+        c.stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut raw = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(l)) = raw.next_line().await {
+                let v = serde_json::from_str(&l).unwrap_or(serde_json::json!({"raw": l}));
+                if tx.send(v).is_err() {
+                    break;
+                }
             }
+        });
+        Daemon {
+            child,
+            lines,
+            log: Vec::new(),
         }
-    });
-    Daemon {
-        child,
-        lines,
-        log: Vec::new(),
     }
 }
 
@@ -319,7 +327,7 @@ async fn the_standby_finishes_the_pass_when_the_leader_is_sigkilled_at_any_step(
 }
 
 /// One `spec` field of the daemons' Lease, as kubectl reads it.
-async fn lease_field(kx: &Kx, field: &str) -> String {
+pub async fn lease_field(kx: &Kx, field: &str) -> String {
     let o = kx
         .admin_kubectl(&[
             "get",
@@ -335,7 +343,7 @@ async fn lease_field(kx: &Kx, field: &str) -> String {
 }
 
 /// A free local port (bound and released: the daemon binds it next).
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -358,7 +366,7 @@ async fn readyz(port: u16) -> Option<(u16, String)> {
 }
 
 /// Polls `/readyz` until `want` accepts its answer.
-async fn readyz_until(port: u16, what: &str, want: impl Fn(u16, &str) -> bool) -> String {
+pub async fn readyz_until(port: u16, what: &str, want: impl Fn(u16, &str) -> bool) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut last = None;
     while std::time::Instant::now() < deadline {

@@ -577,3 +577,41 @@ async fn the_daemon_never_opens_the_key_file() {
         1
     );
 }
+
+/// Through the socket the key is the signer's: `local_ca.cert_file` alone pins
+/// the CA it must have (README, "The signer process"), and `init` names the CA
+/// it really uses, never a path in the data directory that does not exist.
+#[tokio::test]
+async fn through_the_socket_cert_file_alone_pins_the_ca_and_init_names_it() {
+    let s = Scratch::new();
+    let signer = SignerProc::start(s.dir.path(), "", &[]);
+    let ca = s.write("ca.crt", &std::fs::read_to_string(signer.ca()).unwrap());
+    let init = |name: &str, local_ca: &str| {
+        let cfg = s.write(
+            name,
+            &format!(
+                "data_dir = {:?}\n[cluster]\nserver = \"https://127.0.0.1:6443\"\n[local_ca]\nsocket = {:?}\n{local_ca}",
+                s.path(&format!("{name}-data")),
+                signer.socket
+            ),
+        );
+        s.rotator(&["--config", cfg.to_str().unwrap(), "init"])
+    };
+    let out = ok(&init("pinned.toml", &format!("cert_file = {ca:?}\n")));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("CA certificate"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.ends_with(ca.to_str().unwrap()), "{out}");
+
+    let out = ok(&init("unpinned.toml", ""));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("CA certificate"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(&format!("the signer's, from {}", signer.socket.display())),
+        "{out}"
+    );
+    assert!(!s.path("unpinned.toml-data/ca").exists(), "{out}");
+}
