@@ -484,6 +484,7 @@ struct AuthzSection {
     hostnames: Vec<String>,
     client_ca_file: Option<PathBuf>,
     refresh_interval: String,
+    max_staleness: Option<String>,
     deny_unknown_users: bool,
     apiserver_config: Option<PathBuf>,
 }
@@ -497,6 +498,7 @@ impl Default for AuthzSection {
             hostnames: vec!["localhost".into(), "127.0.0.1".into()],
             client_ca_file: None,
             refresh_interval: "1s".into(),
+            max_staleness: None,
             deny_unknown_users: false,
             apiserver_config: None,
         }
@@ -517,6 +519,10 @@ pub struct AuthzSettings {
     pub client_ca_file: Option<PathBuf>,
     /// The longest the in-memory states lag a change another process made.
     pub refresh_interval: Duration,
+    /// How long the webhook answers from states it could not refresh (the
+    /// database unreachable) before it answers 503, so the API server's
+    /// failurePolicy applies; default three refresh intervals.
+    pub max_staleness: Duration,
     /// Refuse generation groups of users this database never had (one rotator per cluster).
     pub deny_unknown_users: bool,
     /// The API server's `--authorization-config` file, when readable here:
@@ -1386,12 +1392,43 @@ fn authz_settings(
             "a revocation made by another process reaches the webhook within this time; \"1s\" is the default",
         ));
     }
+    let max_staleness = match &f.max_staleness {
+        None => refresh_interval * 3,
+        Some(raw) => {
+            let d = cx.duration("authz.max_staleness", raw)?;
+            if d < refresh_interval || d > Duration::from_secs(3600) {
+                return Err(cx.invalid(
+                    "authz.max_staleness",
+                    raw,
+                    format!(
+                        "outside [authz.refresh_interval ({}), 1h]",
+                        humantime::format_duration(refresh_interval)
+                    ),
+                    "a revocation made while this webhook cannot read the database goes unseen this long at most; leave it unset for three refresh intervals",
+                ));
+            }
+            d
+        }
+    };
+    // Without a client CA anyone who can connect is answered, and a denial
+    // names the user, the credential and the revoke's reason.
+    if let Some(addr) = listen.filter(|a| !a.ip().is_loopback())
+        && f.client_ca_file.is_none()
+    {
+        return Err(cx.invalid(
+            "authz.listen",
+            addr,
+            "not a loopback address, and authz.client_ca_file is not set: anyone who can connect would be answered",
+            "set authz.client_ca_file to the CA of the API server's webhook client certificate (docs/deploy-authz-webhook.md), or listen on 127.0.0.1",
+        ));
+    }
     Ok(AuthzSettings {
         listen,
         tls,
         hostnames: f.hostnames,
         client_ca_file: f.client_ca_file,
         refresh_interval,
+        max_staleness,
         deny_unknown_users: f.deny_unknown_users,
         apiserver_config: f.apiserver_config,
     })
@@ -1690,12 +1727,20 @@ mod tests {
         let s = load_with(Some(&p), &[], &Overrides::default()).unwrap();
         assert_eq!(s.authz.listen, None);
         assert_eq!(s.authz.refresh_interval, Duration::from_secs(1));
+        assert_eq!(s.authz.max_staleness, Duration::from_secs(3));
         let env = [(
             "ROTATOR_AUTHZ__LISTEN".to_string(),
             "127.0.0.1:8444".to_string(),
         )];
         let s = load_with(Some(&p), &env, &Overrides::default()).unwrap();
         assert_eq!(s.authz.listen, Some("127.0.0.1:8444".parse().unwrap()));
+        // Any address with the API server's CA; loopback and [::1] without it.
+        let (_d, with_ca) =
+            write("[authz]\nlisten = \"0.0.0.0:8444\"\nclient_ca_file = \"ca.crt\"\n");
+        let s = load_with(Some(&with_ca), &[], &Overrides::default()).unwrap();
+        assert_eq!(s.authz.listen, Some("0.0.0.0:8444".parse().unwrap()));
+        let (_d, v6) = write("[authz]\nlisten = \"[::1]:8444\"\n");
+        assert!(load_with(Some(&v6), &[], &Overrides::default()).is_ok());
         for (toml, key) in [
             ("[authz]\nlisten = \"nowhere\"\n", "authz.listen"),
             (
@@ -1703,6 +1748,13 @@ mod tests {
                 "authz.refresh_interval",
             ),
             ("[authz]\ntls_cert = \"c.pem\"\n", "authz"),
+            (
+                "[authz]\nrefresh_interval = \"500ms\"\nmax_staleness = \"400ms\"\n",
+                "authz.max_staleness",
+            ),
+            ("[authz]\nlisten = \"0.0.0.0:8444\"\n", "authz.listen"),
+            ("[authz]\nlisten = \"10.0.0.5:8444\"\n", "authz.listen"),
+            ("[authz]\nlisten = \"[::]:8444\"\n", "authz.listen"),
         ] {
             let (_d, p) = write(toml);
             let e = load_with(Some(&p), &[], &Overrides::default()).unwrap_err();

@@ -14,11 +14,56 @@ use crate::metrics::Gauges;
 use crate::store::StoreError;
 
 /// The `/metrics` text: the counters, and the gauges read from the database now.
+/// While the database cannot be read its gauges are left out, and the rest
+/// (the counters, the webhook's staleness) is still served: an outage is when
+/// they matter.
 pub async fn metrics_text(app: &App) -> Result<String, StoreError> {
-    let g = gauges(app).await?;
+    let g = match gauges(app).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::debug!(error = %e, "metrics: the database's gauges left out");
+            Gauges {
+                database_unreadable: true,
+                ..Gauges::default()
+            }
+        }
+    };
+    let g = Gauges {
+        authz_staleness: authz_staleness(app),
+        ..g
+    };
     app.metrics
         .render(&g)
         .map_err(|e| StoreError::Invalid(format!("rendering the metrics: {e}")))
+}
+
+/// With a webhook: its states' age and whether it is past `authz.max_staleness`.
+fn authz_staleness(app: &App) -> Option<(Option<Duration>, bool)> {
+    app.settings.authz.listen?;
+    let age = app.metrics.authz_age();
+    Some((
+        age,
+        age.is_none_or(|a| a > app.settings.authz.max_staleness),
+    ))
+}
+
+/// The webhook's readiness: it answers from states read from the database
+/// within `authz.max_staleness` (else it answers 503 and the API server's
+/// failurePolicy applies, so a load balancer should send reviews elsewhere).
+fn authz_fresh(app: &App) -> Option<(String, Result<(), String>)> {
+    let (age, stale) = authz_staleness(app)?;
+    let bound = humantime::format_duration(app.settings.authz.max_staleness);
+    let r = match (age, stale) {
+        (_, false) => Ok(()),
+        (None, _) => Err(
+            "has not read the credential states from the database yet: it answers 503 and the API server's failurePolicy applies; fix: make the database reachable from this daemon (see 'database writable')".to_string()
+        ),
+        (Some(a), true) => Err(format!(
+            "last read the credential states from the database {}s ago, more than authz.max_staleness ({bound}): a revocation since then may be unknown here, so it answers 503 and the API server's failurePolicy applies; fix: make the database reachable from this daemon (see 'database writable'), answers resume at its next read",
+            a.as_secs()
+        )),
+    };
+    Some(("authorization webhook states fresh".to_string(), r))
 }
 
 /// Reads the gauges that describe the database and Vault.
@@ -49,6 +94,7 @@ pub async fn gauges(app: &App) -> Result<Gauges, StoreError> {
         tokens,
         vault,
         audit_checkpoint,
+        ..Gauges::default()
     })
 }
 
@@ -95,6 +141,7 @@ pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
     }
     .await;
     checks.push(("database writable".to_string(), db));
+    checks.extend(authz_fresh(app));
     if let Some(c) = &app.cluster {
         let r = tokio::time::timeout(Duration::from_secs(3), c.client.apiserver_version()).await;
         let r = match r {

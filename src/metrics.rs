@@ -24,6 +24,11 @@ pub struct Gauges {
     /// This process's audit checkpoint writes: how many failed, and whether
     /// the checkpoint is behind one of its commits now (with an audit key).
     pub audit_checkpoint: Option<(u64, bool)>,
+    /// With a webhook: its states' age (`None`: never read) and whether it
+    /// is past `authz.max_staleness`.
+    pub authz_staleness: Option<(Option<Duration>, bool)>,
+    /// The database could not be read: its gauges are left out.
+    pub database_unreadable: bool,
 }
 
 type Labels = Vec<(String, String)>;
@@ -57,6 +62,11 @@ pub struct Metrics {
     pub authz_duration: Histogram,
     pub authz_snapshot_refreshed: Gauge<f64, AtomicU64>,
     pub authz_snapshot_credentials: Gauge,
+    pub authz_connections_closed: Family<Labels, Counter>,
+    /// When the webhook's states last matched the database (monotonic).
+    authz_fresh_at: std::sync::Mutex<Option<std::time::Instant>>,
+    authz_snapshot_age: Gauge<f64, AtomicU64>,
+    authz_snapshot_stale: Gauge,
     /// When this daemon last became the leader (Unix seconds), 0 while it is not.
     leader_since: Gauge<f64, AtomicU64>,
     /// Failed audit checkpoint writes. The store counts them (it knows no
@@ -192,6 +202,24 @@ impl Default for Metrics {
             "Credentials the webhook holds in memory",
             authz_snapshot_credentials.clone(),
         );
+        let authz_connections_closed = Family::<Labels, Counter>::default();
+        registry.register(
+            "authz_connections_closed",
+            "Webhook connections closed before they were served: displaced from the pending-handshake pool by a newer one when their address (address) or the pool (total) was full, handshake not done in time (late), or no room among the connections that completed TLS (established)",
+            authz_connections_closed.clone(),
+        );
+        let authz_snapshot_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "authz_snapshot_age_seconds",
+            "Time since the webhook's in-memory credential states last matched the database, at scrape (0 without a webhook, +Inf before its first read)",
+            authz_snapshot_age.clone(),
+        );
+        let authz_snapshot_stale = Gauge::default();
+        registry.register(
+            "authz_snapshot_stale",
+            "1 while the webhook answers 503 (the API server's failurePolicy applies) because it has not read the database for longer than authz.max_staleness",
+            authz_snapshot_stale.clone(),
+        );
         let audit_checkpoint_failures = Counter::default();
         registry.register(
             "audit_checkpoint_write_failures",
@@ -212,6 +240,10 @@ impl Default for Metrics {
             authz_duration,
             authz_snapshot_refreshed,
             authz_snapshot_credentials,
+            authz_connections_closed,
+            authz_fresh_at: Default::default(),
+            authz_snapshot_age,
+            authz_snapshot_stale,
             leader_since,
             vault_state,
             api_requests,
@@ -270,6 +302,29 @@ impl Metrics {
             .set(i64::try_from(credentials).unwrap_or(i64::MAX));
     }
 
+    /// The webhook's states matched the database at `at`.
+    pub fn authz_fresh(&self, at: Option<std::time::Instant>) {
+        *self
+            .authz_fresh_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = at;
+    }
+
+    /// How long since the webhook's states matched the database (`None`: never).
+    pub fn authz_age(&self) -> Option<Duration> {
+        self.authz_fresh_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
+    }
+
+    /// A webhook connection closed before it was served; `reason` is a fixed label.
+    pub fn authz_connection_closed(&self, reason: &str) {
+        self.authz_connections_closed
+            .get_or_create(&l(&[("reason", reason)]))
+            .inc();
+    }
+
     pub fn api_connection_refused(&self, reason: &str) {
         self.api_connections_refused
             .get_or_create(&l(&[("reason", reason)]))
@@ -313,7 +368,19 @@ impl Metrics {
     /// Sets the gauges that describe the database and Vault from `now`,
     /// then renders the text format.
     pub fn render(&self, now: &Gauges) -> Result<String, std::fmt::Error> {
+        if let Some((age, stale)) = now.authz_staleness {
+            self.authz_snapshot_age
+                .set(age.map_or(f64::INFINITY, |a| a.as_secs_f64()));
+            self.authz_snapshot_stale.set(stale as i64);
+        }
         self.credentials.clear();
+        self.expiry.clear();
+        self.tokens.clear();
+        if now.database_unreadable {
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+            return Ok(out);
+        }
         for state in [
             "pending",
             "current",
@@ -331,7 +398,6 @@ impl Metrics {
                 .get_or_create(&l(&[("state", state)]))
                 .set(*n);
         }
-        self.expiry.clear();
         for (user, not_after) in &now.expiry {
             self.expiry
                 .get_or_create(&l(&[("user", user)]))
@@ -344,7 +410,6 @@ impl Metrics {
                     .set((s == current) as i64);
             }
         }
-        self.tokens.clear();
         for (state, n) in &now.tokens {
             self.tokens.get_or_create(&l(&[("state", state)])).set(*n);
         }

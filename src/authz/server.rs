@@ -22,10 +22,19 @@ use super::snapshot::{Refreshed, Shared};
 use super::{Rules, Verdict};
 use crate::app::App;
 use crate::exit::{Exit, ExitStatus};
+use crate::server::{ConnectionSlots, Failed, Handshakes};
 
-/// The API server keeps connections open; these bound what one client holds.
+/// Connections that completed TLS (with `authz.client_ca_file`, the API
+/// server's alone): it keeps them open and reuses them.
 const MAX_CONNECTIONS: usize = 1024;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections still in their TLS handshake, which anyone who can connect can
+/// open: a pool apart, in which a newcomer displaces the one that has gone
+/// longest without sending (`server::Handshakes`), so a flood cannot take the
+/// places of the API server's connections or keep its new ones out.
+const PENDING_HANDSHAKES: usize = 256;
+const PENDING_HANDSHAKES_PER_ADDRESS: usize = 64;
+/// A handshake takes milliseconds; a client that needs longer is not the API server.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle kept-alive connections are closed after this.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -137,6 +146,7 @@ impl Webhook {
                 }
                 app.metrics
                     .authz_snapshot(self.snapshot.read().len(), app.clock.now());
+                app.metrics.authz_fresh(self.snapshot.fresh_at());
                 true
             }
             Err(e) => {
@@ -153,11 +163,19 @@ impl Webhook {
         let mut apps = self.apps.clone();
         // Kept across rounds: a commit made while a refresh runs is not lost.
         let mut commits = apps.borrow_and_update().store.commits();
+        // Reads begin every interval whatever a read takes, so another
+        // process's change is read within one interval plus one read.
+        let mut interval = apps.borrow().settings.authz.refresh_interval;
+        let mut ticks = ticker(interval);
         loop {
-            let interval = apps.borrow().settings.authz.refresh_interval;
+            let now = apps.borrow().settings.authz.refresh_interval;
+            if now != interval {
+                interval = now;
+                ticks = ticker(interval);
+            }
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = ticks.tick() => {}
                 r = commits.changed() => {
                     if r.is_err() {
                         // That store is gone (a reload): poll until the new App arrives.
@@ -172,7 +190,12 @@ impl Webhook {
                     commits = apps.borrow_and_update().store.commits();
                 }
             }
-            self.refresh().await;
+            // A read stuck on an unreachable database (the pool waits for a
+            // connection) gives up, so the next one starts once it is back.
+            let bound = apps.borrow().settings.authz.max_staleness;
+            if tokio::time::timeout(bound, self.refresh()).await.is_err() {
+                warn!(waited = ?bound, "authorization snapshot not refreshed: the database did not answer");
+            }
         }
     }
 
@@ -199,6 +222,27 @@ impl Webhook {
                 super::decide(&snap, &spec, app.clock.now(), Self::rules(app)).why,
                 "unknown_certificate" | "unknown_generation"
             )
+    }
+
+    /// The answer while the states are older than `authz.max_staleness`: a
+    /// revocation made since (by a replica that still reaches the database)
+    /// may be unknown here, so rather than "no opinion" the API server gets
+    /// an error and applies its failurePolicy (Deny in the shipped config).
+    fn stale(&self, app: &App) -> Option<(u16, serde_json::Value)> {
+        let bound = app.settings.authz.max_staleness;
+        let age = self.snapshot.age().filter(|a| *a > bound)?;
+        Some((
+            503,
+            review::status(
+                503,
+                "ServiceUnavailable",
+                &format!(
+                    "rotator last read its credential states {}s ago, more than authz.max_staleness ({}): it cannot reach its database, and a revocation since may be unknown to it; the API server's failurePolicy applies",
+                    age.as_secs(),
+                    humantime::format_duration(bound)
+                ),
+            ),
+        ))
     }
 
     /// Answers one review body (the handler's core; benchmarks call it directly).
@@ -228,6 +272,12 @@ impl Webhook {
                         "rotator has not read its credential states yet; the API server's failurePolicy applies",
                     ),
                 );
+            }
+            if let Some(r) = self.stale(app) {
+                drop(snap);
+                app.metrics
+                    .authz_decision("unavailable", "stale", started.elapsed());
+                return r;
             }
             super::decide(&snap, &spec, now, Self::rules(app))
         };
@@ -259,6 +309,12 @@ fn respond(status: u16, body: &serde_json::Value) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
 }
 
 /// How long a review waits for the database when the snapshot does not know its
@@ -380,7 +436,12 @@ pub async fn serve(
         }))
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let handshakes = Handshakes::new(
+        PENDING_HANDSHAKES,
+        PENDING_HANDSHAKES_PER_ADDRESS,
+        HANDSHAKE_TIMEOUT,
+    );
+    let established = ConnectionSlots::new(MAX_CONNECTIONS, MAX_CONNECTIONS);
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -394,21 +455,44 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%addr, "authorization webhook: connection refused, all slots held");
+        // Nothing here waits: a flood is taken in as fast as it comes and
+        // displaces only pending handshakes, never a connection being served.
+        let Ok((tcp, sent)) = crate::server::has_sent(tcp) else {
             continue;
         };
-        let (acceptor, hook) = (acceptor.clone(), hook.clone());
+        let (ticket, displaced) = handshakes.admit(addr.ip(), sent);
+        if let Some(d) = displaced {
+            hook.apps
+                .borrow()
+                .metrics
+                .authz_connection_closed(d.label());
+        }
+        let (acceptor, hook, established) = (acceptor.clone(), hook.clone(), established.clone());
         tokio::spawn(async move {
-            let _slot = slot;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
+            let stream = match ticket.handshake(&acceptor, tcp).await {
+                Ok(s) => s,
+                Err(Failed::Tls(e)) => {
                     // A client without a certificate from authz.client_ca_file ends here.
                     info!(%addr, error = %e, "authorization webhook: TLS handshake refused");
                     return;
                 }
-                Err(_) => return,
+                Err(Failed::Late) => {
+                    debug!(%addr, "authorization webhook: handshake not done in time");
+                    hook.apps.borrow().metrics.authz_connection_closed("late");
+                    return;
+                }
+                Err(Failed::Displaced) => {
+                    debug!(%addr, "authorization webhook: pending handshake displaced by a newer connection");
+                    return;
+                }
+            };
+            let Ok(_slot) = established.try_acquire(addr.ip()) else {
+                warn!(%addr, "authorization webhook: connection closed, all {MAX_CONNECTIONS} served connections held");
+                hook.apps
+                    .borrow()
+                    .metrics
+                    .authz_connection_closed("established");
+                return;
             };
             let svc = hyper::service::service_fn(move |req| {
                 let hook = hook.clone();

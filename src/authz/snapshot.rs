@@ -4,7 +4,8 @@
 //! changed since", migration 0013's counter), which the server runs on each
 //! commit of its own process and at least every `authz.refresh_interval`.
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::store::changes::{Changes, CredentialRow, UserRow};
 use crate::store::{Store, StoreError};
@@ -194,6 +195,9 @@ impl Snapshot {
 #[derive(Debug, Default)]
 pub struct Shared {
     inner: RwLock<Snapshot>,
+    /// When the states last matched the database (a refresh that succeeded,
+    /// changes or not); `None` until the first.
+    fresh_at: Mutex<Option<Instant>>,
 }
 
 /// What one refresh did.
@@ -218,15 +222,35 @@ impl Shared {
     /// Replaces the snapshot with rows built elsewhere (benchmarks, tests).
     pub fn replace(&self, changes: Changes) {
         self.write().apply(changes, true);
+        self.mark_fresh(Instant::now());
+    }
+
+    fn mark_fresh(&self, at: Instant) {
+        *self.fresh_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// When the states last matched the database; `None` before the first read.
+    pub fn fresh_at(&self) -> Option<Instant> {
+        *self.fresh_at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long since the states last matched the database; `None` before the first read.
+    pub fn age(&self) -> Option<Duration> {
+        self.fresh_at().map(|t| t.elapsed())
     }
 
     /// Reads what changed since the last refresh and applies it. A counter that
     /// went backwards (the database was restored or replaced) means a full load.
     pub async fn refresh(&self, store: &Store) -> Result<Refreshed, StoreError> {
+        // The states match the database as of when the read began.
+        let started = Instant::now();
         let have = self.read().seq();
         let now = crate::store::changes::seq(store).await?;
         let full = match have {
-            Some(h) if now == h => return Ok(Refreshed::Unchanged),
+            Some(h) if now == h => {
+                self.mark_fresh(started);
+                return Ok(Refreshed::Unchanged);
+            }
             Some(h) => now < h,
             None => true,
         };
@@ -242,6 +266,7 @@ impl Shared {
             }
         };
         self.write().apply(changes, full);
+        self.mark_fresh(started);
         Ok(r)
     }
 }

@@ -20,11 +20,13 @@ use crate::app::App;
 use crate::selfservice::{self, ApiError, MAX_BODY_BYTES, Peer};
 use crate::store::credentials;
 
+mod handshakes;
 mod ratelimit;
 mod refusals;
 mod slots;
 mod tls;
 
+pub use handshakes::{Displaced, Failed, Handshakes, Ticket, Watched, has_sent};
 pub use ratelimit::RateLimiter;
 pub use refusals::Refusals;
 pub use slots::{ConnectionSlots, Full as SlotsFull, Slot, client_key};

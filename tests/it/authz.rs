@@ -202,15 +202,15 @@ impl Presented {
     }
 }
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: tokio::process::Child,
-    addr: std::net::SocketAddr,
+    pub addr: std::net::SocketAddr,
     metrics: String,
-    api_server: std::sync::Arc<rustls::ClientConfig>,
+    pub api_server: std::sync::Arc<rustls::ClientConfig>,
 }
 
 impl Daemon {
-    async fn start(s: &Scratch, client_ca: &str, api_server: (&str, &str)) -> Self {
+    pub async fn start(s: &Scratch, client_ca: &str, api_server: (&str, &str)) -> Self {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rotator"))
@@ -225,6 +225,7 @@ impl Daemon {
                 &metrics,
             ])
             .env_remove("ROTATOR_CONFIG")
+            .envs(s.database_url.iter().map(|u| ("ROTATOR_DATABASE_URL", u)))
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
@@ -266,7 +267,7 @@ impl Daemon {
         d
     }
 
-    async fn ask(&self, body: &Value) -> (u16, Value) {
+    pub async fn ask(&self, body: &Value) -> (u16, Value) {
         let mut c = Conn::new("127.0.0.1", self.addr, self.api_server.clone());
         let (status, text) = c
             .send(
@@ -284,7 +285,7 @@ impl Daemon {
     }
 
     /// `None` for no opinion, `Some(reason)` for a denial; panics on anything else.
-    async fn decision(&self, who: &Presented) -> Option<String> {
+    pub async fn decision(&self, who: &Presented) -> Option<String> {
         let (status, v) = self.ask(&who.review()).await;
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["apiVersion"], "authorization.k8s.io/v1");
@@ -310,18 +311,30 @@ impl Daemon {
         }
     }
 
-    async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(&self.metrics).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.1
     }
 
-    async fn stop(mut self) {
+    /// GET `path` on the health and metrics port: the status and the whole response.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(&self.metrics).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, out)
+    }
+
+    pub async fn stop(mut self) {
         let _ = run("kill", &["-TERM", &self.child.id().unwrap().to_string()]);
         let status = tokio::time::timeout(Duration::from_secs(40), self.child.wait()).await;
         assert!(status.unwrap().unwrap().success());
@@ -630,6 +643,39 @@ async fn only_the_api_servers_certificate_gets_in_and_bad_reviews_get_400_with_a
         "{m}"
     );
     d.stop().await;
+}
+
+/// Without `authz.client_ca_file` the webhook answers whoever connects, and
+/// its denials name users, credentials and revoke reasons: only on loopback.
+#[test]
+fn a_webhook_without_the_api_servers_ca_listens_on_loopback_only() {
+    let s = Scratch::new();
+    s.write("rotator.toml", "data_dir = \"rotator-data\"\n");
+    ok(&s.rotator(&["--config", "rotator.toml", "init"]));
+    for addr in ["0.0.0.0:0", "[::]:0"] {
+        let mut child = s
+            .command()
+            .args(["--config", "rotator.toml", "serve", "--authz-addr", addr])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A daemon that starts serving would never exit: stopped, and failed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let o = child.wait_with_output().unwrap();
+        let err = crate::common::fails_with(&o, 3);
+        assert!(
+            err.contains("authz.listen")
+                && err.contains(addr)
+                && err.contains("client_ca_file")
+                && err.contains("fix:"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -288,6 +288,48 @@ fn every_overlay_runs_a_hardened_pod() {
     }
 }
 
+/// The webhook port admits the addresses the API server connects from, named
+/// in the overlay's knob (apiserver-sources.yaml), and no one else: not every
+/// address, and not through the base policy's ports.
+#[test]
+fn the_webhook_port_admits_only_the_api_servers_addresses() {
+    let docs = render("authz-webhook");
+    let authz = find(&docs, "NetworkPolicy", "rotator-authz").expect("rotator-authz");
+    let ingress = authz["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 1, "{authz}");
+    assert_eq!(ingress[0]["ports"][0]["port"], "authz", "{authz}");
+    let from = ingress[0]["from"]
+        .as_array()
+        .expect("a `from` list: none admits all");
+    assert!(!from.is_empty(), "an empty `from` admits every source");
+    for f in from {
+        let cidr = f["ipBlock"]["cidr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{f}"));
+        let (ip, len) = cidr.split_once('/').unwrap();
+        let len: u8 = len.parse().unwrap();
+        let host = if ip.contains(':') { 128 } else { 32 };
+        // At most a /16 of control-plane addresses, never "anywhere".
+        assert!(
+            len >= host / 2,
+            "{cidr} admits far more than the API server"
+        );
+        assert!(f.get("namespaceSelector").is_none() && f.get("podSelector").is_none());
+    }
+    let base = find(&docs, "NetworkPolicy", "rotator").unwrap();
+    for rule in base["spec"]["ingress"].as_array().unwrap() {
+        for p in rule["ports"].as_array().unwrap() {
+            assert_ne!(p["port"], "authz", "the base policy opens the webhook port");
+        }
+    }
+    let knob = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/overlays/authz-webhook/apiserver-sources.yaml"
+    ))
+    .unwrap();
+    assert!(knob.contains("ipBlock") && knob.contains("deploy-authz-webhook.md"));
+}
+
 #[test]
 fn local_ca_overlay_keeps_the_key_in_the_signer_sidecar() {
     let docs = render("local-ca");

@@ -2,6 +2,7 @@
 mod access;
 mod audit;
 mod authz;
+mod authz_outage;
 mod bulk;
 mod ca_formats;
 mod cli;
