@@ -6,6 +6,7 @@ mod bulk;
 mod ca_formats;
 mod cli;
 mod common;
+mod copy;
 mod crash;
 mod daemon;
 mod database;
