@@ -18,6 +18,7 @@ pub mod kubernetes;
 mod pg;
 mod policy_config;
 mod revocation;
+mod rollback;
 mod security;
 mod signer;
 mod user_api;
