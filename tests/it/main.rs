@@ -5,6 +5,7 @@ mod authz;
 mod bulk;
 mod ca_formats;
 mod cli;
+mod closed_pipe;
 mod common;
 mod copy;
 mod crash;
