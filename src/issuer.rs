@@ -1314,7 +1314,8 @@ impl Issuer<'_> {
         for i in &open {
             // Outside objects first: if this fails, the journal still says open and a later run retries.
             self.signer.cleanup(&i.id).await?;
-            let overtaken = crate::rollback::overtaken(&mut *self.store.conn().await?, &i.id).await?;
+            let overtaken =
+                crate::rollback::overtaken(&mut *self.store.conn().await?, &i.id).await?;
             if let Some(o) = overtaken {
                 self.abandon_overtaken(&i.id, &o, actor).await;
                 abandoned += 1;

@@ -37,21 +37,28 @@ pub async fn overtaken(conn: &mut Conn, id: &str) -> Result<Option<Overtaken>, S
     let Some(c) = credentials::get(conn, id).await? else {
         return Ok(None);
     };
-    Ok(credentials::newer_activated(conn, &c.user_name, c.generation)
-        .await?
-        .map(|(newer, newer_serial)| Overtaken {
-            user: c.user_name,
-            generation: c.generation,
-            newer,
-            newer_serial,
-        }))
+    Ok(
+        credentials::newer_activated(conn, &c.user_name, c.generation)
+            .await?
+            .map(|(newer, newer_serial)| Overtaken {
+                user: c.user_name,
+                generation: c.generation,
+                newer,
+                newer_serial,
+            }),
+    )
 }
 
 impl Issuer<'_> {
     /// Abandons an overtaken attempt: its signer objects deleted, its journal
     /// row and pending credential ended with the reason, and an audit event
     /// saying why. Returns the error its command reports.
-    pub(crate) async fn abandon_overtaken(&self, id: &str, o: &Overtaken, actor: &str) -> IssueError {
+    pub(crate) async fn abandon_overtaken(
+        &self,
+        id: &str,
+        o: &Overtaken,
+        actor: &str,
+    ) -> IssueError {
         if let Err(e) = self.signer.cleanup(id).await {
             warn!(credential = %id, error = %e, "could not delete the CSR object; the next command for the user or the next reconcile removes it");
         }

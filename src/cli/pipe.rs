@@ -79,8 +79,12 @@ mod tests {
         let e = std::io::Error::from_raw_os_error(32);
         assert!(is_closed_stdout(&format!("failed printing to stdout: {e}")));
         let other = std::io::Error::from_raw_os_error(28);
-        assert!(!is_closed_stdout(&format!("failed printing to stdout: {other}")));
-        assert!(!is_closed_stdout(&format!("failed printing to stderr: {e}")));
+        assert!(!is_closed_stdout(&format!(
+            "failed printing to stdout: {other}"
+        )));
+        assert!(!is_closed_stdout(&format!(
+            "failed printing to stderr: {e}"
+        )));
         assert!(!is_closed_stdout("index out of bounds"));
     }
 }

@@ -157,7 +157,8 @@ async fn matching_columns(
         n.sort_unstable();
         n.join(", ")
     };
-    let same_kind = |a: &schema::Column| theirs.iter().any(|t| t.name == a.name && t.kind == a.kind);
+    let same_kind =
+        |a: &schema::Column| theirs.iter().any(|t| t.name == a.name && t.kind == a.kind);
     if ours.len() != theirs.len() || !ours.iter().all(same_kind) {
         return Err(CopyError::Schema {
             target: shown.to_string(),

@@ -33,7 +33,11 @@ pub fn kind_of(declared: &str) -> Option<Kind> {
 }
 
 /// `table`'s columns in their declared order.
-pub async fn columns(conn: &mut Conn, engine: Engine, table: &str) -> Result<Vec<Column>, StoreError> {
+pub async fn columns(
+    conn: &mut Conn,
+    engine: Engine,
+    table: &str,
+) -> Result<Vec<Column>, StoreError> {
     let sql = match engine {
         Engine::Sqlite => "SELECT name, type FROM pragma_table_info($1) ORDER BY cid",
         Engine::Postgres => {

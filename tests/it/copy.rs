@@ -95,11 +95,7 @@ fn lost_and_doubled(source: &Dump, copy: &Dump) -> (usize, usize) {
 /// An App over the scratch directory's SQLite database, at `clock`'s time.
 async fn app_at(dir: &Path, clock: Arc<dyn Clock>) -> App {
     let cfg = dir.join("in-process.toml");
-    std::fs::write(
-        &cfg,
-        format!("data_dir = {:?}\n", dir.join("rotator-data")),
-    )
-    .unwrap();
+    std::fs::write(&cfg, format!("data_dir = {:?}\n", dir.join("rotator-data"))).unwrap();
     let settings = config::load_with(Some(&cfg), &[], &Overrides::default()).unwrap();
     App::open(settings, clock, Arc::new(NoFaults), "test".into())
         .await
@@ -146,7 +142,9 @@ async fn enroll(app: &App, user: &str, token: String) {
 /// user, an issuance and a token can be in, by the commands that do it.
 async fn every_state(s: &Scratch) {
     let add = |u: &str, extra: &[&str]| {
-        let mut args = vec!["--output", "json", "add-user", u, "-n", "team-a", "--role", "view"];
+        let mut args = vec![
+            "--output", "json", "add-user", u, "-n", "team-a", "--role", "view",
+        ];
         args.extend_from_slice(extra);
         ok(&s.rotator(&args))
     };
@@ -160,7 +158,10 @@ async fn every_state(s: &Scratch) {
     add("frank", &["--enroll"]); // its token stays unused
     let grace: serde_json::Value = serde_json::from_str(&add("grace", &["--enroll"])).unwrap();
     // An attempt that dies after planning, abandoned by the next one.
-    let o = s.rotator_env(&["rotate", "alice"], &[("ROTATOR_FAULT", "after-plan:error")]);
+    let o = s.rotator_env(
+        &["rotate", "alice"],
+        &[("ROTATOR_FAULT", "after-plan:error")],
+    );
     assert!(!o.status.success());
     ok(&s.rotator(&["rotate", "alice"]));
 
@@ -179,7 +180,10 @@ async fn every_state(s: &Scratch) {
     // never expires (a NULL integer), one revoked.
     let mut conn = app.store.conn().await.unwrap();
     let now = SystemClock.now();
-    for (id, expires, state) in [("abcdef", None, "active"), ("ghijkl", Some(now + 3600), "revoked")] {
+    for (id, expires, state) in [
+        ("abcdef", None, "active"),
+        ("ghijkl", Some(now + 3600), "revoked"),
+    ] {
         let t = rotator::store::tokens::NewToken {
             id,
             secret_hash: "0123456789abcdef",
@@ -221,17 +225,47 @@ async fn assert_every_state(s: &Scratch) {
         assert!(has(sql).await, "a {state} credential");
     }
     for (what, sql) in [
-        ("a removed user", "SELECT COUNT(*) FROM users WHERE state = 'removed'"),
-        ("a used enrollment token", "SELECT COUNT(*) FROM enrollment_tokens WHERE state = 'used'"),
-        ("an unused enrollment token", "SELECT COUNT(*) FROM enrollment_tokens WHERE state = 'active'"),
-        ("an abandoned issuance", "SELECT COUNT(*) FROM issuances WHERE step = 'abandoned'"),
-        ("a stored, undelivered issuance", "SELECT COUNT(*) FROM issuances WHERE step = 'stored'"),
-        ("a sealed key", "SELECT COUNT(*) FROM credentials WHERE sealed_key IS NOT NULL"),
-        ("a bootstrap token without expiry", "SELECT COUNT(*) FROM bootstrap_tokens WHERE expires_at IS NULL"),
+        (
+            "a removed user",
+            "SELECT COUNT(*) FROM users WHERE state = 'removed'",
+        ),
+        (
+            "a used enrollment token",
+            "SELECT COUNT(*) FROM enrollment_tokens WHERE state = 'used'",
+        ),
+        (
+            "an unused enrollment token",
+            "SELECT COUNT(*) FROM enrollment_tokens WHERE state = 'active'",
+        ),
+        (
+            "an abandoned issuance",
+            "SELECT COUNT(*) FROM issuances WHERE step = 'abandoned'",
+        ),
+        (
+            "a stored, undelivered issuance",
+            "SELECT COUNT(*) FROM issuances WHERE step = 'stored'",
+        ),
+        (
+            "a sealed key",
+            "SELECT COUNT(*) FROM credentials WHERE sealed_key IS NOT NULL",
+        ),
+        (
+            "a bootstrap token without expiry",
+            "SELECT COUNT(*) FROM bootstrap_tokens WHERE expires_at IS NULL",
+        ),
         ("a delivery Secret", "SELECT COUNT(*) FROM delivery_secrets"),
-        ("a failed delivery", "SELECT COUNT(*) FROM audit_events WHERE action = 'delivery.fail'"),
-        ("an expiry", "SELECT COUNT(*) FROM audit_events WHERE action = 'credential.expire'"),
-        ("a renewal through the API", "SELECT COUNT(*) FROM issuances WHERE kind = 'renew'"),
+        (
+            "a failed delivery",
+            "SELECT COUNT(*) FROM audit_events WHERE action = 'delivery.fail'",
+        ),
+        (
+            "an expiry",
+            "SELECT COUNT(*) FROM audit_events WHERE action = 'credential.expire'",
+        ),
+        (
+            "a renewal through the API",
+            "SELECT COUNT(*) FROM issuances WHERE kind = 'renew'",
+        ),
     ] {
         assert!(has(sql).await, "{what}");
     }

@@ -55,7 +55,10 @@ enum Then {
 }
 
 async fn rows(app: &rotator::app::App, sql: &'static str) -> Vec<(String, String, Option<String>)> {
-    sqlx::query_as(sql).fetch_all(app.store.pool()).await.unwrap()
+    sqlx::query_as(sql)
+        .fetch_all(app.store.pool())
+        .await
+        .unwrap()
 }
 
 async fn overtaken(then: Then) {
@@ -64,7 +67,10 @@ async fn overtaken(then: Then) {
     let app = Arc::new(app(dir.path(), "", pause.clone()).await);
     let out = dir.path().join("alice.kubeconfig");
     let sink = || FileSink { path: out.clone() };
-    app.issuer().add_user(spec("alice"), &mut sink(), "t").await.unwrap();
+    app.issuer()
+        .add_user(spec("alice"), &mut sink(), "t")
+        .await
+        .unwrap();
 
     // Generation 2 is stored, then its process stalls before delivering it.
     let (held, go) = pause.arm();
@@ -74,14 +80,17 @@ async fn overtaken(then: Then) {
         .await
         .unwrap();
     // Meanwhile another pass makes generation 3 current.
-    let newer = app.issuer().rotate("alice", &mut sink(), "other").await.unwrap();
+    let newer = app
+        .issuer()
+        .rotate("alice", &mut sink(), "other")
+        .await
+        .unwrap();
     assert_eq!(newer.credential.generation, 3);
     let old_id: String = {
-        let (id,): (String,) =
-            sqlx::query_as("SELECT id FROM credentials WHERE generation = 2")
-                .fetch_one(app.store.pool())
-                .await
-                .unwrap();
+        let (id,): (String,) = sqlx::query_as("SELECT id FROM credentials WHERE generation = 2")
+            .fetch_one(app.store.pool())
+            .await
+            .unwrap();
         id
     };
 
@@ -100,10 +109,17 @@ async fn overtaken(then: Then) {
             newer.credential.serial.clone()
         }
         Then::Dies => {
-            assert!(matches!(resumed, Err(IssueError::Injected(_))), "{resumed:?}");
+            assert!(
+                matches!(resumed, Err(IssueError::Injected(_))),
+                "{resumed:?}"
+            );
             // The next pass finds generation 2 stored and undelivered, its
             // process gone: it abandons it and rotates from generation 3.
-            let next = app.issuer().rotate("alice", &mut sink(), "next").await.unwrap();
+            let next = app
+                .issuer()
+                .rotate("alice", &mut sink(), "next")
+                .await
+                .unwrap();
             assert_eq!(next.credential.generation, 4);
             assert_eq!(next.superseded, vec![newer.credential.serial.clone()]);
             next.credential.serial
@@ -122,12 +138,17 @@ async fn overtaken(then: Then) {
     let two = &states[1];
     assert_eq!(two.1, "failed", "{then:?}: {states:?}");
     assert!(
-        two.2.as_deref().is_some_and(|r| r.contains("roll alice back")),
+        two.2
+            .as_deref()
+            .is_some_and(|r| r.contains("roll alice back")),
         "{then:?}: {two:?}"
     );
     // Generation 3 was superseded only by what came after it, never by 2.
     if then == Then::Dies {
-        assert!(states[2].2.as_deref().unwrap().contains(&current_serial), "{states:?}");
+        assert!(
+            states[2].2.as_deref().unwrap().contains(&current_serial),
+            "{states:?}"
+        );
     }
     let journal = rows(
         &app,
@@ -135,7 +156,10 @@ async fn overtaken(then: Then) {
     )
     .await;
     assert_eq!(journal[0].1, "abandoned", "{journal:?}");
-    assert!(journal[0].2.as_deref().unwrap().contains("generation 3"), "{journal:?}");
+    assert!(
+        journal[0].2.as_deref().unwrap().contains("generation 3"),
+        "{journal:?}"
+    );
     // Audited, with why; and generation 2 was never activated.
     let events = rows(
         &app,
