@@ -325,6 +325,7 @@ async fn killed_and_rerun(engine: Engine, label: &str) {
     every_state(&s).await;
     let sqlite = format!("sqlite://{}", s.path("rotator-data/rotator.db").display());
     let source = dump(&sqlite).await;
+    const ROUNDS: usize = 8;
     let target = |round: usize| match engine {
         Engine::Postgres => pg.as_ref().expect("PostgreSQL").create_database(),
         Engine::Sqlite => {
@@ -333,13 +334,16 @@ async fn killed_and_rerun(engine: Engine, label: &str) {
             format!("sqlite://{}", dir.join("rotator.db").display())
         }
     };
-    // How long a whole copy takes here: the kills fall anywhere inside it.
-    let started = std::time::Instant::now();
-    ok(&s.rotator(&["database", "copy", "--to", &target(0)]));
-    let whole = started.elapsed().as_millis() as u64 + 1;
+    // How long a whole copy takes here (the faster of two: the first pays
+    // for cold caches): the kills fall anywhere inside it.
+    let mut whole = u64::MAX;
+    for round in [0, ROUNDS + 1] {
+        let started = std::time::Instant::now();
+        ok(&s.rotator(&["database", "copy", "--to", &target(round)]));
+        whole = whole.min(started.elapsed().as_millis() as u64 + 1);
+    }
     let (mut before_commit, mut after_commit, mut finished) = (0, 0, 0);
     let (mut lost, mut doubled) = (0, 0);
-    const ROUNDS: usize = 8;
     for round in 1..=ROUNDS {
         let url = target(round);
         let delay = u64::from(u16::from_le_bytes(rotator::pki::random_bytes::<2>())) % whole;
