@@ -123,6 +123,15 @@ pub enum IssueError {
         fix: &'static str,
     },
     #[error(
+        "{user}'s generation {generation} was not made current: generation {newer} ({newer_serial}) was made current after it began, and the older one would roll {user} back; it was abandoned\nfix: nothing to repair: {user}'s current credential is the newer one; `rotator rotate {user}` issues another"
+    )]
+    Overtaken {
+        user: String,
+        generation: i64,
+        newer: i64,
+        newer_serial: String,
+    },
+    #[error(
         "the request names generation {asked}, but the user's next generation is {next}\nfix: ask for the subject again and make a new request"
     )]
     GenerationStale { asked: i64, next: i64 },
@@ -168,6 +177,7 @@ impl IssueError {
             IssueError::Store(_) => "database",
             IssueError::Injected(_) | IssueError::Preempted(_) => "interrupted",
             IssueError::Cancelled { .. } => "revoked",
+            IssueError::Overtaken { .. } => "overtaken",
             IssueError::GenerationStale { .. }
             | IssueError::TokenUnavailable
             | IssueError::ClientCsr(_)
@@ -190,7 +200,9 @@ impl ExitStatus for IssueError {
             IssueError::Access(e) => e.exit(),
             IssueError::Store(e) => e.exit(),
             IssueError::Injected(_) => Exit::Internal,
-            IssueError::Preempted(_) | IssueError::Cancelled { .. } => Exit::Conflict,
+            IssueError::Preempted(_)
+            | IssueError::Cancelled { .. }
+            | IssueError::Overtaken { .. } => Exit::Conflict,
             IssueError::GenerationStale { .. } | IssueError::TokenUnavailable => Exit::Conflict,
             IssueError::ClientCsr(_) | IssueError::ClientKeyType { .. } => Exit::Refused,
         }
@@ -733,6 +745,11 @@ impl Issuer<'_> {
         if let Some(reason) = self.cancelled(id).await? {
             return Err(cancelled(&spec.name, serial, reason, None));
         }
+        // So does a newer generation made current meanwhile: never a rollback.
+        let overtaken = crate::rollback::overtaken(&mut *self.store.conn().await?, id).await?;
+        if let Some(o) = overtaken {
+            return Err(self.abandon_overtaken(id, &o, actor).await);
+        }
         let delivered = match kc.render() {
             Ok(yaml) => sink.deliver(&yaml).await,
             Err(e) => Err(SinkError {
@@ -1134,10 +1151,15 @@ impl Issuer<'_> {
     ) -> Result<(Credential, Vec<String>), IssueError> {
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
+        if let Some(o) = crate::rollback::overtaken(&mut tx, id).await? {
+            drop(tx);
+            return Err(self.abandon_overtaken(id, &o, actor).await);
+        }
         // Conditional, in the one transaction that decides: only from pending,
-        // only for an active user, only if no revoke ended the attempt. The
-        // previous credential is superseded first (one current per user); a
-        // refusal rolls that back with the rest.
+        // only for an active user, only if no revoke ended the attempt and no
+        // newer generation was made current. The previous credential is
+        // superseded first (one current per user); a refusal rolls that back
+        // with the rest.
         let open = issuances::get(&mut tx, id)
             .await?
             .is_some_and(|i| !matches!(i.step.as_str(), "delivered" | "failed" | "abandoned"));
@@ -1345,6 +1367,13 @@ impl Issuer<'_> {
         for i in &open {
             // Outside objects first: if this fails, the journal still says open and a later run retries.
             self.signer.cleanup(&i.id).await?;
+            let overtaken =
+                crate::rollback::overtaken(&mut *self.store.conn().await?, &i.id).await?;
+            if let Some(o) = overtaken {
+                self.abandon_overtaken(&i.id, &o, actor).await;
+                abandoned += 1;
+                continue;
+            }
             let now = self.clock.now();
             let mut tx = self.store.begin().await?;
             if !issuances::set_step(

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod renewal;
+pub mod rollback;
 pub mod scheduler;
 pub mod selfservice;
 pub mod server;

@@ -139,8 +139,7 @@ async fn export(app: &App, from: i64, dest: &str) -> CliResult {
         )
     };
     if dest == "-" {
-        let stdout = std::io::stdout();
-        let mut w = std::io::BufWriter::new(stdout.lock());
+        let mut w = std::io::BufWriter::new(super::pipe::Stdout(std::io::stdout().lock()));
         let n = write_lines(app, from, &mut w).await?;
         w.flush().map_err(write_fail)?;
         tracing::debug!(events = n, "audit export written to stdout");

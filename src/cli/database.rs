@@ -137,9 +137,17 @@ async fn copy(cli: &super::Cli, to: &str, out: OutputFormat) -> CliResult {
                 .map(|(t, n)| vec![t.clone(), n.to_string()])
                 .collect();
             output::table(&["TABLE", "ROWS"], &rows);
+            let done = if r.already {
+                format!(
+                    "{} already held this database (an earlier copy was stopped after its commit; nothing was written now)",
+                    r.target
+                )
+            } else {
+                format!("copied into {}", r.target)
+            };
             println!(
-                "copied into {}: row counts match and the audit chain verifies there ({} events, head {})",
-                r.target, r.audit_events, r.audit_head
+                "{done}: row counts match and the audit chain verifies there ({} events, head {})",
+                r.audit_events, r.audit_head
             );
             println!(
                 "next: set database_url = {:?} in the config (or ROTATOR_DATABASE_URL) of every rotator process, keep audit.key_file, audit.checkpoint_file and sealing.key_file as they are, and start the daemon; {} is left as it was (keep it as a backup)",

@@ -22,7 +22,7 @@ pub fn completions(shell: Shell) -> CliResult {
         Shell::Zsh => clap_complete::Shell::Zsh,
         Shell::Fish => clap_complete::Shell::Fish,
     };
-    clap_complete::generate(shell, &mut cmd, "rotator", &mut std::io::stdout());
+    clap_complete::generate(shell, &mut cmd, "rotator", &mut super::pipe::stdout());
     Ok(())
 }
 
@@ -32,7 +32,7 @@ pub fn man(dir: Option<&Path>) -> CliResult {
     let cmd = Cli::command();
     match dir {
         None => clap_mangen::Man::new(cmd)
-            .render(&mut std::io::stdout())
+            .render(&mut super::pipe::stdout())
             .map_err(|e| Failure::new(Exit::Output, anyhow!("cannot write the man page: {e}"))),
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| {

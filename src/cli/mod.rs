@@ -20,6 +20,7 @@ mod docs;
 mod doctor;
 mod doctor_vault;
 mod output;
+mod pipe;
 mod serve;
 mod signer;
 mod token;
@@ -327,6 +328,7 @@ pub fn main() -> ExitCode {
         "warn"
     };
     init_tracing(cli.log_format, default_level);
+    pipe::install();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -344,6 +346,8 @@ pub fn main() -> ExitCode {
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away: what failed was only the writing to it.
+        Err(_) if pipe::closed() => ExitCode::from(pipe::EXIT_CLOSED),
         Err(f) => {
             // Every typed error already says its cause; the chain would repeat it.
             eprintln!("error: {}", f.error);

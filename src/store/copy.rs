@@ -7,9 +7,12 @@
 //! copy (same audit key: the key and checkpoint live outside the database).
 //!
 //! Rows are copied value by value as integers, text or NULL (the only types
-//! rotator's schema uses on either engine), so the copy works between engines.
-use sqlx::{Column, Row, TypeInfo};
+//! rotator's schema uses on either engine), each bound as its column is
+//! declared in the target (see [`super::schema`]), so the copy works between
+//! engines whatever columns a migration adds.
+use sqlx::Row;
 
+use super::schema::{self, Kind};
 use super::{Store, StoreError, audit};
 use crate::exit::{Exit, ExitStatus};
 
@@ -31,7 +34,7 @@ pub const TABLES: &[&str] = &[
 /// Tables the target's own triggers keep (migration 0013's change counter
 /// stamps every copied credential and user row as it is inserted): not copied,
 /// so the counter matches the stamps in the target.
-const KEPT: &[&str] = &["change_counter"];
+pub const KEPT: &[&str] = &["change_counter"];
 
 /// Tables a migration fills by itself; replaced, not refused, on the target.
 const SEEDED: &[&str] = &["leader_epoch"];
@@ -68,6 +71,15 @@ pub enum CopyError {
         kind: &'static str,
         reason: String,
     },
+    #[error(
+        "table {table} has other columns in {target} ({target_columns}) than here ({source_columns}); nothing was copied\nfix: open both databases with the same rotator version (it migrates each), then copy again"
+    )]
+    Schema {
+        target: String,
+        table: &'static str,
+        source_columns: String,
+        target_columns: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -76,7 +88,7 @@ impl ExitStatus for CopyError {
     fn exit(&self) -> Exit {
         match self {
             CopyError::NotEmpty { .. } | CopyError::SameDatabase { .. } => Exit::Conflict,
-            CopyError::Mismatch { .. } => Exit::Database,
+            CopyError::Mismatch { .. } | CopyError::Schema { .. } => Exit::Database,
             CopyError::Audit { .. } => Exit::AuditBroken,
             CopyError::Store(e) => e.exit(),
         }
@@ -90,6 +102,9 @@ pub struct CopyReport {
     pub tables: Vec<(String, i64)>,
     pub audit_events: i64,
     pub audit_head: String,
+    /// The target held this copy already (a rerun after a copy killed past its
+    /// commit): nothing was written.
+    pub already: bool,
 }
 
 async fn count(conn: &mut super::Conn, table: &str) -> Result<i64, StoreError> {
@@ -100,38 +115,59 @@ async fn count(conn: &mut super::Conn, table: &str) -> Result<i64, StoreError> {
     Ok(n)
 }
 
-/// One stored value: rotator's schema has integers, text and NULLs only.
+/// One stored value, as its column is declared.
 enum Value {
     Int(Option<i64>),
     Text(Option<String>),
 }
 
-fn value<R>(row: &R, i: usize) -> Result<Value, StoreError>
+fn value<R>(row: &R, table: &str, i: usize, column: &schema::Column) -> Result<Value, StoreError>
 where
     R: Row,
     usize: sqlx::ColumnIndex<R>,
     for<'r> Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
-        // A NULL decodes as anything: bound as an integer into a text column,
-        // it would fix that parameter's type in the prepared INSERT, and the
-        // next row's text would be refused (PostgreSQL: "incorrect binary data
-        // format"). The column's declared type decides for a NULL.
-        if v.is_none() && is_text(row.columns()[i].type_info().name()) {
-            return Ok(Value::Text(None));
-        }
-        return Ok(Value::Int(v));
-    }
-    row.try_get::<Option<String>, _>(i)
-        .map(Value::Text)
-        .map_err(|e| StoreError::Invalid(format!("column {i}: neither integer nor text: {e}")))
+    let read = match column.kind {
+        Kind::Integer => row.try_get::<Option<i64>, _>(i).map(Value::Int),
+        Kind::Text => row.try_get::<Option<String>, _>(i).map(Value::Text),
+    };
+    read.map_err(|e| {
+        StoreError::Invalid(format!(
+            "{table}.{} (declared {}) holds a value of another type: {e}",
+            column.name, column.declared
+        ))
+    })
 }
 
-/// Whether a column's declared type (either engine's name for it) holds text.
-fn is_text(declared: &str) -> bool {
-    let d = declared.to_ascii_uppercase();
-    d.contains("TEXT") || d.contains("CHAR")
+/// The target's columns of `table`, checked against the source's: a column
+/// only one side has would be lost or left empty.
+async fn matching_columns(
+    src: &mut super::Conn,
+    source: &Store,
+    tgt: &mut super::Conn,
+    target: &Store,
+    table: &'static str,
+    shown: &str,
+) -> Result<Vec<schema::Column>, CopyError> {
+    let theirs = schema::columns(tgt, target.engine(), table).await?;
+    let ours = schema::columns(src, source.engine(), table).await?;
+    let names = |c: &[schema::Column]| {
+        let mut n: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
+        n.sort_unstable();
+        n.join(", ")
+    };
+    let same_kind =
+        |a: &schema::Column| theirs.iter().any(|t| t.name == a.name && t.kind == a.kind);
+    if ours.len() != theirs.len() || !ours.iter().all(same_kind) {
+        return Err(CopyError::Schema {
+            target: shown.to_string(),
+            table,
+            source_columns: names(&ours),
+            target_columns: names(&theirs),
+        });
+    }
+    Ok(theirs)
 }
 
 /// How a copy's read transaction begins on the source, so that every table is
@@ -159,6 +195,12 @@ pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyRep
     {
         let rows = count(&mut tconn, t).await?;
         if rows > 0 {
+            drop(tconn);
+            if let Some(counts) = already_copied(source, target).await? {
+                // A rerun after a copy killed past its commit: check it, as the copy would have.
+                let checkpoint = audit::checkpoint_now(source).await?;
+                return verified(source, target, shown, checkpoint, counts, true).await;
+            }
             return Err(CopyError::NotEmpty {
                 target: shown.to_string(),
                 table: t,
@@ -187,25 +229,19 @@ pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyRep
                 .await
                 .map_err(StoreError::from)?;
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT * FROM {t}")))
+        let columns = matching_columns(&mut src, source, &mut tx, target, t, shown).await?;
+        let names: Vec<String> = columns.iter().map(|c| format!("\"{}\"", c.name)).collect();
+        let names = names.join(", ");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {names} FROM {t}")))
             .fetch_all(&mut *src)
             .await
             .map_err(StoreError::from)?;
-        let mut insert = None;
+        let marks: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+        let insert = format!("INSERT INTO {t} ({names}) VALUES ({})", marks.join(", "));
         for row in &rows {
-            let sql = insert.get_or_insert_with(|| {
-                let cols: Vec<String> = row
-                    .columns()
-                    .iter()
-                    .map(|c| format!("\"{}\"", c.name()))
-                    .collect();
-                let marks: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
-                let marks = marks.join(", ");
-                format!("INSERT INTO {t} ({}) VALUES ({marks})", cols.join(", "))
-            });
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
-            for i in 0..row.columns().len() {
-                q = match value(row, i)? {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(insert.clone()));
+            for (i, c) in columns.iter().enumerate() {
+                q = match value(row, t, i, c)? {
                     Value::Int(v) => q.bind(v),
                     Value::Text(v) => q.bind(v),
                 };
@@ -226,7 +262,20 @@ pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyRep
     }
     drop(src);
     super::commit(tx).await?;
-    // The target verified on its own: read back from it, under the same key.
+    verified(source, target, shown, checkpoint, counts, false).await
+}
+
+/// The copy's report, once its audit chain verified on the target on its own:
+/// read back from it, under the source's key and against the checkpoint read
+/// before the copy.
+async fn verified(
+    source: &Store,
+    target: &Store,
+    shown: &str,
+    checkpoint: audit::CheckpointState,
+    tables: Vec<(String, i64)>,
+    already: bool,
+) -> Result<CopyReport, CopyError> {
     let mut check = target.clone();
     if let Some(ring) = source.audit_keyring() {
         check.set_audit(ring.clone());
@@ -242,10 +291,43 @@ pub async fn copy(source: &Store, target: &Store, shown: &str) -> Result<CopyRep
     }
     Ok(CopyReport {
         target: shown.to_string(),
-        tables: counts,
+        tables,
         audit_events: r.events,
         audit_head: r.head,
+        already,
     })
+}
+
+/// The target's row counts, if it already holds the source as it is now (a
+/// copy killed after its commit, before it reported): the same instance id,
+/// the same last audit event (every change is audited in its own
+/// transaction, so nothing changed since) and the same row count in every
+/// table. Read from one snapshot of the source.
+async fn already_copied(
+    source: &Store,
+    target: &Store,
+) -> Result<Option<Vec<(String, i64)>>, StoreError> {
+    let mut src = source.pool().begin_with(snapshot(source.engine())).await?;
+    let mut tgt = target.conn().await?;
+    let id = super::meta::get(&mut src, super::meta::INSTANCE_ID).await?;
+    if id.is_none() || id != super::meta::get(&mut tgt, super::meta::INSTANCE_ID).await? {
+        return Ok(None);
+    }
+    let last = "SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1";
+    let ours: Option<(i64, String)> = sqlx::query_as(last).fetch_optional(&mut *src).await?;
+    let theirs: Option<(i64, String)> = sqlx::query_as(last).fetch_optional(&mut *tgt).await?;
+    if ours != theirs {
+        return Ok(None);
+    }
+    let mut counts = Vec::new();
+    for &t in TABLES.iter().filter(|t| !KEPT.contains(t)) {
+        let n = count(&mut tgt, t).await?;
+        if n != count(&mut src, t).await? {
+            return Ok(None);
+        }
+        counts.push((t.to_string(), n));
+    }
+    Ok(Some(counts))
 }
 
 #[cfg(test)]

@@ -120,6 +120,25 @@ pub async fn renewal_of(
     .await?)
 }
 
+/// The newest generation of `user` above `generation` that was ever made
+/// current (current now, or its attempt delivered), with its serial: while
+/// one exists, `generation` may never become current (a rollback).
+pub async fn newer_activated(
+    conn: &mut Conn,
+    user: &str,
+    generation: i64,
+) -> Result<Option<(i64, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT n.generation, n.serial FROM credentials n JOIN issuances ni ON ni.id = n.id
+         WHERE n.user_name = $1 AND n.generation > $2 AND (n.state = 'current' OR ni.step = 'delivered')
+         ORDER BY n.generation DESC LIMIT 1",
+    )
+    .bind(user)
+    .bind(generation)
+    .fetch_optional(conn)
+    .await?)
+}
+
 /// Stores the sealed key of a pending credential.
 pub async fn set_sealed_key(conn: &mut Conn, id: &str, sealed: &str) -> Result<(), StoreError> {
     sqlx::query("UPDATE credentials SET sealed_key = $1 WHERE id = $2 AND state = 'pending'")
@@ -131,7 +150,8 @@ pub async fn set_sealed_key(conn: &mut Conn, id: &str, sealed: &str) -> Result<(
 }
 
 /// A pending credential of `user` whose delivery can still be retried: its key
-/// is sealed and it is valid past `after`. With its issuance's owner.
+/// is sealed and it is valid past `after`, and no newer generation was made
+/// current since (that one is abandoned instead). With its issuance's owner.
 pub async fn redeliverable(
     conn: &mut Conn,
     user: &str,
@@ -141,6 +161,9 @@ pub async fn redeliverable(
         "SELECT c.id, c.sealed_key, i.owner FROM credentials c JOIN issuances i ON i.id = c.id
          WHERE c.user_name = $1 AND c.state = 'pending' AND c.sealed_key IS NOT NULL
            AND c.not_after > $2 AND i.step = 'stored'
+           AND NOT EXISTS (SELECT 1 FROM credentials n JOIN issuances ni ON ni.id = n.id
+             WHERE n.user_name = c.user_name AND n.generation > c.generation
+               AND (n.state = 'current' OR ni.step = 'delivered'))
          ORDER BY c.generation DESC LIMIT 1",
     )
     .bind(user)
@@ -207,13 +230,17 @@ pub async fn set_state(
 }
 
 /// Makes a pending credential current, but only if it is still pending and its
-/// user still active: a revoke or remove-user that ran meanwhile wins. False
-/// when the credential was not activated.
+/// user still active (a revoke or remove-user that ran meanwhile wins), and no
+/// newer generation of the user was ever made current (never a rollback).
+/// False when the credential was not activated.
 pub async fn activate_pending(conn: &mut Conn, id: &str, now: i64) -> Result<bool, StoreError> {
     let r = sqlx::query(
         "UPDATE credentials SET state = 'current', state_reason = NULL, state_at = $1, sealed_key = NULL
          WHERE id = $2 AND state = 'pending'
-           AND EXISTS (SELECT 1 FROM users u WHERE u.name = credentials.user_name AND u.state = 'active')",
+           AND EXISTS (SELECT 1 FROM users u WHERE u.name = credentials.user_name AND u.state = 'active')
+           AND NOT EXISTS (SELECT 1 FROM credentials n JOIN issuances ni ON ni.id = n.id
+             WHERE n.user_name = credentials.user_name AND n.generation > credentials.generation
+               AND (n.state = 'current' OR ni.step = 'delivered'))",
     )
     .bind(now)
     .bind(id)

@@ -23,6 +23,7 @@ pub mod enrollments;
 pub mod fence;
 pub mod issuances;
 pub mod meta;
+pub mod schema;
 pub mod tokens;
 pub mod users;
 

@@ -360,9 +360,9 @@ signing_variants! {
 }
 
 /// Fails its first `failures` deliveries, then writes like a FileSink.
-struct FlakySink {
-    inner: FileSink,
-    failures: usize,
+pub(crate) struct FlakySink {
+    pub(crate) inner: FileSink,
+    pub(crate) failures: usize,
 }
 
 impl rotator::sink::Sink for FlakySink {

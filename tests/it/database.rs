@@ -198,7 +198,17 @@ async fn database_copy_moves_everything_into_an_empty_database_and_refuses_a_use
         "{show}"
     );
     fails_with(&s.rotator(&["--data-dir", dd, "rotate", "bob"]), 4);
-    // A database that is not empty is refused, and left as it was.
+    // Run again unchanged (as after a copy killed past its commit): the target
+    // is recognised as this very copy, checked, and nothing is written.
+    let again = ok(&s.rotator(&["database", "copy", "--to", &url]));
+    assert!(
+        again.contains("already held this database") && again.contains("row counts match"),
+        "{again}"
+    );
+    assert_eq!(counts(&target).await, source);
+    // A database that is not empty (and not this one as it is now) is refused,
+    // and left as it was.
+    ok(&s.rotator(&["add-user", "erin", "-n", "team-a", "--role", "view"]));
     let e = fails_with(&s.rotator(&["database", "copy", "--to", &url]), 6);
     assert!(e.contains("is not empty") && e.contains("fix:"), "{e}");
     assert_eq!(counts(&target).await, source);
