@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use rotator::authz::Webhook;
+use rotator::daemon::authz::Webhook;
 use serde_json::json;
 
 fn main() {
@@ -238,15 +238,15 @@ async fn run() {
     let app = Arc::new(
         rotator::app::App::open(
             settings,
-            Arc::new(rotator::clock::SystemClock),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::support::clock::SystemClock),
+            Arc::new(rotator::flows::issue::NoFaults),
             "bench".into(),
         )
         .await
         .unwrap()
         .0,
     );
-    let now = rotator::clock::Clock::now(&*app.clock);
+    let now = rotator::support::clock::Clock::now(&*app.clock);
     fill(&app, users, now).await;
     let (_tx, apps) = tokio::sync::watch::channel(app.clone());
     let hook = Webhook::new(apps);
@@ -274,11 +274,11 @@ async fn run() {
         rows.push(in_process(&hook, &app, &b, in_flight));
     }
     // The real listener and TLS config, on a free port.
-    let tls = rotator::authz::server::tls_config(&app).unwrap();
+    let tls = rotator::daemon::authz::server::tls_config(&app).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(rotator::authz::server::serve(
+    let server = tokio::spawn(rotator::daemon::authz::server::serve(
         listener,
         tls,
         hook.clone(),

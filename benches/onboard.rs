@@ -192,8 +192,8 @@ async fn in_process(
     let app = Arc::new(
         rotator::app::App::open(
             settings,
-            Arc::new(rotator::clock::SystemClock),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::support::clock::SystemClock),
+            Arc::new(rotator::flows::issue::NoFaults),
             "bench".into(),
         )
         .await
@@ -227,7 +227,7 @@ async fn in_process(
                     ttl_seconds: 3600,
                 };
                 let t = Instant::now();
-                let mut sink = rotator::sink::FileSink {
+                let mut sink = rotator::delivery::FileSink {
                     path: dir.join(format!("{tag}u{i}.kubeconfig")),
                 };
                 app.issuer()

@@ -44,8 +44,8 @@ fn app(dir: &std::path::Path) -> rotator::app::App {
     runtime()
         .block_on(rotator::app::App::open(
             settings,
-            Arc::new(rotator::clock::SystemClock),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::support::clock::SystemClock),
+            Arc::new(rotator::flows::issue::NoFaults),
             "bench".into(),
         ))
         .unwrap()
@@ -91,7 +91,7 @@ fn add_user_end_to_end(c: &mut Criterion) {
                     key_type: KeyType::EcdsaP256,
                     ttl_seconds: 3600,
                 };
-                let mut sink = rotator::sink::FileSink {
+                let mut sink = rotator::delivery::FileSink {
                     path: dir.path().join("out.kubeconfig"),
                 };
                 rt.block_on(app.issuer().add_user(spec, &mut sink, "bench"))

@@ -229,15 +229,15 @@ async fn run() {
             let app = Arc::new(
                 rotator::app::App::open(
                     settings,
-                    Arc::new(rotator::clock::SystemClock),
-                    Arc::new(rotator::issuer::NoFaults),
+                    Arc::new(rotator::support::clock::SystemClock),
+                    Arc::new(rotator::flows::issue::NoFaults),
                     "bench".into(),
                 )
                 .await
                 .unwrap()
                 .0,
             );
-            let now = rotator::clock::Clock::now(&rotator::clock::SystemClock);
+            let now = rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock);
             let t = Instant::now();
             seed(&app, n, now).await;
             eprintln!(
@@ -250,7 +250,7 @@ async fn run() {
             let mut secs = Vec::new();
             for _ in 0..idle_passes {
                 let t = Instant::now();
-                let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+                let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
                 secs.push(t.elapsed().as_secs_f64());
                 assert_eq!(r.due, 0);
             }
@@ -263,7 +263,7 @@ async fn run() {
             for _ in 0..due_passes {
                 make_due(&app, due, now).await;
                 let t = Instant::now();
-                let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+                let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
                 secs.push(t.elapsed().as_secs_f64());
                 assert_eq!((r.due, r.renewed, r.failed), (due, due, 0));
             }

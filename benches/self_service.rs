@@ -1,4 +1,4 @@
-//! Self-service (flow 2) against the Kubernetes API test server: users enroll
+//! Self-service against the Kubernetes API test server: users enroll
 //! with a one-time token and then renew over mutual TLS through rotator's HTTPS
 //! API, with the real client code (`rotator fetch` without the kubeconfig
 //! merge), beside the hand-run openssl + kubectl flow in the same run:
@@ -84,7 +84,7 @@ async fn run() {
             common_name: "bench serving CA".into(),
             validity: Duration::from_secs(86_400),
         },
-        Arc::new(rotator::clock::SystemClock),
+        Arc::new(rotator::support::clock::SystemClock),
     )
     .unwrap();
     let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
@@ -109,19 +109,19 @@ async fn run() {
     let app = Arc::new(
         rotator::app::App::open(
             settings,
-            Arc::new(rotator::clock::SystemClock),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::support::clock::SystemClock),
+            Arc::new(rotator::flows::issue::NoFaults),
             "bench".into(),
         )
         .await
         .unwrap()
         .0,
     );
-    let tls = rotator::server::server_config(&app).unwrap();
+    let tls = rotator::daemon::api::server_config(&app).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = format!("https://{}", listener.local_addr().unwrap());
     let (_tx, apps) = tokio::sync::watch::channel(app.clone());
-    tokio::spawn(rotator::server::serve(
+    tokio::spawn(rotator::daemon::api::serve(
         listener,
         tls,
         apps,
@@ -140,7 +140,7 @@ async fn run() {
             ttl_seconds: 3600,
         };
         tokens.push(
-            rotator::enrollment::add_user(&app, &spec)
+            rotator::flows::enroll::add_user(&app, &spec)
                 .await
                 .unwrap()
                 .token

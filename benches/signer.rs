@@ -117,7 +117,7 @@ fn signer_in(
     dir: &std::path::Path,
     log_dir: &std::path::Path,
 ) -> (Arc<dyn Signer>, std::path::PathBuf) {
-    let clock = Arc::new(rotator::clock::SystemClock);
+    let clock = Arc::new(rotator::support::clock::SystemClock);
     let socket = dir.join("signer.sock");
     let ss = SignerServiceSettings {
         socket: socket.clone(),
@@ -205,7 +205,7 @@ fn main() {
         common_name: "bench CA".into(),
         validity: Duration::from_secs(86_400),
     };
-    let clock = Arc::new(rotator::clock::SystemClock);
+    let clock = Arc::new(rotator::support::clock::SystemClock);
     let in_process: Arc<dyn Signer> = Arc::new(LocalCa::create(&ca, clock).unwrap());
     let csrs = Arc::new(csrs());
     // The signer as deployed (its log on this machine's disk), and the same
@@ -354,8 +354,8 @@ mod remote {
         let settings = rotator::config::load_with(Some(&cfg), &[], &Default::default()).unwrap();
         rotator::app::App::open(
             settings,
-            Arc::new(rotator::clock::SystemClock),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::support::clock::SystemClock),
+            Arc::new(rotator::flows::issue::NoFaults),
             "bench".into(),
         )
         .await

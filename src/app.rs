@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::clock::Clock;
 use crate::cluster::{Cluster, ClusterError, Endpoint};
 use crate::config::{LOCAL_DEFAULT_SERVER, Settings, SignerKind};
-use crate::exit::{Exit, ExitStatus};
-use crate::issuer::{Faults, Inflight, Issuer, ProcessIdentity};
+use crate::flows::issue::{Faults, Inflight, Issuer, ProcessIdentity};
 use crate::signer::{KubernetesSigner, LocalCa, SignError, Signer};
 use crate::store::{Store, StoreError, audit, meta};
+use crate::support::clock::Clock;
+use crate::support::exit::{Exit, ExitStatus};
 
 mod instance;
 
@@ -112,7 +112,7 @@ pub struct App {
     pub actor: String,
     pub identity: ProcessIdentity,
     pub inflight: Arc<Inflight>,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::support::metrics::Metrics>,
     /// Whether this daemon may run the jobs (always, without leader election).
     pub leader: Arc<std::sync::atomic::AtomicBool>,
     /// With leader election: the epoch this daemon took in the database when it
@@ -141,9 +141,9 @@ fn cached(
     match fresh {
         Ok(text) => {
             let dir = data_dir.join("cluster");
-            if crate::fsutil::ensure_private_dir(&dir).is_ok()
+            if crate::support::fsutil::ensure_private_dir(&dir).is_ok()
                 && std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str())
-                && let Err(e) = crate::fsutil::write_public_atomic(&path, text.as_bytes())
+                && let Err(e) = crate::support::fsutil::write_public_atomic(&path, text.as_bytes())
             {
                 tracing::warn!(path = %path.display(), error = %e, "could not cache what the cluster said");
             }
@@ -233,14 +233,11 @@ impl App {
     ) -> Result<(Self, InitReport), AppError> {
         // The data directory is rotator's alone: created 0700, and repaired to it
         // (with a warning) when a umask or a hand-made directory left it open.
-        if let Some(old) =
-            crate::fsutil::ensure_private_dir_repaired(&settings.data_dir).map_err(|source| {
-                AppError::DataDir {
-                    path: settings.data_dir.clone(),
-                    source,
-                }
-            })?
-        {
+        if let Some(old) = crate::support::fsutil::ensure_private_dir_repaired(&settings.data_dir)
+            .map_err(|source| AppError::DataDir {
+            path: settings.data_dir.clone(),
+            source,
+        })? {
             tracing::warn!(dir = %settings.data_dir.display(), mode = format!("{old:03o}"), "the data directory was accessible to group or others; its mode is now 700");
         }
         let location = settings.database.clone();
@@ -291,7 +288,10 @@ impl App {
                 let mut p = db_path.clone().into_os_string();
                 p.push(suffix);
                 let p = PathBuf::from(p);
-                match crate::fsutil::restrict_to_owner(&p, crate::fsutil::PRIVATE_MODE) {
+                match crate::support::fsutil::restrict_to_owner(
+                    &p,
+                    crate::support::fsutil::PRIVATE_MODE,
+                ) {
                     Ok(Some(old)) if suffix.is_empty() && db_existed => {
                         tracing::warn!(file = %p.display(), mode = format!("{old:03o}"), "the database was readable by group or others; its mode is now 600")
                     }
@@ -403,7 +403,7 @@ impl App {
                                 .parent()
                                 .unwrap_or(&settings.data_dir)
                                 .to_path_buf();
-                            crate::fsutil::ensure_private_dir_repaired(&dir)
+                            crate::support::fsutil::ensure_private_dir_repaired(&dir)
                                 .map_err(|source| AppError::DataDir { path: dir, source })?;
                         }
                         let (ca, created) = LocalCa::ensure(&settings.local_ca, clock.clone())?;
@@ -526,7 +526,7 @@ impl App {
                 actor,
                 identity,
                 inflight,
-                metrics: Arc::new(crate::metrics::Metrics::default()),
+                metrics: Arc::new(crate::support::metrics::Metrics::default()),
                 leader: Arc::new(std::sync::atomic::AtomicBool::new(true)),
                 fence: Arc::default(),
                 sealing,

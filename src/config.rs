@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::exit::{Exit, ExitStatus};
 use crate::pki::KeyType;
 use crate::policy::{Pattern, Policy};
+use crate::support::exit::{Exit, ExitStatus};
 
 /// Environment variables that are not configuration keys.
 /// `ROTATOR_REQUIRE_ALL` is the test suite's (scripts/test): every test must run.
@@ -448,7 +448,7 @@ impl Default for ServerSection {
     }
 }
 
-/// The HTTPS API users fetch their credentials from (flow 2).
+/// The HTTPS API users fetch their credentials from (self-service).
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// `None`: `serve` runs no user API.

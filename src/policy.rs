@@ -2,8 +2,8 @@
 //! plainly safe is refused with the reason, before any key or CSR exists.
 use std::time::Duration;
 
-use crate::exit::{Exit, ExitStatus};
 use crate::pki::KeyType;
+use crate::support::exit::{Exit, ExitStatus};
 
 /// Kubernetes refuses `expirationSeconds` under 600.
 pub const ABSOLUTE_MIN_TTL: Duration = Duration::from_secs(600);

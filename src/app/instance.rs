@@ -38,9 +38,11 @@ pub(super) fn write_marker(data_dir: &std::path::Path, instance: &str) -> Result
     let text = format!(
         "# rotator data directory: the database here belongs to this instance.\n# Do not edit; a database without it is refused.\ninstance {instance}\n"
     );
-    crate::fsutil::write_public_atomic(&path, text.as_bytes()).map_err(|source| AppError::DataDir {
-        path: path.clone(),
-        source,
+    crate::support::fsutil::write_public_atomic(&path, text.as_bytes()).map_err(|source| {
+        AppError::DataDir {
+            path: path.clone(),
+            source,
+        }
     })
 }
 

@@ -9,13 +9,13 @@ use serde_json::json;
 use super::output::{self, OutputFormat, time};
 use super::{CliResult, Failure};
 use crate::app::App;
-use crate::exit::Exit;
-use crate::issuer::Issued;
-use crate::lifecycle;
+use crate::delivery::{FileSink, Sink, WriterSink};
+use crate::flows::issue::Issued;
+use crate::flows::revoke;
 use crate::pki::KeyType;
 use crate::policy::UserSpec;
-use crate::sink::{FileSink, Sink, WriterSink};
 use crate::store::{credentials, users};
+use crate::support::exit::Exit;
 
 #[derive(Debug, Args)]
 pub struct AddUserArgs {
@@ -54,8 +54,8 @@ pub struct AddUserArgs {
     /// namespaces (the first kubeconfig goes there too; rotator creates that
     /// Secret and refuses one that already exists), or `vault:MOUNT/PATH`, a KV v2
     /// secret in Vault (`{user}` in PATH is the user's name; field `kubeconfig`).
-    #[arg(long, value_name = "TARGET", value_parser = crate::sink::Target::parse)]
-    pub deliver: Option<crate::sink::Target>,
+    #[arg(long, value_name = "TARGET", value_parser = crate::delivery::Target::parse)]
+    pub deliver: Option<crate::delivery::Target>,
     /// Issue nothing now: print a one-time enrollment token (valid for
     /// server.enroll_token_ttl) with which the user's own machine makes its key
     /// and fetches a certificate (`rotator fetch --token`).
@@ -174,7 +174,7 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
         key_type: a.key_type.unwrap_or(policy.default_key_type),
         ttl_seconds: a.ttl.unwrap_or(policy.default_ttl).as_secs(),
     };
-    if let Some(crate::sink::Target::Secret { namespace, .. }) = &a.deliver
+    if let Some(crate::delivery::Target::Secret { namespace, .. }) = &a.deliver
         && (app.cluster.is_none() || !(spec.namespaces.contains(namespace) || a.cluster_wide))
     {
         return Err(Failure::new(
@@ -191,7 +191,7 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
         return enroll(app, &spec, out).await;
     }
     let mut sink = match (&a.deliver, app.cluster.as_ref()) {
-        (Some(crate::sink::Target::Secret { namespace, name }), Some(cluster)) => {
+        (Some(crate::delivery::Target::Secret { namespace, name }), Some(cluster)) => {
             if a.out.is_some() {
                 return Err(Failure::new(
                     Exit::Usage,
@@ -201,7 +201,7 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
                 ));
             }
             secret_target_usable(app, cluster, namespace, name, &spec.name).await?;
-            Box::new(crate::sink::SecretSink {
+            Box::new(crate::delivery::SecretSink {
                 cluster: cluster.clone(),
                 store: app.store.clone(),
                 namespace: namespace.clone(),
@@ -209,7 +209,7 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
                 user: spec.name.clone(),
             }) as Box<dyn Sink>
         }
-        (Some(crate::sink::Target::Vault { mount, path }), _) => {
+        (Some(crate::delivery::Target::Vault { mount, path }), _) => {
             if a.out.is_some() {
                 return Err(Failure::new(
                     Exit::Usage,
@@ -250,7 +250,7 @@ pub async fn add_user(app: &App, a: &AddUserArgs, out: OutputFormat) -> CliResul
 pub(super) async fn record_delivery(
     app: &App,
     user: &str,
-    t: &crate::sink::Target,
+    t: &crate::delivery::Target,
 ) -> Result<(), crate::store::StoreError> {
     let now = app.clock.now();
     let mut tx = app.store.begin().await?;
@@ -291,7 +291,7 @@ pub(super) async fn secret_target_usable(
             ),
         ));
     }
-    match crate::sink::delivery_secret(&app.store, ns, name).await? {
+    match crate::delivery::delivery_secret(&app.store, ns, name).await? {
         Some((owner, _)) if owner != user => {
             return Err(Failure::new(
                 Exit::Conflict,
@@ -308,16 +308,16 @@ pub(super) async fn secret_target_usable(
 }
 
 async fn enroll(app: &App, spec: &UserSpec, out: OutputFormat) -> CliResult {
-    let created = crate::enrollment::add_user(app, spec).await?;
+    let created = crate::flows::enroll::add_user(app, spec).await?;
     print_token(app, spec, &created, out);
-    crate::enrollment::delivered(app, &created.id, &spec.name, "stdout").await?;
+    crate::flows::enroll::delivered(app, &created.id, &spec.name, "stdout").await?;
     Ok(())
 }
 
 fn print_token(
     app: &App,
     spec: &UserSpec,
-    created: &crate::enrollment::Created,
+    created: &crate::flows::enroll::Created,
     out: OutputFormat,
 ) {
     let server = app
@@ -349,11 +349,11 @@ fn print_token(
 /// Ends a revocation on purpose (`--reinstate`); a user who was not revoked is
 /// left as it is.
 async fn reinstate(app: &App, name: &str, adding: bool) -> CliResult {
-    match lifecycle::reinstate(app, name).await {
+    match revoke::reinstate(app, name).await {
         Ok(true) => eprintln!("reinstated {name}: its revocation is over"),
         Ok(false) => {}
         // add-user --reinstate of a new (or removed) user: nothing to end.
-        Err(lifecycle::LifecycleError::NoSuchUser(_)) if adding => {}
+        Err(revoke::LifecycleError::NoSuchUser(_)) if adding => {}
         Err(e) => return Err(e.into()),
     }
     Ok(())
@@ -400,7 +400,7 @@ fn revoked_report(
 }
 
 pub async fn revoke(app: &App, name: &str, serial: Option<&str>, out: OutputFormat) -> CliResult {
-    let revoked = lifecycle::revoke(app, name, serial).await?;
+    let revoked = revoke::revoke(app, name, serial).await?;
     revoked_report(out, "revoke", name, &revoked, app.signer.kind());
     if serial.is_none() && out == OutputFormat::Table {
         println!(
@@ -419,7 +419,7 @@ fn state_text(u: &users::User) -> String {
 }
 
 pub async fn remove_user(app: &App, name: &str, out: OutputFormat) -> CliResult {
-    let revoked = lifecycle::remove_user(app, name).await?;
+    let revoked = revoke::remove_user(app, name).await?;
     revoked_report(out, "remove-user", name, &revoked, app.signer.kind());
     Ok(())
 }

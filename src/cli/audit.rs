@@ -8,8 +8,8 @@ use futures_util::TryStreamExt;
 use super::output::{self, OutputFormat, time};
 use super::{CliResult, Failure};
 use crate::app::App;
-use crate::exit::Exit;
 use crate::store::audit;
+use crate::support::exit::Exit;
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {

@@ -1,5 +1,5 @@
 //! `rotator add-user --from FILE`: many users in one process, at the signer's
-//! pace. The file is read and checked whole (crate::bulk) before anything is
+//! pace. The file is read and checked whole (crate::flows::onboard) before anything is
 //! issued; then at most `--concurrency` users are onboarded at once.
 //!
 //! A rerun of the same file after an interruption finishes what is missing:
@@ -10,7 +10,7 @@
 //! `revoked` and left alone (a rerun never reinstates anyone).
 //!
 //! Exit code: 0 when every row is issued, enrolled or unchanged; otherwise the
-//! most severe failed row's code (crate::bulk::severity: internal 1, database
+//! most severe failed row's code (crate::flows::onboard::severity: internal 1, database
 //! 7, signer 8, unreachable 12, verification 9, output 10, conflict 6,
 //! refused 4).
 use std::io::{IsTerminal, Read};
@@ -25,11 +25,11 @@ use super::admin::{AddUserArgs, record_delivery, secret_target_usable};
 use super::output::{self, OutputFormat, time};
 use super::{CliResult, Failure};
 use crate::app::App;
-use crate::bulk::{self, Delivery, Row};
-use crate::exit::Exit;
-use crate::issuer::IssueError;
-use crate::sink::{FileSink, SecretSink, Sink};
+use crate::delivery::{FileSink, SecretSink, Sink};
+use crate::flows::issue::IssueError;
+use crate::flows::onboard::{self, Delivery, Row};
 use crate::store::{credentials, enrollments, users};
+use crate::support::exit::Exit;
 
 /// What the checks before issuance decided for a row.
 enum Plan {
@@ -114,7 +114,7 @@ impl Outcome {
 
 fn read_input(from: &Path) -> CliResult<(String, Vec<u8>)> {
     let read_err = |name: String, e: std::io::Error| {
-        Failure::from(bulk::BulkError::Read {
+        Failure::from(onboard::BulkError::Read {
             source_name: name,
             reason: e.to_string(),
         })
@@ -127,7 +127,7 @@ fn read_input(from: &Path) -> CliResult<(String, Vec<u8>)> {
         return Ok(("stdin".into(), buf));
     }
     let name = from.display().to_string();
-    match crate::fsutil::read_regular(from) {
+    match crate::support::fsutil::read_regular(from) {
         Ok(Some(b)) => Ok((name, b)),
         Ok(None) => Err(read_err(
             name,
@@ -153,7 +153,7 @@ async fn plan(app: &App, row: &Row) -> CliResult<Plan> {
         if u.spec != row.spec {
             let e = IssueError::SpecMismatch {
                 user: row.spec.name.clone(),
-                differs: crate::issuer::describe_diff(&u.spec, &row.spec),
+                differs: crate::flows::issue::describe_diff(&u.spec, &row.spec),
             };
             return Ok(Plan::Conflict(e.into()));
         }
@@ -237,12 +237,12 @@ async fn onboard(app: &App, row: &Row, out_dir: &Path) -> Outcome {
 
 async fn onboard_inner(app: &App, row: &Row, out_dir: &Path) -> CliResult<Outcome> {
     if row.delivery == Delivery::Enroll {
-        let created = crate::enrollment::add_user(app, &row.spec).await?;
+        let created = crate::flows::enroll::add_user(app, &row.spec).await?;
         let path = out_dir.join(format!("{}.token", row.spec.name));
         let p = path.clone();
         let token = zeroize::Zeroizing::new(format!("{}\n", created.token.as_str()));
         tokio::task::spawn_blocking(move || {
-            crate::fsutil::write_private_atomic(&p, token.as_bytes())
+            crate::support::fsutil::write_private_atomic(&p, token.as_bytes())
         })
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e)))
@@ -257,7 +257,7 @@ async fn onboard_inner(app: &App, row: &Row, out_dir: &Path) -> CliResult<Outcom
             )
         })?;
         let to = path.display().to_string();
-        crate::enrollment::delivered(app, &created.id, &row.spec.name, &to).await?;
+        crate::flows::enroll::delivered(app, &created.id, &row.spec.name, &to).await?;
         return Ok(Outcome {
             not_after: Some(time(created.expires_at)),
             delivered_to: Some(path.display().to_string()),
@@ -312,7 +312,7 @@ async fn onboard_inner(app: &App, row: &Row, out_dir: &Path) -> CliResult<Outcom
 pub async fn run(app: App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
     let from = a.from.clone().expect("--from");
     let (source, bytes) = read_input(&from)?;
-    let rows = bulk::parse(&source, bytes.as_slice(), &app.settings.policy, a.key_type)?;
+    let rows = onboard::parse(&source, bytes.as_slice(), &app.settings.policy, a.key_type)?;
     // Everything that can be checked is checked before anything is issued.
     vault_usable(&app, &source, &rows).await?;
     let mut refused = Vec::new();
@@ -370,7 +370,7 @@ pub async fn run(app: App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
     }
     if !todo.is_empty() {
         if let Some(d) = &a.out_dir {
-            crate::fsutil::ensure_private_dir(d).map_err(|e| {
+            crate::support::fsutil::ensure_private_dir(d).map_err(|e| {
                 Failure::new(
                     Exit::Output,
                     anyhow!(
@@ -387,7 +387,7 @@ pub async fn run(app: App, a: &AddUserArgs, out: OutputFormat) -> CliResult {
     let worst = outcomes
         .iter()
         .map(|o| o.exit)
-        .max_by_key(|e| bulk::severity(*e))
+        .max_by_key(|e| onboard::severity(*e))
         .unwrap_or(Exit::Ok);
     if worst == Exit::Ok {
         Ok(())

@@ -6,7 +6,7 @@ use anyhow::anyhow;
 use super::output::{self, OutputFormat};
 use super::{CliResult, Failure};
 use crate::app::App;
-use crate::exit::Exit;
+use crate::support::exit::Exit;
 
 pub async fn backup(app: &App, file: &Path, out: OutputFormat) -> CliResult {
     let shown = app.settings.database.to_string();
@@ -60,7 +60,7 @@ fn lock_daemon(data_dir: &Path) -> CliResult<Option<std::fs::File>> {
     if !p.exists() {
         return Ok(None);
     }
-    crate::fsutil::check_replaceable(&p)
+    crate::support::fsutil::check_replaceable(&p)
         .map_err(|e| Failure::new(Exit::Config, anyhow!("cannot open {}: {e}", p.display())))?;
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -114,14 +114,16 @@ async fn copy(cli: &super::Cli, to: &str, out: OutputFormat) -> CliResult {
         for suffix in ["", "-wal", "-shm"] {
             let mut p = path.to_path_buf().into_os_string();
             p.push(suffix);
-            crate::fsutil::restrict_to_owner(Path::new(&p), crate::fsutil::PRIVATE_MODE).map_err(
-                |e| {
-                    Failure::new(
-                        Exit::Output,
-                        anyhow!("cannot make {} private: {e}", path.display()),
-                    )
-                },
-            )?;
+            crate::support::fsutil::restrict_to_owner(
+                Path::new(&p),
+                crate::support::fsutil::PRIVATE_MODE,
+            )
+            .map_err(|e| {
+                Failure::new(
+                    Exit::Output,
+                    anyhow!("cannot make {} private: {e}", path.display()),
+                )
+            })?;
         }
     }
     let r = crate::store::copy::copy(&app.store, &target, &shown).await;

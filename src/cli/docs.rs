@@ -6,7 +6,7 @@ use anyhow::anyhow;
 use clap::{CommandFactory, ValueEnum};
 
 use super::{Cli, CliResult, Failure};
-use crate::exit::Exit;
+use crate::support::exit::Exit;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Shell {

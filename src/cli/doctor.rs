@@ -9,11 +9,11 @@ use serde_json::json;
 use super::output::{self, OutputFormat, time};
 use super::{Cli, CliResult, Failure, actor, faults_from_env};
 use crate::app::App;
-use crate::clock::SystemClock;
 use crate::cluster::findings::{Finding, Known, Severity};
 use crate::config;
-use crate::exit::{Exit, ExitStatus};
 use crate::store::{audit, issuances};
+use crate::support::clock::SystemClock;
+use crate::support::exit::{Exit, ExitStatus};
 
 struct Check {
     name: &'static str,
@@ -156,7 +156,7 @@ fn authz_check(a: &crate::config::AuthzSettings) -> (bool, String) {
     };
     let Some(path) = &a.apiserver_config else {
         // The figure of the file rotator ships, read from it: never a copy that drifts.
-        let shipped = crate::authz::setup::inspect(SHIPPED_AUTHZ, a.refresh_interval)
+        let shipped = crate::daemon::authz::setup::inspect(SHIPPED_AUTHZ, a.refresh_interval)
             .ok()
             .and_then(|s| s.latency)
             .map(|l| format!(" within {}", humantime::format_duration(l)))
@@ -180,7 +180,7 @@ fn authz_check(a: &crate::config::AuthzSettings) -> (bool, String) {
             );
         }
     };
-    match crate::authz::setup::inspect(&text, a.refresh_interval) {
+    match crate::daemon::authz::setup::inspect(&text, a.refresh_interval) {
         Ok(s) => (
             s.ok && a.listen.is_some(),
             format!(
@@ -399,7 +399,7 @@ pub async fn run(cli: &Cli, out: OutputFormat) -> CliResult {
                 let known = Known {
                     users: names,
                     denied_groups: s.policy.denied_groups.clone(),
-                    tokens: crate::store::tokens::list(&app.store)
+                    tokens: crate::store::bootstrap_tokens::list(&app.store)
                         .await?
                         .into_iter()
                         .filter(|t| t.state == "active" || t.state == "creating")

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::app::App;
-use crate::clock::SystemClock;
 use crate::config::{self, Overrides, SignerKind};
-use crate::exit::{Exit, ExitStatus};
-use crate::issuer::{FaultPoint, Faults, IssueError, NoFaults};
+use crate::flows::issue::{FaultPoint, Faults, IssueError, NoFaults};
+use crate::support::clock::SystemClock;
+use crate::support::exit::{Exit, ExitStatus};
 
 mod admin;
 mod audit;

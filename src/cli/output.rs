@@ -8,7 +8,7 @@ pub enum OutputFormat {
 }
 
 pub fn time(unix: i64) -> String {
-    crate::clock::rfc3339(unix)
+    crate::support::clock::rfc3339(unix)
 }
 
 /// Prints rows under headers, columns padded to the widest cell.

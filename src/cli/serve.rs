@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use super::{CliResult, Failure};
 use crate::app::App;
-use crate::exit::Exit;
+use crate::support::exit::Exit;
 
 /// Runs the daemon. `reopen` builds the App again from the configuration (SIGHUP).
 pub async fn serve<F, Fut>(app: App, reopen: F) -> CliResult
@@ -22,7 +22,7 @@ where
     let data_dir = app.settings.data_dir.clone();
     let lock_path = data_dir.join("daemon.lock");
     // A FIFO there would block the open for ever: refused first, and opened non-blocking.
-    let lock = crate::fsutil::check_replaceable(&lock_path)
+    let lock = crate::support::fsutil::check_replaceable(&lock_path)
         .and_then(|()| {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -89,14 +89,14 @@ where
         _ => None,
     };
     let addr = app.settings.metrics_addr;
-    let listener = crate::health::bind(addr).await.map_err(|e| {
+    let listener = crate::daemon::health::bind(addr).await.map_err(|e| {
         Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for health and metrics: {e}\nfix: pick a free address with --metrics-addr or metrics_addr"))
     })?;
     info!(%addr, "health and metrics at /healthz, /readyz, /metrics");
     let (apps_tx, apps_rx) = tokio::sync::watch::channel(app.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_rx2 = stop_rx.clone();
-    let metrics = tokio::spawn(crate::health::serve(
+    let metrics = tokio::spawn(crate::daemon::health::serve(
         listener,
         apps_rx.clone(),
         async move {
@@ -106,13 +106,13 @@ where
     ));
     let api = match app.settings.server.listen {
         Some(addr) => {
-            let tls = crate::server::server_config(&app)?;
+            let tls = crate::daemon::api::server_config(&app)?;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for the user API: {e}\nfix: pick a free address with --api-addr or server.listen"))
             })?;
             info!(%addr, "user API (HTTPS) at /v1/subject, /v1/enroll, /v1/renew");
             let mut rx = stop_rx2.clone();
-            Some(tokio::spawn(crate::server::serve(
+            Some(tokio::spawn(crate::daemon::api::serve(
                 listener,
                 tls,
                 apps_rx.clone(),
@@ -129,7 +129,7 @@ where
     let vault_renewer = tokio::spawn(renew_vault(apps_rx.clone()));
     let authz = match app.settings.authz.listen {
         Some(addr) => {
-            let tls = crate::authz::server::tls_config(&app)?;
+            let tls = crate::daemon::authz::server::tls_config(&app)?;
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 Failure::new(Exit::Config, anyhow!("cannot listen on {addr} for the authorization webhook: {e}\nfix: pick a free address with --authz-addr or authz.listen"))
             })?;
@@ -140,10 +140,10 @@ where
             }
             info!(%addr, "authorization webhook (HTTPS) at POST /v1/authorize");
             let mut rx = stop_rx2.clone();
-            Some(tokio::spawn(crate::authz::server::serve(
+            Some(tokio::spawn(crate::daemon::authz::server::serve(
                 listener,
                 tls,
-                crate::authz::Webhook::new(apps_rx.clone()),
+                crate::daemon::authz::Webhook::new(apps_rx.clone()),
                 async move {
                     let _ = rx.changed().await;
                 },
@@ -197,7 +197,7 @@ where
         }
     };
     tokio::select! {
-        _ = crate::scheduler::run(apps_rx, async move {
+        _ = crate::daemon::scheduler::run(apps_rx, async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -261,9 +261,9 @@ async fn elect(
         }
     };
     if lead {
-        lead = crate::scheduler::hold_epoch(app, identity).await;
+        lead = crate::daemon::scheduler::hold_epoch(app, identity).await;
     } else {
-        crate::scheduler::drop_epoch(app);
+        crate::daemon::scheduler::drop_epoch(app);
     }
     if app.leader.swap(lead, Ordering::SeqCst) != lead {
         app.metrics.leading_since(lead.then_some(now));

@@ -13,11 +13,11 @@ use anyhow::anyhow;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::{Cli, CliResult, Failure};
-use crate::clock::SystemClock;
 use crate::config::{self, SignerKind};
-use crate::exit::Exit;
 use crate::signer::local_ca::backend::Backend;
 use crate::signer::local_ca::service::{self, Service};
+use crate::support::clock::SystemClock;
+use crate::support::exit::Exit;
 
 #[derive(Debug, clap::Args)]
 pub struct SignerArgs {

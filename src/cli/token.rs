@@ -7,7 +7,7 @@ use serde_json::json;
 use super::CliResult;
 use super::output::{self, OutputFormat, time};
 use crate::app::App;
-use crate::tokens::{self, CreateToken};
+use crate::flows::bootstrap_tokens::{self, CreateToken};
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -45,7 +45,7 @@ pub async fn run(app: &App, cmd: &TokenCommand, out: OutputFormat) -> CliResult 
                 groups: groups.clone(),
                 usages: usages.clone(),
             };
-            let c = tokens::create(app, &req).await?;
+            let c = bootstrap_tokens::create(app, &req).await?;
             let expires = c.expires_at.map(time).unwrap_or_else(|| "never".into());
             match out {
                 OutputFormat::Json => output::json(
@@ -63,7 +63,7 @@ pub async fn run(app: &App, cmd: &TokenCommand, out: OutputFormat) -> CliResult 
             Ok(())
         }
         TokenCommand::List => {
-            let list = tokens::list(app).await?;
+            let list = bootstrap_tokens::list(app).await?;
             match out {
                 OutputFormat::Json => output::json(&list),
                 OutputFormat::Table => {
@@ -102,7 +102,7 @@ pub async fn run(app: &App, cmd: &TokenCommand, out: OutputFormat) -> CliResult 
             Ok(())
         }
         TokenCommand::Revoke { id } => {
-            tokens::revoke(app, id).await?;
+            bootstrap_tokens::revoke(app, id).await?;
             if out == OutputFormat::Json {
                 output::json(&json!({"id": id, "revoked": true}));
             } else {

@@ -10,8 +10,8 @@ use serde_json::json;
 use super::output::{OutputFormat, time};
 use super::{CliResult, Failure};
 use crate::client::{self, Connection};
-use crate::exit::Exit;
-use crate::kubeconfig::{Entry, UserAuth};
+use crate::delivery::kubeconfig::{Entry, UserAuth};
+use crate::support::exit::Exit;
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -60,7 +60,7 @@ pub struct CredentialArgs {
 fn connection(s: &ServerArgs, timeout: Duration) -> CliResult<Connection> {
     let server_ca_pem = match &s.server_ca {
         Some(p) => Some(
-            crate::fsutil::read_regular_string(p)
+            crate::support::fsutil::read_regular_string(p)
                 .and_then(|t| {
                     t.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
                 })
@@ -110,7 +110,7 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
         None => default_kubeconfig()?,
     };
     // Before anything is asked of the server (a token spent, a credential renewed).
-    crate::fsutil::check_replaceable(&path).map_err(|e| {
+    crate::support::fsutil::check_replaceable(&path).map_err(|e| {
         Failure::new(
             Exit::Output,
             anyhow!("cannot write the kubeconfig {}: {e}\nfix: pass --kubeconfig with a regular file's path", path.display()),
@@ -173,7 +173,7 @@ pub async fn fetch(a: &FetchArgs, kubeconfig: Option<&PathBuf>, out: OutputForma
         namespace: c.namespace.as_deref(),
         auth,
     };
-    let backup = crate::kubeconfig::merge_file(&path, &entry)
+    let backup = crate::delivery::kubeconfig::merge_file(&path, &entry)
         .map_err(|e| Failure::new(Exit::Output, anyhow!(e)))?;
     match out {
         OutputFormat::Json => super::output::json(&json!({
@@ -202,7 +202,7 @@ pub async fn credential(a: &CredentialArgs) -> CliResult {
     let version =
         client::exec::requested_version(std::env::var("KUBERNETES_EXEC_INFO").ok().as_deref())?;
     let conn = connection(&a.server, a.timeout)?;
-    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    let now = crate::support::clock::Clock::now(&crate::support::clock::SystemClock);
     let answer = client::exec::run(&conn, a.server.renew_before, now).await?;
     if let Some(w) = &answer.warning {
         eprintln!(

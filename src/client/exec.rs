@@ -51,7 +51,7 @@ pub fn exec_credential(version: &str, c: &Cached, expires: i64) -> serde_json::V
         "status": {
             "clientCertificateData": c.certificate,
             "clientKeyData": c.key.as_str(),
-            "expirationTimestamp": crate::clock::rfc3339(expires),
+            "expirationTimestamp": crate::support::clock::rfc3339(expires),
         }
     })
 }

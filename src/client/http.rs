@@ -12,7 +12,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use super::ClientError;
-use crate::selfservice::ApiError;
+use crate::flows::self_service::ApiError;
 
 /// Largest response read: a certificate and a CA bundle.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;

@@ -1,13 +1,13 @@
-//! The user's side of flow 2: `rotator fetch` and the `rotator credential`
+//! The user's side of self-service: `rotator fetch` and the `rotator credential`
 //! exec plugin. Keys are made here and never leave this machine.
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::exit::{Exit, ExitStatus};
+use crate::flows::self_service::{ApiError, Grant, SubjectResponse};
 use crate::pki::{self, KeyType, PrivateKey};
-use crate::selfservice::{ApiError, Grant, SubjectResponse};
+use crate::support::exit::{Exit, ExitStatus};
 
 pub mod exec;
 pub mod http;
@@ -99,7 +99,7 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
     let _lock = dir.lock(conn.timeout)?;
     let ca = conn.server_ca_pem.clone().or_else(|| dir.server_ca());
     let cached = dir.credential()?;
-    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    let now = crate::support::clock::Clock::now(&crate::support::clock::SystemClock);
     let (purpose, client) = match (token, &cached) {
         (Some(t), _) => {
             let id = t.split_once('.').map(|(id, _)| id).unwrap_or(t);
@@ -112,7 +112,7 @@ pub async fn obtain(conn: &Connection, token: Option<&str>) -> Result<Cached, Cl
             if c.not_after <= now {
                 return Err(ClientError::Expired {
                     server: conn.server.clone(),
-                    at: crate::clock::rfc3339(c.not_after),
+                    at: crate::support::clock::rfc3339(c.not_after),
                 });
             }
             let client = ApiClient::new(

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::ClientError;
-use crate::selfservice::ClusterInfo;
+use crate::flows::self_service::ClusterInfo;
 
 /// The default state directory.
 pub fn default_dir() -> Result<PathBuf, ClientError> {
@@ -96,7 +96,7 @@ impl ServerDir {
             })
             .collect();
         let path = state_dir.join(name);
-        crate::fsutil::ensure_private_dir(&path)
+        crate::support::fsutil::ensure_private_dir(&path)
             .map_err(|e| ClientError::Cache(format!("cannot create {}: {e}", path.display())))?;
         Ok(Self { path })
     }
@@ -110,7 +110,7 @@ impl ServerDir {
         name: &str,
     ) -> Result<Option<T>, ClientError> {
         let p = self.file(name);
-        match crate::fsutil::read_regular(&p) {
+        match crate::support::fsutil::read_regular(&p) {
             Ok(None) => Ok(None),
             Ok(Some(b)) => serde_json::from_slice(&b).map(Some).map_err(|e| {
                 ClientError::Cache(format!(
@@ -128,7 +128,7 @@ impl ServerDir {
     fn write_json<T: Serialize>(&self, name: &str, v: &T) -> Result<(), ClientError> {
         let p = self.file(name);
         let bytes = Zeroizing::new(serde_json::to_vec_pretty(v).expect("json"));
-        crate::fsutil::write_private_atomic(&p, &bytes)
+        crate::support::fsutil::write_private_atomic(&p, &bytes)
             .map_err(|e| {
                 ClientError::Cache(format!(
                     "cannot write {}: {e}\nfix: move it away; the state directory holds only files rotator writes",
@@ -171,14 +171,14 @@ impl ServerDir {
     }
 
     pub fn server_ca(&self) -> Option<String> {
-        crate::fsutil::read_regular_string(&self.file("server-ca.pem"))
+        crate::support::fsutil::read_regular_string(&self.file("server-ca.pem"))
             .ok()
             .flatten()
     }
 
     pub fn store_server_ca(&self, pem: &str) -> Result<(), ClientError> {
         let p = self.file("server-ca.pem");
-        crate::fsutil::write_private_atomic(&p, pem.as_bytes())
+        crate::support::fsutil::write_private_atomic(&p, pem.as_bytes())
             .map_err(|e| ClientError::Cache(format!("cannot write {}: {e}", p.display())))
     }
 
@@ -186,7 +186,7 @@ impl ServerDir {
     pub fn lock(&self, timeout: Duration) -> Result<File, ClientError> {
         use std::os::unix::fs::OpenOptionsExt;
         let p = self.file("lock");
-        let f = crate::fsutil::check_replaceable(&p)
+        let f = crate::support::fsutil::check_replaceable(&p)
             .and_then(|()| {
                 std::fs::OpenOptions::new()
                     .create(true)

@@ -5,13 +5,13 @@ use std::time::Duration;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::config::KubernetesSettings;
-use crate::exit::{Exit, ExitStatus};
+use crate::support::exit::{Exit, ExitStatus};
 
+pub mod bootstrap_tokens;
 pub mod csr;
 pub mod findings;
 pub mod lease;
 pub mod rbac;
-pub mod tokens;
 
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "rotator");
 /// Label carrying a hash of the user name (label values cannot hold every user name).

@@ -17,7 +17,7 @@ pub use inspect::{
 pub use keys::{KeyType, PrivateKey, UnknownKeyType};
 pub use seal::{ReadPrivate, SealingKey, read_private};
 
-use crate::exit::{Exit, ExitStatus};
+use crate::support::exit::{Exit, ExitStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

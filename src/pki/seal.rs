@@ -129,7 +129,7 @@ impl SealingKey {
                 let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(*bytes));
                 // Linked in without replacing: of replicas that start at once
                 // on one shared volume, one makes the key and the others read it.
-                let created = crate::fsutil::create_private_new(path, text.as_bytes())
+                let created = crate::support::fsutil::create_private_new(path, text.as_bytes())
                     .map_err(|e| err(format!("cannot create {shown}: {e}")))?;
                 if !created {
                     return Self::load(path, false);

@@ -4,8 +4,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::exit::{Exit, ExitStatus};
 use crate::pki::PkiError;
+use crate::support::exit::{Exit, ExitStatus};
 
 mod kubernetes;
 pub mod local_ca;

@@ -400,13 +400,15 @@ impl Keyring {
         };
         let mut text = serde_json::to_string(&f).expect("serializable");
         text.push('\n');
-        crate::fsutil::write_private_atomic(&self.checkpoint, text.as_bytes()).map_err(|e| {
-            key_err(
-                &self.checkpoint,
-                format!("cannot write the audit checkpoint: {e}"),
-                "make the checkpoint's directory writable by rotator",
-            )
-        })
+        crate::support::fsutil::write_private_atomic(&self.checkpoint, text.as_bytes()).map_err(
+            |e| {
+                key_err(
+                    &self.checkpoint,
+                    format!("cannot write the audit checkpoint: {e}"),
+                    "make the checkpoint's directory writable by rotator",
+                )
+            },
+        )
     }
 
     fn lock(&self) -> Result<std::fs::File, StoreError> {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Store, StoreError, audit};
-use crate::exit::{Exit, ExitStatus};
+use crate::support::exit::{Exit, ExitStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -91,7 +91,7 @@ pub async fn backup(store: &Store, shown: &str, dest: &Path) -> Result<BackupRep
     }
     // Read before the snapshot: everything it vouches for is in the copy.
     let checkpoint = audit::checkpoint_now(store).await?;
-    let tmp = crate::fsutil::PrivateTmp::new_in(&dir).map_err(|e| {
+    let tmp = crate::support::fsutil::PrivateTmp::new_in(&dir).map_err(|e| {
         io(
             format!("cannot create a temporary file in {}: {e}", dir.display()),
             "make the directory writable by rotator",

@@ -14,7 +14,7 @@ use sqlx::Row;
 
 use super::schema::{self, Kind};
 use super::{Store, StoreError, audit};
-use crate::exit::{Exit, ExitStatus};
+use crate::support::exit::{Exit, ExitStatus};
 
 /// Every table, in the order a copy fills them (what a row references first).
 /// `the_copy_covers_every_table` fails when a migration adds one not listed.

@@ -125,7 +125,7 @@ pub(crate) async fn check(conn: &mut super::Conn, fence: &Fence) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::ExitStatus;
+    use crate::support::exit::ExitStatus;
 
     async fn open(path: &std::path::Path) -> Store {
         let mut s = Store::open(&crate::store::Location::sqlite_file(
@@ -169,7 +169,7 @@ mod tests {
             matches!(e, StoreError::Fenced { mine: 1, current: 2, ref holder } if holder == "b"),
             "{e}"
         );
-        assert_eq!(e.exit(), crate::exit::Exit::Conflict);
+        assert_eq!(e.exit(), crate::support::exit::Exit::Conflict);
         assert!(e.to_string().contains("fix:"), "{e}");
         assert!(fa.deposed());
         // And every later one.

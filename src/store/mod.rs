@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::AnyPool;
 use sqlx::{Any, Transaction};
 
-use crate::exit::{Exit, ExitStatus};
+use crate::support::exit::{Exit, ExitStatus};
 
 pub use engine::{Engine, Location};
 
@@ -16,6 +16,7 @@ pub type Conn = sqlx::AnyConnection;
 
 pub mod audit;
 pub mod backup;
+pub mod bootstrap_tokens;
 pub mod changes;
 pub mod copy;
 pub mod credentials;
@@ -24,7 +25,6 @@ pub mod fence;
 pub mod issuances;
 pub mod meta;
 pub mod schema;
-pub mod tokens;
 pub mod users;
 
 pub mod engine;

@@ -3,7 +3,7 @@
 //! error messages (which never echo credentials).
 use std::path::PathBuf;
 
-use crate::exit::{Exit, ExitStatus};
+use crate::support::exit::{Exit, ExitStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {

@@ -12,7 +12,7 @@ use base64::Engine;
 use super::capabilities;
 use super::client::Vault;
 use super::error::VaultError;
-use crate::sink::{Sink, SinkError};
+use crate::delivery::{Sink, SinkError};
 
 /// What the delivered kubeconfig's credential is, for the custom metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -121,14 +121,14 @@ async fn a_missing_namespace_blocks_neither_other_namespaces_nor_removals_and_co
 /// doctor) and is not retried into an ERROR on every pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_namespace_is_a_finding_and_every_expire_pass_succeeds() {
-    use rotator::scheduler::{Job, run_job};
+    use rotator::daemon::scheduler::{Job, run_job};
     let kx = Kx::new(Options::default(), "").await;
     let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+        rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock));
     let app = kx.app(&clock).await;
     let mut nina = spec("nina");
     nina.namespaces = vec!["team-a".into(), "team-b".into()];
-    let sink = |name: &str| rotator::sink::FileSink {
+    let sink = |name: &str| rotator::delivery::FileSink {
         path: kx.s.path(&format!("{name}.kubeconfig")),
     };
     app.issuer().add_user(nina, &mut sink("nina"), "t").await.unwrap();
@@ -160,7 +160,7 @@ async fn a_deleted_namespace_is_a_finding_and_every_expire_pass_succeeds() {
     }
     let metrics = app
         .metrics
-        .render(&rotator::metrics::Gauges::default())
+        .render(&rotator::support::metrics::Gauges::default())
         .unwrap();
     assert!(
         metrics.contains("rotator_bindings_namespace_missing 1\n"),
@@ -341,9 +341,9 @@ async fn cleanup_touches_only_this_instances_csrs_and_finishes_what_an_outage_le
     );
     // And the daemon's reconcile leaves it alone too.
     let app = kx
-        .app_with(std::sync::Arc::new(rotator::issuer::NoFaults))
+        .app_with(std::sync::Arc::new(rotator::flows::issue::NoFaults))
         .await;
-    rotator::renewal::reconcile_pass(&app).await.unwrap();
+    rotator::flows::renew::reconcile_pass(&app).await.unwrap();
     let csrs = kx.rotator_objects().await.1;
     assert_eq!(
         csrs.trim(),

@@ -685,10 +685,10 @@ async fn a_failed_checkpoint_write_is_counted_and_shown_until_a_retry_heals_it()
     let head = data.join("audit.head");
     event(&app, "before").await;
     assert_eq!(checkpoint_seq_at(&head), last_seq(&app).await);
-    let m = rotator::health::metrics_text(&app).await.unwrap();
+    let m = rotator::daemon::health::metrics_text(&app).await.unwrap();
     assert_eq!(sample(&m, "rotator_audit_checkpoint_write_failures_total"), 0.0);
     assert_eq!(sample(&m, "rotator_audit_checkpoint_behind"), 0.0);
-    assert!(rotator::health::warnings(&app).await.is_empty());
+    assert!(rotator::daemon::health::warnings(&app).await.is_empty());
 
     let lock = break_checkpoint_lock(&data);
     event(&app, "while broken").await; // committed: commit returns Ok
@@ -697,11 +697,11 @@ async fn a_failed_checkpoint_write_is_counted_and_shown_until_a_retry_heals_it()
     let h = app.store.audit_keyring().unwrap().checkpoint_health();
     assert_eq!(h.failures, 1, "{h:?}");
     assert_eq!(h.behind.as_ref().map(|b| b.seq), Some(last), "{h:?}");
-    let m = rotator::health::metrics_text(&app).await.unwrap();
+    let m = rotator::daemon::health::metrics_text(&app).await.unwrap();
     // The scrape retried once, and failed again.
     assert_eq!(sample(&m, "rotator_audit_checkpoint_write_failures_total"), 2.0);
     assert_eq!(sample(&m, "rotator_audit_checkpoint_behind"), 1.0);
-    let w = rotator::health::warnings(&app).await;
+    let w = rotator::daemon::health::warnings(&app).await;
     assert_eq!(w.len(), 1, "{w:?}");
     assert_eq!(w[0].0, "audit checkpoint");
     assert!(
@@ -720,9 +720,9 @@ async fn a_failed_checkpoint_write_is_counted_and_shown_until_a_retry_heals_it()
     );
 
     std::fs::remove_dir(&lock).unwrap();
-    assert!(rotator::health::warnings(&app).await.is_empty(), "healed by the retry");
+    assert!(rotator::daemon::health::warnings(&app).await.is_empty(), "healed by the retry");
     assert_eq!(checkpoint_seq_at(&head), last);
-    let m = rotator::health::metrics_text(&app).await.unwrap();
+    let m = rotator::daemon::health::metrics_text(&app).await.unwrap();
     assert_eq!(sample(&m, "rotator_audit_checkpoint_write_failures_total"), 3.0);
     assert_eq!(sample(&m, "rotator_audit_checkpoint_behind"), 0.0);
     let r = rotator::store::audit::verify(&app.store).await.unwrap();

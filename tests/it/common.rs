@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotator::app::App;
-use rotator::clock::SystemClock;
 use rotator::config::{self, Overrides};
-use rotator::issuer::{Faults, NoFaults};
+use rotator::flows::issue::{Faults, NoFaults};
+use rotator::support::clock::SystemClock;
 
 pub use rotator::store::Engine;
 

@@ -7,11 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rotator::app::App;
-use rotator::clock::{Clock, ManualClock, SystemClock};
 use rotator::config::{self, Overrides};
-use rotator::issuer::NoFaults;
+use rotator::flows::issue::NoFaults;
 use rotator::store::copy::{KEPT, TABLES};
 use rotator::store::schema::{self, Kind};
+use rotator::support::clock::{Clock, ManualClock, SystemClock};
 
 use crate::common::*;
 
@@ -125,15 +125,15 @@ async fn enroll(app: &App, user: &str, token: String) {
         &key.spki_der(),
     ));
     let der = pki::build_csr(&key, &pki::subject_name(user, &orgs).unwrap()).unwrap();
-    let peer = rotator::selfservice::Peer {
+    let peer = rotator::flows::self_service::Peer {
         addr: "127.0.0.1:1".parse().unwrap(),
         certificate_der: None,
     };
-    let req = rotator::selfservice::EnrollRequest {
+    let req = rotator::flows::self_service::EnrollRequest {
         token,
         csr: pki::pem_encode("CERTIFICATE REQUEST", &der),
     };
-    if let Err(e) = rotator::selfservice::enroll(app, &peer, req).await {
+    if let Err(e) = rotator::flows::self_service::enroll(app, &peer, req).await {
         panic!("enroll {user}: {e:?}");
     }
 }
@@ -168,7 +168,7 @@ async fn every_state(s: &Scratch) {
     let app = app_at(s.dir.path(), Arc::new(SystemClock)).await;
     // A delivery that fails: the credential waits, pending with its key sealed.
     let mut flaky = crate::crash::FlakySink {
-        inner: rotator::sink::FileSink {
+        inner: rotator::delivery::FileSink {
             path: s.path("erin.kubeconfig"),
         },
         failures: 1,
@@ -184,7 +184,7 @@ async fn every_state(s: &Scratch) {
         ("abcdef", None, "active"),
         ("ghijkl", Some(now + 3600), "revoked"),
     ] {
-        let t = rotator::store::tokens::NewToken {
+        let t = rotator::store::bootstrap_tokens::NewToken {
             id,
             secret_hash: "0123456789abcdef",
             description: "node join",
@@ -193,10 +193,10 @@ async fn every_state(s: &Scratch) {
             expires_at: expires,
             created_by: "test",
         };
-        rotator::store::tokens::insert_creating(&mut conn, &t, now)
+        rotator::store::bootstrap_tokens::insert_creating(&mut conn, &t, now)
             .await
             .unwrap();
-        rotator::store::tokens::set_state(&mut conn, id, state, now)
+        rotator::store::bootstrap_tokens::set_state(&mut conn, id, state, now)
             .await
             .unwrap();
     }
@@ -211,7 +211,7 @@ async fn every_state(s: &Scratch) {
     app.store.close().await;
     // Twenty minutes on, henry's ten-minute credential has expired.
     let later = app_at(s.dir.path(), Arc::new(ManualClock::new(now + 1200))).await;
-    assert!(rotator::lifecycle::expire_pass(&later).await.unwrap() >= 1);
+    assert!(rotator::flows::revoke::expire_pass(&later).await.unwrap() >= 1);
     later.store.close().await;
 }
 

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use rotator::issuer::{FaultPoint, Faults, IssueError};
-use rotator::sink::FileSink;
+use rotator::delivery::FileSink;
+use rotator::flows::issue::{FaultPoint, Faults, IssueError};
 
 use crate::common::*;
 
@@ -303,7 +303,7 @@ signing_variants! {
         let app = app(
             dir.path(),
             &local_ca_toml(signer.as_ref()),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::flows::issue::NoFaults),
         )
         .await;
         app.issuer()
@@ -365,23 +365,23 @@ pub(crate) struct FlakySink {
     pub(crate) failures: usize,
 }
 
-impl rotator::sink::Sink for FlakySink {
+impl rotator::delivery::Sink for FlakySink {
     fn describe(&self) -> String {
         self.inner.describe()
     }
-    fn prepare(&self) -> Result<(), rotator::sink::SinkError> {
+    fn prepare(&self) -> Result<(), rotator::delivery::SinkError> {
         Ok(())
     }
     fn deliver<'a>(
         &'a mut self,
         kubeconfig: &'a str,
     ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<(), rotator::sink::SinkError>> + Send + 'a>,
+        Box<dyn std::future::Future<Output = Result<(), rotator::delivery::SinkError>> + Send + 'a>,
     > {
         if self.failures > 0 {
             self.failures -= 1;
             return Box::pin(async {
-                Err(rotator::sink::SinkError {
+                Err(rotator::delivery::SinkError {
                     target: "flaky".into(),
                     reason: "the disk is full".into(),
                     fix: "free some space",
@@ -401,7 +401,7 @@ async fn alice_with_a_flaky_sink(
     let app = app(
         dir,
         &local_ca_toml(signer),
-        Arc::new(rotator::issuer::NoFaults),
+        Arc::new(rotator::flows::issue::NoFaults),
     )
     .await;
     let out = dir.join("k");
@@ -502,7 +502,7 @@ async fn the_sealing_key_file_is_private_and_revocation_wipes_a_sealed_key(signi
         .unwrap_err();
     assert_eq!(mode(&dir.path().join("rotator-data/seal.key")), 0o600);
     // Revoking the user wipes the sealed key with the pending credential.
-    rotator::lifecycle::revoke(&app, "alice", None)
+    rotator::flows::revoke::revoke(&app, "alice", None)
         .await
         .unwrap();
     assert_eq!(

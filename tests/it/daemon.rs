@@ -21,9 +21,9 @@ async fn credentials_are_renewed_inside_their_window_and_the_old_one_loses_acces
     )
     .await;
     let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+        rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock));
     let app = kx.app(&clock).await;
-    let mut first = rotator::sink::FileSink {
+    let mut first = rotator::delivery::FileSink {
         path: kx.s.path("first.kubeconfig"),
     };
     let mut s = spec("alice");
@@ -38,15 +38,15 @@ async fn credentials_are_renewed_inside_their_window_and_the_old_one_loses_acces
     // notBefore is backdated 5 minutes: the real lifetime is 65 minutes, the window its last third.
     advance(30 * 60);
     assert_eq!(
-        rotator::renewal::rotate_pass(&app).await.unwrap().due,
+        rotator::flows::renew::rotate_pass(&app).await.unwrap().due,
         0,
         "not yet inside the window"
     );
     advance(20 * 60);
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.due, r.renewed, r.failed), (1, 1, 0));
     assert_eq!(
-        rotator::renewal::rotate_pass(&app).await.unwrap().due,
+        rotator::flows::renew::rotate_pass(&app).await.unwrap().due,
         0,
         "a second pass finds nothing due"
     );
@@ -59,7 +59,7 @@ async fn credentials_are_renewed_inside_their_window_and_the_old_one_loses_acces
         "the old credential keeps access during the grace period"
     );
     advance(6 * 60);
-    rotator::scheduler::run_job(&app, rotator::scheduler::Job::Expire)
+    rotator::daemon::scheduler::run_job(&app, rotator::daemon::scheduler::Job::Expire)
         .await
         .unwrap();
     assert!(
@@ -104,9 +104,9 @@ async fn reconcile_restores_a_hand_deleted_binding_and_audits_the_repair() {
         .await);
 
     let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+        rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock));
     let app = kx.app(&clock).await;
-    let r = rotator::scheduler::run_job(&app, rotator::scheduler::Job::Reconcile)
+    let r = rotator::daemon::scheduler::run_job(&app, rotator::daemon::scheduler::Job::Reconcile)
         .await
         .unwrap();
     assert_eq!(r["repaired"], serde_json::json!(["alice", "bob"]), "{r}");
@@ -132,7 +132,7 @@ async fn reconcile_restores_a_hand_deleted_binding_and_audits_the_repair() {
         && e["actor"] == "daemon:reconcile"
         && e["subject"] == "alice"));
     // Nothing drifted: a second pass repairs nothing.
-    let r = rotator::scheduler::run_job(&app, rotator::scheduler::Job::Reconcile)
+    let r = rotator::daemon::scheduler::run_job(&app, rotator::daemon::scheduler::Job::Reconcile)
         .await
         .unwrap();
     assert_eq!(r["repaired"], serde_json::json!([]));
@@ -323,7 +323,7 @@ async fn health_readiness_and_metrics_through_an_api_outage() {
             Some(("user", "alice"))
         )
         .unwrap()
-            > rotator::clock::Clock::now(&rotator::clock::SystemClock) as f64
+            > rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock) as f64
     );
     assert!(metric(&m, "rotator_issuances_total", Some(("result", "success"))).unwrap() >= 1.0);
     assert!(metric(&m, "rotator_issuance_duration_seconds", None).is_some());
@@ -616,9 +616,9 @@ async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespac
         )
         .await);
     let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+        rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock));
     let app = kx.app(&clock).await;
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (1, 0));
     let secret = ok(&kx
         .admin_kubectl(&[
@@ -647,7 +647,7 @@ async fn reissued_kubeconfigs_can_be_delivered_to_a_secret_in_the_users_namespac
         .await);
     assert!(who.contains("rotator:bob:2."), "{who}");
     // A second renewal replaces the Secret in place.
-    rotator::renewal::rotate_pass(&app).await.unwrap();
+    rotator::flows::renew::rotate_pass(&app).await.unwrap();
     let data = ok(&kx
         .admin_kubectl(&[
             "get",
@@ -890,15 +890,15 @@ crate::engines! {
 async fn the_expire_pass_is_audited_as_the_daemon() {
     let kx = Kx::new(Options::default(), "[rotation]\ngrace_period = \"5m\"\n").await;
     let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+        rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock));
     let app = kx.app(&clock).await;
-    let mut first = rotator::sink::FileSink {
+    let mut first = rotator::delivery::FileSink {
         path: kx.s.path("first.kubeconfig"),
     };
     let mut s = spec("alice");
     s.ttl_seconds = 3600;
     app.issuer().add_user(s, &mut first, "test").await.unwrap();
-    let mut second = rotator::sink::FileSink {
+    let mut second = rotator::delivery::FileSink {
         path: kx.s.path("second.kubeconfig"),
     };
     app.issuer()
@@ -922,7 +922,7 @@ async fn the_expire_pass_is_audited_as_the_daemon() {
     // (it expires) and the token's expiry (it is deleted).
     clock.advance(2 * 3600);
     kx.cluster.advance_clock(2 * 3600);
-    let r = rotator::scheduler::run_job(&app, rotator::scheduler::Job::Expire)
+    let r = rotator::daemon::scheduler::run_job(&app, rotator::daemon::scheduler::Job::Expire)
         .await
         .unwrap();
     assert!(r["tokens_deleted"].as_u64() >= Some(1), "{r}");
@@ -944,7 +944,7 @@ async fn the_expire_pass_is_audited_as_the_daemon() {
             "{action}: no event after the expire pass: {log}"
         );
         assert!(
-            by.iter().all(|a| *a == rotator::scheduler::EXPIRE_ACTOR),
+            by.iter().all(|a| *a == rotator::daemon::scheduler::EXPIRE_ACTOR),
             "{action} is audited as the daemon's expire job, not as {by:?}"
         );
     }
@@ -1038,7 +1038,7 @@ async fn a_fifo_in_the_delivery_directory_stops_neither_the_other_jobs_nor_sigte
         .args(["-TERM", &pid])
         .status()
         .unwrap();
-    let st = tokio::time::timeout(rotator::scheduler::STOP_GRACE, d.wait())
+    let st = tokio::time::timeout(rotator::daemon::scheduler::STOP_GRACE, d.wait())
         .await
         .expect("SIGTERM ends the daemon within its grace period")
         .unwrap();
@@ -1121,7 +1121,7 @@ async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
         .unwrap();
     let mut log = String::new();
     let st = tokio::time::timeout(
-        rotator::scheduler::STOP_GRACE + std::time::Duration::from_secs(10),
+        rotator::daemon::scheduler::STOP_GRACE + std::time::Duration::from_secs(10),
         async {
             while let Ok(Some(l)) = lines.next_line().await {
                 log.push_str(&l);
@@ -1139,7 +1139,7 @@ async fn sigterm_ends_the_daemon_within_its_grace_period_while_a_job_hangs() {
         log.contains("job still running after the stop grace period"),
         "the hung job was given its grace, then dropped:\n{log}"
     );
-    assert!(took >= rotator::scheduler::STOP_GRACE, "{took:?}");
+    assert!(took >= rotator::daemon::scheduler::STOP_GRACE, "{took:?}");
     kx.cluster.faults().clear();
 }
 }

@@ -491,12 +491,13 @@ async fn rbac_yaml_grants_exactly_what_the_flows_use() {
     ok(&kx.rotator_async(&["token", "list"], &[]).await);
     ok(&kx.rotator_async(&["token", "revoke", &id], &[]).await);
     ok(&kx.rotator_async(&["doctor"], &[]).await);
-    let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let clock = rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(
+        &rotator::support::clock::SystemClock,
+    ));
     let app = kx.app(&clock).await;
     // The daemon's passes: rotation (the Secret is replaced), reconcile (a stale
     // CSR of this instance is deleted), leader election.
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (1, 0));
     let instance = instance_id(&kx);
     let (_, csr) = {
@@ -521,9 +522,9 @@ async fn rbac_yaml_grants_exactly_what_the_flows_use() {
     ok(&kx
         .admin_kubectl(&["create", "-f", f.to_str().unwrap()])
         .await);
-    rotator::renewal::reconcile_pass(&app).await.unwrap();
+    rotator::flows::renew::reconcile_pass(&app).await.unwrap();
     let cluster = app.cluster.as_ref().unwrap();
-    let now = rotator::clock::Clock::now_micros(&clock);
+    let now = rotator::support::clock::Clock::now_micros(&clock);
     let lease = std::time::Duration::from_secs(15);
     assert!(
         cluster
@@ -565,10 +566,11 @@ async fn rbac_cluster_wide_yaml_grants_exactly_what_cluster_wide_access_uses() {
         .await);
     ok(&kx.rotator_async(&["revoke", "ops"], &[]).await);
     ok(&kx.rotator_async(&["remove-user", "ops"], &[]).await);
-    let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let clock = rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(
+        &rotator::support::clock::SystemClock,
+    ));
     let app = kx.app(&clock).await;
-    rotator::renewal::reconcile_pass(&app).await.unwrap();
+    rotator::flows::renew::reconcile_pass(&app).await.unwrap();
     assert_used_exactly(&kx, Some("clusterrolebindings")).await;
 }
 
@@ -797,10 +799,11 @@ async fn secret_delivery_creates_its_own_secret_at_add_user_and_never_takes_one_
     assert!(e.contains("alice"), "{e}");
 
     // A rotation replaces rotator's own Secret in place (same uid).
-    let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let clock = rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(
+        &rotator::support::clock::SystemClock,
+    ));
     let app = kx.app(&clock).await;
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (1, 0));
     let v2 = read_secret().await;
     assert_eq!(v2["metadata"]["uid"], v["metadata"]["uid"]);
@@ -825,7 +828,7 @@ async fn secret_delivery_creates_its_own_secret_at_add_user_and_never_takes_one_
             "--from-literal=kubeconfig=theirs",
         ])
         .await);
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (0, 1));
     let v3 = kx
         .admin_json(&["get", "secret", "alice-kubeconfig", "-n", "team-a"])
@@ -839,7 +842,7 @@ async fn secret_delivery_creates_its_own_secret_at_add_user_and_never_takes_one_
     ok(&kx
         .admin_kubectl(&["delete", "secret", "alice-kubeconfig", "-n", "team-a"])
         .await);
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (1, 0));
     let v4 = read_secret().await;
     assert_eq!(

@@ -346,7 +346,7 @@ fn the_docs_quote_the_shipped_webhook_settings() {
         .refresh_interval;
     assert_eq!(refresh, Duration::from_secs(1));
     let text = read("deploy/authz/authorization-config.yaml");
-    let latency = rotator::authz::setup::inspect(&text, refresh)
+    let latency = rotator::daemon::authz::setup::inspect(&text, refresh)
         .unwrap()
         .latency
         .unwrap()

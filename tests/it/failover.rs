@@ -510,7 +510,7 @@ async fn sigterm_during_a_database_outage_stops_the_daemon_at_once() {
     let signalled = std::time::Instant::now();
     a.signal("-TERM");
     let st = tokio::time::timeout(
-        rotator::scheduler::STOP_GRACE + Duration::from_secs(10),
+        rotator::daemon::scheduler::STOP_GRACE + Duration::from_secs(10),
         a.child.wait(),
     )
     .await
@@ -524,7 +524,7 @@ async fn sigterm_during_a_database_outage_stops_the_daemon_at_once() {
     assert!(
         took < Duration::from_secs(10),
         "took {took:?}, the stop grace is {:?}",
-        rotator::scheduler::STOP_GRACE
+        rotator::daemon::scheduler::STOP_GRACE
     );
     a.wait_for(
         "stopped while waiting for the database",
@@ -548,9 +548,10 @@ async fn sigterm_during_a_database_outage_stops_the_daemon_at_once() {
 /// early) and free just after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_held_to_the_microsecond_it_was_renewed() {
-    use rotator::clock::Clock;
+    use rotator::support::clock::Clock;
     let kx = Kx::new(Options::default(), "").await;
-    let clock = rotator::clock::ManualClock::new(rotator::clock::SystemClock.now());
+    let clock =
+        rotator::support::clock::ManualClock::new(rotator::support::clock::SystemClock.now());
     let app = kx.app(&clock).await;
     let cluster = app.cluster.as_ref().unwrap();
     let lease = Duration::from_secs(2);

@@ -66,27 +66,33 @@ impl Kx {
 
     /// The App in process, over the same configuration and data directory, with
     /// a clock the test moves.
-    pub async fn app(&self, clock: &rotator::clock::ManualClock) -> Arc<rotator::app::App> {
+    pub async fn app(
+        &self,
+        clock: &rotator::support::clock::ManualClock,
+    ) -> Arc<rotator::app::App> {
         let cfg = self.s.path("rotator.toml");
         let env = self.app_env();
         let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
         let app = rotator::app::App::open(
             settings,
             Arc::new(clock.clone()),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::flows::issue::NoFaults),
             "test".into(),
         );
         Arc::new(app.await.unwrap().0)
     }
 
     /// The App in process with `faults`, on the system clock.
-    pub async fn app_with(&self, faults: Arc<dyn rotator::issuer::Faults>) -> rotator::app::App {
+    pub async fn app_with(
+        &self,
+        faults: Arc<dyn rotator::flows::issue::Faults>,
+    ) -> rotator::app::App {
         let cfg = self.s.path("rotator.toml");
         let env = self.app_env();
         let settings = rotator::config::load_with(Some(&cfg), &env, &Default::default()).unwrap();
         rotator::app::App::open(
             settings,
-            Arc::new(rotator::clock::SystemClock),
+            Arc::new(rotator::support::clock::SystemClock),
             faults,
             "test".into(),
         )
@@ -227,10 +233,11 @@ pub const GRACE_TOML: &str = "[rotation]\ngrace_period = \"10m\"\n";
 /// Signer-generic (kubernetes here, vault-pki in `vault_pki`): `kx` configured with [`GRACE_TOML`].
 pub async fn grace_period_case(kx: &Kx) {
     // In process, with a clock the test moves.
-    let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+    let clock = rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(
+        &rotator::support::clock::SystemClock,
+    ));
     let app = kx.app(&clock).await;
-    let mut old = rotator::sink::FileSink {
+    let mut old = rotator::delivery::FileSink {
         path: kx.s.path("old.kubeconfig"),
     };
     app.issuer()
@@ -238,7 +245,7 @@ pub async fn grace_period_case(kx: &Kx) {
         .await
         .unwrap();
     clock.advance(60);
-    let mut new = rotator::sink::FileSink {
+    let mut new = rotator::delivery::FileSink {
         path: kx.s.path("new.kubeconfig"),
     };
     let issued = app
@@ -254,14 +261,18 @@ pub async fn grace_period_case(kx: &Kx) {
         "inside the grace period the old one still works"
     );
     clock.advance(9 * 60);
-    rotator::lifecycle::remove_stale_access(&app).await.unwrap();
+    rotator::flows::revoke::remove_stale_access(&app)
+        .await
+        .unwrap();
     assert!(
         kx.can_list_pods("old.kubeconfig", "team-a").await,
         "still inside the grace period"
     );
     clock.advance(2 * 60);
     assert_eq!(
-        rotator::lifecycle::remove_stale_access(&app).await.unwrap(),
+        rotator::flows::revoke::remove_stale_access(&app)
+            .await
+            .unwrap(),
         1
     );
     assert!(
@@ -271,7 +282,9 @@ pub async fn grace_period_case(kx: &Kx) {
     assert!(kx.can_list_pods("new.kubeconfig", "team-a").await);
     // Nothing left to do on the next pass.
     assert_eq!(
-        rotator::lifecycle::remove_stale_access(&app).await.unwrap(),
+        rotator::flows::revoke::remove_stale_access(&app)
+            .await
+            .unwrap(),
         0
     );
 }
@@ -299,7 +312,7 @@ pub async fn revoke_case(kx: &Kx) {
     let (_, _, cert, _) = kubeconfig_parts(&kx.s.path("alice.kubeconfig"));
     assert!(
         rotator::pki::parse_cert_pem(&cert, "t").unwrap().not_after
-            > rotator::clock::Clock::now(&rotator::clock::SystemClock)
+            > rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock)
     );
     assert!(!kx.can_list_pods("alice.kubeconfig", "team-a").await);
     assert!(!kx.can_list_pods("alice.kubeconfig", "team-b").await);
@@ -644,20 +657,20 @@ async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokenclean
     )
     .await;
     let clock =
-        rotator::clock::ManualClock::new(rotator::clock::Clock::now(&rotator::clock::SystemClock));
+        rotator::support::clock::ManualClock::new(rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock));
     let app = kx.app(&clock).await;
-    let req = rotator::tokens::CreateToken {
+    let req = rotator::flows::bootstrap_tokens::CreateToken {
         ttl: Some(std::time::Duration::from_secs(120)),
         ..Default::default()
     };
-    let t = rotator::tokens::create(&app, &req).await.unwrap();
+    let t = rotator::flows::bootstrap_tokens::create(&app, &req).await.unwrap();
     assert!(
         !format!("{t:?}").contains(t.token.split_once('.').unwrap().1),
         "Debug is redacted"
     );
-    assert_eq!(rotator::tokens::expire_pass(&app).await.unwrap(), 0);
+    assert_eq!(rotator::flows::bootstrap_tokens::expire_pass(&app).await.unwrap(), 0);
     clock.advance(180);
-    assert_eq!(rotator::tokens::expire_pass(&app).await.unwrap(), 1);
+    assert_eq!(rotator::flows::bootstrap_tokens::expire_pass(&app).await.unwrap(), 1);
     let gone = kx
         .admin_kubectl(&[
             "get",
@@ -669,7 +682,7 @@ async fn expired_tokens_are_deleted_by_the_expiry_pass_even_without_a_tokenclean
         .await;
     assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
     assert_eq!(
-        rotator::tokens::expire_pass(&app).await.unwrap(),
+        rotator::flows::bootstrap_tokens::expire_pass(&app).await.unwrap(),
         0,
         "each token is deleted once"
     );

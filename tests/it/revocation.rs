@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rotator::app::App;
-use rotator::issuer::{ClientRequest, FaultPoint, Faults, IssueError, NoFaults};
+use rotator::delivery::FileSink;
+use rotator::flows::issue::{ClientRequest, FaultPoint, Faults, IssueError, NoFaults};
 use rotator::pki::{self, KeyType, PrivateKey};
-use rotator::sink::FileSink;
 use testcluster::Options;
 
 use crate::common::*;
@@ -42,11 +42,11 @@ impl Faults for RevokeAt {
         let r = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
                 match self.action {
-                    Action::Revoke => rotator::lifecycle::revoke(&self.other, &self.user, None)
+                    Action::Revoke => rotator::flows::revoke::revoke(&self.other, &self.user, None)
                         .await
                         .map(|v| v.len())
                         .map_err(|e| e.to_string()),
-                    Action::Remove => rotator::lifecycle::remove_user(&self.other, &self.user)
+                    Action::Remove => rotator::flows::revoke::remove_user(&self.other, &self.user)
                         .await
                         .map(|v| v.len())
                         .map_err(|e| e.to_string()),
@@ -438,9 +438,13 @@ async fn randomized(kubernetes: bool, rounds: usize) {
         let revoking = tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_micros(delay_us)).await;
             if remove {
-                rotator::lifecycle::remove_user(&b2, &u3).await.map(|_| ())
+                rotator::flows::revoke::remove_user(&b2, &u3)
+                    .await
+                    .map(|_| ())
             } else {
-                rotator::lifecycle::revoke(&b2, &u3, None).await.map(|_| ())
+                rotator::flows::revoke::revoke(&b2, &u3, None)
+                    .await
+                    .map(|_| ())
             }
         });
         let revoked = revoking.await.unwrap();
@@ -478,8 +482,8 @@ async fn concurrent_rotate_and_revoke_kubernetes_leave_nobody_with_access() {
 
 /// Whether `token` would still be accepted by the user API's check.
 async fn token_usable(app: &App, token: &str) -> Result<(), String> {
-    let presented = rotator::enrollment::parse(token).unwrap();
-    match rotator::enrollment::check(app, &presented, None)
+    let presented = rotator::flows::enroll::parse(token).unwrap();
+    match rotator::flows::enroll::check(app, &presented, None)
         .await
         .unwrap()
     {
@@ -516,7 +520,7 @@ async fn revoke_and_remove_user_revoke_unused_enrollment_tokens_and_a_readded_us
     .unwrap();
     let app = App::open(
         settings,
-        Arc::new(rotator::clock::SystemClock),
+        Arc::new(rotator::support::clock::SystemClock),
         Arc::new(NoFaults),
         "test".into(),
     )
@@ -540,16 +544,16 @@ async fn revoke_and_remove_user_revoke_unused_enrollment_tokens_and_a_readded_us
     );
     // Even if the old token's row were put back to active, it belongs to the old record.
     sqlx::query("UPDATE enrollment_tokens SET state = 'active' WHERE id = ?")
-        .bind(rotator::enrollment::parse(&dave_old).unwrap().id)
+        .bind(rotator::flows::enroll::parse(&dave_old).unwrap().id)
         .execute(app.store.pool())
         .await
         .unwrap();
     let mut conn = app.store.conn().await.unwrap();
     let claimed = rotator::store::enrollments::claim(
         &mut conn,
-        rotator::enrollment::parse(&dave_old).unwrap().id,
+        rotator::flows::enroll::parse(&dave_old).unwrap().id,
         "0000",
-        rotator::clock::Clock::now(&rotator::clock::SystemClock),
+        rotator::support::clock::Clock::now(&rotator::support::clock::SystemClock),
     )
     .await
     .unwrap();
@@ -792,7 +796,7 @@ async fn a_renewal_or_a_pass_decided_before_a_revoke_is_refused_when_it_plans() 
             .unwrap()
             .remove(0);
         // The API checked the certificate (or the pass chose the credential) here.
-        rotator::lifecycle::revoke(&app, user, None).await.unwrap();
+        rotator::flows::revoke::revoke(&app, user, None).await.unwrap();
         let out = dir.path().join(format!("{user}.next.kubeconfig"));
         let e = if via_api {
             let (_key, csr, generation) = client_request(&app, user).await;

@@ -4,8 +4,8 @@
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use rotator::issuer::{FaultPoint, Faults, IssueError};
-use rotator::sink::FileSink;
+use rotator::delivery::FileSink;
+use rotator::flows::issue::{FaultPoint, Faults, IssueError};
 
 use crate::common::*;
 use crate::engines;

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use tracing_subscriber::Layer;
 
-use rotator::sink::{FileSink, WriterSink};
+use rotator::delivery::{FileSink, WriterSink};
 
 use crate::common::*;
 
@@ -74,7 +74,7 @@ async fn no_private_key_reaches_a_log_line_an_error_or_the_database(signing: Sig
     let app = app(
         dir.path(),
         &local_ca_toml(signer.as_ref()),
-        Arc::new(rotator::issuer::NoFaults),
+        Arc::new(rotator::flows::issue::NoFaults),
     )
     .await;
     let mut delivered = Vec::new();
@@ -197,7 +197,7 @@ async fn debug_output_of_key_holding_types_is_redacted() {
             "LocalCa Debug leaks its key: {signer_dbg}"
         );
     }
-    let kc = rotator::kubeconfig::ClientKubeconfig {
+    let kc = rotator::delivery::kubeconfig::ClientKubeconfig {
         cluster_name: "c",
         server: "https://x",
         ca_bundle_pem: "",
@@ -306,7 +306,7 @@ async fn the_issuing_profile_ignores_what_the_csr_asks_for(signing: Signing) {
     let app = app(
         dir.path(),
         &local_ca_toml(signer.as_ref()),
-        Arc::new(rotator::issuer::NoFaults),
+        Arc::new(rotator::flows::issue::NoFaults),
     )
     .await;
     // Whichever way it signs, the app's signer: the in-process CA, or the

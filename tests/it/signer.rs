@@ -370,14 +370,14 @@ async fn api_enrollment_in_process_app_through_the_signer_and_it_reconnects_afte
             "[cluster]\nserver = \"https://127.0.0.1:6443\"\n[local_ca]\nsocket = {:?}\n",
             signer.socket
         ),
-        Arc::new(rotator::issuer::NoFaults),
+        Arc::new(rotator::flows::issue::NoFaults),
     )
     .await;
     assert_eq!(
         app.signer.ca_bundle_pem(),
         std::fs::read_to_string(signer.ca()).unwrap()
     );
-    let peer = rotator::selfservice::Peer {
+    let peer = rotator::flows::self_service::Peer {
         addr: "127.0.0.1:1".parse().unwrap(),
         certificate_der: None,
     };
@@ -388,15 +388,15 @@ async fn api_enrollment_in_process_app_through_the_signer_and_it_reconnects_afte
             signer.kill();
             signer = SignerProc::start(s.dir.path(), "", &[]);
         }
-        let created = rotator::enrollment::add_user(&app, &crate::common::spec(name))
+        let created = rotator::flows::enroll::add_user(&app, &crate::common::spec(name))
             .await
             .unwrap();
         let key = PrivateKey::generate(KeyType::EcdsaP256).unwrap();
         use base64::Engine;
-        let subject = rotator::selfservice::subject(
+        let subject = rotator::flows::self_service::subject(
             &app,
             &peer,
-            rotator::selfservice::SubjectRequest {
+            rotator::flows::self_service::SubjectRequest {
                 token: Some(created.token.to_string()),
                 public_key: Some(base64::engine::general_purpose::STANDARD.encode(key.spki_der())),
             },
@@ -408,10 +408,10 @@ async fn api_enrollment_in_process_app_through_the_signer_and_it_reconnects_afte
             &pki::subject_name(&subject.common_name, &subject.organizations).unwrap(),
         )
         .unwrap();
-        let grant = rotator::selfservice::enroll(
+        let grant = rotator::flows::self_service::enroll(
             &app,
             &peer,
-            rotator::selfservice::EnrollRequest {
+            rotator::flows::self_service::EnrollRequest {
                 token: created.token.to_string(),
                 csr: pki::pem_encode("CERTIFICATE REQUEST", &der),
             },

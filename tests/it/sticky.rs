@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use rotator::app::App;
-use rotator::authz::decide::{Rules, decide};
-use rotator::authz::review::ReviewSpec;
-use rotator::authz::snapshot::Shared;
-use rotator::issuer::{IssueError, NoFaults};
+use rotator::daemon::authz::decide::{Rules, decide};
+use rotator::daemon::authz::review::ReviewSpec;
+use rotator::daemon::authz::snapshot::Shared;
+use rotator::delivery::FileSink;
+use rotator::flows::issue::{IssueError, NoFaults};
 use rotator::pki;
-use rotator::sink::FileSink;
 
 use crate::common::*;
 use crate::revocation::Env;
@@ -130,7 +130,7 @@ async fn race(kubernetes: bool) {
         let (b2, u3) = (b.clone(), user.clone());
         let revoking = tokio::spawn(async move {
             tokio::time::sleep(revoke_after).await;
-            rotator::lifecycle::revoke(&b2, &u3, None).await
+            rotator::flows::revoke::revoke(&b2, &u3, None).await
         });
         revoking.await.unwrap().unwrap();
         match rotating.await.unwrap() {
@@ -174,7 +174,7 @@ async fn race(kubernetes: bool) {
 
     // The explicit re-issue works and gives a working credential.
     let out = env.out("s0.reinstated.kubeconfig");
-    assert!(rotator::lifecycle::reinstate(&a, "s0").await.unwrap());
+    assert!(rotator::flows::revoke::reinstate(&a, "s0").await.unwrap());
     let issued = a
         .issuer()
         .rotate("s0", &mut FileSink { path: out.clone() }, "t")

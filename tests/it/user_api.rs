@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use rotator::app::App;
 use rotator::client::{ApiClient, ClientError};
-use rotator::clock::{Clock, ManualClock, SystemClock};
 use rotator::pki::{self, KeyType, PrivateKey};
+use rotator::support::clock::{Clock, ManualClock, SystemClock};
 use testcluster::Options;
 
 use crate::common::*;
@@ -70,14 +70,19 @@ impl Api {
         std::mem::forget(pre); // keeps the serving key's directory for the test's life
         let clock = ManualClock::new(SystemClock.now());
         let app = kx.app(&clock).await;
-        let tls = rotator::server::server_config(&app).unwrap();
+        let tls = rotator::daemon::api::server_config(&app).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_apps_tx, apps) = tokio::sync::watch::channel(app.clone());
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
-        let served = tokio::spawn(rotator::server::serve(listener, tls, apps, async move {
-            let _ = stopped.changed().await;
-        }));
+        let served = tokio::spawn(rotator::daemon::api::serve(
+            listener,
+            tls,
+            apps,
+            async move {
+                let _ = stopped.changed().await;
+            },
+        ));
         Api {
             kx,
             app,
@@ -178,7 +183,7 @@ fn csr(cn: &str, orgs: &[&str], key_type: KeyType) -> String {
     pki::pem_encode("CERTIFICATE REQUEST", &der)
 }
 
-fn refused(r: Result<serde_json::Value, ClientError>) -> rotator::selfservice::ApiError {
+fn refused(r: Result<serde_json::Value, ClientError>) -> rotator::flows::self_service::ApiError {
     match r {
         Err(ClientError::Refused(e)) => e,
         other => panic!("expected a refusal from the server, got {other:?}"),
@@ -674,7 +679,7 @@ async fn bad_requests_get_clear_4xx_and_change_nothing() {
     assert_eq!(api.credentials_of("alice").await.len(), 1);
     let (_, csrs) = api.kx.rotator_objects().await;
     assert!(csrs.is_empty(), "no CSR left in the cluster: {csrs}");
-    let metrics = rotator::health::metrics_text(&api.app).await.unwrap();
+    let metrics = rotator::daemon::health::metrics_text(&api.app).await.unwrap();
     for series in [
         r#"rotator_api_requests_total{endpoint="/v1/enroll",outcome="ok"} 1"#,
         r#"rotator_api_requests_total{endpoint="/v1/enroll",outcome="403"} 2"#,
@@ -706,7 +711,7 @@ async fn a_lost_answer_is_replayed_and_floods_are_rate_limited() {
     let api = Api::start().await;
     let token = api.enroll_user("dave", &[]).await;
     let anon = api.client(None);
-    let subject: rotator::selfservice::SubjectResponse = anon
+    let subject: rotator::flows::self_service::SubjectResponse = anon
         .post("/v1/subject", &serde_json::json!({"token": token}))
         .await
         .unwrap();
@@ -720,9 +725,9 @@ async fn a_lost_answer_is_replayed_and_floods_are_rate_limited() {
     let der = pki::build_csr(&key, &pki::subject_name("dave", &orgs_owned).unwrap()).unwrap();
     let pem = pki::pem_encode("CERTIFICATE REQUEST", &der);
     let body = serde_json::json!({"token": token, "csr": pem});
-    let first: rotator::selfservice::Grant = anon.post("/v1/enroll", &body).await.unwrap();
+    let first: rotator::flows::self_service::Grant = anon.post("/v1/enroll", &body).await.unwrap();
     // The client never saw that answer and retries with the same key: same certificate.
-    let again: rotator::selfservice::Grant = anon.post("/v1/enroll", &body).await.unwrap();
+    let again: rotator::flows::self_service::Grant = anon.post("/v1/enroll", &body).await.unwrap();
     assert_eq!(again.serial, first.serial);
     assert!(again.replayed && !first.replayed);
     assert_eq!(
@@ -1273,7 +1278,7 @@ async fn one_address_holding_hundreds_of_idle_and_slow_connections_starves_no_on
     let took = started.elapsed();
     let _ = stop.send(true);
     let (idle_opened, slow_opened) = (idle.await.unwrap(), slow.await.unwrap());
-    let metrics = rotator::health::metrics_text(&api.app).await.unwrap();
+    let metrics = rotator::daemon::health::metrics_text(&api.app).await.unwrap();
     let turned_away = metric(
         &metrics,
         r#"rotator_api_connections_refused_total{reason="address"}"#,
@@ -1494,7 +1499,7 @@ async fn unauthenticated_refusals_are_counted_and_summarized_not_logged_row_by_r
         (s, v["error"]["code"].as_str()),
         (409, Some("generation_stale"))
     );
-    let metrics = rotator::health::metrics_text(&api.app).await.unwrap();
+    let metrics = rotator::daemon::health::metrics_text(&api.app).await.unwrap();
     // Stopping the listener writes the last summary.
     let _ = api.stop.send(true);
     (&mut api.served).await.unwrap();
@@ -1731,7 +1736,7 @@ async fn credential_exits_by_its_deadline_while_dns_never_answers() {
             not_after: now + 3000,
             renew_after: now - 1,
             namespace: None,
-            cluster: rotator::selfservice::ClusterInfo {
+            cluster: rotator::flows::self_service::ClusterInfo {
                 name: "c".into(),
                 server: "https://127.0.0.1:6443".into(),
                 certificate_authority_data: String::new(),

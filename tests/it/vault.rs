@@ -5,7 +5,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rotator::config::{self, Overrides};
-use rotator::exit::{Exit, ExitStatus};
+use rotator::support::exit::{Exit, ExitStatus};
 use rotator::vault::{State, Vault, VaultError};
 
 pub const ROOT_TOKEN: &str = "rotator-test-root";
@@ -909,12 +909,12 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    let clock = rotator::clock::ManualClock::new(start);
+    let clock = rotator::support::clock::ManualClock::new(start);
     let app = Arc::new(
         rotator::app::App::open(
             settings,
             Arc::new(clock.clone()),
-            Arc::new(rotator::issuer::NoFaults),
+            Arc::new(rotator::flows::issue::NoFaults),
             "test".into(),
         )
         .await
@@ -974,14 +974,14 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
 
     // 1. Vault stopped: the delivery fails, the pass says so, readiness and the metric too.
     bao.stop();
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.due, r.renewed, r.failed), (1, 0, 1), "{r:?}");
     let why = vault_ready(&app).await.unwrap_err();
     assert!(
         why.starts_with("unreachable") && why.contains(&bao.addr),
         "{why}"
     );
-    let metrics = rotator::health::metrics_text(&app).await.unwrap();
+    let metrics = rotator::daemon::health::metrics_text(&app).await.unwrap();
     assert!(
         metrics.contains("rotator_vault_state{state=\"unreachable\"} 1"),
         "{metrics}"
@@ -994,12 +994,12 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
     // 2. Back, but sealed: reported as sealed, still nothing lost.
     bao.restart();
     bao.ok(&["operator", "seal"]);
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (0, 1), "{r:?}");
     let why = vault_ready(&app).await.unwrap_err();
     assert!(why.starts_with("sealed"), "{why}");
     assert!(
-        rotator::health::metrics_text(&app)
+        rotator::daemon::health::metrics_text(&app)
             .await
             .unwrap()
             .contains("rotator_vault_state{state=\"sealed\"} 1")
@@ -1007,7 +1007,7 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
 
     // 3. Restarted (a new, empty dev server): the next pass delivers the pending one.
     bao.restart();
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.renewed, r.failed), (1, 0), "{r:?}");
     assert_eq!(vault_ready(&app).await, Ok(()));
     let (serial, generation): (String, i64) = sqlx::query_as(
@@ -1030,7 +1030,7 @@ async fn vault_stopped_or_sealed_mid_pass_fails_the_delivery_and_the_next_pass_d
 
 /// What `/readyz` says of Vault.
 async fn vault_ready(app: &rotator::app::App) -> Result<(), String> {
-    rotator::health::readiness(app)
+    rotator::daemon::health::readiness(app)
         .await
         .into_iter()
         .find(|(n, _)| n.starts_with("vault "))

@@ -297,10 +297,11 @@ async fn an_outage_mid_pass_fails_cleanly_is_reported_and_the_next_pass_renews()
     let Some((kx, mut bao, _pki)) = setup("rotator-client").await else {
         return;
     };
-    use rotator::clock::Clock;
-    let clock = rotator::clock::ManualClock::new(rotator::clock::SystemClock.now());
+    use rotator::support::clock::Clock;
+    let clock =
+        rotator::support::clock::ManualClock::new(rotator::support::clock::SystemClock.now());
     let app = kx.app(&clock).await;
-    let mut sink = rotator::sink::FileSink {
+    let mut sink = rotator::delivery::FileSink {
         path: kx.s.path("first.kubeconfig"),
     };
     let mut s = spec("alice");
@@ -320,7 +321,7 @@ async fn an_outage_mid_pass_fails_cleanly_is_reported_and_the_next_pass_renews()
     kx.cluster.advance_clock(55 * 60);
 
     bao.stop();
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.due, r.renewed, r.failed), (1, 0, 1));
     let e = app
         .issuer()
@@ -362,7 +363,7 @@ async fn an_outage_mid_pass_fails_cleanly_is_reported_and_the_next_pass_renews()
     // Back for real (a fresh dev server, the same CA imported): the next pass renews.
     bao.restart();
     setup_pki(&bao, &kx);
-    let r = rotator::renewal::rotate_pass(&app).await.unwrap();
+    let r = rotator::flows::renew::rotate_pass(&app).await.unwrap();
     assert_eq!((r.due, r.renewed, r.failed), (1, 1, 0));
     assert_ne!(first_serial().await, serial);
     let delivered = app.settings.rotation.delivery_dir.join("alice.kubeconfig");

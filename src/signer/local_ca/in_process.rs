@@ -6,10 +6,10 @@ use std::sync::Arc;
 use x509_cert::name::Name;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
-use crate::clock::Clock;
 use crate::config::LocalCaSettings;
 use crate::pki::{self, CertProfile, KeyType, PrivateKey};
 use crate::signer::{BoxFuture, SignError, SignRequest, Signed, Signer};
+use crate::support::clock::Clock;
 
 /// Kubernetes' csrsigning controller backdates by five minutes for clock skew; so do we.
 pub const BACKDATE_SECONDS: i64 = 300;
@@ -173,9 +173,9 @@ impl LocalCa {
             .map_err(|e| SignError::Pki(pki::PkiError::Sign(e.to_string())))?;
         let cert_pem = cert.pem();
         let dir_fix = "make the data directory writable by rotator";
-        crate::fsutil::write_private_atomic(&settings.key_file, key.to_pem().as_bytes())
+        crate::support::fsutil::write_private_atomic(&settings.key_file, key.to_pem().as_bytes())
             .map_err(|e| unavailable(&settings.key_file, e, dir_fix))?;
-        crate::fsutil::write_public_atomic(&settings.cert_file, cert_pem.as_bytes())
+        crate::support::fsutil::write_public_atomic(&settings.cert_file, cert_pem.as_bytes())
             .map_err(|e| unavailable(&settings.cert_file, e, dir_fix))?;
         Self::from_parts(key, cert_pem, &settings.cert_file, clock)
     }

@@ -19,11 +19,11 @@ use tokio::net::UnixListener;
 use super::backend::Backend;
 use super::in_process::LocalCa;
 use super::wire::{self, Code, ErrorBody, ErrorDetail};
-use crate::clock::Clock;
 use crate::config::{LocalCaSettings, SignerServiceSettings};
 use crate::pki::{self, CsrInfo};
 use crate::policy::{self, Pattern};
 use crate::signer::SignRequest;
+use crate::support::clock::Clock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -51,13 +51,13 @@ pub enum ServiceError {
     Vault(#[from] crate::vault::VaultError),
 }
 
-impl crate::exit::ExitStatus for ServiceError {
-    fn exit(&self) -> crate::exit::Exit {
+impl crate::support::exit::ExitStatus for ServiceError {
+    fn exit(&self) -> crate::support::exit::Exit {
         match self {
             ServiceError::Ca(e) => e.exit(),
             ServiceError::Vault(e) => e.exit(),
-            ServiceError::KeySource { .. } => crate::exit::Exit::Config,
-            _ => crate::exit::Exit::Signer,
+            ServiceError::KeySource { .. } => crate::support::exit::Exit::Config,
+            _ => crate::support::exit::Exit::Signer,
         }
     }
 }
@@ -113,7 +113,7 @@ impl KeySource {
             KeySource::File(_) => {
                 if !s.configured {
                     let dir = s.key_file.parent().unwrap_or(Path::new(".")).to_path_buf();
-                    crate::fsutil::ensure_private_dir_repaired(&dir).map_err(|e| {
+                    crate::support::fsutil::ensure_private_dir_repaired(&dir).map_err(|e| {
                         ServiceError::KeySource {
                             reference: dir.display().to_string(),
                             reason: e.to_string(),

@@ -137,13 +137,14 @@ fn create_or_read(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, StoreError
         use base64::Engine;
         zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*bytes))
     };
-    let created = crate::fsutil::create_private_new(path, text.as_bytes()).map_err(|e| {
-        key_err(
-            path,
-            format!("cannot create it: {e}"),
-            "make the key's directory writable by rotator",
-        )
-    })?;
+    let created =
+        crate::support::fsutil::create_private_new(path, text.as_bytes()).map_err(|e| {
+            key_err(
+                path,
+                format!("cannot create it: {e}"),
+                "make the key's directory writable by rotator",
+            )
+        })?;
     if created {
         return Ok(bytes);
     }
@@ -288,8 +289,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("shared")).unwrap();
         let (kf, cp) = paths(d.path());
-        crate::fsutil::write_private_atomic(&kf, b"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
-            .unwrap();
+        crate::support::fsutil::write_private_atomic(
+            &kf,
+            b"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        )
+        .unwrap();
         let mut s = store(d.path()).await;
         let ring = Keyring::open(&kf, &cp, false, &s).await.unwrap();
         assert!(matches!(ring.read_checkpoint(), CheckpointState::Valid(c) if c.seq == 0));

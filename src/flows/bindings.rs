@@ -48,13 +48,13 @@ fn describe_failures(user: &str, failed: &[SyncFailure]) -> String {
     )
 }
 
-impl crate::exit::ExitStatus for AccessError {
-    fn exit(&self) -> crate::exit::Exit {
+impl crate::support::exit::ExitStatus for AccessError {
+    fn exit(&self) -> crate::support::exit::Exit {
         match self {
             AccessError::Cluster(e) => e.exit(),
             AccessError::Store(e) => e.exit(),
-            AccessError::Partial { .. } => crate::exit::Exit::Signer,
-            AccessError::LockLost { .. } => crate::exit::Exit::Database,
+            AccessError::Partial { .. } => crate::support::exit::Exit::Signer,
+            AccessError::LockLost { .. } => crate::support::exit::Exit::Database,
         }
     }
 }

@@ -15,18 +15,18 @@ use std::time::Duration;
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::access::Sweep;
-use crate::clock::Clock;
 use crate::config::Settings;
-use crate::exit::{Exit, ExitStatus};
-use crate::kubeconfig::ClientKubeconfig;
+use crate::delivery::kubeconfig::ClientKubeconfig;
+use crate::delivery::{Sink, SinkError};
+use crate::flows::bindings::Sweep;
 use crate::pki::{self, Expected, PrivateKey};
 use crate::policy::{PolicyError, UserSpec, generation_group};
 use crate::signer::{SignError, SignRequest, Signer};
-use crate::sink::{Sink, SinkError};
 use crate::store::credentials::{self, Credential, NewCredential};
 use crate::store::issuances::{self, Step};
 use crate::store::{Store, StoreError, audit, enrollments, users};
+use crate::support::clock::Clock;
+use crate::support::exit::{Exit, ExitStatus};
 
 /// Places where tests (and `ROTATOR_FAULT` in process-level tests) make an issuance fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,7 @@ pub enum IssueError {
     NoSuchUser(String),
     #[error(
         "user {user:?} was revoked at {} by {by}; nothing is issued to them until an administrator reinstates them\nfix: if that is intended, `rotator rotate {user} --reinstate` ends the revocation and issues a new credential (`rotator add-user {user} ... --enroll --reinstate` for a new enrollment token)",
-        crate::clock::rfc3339(*.at)
+        crate::support::clock::rfc3339(*.at)
     )]
     Revoked { user: String, at: i64, by: String },
     #[error(transparent)]
@@ -102,7 +102,7 @@ pub enum IssueError {
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
-    Access(#[from] crate::access::AccessError),
+    Access(#[from] crate::flows::bindings::AccessError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("injected fault at {0:?}")]
@@ -170,7 +170,7 @@ impl IssueError {
             IssueError::Sign(_) => "signer",
             IssueError::Pki(_) | IssueError::LifetimeTooLong { .. } => "verification",
             IssueError::Sink(_) => "delivery",
-            IssueError::Access(crate::access::AccessError::Cluster(
+            IssueError::Access(crate::flows::bindings::AccessError::Cluster(
                 crate::cluster::ClusterError::Unreachable { .. },
             )) => "unreachable",
             IssueError::Access(_) => "rbac",
@@ -216,7 +216,7 @@ struct Stored {
     lifetime_note: Option<String>,
 }
 
-/// A request made with a key that never leaves the client (flow 2).
+/// A request made with a key that never leaves the client (self-service).
 #[derive(Debug)]
 pub struct ClientRequest<'a> {
     pub user: &'a str,
@@ -387,7 +387,7 @@ pub struct Issuer<'a> {
     pub cluster: Option<&'a crate::cluster::Cluster>,
     /// Server URL and CA bundle written into kubeconfigs.
     pub endpoint: &'a crate::cluster::Endpoint,
-    pub metrics: &'a crate::metrics::Metrics,
+    pub metrics: &'a crate::support::metrics::Metrics,
     pub sealing: &'a pki::SealingKey,
 }
 
@@ -746,7 +746,8 @@ impl Issuer<'_> {
             return Err(cancelled(&spec.name, serial, reason, None));
         }
         // So does a newer generation made current meanwhile: never a rollback.
-        let overtaken = crate::rollback::overtaken(&mut *self.store.conn().await?, id).await?;
+        let overtaken =
+            crate::flows::rollback::overtaken(&mut *self.store.conn().await?, id).await?;
         if let Some(o) = overtaken {
             return Err(self.abandon_overtaken(id, &o, actor).await);
         }
@@ -857,7 +858,7 @@ impl Issuer<'_> {
                 warn!(error = %e, "could not delete the CSR object; the next reconcile removes it");
             }
             if let Some(cluster) = self.cluster {
-                crate::access::sync_user(
+                crate::flows::bindings::sync_user(
                     self.store,
                     cluster,
                     self.settings.rotation.grace_period,
@@ -883,7 +884,7 @@ impl Issuer<'_> {
         self.observed(kind.as_str(), span, attempt).await.map(Some)
     }
 
-    /// Issues a certificate for a key that never leaves the client (flow 2): the
+    /// Issues a certificate for a key that never leaves the client (self-service): the
     /// CSR's subject must be exactly what policy gives the user at the generation
     /// it names, and the key of the type the user is set up for. The credential is
     /// current once stored and bound: the API response is its delivery.
@@ -1117,7 +1118,7 @@ impl Issuer<'_> {
         // The new generation group must be bound before the credential is handed out.
         if let Some(cluster) = self.cluster {
             let grace = self.settings.rotation.grace_period;
-            if let Err(e) = crate::access::sync_user(
+            if let Err(e) = crate::flows::bindings::sync_user(
                 self.store,
                 cluster,
                 grace,
@@ -1151,7 +1152,7 @@ impl Issuer<'_> {
     ) -> Result<(Credential, Vec<String>), IssueError> {
         let now = self.clock.now();
         let mut tx = self.store.begin().await?;
-        if let Some(o) = crate::rollback::overtaken(&mut tx, id).await? {
+        if let Some(o) = crate::flows::rollback::overtaken(&mut tx, id).await? {
             drop(tx);
             return Err(self.abandon_overtaken(id, &o, actor).await);
         }
@@ -1225,7 +1226,7 @@ impl Issuer<'_> {
                 }) => {
                     return Ok(Some(format!(
                         "the user was revoked at {} by {}",
-                        crate::clock::rfc3339(r.at),
+                        crate::support::clock::rfc3339(r.at),
                         r.by
                     )));
                 }
@@ -1368,7 +1369,7 @@ impl Issuer<'_> {
             // Outside objects first: if this fails, the journal still says open and a later run retries.
             self.signer.cleanup(&i.id).await?;
             let overtaken =
-                crate::rollback::overtaken(&mut *self.store.conn().await?, &i.id).await?;
+                crate::flows::rollback::overtaken(&mut *self.store.conn().await?, &i.id).await?;
             if let Some(o) = overtaken {
                 self.abandon_overtaken(&i.id, &o, actor).await;
                 abandoned += 1;

@@ -13,8 +13,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::app::App;
-use crate::exit::{Exit, ExitStatus};
 use crate::pki::{KeyType, PrivateKey};
+use crate::support::exit::{Exit, ExitStatus};
 
 /// Lifetime of a serving certificate rotator issues itself; reissued at start
 /// when less than a third is left.
@@ -141,12 +141,12 @@ pub fn local_ca_serving_pem(
     let cert = ca
         .issue_server(&key, hostnames, SERVING_CERT_TTL)
         .map_err(|e| TlsError::Setup(e.to_string()))?;
-    crate::fsutil::ensure_private_dir(dir).map_err(|e| file_err("directory", dir, e))?;
-    crate::fsutil::write_private_atomic(&key_path, key.to_pem().as_bytes())
+    crate::support::fsutil::ensure_private_dir(dir).map_err(|e| file_err("directory", dir, e))?;
+    crate::support::fsutil::write_private_atomic(&key_path, key.to_pem().as_bytes())
         .map_err(|e| file_err("serving key", &key_path, e))?;
-    crate::fsutil::write_public_atomic(&cert_path, cert.as_bytes())
+    crate::support::fsutil::write_public_atomic(&cert_path, cert.as_bytes())
         .map_err(|e| file_err("serving certificate", &cert_path, e))?;
-    crate::fsutil::write_public_atomic(&names_file, names.as_bytes())
+    crate::support::fsutil::write_public_atomic(&names_file, names.as_bytes())
         .map_err(|e| file_err("serving names", &names_file, e))?;
     tracing::info!(path = %cert_path.display(), names = %names, "issued a serving certificate from the local CA");
     Ok((cert, key.to_pem()))

@@ -7,12 +7,12 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use crate::app::App;
-use crate::clock::rfc3339;
-use crate::cluster::tokens::{ClusterToken, TokenSpec};
+use crate::cluster::bootstrap_tokens::{ClusterToken, TokenSpec};
 use crate::cluster::{Cluster, ClusterError};
-use crate::exit::{Exit, ExitStatus};
-use crate::store::tokens::{self, NewToken};
+use crate::store::bootstrap_tokens::{self, NewToken};
 use crate::store::{StoreError, audit};
+use crate::support::clock::rfc3339;
+use crate::support::exit::{Exit, ExitStatus};
 
 pub const USAGES: &[&str] = &["authentication", "signing"];
 
@@ -181,7 +181,7 @@ pub async fn create(app: &App, req: &CreateToken) -> Result<Created, TokenError>
         expires_at,
         created_by: &app.actor,
     };
-    tokens::insert_creating(&mut tx, &row, now).await?;
+    bootstrap_tokens::insert_creating(&mut tx, &row, now).await?;
     audit::append(&mut tx, now, &app.actor, "token.create", &id, json!({"expires_at": expires_at, "groups": req.groups, "usages": usages, "description": req.description})).await?;
     crate::store::commit(tx).await?;
     let spec = TokenSpec {
@@ -196,7 +196,7 @@ pub async fn create(app: &App, req: &CreateToken) -> Result<Created, TokenError>
         // Nothing half-made may authenticate: remove whatever may exist, then record it.
         let _ = cluster.delete_bootstrap_token(&id).await;
         let mut tx = app.store.begin().await?;
-        tokens::set_state(&mut tx, &id, "failed", app.clock.now()).await?;
+        bootstrap_tokens::set_state(&mut tx, &id, "failed", app.clock.now()).await?;
         audit::append(
             &mut tx,
             app.clock.now(),
@@ -210,7 +210,7 @@ pub async fn create(app: &App, req: &CreateToken) -> Result<Created, TokenError>
         return Err(e.into());
     }
     let mut tx = app.store.begin().await?;
-    tokens::set_state(&mut tx, &id, "active", app.clock.now()).await?;
+    bootstrap_tokens::set_state(&mut tx, &id, "active", app.clock.now()).await?;
     crate::store::commit(tx).await?;
     let token = Zeroizing::new(format!("{id}.{}", secret.as_str()));
     Ok(Created {
@@ -235,7 +235,7 @@ pub struct TokenView {
 
 pub async fn list(app: &App) -> Result<Vec<TokenView>, TokenError> {
     let cluster = cluster(app)?;
-    let ours = tokens::list(&app.store).await?;
+    let ours = bootstrap_tokens::list(&app.store).await?;
     // Without `list` on kube-system Secrets (deploy/kubernetes/rbac.yaml does not
     // grant it: it would read every Secret there) the cluster is not checked.
     let in_cluster = match cluster.bootstrap_tokens().await {
@@ -285,7 +285,7 @@ pub async fn list(app: &App) -> Result<Vec<TokenView>, TokenError> {
 }
 
 /// rotator's own live tokens, as the database knows them (the cluster unchecked).
-fn ours_only(ours: &[tokens::TokenRow]) -> Vec<TokenView> {
+fn ours_only(ours: &[bootstrap_tokens::TokenRow]) -> Vec<TokenView> {
     let parse = |s: &str| serde_json::from_str::<Vec<String>>(s).unwrap_or_default();
     ours.iter()
         .filter(|t| t.state == "active" || t.state == "creating")
@@ -305,7 +305,7 @@ pub async fn revoke(app: &App, id: &str) -> Result<(), TokenError> {
     let cluster = cluster(app)?;
     let row = {
         let mut conn = app.store.conn().await?;
-        tokens::get(&mut conn, id).await?
+        bootstrap_tokens::get(&mut conn, id).await?
     };
     let Some(row) = row.filter(|r| r.state == "active" || r.state == "creating") else {
         return Err(TokenError::NotFound(id.into()));
@@ -313,7 +313,7 @@ pub async fn revoke(app: &App, id: &str) -> Result<(), TokenError> {
     let existed = cluster.delete_bootstrap_token(&row.id).await?;
     let now = app.clock.now();
     let mut tx = app.store.begin().await?;
-    tokens::set_state(&mut tx, &row.id, "revoked", now).await?;
+    bootstrap_tokens::set_state(&mut tx, &row.id, "revoked", now).await?;
     audit::append(
         &mut tx,
         now,
@@ -335,7 +335,7 @@ pub async fn expire_pass(app: &App) -> Result<usize, TokenError> {
     let now = app.clock.now();
     let due = {
         let mut conn = app.store.conn().await?;
-        tokens::due(&mut conn, now, now - 600).await?
+        bootstrap_tokens::due(&mut conn, now, now - 600).await?
     };
     for t in &due {
         let existed = cluster.delete_bootstrap_token(&t.id).await?;
@@ -345,7 +345,7 @@ pub async fn expire_pass(app: &App) -> Result<usize, TokenError> {
             "expired"
         };
         let mut tx = app.store.begin().await?;
-        tokens::set_state(&mut tx, &t.id, state, now).await?;
+        bootstrap_tokens::set_state(&mut tx, &t.id, state, now).await?;
         audit::append(
             &mut tx,
             now,

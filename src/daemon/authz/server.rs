@@ -21,8 +21,8 @@ use super::review::{self, MAX_BODY_BYTES};
 use super::snapshot::{Refreshed, Shared};
 use super::{Rules, Verdict};
 use crate::app::App;
-use crate::exit::{Exit, ExitStatus};
-use crate::server::{ConnectionSlots, Failed, Handshakes};
+use crate::daemon::api::{ConnectionSlots, Failed, Handshakes};
+use crate::support::exit::{Exit, ExitStatus};
 
 /// Connections that completed TLS (with `authz.client_ca_file`, the API
 /// server's alone): it keeps them open and reuses them.
@@ -49,7 +49,7 @@ pub enum AuthzError {
         fix: &'static str,
     },
     #[error(transparent)]
-    Serving(#[from] crate::server::TlsError),
+    Serving(#[from] crate::daemon::api::TlsError),
     #[error("cannot set up the authorization webhook's TLS: {0}")]
     Setup(String),
 }
@@ -75,9 +75,9 @@ fn file_err(what: &'static str, path: &Path, reason: impl ToString) -> AuthzErro
 pub fn tls_config(app: &App) -> Result<Arc<ServerConfig>, AuthzError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let s = &app.settings.authz;
-    let (chain, key) = crate::server::serving_identity(
+    let (chain, key) = crate::daemon::api::serving_identity(
         app,
-        &crate::server::Serving {
+        &crate::daemon::api::Serving {
             section: "authz",
             purpose: "the authorization webhook",
             files: &s.tls,
@@ -457,7 +457,7 @@ pub async fn serve(
         };
         // Nothing here waits: a flood is taken in as fast as it comes and
         // displaces only pending handshakes, never a connection being served.
-        let Ok((tcp, sent)) = crate::server::has_sent(tcp) else {
+        let Ok((tcp, sent)) = crate::daemon::api::has_sent(tcp) else {
             continue;
         };
         let (ticket, displaced) = handshakes.admit(addr.ip(), sent);

@@ -1,9 +1,11 @@
 //! Where a rendered kubeconfig goes. `prepare` runs before any key exists, so
 //! an unwritable target fails the command before anything is issued.
+pub mod kubeconfig;
+
 use std::io::Write;
 use std::path::PathBuf;
 
-use crate::exit::{Exit, ExitStatus};
+use crate::support::exit::{Exit, ExitStatus};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot deliver the kubeconfig to {target}: {reason}\nfix: {fix}")]
@@ -55,7 +57,7 @@ impl Sink for FileSink {
         self.path.display().to_string()
     }
     fn prepare(&self) -> Result<(), SinkError> {
-        crate::fsutil::check_writable_target(&self.path).map_err(|e| self.err(e))
+        crate::support::fsutil::check_writable_target(&self.path).map_err(|e| self.err(e))
     }
     /// The write runs on a blocking thread: a slow or stuck file system holds
     /// up this delivery only, never the async runtime (the daemon's other jobs,
@@ -64,10 +66,12 @@ impl Sink for FileSink {
         let path = self.path.clone();
         let bytes = zeroize::Zeroizing::new(kubeconfig.as_bytes().to_vec());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || crate::fsutil::write_private_atomic(&path, &bytes))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                .map_err(|e| self.err(e))
+            tokio::task::spawn_blocking(move || {
+                crate::support::fsutil::write_private_atomic(&path, &bytes)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|e| self.err(e))
         })
     }
 }

@@ -16,10 +16,10 @@
 //! A generation group of a user this database never had belongs to another
 //! rotator instance sharing the cluster, or to a database this one replaced:
 //! no opinion, unless `authz.deny_unknown_users` (one rotator per cluster).
-use crate::authz::review::ReviewSpec;
-use crate::authz::snapshot::{Cred, CredState, Snapshot, UserState};
-use crate::clock::rfc3339;
+use crate::daemon::authz::review::ReviewSpec;
+use crate::daemon::authz::snapshot::{Cred, CredState, Snapshot, UserState};
 use crate::policy::{GENERATION_GROUP_PREFIX, parse_generation_group};
+use crate::support::clock::rfc3339;
 
 /// The settings a decision depends on (from the running configuration).
 #[derive(Debug, Clone, Copy)]
@@ -238,8 +238,8 @@ pub fn decide(snap: &Snapshot, spec: &ReviewSpec, now: i64, rules: Rules) -> Dec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::review::CREDENTIAL_ID_EXTRA;
-    use crate::authz::snapshot::tests::row;
+    use crate::daemon::authz::review::CREDENTIAL_ID_EXTRA;
+    use crate::daemon::authz::snapshot::tests::row;
     use crate::store::changes::{Changes, UserRow};
 
     const NOW: i64 = 1_500_000_000;

@@ -1,4 +1,4 @@
-//! What the user API does (flow 2), apart from HTTP: parse a request, decide
+//! What the user API does (self-service), apart from HTTP: parse a request, decide
 //! who is asking, and issue through the saga. Every answer is a typed
 //! [`ApiError`] with a stable code, or a [`Grant`].
 use std::net::SocketAddr;
@@ -9,12 +9,12 @@ use serde_json::json;
 use tracing::warn;
 
 use crate::app::App;
-use crate::clock::rfc3339;
-use crate::enrollment::{self, Accepted, Refusal};
-use crate::issuer::{ClientRequest, IssueError};
+use crate::flows::enroll::{self, Accepted, Refusal};
+use crate::flows::issue::{ClientRequest, IssueError};
 use crate::pki::{self, CsrInfo};
 use crate::store::credentials::Credential;
 use crate::store::{StoreError, audit, credentials, issuances, users};
+use crate::support::clock::rfc3339;
 
 /// Largest request body the API reads. A CSR for an RSA-4096 key is about 1.7 KiB of PEM.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -425,8 +425,8 @@ pub async fn subject(
 ) -> Result<SubjectResponse, ApiError> {
     let user = match (&req.token, &peer.certificate_der) {
         (Some(t), _) => {
-            let presented = enrollment::parse(t).map_err(malformed_token)?;
-            match enrollment::check(app, &presented, None).await? {
+            let presented = enroll::parse(t).map_err(malformed_token)?;
+            match enroll::check(app, &presented, None).await? {
                 Ok(Accepted::Issue(t)) | Ok(Accepted::Replay(t, _)) => t.user_name,
                 Err(r) => return Err(refusal(r)),
             }
@@ -510,10 +510,10 @@ fn csr_generation(csr: &CsrInfo) -> Result<i64, ApiError> {
 
 /// `POST /v1/enroll`: trade a one-time token and a CSR for a certificate.
 pub async fn enroll(app: &App, peer: &Peer, req: EnrollRequest) -> Result<Grant, ApiError> {
-    let presented = enrollment::parse(&req.token).map_err(malformed_token)?;
+    let presented = enroll::parse(&req.token).map_err(malformed_token)?;
     let csr = parse_csr_field(&req.csr)?;
     let spki = pki::hex(&pki::sha256(&csr.spki_der));
-    let token = match enrollment::check(app, &presented, Some(&spki)).await? {
+    let token = match enroll::check(app, &presented, Some(&spki)).await? {
         Ok(Accepted::Replay(_, c)) => return grant(app, &c, true).await,
         Ok(Accepted::Issue(t)) => t,
         Err(r) => return Err(refusal(r)),
@@ -578,7 +578,7 @@ async fn grant(app: &App, c: &Credential, replayed: bool) -> Result<Grant, ApiEr
         generation: c.generation,
         not_before: c.not_before,
         not_after: c.not_after,
-        renew_after: crate::renewal::renew_at(c, r.window, r.jitter),
+        renew_after: crate::flows::renew::renew_at(c, r.window, r.jitter),
         namespace: u
             .spec
             .namespaces

@@ -87,7 +87,7 @@ pub async fn rotate_pass(app: &Arc<App>) -> Result<PassReport, crate::store::Sto
     if due.is_empty() {
         return Ok(PassReport::default());
     }
-    if let Err(e) = crate::fsutil::ensure_private_dir(&s.delivery_dir) {
+    if let Err(e) = crate::support::fsutil::ensure_private_dir(&s.delivery_dir) {
         warn!(dir = %s.delivery_dir.display(), error = %e, "cannot create the delivery directory");
     }
     let results: Vec<bool> = futures_util::stream::iter(due.iter().cloned())
@@ -129,42 +129,46 @@ pub async fn rotate_pass(app: &Arc<App>) -> Result<PassReport, crate::store::Sto
 }
 
 /// The user's delivery target as a sink.
-async fn sink_for(app: &App, user: &str) -> Result<Box<dyn crate::sink::Sink>, String> {
+async fn sink_for(app: &App, user: &str) -> Result<Box<dyn crate::delivery::Sink>, String> {
     let target = {
         let mut conn = app.store.conn().await.map_err(|e| e.to_string())?;
         crate::store::users::delivery(&mut conn, user)
             .await
             .map_err(|e| e.to_string())?
     };
-    Ok(match crate::sink::Target::parse(&target)? {
-        crate::sink::Target::Directory => Box::new(crate::sink::FileSink {
+    Ok(match crate::delivery::Target::parse(&target)? {
+        crate::delivery::Target::Directory => Box::new(crate::delivery::FileSink {
             path: app
                 .settings
                 .rotation
                 .delivery_dir
                 .join(format!("{user}.kubeconfig")),
         }),
-        crate::sink::Target::Client => {
+        crate::delivery::Target::Client => {
             return Err("the user holds their own key and renews through the API".into());
         }
-        crate::sink::Target::Secret { namespace, name } => Box::new(crate::sink::SecretSink {
-            cluster: app
-                .cluster
-                .clone()
-                .ok_or("Secret delivery needs the kubernetes signer")?,
-            store: app.store.clone(),
-            namespace,
-            name,
-            user: user.into(),
-        }),
-        crate::sink::Target::Vault { mount, path } => Box::new(crate::vault::kv::VaultSink::new(
-            app.vault
-                .clone()
-                .ok_or("Vault delivery needs [vault] (vault.address) in the configuration")?,
-            &mount,
-            &path,
-            user,
-        )),
+        crate::delivery::Target::Secret { namespace, name } => {
+            Box::new(crate::delivery::SecretSink {
+                cluster: app
+                    .cluster
+                    .clone()
+                    .ok_or("Secret delivery needs the kubernetes signer")?,
+                store: app.store.clone(),
+                namespace,
+                name,
+                user: user.into(),
+            })
+        }
+        crate::delivery::Target::Vault { mount, path } => {
+            Box::new(crate::vault::kv::VaultSink::new(
+                app.vault
+                    .clone()
+                    .ok_or("Vault delivery needs [vault] (vault.address) in the configuration")?,
+                &mount,
+                &path,
+                user,
+            ))
+        }
     })
 }
 
@@ -190,14 +194,14 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
     for u in &users {
         report.users += 1;
         let now = app.clock.now();
-        match crate::access::sync_user(
+        match crate::flows::bindings::sync_user(
             &app.store,
             cluster,
             app.settings.rotation.grace_period,
             now,
             &u.spec.name,
             "daemon:reconcile",
-            crate::access::Sweep::Everywhere,
+            crate::flows::bindings::Sweep::Everywhere,
         )
         .await
         {
@@ -210,8 +214,8 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
             }
             // A namespace that is gone: logged once per change, not once per
             // pass; `doctor` lists it.
-            Err(e) if crate::access::missing_only(&e).is_some() => {
-                let missing = crate::access::missing_only(&e).unwrap_or_default();
+            Err(e) if crate::flows::bindings::missing_only(&e).is_some() => {
+                let missing = crate::flows::bindings::missing_only(&e).unwrap_or_default();
                 app.metrics.unbindable.report(&u.spec.name, missing);
             }
             Err(e) => {
@@ -224,7 +228,7 @@ pub async fn reconcile_pass(app: &App) -> Result<ReconcileReport, crate::store::
     // its CSR, so a CSR listed here whose attempt is open is in `open`.
     match cluster.managed_csrs(None).await {
         Ok(names) => {
-            let stray = crate::issuer::stray_csrs(&app.store, names, None).await?;
+            let stray = crate::flows::issue::stray_csrs(&app.store, names, None).await?;
             for n in &stray {
                 if cluster.delete_csr(n).await.is_ok() {
                     report.stray_csrs += 1;

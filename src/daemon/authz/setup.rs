@@ -120,7 +120,7 @@ pub fn inspect(text: &str, refresh: Duration) -> Result<Setup, String> {
 mod tests {
     use super::*;
 
-    const SHIPPED: &str = include_str!("../../deploy/authz/authorization-config.yaml");
+    const SHIPPED: &str = include_str!("../../../deploy/authz/authorization-config.yaml");
 
     #[test]
     fn the_shipped_configuration_is_what_rotator_needs() {

@@ -4,9 +4,9 @@ use serde_json::json;
 use tracing::info;
 
 use crate::app::App;
-use crate::exit::{Exit, ExitStatus};
 use crate::store::credentials::{self, Credential, LIVE_STATES};
 use crate::store::{StoreError, audit, enrollments, issuances, users};
+use crate::support::exit::{Exit, ExitStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -25,7 +25,7 @@ pub enum LifecycleError {
     )]
     Access {
         what: String,
-        source: crate::access::AccessError,
+        source: crate::flows::bindings::AccessError,
     },
 }
 
@@ -258,14 +258,14 @@ async fn take_away(app: &App, user: &str, what: &str) -> Result<(), LifecycleErr
     let Some(cluster) = &app.cluster else {
         return Ok(());
     };
-    crate::access::sync_user(
+    crate::flows::bindings::sync_user(
         &app.store,
         cluster,
         app.settings.rotation.grace_period,
         app.clock.now(),
         user,
         &app.actor,
-        crate::access::Sweep::Everywhere,
+        crate::flows::bindings::Sweep::Everywhere,
     )
     .await
     .map(|_| ())
@@ -281,7 +281,7 @@ pub async fn remove_stale_access(app: &App) -> Result<usize, LifecycleError> {
     let Some(cluster) = &app.cluster else {
         return Ok(0);
     };
-    let synced = crate::access::remove_stale_access(
+    let synced = crate::flows::bindings::remove_stale_access(
         &app.store,
         cluster,
         app.settings.rotation.grace_period,

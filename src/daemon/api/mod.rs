@@ -1,4 +1,4 @@
-//! The user API (flow 2) over HTTPS: `POST /v1/subject`, `/v1/enroll`,
+//! The user API over HTTPS: `POST /v1/subject`, `/v1/enroll`,
 //! `/v1/renew`. Bounded everywhere: a connection cap per source address and in
 //! all, deadlines for the handshake, the headers (and idle keep-alive time) and
 //! the body, a body limit checked against `Content-Length` before reading, and
@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::selfservice::{self, ApiError, MAX_BODY_BYTES, Peer};
+use crate::flows::self_service::{self, ApiError, MAX_BODY_BYTES, Peer};
 use crate::store::credentials;
 
 mod handshakes;
@@ -191,8 +191,8 @@ fn rate_limited(what: &str, wait: Duration) -> Response<Full<Bytes>> {
 /// request is refused, counted in the refusal summary and never charged to a user.
 async fn authenticated_user(app: &App, peer: &Peer, token: Option<&str>) -> Option<String> {
     if let Some(t) = token {
-        let presented = crate::enrollment::parse(t).ok()?;
-        return crate::enrollment::owner(app, &presented)
+        let presented = crate::flows::enroll::parse(t).ok()?;
+        return crate::flows::enroll::owner(app, &presented)
             .await
             .ok()
             .flatten();
@@ -208,9 +208,9 @@ async fn authenticated_user(app: &App, peer: &Peer, token: Option<&str>) -> Opti
 }
 
 enum Call {
-    Subject(selfservice::SubjectRequest),
-    Enroll(selfservice::EnrollRequest),
-    Renew(selfservice::RenewRequest),
+    Subject(self_service::SubjectRequest),
+    Enroll(self_service::EnrollRequest),
+    Renew(self_service::RenewRequest),
 }
 
 impl Call {
@@ -230,16 +230,16 @@ pub fn parse_call(path: &str, body: &[u8]) -> Result<(), ApiError> {
 
 fn parse(path: &str, body: &[u8]) -> Result<Call, ApiError> {
     Ok(match path {
-        "/v1/subject" => Call::Subject(selfservice::parse_body(body)?),
+        "/v1/subject" => Call::Subject(self_service::parse_body(body)?),
         "/v1/enroll" => {
-            let r: selfservice::EnrollRequest = selfservice::parse_body(body)?;
-            selfservice::parse_csr_field(&r.csr)?;
-            crate::enrollment::parse(&r.token).map_err(selfservice::malformed_token)?;
+            let r: self_service::EnrollRequest = self_service::parse_body(body)?;
+            self_service::parse_csr_field(&r.csr)?;
+            crate::flows::enroll::parse(&r.token).map_err(self_service::malformed_token)?;
             Call::Enroll(r)
         }
         "/v1/renew" => {
-            let r: selfservice::RenewRequest = selfservice::parse_body(body)?;
-            selfservice::parse_csr_field(&r.csr)?;
+            let r: self_service::RenewRequest = self_service::parse_body(body)?;
+            self_service::parse_csr_field(&r.csr)?;
             Call::Renew(r)
         }
         other => {
@@ -340,7 +340,7 @@ async fn answer(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if let Some(n) = announced.filter(|n| *n > MAX_BODY_BYTES as u64) {
-        let e = selfservice::too_large(usize::try_from(n).unwrap_or(usize::MAX));
+        let e = self_service::too_large(usize::try_from(n).unwrap_or(usize::MAX));
         // A body a little too large is read and dropped (never kept), so a client
         // still sending it reads this answer instead of a reset connection.
         if n <= DRAIN_LIMIT && drain(req.into_body(), limits.body_timeout).await {
@@ -375,7 +375,7 @@ async fn answer(
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            let e = selfservice::too_large(MAX_BODY_BYTES + 1);
+            let e = self_service::too_large(MAX_BODY_BYTES + 1);
             return closing(refuse(app, limits, peer, &e));
         }
         Ok(Err(e)) => Err(ApiError::new(
@@ -412,19 +412,19 @@ async fn answer(
         return rate_limited(&format!("for user {u}"), wait);
     }
     let result = match call {
-        Call::Subject(r) => selfservice::subject(app, peer, r).await.map(|s| {
+        Call::Subject(r) => self_service::subject(app, peer, r).await.map(|s| {
             (
                 format!("generation {}", s.generation),
                 serde_json::to_value(s).expect("json"),
             )
         }),
-        Call::Enroll(r) => selfservice::enroll(app, peer, r).await.map(|g| {
+        Call::Enroll(r) => self_service::enroll(app, peer, r).await.map(|g| {
             (
                 format!("serial {}", g.serial),
                 serde_json::to_value(g).expect("json"),
             )
         }),
-        Call::Renew(r) => selfservice::renew(app, peer, r).await.map(|g| {
+        Call::Renew(r) => self_service::renew(app, peer, r).await.map(|g| {
             (
                 format!("serial {}", g.serial),
                 serde_json::to_value(g).expect("json"),
@@ -451,7 +451,7 @@ async fn audit(
     user: Option<&str>,
     outcome: Result<&str, &ApiError>,
 ) {
-    if let Err(e) = selfservice::audit_call(app, peer, path, user, outcome).await {
+    if let Err(e) = self_service::audit_call(app, peer, path, user, outcome).await {
         warn!(error = %e, peer = %peer.addr, "could not audit an API call");
     }
 }

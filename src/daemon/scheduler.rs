@@ -51,30 +51,30 @@ pub const EXPIRE_ACTOR: &str = "daemon:expire";
 /// Runs one job now; the summary says what it did.
 pub async fn run_job(app: &Arc<App>, job: Job) -> Result<serde_json::Value, String> {
     match job {
-        Job::Rotate => crate::renewal::rotate_pass(app)
+        Job::Rotate => crate::flows::renew::rotate_pass(app)
             .await
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),
         Job::Expire => {
             // The expire pass's changes are the daemon's, whoever started it.
             let app = &app.acting_as(EXPIRE_ACTOR);
-            let expired = crate::lifecycle::expire_pass(app)
+            let expired = crate::flows::revoke::expire_pass(app)
                 .await
                 .map_err(|e| e.to_string())?;
-            let access = crate::lifecycle::remove_stale_access(app)
+            let access = crate::flows::revoke::remove_stale_access(app)
                 .await
                 .map_err(|e| e.to_string())?;
-            let tokens = crate::tokens::expire_pass(app)
+            let tokens = crate::flows::bootstrap_tokens::expire_pass(app)
                 .await
                 .map_err(|e| e.to_string())?;
-            let enrollments = crate::enrollment::expire_pass(app)
+            let enrollments = crate::flows::enroll::expire_pass(app)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(
                 json!({"expired": expired, "access_removed_for_users": access, "tokens_deleted": tokens, "enrollment_tokens_expired": enrollments}),
             )
         }
-        Job::Reconcile => crate::renewal::reconcile_pass(app)
+        Job::Reconcile => crate::flows::renew::reconcile_pass(app)
             .await
             .map(|r| json!(r))
             .map_err(|e| e.to_string()),

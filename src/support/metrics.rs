@@ -77,7 +77,7 @@ pub struct Metrics {
     /// 1 while the audit checkpoint is behind a commit of this process.
     audit_checkpoint_behind: Gauge,
     /// Users' bindings whose namespace no longer exists.
-    pub unbindable: crate::unbindable::Unbindable,
+    pub unbindable: crate::flows::unbindable::Unbindable,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -97,7 +97,7 @@ impl Default for Metrics {
         );
         let credentials = Family::<Labels, Gauge>::default();
         registry.register("credentials", "Credentials by state", credentials.clone());
-        let unbindable = crate::unbindable::Unbindable::default();
+        let unbindable = crate::flows::unbindable::Unbindable::default();
         registry.register(
             "bindings_namespace_missing",
             "Users' RoleBindings that cannot be written because their namespace no longer exists (`rotator doctor` names them)",

@@ -196,7 +196,7 @@ pub fn merge_file(
 ) -> Result<Option<std::path::PathBuf>, MergeError> {
     let shown = path.display().to_string();
     // A FIFO or device at the path is refused before it is opened.
-    let existing = match crate::fsutil::read_regular_string(path) {
+    let existing = match crate::support::fsutil::read_regular_string(path) {
         Ok(None) => None,
         Ok(Some(text)) if text.trim().is_empty() => None,
         Ok(Some(text)) => Some((
@@ -214,13 +214,13 @@ pub fn merge_file(
         }
     };
     let write = |p: &std::path::Path, bytes: &[u8]| {
-        crate::fsutil::write_private_atomic(p, bytes).map_err(|err| MergeError::Write {
+        crate::support::fsutil::write_private_atomic(p, bytes).map_err(|err| MergeError::Write {
             path: p.display().to_string(),
             why: err.to_string(),
         })
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        crate::fsutil::ensure_private_dir(dir).map_err(|err| MergeError::Write {
+        crate::support::fsutil::ensure_private_dir(dir).map_err(|err| MergeError::Write {
             path: dir.display().to_string(),
             why: err.to_string(),
         })?;

@@ -8,11 +8,11 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::app::App;
-use crate::exit::{Exit, ExitStatus};
-use crate::issuer::IssueError;
+use crate::flows::issue::IssueError;
 use crate::policy::UserSpec;
 use crate::store::enrollments::{self, EnrollmentToken};
 use crate::store::{StoreError, audit, credentials, users};
+use crate::support::exit::{Exit, ExitStatus};
 
 const ID_LEN: usize = 12;
 const SECRET_BYTES: usize = 32;
@@ -122,7 +122,7 @@ pub async fn add_user(app: &App, spec: &UserSpec) -> Result<Created, EnrollError
         if u.spec != *spec {
             return Err(IssueError::SpecMismatch {
                 user: spec.name.clone(),
-                differs: crate::issuer::describe_diff(&u.spec, spec),
+                differs: crate::flows::issue::describe_diff(&u.spec, spec),
             }
             .into());
         }

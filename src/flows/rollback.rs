@@ -9,7 +9,7 @@
 use serde_json::json;
 use tracing::warn;
 
-use crate::issuer::{IssueError, Issuer};
+use crate::flows::issue::{IssueError, Issuer};
 use crate::store::issuances::Step;
 use crate::store::{Conn, StoreError, audit, credentials};
 

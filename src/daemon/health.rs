@@ -10,8 +10,8 @@ use http_body_util::Full;
 use hyper::{Request, Response};
 
 use crate::app::App;
-use crate::metrics::Gauges;
 use crate::store::StoreError;
+use crate::support::metrics::Gauges;
 
 /// The `/metrics` text: the counters, and the gauges read from the database now.
 /// While the database cannot be read its gauges are left out, and the rest
@@ -75,7 +75,7 @@ pub async fn gauges(app: &App) -> Result<Gauges, StoreError> {
     )
     .fetch_all(app.store.pool())
     .await?;
-    let tokens = crate::store::tokens::count_by_state(&app.store).await?;
+    let tokens = crate::store::bootstrap_tokens::count_by_state(&app.store).await?;
     let vault = app.vault.as_ref().map(|v| {
         (
             crate::vault::State::ALL
@@ -170,7 +170,7 @@ pub async fn readiness(app: &App) -> Vec<(String, Result<(), String>)> {
     // A daemon that became the leader after its start (a failover) runs each
     // job at its next tick: it is late only once two ticks have passed since.
     let since = app.metrics.leader_since();
-    for job in crate::scheduler::Job::ALL {
+    for job in crate::daemon::scheduler::Job::ALL {
         let last = app.metrics.last_success(job.name());
         // A job is late when it has not succeeded since two of its ticks ago.
         let sched = &job.schedule(app).schedule;

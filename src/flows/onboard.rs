@@ -11,10 +11,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::exit::{Exit, ExitStatus};
+use crate::delivery::Target;
 use crate::pki::KeyType;
 use crate::policy::{Policy, UserSpec};
-use crate::sink::Target;
+use crate::support::exit::{Exit, ExitStatus};
 
 pub const COLUMNS: [&str; 6] = ["name", "namespaces", "role", "groups", "ttl", "delivery"];
 
